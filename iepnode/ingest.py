@@ -1,0 +1,325 @@
+"""Turn received bytes into an indexed, durable instance.
+
+Only the header (groups up to 0x0020) is parsed; pixel data is never decoded, and
+the file is stored exactly as received (no transcoding): preamble, File Meta
+Information written by the node, then the dataset bytes as sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+
+import peewee
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, UID, PYDICOM_IMPLEMENTATION_UID
+
+from iepnode import __version__
+from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
+from storage.filestore import FileStore
+from storage.index import InstanceRecord, Outcome, instance_exists, record_instance
+
+log = logging.getLogger("iepnode.ingest")
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LOOSE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+IMPLEMENTATION_VERSION = f"IEPNODE_{__version__}"[:16]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """Result of storing one instance."""
+
+    outcome: Outcome
+    sop_uid: str
+    study_uid: str
+
+
+def _stop_after_group_0020(tag, vr, length) -> bool:  # noqa: ANN001 - pydicom callback
+    return tag.group > 0x0020
+
+
+def parse_header(stream: bytes, transfer_syntax: str) -> Dataset:
+    """Parse the header of an encoded dataset (no File Meta), stopping before pixels.
+
+    Parameters
+    ----------
+    stream : bytes
+        The dataset as encoded on the wire.
+    transfer_syntax : str
+        Its transfer syntax UID (from the presentation context).
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        Elements up to group 0x0020, values decoded lazily.
+
+    Raises
+    ------
+    BadDataset
+        If the bytes cannot be parsed.
+    """
+    ts = UID(transfer_syntax)
+    try:
+        if ts == DeflatedExplicitVRLittleEndian:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            stream = inflater.decompress(stream, 1 << 20)
+        with pydicom_config.strict_reading():
+            ds = read_dataset(
+                BytesIO(stream),
+                ts.is_implicit_VR,
+                ts.is_little_endian,
+                stop_when=_stop_after_group_0020,
+            )
+            ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, None)
+            # Touch the values now, so a malformed one fails here and not later.
+            for elem in ds:
+                _ = elem.value
+    except (ValueError, TypeError, EOFError, KeyError, AttributeError, NotImplementedError,
+            zlib.error, OverflowError, IndexError) as exc:
+        raise BadDataset(f"cannot parse dataset: {exc}") from exc
+    return ds
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 324) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:limit]
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword, 64).rstrip("\x00")
+    if not value:
+        raise BadDataset(f"missing {keyword}")
+    if not _LOOSE_UID.match(value):
+        raise BadDataset(f"malformed {keyword} {value!r}")
+    if not _UID.match(value):
+        log.warning("non-conformant %s %r accepted", keyword, value)
+    return value
+
+
+def record_from_header(ds: Dataset, transfer_syntax: str, source_ae: str) -> InstanceRecord:
+    """Build the index record of an instance from its parsed header.
+
+    Raises
+    ------
+    BadDataset
+        If a required UID is missing or malformed.
+    """
+    try:
+        charset = ds.get("SpecificCharacterSet", "")
+        if not isinstance(charset, str):
+            charset = "\\".join(charset)
+        return InstanceRecord(
+            sop_uid=_uid(ds, "SOPInstanceUID"),
+            sop_class=_uid(ds, "SOPClassUID"),
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
+            transfer_syntax=transfer_syntax,
+            patient_id=_text(ds, "PatientID", 64),
+            issuer=_text(ds, "IssuerOfPatientID", 64),
+            patient_name=_text(ds, "PatientName"),
+            birth_date=_text(ds, "PatientBirthDate", 8),
+            sex=_text(ds, "PatientSex", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_time=_text(ds, "StudyTime", 16),
+            accession=_text(ds, "AccessionNumber", 16),
+            study_id=_text(ds, "StudyID", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            referring_physician=_text(ds, "ReferringPhysicianName"),
+            institution=_text(ds, "InstitutionName", 64),
+            charset=charset[:128],
+            modality=_text(ds, "Modality", 16),
+            series_number=_text(ds, "SeriesNumber", 12),
+            series_description=_text(ds, "SeriesDescription", 64),
+            body_part=_text(ds, "BodyPartExamined", 16),
+            instance_number=_text(ds, "InstanceNumber", 12),
+            source_ae=source_ae[:16],
+        )
+    except BadDataset:
+        raise
+    except (ValueError, TypeError, LookupError, UnicodeError) as exc:
+        raise BadDataset(f"cannot read attributes: {exc}") from exc
+
+
+def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Return preamble, ``DICM`` prefix and File Meta Information for a stored file."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Return ``True`` when ``exc`` means the disk or quota is full."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return True
+    return isinstance(exc, peewee.OperationalError) and "full" in str(exc).lower()
+
+
+class Ingester:
+    """Validate, write and index received instances.
+
+    Parameters
+    ----------
+    store : FileStore
+        Where files are written.
+    replace_duplicates : bool
+        The duplicate policy (see ``Settings.duplicate_policy``).
+    on_stored : callable, optional
+        Called with each :class:`StoreResult` after a successful store.
+    """
+
+    def __init__(
+        self,
+        store: FileStore,
+        *,
+        replace_duplicates: bool = False,
+        on_stored: Callable[[StoreResult], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.replace_duplicates = replace_duplicates
+        self.on_stored = on_stored
+
+    def ingest(
+        self,
+        stream: bytes,
+        transfer_syntax: str,
+        *,
+        source_ae: str = "",
+        expected_sop_class: str | None = None,
+        expected_sop_uid: str | None = None,
+    ) -> StoreResult:
+        """Store one encoded dataset durably and index it.
+
+        Parameters
+        ----------
+        stream : bytes
+            The dataset as encoded in ``transfer_syntax`` (no File Meta).
+        transfer_syntax : str
+            Transfer syntax UID of ``stream``.
+        source_ae : str, optional
+            Calling AE title, kept in the File Meta and the index.
+        expected_sop_class, expected_sop_uid : str, optional
+            The C-STORE request's Affected SOP Class/Instance UIDs; the dataset
+            must carry the same values.
+
+        Returns
+        -------
+        StoreResult
+            What was done. Returns only once the file is fsynced and renamed into
+            place and the index row is committed.
+
+        Raises
+        ------
+        BadDataset, DatasetMismatch
+            The dataset is unreadable or does not match the request.
+        OutOfResources
+            Writing or indexing failed; nothing is left behind.
+        """
+        ds = parse_header(stream, transfer_syntax)
+        rec = record_from_header(ds, transfer_syntax, source_ae)
+        if expected_sop_uid is not None and rec.sop_uid != expected_sop_uid.strip("\x00 "):
+            raise DatasetMismatch(
+                f"dataset SOP Instance UID {rec.sop_uid} differs from the request's "
+                f"{expected_sop_uid}"
+            )
+        if expected_sop_class is not None and rec.sop_class != expected_sop_class.strip("\x00 "):
+            raise DatasetMismatch(
+                f"dataset SOP Class UID {rec.sop_class} differs from the request's "
+                f"{expected_sop_class}"
+            )
+        if not self.replace_duplicates and instance_exists(rec.sop_uid):
+            log.info("duplicate SOP Instance UID %s from %s: first copy kept", rec.sop_uid,
+                     source_ae or "import")
+            return StoreResult(Outcome.DUPLICATE_KEPT, rec.sop_uid, rec.study_uid)
+        header = file_meta_bytes(rec.sop_class, rec.sop_uid, transfer_syntax, source_ae)
+        try:
+            key, size = self.store.put((header, stream))
+        except OSError as exc:
+            reason = "disk full" if is_disk_full(exc) else f"write failed: {exc}"
+            raise OutOfResources(reason) from exc
+        try:
+            result = record_instance(rec, key, size, replace=self.replace_duplicates)
+        except (peewee.DatabaseError, OSError) as exc:
+            self.store.remove(key)
+            reason = "disk full" if is_disk_full(exc) else f"index failed: {exc}"
+            raise OutOfResources(reason) from exc
+        if result.obsolete_key:
+            self.store.remove(result.obsolete_key)
+        if result.outcome is Outcome.DUPLICATE_KEPT:
+            log.info("duplicate SOP Instance UID %s from %s: first copy kept", rec.sop_uid,
+                     source_ae or "import")
+        stored = StoreResult(result.outcome, rec.sop_uid, rec.study_uid)
+        if self.on_stored is not None:
+            self.on_stored(stored)
+        return stored
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """The parts of a Part-10 File Meta Information the node needs."""
+
+    sop_class: str
+    sop_uid: str
+    transfer_syntax: str
+
+
+def parse_file_meta(data: bytes | memoryview) -> tuple[FileMeta, int]:
+    """Read the File Meta Information of a Part-10 file held in memory.
+
+    Parameters
+    ----------
+    data : bytes
+        The whole file, starting with the 128-byte preamble.
+
+    Returns
+    -------
+    tuple of (FileMeta, int)
+        The meta values and the offset where the dataset starts.
+
+    Raises
+    ------
+    BadDataset
+        If the preamble, prefix or meta group is missing or malformed.
+    """
+    from pydicom.filereader import _read_file_meta_info
+
+    if len(data) < 132 or bytes(data[128:132]) != b"DICM":
+        raise BadDataset("not a DICOM Part-10 file (no DICM prefix)")
+    fp = BytesIO(bytes(data[: min(len(data), 1 << 16)]))
+    fp.seek(132)
+    try:
+        meta = _read_file_meta_info(fp)
+        ts = str(meta.TransferSyntaxUID)
+        result = FileMeta(
+            str(meta.get("MediaStorageSOPClassUID", "")),
+            str(meta.get("MediaStorageSOPInstanceUID", "")),
+            ts,
+        )
+    except Exception as exc:
+        raise BadDataset(f"unreadable File Meta Information: {exc}") from exc
+    if not _LOOSE_UID.match(ts):
+        raise BadDataset(f"malformed Transfer Syntax UID {ts!r}")
+    return result, fp.tell()

@@ -1,0 +1,262 @@
+"""Thin pynetdicom event handlers: call the node, translate its errors to statuses.
+
+Each handler takes the pynetdicom ``Event`` and the :class:`~iepnode.node.Node`
+(bound with ``(evt.EVT_X, handler, [node])``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from iepnode.errors import (
+    BadDataset,
+    BadQuery,
+    DatasetMismatch,
+    NodeError,
+    NotAuthorized,
+    OutOfResources,
+    UnknownDestination,
+)
+from iepnode.node import Node
+from iepnode.query import Root
+from scp.contexts import PATIENT_ROOT_MODELS, allowed_contexts, sending_contexts
+
+log = logging.getLogger("iepnode.scp")
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+NOT_AUTHORIZED = 0x0124
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_MISMATCH = 0xA900
+
+
+@dataclass
+class AssociationStats:
+    """Per-association bookkeeping for the one log line at its end."""
+
+    calling_ae: str
+    peer: str
+    allowed: frozenset[str]
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+_stats: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _peer(event: Event) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    calling = requestor.primitive.calling_ae_title if requestor.primitive else requestor.ae_title
+    return calling.strip(), f"{requestor.address}:{requestor.port}"
+
+
+def handle_requested(event: Event, node: Node) -> None:
+    """A-ASSOCIATE-RQ: reject unless the calling AE is registered for this address."""
+    calling, peer = _peer(event)
+    called = event.assoc.requestor.primitive.called_ae_title.strip()
+    if called != node.settings.ae_title:
+        log.warning("association rejected: called AE %r is not %r (from %s at %s)",
+                    called, node.settings.ae_title, calling, peer)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x07)
+        return
+    try:
+        ae = node.authorize(calling, event.assoc.requestor.address)
+    except NotAuthorized as exc:
+        log.warning("association rejected: %s (%s)", exc, peer)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        return
+    except Exception:
+        log.exception("association rejected: registry unavailable (%s)", peer)
+        event.assoc.acse.send_reject(0x02, 0x03, 0x01)
+        return
+    _stats[event.assoc] = AssociationStats(calling, peer, ae.allowed)
+    acceptor = event.assoc.acceptor
+    acceptor.supported_contexts = allowed_contexts(acceptor.supported_contexts, ae.allowed)
+
+
+def _log_end(event: Event, how: str) -> None:
+    stats = _stats.pop(event.assoc, None)
+    if stats is None:
+        return
+    elapsed = time.monotonic() - stats.started
+    log.info("association %s: %s at %s, %.1fs, %d stored (%.1f MB), %d failed",
+             how, stats.calling_ae, stats.peer, elapsed, stats.stored, stats.bytes / 1e6,
+             stats.failed)
+
+
+def handle_established(event: Event) -> None:
+    """Log the accepted association."""
+    stats = _stats.get(event.assoc)
+    if stats is not None:
+        log.info("association accepted: %s at %s", stats.calling_ae, stats.peer)
+
+
+def handle_released(event: Event) -> None:
+    """Log the association's end, with what it did."""
+    _log_end(event, "released")
+
+
+def handle_aborted(event: Event) -> None:
+    """Log an aborted association."""
+    _log_end(event, "aborted")
+
+
+def _allowed(event: Event, service: str) -> bool:
+    stats = _stats.get(event.assoc)
+    return stats is not None and service in stats.allowed
+
+
+def handle_echo(event: Event, node: Node) -> int:
+    """C-ECHO: always answered for an accepted association."""
+    return SUCCESS
+
+
+def handle_store(event: Event, node: Node) -> int:
+    """C-STORE: succeed only once the file is durable and indexed."""
+    request = event.request
+    calling, peer = _peer(event)
+    stats = _stats.get(event.assoc)
+    if not _allowed(event, "store"):
+        log.warning("C-STORE refused: %s at %s is not allowed to store", calling, peer)
+        return NOT_AUTHORIZED
+    stream = request.DataSet.getvalue()
+    try:
+        node.store_received(
+            stream,
+            event.context.transfer_syntax,
+            calling_ae=calling,
+            sop_class=request.AffectedSOPClassUID,
+            sop_uid=request.AffectedSOPInstanceUID,
+        )
+    except NodeError as exc:
+        status = (
+            OUT_OF_RESOURCES if isinstance(exc, OutOfResources)
+            else DATASET_MISMATCH if isinstance(exc, DatasetMismatch)
+            else CANNOT_UNDERSTAND if isinstance(exc, BadDataset)
+            else OUT_OF_RESOURCES
+        )
+        if stats is not None:
+            stats.failed += 1
+        log.warning("C-STORE failed (0x%04X) from %s, SOP Instance %s: %s", status, calling,
+                    request.AffectedSOPInstanceUID, exc)
+        return status
+    except Exception:
+        if stats is not None:
+            stats.failed += 1
+        log.exception("C-STORE failed (0xA700) from %s, SOP Instance %s", calling,
+                      request.AffectedSOPInstanceUID)
+        return OUT_OF_RESOURCES
+    if stats is not None:
+        stats.stored += 1
+        stats.bytes += len(stream)
+    return SUCCESS
+
+
+def _root(event: Event) -> Root:
+    sop_class = event.request.AffectedSOPClassUID
+    return Root.PATIENT if sop_class in PATIENT_ROOT_MODELS else Root.STUDY
+
+
+def handle_find(event: Event, node: Node):  # noqa: ANN201 - pynetdicom generator protocol
+    """C-FIND: yield one pending response per match."""
+    calling, peer = _peer(event)
+    if not _allowed(event, "find"):
+        log.warning("C-FIND refused: %s at %s is not allowed to query", calling, peer)
+        yield NOT_AUTHORIZED, None
+        return
+    try:
+        for match in node.find(event.identifier, _root(event)):
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, match
+    except BadQuery as exc:
+        log.warning("C-FIND from %s failed: %s", calling, exc)
+        yield IDENTIFIER_MISMATCH, None
+    except Exception:
+        log.exception("C-FIND from %s failed", calling)
+        yield OUT_OF_RESOURCES, None
+
+
+def _send_items(event: Event, items):  # noqa: ANN001, ANN202
+    for item in items:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield PENDING, item.path
+
+
+def handle_move(event: Event, node: Node):  # noqa: ANN201
+    """C-MOVE: send the selected instances, as stored, to a registered AE."""
+    calling, peer = _peer(event)
+    if not _allowed(event, "move"):
+        log.warning("C-MOVE refused: %s at %s is not allowed to retrieve", calling, peer)
+        yield None, None
+        return
+    try:
+        destination = node.move_destination(event.move_destination)
+        items = node.retrieve(event.identifier, _root(event))
+    except UnknownDestination as exc:
+        log.warning("C-MOVE from %s refused: %s", calling, exc)
+        yield None, None
+        return
+    except BadQuery as exc:
+        log.warning("C-MOVE from %s failed: %s", calling, exc)
+        yield destination.host, destination.port
+        yield IDENTIFIER_MISMATCH, None
+        return
+    contexts = sending_contexts((i.sop_class, i.transfer_syntax) for i in items)
+    log.info("C-MOVE from %s: %d instances to %s", calling, len(items), destination.ae_title)
+    yield destination.host, destination.port, {"contexts": contexts} if contexts else {}
+    yield len(items)
+    yield from _send_items(event, items)
+
+
+def handle_get(event: Event, node: Node):  # noqa: ANN201
+    """C-GET: send the selected instances, as stored, over the same association."""
+    calling, peer = _peer(event)
+    if not _allowed(event, "get"):
+        log.warning("C-GET refused: %s at %s is not allowed to retrieve", calling, peer)
+        yield 0
+        return
+    try:
+        items = node.retrieve(event.identifier, _root(event))
+    except BadQuery as exc:
+        log.warning("C-GET from %s failed: %s", calling, exc)
+        yield 1
+        yield IDENTIFIER_MISMATCH, None
+        return
+    log.info("C-GET from %s: %d instances", calling, len(items))
+    yield len(items)
+    yield from _send_items(event, items)
+
+
+def event_handlers(node: Node) -> list[tuple]:
+    """Return the handler bindings for ``make_server``."""
+    return [
+        (evt.EVT_REQUESTED, handle_requested, [node]),
+        (evt.EVT_ESTABLISHED, handle_established),
+        (evt.EVT_RELEASED, handle_released),
+        (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_C_ECHO, handle_echo, [node]),
+        (evt.EVT_C_STORE, handle_store, [node]),
+        (evt.EVT_C_FIND, handle_find, [node]),
+        (evt.EVT_C_MOVE, handle_move, [node]),
+        (evt.EVT_C_GET, handle_get, [node]),
+    ]
+
+
+__all__ = ["Dataset", "event_handlers"]

@@ -1,0 +1,4 @@
+"""Storage: the index database (peewee) and the file store.
+
+Imports only ``config`` from this project.
+"""

@@ -1,0 +1,278 @@
+"""Index verbs: record received instances, remove them, find what to rebuild.
+
+Every verb runs in one transaction. On SQLite the transaction starts with
+``BEGIN IMMEDIATE`` (one writer at a time, no lock upgrades that deadlock); on
+PostgreSQL a race between two workers creating the same study or series ends in
+an ``IntegrityError`` that is retried.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import peewee
+
+from storage.db import is_sqlite
+from storage.filestore import new_key
+from storage.models import Instance, Patient, Series, Study, database_proxy
+
+_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one instance (decoded text, no pixel data)."""
+
+    sop_uid: str
+    sop_class: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    patient_id: str = ""
+    issuer: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician: str = ""
+    institution: str = ""
+    charset: str = ""
+    modality: str = ""
+    series_number: str = ""
+    series_description: str = ""
+    body_part: str = ""
+    instance_number: str = ""
+    source_ae: str = ""
+
+
+class Outcome(enum.Enum):
+    """What :func:`record_instance` did."""
+
+    STORED = "stored"
+    DUPLICATE_KEPT = "duplicate-kept"
+    REPLACED = "replaced"
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    outcome: Outcome
+    #: File-store key that is no longer referenced and should be removed.
+    obsolete_key: str | None = None
+
+
+def _transaction() -> peewee._transaction:
+    db = database_proxy.obj
+    return db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic()
+
+
+def name_key(name: str) -> str:
+    """Return the form of a person name used for case-insensitive matching."""
+    return name.upper()
+
+
+def _get_or_create_patient(rec: InstanceRecord) -> Patient:
+    patient = Patient.get_or_none(
+        (Patient.patient_id == rec.patient_id) & (Patient.issuer == rec.issuer)
+    )
+    if patient is None:
+        patient = Patient.create(
+            patient_id=rec.patient_id,
+            issuer=rec.issuer,
+            name=rec.patient_name,
+            name_key=name_key(rec.patient_name),
+            birth_date=rec.birth_date,
+            sex=rec.sex,
+        )
+    return patient
+
+
+def _get_or_create_study(rec: InstanceRecord, now: float) -> Study:
+    study = Study.get_or_none(Study.study_uid == rec.study_uid)
+    if study is None:
+        patient = _get_or_create_patient(rec)
+        study = Study.create(
+            study_uid=rec.study_uid,
+            patient=patient,
+            key=new_key(8),
+            study_date=rec.study_date,
+            study_time=rec.study_time,
+            accession=rec.accession,
+            study_id=rec.study_id,
+            description=rec.study_description,
+            referring_physician=rec.referring_physician,
+            institution=rec.institution,
+            charset=rec.charset,
+            first_received=now,
+            last_received=now,
+        )
+        Patient.update(num_studies=Patient.num_studies + 1).where(
+            Patient.id == patient.id
+        ).execute()
+    return study
+
+
+def _get_or_create_series(rec: InstanceRecord, study: Study) -> Series:
+    series = Series.get_or_none(Series.series_uid == rec.series_uid)
+    if series is None:
+        series = Series.create(
+            series_uid=rec.series_uid,
+            study=study,
+            modality=rec.modality,
+            series_number=rec.series_number,
+            description=rec.series_description,
+            body_part=rec.body_part,
+        )
+        modalities = sorted({m for m in study.modalities.split("\\") if m} | {rec.modality} - {""})
+        Study.update(
+            num_series=Study.num_series + 1, modalities="\\".join(modalities)
+        ).where(Study.id == study.id).execute()
+    return series
+
+
+def _insert(rec: InstanceRecord, key: str, size: int, now: float) -> None:
+    study = _get_or_create_study(rec, now)
+    series = _get_or_create_series(rec, study)
+    Instance.insert(
+        sop_uid=rec.sop_uid,
+        series=series.id,
+        sop_class=rec.sop_class,
+        instance_number=rec.instance_number,
+        transfer_syntax=rec.transfer_syntax,
+        key=key,
+        size_bytes=size,
+        received_at=now,
+        source_ae=rec.source_ae,
+    ).execute()
+    Series.update(
+        num_instances=Series.num_instances + 1, size_bytes=Series.size_bytes + size
+    ).where(Series.id == series.id).execute()
+    Study.update(
+        num_instances=Study.num_instances + 1,
+        size_bytes=Study.size_bytes + size,
+        last_received=now,
+    ).where(Study.id == study.id).execute()
+
+
+def _delete_row(instance: Instance, now: float) -> None:
+    series = Series.get_by_id(instance.series_id)
+    study = Study.get_by_id(series.study_id)
+    instance.delete_instance()
+    if series.num_instances <= 1:
+        series.delete_instance()
+        Study.update(num_series=Study.num_series - 1).where(Study.id == study.id).execute()
+    else:
+        Series.update(
+            num_instances=Series.num_instances - 1,
+            size_bytes=Series.size_bytes - instance.size_bytes,
+        ).where(Series.id == series.id).execute()
+    if study.num_instances <= 1:
+        patient_id = study.patient_id
+        study.delete_instance()
+        Patient.update(num_studies=Patient.num_studies - 1).where(
+            Patient.id == patient_id
+        ).execute()
+    else:
+        Study.update(
+            num_instances=Study.num_instances - 1,
+            size_bytes=Study.size_bytes - instance.size_bytes,
+            last_received=now,
+        ).where(Study.id == study.id).execute()
+
+
+def record_instance(
+    rec: InstanceRecord, key: str, size: int, *, replace: bool = False
+) -> RecordResult:
+    """Index a stored file, creating patient/study/series rows as needed.
+
+    Parameters
+    ----------
+    rec : InstanceRecord
+        The instance's attributes.
+    key, size : str, int
+        File-store key and size of the already durable file.
+    replace : bool, optional
+        Duplicate policy: ``False`` keeps the first copy (the new file is then
+        obsolete), ``True`` replaces the indexed copy (the old file is obsolete).
+
+    Returns
+    -------
+    RecordResult
+        What happened and which file-store key, if any, the caller must remove.
+    """
+    for attempt in range(_RETRIES):
+        now = time.time()
+        try:
+            with _transaction():
+                existing = Instance.get_or_none(Instance.sop_uid == rec.sop_uid)
+                if existing is not None and not replace:
+                    return RecordResult(Outcome.DUPLICATE_KEPT, obsolete_key=key)
+                if existing is not None:
+                    _delete_row(existing, now)
+                _insert(rec, key, size, now)
+                if existing is not None:
+                    return RecordResult(Outcome.REPLACED, obsolete_key=existing.key)
+                return RecordResult(Outcome.STORED)
+        except peewee.IntegrityError:
+            # Another worker created the same study/series/instance concurrently.
+            if attempt == _RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def instance_exists(sop_uid: str) -> bool:
+    """Return ``True`` when an instance with this SOP Instance UID is indexed."""
+    return Instance.select(Instance.id).where(Instance.sop_uid == sop_uid).exists()
+
+
+def delete_instance(sop_uid: str) -> str | None:
+    """Remove an instance row (and empty parents); return its file-store key."""
+    with _transaction():
+        instance = Instance.get_or_none(Instance.sop_uid == sop_uid)
+        if instance is None:
+            return None
+        _delete_row(instance, time.time())
+        return instance.key
+
+
+def studies_due_for_fileset(stable_age: float, now: float | None = None) -> list[Study]:
+    """Return studies that changed since their file-set was built and are stable.
+
+    Parameters
+    ----------
+    stable_age : float
+        Seconds without a new instance before a study counts as stable.
+    now : float, optional
+        The current time (default ``time.time()``).
+    """
+    now = time.time() if now is None else now
+    return list(
+        Study.select().where(
+            (Study.last_received <= now - stable_age)
+            & (
+                Study.fileset_built_from.is_null()
+                | (Study.fileset_built_from != Study.last_received)
+            )
+        )
+    )
+
+
+def mark_fileset_built(study_id: int, built_from: float) -> None:
+    """Record that the study's file-set reflects its state at ``built_from``."""
+    Study.update(fileset_built_from=built_from).where(Study.id == study_id).execute()
+
+
+def study_files(study: Study) -> Iterator[Instance]:
+    """Yield the study's instances in series / instance-number order."""
+    return iter(
+        Instance.select(Instance, Series)
+        .join(Series)
+        .where(Series.study == study.id)
+        .order_by(Series.id, Instance.id)
+    )
