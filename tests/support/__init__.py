@@ -1,0 +1,1 @@
+"""Helpers for iepnode's tests: real peers (PostgreSQL, dcmtk, dicom3tools)."""
