@@ -136,8 +136,8 @@ def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.models import Patient, Study
     from storage.db import open_database
+    from storage.models import Patient, Study
 
     open_database(settings.resolved_database_url)
     query = Study.select(Study, Patient).join(Patient).order_by(Study.last_received.desc())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydicom import uid
 from pynetdicom import build_context
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (
@@ -15,7 +16,6 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pydicom import uid
 
 #: Stored as received: uncompressed, deflate and the common compressed syntaxes.
 STORAGE_TRANSFER_SYNTAXES = [
@@ -39,6 +39,8 @@ STORAGE_TRANSFER_SYNTAXES = [
     uid.MPEG4HP41,
     uid.HEVCMP51,
 ]
+
+UNCOMPRESSED = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
 
 QUERY_RETRIEVE = {
     "find": [PatientRootQueryRetrieveInformationModelFind,
@@ -82,7 +84,14 @@ def sending_contexts(pairs: Iterable[tuple[str, str]]) -> list[PresentationConte
         What the files to send are; at most 128 distinct pairs are proposed.
     """
     unique = sorted(set(pairs))[:128]
-    return [build_context(sop_class, [ts]) for sop_class, ts in unique]
+    contexts = []
+    for sop_class, ts in unique:
+        syntaxes = [ts]
+        if ts in UNCOMPRESSED:
+            # Uncompressed data can be converted if the peer refuses the stored syntax.
+            syntaxes += [u for u in UNCOMPRESSED if u != ts]
+        contexts.append(build_context(sop_class, syntaxes))
+    return contexts
 
 
 def allowed_contexts(

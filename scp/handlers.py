@@ -6,12 +6,16 @@ Each handler takes the pynetdicom ``Event`` and the :class:`~iepnode.node.Node`
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 import weakref
 from dataclasses import dataclass, field
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import evt
 from pynetdicom.events import Event
 
@@ -39,6 +43,8 @@ CANNOT_UNDERSTAND = 0xC000
 NOT_AUTHORIZED = 0x0124
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_MISMATCH = 0xA900
+#: Yielded for one instance that cannot be read: pynetdicom counts it as failed.
+FAILED_SUBOPERATION = 0xA702
 
 
 @dataclass
@@ -63,6 +69,12 @@ def _peer(event: Event) -> tuple[str, str]:
     return calling.strip(), f"{requestor.address}:{requestor.port}"
 
 
+def _reject(event: Event, result: int, source: int, diagnostic: int) -> None:
+    """Send A-ASSOCIATE-RJ and wait until it is on the wire (as pynetdicom itself does)."""
+    event.assoc.acse.send_reject(result, source, diagnostic)
+    event.assoc.kill()
+
+
 def handle_requested(event: Event, node: Node) -> None:
     """A-ASSOCIATE-RQ: reject unless the calling AE is registered for this address."""
     calling, peer = _peer(event)
@@ -70,19 +82,22 @@ def handle_requested(event: Event, node: Node) -> None:
     if called != node.settings.ae_title:
         log.warning("association rejected: called AE %r is not %r (from %s at %s)",
                     called, node.settings.ae_title, calling, peer)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x07)
+        _reject(event, 0x01, 0x01, 0x07)
         return
     try:
         ae = node.authorize(calling, event.assoc.requestor.address)
     except NotAuthorized as exc:
         log.warning("association rejected: %s (%s)", exc, peer)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        _reject(event, 0x01, 0x01, 0x03)
         return
     except Exception:
         log.exception("association rejected: registry unavailable (%s)", peer)
-        event.assoc.acse.send_reject(0x02, 0x03, 0x01)
+        _reject(event, 0x02, 0x03, 0x01)
         return
     _stats[event.assoc] = AssociationStats(calling, peer, ae.allowed)
+    # Responses are small: send them at once instead of waiting on Nagle's algorithm.
+    with contextlib.suppress(OSError, AttributeError):
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     acceptor = event.assoc.acceptor
     acceptor.supported_contexts = allowed_contexts(acceptor.supported_contexts, ae.allowed)
 
@@ -170,7 +185,7 @@ def _root(event: Event) -> Root:
     return Root.PATIENT if sop_class in PATIENT_ROOT_MODELS else Root.STUDY
 
 
-def handle_find(event: Event, node: Node):  # noqa: ANN201 - pynetdicom generator protocol
+def handle_find(event: Event, node: Node):
     """C-FIND: yield one pending response per match."""
     calling, peer = _peer(event)
     if not _allowed(event, "find"):
@@ -191,15 +206,27 @@ def handle_find(event: Event, node: Node):  # noqa: ANN201 - pynetdicom generato
         yield OUT_OF_RESOURCES, None
 
 
-def _send_items(event: Event, items):  # noqa: ANN001, ANN202
+def _send_items(event: Event, items):
+    """Yield each stored instance for a sub-operation.
+
+    pynetdicom's retrieve services take datasets, not files: the file is read
+    lazily and pynetdicom writes its elements back as they were read, so what is
+    sent equals what was stored (deflated data is deflated anew).
+    """
     for item in items:
         if event.is_cancelled:
             yield CANCEL, None
             return
-        yield PENDING, item.path
+        try:
+            dataset = dcmread(item.path)
+        except (OSError, InvalidDicomError) as exc:
+            log.error("cannot read stored instance %s: %s", item.sop_uid, exc)
+            yield FAILED_SUBOPERATION, None
+            continue
+        yield PENDING, dataset
 
 
-def handle_move(event: Event, node: Node):  # noqa: ANN201
+def handle_move(event: Event, node: Node):
     """C-MOVE: send the selected instances, as stored, to a registered AE."""
     calling, peer = _peer(event)
     if not _allowed(event, "move"):
@@ -225,7 +252,7 @@ def handle_move(event: Event, node: Node):  # noqa: ANN201
     yield from _send_items(event, items)
 
 
-def handle_get(event: Event, node: Node):  # noqa: ANN201
+def handle_get(event: Event, node: Node):
     """C-GET: send the selected instances, as stored, over the same association."""
     calling, peer = _peer(event)
     if not _allowed(event, "get"):

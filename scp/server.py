@@ -25,8 +25,6 @@ from scp.handlers import event_handlers
 
 log = logging.getLogger("iepnode.scp")
 
-# Send stored files as they are (no decode / re-encode): byte-identical retrieval.
-_config.STORE_SEND_CHUNKED_DATASET = True
 # Do not log every identifier at INFO; the node logs one line per association.
 _config.LOG_REQUEST_IDENTIFIERS = False
 

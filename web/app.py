@@ -24,12 +24,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def security_headers(request: web.Request, handler) -> web.StreamResponse:  # noqa: ANN001
+async def security_headers(request: web.Request, handler) -> web.StreamResponse:
     """Add headers every response should carry."""
     response = await handler(request)
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'")
+    response.headers.setdefault(
+        "Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'"
+    )
     return response
 
 

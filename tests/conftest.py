@@ -1,0 +1,38 @@
+"""Shared fixtures: a running node, real peers, PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.node import RunningNode, running_node
+from tests.support.postgres import create_database, drop_database, running_postgres
+
+#: The calling AE the tests use for dcmtk/pynetdicom SCUs (allowed everything).
+SCU_AE = "TESTSCU"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[RunningNode]:
+    """A running node that accepts store/find/move/get from ``TESTSCU`` at 127.0.0.1."""
+    with running_node(tmp_path / "node", register=[(SCU_AE, "127.0.0.1", 0,
+                                                     "store,find,move,get")]) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a real throw-away PostgreSQL server (one per session) and its database."""
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
+    """URL of a new empty database on the session's server, dropped after the test."""
+    url = create_database(postgres_url, f"t_{uuid.uuid4().hex[:16]}")
+    yield url
+    drop_database(url)
