@@ -461,3 +461,33 @@ def test_context_proposal_without_store_keeps_move(node: RunningNode) -> None:
     assoc = associate(node, contexts=[build_context(CTImageStorage, [ExplicitVRLittleEndian])])
     assert any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts)
     assoc.release()
+
+
+@pytest.mark.postgres
+def test_node_on_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
+    files = factory.make_ct_series(tmp_path / "in", 6, PatientName="Ødegård^Åse",
+                                   SpecificCharacterSet="ISO_IR 100")
+    extra = ["--database-url", fresh_postgres_url]
+    with running_node(tmp_path / "n", extra=extra,
+                      register=[(SCU_AE, "127.0.0.1", 0, "store,find")]) as n:
+        halves = [files[:3], files[3:]]
+        procs = [subprocess.Popen([shutil.which("storescu", path="/usr/bin"), "-aet", SCU_AE,
+                                   "-aec", n.ae_title, n.host, str(n.dicom_port),
+                                   *map(str, half)], env={**os.environ, "TCP_NODELAY": "1"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for half in halves]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        out = tmp_path / "r"
+        out.mkdir()
+        find = dcmtk_run("findscu", "-aet", SCU_AE, "-aec", n.ae_title, "-S", "-X", "-od",
+                         str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", "SpecificCharacterSet=ISO_IR 192",
+                         "-k", "PatientName=ØDE*",
+                         "-k", "NumberOfStudyRelatedInstances", n.host, str(n.dicom_port))
+        assert find.returncode == 0, find.stderr
+        (response,) = [dcmread(p, force=True) for p in out.iterdir()]
+        assert str(response.PatientName) == "Ødegård^Åse"
+        assert response.NumberOfStudyRelatedInstances == 6
+        assert "ae" in n.cli("ae", "list").stdout.lower()
+    assert not (tmp_path / "n" / "index.sqlite3").exists()
