@@ -102,8 +102,11 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from iepnode.importer import import_path
+    from iepnode.logs import setup_logging
     from iepnode.node import Node
 
+    # Refusals are printed in the summary below; the log file keeps the details.
+    setup_logging(settings, process_name="import", to_stderr=False)
     node = Node(settings)
     bar = tqdm(unit="obj", desc="import", disable=args.no_progress, file=sys.stderr)
 

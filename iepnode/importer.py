@@ -1,8 +1,33 @@
 """Bulk import of a folder, a DICOMDIR or a zip (e.g. a copy of a patient CD).
 
 Imported objects go through the same validation and index as C-STORE. Nothing is
-ever written under a name taken from the source: zip entry names are only read,
-so ``../`` entries, absolute paths and links cannot write outside the store.
+ever written under a name taken from the source: zip entries are read in memory
+and never extracted, so ``../`` entries, absolute paths and links cannot write
+outside the store (they are refused all the same, and reported).
+
+What is read
+------------
+folder
+    Every regular file below it (symbolic links are not followed). A DICOMDIR met on
+    the way is not imported: it supplies transfer-syntax hints for raw datasets and
+    its references to missing files are reported.
+DICOMDIR
+    The files it references (File IDs matched case-insensitively, as CD copies
+    often change the case), and only those.
+zip
+    Every entry, read in memory within size and compression-ratio limits. A
+    DICOMDIR entry is used as in a folder.
+file
+    That file.
+
+How an object is recognised
+---------------------------
+A Part-10 file (preamble and ``DICM``), a File Meta group without preamble, or a raw
+dataset without any meta (old CDs, ACR-NEMA style: transfer syntax from the
+DICOMDIR or guessed from the first element). Before ingest the whole dataset is
+walked element by element, so a truncated file is refused instead of stored.
+Anything else is skipped as not DICOM; a file named ``*.dcm`` that is not DICOM is
+refused, so it shows up in the report.
 """
 
 from __future__ import annotations
@@ -10,50 +35,342 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
+import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from iepnode.errors import BadDataset, NodeError, OutOfResources
-from iepnode.ingest import Ingester, parse_file_meta
+from iepnode.ingest import FileMeta, Ingester, parse_file_meta
 from storage.index import Outcome
 
 log = logging.getLogger("iepnode.import")
 
-#: A zip entry expanding more than this many times its compressed size is refused.
+#: A zip entry above 1 MiB expanding more than this many times its compressed size
+#: is refused as a zip bomb.
 MAX_COMPRESSION_RATIO = 200
 #: No single object above this size is imported (bytes).
 MAX_OBJECT_SIZE = 4 << 30
 #: A zip whose entries add up to more than this is refused as a whole (bytes).
 MAX_ZIP_TOTAL = 64 << 30
+#: A DICOMDIR larger than this is not read (bytes).
+MAX_DICOMDIR_SIZE = 64 << 20
+#: Nesting of sequences beyond this depth is refused.
+MAX_NESTING = 32
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: File name endings that declare a DICOM file: such a file that is not DICOM is refused.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+_SUPPORTED_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
+                          zipfile.ZIP_LZMA}
+_HEAD = 132
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
+                    b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
+                    b"US"}
+_MAX_REASON = 300
 
 
 @dataclass
 class ImportReport:
-    """What an import did."""
+    """What an import did.
+
+    Attributes
+    ----------
+    stored, duplicates : int
+        Objects stored, and objects already in the index (first copy kept).
+    rejected : list of (str, str)
+        ``(name, reason)`` of every object or entry refused: nothing was stored for it.
+    skipped : list of (str, str)
+        ``(name, reason)`` of files that are not DICOM instances (README, DICOMDIR...).
+    """
 
     stored: int = 0
     duplicates: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)
-    skipped_not_dicom: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def skipped_not_dicom(self) -> int:
+        """Number of files skipped because they are not DICOM instances."""
+        return len(self.skipped)
 
     @property
     def total(self) -> int:
-        return self.stored + self.duplicates + len(self.rejected) + self.skipped_not_dicom
+        """Number of files and entries looked at."""
+        return self.stored + self.duplicates + len(self.rejected) + len(self.skipped)
+
+    def refuse(self, name: str, reason: str) -> None:
+        """Record that ``name`` was refused for ``reason`` (and log it)."""
+        reason = " ".join(reason.split())[:_MAX_REASON]
+        self.rejected.append((name, reason))
+        log.warning("import: %s refused: %s", name, reason)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record that ``name`` was skipped for ``reason`` (and log it)."""
+        self.skipped.append((name, reason))
+        log.info("import: %s skipped: %s", name, reason)
 
 
 @dataclass(frozen=True)
 class Source:
-    """One candidate object: a display name and a way to read its bytes."""
+    """One candidate object.
+
+    Attributes
+    ----------
+    name : str
+        Display name (printable; never used to name anything on disk).
+    size : int
+        Size in bytes, as found by discovery.
+    open : callable
+        Returns a new binary file object positioned at the start.
+    transfer_syntax : str, optional
+        Transfer syntax named by a DICOMDIR record, used for a raw dataset.
+    """
 
     name: str
     size: int
-    read: Callable[[], bytes]
+    open: Callable[[], BinaryIO]
+    transfer_syntax: str | None = None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the dataset of a candidate starts and how it is encoded."""
+
+    meta_start: int | None  # offset of the File Meta group, None for a raw dataset
+    raw_syntax: str | None = None  # the guessed transfer syntax of a raw dataset
+
+
+def _display(name: str) -> str:
+    """Return ``name`` with control characters escaped, safe to print on a terminal."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in name)
+
+
+def _iso_name(name: str) -> str:
+    """Normalise a file name as CD copies vary it: case, ISO 9660 ``;1``, trailing dot."""
+    name = name.upper()
+    if ";" in name:
+        name = name.split(";", 1)[0]
+    return name.rstrip(".")
+
+
+def _is_dicomdir_name(name: str) -> bool:
+    return _iso_name(name) == "DICOMDIR"
+
+
+def _named_like_dicom(name: str) -> bool:
+    return name.lower().endswith(DICOM_SUFFIXES)
+
+
+# -- DICOMDIR ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """A DICOMDIR record's Referenced File ID and transfer syntax."""
+
+    file_id: tuple[str, ...]
+    transfer_syntax: str | None
+
+    @property
+    def text(self) -> str:
+        return _display("\\".join(self.file_id))
+
+
+def _read_dicomdir(source: str | BinaryIO) -> list[_Reference]:
+    """Return the file references of a DICOMDIR (every record, orphans included).
+
+    Raises
+    ------
+    BadDataset
+        If it cannot be read or is not a Media Storage Directory.
+    """
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(source, force=True)
+        records = ds.get("DirectoryRecordSequence")
+        if records is None:
+            raise BadDataset("not a DICOMDIR (no Directory Record Sequence)")
+        refs = []
+        for record in records:
+            value = record.get("ReferencedFileID")
+            if not value:
+                continue
+            values = [value] if isinstance(value, str) else list(value)
+            # Some writers put "DICOM/IM1" in one value instead of DICOM\IM1: split it.
+            parts = tuple(part.strip() for v in values for part in str(v).split("/"))
+            syntax = record.get("ReferencedTransferSyntaxUIDInFile")
+            refs.append(_Reference(parts, str(syntax).strip("\x00 ") if syntax else None))
+    except BadDataset:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on a malformed file
+        raise BadDataset(f"unreadable DICOMDIR: {exc}") from exc
+    return refs
+
+
+def _file_id_error(parts: Sequence[str]) -> str | None:
+    """Return why a File ID is unsafe or malformed, or ``None`` if it is fine."""
+    if not parts:
+        return "empty File ID"
+    for part in parts:
+        if not part or part in (".", "..") or any(c in part for c in "/\\:\x00"):
+            return "File ID escapes the file-set or is malformed"
+    return None
+
+
+class _FolderLookup:
+    """Case-insensitive lookup of DICOMDIR File IDs under a folder (listings cached)."""
+
+    def __init__(self) -> None:
+        self._listings: dict[Path, dict[str, Path]] = {}
+
+    def _child(self, folder: Path, name: str) -> Path | None:
+        listing = self._listings.get(folder)
+        if listing is None:
+            listing = {}
+            try:
+                for entry in sorted(folder.iterdir()):
+                    listing.setdefault(_iso_name(entry.name), entry)
+            except OSError:
+                pass
+            self._listings[folder] = listing
+        return listing.get(_iso_name(name))
+
+    def resolve(self, root: Path, parts: Sequence[str]) -> tuple[Path | None, str]:
+        """Return the file a File ID names under ``root``, or ``None`` and why not."""
+        reason = _file_id_error(parts)
+        if reason is not None:
+            return None, reason
+        current = root
+        for part in parts:
+            exact = current / part
+            child = exact if exact.exists() else self._child(current, part)
+            if child is None:
+                return None, "referenced by the DICOMDIR but missing"
+            current = child
+        if current.is_symlink() or not current.resolve().is_relative_to(root.resolve()):
+            return None, "referenced file is a link or lies outside the file-set"
+        if not current.is_file():
+            return None, "referenced by the DICOMDIR but not a file"
+        return current, ""
+
+
+# -- discovery -----------------------------------------------------------------------------
+
+
+def _file_source(path: Path, transfer_syntax: str | None = None) -> Source:
+    return Source(_display(str(path)), path.stat().st_size,
+                  lambda: open(path, "rb"),
+                  transfer_syntax)
+
+
+def _folder_sources(root: Path, report: ImportReport) -> list[Source]:
+    files: list[Path] = []
+    dicomdirs: list[Path] = []
+
+    def unreadable(exc: OSError) -> None:
+        report.refuse(_display(str(exc.filename)), f"cannot list folder: {exc.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames.sort()
+        for dirname in dirnames:
+            if (Path(dirpath) / dirname).is_symlink():
+                report.refuse(_display(str(Path(dirpath) / dirname)),
+                              "symbolic link (not followed)")
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                report.refuse(_display(str(path)), "symbolic link (not followed)")
+            elif not path.is_file():
+                report.skip(_display(str(path)), "not a regular file")
+            elif _is_dicomdir_name(name):
+                dicomdirs.append(path)
+            else:
+                files.append(path)
+
+    hints: dict[Path, str | None] = {}
+    lookup = _FolderLookup()
+    for dicomdir in dicomdirs:
+        try:
+            refs = _load_dicomdir(dicomdir)
+        except BadDataset as exc:
+            report.refuse(_display(str(dicomdir)), str(exc))
+            continue
+        for path, syntax in _dicomdir_targets(dicomdir, refs, lookup, report):
+            hints[path.resolve()] = syntax
+    sources = []
+    for path in files:
+        try:
+            sources.append(_file_source(path, hints.get(path.resolve())))
+        except OSError as exc:
+            report.refuse(_display(str(path)), f"cannot read: {exc.strerror}")
+    return sources
+
+
+def _load_dicomdir(dicomdir: Path) -> list[_Reference]:
+    """Read a DICOMDIR file; raise :class:`BadDataset` when it cannot be used."""
+    try:
+        size = dicomdir.stat().st_size
+    except OSError as exc:
+        raise BadDataset(f"cannot read DICOMDIR: {exc.strerror}") from exc
+    if size > MAX_DICOMDIR_SIZE:
+        raise BadDataset(f"DICOMDIR larger than {MAX_DICOMDIR_SIZE} bytes")
+    return _read_dicomdir(str(dicomdir))
+
+
+def _dicomdir_targets(
+    dicomdir: Path, refs: list[_Reference], lookup: _FolderLookup, report: ImportReport
+) -> list[tuple[Path, str | None]]:
+    """Return the existing files a DICOMDIR references, each once.
+
+    The DICOMDIR is recorded as skipped (it is no instance); references to missing or
+    unsafe files are refused one by one.
+    """
+    name = _display(str(dicomdir))
+    report.skip(name, "DICOMDIR (file-set directory), not an instance")
+    targets: dict[Path, tuple[Path, str | None]] = {}
+    for ref in refs:
+        path, reason = lookup.resolve(dicomdir.parent, ref.file_id)
+        if path is None:
+            report.refuse(f"{name} -> {ref.text}", reason)
+        else:
+            targets.setdefault(path.resolve(), (path, ref.transfer_syntax))
+    return list(targets.values())
+
+
+def _dicomdir_sources(dicomdir: Path, report: ImportReport) -> list[Source]:
+    try:
+        refs = _load_dicomdir(dicomdir)
+    except BadDataset as exc:
+        raise BadDataset(f"{dicomdir}: {exc}") from exc
+    sources = []
+    for path, syntax in _dicomdir_targets(dicomdir, refs, _FolderLookup(), report):
+        try:
+            sources.append(_file_source(path, syntax))
+        except OSError as exc:
+            report.refuse(_display(str(path)), f"cannot read: {exc.strerror}")
+    return sources
 
 
 def _unsafe_member(name: str) -> str | None:
+    """Return why a zip entry name could escape an extraction folder, or ``None``."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or (path.parts and ":" in path.parts[0]):
         return "absolute path"
@@ -62,108 +379,403 @@ def _unsafe_member(name: str) -> str | None:
     return None
 
 
-def _zip_sources(archive: zipfile.ZipFile, report: ImportReport) -> Iterator[Source]:
+def _entry_problem(info: zipfile.ZipInfo) -> str | None:
+    """Return why a zip entry is refused before reading it, or ``None``."""
+    reason = _unsafe_member(info.filename)
+    if reason is not None:
+        return reason
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symbolic link"
+    if info.flag_bits & 0x1:
+        return "encrypted entry"
+    if info.compress_type not in _SUPPORTED_ZIP_METHODS:
+        method = zipfile.compressor_names.get(info.compress_type, str(info.compress_type))
+        return f"unsupported compression method {method}"
+    if info.file_size > MAX_OBJECT_SIZE:
+        return f"entry of {info.file_size} bytes exceeds the {MAX_OBJECT_SIZE}-byte limit"
+    if info.file_size > (1 << 20) and (
+        info.compress_size == 0 or info.file_size / info.compress_size > MAX_COMPRESSION_RATIO
+    ):
+        ratio = info.file_size // max(info.compress_size, 1)
+        return (f"compression ratio {ratio}:1 (over {MAX_COMPRESSION_RATIO}:1) "
+                "looks like a zip bomb")
+    return None
+
+
+def _zip_key(parts: Iterable[str]) -> tuple[str, ...]:
+    return tuple(_iso_name(p) for p in parts if p not in ("", "."))
+
+
+def _zip_sources(archive: zipfile.ZipFile, report: ImportReport) -> list[Source]:
     infos = [i for i in archive.infolist() if not i.is_dir()]
     total = sum(i.file_size for i in infos)
     if total > MAX_ZIP_TOTAL:
-        raise BadDataset(f"zip expands to {total} bytes, more than the {MAX_ZIP_TOTAL} limit")
+        raise BadDataset(f"zip expands to {total} bytes, more than the {MAX_ZIP_TOTAL}-byte "
+                         "limit: refused as a whole")
+
+    def opener(info: zipfile.ZipInfo) -> Callable[[], BinaryIO]:
+        return lambda: archive.open(info)
+
+    accepted: list[zipfile.ZipInfo] = []
     for info in infos:
-        reason = _unsafe_member(info.filename)
-        if reason is None and stat.S_ISLNK(info.external_attr >> 16):
-            reason = "symbolic link"
-        if reason is None and info.file_size > MAX_OBJECT_SIZE:
-            reason = f"entry of {info.file_size} bytes exceeds the size limit"
-        if reason is None and info.compress_size and (
-            info.file_size / info.compress_size > MAX_COMPRESSION_RATIO
-            and info.file_size > (1 << 20)
-        ):
-            reason = (f"compression ratio {info.file_size // info.compress_size}:1 "
-                      "looks like a zip bomb")
+        reason = _entry_problem(info)
         if reason is not None:
-            report.rejected.append((info.filename, reason))
-            log.warning("import: %s refused: %s", info.filename, reason)
+            report.refuse(_display(info.filename), reason)
+        else:
+            accepted.append(info)
+
+    by_key = {_zip_key(i.filename.replace("\\", "/").split("/")): i for i in accepted}
+    hints: dict[str, str | None] = {}
+    entries = []
+    for info in accepted:
+        parts = info.filename.replace("\\", "/").split("/")
+        if not _is_dicomdir_name(parts[-1]):
+            entries.append(info)
             continue
-
-        def read(info: zipfile.ZipInfo = info) -> bytes:
+        name = _display(info.filename)
+        try:
+            if info.file_size > MAX_DICOMDIR_SIZE:
+                raise BadDataset(f"DICOMDIR larger than {MAX_DICOMDIR_SIZE} bytes")
             with archive.open(info) as fh:
-                data = fh.read(info.file_size + 1)
-            if len(data) > info.file_size:
-                raise BadDataset("entry is larger than its header says")
-            return data
-
-        yield Source(info.filename, info.file_size, read)
-
-
-def _file_source(path: Path) -> Source:
-    return Source(str(path), path.stat().st_size, path.read_bytes)
-
-
-def _folder_sources(root: Path) -> Iterator[Source]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if path.is_file() and not path.is_symlink():
-                yield _file_source(path)
+                refs = _read_dicomdir(BytesIO(fh.read()))
+        except (BadDataset, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            report.refuse(name, str(exc))
+            continue
+        report.skip(name, "DICOMDIR (file-set directory), not an instance")
+        for ref in refs:
+            reason = _file_id_error(ref.file_id)
+            target = by_key.get(_zip_key([*parts[:-1], *ref.file_id])) if not reason else None
+            if target is None:
+                report.refuse(f"{name} -> {ref.text}",
+                              reason or "referenced by the DICOMDIR but not in the zip")
+            else:
+                hints[target.filename] = ref.transfer_syntax
+    return [Source(_display(i.filename), i.file_size, opener(i), hints.get(i.filename))
+            for i in entries]
 
 
-def _dicomdir_sources(dicomdir: Path) -> Iterator[Source]:
-    from pydicom import dcmread
-    from pydicom.fileset import FileSet
-
+def _head(path: Path) -> bytes:
     try:
-        fileset = FileSet(dcmread(dicomdir))
-    except Exception as exc:
-        raise BadDataset(f"cannot read DICOMDIR {dicomdir}: {exc}") from exc
-    root = dicomdir.parent.resolve()
-    for instance in fileset:
-        path = Path(instance.path).resolve()
-        if not path.is_relative_to(root):
-            raise BadDataset(f"DICOMDIR references a file outside its folder: {path}")
-        yield _file_source(path)
+        with open(path, "rb") as fh:
+            return fh.read(_HEAD)
+    except OSError:
+        return b""
 
 
 def discover(path: Path, report: ImportReport) -> tuple[list[Source], zipfile.ZipFile | None]:
-    """List the candidate objects under ``path`` (folder, DICOMDIR, zip or file)."""
+    """List the candidate objects under ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        A folder, a DICOMDIR, a zip or a single file.
+    report : ImportReport
+        Receives what is refused or skipped before reading (unsafe zip entries,
+        DICOMDIR references to missing files, links).
+
+    Returns
+    -------
+    tuple of (list of Source, zipfile.ZipFile or None)
+        The candidates, and the open archive they read from (the caller closes it).
+
+    Raises
+    ------
+    FileNotFoundError
+        If nothing exists at ``path``.
+    BadDataset
+        If ``path`` is a DICOMDIR or zip that cannot be used at all.
+    """
     if path.is_dir():
-        dicomdir = path / "DICOMDIR"
-        if dicomdir.is_file():
-            return list(_dicomdir_sources(dicomdir)), None
-        return list(_folder_sources(path)), None
-    if zipfile.is_zipfile(path):
-        archive = zipfile.ZipFile(path)
-        return list(_zip_sources(archive, report)), archive
-    if path.name.upper() == "DICOMDIR":
-        return list(_dicomdir_sources(path)), None
-    if path.is_file():
-        return [_file_source(path)], None
-    raise FileNotFoundError(f"nothing to import at {path}")
+        return _folder_sources(path, report), None
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to import: {path} does not exist")
+    if _is_dicomdir_name(path.name):
+        return _dicomdir_sources(path, report), None
+    if not path.is_file():
+        raise BadDataset(f"{path} is neither a file nor a folder")
+    head = _head(path)
+    if head[128:] != b"DICM" and zipfile.is_zipfile(path):
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise BadDataset(f"cannot read zip {path}: {exc}") from exc
+        try:
+            return _zip_sources(archive, report), archive
+        except BaseException:
+            archive.close()
+            raise
+    if head.startswith(b"PK\x03\x04") or path.suffix.lower() == ".zip":
+        raise BadDataset(f"{path} looks like a zip but cannot be read (truncated or corrupt)")
+    return [_file_source(path)], None
 
 
-def import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
-    """Validate, store and index one object, recording the outcome in ``report``."""
+# -- validation ----------------------------------------------------------------------------
+
+
+def _classify(head: bytes) -> _Layout | None:
+    """Recognise a DICOM object from its first 132 bytes, or return ``None``."""
+    if len(head) >= _HEAD and head[128:132] == b"DICM":
+        return _Layout(132)
+    if len(head) < 8:
+        return None
+    if head[:4] == b"DICM":
+        return _Layout(4)
+    if head[:2] == b"\x02\x00" and head[4:6] in _VRS:
+        return _Layout(0)
+    if head[:2] == b"\x08\x00":
+        if head[4:6] in _VRS:
+            return _Layout(None, ExplicitVRLittleEndian)
+        if struct.unpack_from("<I", head, 4)[0] < (1 << 16):
+            return _Layout(None, ImplicitVRLittleEndian)
+    if head[:2] == b"\x00\x08" and head[4:6] in _VRS:
+        return _Layout(None, ExplicitVRBigEndian)
+    return None
+
+
+def _meta_at(data: bytes | memoryview, start: int) -> tuple[FileMeta, int]:
+    """Parse a File Meta group starting at ``start``; return it and the dataset offset."""
+    if start == 132:
+        return parse_file_meta(data)
+    padded = b"\x00" * 128 + b"DICM" + bytes(data[start:start + (1 << 16)])
+    meta, offset = parse_file_meta(padded)
+    return meta, start + offset - 132
+
+
+def _raw_syntax(guess: str, hint: str | None) -> str:
+    """Pick the transfer syntax of a raw dataset: the DICOMDIR's if it fits the bytes."""
+    if not hint:
+        return guess
     try:
-        data = source.read()
-        if len(data) < 132 or data[128:132] != b"DICM":
-            report.skipped_not_dicom += 1
-            log.info("import: %s skipped: not a DICOM Part-10 file", source.name)
-            return
-        meta, offset = parse_file_meta(data)
-        if meta.sop_class == DICOMDIR_SOP_CLASS:
-            report.skipped_not_dicom += 1
-            return
-        result = ingester.ingest(memoryview(data)[offset:], meta.transfer_syntax,
-                                 source_ae="IMPORT")
-    except OutOfResources:
-        raise
-    except (NodeError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        report.rejected.append((source.name, str(exc)))
-        log.warning("import: %s refused: %s", source.name, exc)
+        h, g = UID(hint), UID(guess)
+        if (h.is_implicit_VR, h.is_little_endian) == (g.is_implicit_VR, g.is_little_endian) \
+                and h != DeflatedExplicitVRLittleEndian:
+            return str(h)
+    except ValueError:
+        pass
+    return guess
+
+
+class _Walker:
+    """Walk a dataset's elements by their lengths only, to prove it is complete."""
+
+    def __init__(self, buf: memoryview, little: bool) -> None:
+        self.buf = buf
+        self.end = len(buf)
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<I" if little else ">I")
+        self.tag = struct.Struct("<HH" if little else ">HH")
+        self.encapsulated = False
+
+    def _truncated(self, what: str, pos: int, needed: int) -> BadDataset:
+        return BadDataset(f"truncated: {what} needs {needed} bytes at offset {pos}, "
+                          f"only {max(self.end - pos, 0)} left")
+
+    def dataset(self, pos: int, implicit: bool, depth: int, in_item: bool) -> int:
+        buf, end = self.buf, self.end
+        while pos < end:
+            if end - pos < 8:
+                if not in_item and not any(buf[pos:end]):
+                    return end  # a few bytes of trailing zero padding
+                raise self._truncated("an element header", pos, 8)
+            group, elem = self.tag.unpack_from(buf, pos)
+            if group == 0xFFFE:
+                if elem == 0xE00D and in_item:
+                    return pos + 8
+                raise BadDataset(f"unexpected delimiter (FFFE,{elem:04X}) at offset {pos}")
+            name = f"element ({group:04X},{elem:04X})"
+            vr = b""
+            if implicit:
+                length = self.u32.unpack_from(buf, pos + 4)[0]
+                pos += 8
+            else:
+                vr = bytes(buf[pos + 4:pos + 6])
+                if vr in _LONG_VRS:
+                    if end - pos < 12:
+                        raise self._truncated(f"{name} header", pos, 12)
+                    length = self.u32.unpack_from(buf, pos + 8)[0]
+                    pos += 12
+                else:
+                    length = self.u16.unpack_from(buf, pos + 6)[0]
+                    pos += 8
+            if length == _UNDEFINED:
+                if (group, elem) == (0x7FE0, 0x0010) and depth == 0:
+                    self.encapsulated = True
+                pos = self.items(pos, implicit or vr == b"UN", depth + 1, name)
+            elif length > end - pos:
+                raise self._truncated(f"{name} value", pos, length)
+            else:
+                pos += length
+        if in_item:
+            raise BadDataset("truncated: an item ends without its delimiter")
+        return pos
+
+    def items(self, pos: int, implicit: bool, depth: int, name: str) -> int:
+        if depth > MAX_NESTING:
+            raise BadDataset(f"sequences nested deeper than {MAX_NESTING}")
+        while True:
+            if self.end - pos < 8:
+                raise BadDataset(f"truncated: {name} ends without its sequence delimiter")
+            group, elem = self.tag.unpack_from(self.buf, pos)
+            length = self.u32.unpack_from(self.buf, pos + 4)[0]
+            pos += 8
+            if (group, elem) == (0xFFFE, 0xE0DD):
+                return pos
+            if (group, elem) != (0xFFFE, 0xE000):
+                raise BadDataset(f"malformed item ({group:04X},{elem:04X}) in {name}")
+            if length == _UNDEFINED:
+                pos = self.dataset(pos, implicit, depth, in_item=True)
+            elif length > self.end - pos:
+                raise self._truncated(f"an item of {name}", pos, length)
+            else:
+                pos += length
+
+
+def _check_deflated(stream: bytes | memoryview) -> None:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        total = len(inflater.decompress(stream, 1 << 20))
+        while inflater.unconsumed_tail and not inflater.eof:
+            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
+            if total > MAX_OBJECT_SIZE:
+                raise BadDataset(f"deflated dataset expands beyond {MAX_OBJECT_SIZE} bytes")
+    except zlib.error as exc:
+        raise BadDataset(f"corrupt deflated dataset: {exc}") from exc
+    if not inflater.eof:
+        raise BadDataset("truncated: the deflated dataset ends early")
+
+
+def check_complete(stream: bytes | memoryview, transfer_syntax: str) -> bool:
+    """Check that an encoded dataset is whole, without decoding any value.
+
+    Every element's length is followed to the end of the data, through sequences
+    and encapsulated pixel data, so a file cut short (a copy interrupted, a CD read
+    error) is refused instead of stored.
+
+    Parameters
+    ----------
+    stream : bytes or memoryview
+        The dataset (no File Meta).
+    transfer_syntax : str
+        Its transfer syntax UID.
+
+    Returns
+    -------
+    bool
+        ``True`` when the top-level Pixel Data is encapsulated (compressed).
+
+    Raises
+    ------
+    BadDataset
+        If an element, item or sequence runs past the end, or the structure is broken.
+    """
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        _check_deflated(stream)
+        return False
+    try:
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    except ValueError:  # not a known transfer syntax: all private ones are explicit LE
+        implicit, little = False, True
+    view = memoryview(stream).cast("B")
+    walker = _Walker(view, little)
+    try:
+        walker.dataset(0, implicit, 0, in_item=False)
+    except BadDataset as first:
+        if not little:
+            raise
+        # Some writers label implicit VR data explicit (and the reverse); readers cope,
+        # so a dataset that is whole in the other VR encoding is accepted as received.
+        walker = _Walker(view, little)
+        try:
+            walker.dataset(0, not implicit, 0, in_item=False)
+        except BadDataset:
+            raise first from None
+    return walker.encapsulated
+
+
+def _read(source: Source) -> tuple[bytes, _Layout | None]:
+    """Read a candidate: only its head when it is not DICOM, else all of it."""
+    with source.open() as fh:
+        head = fh.read(_HEAD)
+        layout = _classify(head)
+        if layout is None:
+            return head, None
+        fh.seek(0)
+        data = fh.read(source.size + 1)
+    if len(data) > source.size:
+        raise BadDataset("the object is larger than its declared size")
+    return data, layout
+
+
+def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
+    if source.size > MAX_OBJECT_SIZE:
+        report.refuse(source.name, f"{source.size} bytes exceeds the {MAX_OBJECT_SIZE}-byte "
+                                   "limit")
         return
+    data, layout = _read(source)
+    if layout is None:
+        reason = "empty file" if source.size == 0 else "not DICOM (no DICM prefix, no dataset)"
+        if _named_like_dicom(source.name):
+            report.refuse(source.name, f"named like DICOM but {reason}")
+        else:
+            report.skip(source.name, reason)
+        return
+    if layout.meta_start is not None:
+        meta, offset = _meta_at(data, layout.meta_start)
+        if meta.sop_class == DICOMDIR_SOP_CLASS:
+            report.skip(source.name, "DICOMDIR (file-set directory), not an instance")
+            return
+        syntax = meta.transfer_syntax
+    else:
+        offset = 0
+        syntax = _raw_syntax(str(layout.raw_syntax), source.transfer_syntax)
+    stream = memoryview(data)[offset:]
+    encapsulated = check_complete(stream, syntax)
+    if layout.meta_start is None and encapsulated and not UID(syntax).is_compressed:
+        raise BadDataset("raw dataset with compressed pixel data and no known transfer syntax")
+    result = ingester.ingest(stream, syntax, source_ae="IMPORT")
     if result.outcome is Outcome.DUPLICATE_KEPT:
         report.duplicates += 1
     else:
         report.stored += 1
+
+
+def import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
+    """Validate, store and index one object, recording the outcome in ``report``.
+
+    Parameters
+    ----------
+    ingester : Ingester
+        Where the object goes (same validation and index as C-STORE).
+    source : Source
+        The candidate.
+    report : ImportReport
+        Receives the outcome: stored, duplicate, refused (with the reason) or skipped.
+
+    Raises
+    ------
+    OutOfResources
+        The store or index failed; the caller stops the import.
+    """
+    # pydicom warns about oddities of foreign files: they go to the log, not the terminal
+    # (and not to pytest's warnings-as-errors). catch_warnings is process-wide: imports
+    # run one at a time (the CLI), not beside other threads parsing DICOM.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            _import_one(ingester, source, report)
+        except OutOfResources:
+            raise
+        except NodeError as exc:
+            report.refuse(source.name, str(exc))
+        except zipfile.BadZipFile as exc:
+            report.refuse(source.name, f"corrupt zip entry: {exc}")
+        except OSError as exc:
+            report.refuse(source.name, f"cannot read: {exc.strerror or exc}")
+        except (ValueError, EOFError, zlib.error, RuntimeError, NotImplementedError) as exc:
+            report.refuse(source.name, f"unreadable: {exc}")
+    for warning in caught:
+        log.info("import: %s: %s", source.name, warning.message)
 
 
 def import_path(
@@ -179,25 +791,31 @@ def import_path(
     ingester : Ingester
         The node's ingester (same validation and index as C-STORE).
     path : Path
-        A folder (recursively), a folder with a DICOMDIR, a DICOMDIR, a zip, or a file.
+        A folder (recursively), a DICOMDIR, a zip, or a file.
     progress : callable, optional
-        Called as ``progress(done, total)`` after each object.
+        Called as ``progress(done, total)``: once with ``done=0`` when the candidates
+        are known, then after each object.
 
     Returns
     -------
     ImportReport
-        Counts of stored, duplicate, refused and non-DICOM objects.
+        Counts of stored and duplicate objects; refused and skipped ones with reasons.
 
     Raises
     ------
+    FileNotFoundError
+        Nothing exists at ``path``.
     OutOfResources
         The store is full or unavailable: the import stops (what was stored stays).
     BadDataset
-        The archive as a whole is refused (e.g. it would expand beyond the limit).
+        The DICOMDIR or zip as a whole is refused (unreadable, or it would expand
+        beyond :data:`MAX_ZIP_TOTAL`); nothing is stored.
     """
     report = ImportReport()
     sources, archive = discover(path, report)
     try:
+        if progress is not None:
+            progress(0, len(sources))
         for done, source in enumerate(sources, start=1):
             import_one(ingester, source, report)
             if progress is not None:
@@ -205,5 +823,6 @@ def import_path(
     finally:
         if archive is not None:
             archive.close()
+    log.info("import of %s: %d stored, %d duplicates, %d refused, %d skipped", path,
+             report.stored, report.duplicates, len(report.rejected), len(report.skipped))
     return report
-

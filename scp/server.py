@@ -14,6 +14,7 @@ import socket
 import threading
 from multiprocessing.synchronize import Event as EventType
 
+from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -78,6 +79,11 @@ def run_worker(settings: Settings, port: int, ready: EventType, stop: EventType,
                number: int) -> None:
     """Entry point of a worker process: serve associations until ``stop`` is set."""
     setup_logging(settings, process_name=f"scp-{number}")
+    # pydicom validates every value it reads or sets (the response datasets
+    # pynetdicom builds included): ~10% of a worker's CPU. The node checks what it
+    # relies on (UIDs) itself and stores datasets as received.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     node = Node(settings)

@@ -22,7 +22,7 @@ def new_key(length: int = 16) -> str:
     return "".join(secrets.choice(_KEY_ALPHABET) for _ in range(length))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -47,6 +47,7 @@ class FileStore:
         self.root = root
         self.staging = staging
         self.durable = durable
+        self._root, self._staging = os.fspath(root), os.fspath(staging)
         root.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True, exist_ok=True)
 
@@ -75,26 +76,34 @@ class FileStore:
             If writing fails (e.g. ``ENOSPC``); nothing is left behind.
         """
         key = new_key()
-        staged = self.staging / f"{key}.part"
+        # Plain strings, not pathlib: this runs once per received instance.
+        staged = os.path.join(self._staging, key + ".part")
+        folder = os.path.join(self._root, key[:2])
+        final = os.path.join(folder, key)
         size = 0
         try:
-            with open(staged, "xb") as fh:
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
                 for chunk in chunks:
-                    size += fh.write(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        size += written
+                        view = view[written:]
                 if self.durable:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            final = self.path(key)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             try:
                 os.rename(staged, final)
             except FileNotFoundError:
-                final.parent.mkdir(exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
                 os.rename(staged, final)
             if self.durable:
-                _fsync_dir(final.parent)
+                _fsync_dir(folder)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                staged.unlink()
+                os.unlink(staged)
             raise
         return key, size
 
