@@ -121,7 +121,7 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "Path":
             return Path(value).expanduser()
         if kind == "int":
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
         if kind == "float":
@@ -136,7 +136,8 @@ def _coerce(name: str, value: Any) -> Any:
             return bool(value)
         return str(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: cannot use {value!r} ({exc or 'wrong type'})") from exc
+        reason = str(exc) or "wrong type"
+        raise ConfigError(f"setting {name!r}: cannot use {value!r} ({reason})") from exc
 
 
 def _from_toml(path: Path) -> dict[str, Any]:
@@ -144,7 +145,9 @@ def _from_toml(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     values: dict[str, Any] = {}
     for section, table in raw.items():
@@ -154,8 +157,11 @@ def _from_toml(path: Path) -> dict[str, Any]:
             if key not in _TOML_KEYS[section]:
                 raise ConfigError(f"{path}: unknown key {key!r} in [{section}]")
             values[_TOML_KEYS[section][key]] = value
-    if "data_dir" in values and not Path(values["data_dir"]).is_absolute():
-        values["data_dir"] = path.parent / values["data_dir"]
+    if "data_dir" in values:
+        if not isinstance(values["data_dir"], str):
+            raise ConfigError(f"{path}: data_dir must be a string, not {values['data_dir']!r}")
+        data_dir = Path(values["data_dir"]).expanduser()
+        values["data_dir"] = data_dir if data_dir.is_absolute() else path.parent / data_dir
     return values
 
 

@@ -2,8 +2,8 @@
 
 Matching follows PS3.4 C.2.2.2: single value, universal (empty), wildcard
 (``*`` and ``?``), range (dates and times: ``A-B``, ``A-``, ``-B``) and UID list
-matching. Person names match case-insensitively. A wildcard with a literal
-prefix is also turned into a range on that prefix so the index is used.
+matching. Person names match case-insensitively. On SQLite, a wildcard with a
+literal prefix is also turned into a range on that prefix so the index is used.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import peewee
 from pydicom.dataset import Dataset
 
 from iepnode.errors import BadQuery
+from storage.db import is_sqlite
 from storage.index import name_key
-from storage.models import Instance, Patient, Series, Study
+from storage.models import Instance, Patient, Series, Study, database_proxy
 
 
 class Level(enum.IntEnum):
@@ -109,9 +110,16 @@ def _like_pattern(value: str) -> str:
 
 def _wildcard_condition(column: peewee.Field, value: str) -> peewee.Expression:
     prefix = value[: min((value.find(c) for c in "*?" if c in value), default=len(value))]
-    condition = peewee.NodeList(
-        (column, peewee.SQL("LIKE"), _like_pattern(value), peewee.SQL(f"ESCAPE '{_ESCAPE}'"))
-    )
+    if not is_sqlite(database_proxy.obj):
+        # No prefix range on PostgreSQL: under most collations (en_US...) string order is
+        # not code-point order and ``prefix + U+10FFFF`` is no upper bound; under "C" the
+        # planner derives the same range from the LIKE itself.
+        return peewee.NodeList(
+            (column, peewee.SQL("LIKE"), _like_pattern(value), peewee.SQL(f"ESCAPE '{_ESCAPE}'"))
+        )
+    # SQLite's LIKE ignores ASCII case; GLOB is case-sensitive, as LIKE is elsewhere.
+    # DICOM's "*" and "?" are GLOB's own; "[" is the only other metacharacter.
+    condition = peewee.NodeList((column, peewee.SQL("GLOB"), value.replace("[", "[[]")))
     if prefix:
         condition = (column >= prefix) & (column < prefix + _HIGHEST) & condition
     return condition
@@ -205,6 +213,33 @@ def parse_identifier(identifier: Dataset, root: Root) -> Query:
         if condition is not None:
             conditions.append(condition)
     return Query(level, tuple(conditions), tuple(return_keys), tuple(unsupported))
+
+
+#: The unique key of each level (PS3.4 C.6): a retrieve must name one at its level.
+UNIQUE_KEYS = {
+    Level.PATIENT: "PatientID",
+    Level.STUDY: "StudyInstanceUID",
+    Level.SERIES: "SeriesInstanceUID",
+    Level.IMAGE: "SOPInstanceUID",
+}
+
+
+def parse_retrieve_identifier(identifier: Dataset, root: Root) -> Query:
+    """Parse a C-MOVE/C-GET identifier, which must carry its level's unique key.
+
+    Without this check an identifier with no keys would select the whole store.
+
+    Raises
+    ------
+    BadQuery
+        If the level's unique key is missing, empty or a wildcard.
+    """
+    query = parse_identifier(identifier, root)
+    keyword = UNIQUE_KEYS[query.level]
+    value = str(identifier.get(keyword, "") or "").strip()
+    if not value or "*" in value or "?" in value:
+        raise BadQuery(f"a {query.level.name} level retrieve needs a {keyword} value")
+    return query
 
 
 def select_rows(query: Query, *, columns: list[Any] | None = None) -> peewee.ModelSelect:

@@ -166,7 +166,11 @@ def _delete_row(instance: Instance, now: float) -> None:
     instance.delete_instance()
     if series.num_instances <= 1:
         series.delete_instance()
-        Study.update(num_series=Study.num_series - 1).where(Study.id == study.id).execute()
+        left = Series.select(Series.modality).where(Series.study == study.id)
+        modalities = sorted({s.modality for s in left} - {""})
+        Study.update(
+            num_series=Study.num_series - 1, modalities="\\".join(modalities)
+        ).where(Study.id == study.id).execute()
     else:
         Series.update(
             num_instances=Series.num_instances - 1,
@@ -178,12 +182,60 @@ def _delete_row(instance: Instance, now: float) -> None:
         Patient.update(num_studies=Patient.num_studies - 1).where(
             Patient.id == patient_id
         ).execute()
+        # An empty patient goes too: C-FIND must not list a patient without studies.
+        Patient.delete().where((Patient.id == patient_id) & (Patient.num_studies <= 0)).execute()
     else:
         Study.update(
             num_instances=Study.num_instances - 1,
             size_bytes=Study.size_bytes - instance.size_bytes,
             last_received=now,
         ).where(Study.id == study.id).execute()
+
+
+_FAST_SQL = {
+    "series": "SELECT id, study_id FROM series WHERE series_uid = ?",
+    "insert": (
+        "INSERT INTO instance (sop_uid, series_id, sop_class, instance_number, "
+        "transfer_syntax, key, size_bytes, received_at, source_ae) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "series_counts": (
+        "UPDATE series SET num_instances = num_instances + 1, size_bytes = size_bytes + ? "
+        "WHERE id = ?"
+    ),
+    "study_counts": (
+        "UPDATE study SET num_instances = num_instances + 1, size_bytes = size_bytes + ?, "
+        "last_received = ? WHERE id = ?"
+    ),
+    "exists": "SELECT 1 FROM instance WHERE sop_uid = ?",
+}
+
+
+def _sql(name: str) -> str:
+    """Return a hot-path statement in the bound database's parameter style."""
+    sql = _FAST_SQL[name]
+    param = database_proxy.obj.param
+    return sql if param == "?" else sql.replace("?", param)
+
+
+def _insert_into_known_series(rec: InstanceRecord, key: str, size: int, now: float) -> bool:
+    """Insert with precompiled SQL when the series exists (the common case).
+
+    Returns ``False`` (nothing done) when the series is new.
+    """
+    db = database_proxy.obj
+    row = db.execute_sql(_sql("series"), (rec.series_uid,)).fetchone()
+    if row is None:
+        return False
+    series_id, study_id = row
+    db.execute_sql(
+        _sql("insert"),
+        (rec.sop_uid, series_id, rec.sop_class, rec.instance_number, rec.transfer_syntax, key,
+         size, now, rec.source_ae),
+    )
+    db.execute_sql(_sql("series_counts"), (size, series_id))
+    db.execute_sql(_sql("study_counts"), (size, now, study_id))
+    return True
 
 
 def record_instance(
@@ -210,17 +262,22 @@ def record_instance(
         now = time.time()
         try:
             with _transaction():
-                existing = Instance.get_or_none(Instance.sop_uid == rec.sop_uid)
-                if existing is not None and not replace:
-                    return RecordResult(Outcome.DUPLICATE_KEPT, obsolete_key=key)
-                if existing is not None:
-                    _delete_row(existing, now)
+                if not replace:
+                    if _insert_into_known_series(rec, key, size, now):
+                        return RecordResult(Outcome.STORED)
+                    existing = None
+                else:
+                    existing = Instance.get_or_none(Instance.sop_uid == rec.sop_uid)
+                    if existing is not None:
+                        _delete_row(existing, now)
                 _insert(rec, key, size, now)
                 if existing is not None:
                     return RecordResult(Outcome.REPLACED, obsolete_key=existing.key)
                 return RecordResult(Outcome.STORED)
         except peewee.IntegrityError:
-            # Another worker created the same study/series/instance concurrently.
+            if not replace and instance_exists(rec.sop_uid):
+                return RecordResult(Outcome.DUPLICATE_KEPT, obsolete_key=key)
+            # Another worker created the same study/series concurrently: try again.
             if attempt == _RETRIES - 1:
                 raise
     raise AssertionError("unreachable")
@@ -228,7 +285,7 @@ def record_instance(
 
 def instance_exists(sop_uid: str) -> bool:
     """Return ``True`` when an instance with this SOP Instance UID is indexed."""
-    return Instance.select(Instance.id).where(Instance.sop_uid == sop_uid).exists()
+    return database_proxy.obj.execute_sql(_sql("exists"), (sop_uid,)).fetchone() is not None
 
 
 def delete_instance(sop_uid: str) -> str | None:
