@@ -13,7 +13,14 @@ from pydicom.dataset import Dataset
 from config import Settings
 from iepnode.errors import NotAuthorized, UnknownDestination
 from iepnode.ingest import Ingester, StoreResult
-from iepnode.query import Query, Root, iter_instance_keys, iter_matches, parse_identifier
+from iepnode.query import (
+    Query,
+    Root,
+    iter_instance_keys,
+    iter_matches,
+    parse_identifier,
+    parse_retrieve_identifier,
+)
 from storage import index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
@@ -139,8 +146,15 @@ class Node:
         return ds
 
     def retrieve(self, identifier: Dataset, root: Root) -> list[RetrieveItem]:
-        """Return the stored instances a C-MOVE/C-GET identifier selects."""
-        query = parse_identifier(identifier, root)
+        """Return the stored instances a C-MOVE/C-GET identifier selects.
+
+        Raises
+        ------
+        BadQuery
+            If the identifier lacks its level's unique key (see
+            :func:`~iepnode.query.parse_retrieve_identifier`).
+        """
+        query = parse_retrieve_identifier(identifier, root)
         return [
             RetrieveItem(self.store.path(key), sop_class, sop_uid, ts)
             for key, sop_class, sop_uid, ts in iter_instance_keys(query)

@@ -241,10 +241,11 @@ def handle_move(event: Event, node: Node):
         yield None, None
         return
     except BadQuery as exc:
+        # pynetdicom wants the destination first and then the number of
+        # sub-operations; raising here makes it answer 0xC513 (unable to process).
         log.warning("C-MOVE from %s failed: %s", calling, exc)
         yield destination.host, destination.port
-        yield IDENTIFIER_MISMATCH, None
-        return
+        raise
     contexts = sending_contexts((i.sop_class, i.transfer_syntax) for i in items)
     log.info("C-MOVE from %s: %d instances to %s", calling, len(items), destination.ae_title)
     yield destination.host, destination.port, {"contexts": contexts} if contexts else {}
@@ -262,10 +263,10 @@ def handle_get(event: Event, node: Node):
     try:
         items = node.retrieve(event.identifier, _root(event))
     except BadQuery as exc:
+        # Raised before the first yield, pynetdicom answers with one failure
+        # response (0xC413, unable to process) and nothing after it.
         log.warning("C-GET from %s failed: %s", calling, exc)
-        yield 1
-        yield IDENTIFIER_MISMATCH, None
-        return
+        raise
     log.info("C-GET from %s: %d instances", calling, len(items))
     yield len(items)
     yield from _send_items(event, items)

@@ -26,8 +26,12 @@ from scp.handlers import event_handlers
 
 log = logging.getLogger("iepnode.scp")
 
-# Do not log every identifier at INFO; the node logs one line per association.
+# pynetdicom formats every request/response identifier and every PDU for its log
+# even when those levels are off (~1 ms per C-FIND match); the node logs one line
+# per association and per failure instead.
 _config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+_config.LOG_HANDLER_LEVEL = "none"
 
 
 class ReusePortServer(ThreadedAssociationServer):

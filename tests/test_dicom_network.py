@@ -429,9 +429,11 @@ def test_stable_study_gets_a_valid_dicomdir(tmp_path: Path) -> None:
     with running_node(tmp_path / "n", register=[(SCU_AE, "127.0.0.1", 0, "store")],
                       stable_age=0.5) as n:
         assert storescu(n, files, extra=("-R",)).returncode == 0
-        dicomdir = wait_for(lambda: next((n.data_dir / "filesets").glob("*/DICOMDIR"), None),
-                            what="DICOMDIR")
+        # The builder stages in a hidden sibling folder and swaps it in: wait for the
+        # log line, then look only at the finished (non-hidden) file-set.
         wait_for(lambda: "file-set built" in n.log_text, what="file-set log line")
+        dicomdir = next(p for p in (n.data_dir / "filesets").glob("*/DICOMDIR")
+                        if not p.parent.name.startswith("."))
     assert isinstance(dicomdir, Path)
     check = subprocess.run([dicom3tools("dciodvfy"), str(dicomdir)], capture_output=True,
                            text=True)
@@ -482,7 +484,8 @@ def test_node_on_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
         out = tmp_path / "r"
         out.mkdir()
         find = dcmtk_run("findscu", "-aet", SCU_AE, "-aec", n.ae_title, "-S", "-X", "-od",
-                         str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", "SpecificCharacterSet=ISO_IR 192",
+                         str(out), "-k", "QueryRetrieveLevel=STUDY",
+                         "-k", "SpecificCharacterSet=ISO_IR 192",
                          "-k", "PatientName=ØDE*",
                          "-k", "NumberOfStudyRelatedInstances", n.host, str(n.dicom_port))
         assert find.returncode == 0, find.stderr
@@ -491,3 +494,25 @@ def test_node_on_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
         assert response.NumberOfStudyRelatedInstances == 6
         assert "ae" in n.cli("ae", "list").stdout.lower()
     assert not (tmp_path / "n" / "index.sqlite3").exists()
+
+
+def test_retrieve_without_unique_key_is_refused(tmp_path: Path) -> None:
+    files = factory.make_ct_series(tmp_path / "in", 2)
+    received = tmp_path / "received"
+    with dcmtk_storescp(received, "DEST") as dest_port, running_node(
+        tmp_path / "n",
+        register=[(SCU_AE, "127.0.0.1", 0, "store,move,get"),
+                  ("DEST", "127.0.0.1", dest_port, "")],
+    ) as n:
+        assert storescu(n, files).returncode == 0
+        move = dcmtk_run("movescu", "-aet", SCU_AE, "-aec", n.ae_title, "-aem", "DEST", "-S",
+                         "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=*",
+                         n.host, str(n.dicom_port))
+        assert move.returncode != 0
+        get = dcmtk_run("getscu", "-aet", SCU_AE, "-aec", n.ae_title, "-S", "-od",
+                        str(tmp_path), "-k", "QueryRetrieveLevel=STUDY", "-k",
+                        "StudyInstanceUID=*", n.host, str(n.dicom_port))
+        assert "Failed: UnableToProcess" in get.stdout + get.stderr, get.stderr
+        assert "Release Failed" not in get.stdout + get.stderr
+        wait_for(lambda: "needs a StudyInstanceUID" in n.log_text, what="log line")
+    assert not received.exists() or not any(received.iterdir())
