@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import peewee
+from pydicom.datadict import dictionary_VR, keyword_dict
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian
@@ -85,7 +87,34 @@ def parse_header(stream: bytes, transfer_syntax: str) -> Dataset:
     return ds
 
 
+#: VRs whose raw bytes, when plain ASCII, are the value itself (after padding).
+_ASCII_TEXT_VRS = frozenset(("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM",
+                             "UI", "LT", "ST", "UT", "UC"))
+
+
+def _raw_ascii(ds: Dataset, keyword: str) -> str | None:
+    """Decode a still-raw element directly when it is plain ASCII; ``None`` otherwise.
+
+    Converting values through pydicom costs ~10 µs each on the ingest hot path;
+    non-ASCII text (which needs SpecificCharacterSet) takes pydicom's path.
+    """
+    tag = keyword_dict.get(keyword)
+    if tag is None or tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    raw = getattr(elem, "value", None)
+    if not isinstance(elem, RawDataElement) or not isinstance(raw, bytes):
+        return None
+    vr = elem.VR or dictionary_VR(tag)
+    if vr not in _ASCII_TEXT_VRS or not raw.isascii():
+        return None
+    return raw.decode("ascii").strip(" \x00")
+
+
 def _text(ds: Dataset, keyword: str, limit: int = 324) -> str:
+    fast = _raw_ascii(ds, keyword)
+    if fast is not None and "\x1b" not in fast:
+        return fast[:limit]
     value = ds.get(keyword, "")
     if value is None:
         return ""
