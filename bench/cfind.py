@@ -453,6 +453,35 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def findscu_timings(port: int, called_aet: str, spec: Synthetic, queries: int) -> dict:
+    """Mean ms per query with dcmtk's findscu repeating one query on one association.
+
+    A C-based client isolates the server's share: the pynetdicom client decodes every
+    response in Python on the same two cores. Association set-up and process start
+    are removed by subtracting a one-query run from a ``queries + 1`` run.
+    """
+    import subprocess
+
+    p = spec.patients // 2
+    kinds = {"PatientID": f"PatientID={spec.patient_id(p)}",
+             "PatientName": f"PatientName={spec.name_prefix_query(p)}"}
+    means = {}
+    for kind, match in kinds.items():
+        elapsed = []
+        for repeat in (1, queries + 1):
+            args = ["/usr/bin/findscu", "-aet", bp.SENDER_AET, "-aec", called_aet, "-S",
+                    "--repeat", str(repeat), "-k", "QueryRetrieveLevel=STUDY", "-k", match]
+            for key in STUDY_KEYS:
+                args += ["-k", key]
+            t0 = time.perf_counter()
+            subprocess.run([*args, "127.0.0.1", str(port)], check=True, timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "TCP_NODELAY": "1"})
+            elapsed.append(time.perf_counter() - t0)
+        means[kind] = (elapsed[1] - elapsed[0]) / queries * 1000
+    return means
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # pynetdicom warnings (e.g. unexpected or undecodable responses) go to stderr.
@@ -525,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["line"] = line
         print(line, flush=True)
+        findscu = findscu_timings(peer.port, peer.aet, spec, args.queries)
+        report["findscu"] = findscu
+        print(
+            f"cfind with dcmtk findscu ({args.queries} queries on one association, mean): "
+            f"by PatientID {findscu['PatientID']:.1f} ms | by PatientName 'NAMEnnnnn*' "
+            f"{findscu['PatientName']:.1f} ms",
+            flush=True,
+        )
         if not verdict:
             exit_code = 1
     except (BenchError, NotImplementedError) as exc:
