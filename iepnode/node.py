@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,6 +203,31 @@ class Node:
         index.mark_fileset_built(study.id, built_from)
         log.info("file-set built for study %s: %d instances in %s", study_uid, count, dest)
         return dest
+
+    def remove_orphan_filesets(self) -> int:
+        """Delete file-set folders whose study is no longer indexed; return how many.
+
+        A study disappears when its last instance is deleted or replaced by one of
+        another study; its folder of hard links would otherwise stay forever.
+        Hidden staging folders of builds in progress are left alone.
+        """
+        root = self.settings.fileset_dir
+        if not root.is_dir():
+            return 0
+        names = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        if not names:
+            return 0
+        known = {s.key for s in Study.select(Study.key).where(Study.key.in_(list(names)))}
+        removed = 0
+        for name in sorted(names - known):
+            shutil.rmtree(root / name, ignore_errors=True)
+            log.info("removed file-set %s: its study is no longer stored", name)
+            removed += 1
+        return removed
+
+    def remote_aes(self) -> list[RemoteAE]:
+        """Return the registered remote AEs."""
+        return registry.list_remote_aes()
 
     def build_stable_filesets(self) -> int:
         """Build file-sets of studies stable for ``stable_age`` seconds; return how many."""

@@ -22,14 +22,22 @@ log = logging.getLogger("iepnode.serve")
 HOUSEKEEPING_INTERVAL = 1.0
 
 
+#: Housekeeping passes between sweeps for file-sets of studies that no longer exist.
+ORPHAN_SWEEP_EVERY = 300
+
+
 async def _housekeeping(node: Node, pool: WorkerPool) -> None:
+    passes = 0
     while True:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL)
         try:
             await asyncio.to_thread(pool.restart_dead)
             await asyncio.to_thread(node.build_stable_filesets)
+            if passes % ORPHAN_SWEEP_EVERY == 0:
+                await asyncio.to_thread(node.remove_orphan_filesets)
         except Exception:
             log.exception("housekeeping failed")
+        passes += 1
 
 
 async def _serve_async(settings: Settings, node: Node, pool: WorkerPool, dicom_port: int) -> None:
@@ -64,6 +72,9 @@ def serve(settings: Settings) -> int:
     leftover = node.store.clear_staging()
     if leftover:
         log.warning("removed %d partial files left by an earlier crash", leftover)
+    if not node.remote_aes():
+        log.warning("no remote AE is registered: every association will be rejected until "
+                    "one is added with `iepnode ae add NAME HOST PORT --allow store,...`")
     reserved = reserve_port(settings.bind, settings.dicom_port)
     dicom_port = reserved.getsockname()[1]
     pool = WorkerPool(settings, dicom_port)
