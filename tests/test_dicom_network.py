@@ -29,7 +29,7 @@ from tests.support.scu import (
     dataset_bytes,
     dcmtk_run,
     dcmtk_storescp,
-    raw_sending,
+    send_raw,
     storescu,
 )
 from tests.support.tools import dicom3tools
@@ -133,13 +133,7 @@ def test_store_each_transfer_syntax_byte_identical(node: RunningNode, tmp_path: 
                                                    name: str) -> None:
     source = factory.copy_bundled(name, tmp_path / "in")
     uid = dcmread(source, stop_before_pixels=True).SOPInstanceUID
-    with raw_sending():
-        assoc = associate(node, [source])
-        try:
-            status = assoc.send_c_store(source)
-        finally:
-            assoc.release()
-    assert status.Status == 0x0000
+    assert send_raw(node, source) == 0x0000
     stored = stored_by_uid(node)[uid]
     assert dataset_bytes(stored) == dataset_bytes(source)
     meta = dcmread(stored, stop_before_pixels=True).file_meta
@@ -194,13 +188,7 @@ def test_sop_instance_uid_mismatch_is_refused(node: RunningNode, tmp_path: Path)
     lying = tmp_path / "lying.dcm"
     ds.save_as(lying, enforce_file_format=False)
     assert dcmread(lying).file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
-    with raw_sending():
-        assoc = associate(node, [lying])
-        try:
-            status = assoc.send_c_store(lying)
-        finally:
-            assoc.release()
-    assert status.Status == 0xA900
+    assert send_raw(node, lying) == 0xA900
     assert index_rows(node) == 0
     assert node.object_files() == [] and node.staging_files() == []
     wait_for(lambda: "differs from the request" in node.log_text, what="failure log line")
@@ -214,13 +202,7 @@ def test_unparseable_dataset_is_refused(node: RunningNode, tmp_path: Path) -> No
     data[offset + 6: offset + 8] = b"\xff\xff"
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(bytes(data))
-    with raw_sending():
-        assoc = associate(node, [good])
-        try:
-            status = assoc.send_c_store(broken)
-        finally:
-            assoc.release()
-    assert status.Status in (0xC000, 0xA900)
+    assert send_raw(node, broken, propose=good) in (0xC000, 0xA900)
     assert index_rows(node) == 0 and node.object_files() == []
 
 

@@ -101,3 +101,22 @@ def associate(node: RunningNode, paths: list[Path] | None = None, *, aet: str = 
     assoc = ae.associate(node.host, node.dicom_port, ae_title=node.ae_title)
     assert assoc.is_established, "association with the node was not established"
     return assoc
+
+
+def send_raw(node: RunningNode, path: Path, *, propose: Path | None = None) -> int:
+    """Send a file's bytes exactly as they are with pynetdicom; return the C-STORE status.
+
+    Parameters
+    ----------
+    path : Path
+        The Part-10 file whose dataset is sent (its File Meta names the request's
+        SOP Class/Instance UIDs and the transfer syntax).
+    propose : Path, optional
+        Propose the presentation context of this file instead (for broken files).
+    """
+    with raw_sending():
+        assoc = associate(node, [propose or path])
+        try:
+            return assoc.send_c_store(path).Status
+        finally:
+            assoc.release()
