@@ -59,7 +59,7 @@ class Node:
         )
 
     def close(self) -> None:
-        """Close this thread's database connection."""
+        """Return this thread's database connection to the pool (call when a thread is done)."""
         if not self.database.is_closed():
             self.database.close()
 

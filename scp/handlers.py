@@ -69,8 +69,9 @@ def _peer(event: Event) -> tuple[str, str]:
     return calling.strip(), f"{requestor.address}:{requestor.port}"
 
 
-def _reject(event: Event, result: int, source: int, diagnostic: int) -> None:
+def _reject(event: Event, node: Node, result: int, source: int, diagnostic: int) -> None:
     """Send A-ASSOCIATE-RJ and wait until it is on the wire (as pynetdicom itself does)."""
+    node.close()
     event.assoc.acse.send_reject(result, source, diagnostic)
     event.assoc.kill()
 
@@ -82,17 +83,17 @@ def handle_requested(event: Event, node: Node) -> None:
     if called != node.settings.ae_title:
         log.warning("association rejected: called AE %r is not %r (from %s at %s)",
                     called, node.settings.ae_title, calling, peer)
-        _reject(event, 0x01, 0x01, 0x07)
+        _reject(event, node, 0x01, 0x01, 0x07)
         return
     try:
         ae = node.authorize(calling, event.assoc.requestor.address)
     except NotAuthorized as exc:
         log.warning("association rejected: %s (%s)", exc, peer)
-        _reject(event, 0x01, 0x01, 0x03)
+        _reject(event, node, 0x01, 0x01, 0x03)
         return
     except Exception:
         log.exception("association rejected: registry unavailable (%s)", peer)
-        _reject(event, 0x02, 0x03, 0x01)
+        _reject(event, node, 0x02, 0x03, 0x01)
         return
     _stats[event.assoc] = AssociationStats(calling, peer, ae.allowed)
     # Responses are small: send them at once instead of waiting on Nagle's algorithm.
@@ -102,7 +103,9 @@ def handle_requested(event: Event, node: Node) -> None:
     acceptor.supported_contexts = allowed_contexts(acceptor.supported_contexts, ae.allowed)
 
 
-def _log_end(event: Event, how: str) -> None:
+def _log_end(event: Event, node: Node, how: str) -> None:
+    # Handlers run in the association's thread: hand its connection back to the pool.
+    node.close()
     stats = _stats.pop(event.assoc, None)
     if stats is None:
         return
@@ -119,14 +122,14 @@ def handle_established(event: Event) -> None:
         log.info("association accepted: %s at %s", stats.calling_ae, stats.peer)
 
 
-def handle_released(event: Event) -> None:
+def handle_released(event: Event, node: Node) -> None:
     """Log the association's end, with what it did."""
-    _log_end(event, "released")
+    _log_end(event, node, "released")
 
 
-def handle_aborted(event: Event) -> None:
+def handle_aborted(event: Event, node: Node) -> None:
     """Log an aborted association."""
-    _log_end(event, "aborted")
+    _log_end(event, node, "aborted")
 
 
 def _allowed(event: Event, service: str) -> bool:
@@ -277,8 +280,8 @@ def event_handlers(node: Node) -> list[tuple]:
     return [
         (evt.EVT_REQUESTED, handle_requested, [node]),
         (evt.EVT_ESTABLISHED, handle_established),
-        (evt.EVT_RELEASED, handle_released),
-        (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_RELEASED, handle_released, [node]),
+        (evt.EVT_ABORTED, handle_aborted, [node]),
         (evt.EVT_C_ECHO, handle_echo, [node]),
         (evt.EVT_C_STORE, handle_store, [node]),
         (evt.EVT_C_FIND, handle_find, [node]),

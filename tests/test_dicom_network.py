@@ -475,6 +475,23 @@ def test_node_on_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
         assert str(response.PatientName) == "Ødegård^Åse"
         assert response.NumberOfStudyRelatedInstances == 6
         assert "ae" in n.cli("ae", "list").stdout.lower()
+        # Each association runs in its own thread; its connection goes back to the
+        # pool when it ends and the next association reuses it instead of opening one.
+        import psycopg2
+
+        def sessions() -> int:
+            with psycopg2.connect(fresh_postgres_url) as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_stat_force_next_flush()")
+                cur.execute("SELECT sessions FROM pg_stat_database "
+                            "WHERE datname = current_database()")
+                return cur.fetchone()[0]
+
+        before = sessions()
+        for _ in range(12):
+            echo = dcmtk_run("echoscu", "-aet", SCU_AE, "-aec", n.ae_title, n.host,
+                             str(n.dicom_port))
+            assert echo.returncode == 0, echo.stderr
+        assert sessions() - before <= 4
     assert not (tmp_path / "n" / "index.sqlite3").exists()
 
 

@@ -26,6 +26,7 @@ from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
 from iepnode.ingest import StoreResult, parse_file_meta
 from iepnode.node import Node
 from storage import index
+from storage.db import is_sqlite
 from storage.index import Outcome
 from storage.models import Instance, Patient, Series, Study
 from tests.data_factory import copy_bundled, make_ct_series, rewrite
@@ -388,7 +389,7 @@ def test_failing_index_is_out_of_resources_and_leaves_no_file(
     first, second = make_ct_series(tmp_path / "in", 2)
     store(node, first)
     before = object_files(node)
-    cascade = "" if node.database.__class__.__name__.startswith("Sqlite") else " CASCADE"
+    cascade = "" if is_sqlite(node.database) else " CASCADE"
     node.database.execute_sql(f"DROP TABLE {table}{cascade}")
 
     with pytest.raises(OutOfResources, match="index failed"):
@@ -402,7 +403,7 @@ def test_failing_index_on_a_new_study(make_node: Callable[..., Node], tmp_path: 
     node = make_node()
     path = make_ct_series(tmp_path / "in", 1)[0]
     node.database.execute_sql("DROP TABLE patient" + (
-        "" if node.database.__class__.__name__.startswith("Sqlite") else " CASCADE"))
+        "" if is_sqlite(node.database) else " CASCADE"))
     with pytest.raises(OutOfResources):
         store(node, path)
     assert object_files(node) == []
