@@ -8,7 +8,13 @@
     ├── OutOfResources        disk full, index unavailable, I/O failure   -> 0xA700
     ├── NotAuthorized         the peer is not allowed this service        -> 0x0124
     ├── UnknownDestination    C-MOVE destination not registered           -> 0xA801
-    └── BadQuery              an identifier that cannot be answered       -> 0xA900 / 0xC000
+    ├── BadQuery              an identifier that cannot be answered       -> 0xA900 / 0xC000
+    ├── NotFound              no such transaction/study for this user     -> HTTP 404
+    ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
+    └── LoginRefused          passcode login failed                       -> HTTP 403
+        ├── PasscodeRejected  wrong, expired, reused or dead passcode
+        ├── RecipientLocked   too many consecutive failures: staff must unlock
+        └── RateLimited       a passcode was sent moments ago
 """
 
 from __future__ import annotations
@@ -40,3 +46,27 @@ class UnknownDestination(NodeError):
 
 class BadQuery(NodeError):
     """A C-FIND/C-MOVE/C-GET identifier the node cannot answer."""
+
+
+class NotFound(NodeError):
+    """The thing asked for does not exist, or is not this user's (never say which)."""
+
+
+class InvalidRequest(NodeError):
+    """A request that breaks a domain rule (e.g. studies of two patients in one transfer)."""
+
+
+class LoginRefused(NodeError):
+    """A recipient login step failed."""
+
+
+class PasscodeRejected(LoginRefused):
+    """The passcode is wrong, expired, already used, or its attempt is dead."""
+
+
+class RecipientLocked(LoginRefused):
+    """Too many consecutive failed passcodes: the recipient must be unlocked by staff."""
+
+
+class RateLimited(LoginRefused):
+    """A passcode was sent moments ago; wait before asking for another."""

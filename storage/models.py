@@ -94,4 +94,139 @@ class Instance(BaseModel):
     source_ae = peewee.CharField(max_length=16, default="")
 
 
-ALL_MODELS = [RemoteAE, Patient, Study, Series, Instance]
+class StaffUser(BaseModel):
+    """Hospital staff who log in to /admin (password + TOTP)."""
+
+    username = peewee.CharField(max_length=64, unique=True)
+    display_name = peewee.CharField(max_length=128, default="")
+    email = peewee.CharField(max_length=254, default="")
+    department = peewee.CharField(max_length=128, default="")
+    phone = peewee.CharField(max_length=32, default="")
+    #: argon2id hash (argon2-cffi's encoded form).
+    password_hash = peewee.CharField(max_length=255)
+    #: Base32 TOTP secret once enrolled.
+    totp_secret = peewee.CharField(max_length=64, null=True)
+    is_admin = peewee.BooleanField(default=False)
+    disabled = peewee.BooleanField(default=False)
+    created_at = peewee.DoubleField()
+
+
+class Recipient(BaseModel):
+    """A person who receives transactions and logs in with one-time passcodes."""
+
+    #: Lower-cased; the identity of the recipient.
+    email = peewee.CharField(max_length=254, unique=True)
+    name = peewee.CharField(max_length=128, default="")
+    #: Where passcodes go: a mobile number (SMS) or a second email address.
+    otp_mobile = peewee.CharField(max_length=32, default="")
+    otp_email = peewee.CharField(max_length=254, default="")
+    totp_secret = peewee.CharField(max_length=64, null=True)
+    consecutive_failures = peewee.IntegerField(default=0)
+    #: Set after too many consecutive failed passcodes; cleared by staff.
+    locked_at = peewee.DoubleField(null=True)
+    created_at = peewee.DoubleField()
+
+
+class Transaction(BaseModel):
+    """Studies of one patient packaged for one recipient."""
+
+    public_id = peewee.CharField(max_length=16, unique=True)
+    kind = peewee.CharField(max_length=16)
+    direction = peewee.CharField(max_length=3)
+    recipient = peewee.ForeignKeyField(Recipient, backref="transactions", on_delete="CASCADE")
+    status = peewee.CharField(max_length=16, index=True)
+    priority = peewee.CharField(max_length=8, default="NORMAL")
+    created_at = peewee.DoubleField(index=True)
+    expires_at = peewee.DoubleField(index=True)
+    patient_name = peewee.CharField(max_length=324, default="")
+    patient_birth_date = peewee.CharField(max_length=8, default="")
+    patient_sex = peewee.CharField(max_length=16, default="")
+    patient_id = peewee.CharField(max_length=64, default="")
+    nhs_number = peewee.CharField(max_length=16, default="")
+    institution = peewee.CharField(max_length=128, default="")
+    contact_name = peewee.CharField(max_length=128, default="")
+    contact_department = peewee.CharField(max_length=128, default="")
+    contact_email = peewee.CharField(max_length=254, default="")
+    contact_phone = peewee.CharField(max_length=32, default="")
+    created_by = peewee.CharField(max_length=64, default="")
+    #: SHA-256 of the emailed link token (the token itself is never stored).
+    link_token_hash = peewee.CharField(max_length=64, unique=True)
+    decline_reason = peewee.TextField(default="")
+    purged_at = peewee.DoubleField(null=True)
+
+
+class TransactionStudy(BaseModel):
+    """A study in a transaction, with what the recipient is shown about it."""
+
+    transaction = peewee.ForeignKeyField(Transaction, backref="studies", on_delete="CASCADE")
+    study_uid = peewee.CharField(max_length=64, index=True)
+    modality = peewee.CharField(max_length=128, default="")
+    exam_date = peewee.CharField(max_length=8, default="")
+    description = peewee.CharField(max_length=64, default="")
+    accession = peewee.CharField(max_length=16, default="")
+    images_expected = peewee.IntegerField(default=0)
+
+
+class TransactionMessage(BaseModel):
+    """One message in a transaction's thread."""
+
+    transaction = peewee.ForeignKeyField(Transaction, backref="messages", on_delete="CASCADE")
+    #: "staff" or "recipient".
+    author_kind = peewee.CharField(max_length=16)
+    author = peewee.CharField(max_length=128)
+    body = peewee.TextField()
+    created_at = peewee.DoubleField()
+    read_by_recipient = peewee.BooleanField(default=False)
+
+
+class LoginAttempt(BaseModel):
+    """A passcode sent for one login through one transaction link."""
+
+    transaction = peewee.ForeignKeyField(Transaction, on_delete="CASCADE")
+    recipient = peewee.ForeignKeyField(Recipient, on_delete="CASCADE")
+    #: HMAC-SHA256 of the passcode, keyed by the node secret and bound to this attempt.
+    code_hash = peewee.CharField(max_length=64)
+    channel = peewee.CharField(max_length=8)
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField()
+    tries = peewee.IntegerField(default=0)
+    used_at = peewee.DoubleField(null=True)
+    dead = peewee.BooleanField(default=False)
+
+
+class WebSession(BaseModel):
+    """A logged-in browser: recipient or staff."""
+
+    #: SHA-256 of the cookie value.
+    token_hash = peewee.CharField(max_length=64, unique=True)
+    recipient = peewee.ForeignKeyField(Recipient, null=True, on_delete="CASCADE")
+    staff = peewee.ForeignKeyField(StaffUser, null=True, on_delete="CASCADE")
+    csrf_token = peewee.CharField(max_length=64)
+    created_at = peewee.DoubleField()
+    last_seen = peewee.DoubleField()
+    ended = peewee.BooleanField(default=False)
+
+
+class AuditEvent(BaseModel):
+    """One audited access, shaped after DICOM PS3.15 A.5 audit messages."""
+
+    at = peewee.DoubleField(index=True)
+    #: EventID code (DCM): 110114 User Authentication, 110103 Instances Accessed, ...
+    event_code = peewee.CharField(max_length=16)
+    event_name = peewee.CharField(max_length=64)
+    action = peewee.CharField(max_length=32)
+    #: EventOutcomeIndicator: 0 success, 4 minor failure, 8 serious failure.
+    outcome = peewee.IntegerField(default=0)
+    actor_kind = peewee.CharField(max_length=16)
+    actor = peewee.CharField(max_length=254)
+    source_ip = peewee.CharField(max_length=64, default="")
+    patient_id = peewee.CharField(max_length=64, default="", index=True)
+    study_uid = peewee.CharField(max_length=64, default="")
+    transaction_public_id = peewee.CharField(max_length=16, default="", index=True)
+    detail = peewee.TextField(default="")
+
+
+ALL_MODELS = [
+    RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
+    TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
+]

@@ -1,0 +1,87 @@
+"""Audit trail: who did what, when, from where, to which patient/study.
+
+Events are shaped after DICOM PS3.15 A.5 audit messages: an EventID code from
+DCM, an action, an outcome indicator (0 success, 4 minor failure, 8 serious
+failure), the active participant and the participant objects (patient, study).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from storage.models import AuditEvent
+
+#: EventID codes (DCM) used by the node, with their meanings.
+USER_AUTHENTICATION = ("110114", "User Authentication")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
+EXPORT = ("110106", "Export")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+SECURITY_ALERT = ("110113", "Security Alert")
+
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acted: ``staff``, ``recipient``, ``cli`` or ``system``, and from where."""
+
+    kind: str
+    name: str
+    source_ip: str = ""
+
+
+def record(
+    event: tuple[str, str],
+    action: str,
+    actor: Actor,
+    *,
+    outcome: int = SUCCESS,
+    patient_id: str = "",
+    study_uid: str = "",
+    transaction: str = "",
+    detail: str = "",
+    now: float | None = None,
+) -> AuditEvent:
+    """Store one audit event.
+
+    Parameters
+    ----------
+    event : tuple of (str, str)
+        EventID code and meaning, e.g. :data:`USER_AUTHENTICATION`.
+    action : str
+        What happened, e.g. ``login``, ``login-failed``, ``decline``, ``transfer-create``.
+    actor : Actor
+        The active participant.
+    outcome : int, optional
+        0, 4 or 8 (PS3.15 EventOutcomeIndicator).
+    patient_id, study_uid, transaction : str, optional
+        The participant objects concerned.
+    detail : str, optional
+        Free text; never passcodes, tokens or message bodies.
+    now : float, optional
+        Event time (default: the current time).
+    """
+    return AuditEvent.create(
+        at=time.time() if now is None else now,
+        event_code=event[0],
+        event_name=event[1],
+        action=action,
+        outcome=outcome,
+        actor_kind=actor.kind,
+        actor=actor.name[:254],
+        source_ip=actor.source_ip[:64],
+        patient_id=patient_id[:64],
+        study_uid=study_uid[:64],
+        transaction_public_id=transaction[:16],
+        detail=detail,
+    )
+
+
+def events_for_transaction(public_id: str) -> list[AuditEvent]:
+    """Return a transaction's audit trail, oldest first."""
+    return list(
+        AuditEvent.select()
+        .where(AuditEvent.transaction_public_id == public_id)
+        .order_by(AuditEvent.at, AuditEvent.id)
+    )

@@ -1,0 +1,79 @@
+"""Hospital staff accounts: argon2id password hashes and a TOTP second factor."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pyotp
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from iepnode.errors import InvalidRequest, LoginRefused
+from storage.models import StaffUser
+
+_USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
+MIN_PASSWORD = 12
+ISSUER = "iepnode"
+_hasher = PasswordHasher()
+
+
+def create_user(username: str, password: str, *, is_admin: bool = False, display_name: str = "",
+                email: str = "", department: str = "", phone: str = "",
+                now: float | None = None) -> tuple[StaffUser, str]:
+    """Create a staff user with a TOTP secret to enrol.
+
+    Returns
+    -------
+    tuple of (StaffUser, str)
+        The user and the ``otpauth://`` URI to show once (as text or a QR code).
+
+    Raises
+    ------
+    InvalidRequest
+        Bad username, a password shorter than 12 characters, or a taken username.
+    """
+    username = username.strip().lower()
+    if not _USERNAME.match(username):
+        raise InvalidRequest("usernames are 2-64 characters: a-z, 0-9, '.', '_', '-'")
+    if len(password) < MIN_PASSWORD:
+        raise InvalidRequest(f"passwords have at least {MIN_PASSWORD} characters")
+    if StaffUser.select().where(StaffUser.username == username).exists():
+        raise InvalidRequest(f"user {username} exists already")
+    secret = pyotp.random_base32()
+    user = StaffUser.create(
+        username=username, display_name=display_name.strip()[:128], email=email.strip()[:254],
+        department=department.strip()[:128], phone=phone.strip()[:32],
+        password_hash=_hasher.hash(password), totp_secret=secret, is_admin=is_admin,
+        created_at=time.time() if now is None else now,
+    )
+    return user, pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=ISSUER)
+
+
+def authenticate(username: str, password: str, totp_code: str,
+                 now: float | None = None) -> StaffUser:
+    """Check password and TOTP code; return the user.
+
+    Raises
+    ------
+    LoginRefused
+        Unknown user, disabled, wrong password or wrong code (one message for all).
+    """
+    user = StaffUser.get_or_none(StaffUser.username == username.strip().lower())
+    refused = LoginRefused("wrong username, password or code")
+    if user is None:
+        _hasher.hash(password)  # spend the same time as for a real user
+        raise refused
+    try:
+        _hasher.verify(user.password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        raise refused from None
+    if user.disabled or not user.totp_secret:
+        raise refused
+    totp = pyotp.TOTP(user.totp_secret)
+    if not totp.verify(totp_code.strip(), for_time=now, valid_window=1):
+        raise refused
+    if _hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = _hasher.hash(password)
+        user.save()
+    return user
