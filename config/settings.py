@@ -10,12 +10,21 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 #: AE titles: 1-16 characters of the default character repertoire, no backslash.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 DUPLICATE_POLICIES = ("keep", "replace")
+SMTP_TLS_MODES = ("starttls", "tls", "none")
+SMS_GATEWAYS = ("outbox", "email", "http")
+#: A DNS host name (for email-to-SMS domains): dot-separated labels.
+_HOST_NAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+#: Characters never allowed in values that end up in mail headers or URLs.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ConfigError(ValueError):
@@ -52,6 +61,39 @@ class Settings:
         Flush files and directories to disk before acknowledging a C-STORE.
     log_level : str
         Python logging level name.
+    smtp_host : str
+        SMTP server for outgoing mail; empty (default) writes every message to
+        ``outbox_dir`` as an ``.eml`` file instead.
+    smtp_port : int
+        SMTP server port (587 for STARTTLS submission, 465 for implicit TLS).
+    smtp_tls : str
+        ``starttls`` (upgrade the connection, required), ``tls`` (TLS from the
+        first byte) or ``none`` (plain text; only for a relay on a trusted network).
+    smtp_user, smtp_password : str
+        SMTP AUTH credentials; empty user means no AUTH. Never shown in ``repr``.
+    mail_from : str
+        The ``From`` address of outgoing mail (``addr`` or ``Name <addr>``).
+    smtp_timeout : float
+        Seconds allowed for each SMTP connect/command.
+    sms_gateway : str
+        ``outbox`` (write SMS to ``outbox_dir``), ``email`` (mail to
+        ``<digits>@sms_email_domain``) or ``http`` (POST to ``sms_http_url``).
+    sms_email_domain : str
+        Domain of the email-to-SMS gateway (``sms_gateway = "email"``).
+    sms_http_url, sms_http_token : str
+        URL and bearer token of the HTTP SMS gateway (``sms_gateway = "http"``);
+        the token is never shown in ``repr``.
+    public_url : str
+        Base URL of the web portal as recipients reach it; links in messages start
+        with it. Normalised without a trailing slash.
+    institution : str
+        Name of the sending institution, shown in messages and pages.
+    transaction_expiry_days : int
+        Days a share (transaction) stays usable.
+    dashboard_days : int
+        Days a transaction is listed on the dashboard.
+    passcode_ttl_minutes : int
+        Minutes a one-time passcode stays valid.
     """
 
     data_dir: Path = Path("data")
@@ -66,6 +108,22 @@ class Settings:
     duplicate_policy: str = "keep"
     fsync: bool = True
     log_level: str = "INFO"
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_tls: str = "starttls"
+    smtp_user: str = ""
+    smtp_password: str = field(default="", repr=False)
+    mail_from: str = "iepnode@localhost"
+    smtp_timeout: float = 30.0
+    sms_gateway: str = "outbox"
+    sms_email_domain: str = ""
+    sms_http_url: str = ""
+    sms_http_token: str = field(default="", repr=False)
+    public_url: str = "http://localhost:8080"
+    institution: str = "iepnode"
+    transaction_expiry_days: int = 14
+    dashboard_days: int = 28
+    passcode_ttl_minutes: int = 10
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -89,6 +147,11 @@ class Settings:
         return self.data_dir / "logs"
 
     @property
+    def outbox_dir(self) -> Path:
+        """Where outgoing mail and SMS are written when no server/gateway is set."""
+        return self.data_dir / "outbox"
+
+    @property
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite inside ``data_dir``."""
         if self.database_url:
@@ -110,6 +173,28 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     },
     "http": {"bind": "bind", "port": "http_port"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
+    "mail": {
+        "smtp_host": "smtp_host",
+        "smtp_port": "smtp_port",
+        "smtp_tls": "smtp_tls",
+        "smtp_user": "smtp_user",
+        "smtp_password": "smtp_password",
+        "from_address": "mail_from",
+        "timeout": "smtp_timeout",
+    },
+    "sms": {
+        "gateway": "sms_gateway",
+        "email_domain": "sms_email_domain",
+        "http_url": "sms_http_url",
+        "http_token": "sms_http_token",
+    },
+    "portal": {
+        "public_url": "public_url",
+        "institution": "institution",
+        "expiry_days": "transaction_expiry_days",
+        "dashboard_days": "dashboard_days",
+        "passcode_minutes": "passcode_ttl_minutes",
+    },
 }
 
 
@@ -174,6 +259,80 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     return values
 
 
+def _http_url(name: str, value: str, *, query: bool) -> str:
+    """Check that ``value`` is an ``http(s)://host[:port][/path]`` URL; drop a trailing slash.
+
+    ``query`` allows a query string (some SMS gateways carry parameters there).
+    """
+    problem = f"{name} {value!r}: an http:// or https:// URL with a host"
+    if not value or _CONTROL.search(value) or any(c.isspace() for c in value):
+        raise ConfigError(problem)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{problem} ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(problem)
+    if "@" in parts.netloc:
+        raise ConfigError(f"{name} {value!r}: no user or password in the URL")
+    if parts.fragment or (parts.query and not query):
+        raise ConfigError(f"{name} {value!r}: no query string or fragment")
+    tail = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}{tail}"
+
+
+def _validate_messaging(s: Settings) -> dict[str, Any]:
+    """Validate the mail, SMS and portal settings; return normalised values."""
+    if (any(c.isspace() or c in "/@" for c in s.smtp_host) or _CONTROL.search(s.smtp_host)
+            or s.smtp_host.count(":") == 1):
+        raise ConfigError(f"smtp_host {s.smtp_host!r}: a host name or IP address only "
+                          "(no scheme, user or port; the port is smtp_port)")
+    if not 1 <= s.smtp_port <= 65535:
+        raise ConfigError(f"smtp_port {s.smtp_port}: must be 1-65535")
+    if s.smtp_tls not in SMTP_TLS_MODES:
+        raise ConfigError(f"smtp_tls {s.smtp_tls!r}: one of {', '.join(SMTP_TLS_MODES)}")
+    if s.smtp_password and not s.smtp_user:
+        raise ConfigError("smtp_password is set but smtp_user is empty")
+    if _CONTROL.search(s.smtp_user) or _CONTROL.search(s.smtp_password):
+        raise ConfigError("smtp_user/smtp_password: no control characters")
+    if not s.smtp_timeout > 0:
+        raise ConfigError(f"smtp_timeout {s.smtp_timeout}: must be more than 0 seconds")
+    address = parseaddr(s.mail_from)[1]
+    if (_CONTROL.search(s.mail_from) or address.count("@") != 1
+            or not all(address.split("@")) or any(c.isspace() for c in address)):
+        raise ConfigError(f"mail_from {s.mail_from!r}: an address like "
+                          "iepnode@example.org or 'Name <iepnode@example.org>'")
+
+    if s.sms_gateway not in SMS_GATEWAYS:
+        raise ConfigError(f"sms_gateway {s.sms_gateway!r}: one of {', '.join(SMS_GATEWAYS)}")
+    domain = s.sms_email_domain.strip()
+    if domain and not _HOST_NAME.match(domain):
+        raise ConfigError(f"sms_email_domain {domain!r}: a domain name like sms.example.org "
+                          "(messages go to <digits>@domain)")
+    if s.sms_gateway == "email" and not domain:
+        raise ConfigError('sms_gateway "email" needs sms_email_domain ([sms] email_domain)')
+    http_url = s.sms_http_url.strip()
+    if http_url:
+        http_url = _http_url("sms_http_url", http_url, query=True)
+    elif s.sms_gateway == "http":
+        raise ConfigError('sms_gateway "http" needs sms_http_url ([sms] http_url)')
+    if _CONTROL.search(s.sms_http_token) or " " in s.sms_http_token:
+        raise ConfigError("sms_http_token: no spaces or control characters")
+
+    public_url = _http_url("public_url", s.public_url.strip(), query=False)
+    institution = s.institution.strip()
+    if not institution or _CONTROL.search(institution) or len(institution) > 200:
+        raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
+    for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
+                            ("passcode_ttl_minutes", 1, 60)):
+        value = getattr(s, name)
+        if not low <= value <= high:
+            raise ConfigError(f"{name} {value}: must be {low}-{high}")
+    return {"sms_email_domain": domain, "sms_http_url": http_url, "public_url": public_url,
+            "institution": institution}
+
+
 def _validate(s: Settings) -> Settings:
     if not _AE_TITLE.match(s.ae_title) or not s.ae_title.strip():
         raise ConfigError(f"ae_title {s.ae_title!r}: 1-16 printable characters, no backslash")
@@ -194,7 +353,8 @@ def _validate(s: Settings) -> Settings:
     url = s.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"database_url {url!r}: sqlite:///PATH or postgresql://...")
-    return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve())
+    messaging = _validate_messaging(s)
+    return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(), **messaging)
 
 
 def load_settings(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,40 @@ def _parser() -> argparse.ArgumentParser:
 
     studies = sub.add_parser("studies", help="list indexed studies")
     _common(studies)
+
+    user = sub.add_parser("user", help="manage staff users and recipients")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    uadd = user_sub.add_parser("add", help="create a staff user (prints the TOTP enrolment URI)")
+    _common(uadd)
+    uadd.add_argument("username")
+    uadd.add_argument("--admin", action="store_true", help="may manage users and AEs")
+    uadd.add_argument("--name", default="", help="display name shown to recipients")
+    uadd.add_argument("--email", default="", help="contact email shown to recipients")
+    uadd.add_argument("--department", default="")
+    uadd.add_argument("--phone", default="")
+    uadd.add_argument("--password-stdin", action="store_true",
+                      help="read the password from standard input instead of prompting")
+    unlock = user_sub.add_parser("unlock", help="unlock a recipient locked by failed passcodes")
+    _common(unlock)
+    unlock.add_argument("email")
+
+    transfer = sub.add_parser("transfer", help="share studies with a recipient")
+    transfer_sub = transfer.add_subparsers(dest="transfer_command", required=True)
+    create = transfer_sub.add_parser("create", help="create a transfer and email its link")
+    _common(create)
+    create.add_argument("--study", action="append", required=True, dest="studies",
+                        metavar="UID", help="Study Instance UID (repeat for several)")
+    create.add_argument("--to", required=True, metavar="EMAIL", help="the recipient's email")
+    channel = create.add_mutually_exclusive_group(required=True)
+    channel.add_argument("--otp-mobile", metavar="NUMBER", help="passcodes by SMS")
+    channel.add_argument("--otp-email", metavar="EMAIL", help="passcodes to a second email")
+    create.add_argument("--name", default="", help="the recipient's name")
+    create.add_argument("--message", default="", help="a message shown with the transfer")
+    create.add_argument("--priority", choices=("NORMAL", "URGENT"), default="NORMAL")
+    create.add_argument("--expiry-days", type=int, help="days until the package expires")
+    create.add_argument("--nhs-number", default="")
+    create.add_argument("--as-user", default="", metavar="USERNAME",
+                        help="staff user shown as the hospital contact")
     return parser
 
 
@@ -151,6 +186,67 @@ def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
+    from iepnode import audit, logins, staff
+    from storage.db import open_database
+    from storage.models import Recipient
+
+    open_database(settings.resolved_database_url)
+    actor = audit.Actor("cli", getpass.getuser())
+    if args.user_command == "unlock":
+        recipient = Recipient.get_or_none(Recipient.email == args.email.strip().lower())
+        if recipient is None:
+            print(f"iepnode: no recipient {args.email}", file=sys.stderr)
+            return 1
+        logins.unlock(recipient)
+        audit.record(audit.SECURITY_ALERT, "recipient-unlock", actor, detail=recipient.email)
+        print(f"unlocked {recipient.email}")
+        return 0
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("Password (12+ characters): ")
+        if getpass.getpass("Again: ") != password:
+            print("iepnode: the passwords differ", file=sys.stderr)
+            return 1
+    user, uri = staff.create_user(args.username, password, is_admin=args.admin,
+                                  display_name=args.name, email=args.email,
+                                  department=args.department, phone=args.phone)
+    audit.record(audit.SECURITY_ALERT, "staff-user-add", actor, detail=user.username)
+    print(f"created {'admin' if user.is_admin else 'staff user'} {user.username}")
+    print("Add this to an authenticator app (it is shown only now):")
+    print(uri)
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from iepnode import audit
+    from iepnode.node import Node
+    from iepnode.transactions import NewTransfer
+    from storage.models import StaffUser
+
+    node = Node(settings)
+    user = None
+    if args.as_user:
+        user = StaffUser.get_or_none(StaffUser.username == args.as_user.strip().lower())
+        if user is None:
+            print(f"iepnode: no staff user {args.as_user}", file=sys.stderr)
+            return 1
+    request = NewTransfer(
+        study_uids=tuple(args.studies), recipient_email=args.to,
+        otp_mobile=args.otp_mobile or "", otp_email=args.otp_email or "",
+        recipient_name=args.name, message=args.message, priority=args.priority,
+        expiry_days=args.expiry_days or settings.transaction_expiry_days,
+        nhs_number=args.nhs_number,
+    )
+    actor = audit.Actor("cli", user.username if user else getpass.getuser())
+    transaction = asyncio.run(node.share(request, actor=actor, user=user))
+    print(transaction.public_id)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``iepnode`` command; return its exit code."""
     args = _parser().parse_args(argv)
@@ -161,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(settings)
         handler = {"ae": _cmd_ae, "import": _cmd_import, "fileset": _cmd_fileset,
-                   "studies": _cmd_studies}[args.command]
+                   "studies": _cmd_studies, "user": _cmd_user,
+                   "transfer": _cmd_transfer}[args.command]
         return handler(args, settings)
     except ConfigError as exc:
         print(f"iepnode: configuration error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@
     ├── BadQuery              an identifier that cannot be answered       -> 0xA900 / 0xC000
     ├── NotFound              no such transaction/study for this user     -> HTTP 404
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
+    ├── DeliveryError         mail/SMS could not be sent (iepnode.messaging) -> CLI/HTTP error
     └── LoginRefused          passcode login failed                       -> HTTP 403
         ├── PasscodeRejected  wrong, expired, reused or dead passcode
         ├── RecipientLocked   too many consecutive failures: staff must unlock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -12,8 +13,12 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from config import Settings
-from iepnode.errors import NotAuthorized, UnknownDestination
+from iepnode import audit, logins, notifications, transactions
+from iepnode.audit import Actor
+from iepnode.errors import LoginRefused, NotAuthorized, PasscodeRejected, UnknownDestination
 from iepnode.ingest import Ingester, StoreResult
+from iepnode.logins import NewSession, PasscodeToSend
+from iepnode.messaging import Messenger
 from iepnode.query import (
     Query,
     Root,
@@ -22,12 +27,27 @@ from iepnode.query import (
     parse_identifier,
     parse_retrieve_identifier,
 )
+from iepnode.security import load_or_create_secret
+from iepnode.transactions import Contact, NewTransfer
 from storage import index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
-from storage.models import RemoteAE, Study
+from storage.models import (
+    LoginAttempt,
+    Recipient,
+    RemoteAE,
+    StaffUser,
+    Study,
+    Transaction,
+    TransactionMessage,
+    TransactionStudy,
+    WebSession,
+)
 
 log = logging.getLogger("iepnode.node")
+
+#: Audit EventID (DCM 110110) for a recipient viewing or acting on a transaction's record.
+PATIENT_RECORD = ("110110", "Patient Record")
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,50 @@ class RetrieveItem:
     sop_class: str
     sop_uid: str
     transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class LinkLogin:
+    """The login page of an emailed link: the usable attempt and where its passcode went."""
+
+    attempt_id: int | None
+    channel: str
+    destination: str
+    contact: Contact
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """A study of a transaction and how many of its images the node holds now."""
+
+    study: TransactionStudy
+    images_received: int
+
+
+@dataclass(frozen=True)
+class RecipientView:
+    """One transaction as its recipient sees it (all rows loaded: safe to render anywhere)."""
+
+    transaction: Transaction
+    studies: list[StudyRow]
+    messages: list[TransactionMessage]
+    unread: int
+    expired: bool
+    can_decline: bool
+    contact: Contact
+    recipient: Recipient
+
+
+@dataclass(frozen=True)
+class RecipientDashboard:
+    """A recipient's dashboard: the transactions of one tab and the counts of all tabs."""
+
+    recipient: Recipient
+    transactions: list[RecipientView]
+    action_count: int
+    all_count: int
+    unread: int
+    days: int
 
 
 class Node:
@@ -57,6 +121,8 @@ class Node:
         self.ingester = Ingester(
             self.store, replace_duplicates=settings.duplicate_policy == "replace"
         )
+        self._secret: bytes | None = None
+        self._messenger: Messenger | None = None
 
     def close(self) -> None:
         """Return this thread's database connection to the pool (call when a thread is done)."""
@@ -204,6 +270,260 @@ class Node:
         log.info("file-set built for study %s: %d instances in %s", study_uid, count, dest)
         return dest
 
+    # -- transactions and recipient login (issue 3) ---------------------------------------
+
+    @property
+    def secret(self) -> bytes:
+        """The node's secret key (``DATA_DIR/secret.key``), created on first use."""
+        if self._secret is None:
+            self._secret = load_or_create_secret(self.settings.data_dir)
+        return self._secret
+
+    @property
+    def messenger(self) -> Messenger:
+        """Outgoing mail and SMS (SMTP / gateway, or the outbox folder)."""
+        if self._messenger is None:
+            self._messenger = Messenger(self.settings)
+        return self._messenger
+
+    def contact_for(self, user: StaffUser | None) -> Contact:
+        """The hospital contact shown with a transaction created by ``user``."""
+        if user is None:
+            return Contact(name=self.settings.institution)
+        return Contact(user.display_name or user.username, user.department, user.email,
+                       user.phone)
+
+    async def share(self, request: NewTransfer, *, actor: Actor,
+                    user: StaffUser | None = None) -> Transaction:
+        """Create a transfer, email its link to the recipient, and audit both.
+
+        Raises
+        ------
+        InvalidRequest
+            The request breaks a rule (see :func:`iepnode.transactions.create_transfer`).
+        DeliveryError
+            The email could not be sent (the transaction stays; staff can resend).
+        """
+        transaction, token = await asyncio.to_thread(
+            transactions.create_transfer, request, contact=self.contact_for(user),
+            institution=self.settings.institution, created_by=actor.name,
+        )
+        await asyncio.to_thread(
+            audit.record, audit.EXPORT, "transfer-create", actor,
+            patient_id=transaction.patient_id, transaction=transaction.public_id,
+            study_uid=",".join(request.study_uids)[:64],
+            detail=f"to {transaction.recipient.email}",
+        )
+        subject, text = notifications.transfer_email(
+            transaction, f"{self.settings.public_url}/t/{token}")
+        await self.messenger.send_email(transaction.recipient.email, subject, text,
+                                        kind="transfer-link")
+        return transaction
+
+    async def send_passcode(self, token: str, source_ip: str = "") -> PasscodeToSend:
+        """Start a login from an emailed link: send a passcode to the second channel.
+
+        Raises
+        ------
+        NotFound
+            The link is unknown or expired.
+        RecipientLocked, RateLimited
+            No passcode is sent.
+        """
+        transaction = await asyncio.to_thread(transactions.by_link_token, token)
+        ttl = self.settings.passcode_ttl_minutes * 60.0
+        sent = await asyncio.to_thread(logins.start_attempt, transaction, self.secret, ttl)
+        text = notifications.passcode_text(sent.code, self.settings.institution,
+                                           self.settings.passcode_ttl_minutes)
+        if sent.channel == "sms":
+            await self.messenger.send_sms(sent.destination, text)
+        else:
+            await self.messenger.send_email(sent.destination, "Your passcode", text,
+                                            kind="passcode")
+        return sent
+
+    def resume_session(self, token: str) -> WebSession:
+        """Return the live session for a cookie value (see :func:`logins.resume_session`)."""
+        return logins.resume_session(token)
+
+    def log_in(self, token: str, attempt_id: int, code: str, source_ip: str = "") -> NewSession:
+        """Check a passcode typed on the page a link opened; open a session.
+
+        Raises
+        ------
+        NotFound
+            The link is unknown or expired.
+        LoginRefused
+            Wrong/expired/reused passcode, dead attempt or locked recipient (audited).
+        """
+        transaction = transactions.by_link_token(token)
+        attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
+        actor = audit.Actor("recipient", transaction.recipient.email, source_ip)
+        if attempt is None or attempt.transaction_id != transaction.id:
+            audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
+                         outcome=audit.MINOR_FAILURE, transaction=transaction.public_id,
+                         detail="attempt does not belong to this link")
+            raise PasscodeRejected("this login has expired: ask for a new passcode")
+        try:
+            recipient = logins.verify_passcode(attempt_id, code, self.secret)
+        except LoginRefused as exc:
+            audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
+                         outcome=audit.MINOR_FAILURE, transaction=transaction.public_id,
+                         patient_id=transaction.patient_id, detail=type(exc).__name__)
+            raise
+        audit.record(audit.USER_AUTHENTICATION, "login", actor,
+                     transaction=transaction.public_id, patient_id=transaction.patient_id)
+        return logins.open_session(recipient)
+
+    # -- recipient pages (issue 4): thin wrappers the web views call in a thread ---------
+
+    def link_login(self, token: str) -> LinkLogin:
+        """Where a link's passcode goes, its latest usable attempt, and the hospital contact.
+
+        Raises
+        ------
+        NotFound
+            The link is unknown or expired.
+        """
+        transaction = transactions.by_link_token(token)
+        recipient = Recipient.get_by_id(transaction.recipient_id)
+        attempt = (
+            LoginAttempt.select()
+            .where((LoginAttempt.transaction == transaction.id)
+                   & LoginAttempt.used_at.is_null() & (LoginAttempt.dead == False)  # noqa: E712
+                   & (LoginAttempt.expires_at > time.time()))
+            .order_by(LoginAttempt.created_at.desc(), LoginAttempt.id.desc())
+            .first()
+        )
+        channel, destination = (
+            ("sms", recipient.otp_mobile) if recipient.otp_mobile
+            else ("email", recipient.otp_email)
+        )
+        return LinkLogin(attempt.id if attempt else None, channel, destination,
+                         _contact(transaction))
+
+    def end_session(self, token: str) -> None:
+        """Log out: the session cookie value is dead from now on."""
+        logins.end_session(token)
+
+    def recipient_dashboard(self, recipient_id: int, tab: str,
+                            source_ip: str = "") -> RecipientDashboard:
+        """A recipient's dashboard: ``home`` (counts only), ``action`` or ``all``.
+
+        Every transaction shown with its details is audited as viewed, and its
+        messages are marked read (``unread`` still counts them for this page).
+        """
+        recipient = Recipient.get_by_id(recipient_id)
+        days = self.settings.dashboard_days
+        everything = transactions.for_recipient(recipient, action_required=False, days=days)
+        action = transactions.for_recipient(recipient, action_required=True, days=days)
+        unread = (TransactionMessage.select()
+                  .where(TransactionMessage.transaction.in_([t.id for t in everything])
+                         & (TransactionMessage.read_by_recipient == False))  # noqa: E712
+                  .count()) if everything else 0
+        shown = {"action": action, "all": everything}.get(tab, [])
+        views = [self._view(t, recipient, source_ip, f"dashboard {tab}") for t in shown]
+        return RecipientDashboard(recipient, views, len(action), len(everything), unread, days)
+
+    def recipient_transaction(self, recipient_id: int, public_id: str,
+                              source_ip: str = "") -> RecipientView:
+        """One of the recipient's transactions with its studies and thread (audited).
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        """
+        recipient = Recipient.get_by_id(recipient_id)
+        transaction = transactions.get_for_recipient(recipient, public_id)
+        return self._view(transaction, recipient, source_ip, "transaction page")
+
+    def decline(self, recipient_id: int, public_id: str, reason: str,
+                source_ip: str = "") -> None:
+        """Decline one of the recipient's transactions with a reason (audited).
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        InvalidRequest
+            No reason, or the transaction can no longer be declined.
+        """
+        recipient = Recipient.get_by_id(recipient_id)
+        transaction = transactions.get_for_recipient(recipient, public_id)
+        transactions.decline(transaction, reason)
+        audit.record(PATIENT_RECORD, "decline", audit.Actor("recipient", recipient.email,
+                                                            source_ip),
+                     patient_id=transaction.patient_id, transaction=transaction.public_id)
+
+    def post_message(self, recipient_id: int, public_id: str, body: str,
+                     source_ip: str = "") -> None:
+        """Add the recipient's message to one of their transactions (audited, body not).
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        InvalidRequest
+            An empty or too long message.
+        """
+        recipient = Recipient.get_by_id(recipient_id)
+        transaction = transactions.get_for_recipient(recipient, public_id)
+        transactions.add_message(transaction, "recipient", recipient.email, body)
+        audit.record(PATIENT_RECORD, "message", audit.Actor("recipient", recipient.email,
+                                                            source_ip),
+                     patient_id=transaction.patient_id, transaction=transaction.public_id)
+
+    def _view(self, transaction: Transaction, recipient: Recipient, source_ip: str,
+              where: str) -> RecipientView:
+        rows = list(transaction.studies.order_by(TransactionStudy.id))
+        held = {} if transaction.purged_at else {
+            s.study_uid: s.num_instances for s in Study.select(
+                Study.study_uid, Study.num_instances).where(
+                Study.study_uid.in_([r.study_uid for r in rows]))
+        }
+        messages = list(transaction.messages.order_by(TransactionMessage.created_at,
+                                                      TransactionMessage.id))
+        unread = sum(not m.read_by_recipient for m in messages)
+        if unread:
+            TransactionMessage.update(read_by_recipient=True).where(
+                (TransactionMessage.transaction == transaction.id)
+                & (TransactionMessage.id.in_([m.id for m in messages]))).execute()
+        audit.record(PATIENT_RECORD, "view-transaction",
+                     audit.Actor("recipient", recipient.email, source_ip),
+                     patient_id=transaction.patient_id, transaction=transaction.public_id,
+                     detail=where)
+        expired = transaction.status == transactions.EXPIRED or (
+            transaction.expires_at <= time.time())
+        return RecipientView(
+            transaction, [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
+            unread, expired, transaction.status == transactions.NEW and not expired,
+            _contact(transaction), recipient,
+        )
+
+    def purge_expired(self) -> int:
+        """Expire due transactions and delete studies no live transaction holds.
+
+        Returns
+        -------
+        int
+            The number of instances deleted.
+        """
+        transactions.expire_due()
+        uids, expired = transactions.studies_to_purge()
+        removed = 0
+        for uid in uids:
+            for key in index.delete_study(uid):
+                self.store.remove(key)
+                removed += 1
+            log.info("purged study %s: every transaction holding it has expired", uid)
+        transactions.mark_purged(expired)
+        for transaction in expired:
+            audit.record(audit.EXPORT, "purge", audit.Actor("system", "retention"),
+                         outcome=audit.SUCCESS, transaction=transaction.public_id,
+                         patient_id=transaction.patient_id, detail="expired package purged")
+        return removed
+
     def remove_orphan_filesets(self) -> int:
         """Delete file-set folders whose study is no longer indexed; return how many.
 
@@ -239,6 +559,11 @@ class Node:
             except Exception:
                 log.exception("file-set build failed for study %s", study.study_uid)
         return built
+
+
+def _contact(transaction: Transaction) -> Contact:
+    return Contact(transaction.contact_name, transaction.contact_department,
+                   transaction.contact_email, transaction.contact_phone)
 
 
 def _same_host(registered: str, peer: str) -> bool:

@@ -35,6 +35,7 @@ async def _housekeeping(node: Node, pool: WorkerPool) -> None:
             await asyncio.to_thread(node.build_stable_filesets)
             if passes % ORPHAN_SWEEP_EVERY == 0:
                 await asyncio.to_thread(node.remove_orphan_filesets)
+                await asyncio.to_thread(node.purge_expired)
         except Exception:
             log.exception("housekeeping failed")
         passes += 1

@@ -333,3 +333,16 @@ def study_files(study: Study) -> Iterator[Instance]:
         .where(Series.study == study.id)
         .order_by(Series.id, Instance.id)
     )
+
+
+def delete_study(study_uid: str) -> list[str]:
+    """Remove a study's instance rows (and the emptied parents); return their file keys."""
+    rows = list(
+        Instance.select(Instance.key, Instance.sop_uid)
+        .join(Series)
+        .join(Study)
+        .where(Study.study_uid == study_uid)
+    )
+    for row in rows:
+        delete_instance(row.sop_uid)
+    return [row.key for row in rows]

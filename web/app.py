@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
+from web import middlewares, recipient
+from web.keys import NODE_KEY, SETTINGS_KEY
 
-SETTINGS_KEY = web.AppKey("settings", Settings)
-NODE_KEY = web.AppKey("node", Node)
+HERE = Path(__file__).resolve().parent
+
+__all__ = ["NODE_KEY", "SETTINGS_KEY", "create_app"]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -21,27 +27,6 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(
         {"status": "ok", "version": __version__, "ae_title": node.settings.ae_title, **counts}
     )
-
-
-SECURITY_HEADERS = {
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
-}
-
-
-@web.middleware
-async def security_headers(request: web.Request, handler) -> web.StreamResponse:
-    """Add the headers every response carries, error responses included."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        for name, value in SECURITY_HEADERS.items():
-            exc.headers.setdefault(name, value)
-        raise
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    return response
 
 
 def create_app(settings: Settings, node: Node) -> web.Application:
@@ -54,8 +39,20 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     node : Node
         The domain façade the views call.
     """
-    app = web.Application(middlewares=[security_headers])
+    app = web.Application(
+        middlewares=[middlewares.security_headers, middlewares.domain_errors,
+                     middlewares.sessions, middlewares.csrf],
+        client_max_size=1 << 20,
+    )
     app[SETTINGS_KEY] = settings
     app[NODE_KEY] = node
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+    )
+    env.globals["institution"] = settings.institution
     app.router.add_get("/healthz", healthz)
+    app.router.add_static("/static", HERE / "static", name="static")
+    recipient.setup_routes(app)
     return app

@@ -1,0 +1,125 @@
+"""Middlewares: security headers, sessions, CSRF, and domain errors as HTTP errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from iepnode.errors import InvalidRequest, LoginRefused, NodeError, NotFound
+from web.keys import NODE_KEY, SESSION_KEY
+
+log = logging.getLogger("iepnode.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SESSION_COOKIE = "__Host-iepnode"
+#: Double-submit CSRF cookie for forms shown before a session exists.
+PRELOGIN_COOKIE = "__Host-iepnode-csrf"
+SECURITY_HEADERS = {
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'"
+    ),
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Add the headers every response carries, error responses included."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        for name, value in SECURITY_HEADERS.items():
+            exc.headers.setdefault(name, value)
+        raise
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+@web.middleware
+async def domain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn domain errors that reach the edge into HTTP errors with a readable page."""
+    try:
+        return await handler(request)
+    except NotFound:
+        return _error_page(request, 404, "Not found",
+                           "This page does not exist, or it is not yours to see.")
+    except LoginRefused as exc:
+        return _error_page(request, 403, "Not allowed", str(exc))
+    except InvalidRequest as exc:
+        return _error_page(request, 400, "That did not work", str(exc))
+    except NodeError as exc:
+        log.warning("request %s %s failed: %s", request.method, request.path, exc)
+        return _error_page(request, 500, "Something went wrong", "Please try again later.")
+
+
+def _error_page(request: web.Request, status: int, title: str, text: str) -> web.Response:
+    response = aiohttp_jinja2.render_template(
+        "error.html", request, {"title": title, "text": text}, status=status
+    )
+    return response
+
+
+@web.middleware
+async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Attach the live session (or ``None``) for the session cookie as ``request['session']``."""
+    request[SESSION_KEY] = None
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        node = request.app[NODE_KEY]
+        try:
+            request[SESSION_KEY] = await asyncio.to_thread(node.resume_session, token)
+        except NotFound:
+            request[SESSION_KEY] = None
+    return await handler(request)
+
+
+@web.middleware
+async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse any POST without the right CSRF token (form field ``csrf``).
+
+    With a session the token is the session's; before login it must equal the
+    pre-login cookie (double submit). Compared in constant time.
+    """
+    if request.method == "POST":
+        form = await request.post()
+        sent = str(form.get("csrf", ""))
+        session = request.get(SESSION_KEY)
+        expected = session.csrf_token if session is not None else request.cookies.get(
+            PRELOGIN_COOKIE, "")
+        if not expected or not secrets.compare_digest(sent.encode(), expected.encode()):
+            log.warning("CSRF check failed: %s %s from %s", request.method, request.path,
+                        request.remote)
+            raise web.HTTPForbidden(text="Missing or wrong form token: reload the page.")
+    return await handler(request)
+
+
+def set_session_cookie(response: web.StreamResponse, token: str) -> None:
+    """Set the session cookie: ``__Host-`` prefix, Secure, HttpOnly, SameSite=Lax."""
+    response.set_cookie(SESSION_COOKIE, token, path="/", secure=True, httponly=True,
+                        samesite="Lax")
+
+
+def clear_session_cookie(response: web.StreamResponse) -> None:
+    """Remove the session cookie from the browser."""
+    response.del_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
+
+
+def prelogin_csrf(request: web.Request) -> str:
+    """Return the pre-login CSRF value for a form, reusing the browser's cookie if set."""
+    return request.cookies.get(PRELOGIN_COOKIE) or secrets.token_urlsafe(24)
+
+
+def set_prelogin_cookie(response: web.StreamResponse, value: str) -> None:
+    """Set the double-submit CSRF cookie used by forms shown before login."""
+    response.set_cookie(PRELOGIN_COOKIE, value, path="/", secure=True, httponly=True,
+                        samesite="Strict")
