@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from config import Settings
 from iepnode import audit, logins, notifications, transactions
+from iepnode.admin import AdminService
 from iepnode.audit import Actor
 from iepnode.errors import LoginRefused, NotAuthorized, PasscodeRejected, UnknownDestination
 from iepnode.ingest import Ingester, StoreResult
@@ -122,6 +123,7 @@ class Node:
             self.store, replace_duplicates=settings.duplicate_policy == "replace"
         )
         self._secret: bytes | None = None
+        self._admin: AdminService | None = None
         self._messenger: Messenger | None = None
 
     def close(self) -> None:
@@ -271,6 +273,13 @@ class Node:
         return dest
 
     # -- transactions and recipient login (issue 3) ---------------------------------------
+
+    @property
+    def admin(self) -> AdminService:
+        """Staff-side services for the /admin pages."""
+        if self._admin is None:
+            self._admin = AdminService(self)
+        return self._admin
 
     @property
     def secret(self) -> bytes:
