@@ -1,9 +1,338 @@
-"""Recipient pages: link login with a passcode, dashboard, transaction actions."""
+"""Recipient pages: link login with a passcode, dashboard, transaction actions.
+
+Routes (all server-rendered, no inline script or style)::
+
+    GET  /t/{token}                          send a passcode, show the login form
+    POST /t/{token}/resend                   send a new passcode (rate-limited)
+    POST /t/{token}/login                    check the passcode, open a session
+    GET  /signin                             "open the link in your email again"
+    GET  /dashboard?tab=home|action|all      the dashboard (default: action)
+    GET  /transactions/{public_id}           one transaction, expanded
+    POST /transactions/{public_id}/messages  add a message to its thread
+    POST /transactions/{public_id}/decline   decline it with a reason
+    POST /logout                             end the session
+
+Views are thin: blocking calls into the :class:`~iepnode.node.Node` façade run in
+a thread, domain errors become pages in :mod:`web.middlewares`, and CSRF is
+checked there for every POST.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import re
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
 from aiohttp import web
+
+from iepnode.errors import NotFound, PasscodeRejected, RateLimited, RecipientLocked
+from iepnode.logins import RESEND_INTERVAL
+from iepnode.node import Node
+from storage.models import WebSession
+from web import middlewares
+from web.keys import NODE_KEY, SESSION_KEY
+
+STATIC = Path(__file__).resolve().parent / "static"
+TABS = ("home", "action", "all")
+_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
+_SEXES = {"F": "Female", "M": "Male", "O": "Other"}
+_STATUSES = {"NEW": "New", "COMPLETE": "Complete", "DECLINED": "Declined",
+             "EXPIRED": "Expired"}
+
+
+# -- formatting (Jinja2 filters) ------------------------------------------------------
+
+
+def format_epoch(value: float | None) -> str:
+    """Format a Unix time as a date like ``23 Nov 2026`` (UTC); ``—`` when missing."""
+    if not value:
+        return "—"
+    moment = datetime.fromtimestamp(value, UTC)
+    return f"{moment.day} {moment:%b %Y}"
+
+
+def format_epoch_time(value: float | None) -> str:
+    """Format a Unix time as ``23 Nov 2026 14:05`` (UTC); ``—`` when missing."""
+    if not value:
+        return "—"
+    moment = datetime.fromtimestamp(value, UTC)
+    return f"{moment.day} {moment:%b %Y %H:%M}"
+
+
+def format_da(value: str) -> str:
+    """Format a DICOM DA value (``YYYYMMDD``) as ``5 Jan 2024``; other text as given."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        try:
+            day = date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        except ValueError:
+            return text
+        return f"{day.day} {day:%b %Y}"
+    return text or "—"
+
+
+def format_pn(value: str) -> str:
+    """Format a DICOM PN value for people: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``.
+
+    Only the first (alphabetic) component group is used when it has content,
+    else the next one that has.
+    """
+    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
+    if not groups:
+        return "—"
+    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    first = " ".join(p for p in (prefix, given, middle) if p)
+    name = ", ".join(p for p in (family.upper(), first) if p)
+    return f"{name} {suffix}".strip() if suffix else name
+
+
+def format_sex(value: str) -> str:
+    """Spell out a DICOM Patient's Sex code."""
+    return _SEXES.get((value or "").strip().upper(), value or "—")
+
+
+def format_status(view: Any) -> str:
+    """The status a recipient is shown (a NEW transaction past its expiry is Expired)."""
+    if view.expired:
+        return "Expired"
+    return _STATUSES.get(view.transaction.status, view.transaction.status.title())
+
+
+def mask_destination(channel: str, destination: str) -> str:
+    """Show where a passcode went without giving the address away.
+
+    ``+447700900123`` -> ``•••23``; ``anna@example.org`` -> ``a•••@example.org``.
+    """
+    if channel == "sms":
+        return f"•••{destination[-2:]}"
+    local, _, domain = destination.partition("@")
+    return f"{local[:1]}•••@{domain}"
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[NODE_KEY]
+
+
+def _ip(request: web.Request) -> str:
+    return request.remote or ""
+
+
+def _recipient_session(request: web.Request) -> WebSession:
+    """The request's recipient session, or a redirect to the sign-in explanation."""
+    session = request[SESSION_KEY]
+    if session is None or session.recipient_id is None:
+        raise web.HTTPSeeOther("/signin")
+    return session
+
+
+def _public_id(request: web.Request) -> str:
+    public_id = request.match_info["public_id"]
+    if not _PUBLIC_ID.fullmatch(public_id):
+        raise NotFound(f"no transaction {public_id!r}")
+    return public_id
+
+
+def _redirect(location: str) -> web.Response:
+    """A ``303 See Other`` response (returned, not raised, so cookies can be set on it)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _tab(value: object, default: str = "action") -> str:
+    return value if isinstance(value, str) and value in TABS else default
+
+
+# -- link login -------------------------------------------------------------------------
+
+
+async def _login_page(request: web.Request, token: str, *, sent: bool, notice: str = "",
+                      error: str = "", attempt_id: int | None = None,
+                      status: int = 200) -> web.Response:
+    """Render the passcode form of a link, with the CSRF value its forms must carry."""
+    node = _node(request)
+    state = await asyncio.to_thread(node.link_login, token)
+    # With a live session the CSRF middleware checks the session's token, so the
+    # form must carry that one (e.g. a signed-in recipient opening a newer link).
+    session = request[SESSION_KEY]
+    csrf = session.csrf_token if session is not None else middlewares.prelogin_csrf(request)
+    context = {
+        "token": token,
+        "attempt_id": attempt_id if attempt_id is not None else state.attempt_id,
+        "channel": state.channel,
+        "masked": mask_destination(state.channel, state.destination),
+        "sent": sent,
+        "notice": notice,
+        "error": error,
+        "contact": state.contact,
+        "csrf": csrf,
+        "minutes": node.settings.passcode_ttl_minutes,
+    }
+    response = aiohttp_jinja2.render_template("recipient/login.html", request, context,
+                                              status=status)
+    if session is None:
+        middlewares.set_prelogin_cookie(response, csrf)
+    return response
+
+
+async def _locked_page(request: web.Request, token: str) -> web.Response:
+    state = await asyncio.to_thread(_node(request).link_login, token)
+    return aiohttp_jinja2.render_template("recipient/locked.html", request,
+                                          {"contact": state.contact}, status=403)
+
+
+async def _send_and_show(request: web.Request, token: str) -> web.Response:
+    try:
+        await _node(request).send_passcode(token, _ip(request))
+    except RateLimited:
+        return await _login_page(
+            request, token, sent=False,
+            notice=f"A passcode was sent less than {RESEND_INTERVAL:.0f} seconds ago. Use "
+                   "that one, or wait a moment before asking for a new one.")
+    except RecipientLocked:
+        return await _locked_page(request, token)
+    return await _login_page(request, token, sent=True)
+
+
+async def link(request: web.Request) -> web.Response:
+    """``GET /t/{token}``: send a passcode to the second channel and show the login form."""
+    token = request.match_info["token"]
+    try:
+        return await _send_and_show(request, token)
+    except NotFound:
+        return aiohttp_jinja2.render_template("recipient/link_invalid.html", request, {},
+                                              status=404)
+
+
+async def resend(request: web.Request) -> web.Response:
+    """``POST /t/{token}/resend``: send a new passcode (rate-limited)."""
+    return await _send_and_show(request, request.match_info["token"])
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """``POST /t/{token}/login``: check the passcode; on success open a session."""
+    token = request.match_info["token"]
+    form = await request.post()
+    code = re.sub(r"\s", "", str(form.get("code", "")))[:12]
+    try:
+        attempt_id = int(str(form.get("attempt", "")))
+    except ValueError:
+        attempt_id = -1
+    node = _node(request)
+    try:
+        opened = await asyncio.to_thread(node.log_in, token, attempt_id, code, _ip(request))
+    except RecipientLocked:
+        return await _locked_page(request, token)
+    except PasscodeRejected as exc:
+        reason = str(exc)
+        return await _login_page(request, token, sent=False, error=reason[:1].upper() + reason[1:],
+                                 attempt_id=attempt_id if attempt_id > 0 else None,
+                                 status=403)
+    old = request.cookies.get(middlewares.SESSION_COOKIE)
+    if old:
+        await asyncio.to_thread(node.end_session, old)
+    response = _redirect("/dashboard")
+    middlewares.set_session_cookie(response, opened.token)
+    response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
+                        samesite="Strict")
+    return response
+
+
+@aiohttp_jinja2.template("recipient/signin.html")
+async def signin(request: web.Request) -> dict[str, Any]:
+    """``GET /signin``: where pages needing a session send a browser without one."""
+    return {}
+
+
+# -- dashboard and transactions ---------------------------------------------------------
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """``GET /dashboard?tab=home|action|all``: the recipient's transactions."""
+    session = _recipient_session(request)
+    tab = _tab(request.query.get("tab"))
+    board = await asyncio.to_thread(_node(request).recipient_dashboard, session.recipient_id,
+                                    tab, _ip(request))
+    return aiohttp_jinja2.render_template("recipient/dashboard.html", request, {
+        "board": board, "tab": tab, "open_id": request.query.get("open", ""),
+        "csrf": session.csrf_token, "recipient": board.recipient,
+    })
+
+
+async def transaction(request: web.Request) -> web.Response:
+    """``GET /transactions/{public_id}``: one transaction with everything expanded."""
+    session = _recipient_session(request)
+    view = await asyncio.to_thread(_node(request).recipient_transaction, session.recipient_id,
+                                   _public_id(request), _ip(request))
+    return aiohttp_jinja2.render_template("recipient/transaction.html", request, {
+        "view": view, "csrf": session.csrf_token, "tab": "all", "recipient": view.recipient,
+    })
+
+
+def _back(public_id: str, tab: str) -> web.Response:
+    return _redirect(f"/dashboard?tab={tab}&open={public_id}#tx-{public_id}")
+
+
+async def post_message(request: web.Request) -> web.StreamResponse:
+    """``POST /transactions/{public_id}/messages``: add a message, back to the dashboard."""
+    session = _recipient_session(request)
+    public_id = _public_id(request)
+    form = await request.post()
+    await asyncio.to_thread(_node(request).post_message, session.recipient_id, public_id,
+                            str(form.get("body", "")), _ip(request))
+    return _back(public_id, _tab(form.get("tab"), "all"))
+
+
+async def decline(request: web.Request) -> web.StreamResponse:
+    """``POST /transactions/{public_id}/decline``: decline with a reason."""
+    session = _recipient_session(request)
+    public_id = _public_id(request)
+    form = await request.post()
+    await asyncio.to_thread(_node(request).decline, session.recipient_id, public_id,
+                            str(form.get("reason", "")), _ip(request))
+    return _back(public_id, "all")
+
+
+async def logout(request: web.Request) -> web.Response:
+    """``POST /logout``: end the session and forget the cookie."""
+    token = request.cookies.get(middlewares.SESSION_COOKIE)
+    if token:
+        await asyncio.to_thread(_node(request).end_session, token)
+    response = aiohttp_jinja2.render_template("recipient/logged_out.html", request, {})
+    middlewares.clear_session_cookie(response)
+    return response
+
+
+async def favicon(request: web.Request) -> web.FileResponse:
+    """``GET /favicon.ico``: browsers ask for it on every site (a 404 is a console error)."""
+    return web.FileResponse(STATIC / "favicon.ico",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
 
 def setup_routes(app: web.Application) -> None:
-    """Register the recipient routes (being built)."""
+    """Register the recipient routes and the template filters they use.
+
+    Parameters
+    ----------
+    app : web.Application
+        The application, with aiohttp-jinja2 already set up.
+    """
+    env = aiohttp_jinja2.get_env(app)
+    env.filters.update(epoch=format_epoch, epoch_time=format_epoch_time, da=format_da,
+                       pn=format_pn, sex=format_sex, status=format_status)
+    # No HEAD: link scanners probing with HEAD must not send passcodes.
+    app.router.add_get("/t/{token}", link, allow_head=False)
+    app.router.add_post("/t/{token}/resend", resend)
+    app.router.add_post("/t/{token}/login", login)
+    app.router.add_get("/signin", signin)
+    app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/transactions/{public_id}", transaction)
+    app.router.add_post("/transactions/{public_id}/messages", post_message)
+    app.router.add_post("/transactions/{public_id}/decline", decline)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/favicon.ico", favicon)
