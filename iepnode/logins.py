@@ -24,6 +24,9 @@ LOCK_AFTER = 100
 RESEND_INTERVAL = 30.0
 SESSION_IDLE = 30 * 60.0
 SESSION_ABSOLUTE = 12 * 3600.0
+#: Activity refreshes ``last_seen`` at most this often: a write per page would
+#: serialise every page view on the database; the idle timeout stays within a minute.
+LAST_SEEN_GRANULARITY = 60.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ def resume_session(token: str, now: float | None = None) -> WebSession:
         or session.created_at <= now - SESSION_ABSOLUTE
     ):
         raise NotFound("no session")
-    WebSession.update(last_seen=now).where(WebSession.id == session.id).execute()
+    if now - session.last_seen >= LAST_SEEN_GRANULARITY:
+        WebSession.update(last_seen=now).where(WebSession.id == session.id).execute()
     return session
 
 

@@ -31,7 +31,7 @@ from iepnode.query import (
 from iepnode.security import load_or_create_secret
 from iepnode.transactions import Contact, NewTransfer
 from storage import index, registry
-from storage.db import open_database
+from storage.db import open_database, write_transaction
 from storage.filestore import FileStore
 from storage.models import (
     LoginAttempt,
@@ -422,16 +422,19 @@ class Node:
         Every transaction shown with its details is audited as viewed, and its
         messages are marked read (``unread`` still counts them for this page).
         """
-        recipient = Recipient.get_by_id(recipient_id)
-        days = self.settings.dashboard_days
-        everything = transactions.for_recipient(recipient, action_required=False, days=days)
-        action = transactions.for_recipient(recipient, action_required=True, days=days)
-        unread = (TransactionMessage.select()
-                  .where(TransactionMessage.transaction.in_([t.id for t in everything])
-                         & (TransactionMessage.read_by_recipient == False))  # noqa: E712
-                  .count()) if everything else 0
-        shown = {"action": action, "all": everything}.get(tab, [])
-        views = [self._view(t, recipient, source_ip, f"dashboard {tab}") for t in shown]
+        # One transaction for the page: its audit events and read marks commit (and
+        # reach the disk) once, not once per row.
+        with write_transaction(self.database):
+            recipient = Recipient.get_by_id(recipient_id)
+            days = self.settings.dashboard_days
+            everything = transactions.for_recipient(recipient, action_required=False, days=days)
+            action = transactions.for_recipient(recipient, action_required=True, days=days)
+            unread = (TransactionMessage.select()
+                      .where(TransactionMessage.transaction.in_([t.id for t in everything])
+                             & (TransactionMessage.read_by_recipient == False))  # noqa: E712
+                      .count()) if everything else 0
+            shown = {"action": action, "all": everything}.get(tab, [])
+            views = [self._view(t, recipient, source_ip, f"dashboard {tab}") for t in shown]
         return RecipientDashboard(recipient, views, len(action), len(everything), unread, days)
 
     def recipient_transaction(self, recipient_id: int, public_id: str,

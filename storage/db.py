@@ -72,6 +72,18 @@ def open_database(url: str, *, create: bool = True) -> peewee.Database:
     return database
 
 
+def write_transaction(database: peewee.Database | None = None) -> peewee._transaction:
+    """Open a transaction that will write: ``BEGIN IMMEDIATE`` on SQLite.
+
+    A deferred SQLite transaction that reads first and writes later fails at once
+    with "database is locked" when another connection writes meanwhile (the busy
+    timeout does not apply to lock upgrades); taking the write lock up front waits
+    for it instead.
+    """
+    database = database or database_proxy.obj
+    return database.atomic("IMMEDIATE") if is_sqlite(database) else database.atomic()
+
+
 def is_sqlite(database: peewee.Database) -> bool:
     """Return ``True`` when ``database`` is SQLite (which needs ``BEGIN IMMEDIATE``)."""
     return isinstance(database, peewee.SqliteDatabase)

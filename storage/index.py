@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import peewee
 
-from storage.db import is_sqlite
+from storage.db import write_transaction
 from storage.filestore import new_key
 from storage.models import Instance, Patient, Series, Study, database_proxy
 
@@ -65,11 +65,6 @@ class RecordResult:
     outcome: Outcome
     #: File-store key that is no longer referenced and should be removed.
     obsolete_key: str | None = None
-
-
-def _transaction() -> peewee._transaction:
-    db = database_proxy.obj
-    return db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic()
 
 
 def name_key(name: str) -> str:
@@ -261,7 +256,7 @@ def record_instance(
     for attempt in range(_RETRIES):
         now = time.time()
         try:
-            with _transaction():
+            with write_transaction():
                 if not replace:
                     if _insert_into_known_series(rec, key, size, now):
                         return RecordResult(Outcome.STORED)
@@ -290,7 +285,7 @@ def instance_exists(sop_uid: str) -> bool:
 
 def delete_instance(sop_uid: str) -> str | None:
     """Remove an instance row (and empty parents); return its file-store key."""
-    with _transaction():
+    with write_transaction():
         instance = Instance.get_or_none(Instance.sop_uid == sop_uid)
         if instance is None:
             return None

@@ -1,0 +1,147 @@
+"""Dashboard latency under load: 10,000 transactions, 50 concurrent recipient sessions.
+
+The index is filled directly (one study, 10,000 transactions spread over
+recipients), 50 recipient sessions are opened, then ``iepnode serve`` runs on
+loopback and 50 concurrent aiohttp clients each load their own dashboard
+(``/dashboard?tab=all``) in a loop for ``--seconds``. Prints p50/p99 latency and
+throughput; the target is p99 < 100 ms.
+
+Usage (from the repository root)::
+
+    python bench/portal.py [--transactions 10000] [--sessions 50] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def fill(data_dir: Path, transactions: int, sessions: int) -> list[str]:
+    """Create ``transactions`` transactions and return ``sessions`` session tokens."""
+    from config import load_settings
+    from iepnode import logins
+    from iepnode.node import Node
+    from iepnode.security import token_hash
+    from storage.models import Patient, Recipient, Study, Transaction, TransactionStudy
+
+    node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))
+    now = time.time()
+    patient = Patient.create(patient_id="BENCH", name="Bench^Patient", name_key="BENCH^PATIENT")
+    study = Study.create(study_uid="1.2.826.0.1.3680043.10.1134.9", patient=patient,
+                         key="BENCH001", study_date="20260101", modalities="CT",
+                         description="Synthetic CT", num_series=1, num_instances=300,
+                         first_received=now, last_received=now)
+    recipients = max(sessions, transactions // 4)
+    with node.database.atomic():
+        Recipient.insert_many(
+            [{"email": f"r{i}@bench.example", "name": f"Recipient {i}",
+              "otp_mobile": "+447700900000", "created_at": now} for i in range(recipients)]
+        ).execute()
+        ids = [r.id for r in Recipient.select(Recipient.id).order_by(Recipient.id)]
+        rows = []
+        for i in range(transactions):
+            rows.append({
+                "public_id": f"IEP{i:08d}", "kind": "TRANSFER", "direction": "IN",
+                "recipient": ids[i % recipients], "status": "NEW" if i % 3 else "COMPLETE",
+                "priority": "NORMAL", "created_at": now - (i % 40) * 86400 / 2,
+                "expires_at": now + 14 * 86400, "patient_name": "Bench^Patient",
+                "patient_id": "BENCH", "institution": "Bench Hospital",
+                "contact_name": "Dr Bench", "contact_email": "rad@bench.example",
+                "link_token_hash": token_hash(f"bench-{i}"),
+            })
+        for start in range(0, len(rows), 2000):
+            Transaction.insert_many(rows[start:start + 2000]).execute()
+        TransactionStudy.insert_many(
+            [{"transaction": t.id, "study_uid": study.study_uid, "modality": "CT",
+              "exam_date": "20260101", "description": "Synthetic CT", "images_expected": 300}
+             for t in Transaction.select(Transaction.id)]
+        ).execute()
+    tokens = [logins.open_session(Recipient.get_by_id(ids[i])).token for i in range(sessions)]
+    node.close()
+    return tokens
+
+
+async def load(base: str, tokens: list[str], seconds: float) -> tuple[list[float], int]:
+    """Run one client loop per session; return all latencies (s) and the error count."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(token: str) -> None:
+        nonlocal errors
+        headers = {"Cookie": f"__Host-iepnode={token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                async with session.get(f"{base}/dashboard?tab=all",
+                                       allow_redirects=False) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(client(t) for t in tokens))
+    return latencies, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--transactions", type=int, default=10_000)
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    base_dir = Path(tempfile.mkdtemp(prefix="iepnode-bench-portal-"))
+    proc = None
+    try:
+        data = base_dir / "data"
+        t0 = time.perf_counter()
+        tokens = fill(data, args.transactions, args.sessions)
+        print(f"filled {args.transactions} transactions in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iepnode.cli", "serve", "--data-dir", str(data), "--bind",
+             "127.0.0.1", "--dicom-port", "0", "--http-port", "0", "--dicom-workers", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        line = proc.stdout.readline()
+        match = re.search(r"http=([^:]+):(\d+)", line)
+        if not match:
+            raise RuntimeError(f"iepnode serve did not start: {line!r}")
+        base = f"http://127.0.0.1:{match.group(2)}"
+        latencies, errors = asyncio.run(load(base, tokens, args.seconds))
+        ms = sorted(x * 1000 for x in latencies)
+        p50, p99 = statistics.median(ms), ms[int(len(ms) * 0.99) - 1]
+        verdict = "PASS" if p99 < 100 and not errors else "FAIL"
+        print(f"portal dashboard, {args.transactions} transactions, {args.sessions} sessions: "
+              f"p50 {p50:.1f} ms p99 {p99:.1f} ms | {len(ms) / args.seconds:.0f} pages/s | "
+              f"{errors} errors | target p99 < 100 ms: {verdict}")
+        if args.json:
+            args.json.write_text(json.dumps({"p50_ms": p50, "p99_ms": p99, "requests": len(ms),
+                                             "errors": errors, "args": vars(args) | {
+                                                 "json": str(args.json)}}, indent=2))
+        return 0 if verdict == "PASS" else 1
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
