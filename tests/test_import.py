@@ -463,11 +463,16 @@ def test_zip_slip_entries_write_nothing_outside_the_store(tmp_path: Path) -> Non
 
 
 def _run_measured(data_dir: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run the CLI in a child that reports its own peak RSS (KiB) on the last line."""
-    code = ("import resource, sys\n"
+    """Run the CLI in a child that reports its own peak RSS (KiB) on the last line.
+
+    The peak is VmHWM of the child's own address space: ``ru_maxrss`` survives
+    ``exec`` on Linux and would report the (large) pytest process it was started from.
+    """
+    code = ("import re, sys\n"
             "from iepnode.cli import main\n"
             "rc = main(sys.argv[1:])\n"
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "status = open('/proc/self/status').read()\n"
+            "print('MAXRSS', re.search(r'VmHWM:\\s+(\\d+) kB', status)[1])\n"
             "sys.exit(rc)\n")
     proc = subprocess.run([sys.executable, "-c", code, *args, "--data-dir", str(data_dir)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
