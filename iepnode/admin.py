@@ -1,15 +1,335 @@
-"""Staff-side services: studies, transfers, audit trail, remote AEs and users."""
+"""Staff-side services: login, studies, transfers, audit trail, remote AEs and users.
+
+Everything the ``/admin`` pages do goes through :class:`AdminService`
+(``node.admin``), so the views stay thin and every change is audited in one
+place. The audit events written here (PS3.15 A.5 EventIDs)::
+
+    110114 User Authentication  login, login-failed, logout
+    110112 Query                study-search (with the criteria)
+    110110 Patient Record       view-transaction, message (staff reply; body not kept)
+    110106 Export               transfer-create (written by Node.share)
+    110113 Security Alert       recipient-unlock, login-locked,
+                                admin-change (remote AEs, staff users, own TOTP/password)
+
+Brute force: failed staff logins are counted per username (known or not, so a
+lock reveals nothing); :data:`MAX_FAILURES` failures within :data:`FAILURE_WINDOW`
+seconds lock that username for :data:`LOCKOUT` seconds, during which even the
+right password is refused without being checked. The web view also answers
+every failure after :data:`FAILURE_DELAY` seconds. A TOTP code is accepted once
+per user (RFC 6238 section 5.2). Both live in memory: the web server is one process.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pyotp
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from pydicom import config as dicom_config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from iepnode import audit, logins, staff, transactions
+from iepnode.audit import Actor
+from iepnode.errors import InvalidRequest, LoginRefused, NotFound
+from iepnode.query import Root, parse_identifier, select_rows
+from iepnode.transactions import NewTransfer
+from storage import registry
+from storage.models import (
+    AuditEvent,
+    Patient,
+    Recipient,
+    RemoteAE,
+    StaffUser,
+    Study,
+    Transaction,
+    TransactionMessage,
+    TransactionStudy,
+    WebSession,
+)
+
 if TYPE_CHECKING:
+    from iepnode.logins import NewSession
     from iepnode.node import Node
+
+#: Failed logins per username within :data:`FAILURE_WINDOW` that start a lockout.
+MAX_FAILURES = 5
+FAILURE_WINDOW = 15 * 60.0
+LOCKOUT = 15 * 60.0
+#: Seconds the web view waits before answering a failed login.
+FAILURE_DELAY = 1.0
+#: The one message every refused login gets (unknown user, disabled, password, code).
+LOGIN_REFUSED = "Wrong username, password or code."
+#: A used TOTP code is refused for this long (it is valid for 30 s either side).
+TOTP_REPLAY_WINDOW = 120.0
+
+#: EventID codes (DCM) used only by the staff side.
+QUERY = ("110112", "Query")
+PATIENT_RECORD = ("110110", "Patient Record")
+ADMIN_CHANGE = "admin-change"
+
+AUDIT_PAGE_SIZE = 50
+STUDY_LIMIT = 200
+TRANSACTION_LIMIT = 100
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_HOST = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.:-]{0,254})$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
+_hasher = PasswordHasher()
+
+
+class LoginThrottled(LoginRefused):
+    """Too many failed logins for this username: refused without checking."""
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StaffLogin:
+    """A successful staff login: the new session (cookie token) and the user."""
+
+    session: NewSession
+    user: StaffUser
+
+
+@dataclass(frozen=True)
+class StudyHit:
+    """One received study found by a staff search."""
+
+    study_uid: str
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    study_date: str
+    study_time: str
+    accession: str
+    description: str
+    modalities: str
+    num_series: int
+    num_instances: int
+
+
+@dataclass(frozen=True)
+class HeldStudy:
+    """A study of a transaction and how many of its images the node holds now."""
+
+    study: TransactionStudy
+    images_received: int
+
+
+@dataclass(frozen=True)
+class StaffTransactionView:
+    """One transaction as staff see it: details, studies, thread and audit trail."""
+
+    transaction: Transaction
+    recipient: Recipient
+    studies: list[HeldStudy]
+    messages: list[TransactionMessage]
+    events: list[AuditEvent]
+    expired: bool
+
+    @property
+    def locked(self) -> bool:
+        """Whether the recipient is locked out after failed passcodes."""
+        return self.recipient.locked_at is not None
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    """One page of the audit log, newest first."""
+
+    events: list[AuditEvent]
+    page: int
+    pages: int
+    total: int
+    actions: list[str]
+
+
+@dataclass(frozen=True)
+class TotpEnrolment:
+    """A new TOTP secret waiting for confirmation, signed for this session."""
+
+    secret: str
+    uri: str
+    signature: str
+
+
+# -- brute-force protection --------------------------------------------------------------
+
+
+class LoginThrottle:
+    """Count failed logins per username; lock a username after too many.
+
+    Parameters
+    ----------
+    max_failures : int
+        Failures within ``window`` seconds that start a lockout.
+    window, lockout : float
+        Seconds over which failures count, and how long a lockout lasts.
+    """
+
+    def __init__(self, max_failures: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
+                 lockout: float = LOCKOUT) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.lockout = lockout
+        self._failures: dict[str, list[float]] = {}
+        self._locked: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def locked_for(self, username: str, now: float) -> float:
+        """Seconds ``username`` stays locked (0 when it is not)."""
+        with self._lock:
+            until = self._locked.get(username, 0.0)
+            if until <= now:
+                self._locked.pop(username, None)
+                return 0.0
+            return until - now
+
+    def failed(self, username: str, now: float) -> bool:
+        """Note a failed login; return ``True`` when it starts a lockout."""
+        with self._lock:
+            recent = [t for t in self._failures.get(username, ()) if t > now - self.window]
+            recent.append(now)
+            if len(recent) >= self.max_failures:
+                self._failures.pop(username, None)
+                self._locked[username] = now + self.lockout
+                return True
+            self._failures[username] = recent
+            if len(self._failures) > 10_000:
+                self._prune(now)
+            return False
+
+    def succeeded(self, username: str) -> None:
+        """Forget the failures of a username that has just logged in."""
+        with self._lock:
+            self._failures.pop(username, None)
+
+    def _prune(self, now: float) -> None:
+        for name in [n for n, ts in self._failures.items() if ts[-1] <= now - self.window]:
+            del self._failures[name]
+        for name in [n for n, until in self._locked.items() if until <= now]:
+            del self._locked[name]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _clean(value: str, limit: int = 64) -> str:
+    """Strip, drop control characters and backslashes, and cut to ``limit`` characters."""
+    return _CONTROL.sub("", value).strip()[:limit]
+
+
+def _username_key(username: str) -> str:
+    return _clean(username).lower()
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def name_pattern(text: str) -> str:
+    """Turn what staff type into a C-FIND PatientName value.
+
+    ``Doe, Jane`` becomes ``Doe^Jane*``; text without ``*`` or ``?`` matches as a
+    prefix; matching is case-insensitive (the index keeps upper-cased names).
+    """
+    text = _clean(text)
+    if "^" not in text and "," in text:
+        family, _, given = text.partition(",")
+        text = f"{family.strip()}^{given.strip()}"
+    return text if _has_wildcard(text) else f"{text}*"
+
+
+def parse_date(value: str, label: str) -> str:
+    """Return ``YYYYMMDD`` for ``YYYY-MM-DD`` / ``YYYYMMDD`` input ('' stays '').
+
+    Raises
+    ------
+    InvalidRequest
+        Anything else.
+    """
+    value = value.strip()
+    if not value:
+        return ""
+    match = _DATE.match(value)
+    if match is None:
+        raise InvalidRequest(f"{label}: give a date as YYYY-MM-DD")
+    year, month, day = (int(g) for g in match.groups())
+    if not (1 <= month <= 12 and 1 <= day <= 31 and year >= 1900):
+        raise InvalidRequest(f"{label}: {value} is not a date")
+    return "".join(match.groups())
+
+
+def date_range(date_from: str, date_to: str) -> str:
+    """Return a C-FIND date range (``A-B``, ``A-``, ``-B``) or '' for no range.
+
+    Raises
+    ------
+    InvalidRequest
+        A malformed date, or a range that ends before it starts.
+    """
+    low, high = parse_date(date_from, "From"), parse_date(date_to, "To")
+    if low and high and low > high:
+        raise InvalidRequest("the date range ends before it starts")
+    if not (low or high):
+        return ""
+    return low if low == high else f"{low}-{high}"
+
+
+def _identifier(values: dict[str, str]) -> Dataset:
+    """A STUDY level identifier with ``values`` (no pydicom value validation)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        ds.add(DataElement(tag, dictionary_VR(tag), value,
+                           validation_mode=dicom_config.IGNORE))
+    return ds
+
+
+def _verify_password(user: StaffUser, password: str) -> bool:
+    try:
+        return _hasher.verify(user.password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def _actor(user: StaffUser, source_ip: str) -> Actor:
+    return Actor("staff", user.username, source_ip)
+
+
+def _get_transaction(public_id: str) -> Transaction:
+    transaction = (Transaction.select(Transaction, Recipient).join(Recipient)
+                   .where(Transaction.public_id == public_id).first())
+    if transaction is None:
+        raise NotFound(f"no transaction {public_id}")
+    return transaction
+
+
+_STUDY_COLUMNS = (
+    Study.study_uid, Patient.name, Patient.patient_id, Patient.birth_date, Patient.sex,
+    Study.study_date, Study.study_time, Study.accession, Study.description, Study.modalities,
+    Study.num_series, Study.num_instances,
+)
 
 
 class AdminService:
     """What the /admin pages do, behind the Node façade (``node.admin``).
+
+    Blocking methods: the web views call them in a worker thread.
 
     Parameters
     ----------
@@ -19,3 +339,425 @@ class AdminService:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.throttle = LoginThrottle()
+        #: Seconds the web view waits before answering a failed login.
+        self.failure_delay = FAILURE_DELAY
+        self._used_codes: dict[tuple[int, str], float] = {}
+        self._codes_lock = threading.Lock()
+
+    # -- login -------------------------------------------------------------------------
+
+    def log_in(self, username: str, password: str, code: str, source_ip: str = "",
+               now: float | None = None) -> StaffLogin:
+        """Check password and TOTP code; open a staff session. Audited either way.
+
+        Raises
+        ------
+        LoginThrottled
+            The username is locked after too many failures (nothing is checked).
+        LoginRefused
+            Unknown user, disabled, wrong password, wrong or reused code
+            (:data:`LOGIN_REFUSED` for all).
+        """
+        now = time.time() if now is None else now
+        key = _username_key(username)
+        actor = Actor("staff", key, source_ip)
+        wait = self.throttle.locked_for(key, now)
+        if wait:
+            audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
+                         outcome=audit.MINOR_FAILURE, detail="username locked out", now=now)
+            minutes = math.ceil(wait / 60)
+            raise LoginThrottled(f"Too many failed logins: try again in {minutes} minute"
+                                 f"{'s' if minutes != 1 else ''}.")
+        try:
+            user = staff.authenticate(key, password, code, now=now)
+            self._use_code(user.id, code.strip(), now)
+        except LoginRefused:
+            audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
+                         outcome=audit.MINOR_FAILURE, detail=self._failure_reason(key), now=now)
+            if self.throttle.failed(key, now):
+                audit.record(audit.SECURITY_ALERT, "login-locked", actor,
+                             outcome=audit.MINOR_FAILURE, now=now,
+                             detail=f"{self.throttle.max_failures} failed logins: username "
+                                    f"locked for {self.throttle.lockout / 60:.0f} minutes")
+            raise LoginRefused(LOGIN_REFUSED) from None
+        self.throttle.succeeded(key)
+        opened = logins.open_session(staff_id=user.id, now=now)
+        audit.record(audit.USER_AUTHENTICATION, "login", _actor(user, source_ip), now=now)
+        return StaffLogin(opened, user)
+
+    @staticmethod
+    def _failure_reason(username: str) -> str:
+        user = StaffUser.get_or_none(StaffUser.username == username)
+        if user is None:
+            return "unknown user"
+        if user.disabled:
+            return "account disabled"
+        return "wrong password or code"
+
+    def _use_code(self, user_id: int, code: str, now: float) -> None:
+        """Accept each TOTP code once per user (RFC 6238 section 5.2)."""
+        with self._codes_lock:
+            for key in [k for k, until in self._used_codes.items() if until <= now]:
+                del self._used_codes[key]
+            if (user_id, code) in self._used_codes:
+                raise LoginRefused("code used already")
+            self._used_codes[(user_id, code)] = now + TOTP_REPLAY_WINDOW
+
+    def staff_for_session(self, session: WebSession | None) -> StaffUser | None:
+        """The enabled staff user of a session, or ``None`` (none, recipient, disabled)."""
+        if session is None or session.staff_id is None:
+            return None
+        user = StaffUser.get_or_none(StaffUser.id == session.staff_id)
+        if user is None or user.disabled:
+            return None
+        return user
+
+    def log_out(self, token: str, user: StaffUser | None, source_ip: str = "") -> None:
+        """End the session of a cookie value (audited when it was a staff session)."""
+        logins.end_session(token)
+        if user is not None:
+            audit.record(audit.USER_AUTHENTICATION, "logout", _actor(user, source_ip))
+
+    # -- transactions ------------------------------------------------------------------
+
+    def recent_transactions(self, search: str = "",
+                            limit: int = TRANSACTION_LIMIT) -> list[Transaction]:
+        """Newest transactions first (recipient loaded), optionally filtered.
+
+        Every word of ``search`` must occur (case-insensitively) in the transaction
+        ID, patient name or ID, or the recipient's email or name.
+        """
+        query = Transaction.select(Transaction, Recipient).join(Recipient)
+        for term in re.split(r"[\s,^]+", _clean(search, 200)):
+            if term:
+                query = query.where(
+                    Transaction.public_id.contains(term) | Transaction.patient_name.contains(term)
+                    | Transaction.patient_id.contains(term) | Recipient.email.contains(term)
+                    | Recipient.name.contains(term))
+        return list(query.order_by(Transaction.created_at.desc(), Transaction.id.desc())
+                    .limit(limit))
+
+    def transaction_view(self, public_id: str, user: StaffUser,
+                         source_ip: str = "") -> StaffTransactionView:
+        """One transaction with studies, thread and audit trail (the view is audited).
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        """
+        transaction = _get_transaction(public_id)
+        audit.record(PATIENT_RECORD, "view-transaction", _actor(user, source_ip),
+                     patient_id=transaction.patient_id, transaction=public_id,
+                     detail="staff transaction page")
+        rows = list(transaction.studies.order_by(TransactionStudy.id))
+        held = {} if transaction.purged_at else {
+            s.study_uid: s.num_instances for s in Study.select(
+                Study.study_uid, Study.num_instances).where(
+                Study.study_uid.in_([r.study_uid for r in rows]))
+        }
+        messages = list(transaction.messages.order_by(TransactionMessage.created_at,
+                                                      TransactionMessage.id))
+        expired = (transaction.status == transactions.EXPIRED
+                   or transaction.expires_at <= time.time())
+        return StaffTransactionView(
+            transaction, transaction.recipient,
+            [HeldStudy(r, held.get(r.study_uid, 0)) for r in rows], messages,
+            audit.events_for_transaction(public_id), expired,
+        )
+
+    def reply(self, public_id: str, user: StaffUser, body: str, source_ip: str = "") -> None:
+        """Add a staff message to a transaction's thread (audited, body not).
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        InvalidRequest
+            An empty or too long message.
+        """
+        transaction = _get_transaction(public_id)
+        transactions.add_message(transaction, "staff", user.display_name or user.username, body)
+        audit.record(PATIENT_RECORD, "message", _actor(user, source_ip),
+                     patient_id=transaction.patient_id, transaction=public_id,
+                     detail="staff reply")
+
+    def unlock_recipient(self, public_id: str, user: StaffUser, source_ip: str = "") -> str:
+        """Unlock the recipient of a transaction; return their email.
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        InvalidRequest
+            The recipient is not locked.
+        """
+        transaction = _get_transaction(public_id)
+        recipient = transaction.recipient
+        if recipient.locked_at is None:
+            raise InvalidRequest(f"{recipient.email} is not locked")
+        logins.unlock(recipient)
+        audit.record(audit.SECURITY_ALERT, "recipient-unlock", _actor(user, source_ip),
+                     patient_id=transaction.patient_id, transaction=public_id,
+                     detail=recipient.email)
+        return recipient.email
+
+    async def share(self, request: NewTransfer, user: StaffUser,
+                    source_ip: str = "") -> Transaction:
+        """Create a transfer as ``user`` (see :meth:`Node.share`)."""
+        return await self.node.share(request, actor=_actor(user, source_ip), user=user)
+
+    # -- studies -----------------------------------------------------------------------
+
+    def search_studies(self, text: str = "", date_from: str = "", date_to: str = "",
+                       user: StaffUser | None = None, source_ip: str = "",
+                       limit: int = STUDY_LIMIT) -> list[StudyHit]:
+        """Find received studies, newest first, with C-FIND matching.
+
+        ``text`` matches the patient name (case-insensitive; a prefix unless it has
+        ``*``/``?``; ``Doe, Jane`` means ``Doe^Jane``), the patient ID or the
+        accession number (exact unless wildcards). Searches with criteria are
+        audited as Query events.
+
+        Raises
+        ------
+        InvalidRequest
+            A malformed date or date range.
+        """
+        dates = date_range(date_from, date_to)
+        text = _clean(text)
+        common = {"StudyDate": dates} if dates else {}
+        if text:
+            variants = [{"PatientName": name_pattern(text)}, {"PatientID": text},
+                        {"AccessionNumber": text}]
+        else:
+            variants = [{}]
+        hits: dict[str, StudyHit] = {}
+        for variant in variants:
+            query = parse_identifier(_identifier({**common, **variant}), Root.PATIENT)
+            select = (select_rows(query, columns=list(_STUDY_COLUMNS))
+                      .order_by(Study.study_date.desc(), Study.study_time.desc(),
+                                Study.id.desc())
+                      .limit(limit).tuples())
+            for row in select:
+                hits.setdefault(row[0], StudyHit(*row))
+        if user is not None and (text or dates):
+            audit.record(QUERY, "study-search", _actor(user, source_ip),
+                         detail=f"text={text!r} dates={dates!r} found={len(hits)}")
+        found = sorted(hits.values(), key=lambda h: (h.study_date, h.study_time), reverse=True)
+        return found[:limit]
+
+    def studies_by_uid(self, study_uids: list[str]) -> list[StudyHit]:
+        """The indexed studies among ``study_uids`` (to show a rejected share form again)."""
+        uids = [u for u in study_uids if u][:STUDY_LIMIT]
+        if not uids:
+            return []
+        rows = (Study.select(*_STUDY_COLUMNS).join(Patient)
+                .where(Study.study_uid.in_(uids)).tuples())
+        return [StudyHit(*row) for row in rows]
+
+    # -- audit log ---------------------------------------------------------------------
+
+    def audit_log(self, actor: str = "", action: str = "", patient: str = "",
+                  page: int = 1, per_page: int = AUDIT_PAGE_SIZE) -> AuditPage:
+        """One page of the audit log, newest first.
+
+        ``actor`` matches part of the actor's name (case-insensitive), ``action``
+        the action exactly, ``patient`` the patient ID exactly.
+        """
+        query = AuditEvent.select()
+        if actor.strip():
+            query = query.where(AuditEvent.actor.contains(_clean(actor, 254)))
+        if action.strip():
+            query = query.where(AuditEvent.action == action.strip()[:32])
+        if patient.strip():
+            query = query.where(AuditEvent.patient_id == patient.strip()[:64])
+        total = query.count()
+        pages = max(1, math.ceil(total / per_page))
+        page = min(max(1, page), pages)
+        events = list(query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+                      .paginate(page, per_page))
+        actions = [a for (a,) in AuditEvent.select(AuditEvent.action).distinct()
+                   .order_by(AuditEvent.action).tuples()]
+        return AuditPage(events, page, pages, total, actions)
+
+    # -- remote AEs --------------------------------------------------------------------
+
+    def remote_aes(self) -> list[RemoteAE]:
+        """The registered remote AEs, by title."""
+        return registry.list_remote_aes()
+
+    def add_remote_ae(self, ae_title: str, host: str, port: str, allow: list[str],
+                      user: StaffUser, source_ip: str = "") -> tuple[RemoteAE, bool]:
+        """Register or update a remote AE (audited); return it and whether it is new.
+
+        Raises
+        ------
+        InvalidRequest
+            A bad AE title, host, port or service.
+        """
+        title = ae_title.strip()
+        if not _AE_TITLE.match(title):
+            raise InvalidRequest("an AE title has 1 to 16 characters, no backslash or "
+                                 "control characters")
+        host = host.strip()
+        if not _HOST.match(host):
+            raise InvalidRequest("the host is an IP address, a host name, or * for any")
+        try:
+            port_number = int(port.strip())
+        except ValueError:
+            raise InvalidRequest("the port is a number from 1 to 65535") from None
+        if not 1 <= port_number <= 65535:
+            raise InvalidRequest("the port is a number from 1 to 65535")
+        services = {s.strip().lower() for s in allow if s.strip()}
+        created = registry.get_remote_ae(title) is None
+        try:
+            ae = registry.add_remote_ae(title, host, port_number, services)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        verb = "ae-add" if created else "ae-update"
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"{verb} {ae.ae_title} {ae.host}:{ae.port} "
+                            f"allow=echo{',' + ae.allow if ae.allow else ''}")
+        return ae, created
+
+    def remove_remote_ae(self, ae_title: str, user: StaffUser, source_ip: str = "") -> None:
+        """Unregister a remote AE (audited).
+
+        Raises
+        ------
+        NotFound
+            No such AE.
+        """
+        title = ae_title.strip()
+        if not registry.remove_remote_ae(title):
+            raise NotFound(f"no remote AE {title!r}")
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"ae-remove {title}")
+
+    # -- staff users -------------------------------------------------------------------
+
+    def staff_users(self) -> list[StaffUser]:
+        """Every staff user, by username."""
+        return list(StaffUser.select().order_by(StaffUser.username))
+
+    def add_user(self, username: str, password: str, *, is_admin: bool, display_name: str,
+                 email: str, department: str, phone: str, user: StaffUser,
+                 source_ip: str = "") -> tuple[StaffUser, str]:
+        """Create a staff user (audited); return it and its ``otpauth://`` URI.
+
+        Raises
+        ------
+        InvalidRequest
+            Bad or taken username, short password, bad email.
+        """
+        email = transactions.normalize_email(email) if email.strip() else ""
+        new, uri = staff.create_user(username, password, is_admin=is_admin,
+                                     display_name=_clean(display_name, 128), email=email,
+                                     department=_clean(department, 128),
+                                     phone=_clean(phone, 32))
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"user-add {new.username}{' (admin)' if new.is_admin else ''}")
+        return new, uri
+
+    def set_disabled(self, user_id: int, disabled: bool, user: StaffUser,
+                     source_ip: str = "") -> StaffUser:
+        """Disable (ending its sessions) or enable a staff user (audited).
+
+        Raises
+        ------
+        NotFound
+            No such user.
+        InvalidRequest
+            Staff cannot disable themselves.
+        """
+        target = StaffUser.get_or_none(StaffUser.id == user_id)
+        if target is None:
+            raise NotFound(f"no staff user {user_id}")
+        if target.id == user.id and disabled:
+            raise InvalidRequest("you cannot disable your own account")
+        target.disabled = disabled
+        target.save()
+        if disabled:
+            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"user-{'disable' if disabled else 'enable'} {target.username}")
+        return target
+
+    # -- own account -------------------------------------------------------------------
+
+    def _signature(self, session_id: int, user_id: int, secret: str) -> str:
+        message = f"totp-enrol:{session_id}:{user_id}:{secret}".encode()
+        return hmac.new(self.node.secret, message, hashlib.sha256).hexdigest()
+
+    def totp_enrolment(self, user: StaffUser, session_id: int,
+                       secret: str | None = None) -> TotpEnrolment:
+        """A new TOTP secret (or ``secret`` again) signed for this session and user."""
+        secret = secret or pyotp.random_base32()
+        uri = pyotp.TOTP(secret).provisioning_uri(name=user.username, issuer_name=staff.ISSUER)
+        return TotpEnrolment(secret, uri, self._signature(session_id, user.id, secret))
+
+    def check_enrolment(self, user: StaffUser, session_id: int, secret: str,
+                        signature: str) -> TotpEnrolment:
+        """Return the enrolment a form sent back, if it was made for this session.
+
+        Raises
+        ------
+        InvalidRequest
+            The secret or its signature was changed, or belongs to another session.
+        """
+        expected = self._signature(session_id, user.id, secret)
+        if not hmac.compare_digest(expected, signature):
+            raise InvalidRequest("this enrolment is not valid any more: start again")
+        return self.totp_enrolment(user, session_id, secret)
+
+    def confirm_totp(self, user: StaffUser, session_id: int, enrolment: TotpEnrolment,
+                     password: str, code: str, source_ip: str = "") -> None:
+        """Replace the user's TOTP secret once a code from the new one checks out.
+
+        The user's other sessions end. Audited.
+
+        Raises
+        ------
+        InvalidRequest
+            Wrong password, or a code that does not match the new secret.
+        """
+        actor = _actor(user, source_ip)
+        if not _verify_password(user, password):
+            audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor, outcome=audit.MINOR_FAILURE,
+                         detail="totp-reenrol refused: wrong password")
+            raise InvalidRequest("wrong password")
+        if not pyotp.TOTP(enrolment.secret).verify(re.sub(r"\s", "", code), valid_window=1):
+            raise InvalidRequest("that code does not match the new secret: check the "
+                                 "authenticator app's clock and try the next code")
+        StaffUser.update(totp_secret=enrolment.secret).where(StaffUser.id == user.id).execute()
+        WebSession.update(ended=True).where(
+            (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor,
+                     detail=f"totp-reenrol {user.username}")
+
+    def change_password(self, user: StaffUser, session_id: int, current: str, new: str,
+                        repeat: str, source_ip: str = "") -> None:
+        """Change the user's own password; the user's other sessions end. Audited.
+
+        Raises
+        ------
+        InvalidRequest
+            Wrong current password, a short new one, or the two new ones differ.
+        """
+        actor = _actor(user, source_ip)
+        if not _verify_password(user, current):
+            audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor, outcome=audit.MINOR_FAILURE,
+                         detail="password-change refused: wrong password")
+            raise InvalidRequest("wrong current password")
+        if len(new) < staff.MIN_PASSWORD:
+            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        if new != repeat:
+            raise InvalidRequest("the new passwords differ")
+        StaffUser.update(password_hash=_hasher.hash(new)).where(
+            StaffUser.id == user.id).execute()
+        WebSession.update(ended=True).where(
+            (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor,
+                     detail=f"password-change {user.username}")

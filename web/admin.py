@@ -1,9 +1,645 @@
-"""Staff pages under /admin: login with password + TOTP, studies, transfers, audit."""
+"""Staff pages under /admin: login with password + TOTP, studies, transfers, audit.
+
+Routes (server-rendered, no inline script or style; every POST carries the CSRF
+token, checked in :mod:`web.middlewares`)::
+
+    GET  POST /admin/login                       username, password, TOTP code
+    POST /admin/logout                           end the staff session
+    GET  /admin?q=                               recent transactions, searchable
+    GET  /admin/studies?q=&from=&to=             received studies + the share form
+    POST /admin/transfers                        share the chosen studies
+    GET  /admin/transactions/{public_id}         details, thread, audit trail
+    POST /admin/transactions/{public_id}/messages   staff reply
+    POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
+    GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
+    GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
+    GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
+    GET  /admin/account, POST /admin/account/password  own account
+    GET  POST /admin/account/totp                re-enrol own TOTP (QR code)
+
+Pages other than the login need a staff session (a recipient session is not
+enough: such requests go to the login page); AE and user pages need an admin.
+Blocking work runs in a thread through :class:`iepnode.admin.AdminService`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+import aiohttp_jinja2
+import qrcode
 from aiohttp import web
+from markupsafe import Markup
+from qrcode.image.svg import SvgPathImage
+
+from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottled
+from iepnode.errors import InvalidRequest, LoginRefused, NotFound
+from iepnode.messaging import DeliveryError
+from iepnode.node import Node
+from iepnode.transactions import PRIORITIES, NewTransfer
+from storage.models import StaffUser, Transaction, WebSession
+from storage.registry import SERVICES
+from web import middlewares
+from web.keys import NODE_KEY, SESSION_KEY
+
+_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
+_NEXT = re.compile(r"/admin(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9_.=&%-]*)?")
+_OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
+_SEXES = {"F": "Female", "M": "Male", "O": "Other"}
+#: Fixed notices shown after a redirect (``?done=``): no text is reflected from the URL.
+_NOTICES = {
+    "created": "Transaction created: the recipient has been emailed the link.",
+    "unlocked": "The recipient is unlocked and can sign in again.",
+    "replied": "Your message was added to the thread.",
+    "ae-saved": "Remote AE saved.",
+    "ae-removed": "Remote AE removed.",
+    "user-disabled": "User disabled: their sessions have ended.",
+    "user-enabled": "User enabled.",
+    "password": "Your password was changed. Your other sessions have ended.",
+    "totp": "Your authenticator is enrolled. Your other sessions have ended.",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Staff:
+    """The logged-in staff member of a request."""
+
+    user: StaffUser
+    session: WebSession
+    ip: str
+
+
+StaffHandler = Callable[[web.Request, Staff], Awaitable[web.StreamResponse]]
+
+
+# -- formatting (Jinja2 filters, staff_ prefix) ------------------------------------------
+
+
+def format_time(value: float | None) -> str:
+    """Format a Unix time as ``2026-11-23 14:05`` (UTC); ``—`` when missing."""
+    if not value:
+        return "—"
+    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d %H:%M}"
+
+
+def format_seconds(value: float | None) -> str:
+    """Format a Unix time as ``2026-11-23 14:05:09`` (UTC) for audit events."""
+    if not value:
+        return "—"
+    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def format_day(value: float | None) -> str:
+    """Format a Unix time as a date ``2026-11-23`` (UTC)."""
+    if not value:
+        return "—"
+    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d}"
+
+
+def format_da(value: str) -> str:
+    """Format a DICOM DA value ``20240105`` as ``2024-01-05``; other text as given."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        try:
+            return date(int(text[:4]), int(text[4:6]), int(text[6:])).isoformat()
+        except ValueError:
+            return text
+    return text or "—"
+
+
+def format_pn(value: str) -> str:
+    """Format a DICOM PN value: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``."""
+    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
+    if not groups:
+        return "—"
+    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    first = " ".join(p for p in (prefix, given, middle) if p)
+    name = ", ".join(p for p in (family.upper(), first) if p)
+    return f"{name} {suffix}".strip() if suffix else name
+
+
+def format_sex(value: str) -> str:
+    """Spell out a DICOM Patient's Sex code."""
+    return _SEXES.get((value or "").strip().upper(), value or "—")
+
+
+def format_outcome(value: int) -> str:
+    """Name a PS3.15 EventOutcomeIndicator."""
+    return _OUTCOMES.get(value, str(value))
+
+
+def format_modalities(value: str) -> str:
+    """``CT\\SR`` -> ``CT, SR``."""
+    return ", ".join(m for m in (value or "").split("\\") if m) or "—"
+
+
+def transaction_status(transaction: Transaction) -> str:
+    """The status staff see: a NEW transaction past its expiry shows as EXPIRED."""
+    if transaction.status == "NEW" and transaction.expires_at <= time.time():
+        return "EXPIRED"
+    return transaction.status
+
+
+def qr_svg(data: str) -> Markup:
+    """Render ``data`` as an inline SVG QR code (no inline style: fine under the CSP)."""
+    image = qrcode.make(data, image_factory=SvgPathImage, box_size=10, border=4)
+    svg = image.to_string(encoding="unicode")
+    svg = svg[svg.index("<svg"):]
+    head, rest = svg.split(">", 1)
+    head = re.sub(r'\s(width|height)="[^"]*"', "", head)
+    head = head.replace("<svg", '<svg class="admin-qr-code" role="img" '
+                        'aria-label="QR code for an authenticator app"', 1)
+    return Markup(f"{head}>{rest}")  # generated here from the URI: no user markup
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[NODE_KEY]
+
+
+def _admin(request: web.Request) -> AdminService:
+    return request.app[NODE_KEY].admin
+
+
+def _ip(request: web.Request) -> str:
+    return request.remote or ""
+
+
+def _redirect(location: str) -> web.Response:
+    """A ``303 See Other`` response (returned, not raised, so cookies can be set on it)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _safe_next(value: object) -> str:
+    """Where to go after login: an /admin path only (no open redirect)."""
+    text = value if isinstance(value, str) else ""
+    return text if _NEXT.fullmatch(text) and "//" not in text else "/admin"
+
+
+def _public_id(request: web.Request) -> str:
+    public_id = request.match_info["public_id"]
+    if not _PUBLIC_ID.fullmatch(public_id):
+        raise NotFound(f"no transaction {public_id!r}")
+    return public_id
+
+
+def _text(form: Mapping[str, Any], name: str, limit: int = 4000) -> str:
+    value = form.get(name, "")
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _render(request: web.Request, staff: Staff | None, template: str,
+            context: dict[str, Any], *, section: str = "", status: int = 200) -> web.Response:
+    base = {"me": staff.user if staff else None,
+            "csrf": staff.session.csrf_token if staff else "",
+            "section": section, "notice": _NOTICES.get(request.query.get("done", ""), "")}
+    return aiohttp_jinja2.render_template(f"admin/{template}", request, {**base, **context},
+                                          status=status)
+
+
+def staff_view(*, admin_only: bool = False) -> Callable[[StaffHandler], Handler]:
+    """Decorate a view that needs a staff session (and, with ``admin_only``, an admin).
+
+    Without one the browser goes to the login page (and comes back after it);
+    a staff member who is not an admin gets 403.
+    """
+
+    def decorate(view: StaffHandler) -> Handler:
+        @functools.wraps(view)
+        async def handler(request: web.Request) -> web.StreamResponse:
+            session = request[SESSION_KEY]
+            user = await asyncio.to_thread(_admin(request).staff_for_session, session)
+            if user is None or session is None:
+                target = request.path_qs if request.method == "GET" else "/admin"
+                raise web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='/')}")
+            staff = Staff(user, session, _ip(request))
+            if admin_only and not user.is_admin:
+                return _render(request, staff, "message.html", {
+                    "title": "Not allowed",
+                    "text": "This page is for administrators only."}, status=403)
+            return await view(request, staff)
+
+        return handler
+
+    return decorate
+
+
+# -- login / logout ----------------------------------------------------------------------
+
+
+def _login_page(request: web.Request, *, error: str = "", username: str = "",
+                next_url: str = "/admin", status: int = 200) -> web.Response:
+    # With a live (recipient) session the CSRF middleware checks that session's token.
+    session = request[SESSION_KEY]
+    csrf = session.csrf_token if session is not None else middlewares.prelogin_csrf(request)
+    response = _render(request, None, "login.html", {
+        "prelogin_csrf": csrf, "error": error, "username": username, "next": next_url,
+        "logged_out": request.query.get("out") == "1"}, status=status)
+    if session is None:
+        middlewares.set_prelogin_cookie(response, csrf)
+    return response
+
+
+async def login_form(request: web.Request) -> web.StreamResponse:
+    """``GET /admin/login``: the staff login form (or home when already logged in)."""
+    user = await asyncio.to_thread(_admin(request).staff_for_session, request[SESSION_KEY])
+    next_url = _safe_next(request.query.get("next"))
+    if user is not None:
+        return _redirect(next_url)
+    return _login_page(request, next_url=next_url)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """``POST /admin/login``: check password and TOTP code, open a staff session."""
+    form = await request.post()
+    username = _text(form, "username", 64)
+    code = re.sub(r"\s", "", _text(form, "code", 16))
+    next_url = _safe_next(form.get("next"))
+    service = _admin(request)
+    try:
+        opened = await asyncio.to_thread(service.log_in, username, _text(form, "password", 1024),
+                                         code, _ip(request))
+    except LoginThrottled as exc:
+        await asyncio.sleep(service.failure_delay)
+        return _login_page(request, error=str(exc), username=username, next_url=next_url,
+                           status=429)
+    except LoginRefused:
+        await asyncio.sleep(service.failure_delay)
+        return _login_page(request, error=LOGIN_REFUSED, username=username, next_url=next_url,
+                           status=403)
+    old = request.cookies.get(middlewares.SESSION_COOKIE)
+    if old:
+        await asyncio.to_thread(_node(request).end_session, old)
+    response = _redirect(next_url)
+    middlewares.set_session_cookie(response, opened.session.token)
+    response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
+                        samesite="Strict")
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    """``POST /admin/logout``: end the session and forget the cookie."""
+    token = request.cookies.get(middlewares.SESSION_COOKIE)
+    if token:
+        service = _admin(request)
+        user = await asyncio.to_thread(service.staff_for_session, request[SESSION_KEY])
+        await asyncio.to_thread(service.log_out, token, user, _ip(request))
+    response = _redirect("/admin/login?out=1")
+    middlewares.clear_session_cookie(response)
+    return response
+
+
+# -- transactions --------------------------------------------------------------------------
+
+
+@staff_view()
+async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin?q=``: recent transactions, newest first."""
+    q = request.query.get("q", "")[:200]
+    rows = await asyncio.to_thread(_admin(request).recent_transactions, q)
+    return _render(request, staff, "home.html", {"rows": rows, "q": q},
+                   section="transactions")
+
+
+async def _transaction_page(request: web.Request, staff: Staff, public_id: str, *,
+                            error: str = "", body: str = "", status: int = 200) -> web.Response:
+    view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
+                                   staff.ip)
+    return _render(request, staff, "transaction.html",
+                   {"view": view, "error": error, "body": body}, section="transactions",
+                   status=status)
+
+
+@staff_view()
+async def transaction(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/transactions/{public_id}``: details, thread and audit trail."""
+    return await _transaction_page(request, staff, _public_id(request))
+
+
+@staff_view()
+async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/messages``: add a staff message."""
+    public_id = _public_id(request)
+    form = await request.post()
+    body = _text(form, "body", 8000)
+    try:
+        await asyncio.to_thread(_admin(request).reply, public_id, staff.user, body, staff.ip)
+    except InvalidRequest as exc:
+        return await _transaction_page(request, staff, public_id, error=str(exc), body=body,
+                                       status=400)
+    return _redirect(f"/admin/transactions/{public_id}?done=replied#messages")
+
+
+@staff_view()
+async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/unlock``: unlock the recipient."""
+    public_id = _public_id(request)
+    await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
+    return _redirect(f"/admin/transactions/{public_id}?done=unlocked")
+
+
+# -- studies and sharing -------------------------------------------------------------------
+
+
+def _share_defaults(request: web.Request) -> dict[str, str]:
+    return {"channel": "sms", "priority": "NORMAL",
+            "expiry_days": str(_node(request).settings.transaction_expiry_days)}
+
+
+@staff_view()
+async def studies(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/studies?q=&from=&to=``: search received studies, share some."""
+    q, date_from, date_to = (request.query.get(k, "")[:64] for k in ("q", "from", "to"))
+    error, status, hits = "", 200, []
+    try:
+        hits = await asyncio.to_thread(_admin(request).search_studies, q, date_from, date_to,
+                                       staff.user, staff.ip)
+    except InvalidRequest as exc:
+        error, status = str(exc), 400
+    return _render(request, staff, "studies.html", {
+        "hits": hits, "q": q, "date_from": date_from, "date_to": date_to,
+        "search_error": error, "share": _share_defaults(request), "chosen": set(),
+        "share_error": "", "priorities": PRIORITIES,
+    }, section="studies", status=status)
+
+
+@staff_view()
+async def create_transfer(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transfers``: share the chosen studies; show the new transaction."""
+    form = await request.post()
+    uids = [u[:64] for u in form.getall("study", []) if isinstance(u, str)][:200]
+    fields = ("recipient_email", "recipient_name", "channel", "otp_mobile", "otp_email",
+              "nhs_number", "message", "priority", "expiry_days")
+    values = {name: _text(form, name, 8000) for name in fields}
+    service = _admin(request)
+    try:
+        try:
+            expiry = int(values["expiry_days"].strip() or
+                         _node(request).settings.transaction_expiry_days)
+        except ValueError:
+            raise InvalidRequest("expiry: give a whole number of days") from None
+        channel = values["channel"]
+        if channel not in ("sms", "email"):
+            raise InvalidRequest("choose where the passcode goes: a mobile number or an email")
+        new = NewTransfer(
+            study_uids=tuple(uids), recipient_email=values["recipient_email"],
+            otp_mobile=values["otp_mobile"] if channel == "sms" else "",
+            otp_email=values["otp_email"] if channel == "email" else "",
+            recipient_name=values["recipient_name"], message=values["message"],
+            priority=values["priority"], expiry_days=expiry, nhs_number=values["nhs_number"],
+        )
+        created = await service.share(new, staff.user, staff.ip)
+    except (InvalidRequest, ValueError, DeliveryError) as exc:
+        if isinstance(exc, DeliveryError):
+            message = (f"The transaction was created, but the email with its link could not be "
+                       f"sent ({exc}). It is listed under Transactions; do not share again.")
+        else:
+            message = str(exc)
+        hits = await asyncio.to_thread(service.studies_by_uid, uids)
+        return _render(request, staff, "studies.html", {
+            "hits": hits, "q": "", "date_from": "", "date_to": "", "search_error": "",
+            "share": {**_share_defaults(request), **{k: v for k, v in values.items() if v}},
+            "chosen": set(uids), "share_error": message, "priorities": PRIORITIES,
+        }, section="studies", status=400)
+    return _redirect(f"/admin/transactions/{created.public_id}?done=created")
+
+
+# -- audit log -------------------------------------------------------------------------------
+
+
+@staff_view()
+async def audit_log(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/audit?actor=&action=&patient=&page=``: the audit log, newest first."""
+    filters = {k: request.query.get(k, "")[:254] for k in ("actor", "action", "patient")}
+    try:
+        page_number = int(request.query.get("page", "1"))
+    except ValueError:
+        page_number = 1
+    page = await asyncio.to_thread(_admin(request).audit_log, filters["actor"],
+                                   filters["action"], filters["patient"], page_number)
+    query = {k: v for k, v in filters.items() if v}
+    links = {
+        "newer": f"/admin/audit?{urlencode({**query, 'page': page.page - 1})}"
+        if page.page > 1 else "",
+        "older": f"/admin/audit?{urlencode({**query, 'page': page.page + 1})}"
+        if page.page < page.pages else "",
+    }
+    return _render(request, staff, "audit.html",
+                   {"page": page, "filters": filters, "links": links}, section="audit")
+
+
+# -- remote AEs ------------------------------------------------------------------------------
+
+
+async def _aes_page(request: web.Request, staff: Staff, *, error: str = "",
+                    values: dict[str, Any] | None = None, status: int = 200) -> web.Response:
+    aes = await asyncio.to_thread(_admin(request).remote_aes)
+    return _render(request, staff, "aes.html", {
+        "aes": aes, "error": error, "services": SERVICES,
+        "values": values or {"allow": ["store"]},
+    }, section="aes", status=status)
+
+
+@staff_view(admin_only=True)
+async def aes(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/aes``: registered remote AEs and the form to add one."""
+    return await _aes_page(request, staff)
+
+
+@staff_view(admin_only=True)
+async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/aes``: register (or update) a remote AE."""
+    form = await request.post()
+    values: dict[str, Any] = {k: _text(form, k, 255) for k in ("ae_title", "host", "port")}
+    values["allow"] = [s for s in form.getall("allow", []) if isinstance(s, str)]
+    try:
+        await asyncio.to_thread(_admin(request).add_remote_ae, values["ae_title"],
+                                values["host"], values["port"], values["allow"], staff.user,
+                                staff.ip)
+    except InvalidRequest as exc:
+        return await _aes_page(request, staff, error=str(exc), values=values, status=400)
+    return _redirect("/admin/aes?done=ae-saved")
+
+
+@staff_view(admin_only=True)
+async def remove_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/aes/remove``: unregister a remote AE."""
+    form = await request.post()
+    await asyncio.to_thread(_admin(request).remove_remote_ae, _text(form, "ae_title", 64),
+                            staff.user, staff.ip)
+    return _redirect("/admin/aes?done=ae-removed")
+
+
+# -- staff users -----------------------------------------------------------------------------
+
+
+async def _users_page(request: web.Request, staff: Staff, *, error: str = "",
+                      values: dict[str, str] | None = None, created: Any = None,
+                      status: int = 200) -> web.Response:
+    users = await asyncio.to_thread(_admin(request).staff_users)
+    return _render(request, staff, "users.html", {
+        "users": users, "error": error, "values": values or {}, "created": created,
+    }, section="users", status=status)
+
+
+@staff_view(admin_only=True)
+async def users(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/users``: staff users and the form to add one."""
+    return await _users_page(request, staff)
+
+
+@staff_view(admin_only=True)
+async def add_user(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users``: add a user; show its TOTP QR code once."""
+    form = await request.post()
+    values = {k: _text(form, k, 254) for k in ("username", "display_name", "email",
+                                               "department", "phone")}
+    try:
+        new, uri = await asyncio.to_thread(
+            functools.partial(_admin(request).add_user, values["username"],
+                              _text(form, "password", 1024), is_admin=form.get("is_admin") == "1",
+                              display_name=values["display_name"], email=values["email"],
+                              department=values["department"], phone=values["phone"],
+                              user=staff.user, source_ip=staff.ip))
+    except InvalidRequest as exc:
+        return await _users_page(request, staff, error=str(exc), values=values, status=400)
+    secret = parse_qs(urlsplit(uri).query).get("secret", [""])[0]
+    created = {"user": new, "uri": uri, "secret": secret, "qr": qr_svg(uri)}
+    return await _users_page(request, staff, created=created)
+
+
+def _user_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["user_id"])
+    except ValueError:
+        raise web.HTTPNotFound() from None
+
+
+@staff_view(admin_only=True)
+async def disable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users/{user_id}/disable``: disable a user and end their sessions."""
+    try:
+        await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), True,
+                                staff.user, staff.ip)
+    except InvalidRequest as exc:
+        return await _users_page(request, staff, error=str(exc), status=400)
+    return _redirect("/admin/users?done=user-disabled")
+
+
+@staff_view(admin_only=True)
+async def enable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users/{user_id}/enable``: enable a user again."""
+    await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), False,
+                            staff.user, staff.ip)
+    return _redirect("/admin/users?done=user-enabled")
+
+
+# -- own account ---------------------------------------------------------------------------
+
+
+@staff_view()
+async def account(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/account``: own details, password change, TOTP re-enrolment."""
+    return _render(request, staff, "account.html", {"error": ""}, section="account")
+
+
+@staff_view()
+async def change_password(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/account/password``: change own password."""
+    form = await request.post()
+    try:
+        await asyncio.to_thread(_admin(request).change_password, staff.user, staff.session.id,
+                                _text(form, "current", 1024), _text(form, "new", 1024),
+                                _text(form, "repeat", 1024), staff.ip)
+    except InvalidRequest as exc:
+        return _render(request, staff, "account.html", {"error": str(exc)}, section="account",
+                       status=400)
+    return _redirect("/admin/account?done=password")
+
+
+def _totp_page(request: web.Request, staff: Staff, enrolment: Any, *, error: str = "",
+               status: int = 200) -> web.Response:
+    return _render(request, staff, "totp.html", {
+        "enrolment": enrolment, "qr": qr_svg(enrolment.uri), "error": error,
+    }, section="account", status=status)
+
+
+@staff_view()
+async def totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/account/totp``: a new TOTP secret as a QR code, to confirm."""
+    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+                                        staff.session.id)
+    return _totp_page(request, staff, enrolment)
+
+
+@staff_view()
+async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/account/totp``: save the new secret once a code from it checks out."""
+    form = await request.post()
+    service = _admin(request)
+    try:
+        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+                                            staff.session.id, _text(form, "secret", 64),
+                                            _text(form, "signature", 128))
+    except InvalidRequest as exc:
+        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        return _totp_page(request, staff, fresh, error=str(exc), status=400)
+    try:
+        await asyncio.to_thread(service.confirm_totp, staff.user, staff.session.id, enrolment,
+                                _text(form, "password", 1024), _text(form, "code", 16),
+                                staff.ip)
+    except InvalidRequest as exc:
+        return _totp_page(request, staff, enrolment, error=str(exc), status=400)
+    return _redirect("/admin/account?done=totp")
 
 
 def setup_routes(app: web.Application) -> None:
-    """Register the /admin routes (being built)."""
+    """Register the /admin routes and the template filters they use.
+
+    Parameters
+    ----------
+    app : web.Application
+        The application, with aiohttp-jinja2 already set up.
+    """
+    env = aiohttp_jinja2.get_env(app)
+    env.filters.update(
+        staff_time=format_time, staff_seconds=format_seconds, staff_day=format_day,
+        staff_da=format_da, staff_pn=format_pn, staff_sex=format_sex,
+        staff_outcome=format_outcome, staff_modalities=format_modalities,
+        staff_status=transaction_status,
+    )
+    router = app.router
+    router.add_get("/admin/login", login_form)
+    router.add_post("/admin/login", login)
+    router.add_post("/admin/logout", logout)
+    router.add_get("/admin", home)
+    router.add_get("/admin/studies", studies)
+    router.add_post("/admin/transfers", create_transfer)
+    router.add_get("/admin/transactions/{public_id}", transaction)
+    router.add_post("/admin/transactions/{public_id}/messages", reply)
+    router.add_post("/admin/transactions/{public_id}/unlock", unlock)
+    router.add_get("/admin/audit", audit_log)
+    router.add_get("/admin/aes", aes)
+    router.add_post("/admin/aes", add_ae)
+    router.add_post("/admin/aes/remove", remove_ae)
+    router.add_get("/admin/users", users)
+    router.add_post("/admin/users", add_user)
+    router.add_post("/admin/users/{user_id}/disable", disable_user)
+    router.add_post("/admin/users/{user_id}/enable", enable_user)
+    router.add_get("/admin/account", account)
+    router.add_post("/admin/account/password", change_password)
+    router.add_get("/admin/account/totp", totp_form)
+    router.add_post("/admin/account/totp", totp_confirm)
