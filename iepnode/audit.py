@@ -78,6 +78,31 @@ def record(
     )
 
 
+def record_many(
+    event: tuple[str, str],
+    action: str,
+    actor: Actor,
+    items: list[tuple[str, str, str]],
+    *,
+    outcome: int = SUCCESS,
+    now: float | None = None,
+) -> None:
+    """Store one event per ``(patient_id, transaction, detail)`` in a single insert.
+
+    For pages that show many transactions at once (the dashboard).
+    """
+    if not items:
+        return
+    at = time.time() if now is None else now
+    AuditEvent.insert_many([
+        {"at": at, "event_code": event[0], "event_name": event[1], "action": action,
+         "outcome": outcome, "actor_kind": actor.kind, "actor": actor.name[:254],
+         "source_ip": actor.source_ip[:64], "patient_id": patient_id[:64], "study_uid": "",
+         "transaction_public_id": transaction[:16], "detail": detail}
+        for patient_id, transaction, detail in items
+    ]).execute()
+
+
 def events_for_transaction(public_id: str) -> list[AuditEvent]:
     """Return a transaction's audit trail, oldest first."""
     return list(
