@@ -7,15 +7,32 @@ passcode is single use, expires after ``ttl`` seconds, is bound to its attempt
 :data:`LOCK_AFTER` consecutive failures the recipient is locked until staff
 unlock. A successful login creates a fresh session (new random cookie) with an
 idle and an absolute timeout.
+
+A returning recipient may instead enrol an authenticator app (TOTP, RFC 6238):
+the link's login page then takes a code from the app and sends nothing. Each code
+is accepted once (the last accepted time step is kept per recipient), and wrong
+codes count towards the same lockout as wrong passcodes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
 import time
 from dataclasses import dataclass
 
-from iepnode.errors import NotFound, PasscodeRejected, RateLimited, RecipientLocked
+import pyotp
+
+from iepnode.errors import (
+    InvalidRequest,
+    NotFound,
+    PasscodeRejected,
+    RateLimited,
+    RecipientLocked,
+)
 from iepnode.security import new_passcode, new_token, passcode_hash, passcode_matches, token_hash
+from storage.db import write_transaction
 from storage.models import LoginAttempt, Recipient, Transaction, WebSession, database_proxy
 
 MAX_TRIES = 5
@@ -27,6 +44,8 @@ SESSION_ABSOLUTE = 12 * 3600.0
 #: Activity refreshes ``last_seen`` at most this often: a write per page would
 #: serialise every page view on the database; the idle timeout stays within a minute.
 LAST_SEEN_GRANULARITY = 60.0
+#: Codes of the time step before and after the current one are accepted too (clock drift).
+TOTP_VALID_WINDOW = 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,20 @@ class NewSession:
     token: str
     csrf_token: str
     session: WebSession
+
+
+@dataclass(frozen=True)
+class TotpEnrolment:
+    """A new authenticator secret waiting for confirmation, signed for one session.
+
+    The secret travels in the enrolment form (it is on the page as a QR code anyway);
+    ``signature`` is an HMAC of it with the node's secret, bound to the session and
+    recipient, so a form can only confirm a secret this node made for that session.
+    """
+
+    secret: str
+    uri: str
+    signature: str
 
 
 def _attempt_key(attempt: LoginAttempt) -> str:
@@ -180,4 +213,137 @@ def end_session(token: str) -> None:
     WebSession.update(ended=True).where(WebSession.token_hash == token_hash(token)).execute()
 
 
+# -- authenticator app (TOTP) -------------------------------------------------------------
 
+
+def _totp_signature(key: bytes, session_id: int, recipient_id: int, totp_secret: str) -> str:
+    message = f"recipient-totp-enrol:{session_id}:{recipient_id}:{totp_secret}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def totp_enrolment(recipient: Recipient, session_id: int, key: bytes, issuer: str,
+                   totp_secret: str | None = None) -> TotpEnrolment:
+    """A new authenticator secret (or ``totp_secret`` again) signed for this session."""
+    totp_secret = totp_secret or pyotp.random_base32()
+    uri = pyotp.TOTP(totp_secret).provisioning_uri(name=recipient.email, issuer_name=issuer)
+    return TotpEnrolment(totp_secret, uri,
+                         _totp_signature(key, session_id, recipient.id, totp_secret))
+
+
+def check_totp_enrolment(recipient: Recipient, session_id: int, key: bytes, issuer: str,
+                         totp_secret: str, signature: str) -> TotpEnrolment:
+    """Return the enrolment a form sent back, if this node made it for this session.
+
+    Raises
+    ------
+    InvalidRequest
+        The secret or its signature was changed, or belongs to another session.
+    """
+    expected = _totp_signature(key, session_id, recipient.id, totp_secret)
+    if not totp_secret or not hmac.compare_digest(expected, signature):
+        raise InvalidRequest("this set-up is not valid any more: please start again")
+    return totp_enrolment(recipient, session_id, key, issuer, totp_secret)
+
+
+def _totp_step(totp_secret: str, code: str, now: float) -> int | None:
+    """The time step whose code ``code`` is (within :data:`TOTP_VALID_WINDOW`), else ``None``."""
+    code = re.sub(r"\s", "", code)
+    totp = pyotp.TOTP(totp_secret)
+    if not code.isdigit() or len(code) != totp.digits:
+        return None
+    current = int(now // totp.interval)
+    for step in range(current + TOTP_VALID_WINDOW, current - TOTP_VALID_WINDOW - 1, -1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
+
+
+def _count_failure(recipient_id: int, now: float) -> Recipient:
+    """Count one failed login towards the lockout (inside the caller's transaction)."""
+    Recipient.update(consecutive_failures=Recipient.consecutive_failures + 1).where(
+        Recipient.id == recipient_id).execute()
+    Recipient.update(locked_at=now).where(
+        (Recipient.id == recipient_id) & Recipient.locked_at.is_null()
+        & (Recipient.consecutive_failures >= LOCK_AFTER)).execute()
+    return Recipient.get_by_id(recipient_id)
+
+
+def verify_totp(recipient_id: int, code: str, now: float | None = None) -> Recipient:
+    """Check a code from the recipient's authenticator app; each code works once.
+
+    A wrong or reused code counts towards the lockout like a wrong passcode; a right
+    one resets the count and remembers its time step, so neither it nor an older
+    code is accepted again.
+
+    Returns
+    -------
+    Recipient
+        The recipient, as saved after the check.
+
+    Raises
+    ------
+    PasscodeRejected
+        No app enrolled, a wrong code, or a code used already.
+    RecipientLocked
+        The recipient is (or has just become) locked.
+    """
+    now = time.time() if now is None else now
+    with write_transaction(database_proxy.obj):
+        recipient = Recipient.get_by_id(recipient_id)
+        if recipient.locked_at is not None:
+            raise RecipientLocked("this account is locked: please contact the hospital")
+        if not recipient.totp_secret:
+            raise PasscodeRejected("no authenticator app is set up: ask for a passcode")
+        step = _totp_step(recipient.totp_secret, code, now)
+        if step is not None:
+            # Conditional update: of two requests with the same code, one wins.
+            won = Recipient.update(totp_last_step=step, consecutive_failures=0).where(
+                (Recipient.id == recipient_id)
+                & (Recipient.totp_last_step.is_null() | (Recipient.totp_last_step < step))
+            ).execute()
+            if won:
+                return Recipient.get_by_id(recipient_id)
+        recipient = _count_failure(recipient_id, now)
+    if recipient.locked_at is not None:
+        raise RecipientLocked("too many failed codes: the hospital must unlock this account")
+    if step is not None:
+        raise PasscodeRejected("this code has been used: wait for the next one in the app")
+    raise PasscodeRejected("wrong code: check the authenticator app and try again")
+
+
+def enrol_totp(recipient_id: int, enrolment: TotpEnrolment, code: str,
+               now: float | None = None) -> Recipient:
+    """Save a new authenticator secret once a code from it checks out.
+
+    The confirming code's time step counts as used (it cannot then log in).
+
+    Raises
+    ------
+    InvalidRequest
+        An app is enrolled already, or the code does not match the new secret.
+    """
+    now = time.time() if now is None else now
+    step = _totp_step(enrolment.secret, code, now)
+    if step is None:
+        raise InvalidRequest("that code does not match: check that the app's clock is right "
+                             "and type the code it shows now")
+    with write_transaction(database_proxy.obj):
+        saved = Recipient.update(totp_secret=enrolment.secret, totp_last_step=step).where(
+            (Recipient.id == recipient_id) & Recipient.totp_secret.is_null()).execute()
+    if not saved:
+        raise InvalidRequest("an authenticator app is set up already: remove it first")
+    return Recipient.get_by_id(recipient_id)
+
+
+def remove_totp(recipient_id: int, code: str, now: float | None = None) -> Recipient:
+    """Remove the recipient's authenticator app; needs a current code from it.
+
+    Raises
+    ------
+    PasscodeRejected, RecipientLocked
+        As :func:`verify_totp` (a wrong code counts towards the lockout).
+    """
+    verify_totp(recipient_id, code, now)
+    Recipient.update(totp_secret=None, totp_last_step=None).where(
+        Recipient.id == recipient_id).execute()
+    return Recipient.get_by_id(recipient_id)

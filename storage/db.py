@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from storage.models import ALL_MODELS, database_proxy
+from storage.models import ALL_MODELS, Recipient, database_proxy
 
 #: SQLite pragmas: WAL lets readers run beside the writer; synchronous=FULL makes a
 #: commit durable before it returns (a C-STORE success promises exactly that).
@@ -20,6 +20,12 @@ SQLITE_PRAGMAS = {
     "cache_size": -64_000,
 }
 
+
+#: Columns added to existing tables after their first release: ``create_tables`` makes
+#: missing tables only, so :func:`open_database` adds these when a table lacks them.
+ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
+    (Recipient, "totp_last_step", "INTEGER"),
+)
 
 #: Connections per process: more than the associations a worker serves at once.
 POOL_SIZE = 80
@@ -69,7 +75,30 @@ def open_database(url: str, *, create: bool = True) -> peewee.Database:
     if create:
         with database.connection_context():
             database.create_tables(ALL_MODELS, safe=True)
+            add_missing_columns(database)
     return database
+
+
+def add_missing_columns(database: peewee.Database) -> None:
+    """Add the :data:`ADDED_COLUMNS` a table created by an older release lacks (idempotent).
+
+    Several processes may open the database at once: PostgreSQL's ``ADD COLUMN IF NOT
+    EXISTS`` tolerates that; on SQLite a concurrent ``duplicate column`` is checked away.
+    """
+    for model, column, sql_type in ADDED_COLUMNS:
+        table = model._meta.table_name
+        if column in {c.name for c in database.get_columns(table)}:
+            continue
+        if is_sqlite(database):
+            try:
+                database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {sql_type}')
+            except peewee.OperationalError:
+                if column not in {c.name for c in database.get_columns(table)}:
+                    raise
+        else:
+            with database.atomic():
+                database.execute_sql(
+                    f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS "{column}" {sql_type}')
 
 
 def write_transaction(database: peewee.Database | None = None) -> peewee._transaction:

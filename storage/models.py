@@ -120,7 +120,10 @@ class Recipient(BaseModel):
     #: Where passcodes go: a mobile number (SMS) or a second email address.
     otp_mobile = peewee.CharField(max_length=32, default="")
     otp_email = peewee.CharField(max_length=254, default="")
+    #: Base32 secret of the recipient's authenticator app (TOTP), once enrolled.
     totp_secret = peewee.CharField(max_length=64, null=True)
+    #: The last TOTP time step accepted: each code is accepted once (RFC 6238 5.2).
+    totp_last_step = peewee.IntegerField(null=True)
     consecutive_failures = peewee.IntegerField(default=0)
     #: Set after too many consecutive failed passcodes; cleared by staff.
     locked_at = peewee.DoubleField(null=True)

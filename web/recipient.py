@@ -2,14 +2,19 @@
 
 Routes (all server-rendered, no inline script or style)::
 
-    GET  /t/{token}                          send a passcode, show the login form
+    GET  /t/{token}                          send a passcode, show the login form (with an
+                                             authenticator app: ask for its code, send nothing)
     POST /t/{token}/resend                   send a new passcode (rate-limited)
     POST /t/{token}/login                    check the passcode, open a session
+    POST /t/{token}/login-app                check an authenticator app code, open a session
     GET  /signin                             "open the link in your email again"
     GET  /dashboard?tab=home|action|all      the dashboard (default: action)
     GET  /transactions/{public_id}           one transaction, expanded
     POST /transactions/{public_id}/messages  add a message to its thread
     POST /transactions/{public_id}/decline   decline it with a reason
+    GET  /account/authenticator              enrol an authenticator app (QR code), or its status
+    POST /account/authenticator              confirm the enrolment with a code from the app
+    POST /account/authenticator/remove       remove the app (needs a current code from it)
     POST /logout                             end the session
 
 Views are thin: blocking calls into the :class:`~iepnode.node.Node` façade run in
@@ -28,11 +33,19 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode.errors import NotFound, PasscodeRejected, RateLimited, RecipientLocked
-from iepnode.logins import RESEND_INTERVAL
+from iepnode.errors import (
+    InvalidRequest,
+    LoginRefused,
+    NotFound,
+    PasscodeRejected,
+    RateLimited,
+    RecipientLocked,
+)
+from iepnode.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
 from iepnode.node import Node
-from storage.models import WebSession
+from storage.models import Recipient, WebSession
 from web import middlewares
+from web.admin import qr_svg
 from web.keys import NODE_KEY, SESSION_KEY
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -41,6 +54,13 @@ _PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
 _SEXES = {"F": "Female", "M": "Male", "O": "Other"}
 _STATUSES = {"NEW": "New", "COMPLETE": "Complete", "DECLINED": "Declined",
              "EXPIRED": "Expired"}
+#: Fixed notices shown after a redirect (``?done=``): no text is reflected from the URL.
+_NOTICES = {
+    "enrolled": "Your authenticator app is set up. Next time you open a link from your "
+                "email, sign in with a code from the app: no passcode will be sent.",
+    "removed": "Your authenticator app has been removed. You will get a passcode by "
+               "text message or email again.",
+}
 
 
 # -- formatting (Jinja2 filters) ------------------------------------------------------
@@ -148,6 +168,15 @@ def _tab(value: object, default: str = "action") -> str:
     return value if isinstance(value, str) and value in TABS else default
 
 
+def _code(form: Any) -> str:
+    """The code a form sent, without spaces (people copy ``123 456``)."""
+    return re.sub(r"\s", "", str(form.get("code", "")))[:12]
+
+
+def _text(form: Any, name: str, limit: int) -> str:
+    return str(form.get(name, ""))[:limit]
+
+
 # -- link login -------------------------------------------------------------------------
 
 
@@ -163,6 +192,7 @@ async def _login_page(request: web.Request, token: str, *, sent: bool, notice: s
     csrf = session.csrf_token if session is not None else middlewares.prelogin_csrf(request)
     context = {
         "token": token,
+        "totp": state.totp,
         "attempt_id": attempt_id if attempt_id is not None else state.attempt_id,
         "channel": state.channel,
         "masked": mask_destination(state.channel, state.destination),
@@ -200,10 +230,19 @@ async def _send_and_show(request: web.Request, token: str) -> web.Response:
 
 
 async def link(request: web.Request) -> web.Response:
-    """``GET /t/{token}``: send a passcode to the second channel and show the login form."""
+    """``GET /t/{token}``: send a passcode to the second channel and show the login form.
+
+    A recipient with an authenticator app is asked for its code and sent nothing (the
+    page's "send me a passcode instead" button still sends one).
+    """
     token = request.match_info["token"]
     try:
-        return await _send_and_show(request, token)
+        state = await asyncio.to_thread(_node(request).link_login, token)
+        if not state.totp:
+            return await _send_and_show(request, token)
+        if state.locked:
+            return await _locked_page(request, token)
+        return await _login_page(request, token, sent=False)
     except NotFound:
         return aiohttp_jinja2.render_template("recipient/link_invalid.html", request, {},
                                               status=404)
@@ -218,7 +257,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     """``POST /t/{token}/login``: check the passcode; on success open a session."""
     token = request.match_info["token"]
     form = await request.post()
-    code = re.sub(r"\s", "", str(form.get("code", "")))[:12]
+    code = _code(form)
     try:
         attempt_id = int(str(form.get("attempt", "")))
     except ValueError:
@@ -233,9 +272,29 @@ async def login(request: web.Request) -> web.StreamResponse:
         return await _login_page(request, token, sent=False, error=reason[:1].upper() + reason[1:],
                                  attempt_id=attempt_id if attempt_id > 0 else None,
                                  status=403)
+    return await _logged_in(request, opened)
+
+
+async def login_app(request: web.Request) -> web.StreamResponse:
+    """``POST /t/{token}/login-app``: check a code from the authenticator app; open a session."""
+    token = request.match_info["token"]
+    form = await request.post()
+    node = _node(request)
+    try:
+        opened = await asyncio.to_thread(node.log_in_app, token, _code(form), _ip(request))
+    except RecipientLocked:
+        return await _locked_page(request, token)
+    except PasscodeRejected as exc:
+        return await _login_page(request, token, sent=False, error=_sentence(exc),
+                                 status=403)
+    return await _logged_in(request, opened)
+
+
+async def _logged_in(request: web.Request, opened: NewSession) -> web.Response:
+    """End the browser's old session, set the new cookie, and go to the dashboard."""
     old = request.cookies.get(middlewares.SESSION_COOKIE)
     if old:
-        await asyncio.to_thread(node.end_session, old)
+        await asyncio.to_thread(_node(request).end_session, old)
     response = _redirect("/dashboard")
     middlewares.set_session_cookie(response, opened.token)
     response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
@@ -298,6 +357,75 @@ async def decline(request: web.Request) -> web.StreamResponse:
     return _back(public_id, "all")
 
 
+# -- authenticator app ---------------------------------------------------------------------
+
+
+def _authenticator_page(request: web.Request, session: WebSession, recipient: Recipient,
+                        enrolment: TotpEnrolment | None, *, error: str = "",
+                        notice: str = "", status: int = 200) -> web.Response:
+    return aiohttp_jinja2.render_template("recipient/authenticator.html", request, {
+        "recipient": recipient, "csrf": session.csrf_token, "enrolment": enrolment,
+        "qr": qr_svg(enrolment.uri) if enrolment else "", "error": error, "notice": notice,
+    }, status=status)
+
+
+def _sentence(exc: Exception) -> str:
+    text = str(exc)
+    return text[:1].upper() + text[1:]
+
+
+async def authenticator(request: web.Request) -> web.Response:
+    """``GET /account/authenticator``: a new secret as a QR code to enrol, or the app's status."""
+    session = _recipient_session(request)
+    recipient, enrolment = await asyncio.to_thread(
+        _node(request).recipient_authenticator, session.recipient_id, session.id)
+    notice = _NOTICES.get(request.query.get("done", ""), "")
+    return _authenticator_page(request, session, recipient, enrolment, notice=notice)
+
+
+async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
+    """``POST /account/authenticator``: save the new secret once a code from it checks out.
+
+    The pending secret comes back in the form with an HMAC (node secret, bound to this
+    session and recipient): nothing is stored until the code checks out.
+    """
+    session = _recipient_session(request)
+    form = await request.post()
+    node = _node(request)
+    enrolment: TotpEnrolment | None = None
+    try:
+        enrolment = await asyncio.to_thread(
+            node.check_totp_enrolment, session.recipient_id, session.id,
+            _text(form, "secret", 64), _text(form, "signature", 128))
+        await asyncio.to_thread(node.enrol_totp, session.recipient_id, enrolment,
+                                _code(form), _ip(request))
+    except InvalidRequest as exc:
+        recipient, fresh = await asyncio.to_thread(node.recipient_authenticator,
+                                                   session.recipient_id, session.id)
+        # After a wrong code the same secret again (the app has it already), a new one
+        # after a bad signature, none once an app is enrolled.
+        shown = (enrolment or fresh) if fresh is not None else None
+        return _authenticator_page(request, session, recipient, shown,
+                                   error=_sentence(exc), status=400)
+    return _redirect("/account/authenticator?done=enrolled")
+
+
+async def remove_authenticator(request: web.Request) -> web.StreamResponse:
+    """``POST /account/authenticator/remove``: remove the app; needs a current code from it."""
+    session = _recipient_session(request)
+    form = await request.post()
+    node = _node(request)
+    try:
+        await asyncio.to_thread(node.remove_totp, session.recipient_id, _code(form),
+                                _ip(request))
+    except LoginRefused as exc:
+        recipient, enrolment = await asyncio.to_thread(node.recipient_authenticator,
+                                                       session.recipient_id, session.id)
+        return _authenticator_page(request, session, recipient, enrolment,
+                                   error=_sentence(exc), status=403)
+    return _redirect("/account/authenticator?done=removed")
+
+
 async def logout(request: web.Request) -> web.Response:
     """``POST /logout``: end the session and forget the cookie."""
     token = request.cookies.get(middlewares.SESSION_COOKIE)
@@ -329,10 +457,14 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/t/{token}", link, allow_head=False)
     app.router.add_post("/t/{token}/resend", resend)
     app.router.add_post("/t/{token}/login", login)
+    app.router.add_post("/t/{token}/login-app", login_app)
     app.router.add_get("/signin", signin)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/transactions/{public_id}", transaction)
     app.router.add_post("/transactions/{public_id}/messages", post_message)
     app.router.add_post("/transactions/{public_id}/decline", decline)
+    app.router.add_get("/account/authenticator", authenticator)
+    app.router.add_post("/account/authenticator", enrol_authenticator)
+    app.router.add_post("/account/authenticator/remove", remove_authenticator)
     app.router.add_post("/logout", logout)
     app.router.add_get("/favicon.ico", favicon)
