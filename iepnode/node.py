@@ -432,23 +432,23 @@ class Node:
         Every transaction shown with its details is audited as viewed, and its
         messages are marked read (``unread`` still counts them for this page).
         """
-        # One transaction for the page: its audit events and read marks commit (and
-        # reach the disk) once, not once per row.
-        with write_transaction(self.database):
-            recipient = Recipient.get_by_id(recipient_id)
-            days = self.settings.dashboard_days
-            everything = transactions.for_recipient(recipient, action_required=False, days=days)
-            now = time.time()
-            # The same rule as transactions.for_recipient(action_required=True), applied
-            # to the rows already loaded.
-            action = [t for t in everything
-                      if t.status == transactions.NEW and t.expires_at > now]
-            unread = (TransactionMessage.select()
-                      .where(TransactionMessage.transaction.in_([t.id for t in everything])
-                             & (TransactionMessage.read_by_recipient == False))  # noqa: E712
-                      .count()) if everything else 0
-            shown = {"action": action, "all": everything}.get(tab, [])
-            views = self._views(shown, recipient, source_ip, f"dashboard {tab}")
+        # Reads run outside any transaction; the page's writes (read marks, audit
+        # events) commit together at the end in a short write transaction, so the
+        # database's single write lock is held for those statements only.
+        recipient = Recipient.get_by_id(recipient_id)
+        days = self.settings.dashboard_days
+        everything = transactions.for_recipient(recipient, action_required=False, days=days)
+        now = time.time()
+        # The same rule as transactions.for_recipient(action_required=True), applied
+        # to the rows already loaded.
+        action = [t for t in everything
+                  if t.status == transactions.NEW and t.expires_at > now]
+        unread = (TransactionMessage.select()
+                  .where(TransactionMessage.transaction.in_([t.id for t in everything])
+                         & (TransactionMessage.read_by_recipient == False))  # noqa: E712
+                  .count()) if everything else 0
+        shown = {"action": action, "all": everything}.get(tab, [])
+        views = self._views(shown, recipient, source_ip, f"dashboard {tab}")
         return RecipientDashboard(recipient, views, len(action), len(everything), unread, days)
 
     def recipient_transaction(self, recipient_id: int, public_id: str,
@@ -462,8 +462,7 @@ class Node:
         """
         recipient = Recipient.get_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
-        with write_transaction(self.database):
-            return self._views([transaction], recipient, source_ip, "transaction page")[0]
+        return self._views([transaction], recipient, source_ip, "transaction page")[0]
 
     def decline(self, recipient_id: int, public_id: str, reason: str,
                 source_ip: str = "") -> None:
@@ -617,14 +616,15 @@ class Node:
                         .order_by(TransactionMessage.created_at, TransactionMessage.id)):
             messages[message.transaction_id].append(message)
         unread_ids = [m.id for ms in messages.values() for m in ms if not m.read_by_recipient]
-        if unread_ids:
-            TransactionMessage.update(read_by_recipient=True).where(
-                TransactionMessage.id.in_(unread_ids)).execute()
-        audit.record_many(
-            PATIENT_RECORD, "view-transaction",
-            audit.Actor("recipient", recipient.email, source_ip),
-            [(t.patient_id, t.public_id, where) for t in shown],
-        )
+        with write_transaction(self.database):
+            if unread_ids:
+                TransactionMessage.update(read_by_recipient=True).where(
+                    TransactionMessage.id.in_(unread_ids)).execute()
+            audit.record_many(
+                PATIENT_RECORD, "view-transaction",
+                audit.Actor("recipient", recipient.email, source_ip),
+                [(t.patient_id, t.public_id, where) for t in shown],
+            )
         now = time.time()
         views = []
         for transaction in shown:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -101,16 +104,29 @@ def add_missing_columns(database: peewee.Database) -> None:
                     f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS "{column}" {sql_type}')
 
 
-def write_transaction(database: peewee.Database | None = None) -> peewee._transaction:
-    """Open a transaction that will write: ``BEGIN IMMEDIATE`` on SQLite.
+#: Writers of one process queue here before asking SQLite for its write lock.
+_SQLITE_WRITERS = threading.RLock()
+
+
+@contextlib.contextmanager
+def write_transaction(database: peewee.Database | None = None) -> Iterator[None]:
+    """Run a block that writes in one transaction: ``BEGIN IMMEDIATE`` on SQLite.
 
     A deferred SQLite transaction that reads first and writes later fails at once
     with "database is locked" when another connection writes meanwhile (the busy
-    timeout does not apply to lock upgrades); taking the write lock up front waits
-    for it instead.
+    timeout does not apply to lock upgrades), so the write lock is taken up front.
+    Threads of one process first queue on a Python lock: SQLite's busy handler
+    retries with sleeps growing to 100 ms, which under load made waiting writers
+    sleep far longer than the lock was held. Other processes still meet SQLite's
+    own locking.
     """
     database = database or database_proxy.obj
-    return database.atomic("IMMEDIATE") if is_sqlite(database) else database.atomic()
+    if is_sqlite(database):
+        with _SQLITE_WRITERS, database.atomic("IMMEDIATE"):
+            yield
+    else:
+        with database.atomic():
+            yield
 
 
 def is_sqlite(database: peewee.Database) -> bool:
