@@ -41,19 +41,24 @@ from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
 from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottled
-from iepnode.errors import InvalidRequest, LoginRefused, NotFound
+from iepnode.errors import InvalidRequest, LoginRefused
 from iepnode.messaging import DeliveryError
-from iepnode.node import Node
 from iepnode.transactions import PRIORITIES, NewTransfer
 from storage.models import StaffUser, Transaction, WebSession
 from storage.registry import SERVICES
 from web import middlewares
+from web.common import (
+    client_ip,
+    format_pn,
+    format_sex,
+    node_of,
+    public_id_of,
+    see_other,
+)
 from web.keys import NODE_KEY, SESSION_KEY
 
-_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
 _NEXT = re.compile(r"/admin(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9_.=&%-]*)?")
 _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
-_SEXES = {"F": "Female", "M": "Male", "O": "Other"}
 #: Fixed notices shown after a redirect (``?done=``): no text is reflected from the URL.
 _NOTICES = {
     "created": "Transaction created: the recipient has been emailed the link.",
@@ -117,23 +122,6 @@ def format_da(value: str) -> str:
     return text or "—"
 
 
-def format_pn(value: str) -> str:
-    """Format a DICOM PN value: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``."""
-    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
-    if not groups:
-        return "—"
-    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
-    family, given, middle, prefix, suffix = parts[:5]
-    first = " ".join(p for p in (prefix, given, middle) if p)
-    name = ", ".join(p for p in (family.upper(), first) if p)
-    return f"{name} {suffix}".strip() if suffix else name
-
-
-def format_sex(value: str) -> str:
-    """Spell out a DICOM Patient's Sex code."""
-    return _SEXES.get((value or "").strip().upper(), value or "—")
-
-
 def format_outcome(value: int) -> str:
     """Name a PS3.15 EventOutcomeIndicator."""
     return _OUTCOMES.get(value, str(value))
@@ -166,34 +154,14 @@ def qr_svg(data: str) -> Markup:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _node(request: web.Request) -> Node:
-    return request.app[NODE_KEY]
-
-
 def _admin(request: web.Request) -> AdminService:
     return request.app[NODE_KEY].admin
-
-
-def _ip(request: web.Request) -> str:
-    return request.remote or ""
-
-
-def _redirect(location: str) -> web.Response:
-    """A ``303 See Other`` response (returned, not raised, so cookies can be set on it)."""
-    return web.Response(status=303, headers={"Location": location})
 
 
 def _safe_next(value: object) -> str:
     """Where to go after login: an /admin path only (no open redirect)."""
     text = value if isinstance(value, str) else ""
     return text if _NEXT.fullmatch(text) and "//" not in text else "/admin"
-
-
-def _public_id(request: web.Request) -> str:
-    public_id = request.match_info["public_id"]
-    if not _PUBLIC_ID.fullmatch(public_id):
-        raise NotFound(f"no transaction {public_id!r}")
-    return public_id
 
 
 def _text(form: Mapping[str, Any], name: str, limit: int = 4000) -> str:
@@ -225,7 +193,7 @@ def staff_view(*, admin_only: bool = False) -> Callable[[StaffHandler], Handler]
             if user is None or session is None:
                 target = request.path_qs if request.method == "GET" else "/admin"
                 raise web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='/')}")
-            staff = Staff(user, session, _ip(request))
+            staff = Staff(user, session, client_ip(request))
             if admin_only and not user.is_admin:
                 return _render(request, staff, "message.html", {
                     "title": "Not allowed",
@@ -258,7 +226,7 @@ async def login_form(request: web.Request) -> web.StreamResponse:
     user = await asyncio.to_thread(_admin(request).staff_for_session, request[SESSION_KEY])
     next_url = _safe_next(request.query.get("next"))
     if user is not None:
-        return _redirect(next_url)
+        return see_other(next_url)
     return _login_page(request, next_url=next_url)
 
 
@@ -271,7 +239,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     service = _admin(request)
     try:
         opened = await asyncio.to_thread(service.log_in, username, _text(form, "password", 1024),
-                                         code, _ip(request))
+                                         code, client_ip(request))
     except LoginThrottled as exc:
         await asyncio.sleep(service.failure_delay)
         return _login_page(request, error=str(exc), username=username, next_url=next_url,
@@ -282,8 +250,8 @@ async def login(request: web.Request) -> web.StreamResponse:
                            status=403)
     old = request.cookies.get(middlewares.SESSION_COOKIE)
     if old:
-        await asyncio.to_thread(_node(request).end_session, old)
-    response = _redirect(next_url)
+        await asyncio.to_thread(node_of(request).end_session, old)
+    response = see_other(next_url)
     middlewares.set_session_cookie(response, opened.session.token)
     response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
                         samesite="Strict")
@@ -296,8 +264,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     if token:
         service = _admin(request)
         user = await asyncio.to_thread(service.staff_for_session, request[SESSION_KEY])
-        await asyncio.to_thread(service.log_out, token, user, _ip(request))
-    response = _redirect("/admin/login?out=1")
+        await asyncio.to_thread(service.log_out, token, user, client_ip(request))
+    response = see_other("/admin/login?out=1")
     middlewares.clear_session_cookie(response)
     return response
 
@@ -326,13 +294,13 @@ async def _transaction_page(request: web.Request, staff: Staff, public_id: str, 
 @staff_view()
 async def transaction(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/transactions/{public_id}``: details, thread and audit trail."""
-    return await _transaction_page(request, staff, _public_id(request))
+    return await _transaction_page(request, staff, public_id_of(request))
 
 
 @staff_view()
 async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/messages``: add a staff message."""
-    public_id = _public_id(request)
+    public_id = public_id_of(request)
     form = await request.post()
     body = _text(form, "body", 8000)
     try:
@@ -340,15 +308,15 @@ async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
     except InvalidRequest as exc:
         return await _transaction_page(request, staff, public_id, error=str(exc), body=body,
                                        status=400)
-    return _redirect(f"/admin/transactions/{public_id}?done=replied#messages")
+    return see_other(f"/admin/transactions/{public_id}?done=replied#messages")
 
 
 @staff_view()
 async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/unlock``: unlock the recipient."""
-    public_id = _public_id(request)
+    public_id = public_id_of(request)
     await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
-    return _redirect(f"/admin/transactions/{public_id}?done=unlocked")
+    return see_other(f"/admin/transactions/{public_id}?done=unlocked")
 
 
 # -- studies and sharing -------------------------------------------------------------------
@@ -356,7 +324,7 @@ async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 def _share_defaults(request: web.Request) -> dict[str, str]:
     return {"channel": "sms", "priority": "NORMAL",
-            "expiry_days": str(_node(request).settings.transaction_expiry_days)}
+            "expiry_days": str(node_of(request).settings.transaction_expiry_days)}
 
 
 @staff_view()
@@ -388,7 +356,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
     try:
         try:
             expiry = int(values["expiry_days"].strip() or
-                         _node(request).settings.transaction_expiry_days)
+                         node_of(request).settings.transaction_expiry_days)
         except ValueError:
             raise InvalidRequest("expiry: give a whole number of days") from None
         channel = values["channel"]
@@ -414,7 +382,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             "share": {**_share_defaults(request), **{k: v for k, v in values.items() if v}},
             "chosen": set(uids), "share_error": message, "priorities": PRIORITIES,
         }, section="studies", status=400)
-    return _redirect(f"/admin/transactions/{created.public_id}?done=created")
+    return see_other(f"/admin/transactions/{created.public_id}?done=created")
 
 
 # -- audit log -------------------------------------------------------------------------------
@@ -471,7 +439,7 @@ async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
                                 staff.ip)
     except InvalidRequest as exc:
         return await _aes_page(request, staff, error=str(exc), values=values, status=400)
-    return _redirect("/admin/aes?done=ae-saved")
+    return see_other("/admin/aes?done=ae-saved")
 
 
 @staff_view(admin_only=True)
@@ -480,7 +448,7 @@ async def remove_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     await asyncio.to_thread(_admin(request).remove_remote_ae, _text(form, "ae_title", 64),
                             staff.user, staff.ip)
-    return _redirect("/admin/aes?done=ae-removed")
+    return see_other("/admin/aes?done=ae-removed")
 
 
 # -- staff users -----------------------------------------------------------------------------
@@ -536,7 +504,7 @@ async def disable_user(request: web.Request, staff: Staff) -> web.StreamResponse
                                 staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
-    return _redirect("/admin/users?done=user-disabled")
+    return see_other("/admin/users?done=user-disabled")
 
 
 @staff_view(admin_only=True)
@@ -544,7 +512,7 @@ async def enable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/enable``: enable a user again."""
     await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), False,
                             staff.user, staff.ip)
-    return _redirect("/admin/users?done=user-enabled")
+    return see_other("/admin/users?done=user-enabled")
 
 
 # -- own account ---------------------------------------------------------------------------
@@ -567,7 +535,7 @@ async def change_password(request: web.Request, staff: Staff) -> web.StreamRespo
     except InvalidRequest as exc:
         return _render(request, staff, "account.html", {"error": str(exc)}, section="account",
                        status=400)
-    return _redirect("/admin/account?done=password")
+    return see_other("/admin/account?done=password")
 
 
 def _totp_page(request: web.Request, staff: Staff, enrolment: Any, *, error: str = "",
@@ -603,7 +571,7 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
                                 staff.ip)
     except InvalidRequest as exc:
         return _totp_page(request, staff, enrolment, error=str(exc), status=400)
-    return _redirect("/admin/account?done=totp")
+    return see_other("/admin/account?done=totp")
 
 
 def setup_routes(app: web.Application) -> None:

@@ -42,16 +42,21 @@ from iepnode.errors import (
     RecipientLocked,
 )
 from iepnode.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
-from iepnode.node import Node
 from storage.models import Recipient, WebSession
 from web import middlewares
 from web.admin import qr_svg
-from web.keys import NODE_KEY, SESSION_KEY
+from web.common import (
+    client_ip,
+    format_pn,
+    format_sex,
+    node_of,
+    public_id_of,
+    see_other,
+)
+from web.keys import SESSION_KEY
 
 STATIC = Path(__file__).resolve().parent / "static"
 TABS = ("home", "action", "all")
-_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
-_SEXES = {"F": "Female", "M": "Male", "O": "Other"}
 _STATUSES = {"NEW": "New", "COMPLETE": "Complete", "DECLINED": "Declined",
              "EXPIRED": "Expired"}
 #: Fixed notices shown after a redirect (``?done=``): no text is reflected from the URL.
@@ -94,27 +99,6 @@ def format_da(value: str) -> str:
     return text or "—"
 
 
-def format_pn(value: str) -> str:
-    """Format a DICOM PN value for people: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``.
-
-    Only the first (alphabetic) component group is used when it has content,
-    else the next one that has.
-    """
-    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
-    if not groups:
-        return "—"
-    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
-    family, given, middle, prefix, suffix = parts[:5]
-    first = " ".join(p for p in (prefix, given, middle) if p)
-    name = ", ".join(p for p in (family.upper(), first) if p)
-    return f"{name} {suffix}".strip() if suffix else name
-
-
-def format_sex(value: str) -> str:
-    """Spell out a DICOM Patient's Sex code."""
-    return _SEXES.get((value or "").strip().upper(), value or "—")
-
-
 def format_status(view: Any) -> str:
     """The status a recipient is shown (a NEW transaction past its expiry is Expired)."""
     if view.expired:
@@ -136,32 +120,12 @@ def mask_destination(channel: str, destination: str) -> str:
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _node(request: web.Request) -> Node:
-    return request.app[NODE_KEY]
-
-
-def _ip(request: web.Request) -> str:
-    return request.remote or ""
-
-
 def _recipient_session(request: web.Request) -> WebSession:
     """The request's recipient session, or a redirect to the sign-in explanation."""
     session = request[SESSION_KEY]
     if session is None or session.recipient_id is None:
         raise web.HTTPSeeOther("/signin")
     return session
-
-
-def _public_id(request: web.Request) -> str:
-    public_id = request.match_info["public_id"]
-    if not _PUBLIC_ID.fullmatch(public_id):
-        raise NotFound(f"no transaction {public_id!r}")
-    return public_id
-
-
-def _redirect(location: str) -> web.Response:
-    """A ``303 See Other`` response (returned, not raised, so cookies can be set on it)."""
-    return web.Response(status=303, headers={"Location": location})
 
 
 def _tab(value: object, default: str = "action") -> str:
@@ -184,7 +148,7 @@ async def _login_page(request: web.Request, token: str, *, sent: bool, notice: s
                       error: str = "", attempt_id: int | None = None,
                       status: int = 200) -> web.Response:
     """Render the passcode form of a link, with the CSRF value its forms must carry."""
-    node = _node(request)
+    node = node_of(request)
     state = await asyncio.to_thread(node.link_login, token)
     # With a live session the CSRF middleware checks the session's token, so the
     # form must carry that one (e.g. a signed-in recipient opening a newer link).
@@ -211,14 +175,14 @@ async def _login_page(request: web.Request, token: str, *, sent: bool, notice: s
 
 
 async def _locked_page(request: web.Request, token: str) -> web.Response:
-    state = await asyncio.to_thread(_node(request).link_login, token)
+    state = await asyncio.to_thread(node_of(request).link_login, token)
     return aiohttp_jinja2.render_template("recipient/locked.html", request,
                                           {"contact": state.contact}, status=403)
 
 
 async def _send_and_show(request: web.Request, token: str) -> web.Response:
     try:
-        await _node(request).send_passcode(token, _ip(request))
+        await node_of(request).send_passcode(token, client_ip(request))
     except RateLimited:
         return await _login_page(
             request, token, sent=False,
@@ -237,7 +201,7 @@ async def link(request: web.Request) -> web.Response:
     """
     token = request.match_info["token"]
     try:
-        state = await asyncio.to_thread(_node(request).link_login, token)
+        state = await asyncio.to_thread(node_of(request).link_login, token)
         if not state.totp:
             return await _send_and_show(request, token)
         if state.locked:
@@ -262,9 +226,9 @@ async def login(request: web.Request) -> web.StreamResponse:
         attempt_id = int(str(form.get("attempt", "")))
     except ValueError:
         attempt_id = -1
-    node = _node(request)
+    node = node_of(request)
     try:
-        opened = await asyncio.to_thread(node.log_in, token, attempt_id, code, _ip(request))
+        opened = await asyncio.to_thread(node.log_in, token, attempt_id, code, client_ip(request))
     except RecipientLocked:
         return await _locked_page(request, token)
     except PasscodeRejected as exc:
@@ -279,9 +243,9 @@ async def login_app(request: web.Request) -> web.StreamResponse:
     """``POST /t/{token}/login-app``: check a code from the authenticator app; open a session."""
     token = request.match_info["token"]
     form = await request.post()
-    node = _node(request)
+    node = node_of(request)
     try:
-        opened = await asyncio.to_thread(node.log_in_app, token, _code(form), _ip(request))
+        opened = await asyncio.to_thread(node.log_in_app, token, _code(form), client_ip(request))
     except RecipientLocked:
         return await _locked_page(request, token)
     except PasscodeRejected as exc:
@@ -294,8 +258,8 @@ async def _logged_in(request: web.Request, opened: NewSession) -> web.Response:
     """End the browser's old session, set the new cookie, and go to the dashboard."""
     old = request.cookies.get(middlewares.SESSION_COOKIE)
     if old:
-        await asyncio.to_thread(_node(request).end_session, old)
-    response = _redirect("/dashboard")
+        await asyncio.to_thread(node_of(request).end_session, old)
+    response = see_other("/dashboard")
     middlewares.set_session_cookie(response, opened.token)
     response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
                         samesite="Strict")
@@ -315,8 +279,8 @@ async def dashboard(request: web.Request) -> web.Response:
     """``GET /dashboard?tab=home|action|all``: the recipient's transactions."""
     session = _recipient_session(request)
     tab = _tab(request.query.get("tab"))
-    board = await asyncio.to_thread(_node(request).recipient_dashboard, session.recipient_id,
-                                    tab, _ip(request))
+    board = await asyncio.to_thread(node_of(request).recipient_dashboard, session.recipient_id,
+                                    tab, client_ip(request))
     return aiohttp_jinja2.render_template("recipient/dashboard.html", request, {
         "board": board, "tab": tab, "open_id": request.query.get("open", ""),
         "csrf": session.csrf_token, "recipient": board.recipient,
@@ -326,34 +290,34 @@ async def dashboard(request: web.Request) -> web.Response:
 async def transaction(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}``: one transaction with everything expanded."""
     session = _recipient_session(request)
-    view = await asyncio.to_thread(_node(request).recipient_transaction, session.recipient_id,
-                                   _public_id(request), _ip(request))
+    view = await asyncio.to_thread(node_of(request).recipient_transaction, session.recipient_id,
+                                   public_id_of(request), client_ip(request))
     return aiohttp_jinja2.render_template("recipient/transaction.html", request, {
         "view": view, "csrf": session.csrf_token, "tab": "all", "recipient": view.recipient,
     })
 
 
 def _back(public_id: str, tab: str) -> web.Response:
-    return _redirect(f"/dashboard?tab={tab}&open={public_id}#tx-{public_id}")
+    return see_other(f"/dashboard?tab={tab}&open={public_id}#tx-{public_id}")
 
 
 async def post_message(request: web.Request) -> web.StreamResponse:
     """``POST /transactions/{public_id}/messages``: add a message, back to the dashboard."""
     session = _recipient_session(request)
-    public_id = _public_id(request)
+    public_id = public_id_of(request)
     form = await request.post()
-    await asyncio.to_thread(_node(request).post_message, session.recipient_id, public_id,
-                            str(form.get("body", "")), _ip(request))
+    await asyncio.to_thread(node_of(request).post_message, session.recipient_id, public_id,
+                            str(form.get("body", "")), client_ip(request))
     return _back(public_id, _tab(form.get("tab"), "all"))
 
 
 async def decline(request: web.Request) -> web.StreamResponse:
     """``POST /transactions/{public_id}/decline``: decline with a reason."""
     session = _recipient_session(request)
-    public_id = _public_id(request)
+    public_id = public_id_of(request)
     form = await request.post()
-    await asyncio.to_thread(_node(request).decline, session.recipient_id, public_id,
-                            str(form.get("reason", "")), _ip(request))
+    await asyncio.to_thread(node_of(request).decline, session.recipient_id, public_id,
+                            str(form.get("reason", "")), client_ip(request))
     return _back(public_id, "all")
 
 
@@ -378,7 +342,7 @@ async def authenticator(request: web.Request) -> web.Response:
     """``GET /account/authenticator``: a new secret as a QR code to enrol, or the app's status."""
     session = _recipient_session(request)
     recipient, enrolment = await asyncio.to_thread(
-        _node(request).recipient_authenticator, session.recipient_id, session.id)
+        node_of(request).recipient_authenticator, session.recipient_id, session.id)
     notice = _NOTICES.get(request.query.get("done", ""), "")
     return _authenticator_page(request, session, recipient, enrolment, notice=notice)
 
@@ -391,14 +355,14 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
     """
     session = _recipient_session(request)
     form = await request.post()
-    node = _node(request)
+    node = node_of(request)
     enrolment: TotpEnrolment | None = None
     try:
         enrolment = await asyncio.to_thread(
             node.check_totp_enrolment, session.recipient_id, session.id,
             _text(form, "secret", 64), _text(form, "signature", 128))
         await asyncio.to_thread(node.enrol_totp, session.recipient_id, enrolment,
-                                _code(form), _ip(request))
+                                _code(form), client_ip(request))
     except InvalidRequest as exc:
         recipient, fresh = await asyncio.to_thread(node.recipient_authenticator,
                                                    session.recipient_id, session.id)
@@ -407,30 +371,30 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
         shown = (enrolment or fresh) if fresh is not None else None
         return _authenticator_page(request, session, recipient, shown,
                                    error=_sentence(exc), status=400)
-    return _redirect("/account/authenticator?done=enrolled")
+    return see_other("/account/authenticator?done=enrolled")
 
 
 async def remove_authenticator(request: web.Request) -> web.StreamResponse:
     """``POST /account/authenticator/remove``: remove the app; needs a current code from it."""
     session = _recipient_session(request)
     form = await request.post()
-    node = _node(request)
+    node = node_of(request)
     try:
         await asyncio.to_thread(node.remove_totp, session.recipient_id, _code(form),
-                                _ip(request))
+                                client_ip(request))
     except LoginRefused as exc:
         recipient, enrolment = await asyncio.to_thread(node.recipient_authenticator,
                                                        session.recipient_id, session.id)
         return _authenticator_page(request, session, recipient, enrolment,
                                    error=_sentence(exc), status=403)
-    return _redirect("/account/authenticator?done=removed")
+    return see_other("/account/authenticator?done=removed")
 
 
 async def logout(request: web.Request) -> web.Response:
     """``POST /logout``: end the session and forget the cookie."""
     token = request.cookies.get(middlewares.SESSION_COOKIE)
     if token:
-        await asyncio.to_thread(_node(request).end_session, token)
+        await asyncio.to_thread(node_of(request).end_session, token)
     response = aiohttp_jinja2.render_template("recipient/logged_out.html", request, {})
     middlewares.clear_session_cookie(response)
     return response

@@ -1,0 +1,58 @@
+"""Helpers shared by the recipient and staff pages."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from iepnode.errors import NotFound
+from iepnode.node import Node
+from web.keys import NODE_KEY
+
+_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
+_SEXES = {"F": "Female", "M": "Male", "O": "Other"}
+
+
+def node_of(request: web.Request) -> Node:
+    """The node façade the views call."""
+    return request.app[NODE_KEY]
+
+
+def client_ip(request: web.Request) -> str:
+    """The peer address for the audit trail."""
+    return request.remote or ""
+
+
+def public_id_of(request: web.Request) -> str:
+    """The ``{public_id}`` of the URL; anything not shaped like an ID is a 404."""
+    public_id = request.match_info["public_id"]
+    if not _PUBLIC_ID.fullmatch(public_id):
+        raise NotFound(f"no transaction {public_id!r}")
+    return public_id
+
+
+def see_other(location: str) -> web.Response:
+    """A ``303 See Other`` response (returned, not raised, so cookies can be set on it)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def format_pn(value: str) -> str:
+    """Format a DICOM PN value for people: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``.
+
+    Only the first (alphabetic) component group is used when it has content,
+    else the next one that has.
+    """
+    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
+    if not groups:
+        return "—"
+    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    first = " ".join(p for p in (prefix, given, middle) if p)
+    name = ", ".join(p for p in (family.upper(), first) if p)
+    return f"{name} {suffix}".strip() if suffix else name
+
+
+def format_sex(value: str) -> str:
+    """Spell out a DICOM Patient's Sex code."""
+    return _SEXES.get((value or "").strip().upper(), value or "—")
