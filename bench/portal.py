@@ -13,7 +13,7 @@ cookies, or ``--client aiohttp`` (50 Python coroutines, one session each).
 Usage (from the repository root)::
 
     python bench/portal.py [--transactions 10000] [--sessions 50] [--seconds 20]
-                           [--client wrk|aiohttp]
+                           [--client wrk|aiohttp] [--paced SECONDS]
 """
 
 from __future__ import annotations
@@ -124,6 +124,39 @@ end
 """
 
 
+async def load_paced(base: str, tokens: list[str], seconds: float, interval: float
+                     ) -> tuple[list[float], int]:
+    """Each session loads its dashboard every ``interval`` s (open loop, random phase).
+
+    Models people using the portal (a page per second per session is brisk
+    clicking) rather than the saturation that a closed loop measures.
+    """
+    import random
+
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+
+    async def client(token: str) -> None:
+        nonlocal errors
+        headers = {"Cookie": f"__Host-iepnode={token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            due = start + random.uniform(0, interval)
+            while due < start + seconds:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                t0 = time.perf_counter()
+                async with session.get(f"{base}/dashboard?tab=all",
+                                       allow_redirects=False) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                latencies.append(time.perf_counter() - t0)
+                due += interval
+
+    await asyncio.gather(*(client(t) for t in tokens))
+    return latencies, errors
+
+
 def load_wrk(base: str, tokens: list[str], seconds: float, workdir: Path
              ) -> tuple[float, float, int, int]:
     """Run wrk; return p50 (ms), p99 (ms), request count and non-2xx count."""
@@ -145,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transactions", type=int, default=10_000)
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--paced", type=float, metavar="SECONDS", default=0.0,
+                    help="instead of a closed loop, each session loads a page every "
+                         "SECONDS (aiohttp client, open loop)")
     ap.add_argument("--client", choices=("wrk", "aiohttp"),
                     default="wrk" if Path("/usr/bin/wrk").exists() else "aiohttp")
     ap.add_argument("--json", type=Path)
@@ -166,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         if not match:
             raise RuntimeError(f"iepnode serve did not start: {line!r}")
         base = f"http://127.0.0.1:{match.group(2)}"
-        if args.client == "wrk":
+        if args.paced:
+            args.client = f"paced {args.paced:g} s/session"
+            latencies, errors = asyncio.run(load_paced(base, tokens, args.seconds, args.paced))
+            ms = sorted(x * 1000 for x in latencies)
+            p50, p99, requests = statistics.median(ms), ms[int(len(ms) * 0.99) - 1], len(ms)
+        elif args.client == "wrk":
             p50, p99, requests, errors = load_wrk(base, tokens, args.seconds, base_dir)
         else:
             latencies, errors = asyncio.run(load(base, tokens, args.seconds))
