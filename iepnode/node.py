@@ -25,7 +25,7 @@ from iepnode.errors import (
 )
 from iepnode.ingest import Ingester, StoreResult
 from iepnode.logins import NewSession, PasscodeToSend
-from iepnode.messaging import Messenger
+from iepnode.messaging import DeliveryError, Messenger
 from iepnode.query import (
     Query,
     Root,
@@ -347,18 +347,33 @@ class Node:
             The link is unknown or expired.
         RecipientLocked, RateLimited
             No passcode is sent.
+        DeliveryError
+            The SMS/email could not be sent: the attempt is discarded (so asking
+            again is not rate-limited) and the failure audited.
         """
         transaction = await asyncio.to_thread(transactions.by_link_token, token)
         ttl = self.settings.passcode_ttl_minutes * 60.0
         sent = await asyncio.to_thread(logins.start_attempt, transaction, self.secret, ttl)
         text = notifications.passcode_text(sent.code, self.settings.institution,
                                            self.settings.passcode_ttl_minutes)
-        if sent.channel == "sms":
-            await self.messenger.send_sms(sent.destination, text)
-        else:
-            await self.messenger.send_email(sent.destination, "Your passcode", text,
-                                            kind="passcode")
+        try:
+            if sent.channel == "sms":
+                await self.messenger.send_sms(sent.destination, text)
+            else:
+                await self.messenger.send_email(sent.destination, "Your passcode", text,
+                                                kind="passcode")
+        except DeliveryError as exc:
+            await asyncio.to_thread(self._passcode_not_sent, sent, transaction, source_ip, exc)
+            raise
         return sent
+
+    def _passcode_not_sent(self, sent: PasscodeToSend, transaction: Transaction,
+                           source_ip: str, exc: Exception) -> None:
+        LoginAttempt.delete().where(LoginAttempt.id == sent.attempt_id).execute()
+        audit.record(audit.USER_AUTHENTICATION, "passcode-not-sent",
+                     audit.Actor("recipient", transaction.recipient.email, source_ip),
+                     outcome=audit.SERIOUS_FAILURE, transaction=transaction.public_id,
+                     patient_id=transaction.patient_id, detail=f"{sent.channel}: {exc}"[:500])
 
     def resume_session(self, token: str) -> WebSession:
         """Return the live session for a cookie value (see :func:`logins.resume_session`)."""

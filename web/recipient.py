@@ -42,6 +42,7 @@ from iepnode.errors import (
     RecipientLocked,
 )
 from iepnode.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
+from iepnode.messaging import DeliveryError
 from storage.models import Recipient, WebSession
 from web import middlewares
 from web.admin import qr_svg
@@ -190,6 +191,11 @@ async def _send_and_show(request: web.Request, token: str) -> web.Response:
                    "that one, or wait a moment before asking for a new one.")
     except RecipientLocked:
         return await _locked_page(request, token)
+    except DeliveryError:
+        return await _login_page(
+            request, token, sent=False, status=503,
+            error="We could not send your passcode just now. Please try again in a few "
+                  "minutes, or contact the hospital.")
     return await _login_page(request, token, sent=True)
 
 
