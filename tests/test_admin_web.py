@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import re
 import time
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,6 +30,7 @@ from iepnode.transactions import NewTransfer
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory
+from tests.support.browser import Browser as CookieBrowser
 from tests.support.scu import dataset_bytes
 from web.app import create_app
 
@@ -40,6 +40,22 @@ REFUSED = html.escape(LOGIN_REFUSED)
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
+
+
+class Browser(CookieBrowser):
+    """The shared cookie-keeping client plus the staff pages' CSRF form helpers."""
+
+    async def csrf(self, path: str = "/admin") -> str:
+        """The session's CSRF token, read from a page's forms."""
+        return field(await self.page(path), "csrf")
+
+    async def form(self, path: str, data: dict[str, Any] | list[tuple[str, str]],
+                   csrf: bool = True) -> aiohttp.ClientResponse:
+        """POST a form with the session's CSRF token."""
+        items = list(data.items()) if isinstance(data, dict) else list(data)
+        if csrf:
+            items.append(("csrf", await self.csrf()))
+        return await self.post(path, data=items)
 
 
 @pytest.fixture
@@ -87,53 +103,6 @@ def make_user(username: str, *, is_admin: bool = False, **kw: Any) -> tuple[Staf
     return user, parse_qs(urlsplit(uri).query)["secret"][0]
 
 
-class Browser:
-    """A client that keeps cookies itself (Secure cookies over the test's plain HTTP)."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.cookies: dict[str, str] = {}
-        self.set_cookies: list[str] = []
-
-    async def request(self, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:
-        headers = dict(kw.pop("headers", {}))
-        if self.cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        response = await self.client.request(method, path, headers=headers,
-                                             allow_redirects=False, **kw)
-        for header in response.headers.getall("Set-Cookie", []):
-            self.set_cookies.append(header)
-            cookie: SimpleCookie = SimpleCookie()
-            cookie.load(header)
-            for name, morsel in cookie.items():
-                if morsel.value and morsel["max-age"] != "0":
-                    self.cookies[name] = morsel.value
-                else:
-                    self.cookies.pop(name, None)
-        return response
-
-    async def get(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
-        return await self.request("GET", path, **kw)
-
-    async def post(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
-        return await self.request("POST", path, **kw)
-
-    async def page(self, path: str, status: int = 200) -> str:
-        response = await self.get(path)
-        assert response.status == status, (path, response.status)
-        return await response.text()
-
-    async def csrf(self, path: str = "/admin") -> str:
-        """The session's CSRF token, read from a page's forms."""
-        return field(await self.page(path), "csrf")
-
-    async def form(self, path: str, data: dict[str, Any] | list[tuple[str, str]],
-                   csrf: bool = True) -> aiohttp.ClientResponse:
-        """POST a form with the session's CSRF token."""
-        items = list(data.items()) if isinstance(data, dict) else list(data)
-        if csrf:
-            items.append(("csrf", await self.csrf()))
-        return await self.post(path, data=items)
 
 
 @pytest.fixture

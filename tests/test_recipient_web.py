@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
 from storage.models import LoginAttempt, Recipient, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
+from tests.support.browser import Browser
 from tests.support.scu import dataset_bytes
 from web import recipient as pages
 from web.app import create_app
@@ -101,36 +101,6 @@ def share(study_uids: list[str], email: str = "pat@example.org", *, now: float |
                               created_by="cli", now=now)
 
 
-class Browser:
-    """The test client plus a cookie store that, like a browser on HTTPS, sends Secure cookies."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.cookies: dict[str, str] = {}
-        self.set_cookie_headers: list[str] = []
-
-    async def request(self, method: str, path: str, **kw: Any) -> aiohttp.ClientResponse:
-        headers = dict(kw.pop("headers", {}))
-        if self.cookies and "Cookie" not in headers:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        response = await self.client.request(method, path, headers=headers,
-                                             allow_redirects=False, **kw)
-        for header in response.headers.getall("Set-Cookie", []):
-            self.set_cookie_headers.append(header)
-            cookie: SimpleCookie = SimpleCookie()
-            cookie.load(header)
-            for name, morsel in cookie.items():
-                if morsel.value and morsel["max-age"] != "0":
-                    self.cookies[name] = morsel.value
-                else:
-                    self.cookies.pop(name, None)
-        return response
-
-    async def get(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
-        return await self.request("GET", path, **kw)
-
-    async def post(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
-        return await self.request("POST", path, **kw)
 
 
 @pytest.fixture
@@ -415,7 +385,7 @@ async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node
                                                           study: str, clock: Clock) -> None:
     _, token = share([study])
     first = await log_in(browser, node, token)
-    (header,) = [h for h in browser.set_cookie_headers if h.startswith(f"{SESSION}=")]
+    (header,) = [h for h in browser.set_cookies if h.startswith(f"{SESSION}=")]
     attributes = {part.strip().split("=")[0].lower() for part in header.split(";")[1:]}
     assert attributes == {"httponly", "path", "samesite", "secure"}
     assert "Path=/" in header and "SameSite=Lax" in header and "Domain" not in header
@@ -458,7 +428,7 @@ async def test_logout_kills_the_cookie(browser: Browser, node: Node, study: str)
     csrf = await page_csrf(browser)
     response = await browser.post("/logout", data={"csrf": csrf})
     assert response.status == 200 and "You are logged out" in await response.text()
-    cleared = [h for h in browser.set_cookie_headers if h.startswith(f"{SESSION}=")][-1]
+    cleared = [h for h in browser.set_cookies if h.startswith(f"{SESSION}=")][-1]
     assert "Max-Age=0" in cleared and "Secure" in cleared and "Path=/" in cleared
     assert SESSION not in browser.cookies
     response = await browser.get("/dashboard", headers={"Cookie": f"{SESSION}={value}"})
