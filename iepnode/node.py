@@ -408,7 +408,7 @@ class Node:
                      transaction=transaction.public_id, patient_id=transaction.patient_id)
         return logins.open_session(recipient)
 
-    # -- recipient pages (issue 4): thin wrappers the web views call in a thread ---------
+    # -- recipient pages (issue 3): thin wrappers the web views call in a thread ---------
 
     def link_login(self, token: str) -> LinkLogin:
         """Where a link's passcode goes, its latest usable attempt, and the hospital contact.
@@ -454,10 +454,7 @@ class Node:
         days = self.settings.dashboard_days
         everything = transactions.for_recipient(recipient, action_required=False, days=days)
         now = time.time()
-        # The same rule as transactions.for_recipient(action_required=True), applied
-        # to the rows already loaded.
-        action = [t for t in everything
-                  if t.status == transactions.NEW and t.expires_at > now]
+        action = [t for t in everything if transactions.is_open(t, now)]
         unread = (TransactionMessage.select()
                   .where(TransactionMessage.transaction.in_([t.id for t in everything])
                          & (TransactionMessage.read_by_recipient == False))  # noqa: E712
@@ -652,7 +649,7 @@ class Node:
                  for r in rows],
                 messages[transaction.id],
                 sum(not m.read_by_recipient for m in messages[transaction.id]),
-                expired, transaction.status == transactions.NEW and not expired,
+                expired, transactions.is_open(transaction, now),
                 _contact(transaction), recipient,
             ))
         return views

@@ -193,11 +193,20 @@ def by_link_token(token: str) -> Transaction:
     return transaction
 
 
+def is_open(transaction: Transaction, now: float) -> bool:
+    """Whether a transaction still waits for its recipient (Action Required, declinable).
+
+    The same rule as the ``action_required`` filter of :func:`for_recipient`.
+    """
+    return transaction.status == NEW and transaction.expires_at > now
+
+
 def for_recipient(recipient: Recipient, *, action_required: bool, days: int,
                   now: float | None = None) -> list[Transaction]:
     """Return a recipient's transactions of the last ``days`` days, newest first.
 
-    ``action_required`` keeps only those still waiting for the recipient (status NEW).
+    ``action_required`` keeps only those still waiting for the recipient
+    (:func:`is_open`, as SQL).
     """
     now = time.time() if now is None else now
     query = Transaction.select().where(
