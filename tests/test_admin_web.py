@@ -24,14 +24,13 @@ import pytest
 from config import Settings, load_settings
 from iepnode import audit, logins, staff
 from iepnode.admin import LOGIN_REFUSED, LoginThrottle
-from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
 from iepnode.transactions import NewTransfer
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory
 from tests.support.browser import Browser as CookieBrowser
-from tests.support.scu import dataset_bytes
+from tests.support.ingest import store_files as store
 from web.app import create_app
 
 SESSION = "__Host-iepnode"
@@ -68,15 +67,6 @@ def node(settings: Settings) -> Node:
     node = Node(settings)
     node.admin.failure_delay = 0.0
     return node
-
-
-def store(node: Node, paths: list[Path]) -> str:
-    """Store files as if received by C-STORE; return their study UID."""
-    for path in paths:
-        meta = parse_file_meta(path.read_bytes())[0]
-        result = node.store_received(dataset_bytes(path), meta.transfer_syntax, calling_ae="T",
-                                     sop_class=meta.sop_class, sop_uid=meta.sop_uid)
-    return result.study_uid
 
 
 @pytest.fixture

@@ -13,22 +13,19 @@ import pyotp
 
 from config import load_settings
 from iepnode import transactions as tx
-from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction
 from tests import data_factory as factory
+from tests.support.ingest import store_files
 from tests.support.node import REPO, run_cli
-from tests.support.scu import dataset_bytes
 
 
 def _stored_study(data: Path, tmp_path: Path) -> str:
     node = Node(load_settings(overrides={"data_dir": data}, environ={}))
-    for path in factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane"):
-        meta = parse_file_meta(path.read_bytes())[0]
-        result = node.store_received(dataset_bytes(path), meta.transfer_syntax, calling_ae="T",
-                                     sop_class=meta.sop_class, sop_uid=meta.sop_uid)
+    study_uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 2,
+                                                         PatientName="Doe^Jane"))
     node.close()
-    return result.study_uid
+    return study_uid
 
 
 def _outbox(data: Path) -> list[email.message.EmailMessage]:

@@ -11,7 +11,8 @@ import aiohttp
 from iepnode.node import Node
 from storage.models import AuditEvent, LoginAttempt
 from tests import data_factory as factory
-from tests.test_recipient_web import make_settings, share, store
+from tests.support.ingest import store_files as store
+from tests.test_recipient_web import make_settings, share
 from web.app import create_app
 
 

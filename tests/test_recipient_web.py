@@ -30,12 +30,11 @@ from config import Settings, load_settings
 from iepnode import logins
 from iepnode import transactions as tx
 from iepnode.audit import events_for_transaction
-from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
 from storage.models import LoginAttempt, Recipient, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
 from tests.support.browser import Browser
-from tests.support.scu import dataset_bytes
+from tests.support.ingest import store_files as store
 from web import recipient as pages
 from web.app import create_app
 
@@ -76,14 +75,6 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     return Node(make_settings(tmp_path))
-
-
-def store(node: Node, paths: list[Path]) -> str:
-    for path in paths:
-        meta = parse_file_meta(path.read_bytes())[0]
-        result = node.store_received(dataset_bytes(path), meta.transfer_syntax, calling_ae="T",
-                                     sop_class=meta.sop_class, sop_uid=meta.sop_uid)
-    return result.study_uid
 
 
 @pytest.fixture

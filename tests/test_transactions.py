@@ -19,12 +19,11 @@ from iepnode.errors import (
     RateLimited,
     RecipientLocked,
 )
-from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
 from iepnode.security import load_or_create_secret
 from storage.models import Recipient
 from tests import data_factory as factory
-from tests.support.scu import dataset_bytes
+from tests.support.ingest import store_files as store
 
 T0 = 1_800_000_000.0
 CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+441234567890")
@@ -33,14 +32,6 @@ CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+4412
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     return Node(load_settings(overrides={"data_dir": tmp_path / "data"}, environ={}))
-
-
-def store(node: Node, paths: list[Path]) -> str:
-    for path in paths:
-        meta = parse_file_meta(path.read_bytes())[0]
-        result = node.store_received(dataset_bytes(path), meta.transfer_syntax, calling_ae="T",
-                                     sop_class=meta.sop_class, sop_uid=meta.sop_uid)
-    return result.study_uid
 
 
 def share(study_uids: list[str], email: str = "pat@example.org", *, now: float = T0,

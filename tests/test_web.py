@@ -7,17 +7,14 @@ from pathlib import Path
 from config import load_settings
 from iepnode.node import Node
 from tests import data_factory as factory
-from tests.support.scu import dataset_bytes
+from tests.support.ingest import store_files
 from web.app import create_app
 
 
 async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
     node = Node(settings)
-    for path in factory.make_ct_series(tmp_path / "in", 2):
-        meta = __import__("iepnode.ingest", fromlist=["x"]).parse_file_meta(path.read_bytes())[0]
-        node.store_received(dataset_bytes(path), meta.transfer_syntax, calling_ae="T",
-                            sop_class=meta.sop_class, sop_uid=meta.sop_uid)
+    store_files(node, factory.make_ct_series(tmp_path / "in", 2))
     client = await aiohttp_client(create_app(settings, node))
     response = await client.get("/healthz")
     assert response.status == 200
@@ -35,11 +32,8 @@ async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_p
 def test_orphan_fileset_folders_are_removed(tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
     node = Node(settings)
-    path = factory.make_ct_series(tmp_path / "in", 1)[0]
-    meta = __import__("iepnode.ingest", fromlist=["x"]).parse_file_meta(path.read_bytes())[0]
-    result = node.store_received(dataset_bytes(path), meta.transfer_syntax, calling_ae="T",
-                                 sop_class=meta.sop_class, sop_uid=meta.sop_uid)
-    kept = node.build_fileset(result.study_uid)
+    study_uid = store_files(node, factory.make_ct_series(tmp_path / "in", 1))
+    kept = node.build_fileset(study_uid)
     orphan = settings.fileset_dir / "ZZZZZZZZ"
     (orphan / "PT000000").mkdir(parents=True)
     staging = settings.fileset_dir / ".ABC.1234.staging"
