@@ -17,6 +17,11 @@ they are byte-identical to what was received and cost no space. The file store
 never rewrites a file in place (it writes a new file and renames it), so sharing
 inodes with it is safe.
 
+:func:`plan_fileset` works the same set out without writing anything: the DICOMDIR
+as bytes and each member's File ID, optionally below a root folder (``DICOM/...``)
+and with a DICOMDIR SOP Instance UID given by the caller, so the same members give
+the same bytes (the download package streams it from memory).
+
 The set is built in a hidden sibling staging folder, flushed, then swapped into
 ``dest`` in one step (``renameat2(RENAME_EXCHANGE)`` where the kernel offers it, two
 renames otherwise), so readers see the old set or the new one, never half of one.
@@ -85,12 +90,24 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
-__all__ = ["FilesetError", "fileset_file_ids", "leaf_record_type", "write_fileset"]
+__all__ = [
+    "FilesetError",
+    "FilesetPlan",
+    "PlannedFile",
+    "fileset_file_ids",
+    "leaf_record_type",
+    "plan_fileset",
+    "write_fileset",
+]
 
 logger = logging.getLogger(__name__)
 
 #: File-set ID (0004,1130): CS, 1-16 characters (PS3.10 8.5 characters, no space).
 _FILESET_ID = re.compile(r"^[A-Z0-9_]{1,16}$")
+#: One File ID component (PS3.10 8.2, PS3.12 Annex V: 1-8 of A-Z 0-9 _).
+_COMPONENT = re.compile(r"^[A-Z0-9_]{1,8}$")
+#: File ID components at most (PS3.10 8.2).
+_MAX_DEPTH = 8
 #: Values at least this long stay on disk until read (encapsulated documents...).
 _DEFER_SIZE = 64 * 1024
 #: Encoded (tag, VR) headers the DICOMDIR encoder relies on (Explicit VR Little Endian).
@@ -786,9 +803,12 @@ def _component(record_type: str, index: int) -> str:
 
 
 def _build_tree(
-    patients: Sequence[_Patient], top_level: Sequence[_Member]
+    patients: Sequence[_Patient], top_level: Sequence[_Member], root: Sequence[str] = ()
 ) -> tuple[list[_Node], list[tuple[_Member, list[str]]]]:
-    """Return the root records and (member, File ID components) placements."""
+    """Return the root records and (member, File ID components) placements.
+
+    ``root`` is prepended to every File ID (e.g. ``("DICOM",)``).
+    """
     roots: list[_Node] = []
     placements: list[tuple[_Member, list[str]]] = []
     study_ordinals = itertools.count(1)
@@ -811,11 +831,11 @@ def _build_tree(
                 se_node = _Node(_series_record(series))
                 st_node.children.append(se_node)
                 for i_index, m in enumerate(series.members):
-                    file_id = [p_id, st_id, se_id, _component(m.record_type, i_index)]
+                    file_id = [*root, p_id, st_id, se_id, _component(m.record_type, i_index)]
                     se_node.children.append(_Node(_leaf_record(m, file_id, date_time)))
                     placements.append((m, file_id))
     for index, m in enumerate(top_level, start=len(roots)):
-        file_id = [_component(m.record_type, index)]
+        file_id = [*root, _component(m.record_type, index)]
         roots.append(_Node(_leaf_record(m, file_id, None)))
         placements.append((m, file_id))
     return roots, placements
@@ -850,7 +870,7 @@ def _encode_item(record: Dataset) -> bytes:
     return _ITEM_TAG + struct.pack("<I", len(body)) + body
 
 
-def _encode_dicomdir(roots: Sequence[_Node], fileset_id: str) -> bytes:
+def _encode_dicomdir(roots: Sequence[_Node], fileset_id: str, instance_uid: str) -> bytes:
     """Encode the Basic Directory IOD (PS3.3 F.3) with its record offsets.
 
     Each record is encoded once; as the Directory Record Sequence is the last
@@ -863,7 +883,7 @@ def _encode_dicomdir(roots: Sequence[_Node], fileset_id: str) -> bytes:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = instance_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.FileSetID = fileset_id
     ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
@@ -1003,19 +1023,17 @@ def _swap_into_place(staging: Path, dest: Path) -> None:
         _fsync_path(dest.parent, directory=True)
 
 
-def _populate(
-    staging: Path, placements: Sequence[tuple[_Member, list[str]]], dicomdir: bytes
-) -> None:
+def _populate(staging: Path, files: Sequence[PlannedFile], dicomdir: bytes) -> None:
     folders: set[Path] = {staging}
-    for m, file_id in placements:
-        target = staging.joinpath(*file_id)
+    for planned in files:
+        target = staging.joinpath(*planned.file_id)
         if target.parent not in folders:
             target.parent.mkdir(parents=True, exist_ok=True)
-            folders.update(staging / p for p in Path(*file_id).parents)
+            folders.update(staging / p for p in Path(*planned.file_id).parents)
         try:
-            _link_or_copy(m.path, target)
+            _link_or_copy(planned.path, target)
         except FileNotFoundError as exc:
-            raise FilesetError(f"member file vanished while building: {m.path}") from exc
+            raise FilesetError(f"member file vanished while building: {planned.path}") from exc
     path = staging / "DICOMDIR"
     with open(path, "wb") as fp:
         fp.write(dicomdir)
@@ -1027,6 +1045,107 @@ def _populate(
 
 # --------------------------------------------------------------------------------------
 # Public API
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """A member of a planned file-set and where the DICOMDIR places it.
+
+    Attributes
+    ----------
+    file_id : tuple of str
+        Referenced File ID components, e.g. ``("PT000000", "ST000000", "SE000000",
+        "IM000000")``.
+    path : Path
+        The source file.
+    sop_class, sop_instance, transfer_syntax : str
+        From the file (its File Meta when the dataset lacks them).
+    record_type : str
+        The leaf Directory Record Type (``IMAGE``, ``SR DOCUMENT``, ``ENCAP DOC``...).
+    study_uid, series_uid : str
+        Empty for top-level records (hanging protocols, palettes, implants).
+    """
+
+    file_id: tuple[str, ...]
+    path: Path
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    record_type: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class FilesetPlan:
+    """A file-set worked out but not written: the DICOMDIR's bytes and its members.
+
+    ``files`` are in DICOMDIR record order: patient, study (by date), series (by
+    number), instance (by number).
+    """
+
+    dicomdir: bytes
+    files: list[PlannedFile]
+
+
+def plan_fileset(
+    members: Sequence[Path],
+    *,
+    fileset_id: str = "IEPNODE",
+    root: Sequence[str] = (),
+    instance_uid: str | None = None,
+) -> FilesetPlan:
+    """Work out a file-set's DICOMDIR and File IDs without writing anything.
+
+    Parameters
+    ----------
+    members : sequence of Path
+        Part-10 files, as for :func:`write_fileset` (a SOP Instance given twice is
+        placed once).
+    fileset_id : str, optional
+        File-set ID (0004,1130): 1-16 characters from ``A-Z 0-9 _``.
+    root : sequence of str, optional
+        Folder components put before every File ID (e.g. ``("DICOM",)``); each 1-8 of
+        ``A-Z 0-9 _``, leaving room for the at most 8 components of a File ID.
+    instance_uid : str, optional
+        Media Storage SOP Instance UID of the DICOMDIR (default: a new UID). Give a
+        UID derived from the content to get the same bytes for the same members.
+
+    Returns
+    -------
+    FilesetPlan
+        The DICOMDIR bytes and, per member, its File ID.
+
+    Raises
+    ------
+    ValueError
+        If ``fileset_id`` or ``root`` is malformed.
+    FilesetError
+        If a member is missing or unreadable, or lacks SOP/Study/Series UIDs.
+    """
+    if not _FILESET_ID.match(fileset_id):
+        raise ValueError(f"malformed File-set ID {fileset_id!r}: 1-16 of A-Z 0-9 _")
+    root = tuple(root)
+    if len(root) > _MAX_DEPTH - 4 or not all(_COMPONENT.match(part) for part in root):
+        raise ValueError(f"malformed File ID root {root!r}: at most 4 components of 1-8 "
+                         "of A-Z 0-9 _")
+    unique: dict[str, _Member] = {}
+    for order, path in enumerate(members):
+        member = _read_member(Path(path), order)
+        if member.sop_instance in unique:
+            logger.info("file-set: %s repeats SOP Instance %s", path, member.sop_instance)
+            continue
+        unique[member.sop_instance] = member
+    patients, top_level = _group(list(unique.values()))
+    roots, placements = _build_tree(patients, top_level, root)
+    dicomdir = _encode_dicomdir(roots, fileset_id, instance_uid or generate_uid())
+    files = [
+        PlannedFile(tuple(file_id), m.path, m.sop_class, m.sop_instance, m.transfer_syntax,
+                    m.record_type, _text(m.ds, "StudyInstanceUID"),
+                    _text(m.ds, "SeriesInstanceUID"))
+        for m, file_id in placements
+    ]
+    return FilesetPlan(dicomdir, files)
 
 
 def write_fileset(dest: Path, members: Sequence[Path], *, fileset_id: str = "IEPNODE") -> int:
@@ -1071,29 +1190,19 @@ def write_fileset(dest: Path, members: Sequence[Path], *, fileset_id: str = "IEP
         raise ValueError(f"malformed File-set ID {fileset_id!r}: 1-16 of A-Z 0-9 _")
     dest = Path(dest)
     _check_replaceable(dest)
-
-    unique: dict[str, _Member] = {}
-    for order, path in enumerate(members):
-        member = _read_member(Path(path), order)
-        if member.sop_instance in unique:
-            logger.info("file-set: %s repeats SOP Instance %s", path, member.sop_instance)
-            continue
-        unique[member.sop_instance] = member
-    patients, top_level = _group(list(unique.values()))
-    roots, placements = _build_tree(patients, top_level)
-    dicomdir = _encode_dicomdir(roots, fileset_id)
+    plan = plan_fileset(members, fileset_id=fileset_id)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_staging(dest)
     staging = _make_staging(dest)
     try:
-        _populate(staging, placements, dicomdir)
+        _populate(staging, plan.files, plan.dicomdir)
         _swap_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("file-set %s: %d instances", dest, len(placements))
-    return len(placements)
+    logger.info("file-set %s: %d instances", dest, len(plan.files))
+    return len(plan.files)
 
 
 def fileset_file_ids(dest: Path) -> list[str]:
