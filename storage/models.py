@@ -229,7 +229,20 @@ class AuditEvent(BaseModel):
     detail = peewee.TextField(default="")
 
 
+class InstanceChecksum(BaseModel):
+    """CRC-32 of a stored file, for download zips (their headers carry it up front).
+
+    Keyed by the file-store key: a key's file is never rewritten, so its CRC never
+    changes; the row goes when the instance row goes (``ON DELETE CASCADE``).
+    """
+
+    instance = peewee.ForeignKeyField(Instance, field=Instance.key, column_name="instance_key",
+                                      unique=True, on_delete="CASCADE")
+    crc32 = peewee.BigIntegerField()
+
+
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
+    InstanceChecksum,
 ]
