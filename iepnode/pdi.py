@@ -1,0 +1,291 @@
+"""The human-readable parts of a download package (IHE RAD TF PDI media content).
+
+IHE Portable Data for Imaging puts beside the DICOM file-set:
+
+- ``README.TXT``: what is on the media, who made it, how to use it;
+- ``INDEX.HTM`` and the ``IHE_PDI/`` folder: web content a browser opens offline,
+  XHTML and JPEG only, no scripts, ISO 9660 8.3 upper-case file names.
+
+This module renders those from plain values (already decoded text from the
+index). Pages are pure ASCII: anything else is written as a character reference,
+so any browser shows names correctly whatever its default encoding. README.TXT is
+UTF-8 with CRLF line ends (Windows Notepad opens it as well as any other editor).
+Nothing here names a file after a DICOM value.
+"""
+
+from __future__ import annotations
+
+import html
+import textwrap
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+from iepnode import __version__
+
+
+@dataclass(frozen=True)
+class SeriesEntry:
+    """A series as the pages show it; ``preview`` is the JPEG's path in the package."""
+
+    number: str
+    modality: str
+    description: str
+    instances: int
+    preview: str
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    """A study as the pages show it; ``page`` is its HTML page's path in the package."""
+
+    date: str
+    time: str
+    description: str
+    accession: str
+    modalities: str
+    uid: str
+    page: str
+    series: list[SeriesEntry] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """A PDF report extracted from an Encapsulated PDF instance."""
+
+    path: str
+    title: str
+    study_uid: str
+
+
+@dataclass(frozen=True)
+class Contents:
+    """Everything the README and the pages say about a package."""
+
+    institution: str
+    reference: str
+    created_at: float
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    contact: tuple[str, ...]
+    studies: list[StudyEntry]
+    reports: list[ReportEntry]
+    instances: int
+    dicom_bytes: int
+
+
+# -- formatting ------------------------------------------------------------------------
+
+
+def person_name(value: str) -> str:
+    """``Doe^Jane^Ann`` -> ``DOE, Jane Ann`` (first non-empty component group)."""
+    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
+    if not groups:
+        return "(no name)"
+    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    first = " ".join(p for p in (prefix, given, middle) if p)
+    name = ", ".join(p for p in (family.upper(), first) if p)
+    return f"{name} {suffix}".strip() if suffix else name
+
+
+def dicom_date(value: str) -> str:
+    """``20240105`` -> ``5 Jan 2024``; other text as given, ``-`` when empty."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        try:
+            day = date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        except ValueError:
+            return text
+        return f"{day.day} {day:%b %Y}"
+    return text or "-"
+
+
+def _epoch_date(value: float) -> str:
+    moment = datetime.fromtimestamp(value, UTC)
+    return f"{moment.day} {moment:%b %Y}"
+
+
+def _sex(value: str) -> str:
+    return {"F": "Female", "M": "Male", "O": "Other"}.get((value or "").strip().upper(),
+                                                         value or "-")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+# -- README.TXT ------------------------------------------------------------------------
+
+
+def readme_txt(c: Contents) -> bytes:
+    """Render ``README.TXT`` (UTF-8, CRLF)."""
+    sender = c.institution or "the sending hospital"
+    ref = f" (reference {c.reference})" if c.reference else ""
+    series = sum(len(s.series) for s in c.studies)
+    lines = [
+        f"IMAGES FROM {sender.upper()}",
+        "=" * min(78, len(f"IMAGES FROM {sender}")),
+        "",
+        *textwrap.wrap(
+            f"This package holds medical images sent by {sender}{ref}, prepared "
+            f"{_epoch_date(c.created_at)}. It is laid out like a DICOM CD/DVD (IHE "
+            "Portable Data for Imaging, DICOM PS3.10/PS3.12 General Purpose media).", 78),
+        "",
+        f"Patient:        {person_name(c.patient_name)}",
+        f"Date of birth:  {dicom_date(c.birth_date)}",
+        f"Patient ID:     {c.patient_id or '-'}",
+        "",
+        f"{len(c.studies)} {'study' if len(c.studies) == 1 else 'studies'}, {series} series, "
+        f"{c.instances} DICOM files ({_megabytes(c.dicom_bytes)}):",
+    ]
+    for study in c.studies:
+        text = " ".join(x for x in (dicom_date(study.date), study.modalities,
+                                    study.description) if x)
+        if study.accession:
+            text += f" (accession {study.accession})"
+        lines.append(f"  - {text}")
+    lines += [
+        "",
+        "WHAT IS INSIDE",
+        "  DICOMDIR     the index of the DICOM files; DICOM viewers and PACS read it",
+        "  DICOM/       the images and reports as DICOM files, exactly as received",
+        "  INDEX.HTM    an overview for a web browser: patient, studies, series, previews",
+        "  IHE_PDI/     the pages and JPEG previews that INDEX.HTM shows",
+    ]
+    if c.reports:
+        lines.append("  REPORTS/     reports as PDF files")
+    lines += [
+        "  README.TXT   this file",
+        "",
+        "HOW TO OPEN IT",
+        "  1. Unzip the whole package first, keeping its folders.",
+        "  2. For a quick look, open INDEX.HTM in a web browser.",
+        "  3. To see the images in full, open the unzipped folder (or its DICOMDIR)",
+        "     with any DICOM viewer.",
+        "  4. To add the images to a PACS or another hospital system, use its",
+        "     \"import media\" or \"import DICOMDIR\" function on the unzipped folder.",
+        "  5. To make a CD or DVD, copy the unzipped contents to the root of the disc",
+        "     (DICOMDIR at the top).",
+        "",
+        "NOT FOR DIAGNOSTIC USE",
+        *textwrap.wrap(
+            "The previews in INDEX.HTM and IHE_PDI/ are reduced JPEG copies, for "
+            "orientation only: not for diagnostic use. The DICOM files are the originals "
+            f"as received by the image exchange of {sender}. This package contains no "
+            "programs.", 78),
+        "",
+        "QUESTIONS",
+        *[f"  {line}" for line in (c.contact or (sender,))],
+        "",
+        f"Made by iepnode {__version__}, an open-source DICOM image exchange node.",
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+# -- pages -------------------------------------------------------------------------------
+
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:60em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left;vertical-align:top}"
+    ".warn{background:#fff4d6;border:1px solid #e0b84c;padding:.6em}"
+    "img{max-width:256px;height:auto;border:1px solid #888}"
+)
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _page(title: str, body: str) -> bytes:
+    text = (
+        '<?xml version="1.0" encoding="US-ASCII"?>\n'
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN" '
+        '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">\n'
+        '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
+        "<head>\n"
+        '<meta http-equiv="Content-Type" content="text/html; charset=US-ASCII" />\n'
+        f"<title>{_e(title)}</title>\n"
+        f'<style type="text/css">{_STYLE}</style>\n'
+        "</head>\n<body>\n"
+        f"{body}"
+        "</body>\n</html>\n"
+    )
+    return text.encode("ascii", "xmlcharrefreplace")
+
+
+def _patient_table(c: Contents) -> str:
+    return (
+        "<table>\n"
+        f"<tr><th>Patient</th><td>{_e(person_name(c.patient_name))}</td></tr>\n"
+        f"<tr><th>Date of birth</th><td>{_e(dicom_date(c.birth_date))}</td></tr>\n"
+        f"<tr><th>Sex</th><td>{_e(_sex(c.sex))}</td></tr>\n"
+        f"<tr><th>Patient ID</th><td>{_e(c.patient_id or '-')}</td></tr>\n"
+        f"<tr><th>Sent by</th><td>{_e(c.institution or '-')}</td></tr>\n"
+        + (f"<tr><th>Reference</th><td>{_e(c.reference)}</td></tr>\n" if c.reference else "")
+        + "</table>\n"
+    )
+
+
+_WARNING = ('<p class="warn">The pictures on these pages are reduced previews: '
+            "<strong>not for diagnostic use</strong>. Open the DICOM files (the DICOMDIR) "
+            "in a DICOM viewer to see the images in full.</p>\n")
+
+
+def index_htm(c: Contents) -> bytes:
+    """Render ``INDEX.HTM``: the patient, the studies (linking their pages), the reports."""
+    rows = "".join(
+        f'<tr><td>{_e(dicom_date(s.date))}</td><td>{_e(s.modalities or "-")}</td>'
+        f'<td><a href="{_e(s.page)}">{_e(s.description or "Study")}</a></td>'
+        f"<td>{_e(s.accession or '-')}</td><td>{len(s.series)}</td>"
+        f"<td>{sum(x.instances for x in s.series)}</td></tr>\n"
+        for s in c.studies
+    )
+    reports = ""
+    if c.reports:
+        reports = "<h2>Reports</h2>\n<ul>\n" + "".join(
+            f'<li><a href="{_e(r.path)}">{_e(r.title or "Report")}</a> (PDF)</li>\n'
+            for r in c.reports) + "</ul>\n"
+    body = (
+        f"<h1>Images from {_e(c.institution or 'the hospital')}</h1>\n"
+        + _WARNING + _patient_table(c)
+        + "<h2>Studies</h2>\n<table>\n<tr><th>Date</th><th>Modality</th><th>Description</th>"
+        "<th>Accession</th><th>Series</th><th>Files</th></tr>\n" + rows + "</table>\n"
+        + reports
+        + '<p>How to use this package: <a href="README.TXT">README.TXT</a>. The DICOM files '
+        "are indexed by the DICOMDIR at the top of this folder.</p>\n"
+    )
+    return _page(f"Images from {c.institution or 'the hospital'}", body)
+
+
+def study_htm(c: Contents, study: StudyEntry) -> bytes:
+    """Render a study's page in ``IHE_PDI/``: its series with one preview each."""
+    rows = "".join(
+        f'<tr><td>{_e(s.number or "-")}</td><td>{_e(s.modality or "-")}</td>'
+        f'<td>{_e(s.description or "-")}</td><td>{s.instances}</td>'
+        f'<td><img src="{_e(s.preview.rsplit("/", 1)[-1])}" '
+        f'alt="Preview of series {_e(s.number)}" /></td></tr>\n'
+        for s in study.series
+    )
+    reports = [r for r in c.reports if r.study_uid == study.uid]
+    report_list = ""
+    if reports:
+        report_list = "<h2>Reports</h2>\n<ul>\n" + "".join(
+            f'<li><a href="../{_e(r.path)}">{_e(r.title or "Report")}</a> (PDF)</li>\n'
+            for r in reports) + "</ul>\n"
+    body = (
+        '<p><a href="../INDEX.HTM">All studies</a></p>\n'
+        f"<h1>{_e(study.description or 'Study')} &#8212; {_e(dicom_date(study.date))}</h1>\n"
+        + _WARNING + _patient_table(c)
+        + "<table>\n"
+        f"<tr><th>Modality</th><td>{_e(study.modalities or '-')}</td></tr>\n"
+        f"<tr><th>Accession</th><td>{_e(study.accession or '-')}</td></tr>\n"
+        f"<tr><th>Study Instance UID</th><td>{_e(study.uid)}</td></tr>\n"
+        "</table>\n"
+        "<h2>Series</h2>\n<table>\n<tr><th>Number</th><th>Modality</th><th>Description</th>"
+        "<th>Files</th><th>Preview</th></tr>\n" + rows + "</table>\n" + report_list
+    )
+    return _page(study.description or "Study", body)
