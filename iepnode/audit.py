@@ -103,6 +103,48 @@ def record_many(
     ]).execute()
 
 
+def record_export(
+    action: str,
+    actor: Actor,
+    *,
+    media: str,
+    study_uids: tuple[str, ...] | list[str],
+    patient_id: str = "",
+    transaction: str = "",
+    outcome: int = SUCCESS,
+    detail: str = "",
+) -> AuditEvent:
+    """Store an Export event (DCM 110106, PS3.15 A.5.3.6): studies left the node on media.
+
+    The PS3.15 message names the user (the requestor), the Destination Media (here
+    a zip file, e.g. ``"zip IEP12345678.zip"``), the patient and every study; the
+    studies go into ``detail`` as ``studies=UID,UID`` (the first also into
+    ``study_uid``, which holds one UID).
+
+    Parameters
+    ----------
+    action : str
+        e.g. ``download``, ``download-protected``, ``export``.
+    actor : Actor
+        Who exported (recipient, staff or cli).
+    media : str
+        The destination media: what was written and under which name.
+    study_uids : sequence of str
+        The studies exported.
+    patient_id, transaction : str, optional
+        The participant objects.
+    outcome : int, optional
+        0 success, 4 when the transfer was interrupted, 8 when it failed.
+    detail : str, optional
+        More facts (bytes sent, range).
+    """
+    text = "; ".join(x for x in (f"media={media}", f"studies={','.join(study_uids)}", detail)
+                     if x)
+    return record(EXPORT, action, actor, outcome=outcome, patient_id=patient_id,
+                  study_uid=study_uids[0] if study_uids else "", transaction=transaction,
+                  detail=text)
+
+
 def events_for_transaction(public_id: str) -> list[AuditEvent]:
     """Return a transaction's audit trail, oldest first."""
     return list(

@@ -10,6 +10,7 @@
     ├── UnknownDestination    C-MOVE destination not registered           -> 0xA801
     ├── BadQuery              an identifier that cannot be answered       -> 0xA900 / 0xC000
     ├── NotFound              no such transaction/study for this user     -> HTTP 404
+    ├── Gone                  the user's package, no longer available      -> HTTP 410
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
     ├── DeliveryError         mail/SMS could not be sent (iepnode.messaging) -> CLI/HTTP error
     └── LoginRefused          passcode login failed                       -> HTTP 403
@@ -51,6 +52,11 @@ class BadQuery(NodeError):
 
 class NotFound(NodeError):
     """The thing asked for does not exist, or is not this user's (never say which)."""
+
+
+class Gone(NodeError):
+    """The user's own transaction exists but its package is no longer available
+    (expired, declined or purged)."""
 
 
 class InvalidRequest(NodeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import time
@@ -13,13 +14,15 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from config import Settings
-from iepnode import audit, logins, notifications, transactions
+from iepnode import audit, checksums, downloads, logins, notifications, package, transactions
 from iepnode.admin import AdminService
 from iepnode.audit import Actor
 from iepnode.errors import (
+    Gone,
     InvalidRequest,
     LoginRefused,
     NotAuthorized,
+    NotFound,
     PasscodeRejected,
     UnknownDestination,
 )
@@ -671,6 +674,7 @@ class Node:
                 removed += 1
             log.info("purged study %s: every transaction holding it has expired", uid)
         transactions.mark_purged(expired)
+        self.sweep_protected_downloads()
         for transaction in expired:
             audit.record(audit.EXPORT, "purge", audit.Actor("system", "retention"),
                          outcome=audit.SUCCESS, transaction=transaction.public_id,
@@ -709,9 +713,166 @@ class Node:
             try:
                 self.build_fileset(study.study_uid)
                 built += 1
+                self.cache_download_checksums(study.study_uid)
             except Exception:
                 log.exception("file-set build failed for study %s", study.study_uid)
         return built
+
+    # -- download (issue 5) --
+    # The zip package of a transaction or study (iepnode.package), its CRC cache
+    # (iepnode.checksums), the download rules and password-protected copies
+    # (iepnode.downloads). Web views and the CLI call these in a thread.
+
+    @functools.cached_property
+    def _packages(self) -> package.PackageCache:
+        return package.PackageCache()
+
+    @functools.cached_property
+    def _protected(self) -> downloads.ProtectedStore:
+        return downloads.ProtectedStore(self.settings.data_dir / "downloads")
+
+    def _package_of(self, source: package.PackageSource) -> package.Package:
+        """Plan (or take from the cache) the package of ``source``.
+
+        Raises
+        ------
+        Gone
+            None of its studies is stored any more.
+        """
+        try:
+            files = package.stored_files(source.study_uids, self.store.path)
+        except FileNotFoundError as exc:
+            raise Gone("Some images of this package are no longer stored.") from exc
+        if not files:
+            raise Gone("The images of this package are no longer stored.")
+        key = package.fingerprint(source, files)
+
+        def build() -> package.Package:
+            crcs = checksums.crcs_for([(f.key, f.path) for f in files])
+            return package.build_package(source, files, crcs, key)
+
+        return self._packages.get_or_build(key, build)
+
+    def recipient_package(self, recipient_id: int, public_id: str) -> package.Package:
+        """The download package of one of the recipient's live transactions.
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        Gone
+            Declined, expired or purged.
+        """
+        recipient = Recipient.get_by_id(recipient_id)
+        transaction = transactions.get_for_recipient(recipient, public_id)
+        downloads.check_downloadable(transaction)
+        return self._package_of(downloads.source_for_transaction(transaction,
+                                                                 self.settings.institution))
+
+    def transaction_package(self, public_id: str) -> package.Package:
+        """The package of any transaction whose files are still stored (``iepnode export``).
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        Gone
+            Its files were purged.
+        """
+        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        if transaction is None:
+            raise NotFound(f"no transaction {public_id}")
+        if transaction.purged_at:
+            raise Gone(f"the images of {public_id} have been purged")
+        return self._package_of(downloads.source_for_transaction(transaction,
+                                                                 self.settings.institution))
+
+    def study_package(self, study_uid: str) -> package.Package:
+        """The package of one stored study (``iepnode export UID``).
+
+        Raises
+        ------
+        NotFound
+            No such study.
+        """
+        try:
+            source = package.source_for_study(study_uid, self.settings.institution)
+        except KeyError:
+            raise NotFound(f"no study {study_uid}") from None
+        return self._package_of(source)
+
+    def record_download(self, actor: Actor, pkg: package.Package, *, action: str,
+                        transaction: str = "", outcome: int = audit.SUCCESS,
+                        detail: str = "") -> None:
+        """Audit one download or export of ``pkg`` (DCM 110106 Export)."""
+        audit.record_export(action, actor, media=f"zip {pkg.filename}",
+                            study_uids=pkg.study_uids, patient_id=pkg.patient_id,
+                            transaction=transaction, outcome=outcome,
+                            detail=f"{pkg.instances} instances; {detail}".rstrip("; "))
+
+    def record_recipient_download(self, recipient_id: int, pkg: package.Package, *,
+                                  public_id: str, source_ip: str = "",
+                                  outcome: int = audit.SUCCESS, detail: str = "") -> None:
+        """Audit one download request of a recipient (when it ended, with its outcome)."""
+        recipient = Recipient.get_by_id(recipient_id)
+        self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
+                             action="download", transaction=public_id, outcome=outcome,
+                             detail=detail)
+
+    def protect_package(self, recipient_id: int, public_id: str,
+                        source_ip: str = "") -> downloads.ProtectedCopy:
+        """Write a password-protected copy of a recipient's package (audited).
+
+        Raises
+        ------
+        NotFound, Gone
+            As :meth:`recipient_package`.
+        InvalidRequest
+            No room on disk for the copy.
+        """
+        pkg = self.recipient_package(recipient_id, public_id)
+        copy = self._protected.create(pkg, recipient_id=recipient_id, public_id=public_id)
+        recipient = Recipient.get_by_id(recipient_id)
+        self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
+                             action="encrypt", transaction=public_id,
+                             detail=f"AES-256 copy of {copy.size} bytes prepared")
+        return copy
+
+    def protected_download(self, recipient_id: int, token: str,
+                           source_ip: str = "", detail: str = "") -> tuple[Path, str]:
+        """The file and download name of a recipient's protected copy (audited).
+
+        Raises
+        ------
+        NotFound
+            Unknown, expired or someone else's token.
+        Gone
+            The transaction is no longer downloadable.
+        """
+        path, meta = self._protected.find(token, recipient_id)
+        recipient = Recipient.get_by_id(recipient_id)
+        transaction = transactions.get_for_recipient(recipient, meta["public_id"])
+        downloads.check_downloadable(transaction)
+        audit.record_export("download-protected", audit.Actor("recipient", recipient.email,
+                                                              source_ip),
+                            media=f"AES zip {meta['filename']}",
+                            study_uids=[ts.study_uid for ts in transaction.studies],
+                            patient_id=transaction.patient_id,
+                            transaction=transaction.public_id, detail=detail)
+        return path, str(meta["filename"])
+
+    def cache_download_checksums(self, study_uid: str) -> int:
+        """Compute the CRC-32 of a study's stored files ahead of any download."""
+        return checksums.cache_study(study_uid, self.store.path)
+
+    def sweep_protected_downloads(self) -> int:
+        """Delete protected copies that expired or whose transaction is no longer live."""
+
+        def keep(meta: dict) -> bool:
+            transaction = Transaction.get_or_none(Transaction.public_id == meta.get("public_id"))
+            return transaction is not None and downloads.is_downloadable(transaction)
+
+        return self._protected.sweep(keep)
 
 
 def _contact(transaction: Transaction) -> Contact:

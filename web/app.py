@@ -12,7 +12,7 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, middlewares, recipient
+from web import admin, download, middlewares, recipient
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -55,5 +55,6 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", HERE / "static", name="static")
     recipient.setup_routes(app)
+    download.setup_routes(app)
     admin.setup_routes(app)
     return app

@@ -1,0 +1,213 @@
+"""Recipient downloads: the transaction's zip, streamed, resumable; password-protected copies.
+
+Routes (recipient session required; someone else's transaction is a 404, an
+expired, declined or purged one a 410 page)::
+
+    GET  /transactions/{public_id}/download            the zip (HEAD too), Range/If-Range
+    POST /transactions/{public_id}/download-protected  write an AES-256 copy, show its
+                                                       password once
+    GET  /downloads/{token}                            the protected copy (Range by aiohttp)
+
+The zip is planned before the first byte (:mod:`iepnode.package`), so the response
+has its exact ``Content-Length`` and a strong ``ETag``, and any single byte range
+can be served (``206``; ``416`` beyond the end). Generated members are written
+from memory; the stored files go out with ``sendfile`` (zero copy) where the
+transport allows it, otherwise in 1 MiB reads off the event loop. Each request is
+audited when it ends, with the bytes sent and whether it completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from iepnode import audit
+from iepnode.downloads import PROTECTED_TTL, is_downloadable
+from iepnode.package import Package
+from iepnode.zipstream import CHUNK, FileSlice
+from storage.models import WebSession
+from web.common import client_ip, node_of, public_id_of
+from web.keys import SESSION_KEY
+
+log = logging.getLogger("iepnode.web.download")
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_SAFE_FILENAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _recipient_session(request: web.Request) -> WebSession:
+    session = request[SESSION_KEY]
+    if session is None or session.recipient_id is None:
+        raise web.HTTPSeeOther("/signin")
+    return session
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The byte range ``[start, stop)`` a ``Range`` header asks for, or ``None`` for all.
+
+    Only single ``bytes=`` ranges are honoured; a malformed header or several ranges
+    are ignored (the whole archive is sent, as RFC 9110 14.2 allows).
+
+    Raises
+    ------
+    web.HTTPRequestRangeNotSatisfiable
+        A well-formed range that lies outside the archive (416, with ``Content-Range``).
+    """
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if first:
+        start = int(first)
+        stop = min(int(last) + 1, size) if last else size
+        if last and int(last) < start:
+            return None
+    elif last:
+        start, stop = max(0, size - int(last)), size
+        if int(last) == 0:
+            start = size
+    else:
+        return None
+    if start >= size or start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+def _attachment(filename: str) -> str:
+    if not _SAFE_FILENAME.fullmatch(filename):  # names are generated; this is a guard
+        filename = "download.zip"
+    return f'attachment; filename="{filename}"'
+
+
+async def _send(request: web.Request, response: web.StreamResponse, package: Package,
+                start: int, stop: int) -> int:
+    """Write bytes ``start``-``stop`` of the package; return how many went out."""
+    loop = asyncio.get_running_loop()
+    transport = request.transport
+    sent = 0
+    use_sendfile = transport is not None and transport.get_extra_info("sslcontext") is None
+    for piece in package.layout.pieces(start, stop):
+        if isinstance(piece, bytes):
+            await response.write(piece)
+            sent += len(piece)
+            continue
+        sent += await _send_file(loop, response, transport, piece, use_sendfile)
+    return sent
+
+
+async def _send_file(loop: asyncio.AbstractEventLoop, response: web.StreamResponse,
+                     transport: Any, piece: FileSlice, use_sendfile: bool) -> int:
+    handle = await asyncio.to_thread(open, piece.path, "rb")
+    try:
+        if use_sendfile:
+            try:
+                await loop.sendfile(transport, handle, piece.offset, piece.size,
+                                    fallback=False)
+                return piece.size
+            except (NotImplementedError, RuntimeError):
+                pass  # no native sendfile here: copy through user space
+        await asyncio.to_thread(handle.seek, piece.offset)
+        left = piece.size
+        while left:
+            data = await asyncio.to_thread(handle.read, min(CHUNK, left))
+            if not data:
+                raise OSError(f"{piece.path} is shorter than planned")
+            await response.write(data)
+            left -= len(data)
+        return piece.size
+    finally:
+        handle.close()
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """``GET /transactions/{public_id}/download``: the transaction's zip (resumable)."""
+    session = _recipient_session(request)
+    public_id = public_id_of(request)
+    node = node_of(request)
+    package = await asyncio.to_thread(node.recipient_package, session.recipient_id, public_id)
+    etag = f'"{package.etag}"'
+    wanted = parse_range(request.headers.get("Range"), package.size)
+    if_range = request.headers.get("If-Range")
+    if wanted is not None and if_range is not None and if_range.strip() != etag:
+        wanted = None  # the client's partial copy is of other bytes: start again
+    start, stop = wanted or (0, package.size)
+    response = web.StreamResponse(status=206 if wanted else 200, headers={
+        "Content-Type": "application/zip",
+        "Content-Disposition": _attachment(package.filename),
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+    })
+    if wanted:
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{package.size}"
+    response.content_length = stop - start
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    sent, outcome, note = 0, audit.SERIOUS_FAILURE, "failed"
+    try:
+        sent = await _send(request, response, package, start, stop)
+        await response.write_eof()
+        outcome, note = audit.SUCCESS, "complete"
+    except (ConnectionError, asyncio.CancelledError):
+        outcome, note = audit.MINOR_FAILURE, "interrupted by the client"
+        raise
+    except OSError:
+        log.exception("download of %s failed", public_id)
+        raise
+    finally:
+        detail = (f"bytes {start}-{stop - 1} of {package.size} ({note}"
+                  f"{'' if note == 'complete' else f' after {sent} bytes'})")
+        await asyncio.to_thread(node.record_recipient_download, session.recipient_id, package,
+                                public_id=public_id, source_ip=client_ip(request),
+                                outcome=outcome, detail=detail)
+    return response
+
+
+async def protect(request: web.Request) -> web.Response:
+    """``POST /transactions/{public_id}/download-protected``: write an AES-256 copy.
+
+    The page shows the password once: it is stored nowhere, and the page is ``no-store``.
+    """
+    session = _recipient_session(request)
+    public_id = public_id_of(request)
+    copy = await asyncio.to_thread(node_of(request).protect_package, session.recipient_id,
+                                   public_id, client_ip(request))
+    return aiohttp_jinja2.render_template("recipient/protected.html", request, {
+        "copy": copy, "public_id": public_id, "hours": int(PROTECTED_TTL // 3600),
+        "megabytes": f"{copy.size / 1e6:,.1f}",
+    })
+
+
+async def protected_file(request: web.Request) -> web.FileResponse:
+    """``GET /downloads/{token}``: a protected copy (aiohttp serves Range and If-Range)."""
+    session = _recipient_session(request)
+    rng = request.headers.get("Range", "")
+    path, filename = await asyncio.to_thread(
+        node_of(request).protected_download, session.recipient_id,
+        request.match_info["token"], client_ip(request),
+        f"range {rng}" if rng else "whole file")
+    return web.FileResponse(path, headers={
+        "Content-Type": "application/zip",
+        "Content-Disposition": _attachment(filename),
+    })
+
+
+def downloadable(view: Any) -> bool:
+    """Jinja2 test: may the recipient download this transaction (``RecipientView``) now?"""
+    return is_downloadable(view.transaction, time.time())
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register the download routes and the ``downloadable`` template test."""
+    aiohttp_jinja2.get_env(app).tests["downloadable"] = downloadable
+    app.router.add_get("/transactions/{public_id}/download", download)
+    app.router.add_post("/transactions/{public_id}/download-protected", protect)
+    app.router.add_get("/downloads/{token}", protected_file)
