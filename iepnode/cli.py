@@ -1,4 +1,4 @@
-"""The ``iepnode`` command line: serve, manage remote AEs, import, build file-sets."""
+"""The ``iepnode`` command line: serve, manage remote AEs, import, build file-sets, export."""
 
 from __future__ import annotations
 
@@ -95,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--nhs-number", default="")
     create.add_argument("--as-user", default="", metavar="USERNAME",
                         help="staff user shown as the hospital contact")
+
+    export = sub.add_parser("export", help="write the download zip of a transaction or study")
+    _common(export)
+    export.add_argument("what", metavar="TRANSACTION_OR_STUDY",
+                        help="a transaction ID (IEP...) or a Study Instance UID")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE.zip",
+                        help="where to write the zip")
+    export.add_argument("--password", action="store_true",
+                        help="encrypt with AES-256 and a generated password (printed once)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -247,6 +257,49 @@ def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import re
+
+    from tqdm import tqdm
+
+    from iepnode import audit, downloads
+    from iepnode.logs import setup_logging
+    from iepnode.node import Node
+
+    setup_logging(settings, process_name="export", to_stderr=False)
+    node = Node(settings)
+    is_transaction = re.fullmatch(r"IEP[0-9]{8}", args.what) is not None
+    pkg = (node.transaction_package(args.what) if is_transaction
+           else node.study_package(args.what))
+    out = args.out
+    partial = out.with_name(out.name + ".part")
+    password = downloads.new_password() if args.password else ""
+    bar = tqdm(total=pkg.size, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
+               disable=args.no_progress, file=sys.stderr)
+    try:
+        if password:
+            downloads.write_protected(pkg, partial, password, progress=bar.update)
+        else:
+            with open(partial, "wb") as fh:
+                downloads.write_zip(pkg.layout, fh, progress=bar.update)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    node.record_download(audit.Actor("cli", getpass.getuser()), pkg,
+                         action="export-protected" if password else "export",
+                         transaction=args.what if is_transaction else "",
+                         detail=f"{out.stat().st_size} bytes written")
+    print(f"wrote {out} ({out.stat().st_size} bytes, {pkg.instances} instances)")
+    if password:
+        print(f"password: {password}")
+        print("(shown only now; send it separately from the file)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``iepnode`` command; return its exit code."""
     args = _parser().parse_args(argv)
@@ -258,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings)
         handler = {"ae": _cmd_ae, "import": _cmd_import, "fileset": _cmd_fileset,
                    "studies": _cmd_studies, "user": _cmd_user,
-                   "transfer": _cmd_transfer}[args.command]
+                   "transfer": _cmd_transfer, "export": _cmd_export}[args.command]
         return handler(args, settings)
     except ConfigError as exc:
         print(f"iepnode: configuration error: {exc}", file=sys.stderr)
