@@ -819,9 +819,11 @@ class Node:
                              action="download", transaction=public_id, outcome=outcome,
                              detail=detail)
 
-    def protect_package(self, recipient_id: int, public_id: str,
-                        source_ip: str = "") -> downloads.ProtectedCopy:
+    def protect_package(self, recipient_id: int, public_id: str, source_ip: str = "",
+                        ) -> tuple[downloads.ProtectedCopy, Recipient]:
         """Write a password-protected copy of a recipient's package (audited).
+
+        Returns the copy (its token and its password, to show once) and the recipient.
 
         Raises
         ------
@@ -836,7 +838,7 @@ class Node:
         self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
                              action="encrypt", transaction=public_id,
                              detail=f"AES-256 copy of {copy.size} bytes prepared")
-        return copy
+        return copy, recipient
 
     def protected_download(self, recipient_id: int, token: str,
                            source_ip: str = "", detail: str = "") -> tuple[Path, str]:

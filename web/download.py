@@ -34,6 +34,7 @@ from iepnode.zipstream import CHUNK, FileSlice
 from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of
 from web.keys import SESSION_KEY
+from web.middlewares import SECURITY_HEADERS
 
 log = logging.getLogger("iepnode.web.download")
 
@@ -105,7 +106,9 @@ async def _send(request: web.Request, response: web.StreamResponse, package: Pac
 
 async def _send_file(loop: asyncio.AbstractEventLoop, response: web.StreamResponse,
                      transport: Any, piece: FileSlice, use_sendfile: bool) -> int:
-    handle = await asyncio.to_thread(open, piece.path, "rb")
+    # Opened inline: a thread's result would be lost (and the file left open) if the
+    # request were cancelled while waiting for it.
+    handle = open(piece.path, "rb")  # noqa: SIM115 - closed in the finally below
     try:
         if use_sendfile:
             try:
@@ -140,6 +143,9 @@ async def download(request: web.Request) -> web.StreamResponse:
         wanted = None  # the client's partial copy is of other bytes: start again
     start, stop = wanted or (0, package.size)
     response = web.StreamResponse(status=206 if wanted else 200, headers={
+        # The security_headers middleware runs after the handler: too late for headers
+        # of a response already streaming, so they are set here.
+        **SECURITY_HEADERS,
         "Content-Type": "application/zip",
         "Content-Disposition": _attachment(package.filename),
         "Accept-Ranges": "bytes",
@@ -178,11 +184,13 @@ async def protect(request: web.Request) -> web.Response:
     """
     session = _recipient_session(request)
     public_id = public_id_of(request)
-    copy = await asyncio.to_thread(node_of(request).protect_package, session.recipient_id,
-                                   public_id, client_ip(request))
+    copy, recipient = await asyncio.to_thread(node_of(request).protect_package,
+                                              session.recipient_id, public_id,
+                                              client_ip(request))
     return aiohttp_jinja2.render_template("recipient/protected.html", request, {
         "copy": copy, "public_id": public_id, "hours": int(PROTECTED_TTL // 3600),
-        "megabytes": f"{copy.size / 1e6:,.1f}",
+        "megabytes": f"{copy.size / 1e6:,.1f}", "recipient": recipient,
+        "csrf": session.csrf_token,
     })
 
 
