@@ -1,0 +1,168 @@
+"""The download package's content: names, pages, previews, reports, CRC cache, determinism.
+
+Built in-process over a real :class:`Node` and file store in ``tmp_path``; the zip is
+read back with Python's zipfile (the HTTP side is in ``test_download.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+import pyzipper
+from PIL import Image
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from iepnode import transactions as tx
+from iepnode.node import Node
+from iepnode.package import Package
+from iepnode.zipstream import iter_bytes
+from storage.fileset import plan_fileset
+from storage.models import Instance, InstanceChecksum
+from tests import data_factory as factory
+from tests.support.ingest import store_files
+from tests.support.node import run_cli
+from tests.test_recipient_web import CONTACT, make_settings
+
+NAME = re.compile(r"DICOMDIR|README\.TXT|INDEX\.HTM|IHE_PDI/[A-Z0-9]{1,8}\.(HTM|JPG)|"
+                  r"REPORTS/[A-Z0-9]{1,8}\.PDF|DICOM(/[A-Z0-9_]{1,8}){1,7}")
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(make_settings(tmp_path))
+
+
+def unpack(pkg: Package) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(b"".join(iter_bytes(pkg.layout)))) as zf:
+        assert zf.testzip() is None
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def share(node: Node, *uids: str) -> tx.Transaction:
+    transaction, _ = tx.create_transfer(
+        tx.NewTransfer(uids, "pat@example.org", otp_mobile="+447700900123"),
+        contact=CONTACT, institution=node.settings.institution, created_by="cli")
+    return transaction
+
+
+def test_plan_fileset_under_a_root_gives_the_same_bytes(tmp_path: Path) -> None:
+    files = factory.make_ct_series(tmp_path / "ct", 3)
+    first = plan_fileset(files, root=("DICOM",), instance_uid="1.2.3.4")
+    again = plan_fileset(list(reversed(files)), root=("DICOM",), instance_uid="1.2.3.4")
+    assert first.dicomdir == again.dicomdir  # records ordered by instance number, not input
+    assert [p.file_id for p in first.files] == [
+        ("DICOM", "PT000000", "ST000000", "SE000000", f"IM00000{i}") for i in range(3)]
+    assert dcmread(io.BytesIO(first.dicomdir)).file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    for bad in (("dicom",), ("TOOLONGNAME",), ("A", "B", "C", "D", "E"), ("..",)):
+        with pytest.raises(ValueError):
+            plan_fileset(files, root=bad)
+
+
+def test_names_are_generated_and_pages_escape_dicom_values(node: Node, tmp_path: Path) -> None:
+    hostile = "<script>alert(1)</script> ../../etc/passwd"
+    ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="<b>Evil</b>^../x",
+                                StudyDescription=hostile, SeriesDescription=hostile,
+                                AccessionNumber="../../A")
+    uid = store_files(node, [*ct, factory.make_pdf(tmp_path / "ct", like=ct[0],
+                                                   DocumentTitle="..\\..\\evil.exe")])
+    transaction = share(node, uid)
+    files = unpack(node.recipient_package(transaction.recipient_id, transaction.public_id))
+    assert all(NAME.fullmatch(name) for name in files), list(files)
+    for name in ("INDEX.HTM", "IHE_PDI/STUDY001.HTM"):
+        page = files[name].decode("ascii")
+        assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "<b>" not in page and "&lt;B&gt;EVIL&lt;/B&gt;" in page
+
+
+def test_same_stored_files_give_the_same_bytes_and_the_plan_is_cached(
+    node: Node, tmp_path: Path
+) -> None:
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
+    transaction = share(node, uid)
+    first = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    assert node.recipient_package(transaction.recipient_id, transaction.public_id) is first
+    other = Node(node.settings)  # another process's view: nothing cached
+    second = other.transaction_package(transaction.public_id)
+    assert second is not first and second.etag == first.etag
+    assert b"".join(iter_bytes(second.layout)) == b"".join(iter_bytes(first.layout))
+    store_files(node, factory.make_ct_series(tmp_path / "more", 1, StudyInstanceUID=uid))
+    grown = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    assert grown.instances == 4 and grown.etag != first.etag
+
+
+def test_checksums_are_cached_when_a_study_becomes_stable(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, stable_age=0))
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
+    assert InstanceChecksum.select().count() == 0
+    assert node.build_stable_filesets() == 1
+    rows = dict(InstanceChecksum.select(InstanceChecksum.instance,
+                                        InstanceChecksum.crc32).tuples())
+    instances = list(Instance.select())
+    assert len(rows) == len(instances) == 3
+    for instance in instances:
+        assert rows[instance.key] == zlib.crc32(node.store.path(instance.key).read_bytes())
+    InstanceChecksum.delete().execute()
+    node.study_package(uid)  # computes what is missing, and keeps it
+    assert InstanceChecksum.select().count() == 3
+    node.purge_expired()
+    from storage import index
+
+    index.delete_study(uid)  # the cache rows go with the instance rows
+    assert InstanceChecksum.select().count() == 0
+
+
+def test_previews_decode_what_they_can_and_say_so_otherwise(node: Node, tmp_path: Path) -> None:
+    study_uid = generate_uid()
+    same = {"StudyInstanceUID": study_uid, "PatientID": "P9", "PatientName": "Pre^View"}
+    paths = [factory.copy_bundled(name, tmp_path / "in", SOPInstanceUID=generate_uid(),
+                                  SeriesInstanceUID=generate_uid(), **same)
+             for name in ("MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                          "MR_small_jpeg_ls_lossless.dcm")]
+    paths.append(factory.make_sr(tmp_path / "in", like=paths[0]))
+    store_files(node, paths)
+    files = unpack(node.study_package(study_uid))
+    sizes = {}
+    for name in sorted(n for n in files if n.endswith(".JPG")):
+        with Image.open(io.BytesIO(files[name])) as image:
+            sizes[name] = (image.format, image.size, image.mode)
+    assert len(sizes) == 5  # one per series
+    shown = [s for s in sizes.values() if s[1] != (256, 256)]
+    assert len(shown) == 3  # RLE, JPEG 2000 and JPEG baseline decode; JPEG-LS and SR cannot
+    assert any(mode == "RGB" for _, _, mode in shown)
+    pages = b"".join(v for k, v in files.items() if k.endswith(".HTM"))
+    assert pages.count(b"<img ") == 5
+
+
+@pytest.mark.parametrize("size", [101, 150_001], ids=["small-odd", "large-odd"])
+def test_pdf_reports_keep_their_exact_bytes(node: Node, tmp_path: Path, size: int) -> None:
+    pdf = factory.minimal_pdf()
+    pdf = pdf + b"%" * (size - len(pdf)) if size > len(pdf) else pdf[:size]
+    ct = factory.make_ct_series(tmp_path / "ct", 1)
+    uid = store_files(node, [*ct, factory.make_pdf(tmp_path / "ct", like=ct[0], pdf=pdf)])
+    files = unpack(node.study_package(uid))
+    assert files["REPORTS/RPT00001.PDF"] == pdf
+    assert b"../REPORTS/RPT00001.PDF" in files["IHE_PDI/STUDY001.HTM"]
+
+
+def test_cli_export_with_password(node: Node, tmp_path: Path) -> None:
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 2))
+    transaction = share(node, uid)
+    out = tmp_path / "out.zip"
+    result = run_cli(node.settings.data_dir, "export", transaction.public_id, "--out", str(out),
+                     "--password", "--no-progress")
+    password = re.search(r"password: (\S+)", result.stdout).group(1)
+    assert "100%" not in result.stderr  # --no-progress
+    plain = unpack(node.transaction_package(transaction.public_id))
+    with pyzipper.AESZipFile(out) as zf:
+        zf.setpassword(password.encode())
+        assert {n: zf.read(n) for n in zf.namelist()} == plain
+    missing = run_cli(node.settings.data_dir, "export", "1.2.3.999", "--out",
+                      str(tmp_path / "x.zip"), check=False)
+    assert missing.returncode == 1 and "no study" in missing.stderr
+    assert not (tmp_path / "x.zip").exists()
