@@ -17,7 +17,8 @@ member's data and the central directory have fixed offsets. That gives
 
 :class:`ZipLayout` yields *pieces*: ``bytes`` for headers and generated members,
 :class:`FileSlice` for data to be read from a file. :func:`iter_bytes` turns
-pieces into chunks for writers that want bytes (the CLI, tests).
+pieces into chunks for writers that want bytes; :func:`iter_batches` joins them into
+~1 MiB batches (fewer writes and thread hops for the web server).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "CHUNK", "FileSlice", "Member", "ZipLayout", "file_crc32", "iter_bytes", "read_slice",
+    "CHUNK", "FileSlice", "Member", "ZipLayout", "file_crc32", "iter_batches", "iter_bytes",
+    "read_slice",
 ]
 
 #: Read size for member data (bytes).
@@ -283,6 +285,28 @@ def read_slice(piece: FileSlice, chunk: int = CHUNK) -> Iterator[bytes]:
                 raise OSError(f"{piece.path} is shorter than planned")
             left -= len(data)
             yield data
+
+
+def iter_batches(layout: ZipLayout, start: int = 0, stop: int | None = None,
+                 size: int = CHUNK) -> Iterator[bytes]:
+    """Yield the archive's bytes in batches of about ``size`` bytes (at most ~2x ``size``).
+
+    Small pieces (headers, small files) are joined with their neighbours, so a
+    writer makes one call per batch instead of two per member; file data is read in
+    chunks of at most ``size``. Memory held: one batch.
+    """
+    buffer: list[bytes] = []
+    held = 0
+    for piece in layout.pieces(start, stop):
+        chunks = [piece] if isinstance(piece, bytes) else read_slice(piece, size)
+        for chunk in chunks:
+            buffer.append(chunk)
+            held += len(chunk)
+            if held >= size:
+                yield buffer[0] if len(buffer) == 1 else b"".join(buffer)
+                buffer, held = [], 0
+    if buffer:
+        yield b"".join(buffer)
 
 
 def iter_bytes(layout: ZipLayout, start: int = 0, stop: int | None = None,

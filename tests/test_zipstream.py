@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from iepnode.zipstream import CHUNK, FileSlice, Member, ZipLayout, file_crc32, iter_bytes
+from iepnode.zipstream import (
+    CHUNK,
+    FileSlice,
+    Member,
+    ZipLayout,
+    file_crc32,
+    iter_batches,
+    iter_bytes,
+)
 
 ZERO = bytes(CHUNK)
 
@@ -106,6 +114,9 @@ def test_any_range_is_the_same_bytes(members: list[Member]) -> None:
              for _ in range(300)]
     for start, stop in cuts:
         assert b"".join(iter_bytes(layout, start, stop)) == whole[start:stop], (start, stop)
+        batches = list(iter_batches(layout, start, stop, 5000))
+        assert b"".join(batches) == whole[start:stop], (start, stop)
+        assert all(len(b) < 2 * 5000 for b in batches)  # one batch held at a time
     with pytest.raises(ValueError):
         list(layout.pieces(0, layout.size + 1))
 
