@@ -40,7 +40,7 @@ from typing import BinaryIO
 from iepnode import transactions
 from iepnode.errors import Gone, InvalidRequest, NotFound
 from iepnode.package import Package, PackageSource
-from iepnode.zipstream import Member, ZipLayout, iter_bytes, read_slice
+from iepnode.zipstream import Member, ZipLayout, iter_batches, read_slice
 from storage.models import Transaction, TransactionStudy
 
 log = logging.getLogger("iepnode.downloads")
@@ -116,7 +116,7 @@ def write_zip(layout: ZipLayout, out: BinaryIO,
         Called with the size of each chunk written.
     """
     written = 0
-    for chunk in iter_bytes(layout):
+    for chunk in iter_batches(layout):
         out.write(chunk)
         written += len(chunk)
         if progress is not None:
