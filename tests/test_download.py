@@ -17,6 +17,7 @@ and a package over 4 GiB (sparse files, marked slow).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -413,6 +414,27 @@ async def test_declined_expired_and_purged_packages_are_gone(
     assert (await browser.get(f"/transactions/{live.public_id}/download")).status == 200
     with pytest.raises(Exception, match="purged"):
         node.transaction_package(purged.public_id)
+
+
+async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_node: Node,
+                                                      tmp_path: Path) -> None:
+    uid = store_files(portal_node, factory.make_ct_series(tmp_path / "big", 48, rows=512,
+                                                          columns=512))  # ~25 MB
+    transaction, token = share([uid])
+    await log_in(portal, portal_node, token)
+    response = await portal.get(f"/transactions/{transaction.public_id}/download")
+    assert response.status == 200 and int(response.headers["Content-Length"]) > 20_000_000
+    await response.content.readexactly(1 << 20)
+    response.close()  # the browser goes away mid-download
+
+    deadline = time.monotonic() + 30
+    while not (events := list(AuditEvent.select().where(AuditEvent.action == "download"))):
+        assert time.monotonic() < deadline, "no audit event for the interrupted download"
+        await asyncio.sleep(0.05)
+    (event,) = events
+    assert event.outcome == 4 and "interrupted by the client after" in event.detail
+    sent = int(re.search(r"after (\d+) bytes", event.detail).group(1))
+    assert 1 << 20 <= sent < int(response.headers["Content-Length"])
 
 
 def test_range_header_parsing() -> None:
