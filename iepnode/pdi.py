@@ -112,7 +112,10 @@ def _sex(value: str) -> str:
                                                          value or "-")
 
 
-def _megabytes(size: int) -> str:
+def size_text(size: int) -> str:
+    """``123456789`` -> ``123.5 MB``; below a megabyte in kB (``4 kB``)."""
+    if size < 1_000_000:
+        return f"{max(1, round(size / 1000))} kB"
     return f"{size / 1e6:,.1f} MB"
 
 
@@ -138,7 +141,7 @@ def readme_txt(c: Contents) -> bytes:
         f"Patient ID:     {c.patient_id or '-'}",
         "",
         f"{len(c.studies)} {'study' if len(c.studies) == 1 else 'studies'}, {series} series, "
-        f"{c.instances} DICOM files ({_megabytes(c.dicom_bytes)}):",
+        f"{c.instances} DICOM files ({size_text(c.dicom_bytes)}):",
     ]
     for study in c.studies:
         text = " ".join(x for x in (dicom_date(study.date), study.modalities,

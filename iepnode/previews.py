@@ -21,6 +21,8 @@ log = logging.getLogger("iepnode.previews")
 
 #: Largest preview side in pixels.
 PREVIEW_SIZE = 512
+#: Images smaller than this (pixels, longest side) are enlarged by a whole factor to it.
+MIN_SIZE = 256
 #: JPEG quality of previews.
 QUALITY = 85
 #: A frame larger than this (bytes, decoded) is not previewed.
@@ -103,6 +105,10 @@ def _encode(image, size: int) -> bytes:  # image: PIL.Image.Image
 
     image = image.copy()
     image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    factor = -(-MIN_SIZE // max(image.size))  # rounded up: at least MIN_SIZE
+    if factor > 1:  # tiny images (e.g. 64x64 nuclear medicine): enlarge, pixels kept sharp
+        image = image.resize((image.width * factor, image.height * factor),
+                             Image.Resampling.NEAREST)
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
     out = io.BytesIO()

@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 from iepnode import transactions as tx
 from iepnode.node import Node
 from iepnode.package import Package
+from iepnode.previews import placeholder_jpeg
 from iepnode.zipstream import iter_bytes
 from storage.fileset import plan_fileset
 from storage.models import Instance, InstanceChecksum
@@ -127,14 +128,18 @@ def test_previews_decode_what_they_can_and_say_so_otherwise(node: Node, tmp_path
     paths.append(factory.make_sr(tmp_path / "in", like=paths[0]))
     store_files(node, paths)
     files = unpack(node.study_package(study_uid))
-    sizes = {}
-    for name in sorted(n for n in files if n.endswith(".JPG")):
-        with Image.open(io.BytesIO(files[name])) as image:
-            sizes[name] = (image.format, image.size, image.mode)
-    assert len(sizes) == 5  # one per series
-    shown = [s for s in sizes.values() if s[1] != (256, 256)]
-    assert len(shown) == 3  # RLE, JPEG 2000 and JPEG baseline decode; JPEG-LS and SR cannot
-    assert any(mode == "RGB" for _, _, mode in shown)
+    previews = [files[n] for n in sorted(files) if n.endswith(".JPG")]
+    assert len(previews) == 5  # one per series
+    cannot_decode = placeholder_jpeg("No preview", "this image's compression cannot be shown "
+                                     "here; open it in a DICOM viewer", size=256)
+    report = placeholder_jpeg("Report", "No picture: open it in a DICOM viewer")
+    assert previews.count(cannot_decode) == 1  # JPEG-LS: no decoder installed
+    assert previews.count(report) == 1  # the SR
+    shown = [p for p in previews if p not in (cannot_decode, report)]
+    assert len(shown) == 3  # RLE, JPEG 2000 and JPEG baseline decode
+    for jpeg in shown:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            assert image.format == "JPEG" and 256 <= max(image.size) <= 512
     pages = b"".join(v for k, v in files.items() if k.endswith(".HTM"))
     assert pages.count(b"<img ") == 5
 

@@ -33,6 +33,7 @@ from aiohttp import web
 from iepnode import audit
 from iepnode.downloads import PROTECTED_TTL, is_downloadable
 from iepnode.package import Package
+from iepnode.pdi import size_text
 from iepnode.zipstream import CHUNK as BATCH
 from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of
@@ -232,7 +233,7 @@ async def protect(request: web.Request) -> web.Response:
                                               client_ip(request))
     return aiohttp_jinja2.render_template("recipient/protected.html", request, {
         "copy": copy, "public_id": public_id, "hours": int(PROTECTED_TTL // 3600),
-        "megabytes": f"{copy.size / 1e6:,.1f}", "recipient": recipient,
+        "size": size_text(copy.size), "recipient": recipient,
         "csrf": session.csrf_token,
     })
 
