@@ -47,6 +47,8 @@ class Settings:
         Listening ports; ``0`` picks a free ephemeral port (printed at start-up).
     database_url : str
         ``sqlite:///PATH`` (default, under ``data_dir``) or ``postgresql://...``.
+    http_workers : int
+        Processes answering HTTP (they share the port with ``SO_REUSEPORT``).
     dicom_workers : int
         Number of SCP worker processes sharing the DICOM port (``SO_REUSEPORT``).
     max_pdu : int
@@ -103,6 +105,7 @@ class Settings:
     http_port: int = 8080
     database_url: str = ""
     dicom_workers: int = 2
+    http_workers: int = 1
     max_pdu: int = 1 << 20
     stable_age: float = 60.0
     duplicate_policy: str = "keep"
@@ -171,7 +174,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "duplicate_policy": "duplicate_policy",
         "fsync": "fsync",
     },
-    "http": {"bind": "bind", "port": "http_port"},
+    "http": {"bind": "bind", "port": "http_port", "workers": "http_workers"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -342,6 +345,8 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(f"{name} {port}: must be 0-65535")
     if s.dicom_workers < 1 or s.dicom_workers > 64:
         raise ConfigError(f"dicom_workers {s.dicom_workers}: must be 1-64")
+    if s.http_workers < 1 or s.http_workers > 64:
+        raise ConfigError(f"http_workers {s.http_workers}: must be 1-64")
     if s.max_pdu != 0 and s.max_pdu < 4096:
         raise ConfigError(f"max_pdu {s.max_pdu}: 0 (unlimited) or at least 4096")
     if s.stable_age < 0:
