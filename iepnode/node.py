@@ -20,6 +20,7 @@ from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
     NotAuthorized,
+    NotFound,
     PasscodeRejected,
     UnknownDestination,
 )
@@ -36,9 +37,10 @@ from iepnode.query import (
 )
 from iepnode.security import load_or_create_secret
 from iepnode.transactions import Contact, NewTransfer
-from storage import index, registry
-from storage.db import open_database, write_transaction
+from storage import hot_queries, index, registry
+from storage.db import open_database
 from storage.filestore import FileStore
+from storage.group_commit import GroupCommitter
 from storage.models import (
     LoginAttempt,
     Recipient,
@@ -127,6 +129,8 @@ class Node:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.database = open_database(settings.resolved_database_url)
+        #: Page views' small writes (audit events, read marks) share commits.
+        self.group_commit = GroupCommitter(self.database)
         self.store = FileStore(settings.store_dir, settings.tmp_dir, durable=settings.fsync)
         self.ingester = Ingester(
             self.store, replace_duplicates=settings.duplicate_policy == "replace"
@@ -377,7 +381,7 @@ class Node:
 
     def resume_session(self, token: str) -> WebSession:
         """Return the live session for a cookie value (see :func:`logins.resume_session`)."""
-        return logins.resume_session(token)
+        return logins.resume_session(token, run_write=self.group_commit.run)
 
     def log_in(self, token: str, attempt_id: int, code: str, source_ip: str = "") -> NewSession:
         """Check a passcode typed on the page a link opened; open a session.
@@ -450,15 +454,14 @@ class Node:
         # Reads run outside any transaction; the page's writes (read marks, audit
         # events) commit together at the end in a short write transaction, so the
         # database's single write lock is held for those statements only.
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = hot_queries.recipient(recipient_id)
+        if recipient is None:
+            raise NotFound("no such recipient")
         days = self.settings.dashboard_days
         everything = transactions.for_recipient(recipient, action_required=False, days=days)
         now = time.time()
         action = [t for t in everything if transactions.is_open(t, now)]
-        unread = (TransactionMessage.select()
-                  .where(TransactionMessage.transaction.in_([t.id for t in everything])
-                         & (TransactionMessage.read_by_recipient == False))  # noqa: E712
-                  .count()) if everything else 0
+        unread = hot_queries.unread_messages([t.id for t in everything])
         shown = {"action": action, "all": everything}.get(tab, [])
         views = self._views(shown, recipient, source_ip, f"dashboard {tab}")
         return RecipientDashboard(recipient, views, len(action), len(everything), unread, days)
@@ -615,28 +618,22 @@ class Node:
             return []
         ids = [t.id for t in shown]
         studies: dict[int, list[TransactionStudy]] = {i: [] for i in ids}
-        for row in (TransactionStudy.select().where(TransactionStudy.transaction.in_(ids))
-                    .order_by(TransactionStudy.id)):
+        for row in hot_queries.studies_of(ids):
             studies[row.transaction_id].append(row)
-        uids = {r.study_uid for rows in studies.values() for r in rows}
-        held = {s.study_uid: s.num_instances for s in Study.select(
-            Study.study_uid, Study.num_instances).where(Study.study_uid.in_(list(uids)))
-        } if uids else {}
+        held = hot_queries.images_held(sorted({r.study_uid for rows in studies.values()
+                                               for r in rows}))
         messages: dict[int, list[TransactionMessage]] = {i: [] for i in ids}
-        for message in (TransactionMessage.select()
-                        .where(TransactionMessage.transaction.in_(ids))
-                        .order_by(TransactionMessage.created_at, TransactionMessage.id)):
+        for message in hot_queries.messages_of(ids):
             messages[message.transaction_id].append(message)
         unread_ids = [m.id for ms in messages.values() for m in ms if not m.read_by_recipient]
-        with write_transaction(self.database):
-            if unread_ids:
-                TransactionMessage.update(read_by_recipient=True).where(
-                    TransactionMessage.id.in_(unread_ids)).execute()
-            audit.record_many(
-                PATIENT_RECORD, "view-transaction",
-                audit.Actor("recipient", recipient.email, source_ip),
-                [(t.patient_id, t.public_id, where) for t in shown],
-            )
+        actor = audit.Actor("recipient", recipient.email, source_ip)
+        viewed = [(t.patient_id, t.public_id, where) for t in shown]
+
+        def note_viewed() -> None:
+            hot_queries.mark_read(unread_ids)
+            audit.record_many(PATIENT_RECORD, "view-transaction", actor, viewed)
+
+        self.group_commit.run(note_viewed)
         now = time.time()
         views = []
         for transaction in shown:

@@ -50,6 +50,8 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         app,
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+        # Templates ship with the code: no stat() of each template on every render.
+        auto_reload=False,
     )
     env.globals["institution"] = settings.institution
     app.router.add_get("/healthz", healthz)
