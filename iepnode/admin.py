@@ -25,11 +25,11 @@ import hashlib
 import hmac
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import peewee
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -44,16 +44,19 @@ from iepnode.errors import InvalidRequest, LoginRefused, NotFound
 from iepnode.query import Root, parse_identifier, select_rows
 from iepnode.transactions import NewTransfer
 from storage import registry
+from storage.db import write_transaction
 from storage.models import (
     AuditEvent,
     Patient,
     Recipient,
     RemoteAE,
+    StaffLoginFailures,
     StaffUser,
     Study,
     Transaction,
     TransactionMessage,
     TransactionStudy,
+    UsedStaffCode,
     WebSession,
 )
 
@@ -172,6 +175,8 @@ class TotpEnrolment:
 class LoginThrottle:
     """Count failed logins per username; lock a username after too many.
 
+    The counts live in the database, so every web process sees the same ones.
+
     Parameters
     ----------
     max_failures : int
@@ -185,43 +190,44 @@ class LoginThrottle:
         self.max_failures = max_failures
         self.window = window
         self.lockout = lockout
-        self._failures: dict[str, list[float]] = {}
-        self._locked: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def locked_for(self, username: str, now: float) -> float:
         """Seconds ``username`` stays locked (0 when it is not)."""
-        with self._lock:
-            until = self._locked.get(username, 0.0)
-            if until <= now:
-                self._locked.pop(username, None)
-                return 0.0
-            return until - now
+        row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
+        return max(0.0, row.locked_until - now) if row is not None else 0.0
 
     def failed(self, username: str, now: float) -> bool:
         """Note a failed login; return ``True`` when it starts a lockout."""
-        with self._lock:
-            recent = [t for t in self._failures.get(username, ()) if t > now - self.window]
-            recent.append(now)
-            if len(recent) >= self.max_failures:
-                self._failures.pop(username, None)
-                self._locked[username] = now + self.lockout
-                return True
-            self._failures[username] = recent
-            if len(self._failures) > 10_000:
-                self._prune(now)
-            return False
+        for _ in range(3):  # PostgreSQL: two processes may create the same row at once
+            try:
+                return self._count_failure(username, now)
+            except peewee.IntegrityError:
+                continue
+        return self._count_failure(username, now)
+
+    def _count_failure(self, username: str, now: float) -> bool:
+        with write_transaction():
+            row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
+            if row is None:
+                row = StaffLoginFailures(username=username, failures=0, window_start=now)
+            if now - row.window_start > self.window:
+                row.failures, row.window_start = 0, now
+            row.failures += 1
+            starts_lockout = row.failures >= self.max_failures
+            if starts_lockout:
+                row.failures, row.window_start, row.locked_until = 0, now, now + self.lockout
+            row.save()
+            # Keep the table small: rows of usernames with nothing left to remember.
+            StaffLoginFailures.delete().where(
+                (StaffLoginFailures.window_start < now - self.window)
+                & (StaffLoginFailures.locked_until < now)).execute()
+        return starts_lockout
 
     def succeeded(self, username: str) -> None:
         """Forget the failures of a username that has just logged in."""
-        with self._lock:
-            self._failures.pop(username, None)
-
-    def _prune(self, now: float) -> None:
-        for name in [n for n, ts in self._failures.items() if ts[-1] <= now - self.window]:
-            del self._failures[name]
-        for name in [n for n, until in self._locked.items() if until <= now]:
-            del self._locked[name]
+        with write_transaction():
+            StaffLoginFailures.delete().where(
+                StaffLoginFailures.username == username).execute()
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -342,8 +348,6 @@ class AdminService:
         self.throttle = LoginThrottle()
         #: Seconds the web view waits before answering a failed login.
         self.failure_delay = FAILURE_DELAY
-        self._used_codes: dict[tuple[int, str], float] = {}
-        self._codes_lock = threading.Lock()
 
     # -- login -------------------------------------------------------------------------
 
@@ -396,13 +400,14 @@ class AdminService:
         return "wrong password or code"
 
     def _use_code(self, user_id: int, code: str, now: float) -> None:
-        """Accept each TOTP code once per user (RFC 6238 section 5.2)."""
-        with self._codes_lock:
-            for key in [k for k, until in self._used_codes.items() if until <= now]:
-                del self._used_codes[key]
-            if (user_id, code) in self._used_codes:
-                raise LoginRefused("code used already")
-            self._used_codes[(user_id, code)] = now + TOTP_REPLAY_WINDOW
+        """Accept each TOTP code once per user (RFC 6238 section 5.2), in every process."""
+        try:
+            with write_transaction():
+                UsedStaffCode.delete().where(UsedStaffCode.expires_at <= now).execute()
+                UsedStaffCode.create(staff=user_id, code=code,
+                                     expires_at=now + TOTP_REPLAY_WINDOW)
+        except peewee.IntegrityError:
+            raise LoginRefused("code used already") from None
 
     def staff_for_session(self, session: WebSession | None) -> StaffUser | None:
         """The enabled staff user of a session, or ``None`` (none, recipient, disabled)."""

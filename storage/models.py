@@ -229,7 +229,31 @@ class AuditEvent(BaseModel):
     detail = peewee.TextField(default="")
 
 
+class StaffLoginFailures(BaseModel):
+    """Failed staff logins per username (known or not), shared by all web processes."""
+
+    username = peewee.CharField(max_length=64, unique=True)
+    failures = peewee.IntegerField(default=0)
+    #: Start of the current counting window (Unix time).
+    window_start = peewee.DoubleField()
+    #: The username is refused until then (0: not locked).
+    locked_until = peewee.DoubleField(default=0.0)
+
+
+class UsedStaffCode(BaseModel):
+    """A staff TOTP code already accepted (each is accepted once, RFC 6238 5.2)."""
+
+    staff = peewee.ForeignKeyField(StaffUser, on_delete="CASCADE")
+    code = peewee.CharField(max_length=16)
+    #: When the code can no longer verify and the row may go.
+    expires_at = peewee.DoubleField(index=True)
+
+    class Meta:
+        indexes = ((("staff", "code"), True),)
+
+
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
+    StaffLoginFailures, UsedStaffCode,
 ]
