@@ -14,6 +14,9 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import tzlocal
 
 #: AE titles: 1-16 characters of the default character repertoire, no backslash.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -96,6 +99,9 @@ class Settings:
         Days a transaction is listed on the dashboard.
     passcode_ttl_minutes : int
         Minutes a one-time passcode stays valid.
+    timezone : str
+        IANA name of the time zone pages and messages show times in (``Europe/London``);
+        empty: the server's local zone (see :attr:`zone`).
     """
 
     data_dir: Path = Path("data")
@@ -127,6 +133,7 @@ class Settings:
     transaction_expiry_days: int = 14
     dashboard_days: int = 28
     passcode_ttl_minutes: int = 10
+    timezone: str = ""
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -153,6 +160,24 @@ class Settings:
     def outbox_dir(self) -> Path:
         """Where outgoing mail and SMS are written when no server/gateway is set."""
         return self.data_dir / "outbox"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The time zone of :attr:`timezone`, or the server's local zone when it is empty.
+
+        Raises
+        ------
+        ConfigError
+            The name is not a known IANA zone (``load_settings`` checks this once).
+        """
+        name = self.timezone or local_zone_name()
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            where = "timezone" if self.timezone else "the server's local time zone"
+            raise ConfigError(
+                f"{where} {name!r}: not a known IANA time zone name such as Europe/London "
+                "or America/New_York ([portal] timezone, IEPNODE_TIMEZONE)") from exc
 
     @property
     def resolved_database_url(self) -> str:
@@ -197,8 +222,22 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "expiry_days": "transaction_expiry_days",
         "dashboard_days": "dashboard_days",
         "passcode_minutes": "passcode_ttl_minutes",
+        "timezone": "timezone",
     },
 }
+
+
+def local_zone_name() -> str:
+    """IANA name of the server's local time zone; ``UTC`` when it has none.
+
+    ``TZ``, ``/etc/timezone`` or the ``/etc/localtime`` symlink name it (read by
+    tzlocal). A server whose zone has no name shows times in UTC, labelled so.
+    """
+    try:
+        return tzlocal.get_localzone_name() or "UTC"
+    except ZoneInfoNotFoundError as exc:  # conflicting configuration files
+        raise ConfigError(f"the server's local time zone is unclear ({exc}); set "
+                          "[portal] timezone") from exc
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -359,7 +398,10 @@ def _validate(s: Settings) -> Settings:
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"database_url {url!r}: sqlite:///PATH or postgresql://...")
     messaging = _validate_messaging(s)
-    return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(), **messaging)
+    timezone = s.timezone.strip()
+    replace(s, timezone=timezone).zone  # noqa: B018 - raises ConfigError for an unknown zone
+    return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
+                   timezone=timezone, **messaging)
 
 
 def load_settings(

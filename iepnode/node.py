@@ -337,7 +337,7 @@ class Node:
             detail=f"to {transaction.recipient.email}",
         )
         subject, text = notifications.transfer_email(
-            transaction, f"{self.settings.public_url}/t/{token}")
+            transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
         await self.messenger.send_email(transaction.recipient.email, subject, text,
                                         kind="transfer-link")
         return transaction

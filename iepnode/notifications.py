@@ -5,16 +5,13 @@ No passcode or token is ever logged; these functions only build text.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import tzinfo
 
+from iepnode import timefmt
 from storage.models import Transaction
 
 
-def _date(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%d %B %Y")
-
-
-def transfer_email(transaction: Transaction, link: str) -> tuple[str, str]:
+def transfer_email(transaction: Transaction, link: str, zone: tzinfo) -> tuple[str, str]:
     """Return (subject, text) of the email announcing a transaction.
 
     Parameters
@@ -23,6 +20,8 @@ def transfer_email(transaction: Transaction, link: str) -> tuple[str, str]:
         The new transaction.
     link : str
         The login link with its token.
+    zone : tzinfo
+        The hospital's time zone (``Settings.zone``) for the expiry date.
     """
     subject = f"{transaction.institution}: images are ready for you ({transaction.public_id})"
     text = (
@@ -32,7 +31,7 @@ def transfer_email(transaction: Transaction, link: str) -> tuple[str, str]:
         f"Open this link to log in:\n{link}\n\n"
         f"When you open it, a one-time passcode is sent to the mobile number or second\n"
         f"email address the hospital has for you. The images are available until\n"
-        f"{_date(transaction.expires_at)}.\n\n"
+        f"{timefmt.long_day(transaction.expires_at, zone)}.\n\n"
         f"If you did not expect this message, contact {transaction.contact_name or 'the hospital'}"
         f"{' at ' + transaction.contact_email if transaction.contact_email else ''}.\n"
         f"Do not forward this email: the link is personal.\n"

@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, tzinfo
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
@@ -40,6 +40,7 @@ from aiohttp import web
 from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
+from iepnode import timefmt
 from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottled
 from iepnode.errors import InvalidRequest, LoginRefused
 from iepnode.messaging import DeliveryError
@@ -55,7 +56,7 @@ from web.common import (
     public_id_of,
     see_other,
 )
-from web.keys import NODE_KEY, SESSION_KEY
+from web.keys import NODE_KEY, SESSION_KEY, SETTINGS_KEY
 
 _NEXT = re.compile(r"/admin(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9_.=&%-]*)?")
 _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
@@ -90,25 +91,19 @@ StaffHandler = Callable[[web.Request, Staff], Awaitable[web.StreamResponse]]
 # -- formatting (Jinja2 filters, staff_ prefix) ------------------------------------------
 
 
-def format_time(value: float | None) -> str:
-    """Format a Unix time as ``2026-11-23 14:05`` (UTC); ``—`` when missing."""
-    if not value:
-        return "—"
-    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d %H:%M}"
+def format_time(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as ``2026-11-23 14:05 GMT`` in ``zone``; ``—`` when missing."""
+    return timefmt.iso_minute(value, zone) if value else "—"
 
 
-def format_seconds(value: float | None) -> str:
-    """Format a Unix time as ``2026-11-23 14:05:09`` (UTC) for audit events."""
-    if not value:
-        return "—"
-    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d %H:%M:%S}"
+def format_seconds(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as ``2026-11-23 14:05:09 GMT`` in ``zone`` (audit events)."""
+    return timefmt.iso_second(value, zone) if value else "—"
 
 
-def format_day(value: float | None) -> str:
-    """Format a Unix time as a date ``2026-11-23`` (UTC)."""
-    if not value:
-        return "—"
-    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d}"
+def format_day(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as a date ``2026-11-23`` in ``zone``."""
+    return timefmt.iso_day(value, zone) if value else "—"
 
 
 def format_da(value: str) -> str:
@@ -583,8 +578,11 @@ def setup_routes(app: web.Application) -> None:
         The application, with aiohttp-jinja2 already set up.
     """
     env = aiohttp_jinja2.get_env(app)
+    zone = app[SETTINGS_KEY].zone
     env.filters.update(
-        staff_time=format_time, staff_seconds=format_seconds, staff_day=format_day,
+        staff_time=functools.partial(format_time, zone=zone),
+        staff_seconds=functools.partial(format_seconds, zone=zone),
+        staff_day=functools.partial(format_day, zone=zone),
         staff_da=format_da, staff_pn=format_pn, staff_sex=format_sex,
         staff_outcome=format_outcome, staff_modalities=format_modalities,
         staff_status=transaction_status,

@@ -25,14 +25,16 @@ checked there for every POST.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from datetime import UTC, date, datetime
+from datetime import date, tzinfo
 from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
+from iepnode import timefmt
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -54,7 +56,7 @@ from web.common import (
     public_id_of,
     see_other,
 )
-from web.keys import SESSION_KEY
+from web.keys import SESSION_KEY, SETTINGS_KEY
 
 STATIC = Path(__file__).resolve().parent / "static"
 TABS = ("home", "action", "all")
@@ -72,20 +74,14 @@ _NOTICES = {
 # -- formatting (Jinja2 filters) ------------------------------------------------------
 
 
-def format_epoch(value: float | None) -> str:
-    """Format a Unix time as a date like ``23 Nov 2026`` (UTC); ``—`` when missing."""
-    if not value:
-        return "—"
-    moment = datetime.fromtimestamp(value, UTC)
-    return f"{moment.day} {moment:%b %Y}"
+def format_epoch(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as a date like ``23 Nov 2026`` in ``zone``; ``—`` when missing."""
+    return timefmt.day(value, zone) if value else "—"
 
 
-def format_epoch_time(value: float | None) -> str:
-    """Format a Unix time as ``23 Nov 2026 14:05`` (UTC); ``—`` when missing."""
-    if not value:
-        return "—"
-    moment = datetime.fromtimestamp(value, UTC)
-    return f"{moment.day} {moment:%b %Y %H:%M}"
+def format_epoch_time(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as ``23 Nov 2026 14:05 GMT`` in ``zone``; ``—`` when missing."""
+    return timefmt.day_time(value, zone) if value else "—"
 
 
 def format_da(value: str) -> str:
@@ -421,8 +417,10 @@ def setup_routes(app: web.Application) -> None:
         The application, with aiohttp-jinja2 already set up.
     """
     env = aiohttp_jinja2.get_env(app)
-    env.filters.update(epoch=format_epoch, epoch_time=format_epoch_time, da=format_da,
-                       pn=format_pn, sex=format_sex, status=format_status)
+    zone = app[SETTINGS_KEY].zone
+    env.filters.update(epoch=functools.partial(format_epoch, zone=zone),
+                       epoch_time=functools.partial(format_epoch_time, zone=zone),
+                       da=format_da, pn=format_pn, sex=format_sex, status=format_status)
     # No HEAD: link scanners probing with HEAD must not send passcodes.
     app.router.add_get("/t/{token}", link, allow_head=False)
     app.router.add_post("/t/{token}/resend", resend)
