@@ -6,6 +6,7 @@ environment variables (``IEPNODE_<NAME>``), command-line flags.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -102,6 +103,10 @@ class Settings:
     timezone : str
         IANA name of the time zone pages and messages show times in (``Europe/London``);
         empty: the server's local zone (see :attr:`zone`).
+    trusted_proxies : tuple of str
+        Addresses or networks (``10.0.0.5``, ``10.0.0.0/8``) of reverse proxies whose
+        ``X-Forwarded-For`` / ``X-Forwarded-Proto`` headers are believed; empty
+        (default): those headers are ignored. Normalised to network form.
     """
 
     data_dir: Path = Path("data")
@@ -134,6 +139,7 @@ class Settings:
     dashboard_days: int = 28
     passcode_ttl_minutes: int = 10
     timezone: str = ""
+    trusted_proxies: tuple[str, ...] = ()
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -199,7 +205,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "duplicate_policy": "duplicate_policy",
         "fsync": "fsync",
     },
-    "http": {"bind": "bind", "port": "http_port", "workers": "http_workers"},
+    "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
+             "trusted_proxies": "trusted_proxies"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -245,6 +252,13 @@ def _coerce(name: str, value: Any) -> Any:
     types = {f.name: f.type for f in fields(Settings)}
     kind = types[name]
     try:
+        if kind == "tuple[str, ...]":
+            # A TOML array, or text separated by commas/spaces (environment variables).
+            items = value.replace(",", " ").split() if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(
+                    isinstance(i, str) for i in items):
+                raise TypeError("a list of strings")
+            return tuple(items)
         if kind == "Path":
             return Path(value).expanduser()
         if kind == "int":
@@ -375,6 +389,18 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
             "institution": institution}
 
 
+def _validate_proxies(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check trusted proxy addresses/networks; return them as networks (``10.0.0.5/32``)."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies {value!r}: an IP address or network such as "
+                              "10.0.0.5, 10.0.0.0/8 or fd00::/8") from exc
+    return tuple(dict.fromkeys(networks))
+
+
 def _validate(s: Settings) -> Settings:
     if not _AE_TITLE.match(s.ae_title) or not s.ae_title.strip():
         raise ConfigError(f"ae_title {s.ae_title!r}: 1-16 printable characters, no backslash")
@@ -401,7 +427,8 @@ def _validate(s: Settings) -> Settings:
     timezone = s.timezone.strip()
     replace(s, timezone=timezone).zone  # noqa: B018 - raises ConfigError for an unknown zone
     return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
-                   timezone=timezone, **messaging)
+                   timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
+                   **messaging)
 
 
 def load_settings(

@@ -12,7 +12,7 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, middlewares, recipient
+from web import admin, middlewares, proxies, recipient
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -39,11 +39,11 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     node : Node
         The domain façade the views call.
     """
-    app = web.Application(
-        middlewares=[middlewares.security_headers, middlewares.domain_errors,
-                     middlewares.sessions, middlewares.csrf],
-        client_max_size=1 << 20,
-    )
+    chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
+             middlewares.csrf]
+    if settings.trusted_proxies:  # first: everything after it sees the client's address
+        chain.insert(0, proxies.middleware(settings.trusted_proxies))
+    app = web.Application(middlewares=chain, client_max_size=1 << 20)
     app[SETTINGS_KEY] = settings
     app[NODE_KEY] = node
     env = aiohttp_jinja2.setup(
