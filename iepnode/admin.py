@@ -6,7 +6,8 @@ place. The audit events written here (PS3.15 A.5 EventIDs)::
 
     110114 User Authentication  login, login-failed, logout
     110112 Query                study-search (with the criteria)
-    110110 Patient Record       view-transaction, message (staff reply; body not kept)
+    110110 Patient Record       view-transaction, message (staff reply; body not kept),
+                                message-notify (the email telling the recipient of it)
     110106 Export               transfer-create (written by Node.share)
     110113 Security Alert       recipient-unlock, login-locked,
                                 admin-change (remote AEs, staff users, own TOTP/password)
@@ -21,8 +22,10 @@ per user (RFC 6238 section 5.2). Both live in memory: the web server is one proc
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import math
 import re
 import time
@@ -38,9 +41,10 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from iepnode import audit, logins, staff, transactions
+from iepnode import audit, logins, notifications, staff, transactions
 from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest, LoginRefused, NotFound
+from iepnode.messaging import DeliveryError
 from iepnode.query import Root, parse_identifier, select_rows
 from iepnode.transactions import NewTransfer
 from storage import registry
@@ -63,6 +67,8 @@ from storage.models import (
 if TYPE_CHECKING:
     from iepnode.logins import NewSession
     from iepnode.node import Node
+
+log = logging.getLogger("iepnode.admin")
 
 #: Failed logins per username within :data:`FAILURE_WINDOW` that start a lockout.
 MAX_FAILURES = 5
@@ -147,6 +153,18 @@ class StaffTransactionView:
     def locked(self) -> bool:
         """Whether the recipient is locked out after failed passcodes."""
         return self.recipient.locked_at is not None
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """A stored staff reply and what became of the email telling the recipient.
+
+    ``reason`` says why no email went: ``expired`` (the transaction's link signs
+    in no more) or ``failed`` (the mail could not be sent; logged and audited).
+    """
+
+    emailed: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -472,8 +490,14 @@ class AdminService:
             audit.events_for_transaction(public_id), expired,
         )
 
-    def reply(self, public_id: str, user: StaffUser, body: str, source_ip: str = "") -> None:
-        """Add a staff message to a transaction's thread (audited, body not).
+    async def reply(self, public_id: str, user: StaffUser, body: str,
+                    source_ip: str = "") -> ReplyOutcome:
+        """Add a staff message to a transaction's thread and email the recipient about it.
+
+        The email says only that there is a new message and how to sign in (see
+        :func:`iepnode.notifications.message_email`). The message is stored first:
+        a mail failure is logged, audited and reported in the outcome, never raised.
+        Both are audited (the body is not kept in the audit trail).
 
         Raises
         ------
@@ -482,11 +506,43 @@ class AdminService:
         InvalidRequest
             An empty or too long message.
         """
+        transaction = await asyncio.to_thread(self._add_reply, public_id, user, body,
+                                              source_ip)
+        actor = _actor(user, source_ip)
+        if transaction.purged_at or transaction.status == transactions.EXPIRED or (
+                transaction.expires_at <= time.time()):
+            await asyncio.to_thread(
+                audit.record, PATIENT_RECORD, "message-notify", actor,
+                outcome=audit.MINOR_FAILURE, patient_id=transaction.patient_id,
+                transaction=public_id, detail="not emailed: the transaction has expired")
+            return ReplyOutcome(False, "expired")
+        email = transaction.recipient.email
+        subject, text = notifications.message_email(
+            transaction, f"{self.node.settings.public_url}/transactions/{public_id}")
+        try:
+            await self.node.messenger.send_email(email, subject, text, kind="message-notice")
+        except (DeliveryError, ValueError) as exc:
+            log.warning("staff reply on %s stored, but the email to %s failed: %s",
+                        public_id, email, exc)
+            await asyncio.to_thread(
+                audit.record, PATIENT_RECORD, "message-notify", actor,
+                outcome=audit.SERIOUS_FAILURE, patient_id=transaction.patient_id,
+                transaction=public_id, detail=f"email to {email} failed: {exc}"[:500])
+            return ReplyOutcome(False, "failed")
+        await asyncio.to_thread(
+            audit.record, PATIENT_RECORD, "message-notify", actor,
+            patient_id=transaction.patient_id, transaction=public_id,
+            detail=f"email to {email}")
+        return ReplyOutcome(True)
+
+    def _add_reply(self, public_id: str, user: StaffUser, body: str,
+                   source_ip: str) -> Transaction:
         transaction = _get_transaction(public_id)
         transactions.add_message(transaction, "staff", user.display_name or user.username, body)
         audit.record(PATIENT_RECORD, "message", _actor(user, source_ip),
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail="staff reply")
+        return transaction
 
     def unlock_recipient(self, public_id: str, user: StaffUser, source_ip: str = "") -> str:
         """Unlock the recipient of a transaction; return their email.

@@ -1,4 +1,4 @@
-"""The texts the node sends to recipients: the transfer email and the passcode.
+"""The texts the node sends to recipients: transfer email, passcode, new-message email.
 
 No passcode or token is ever logged; these functions only build text.
 """
@@ -35,6 +35,38 @@ def transfer_email(transaction: Transaction, link: str, zone: tzinfo) -> tuple[s
         f"If you did not expect this message, contact {transaction.contact_name or 'the hospital'}"
         f"{' at ' + transaction.contact_email if transaction.contact_email else ''}.\n"
         f"Do not forward this email: the link is personal.\n"
+    )
+    return subject, text
+
+
+def message_email(transaction: Transaction, transaction_url: str) -> tuple[str, str]:
+    """Return (subject, text) of the email telling a recipient that staff wrote to them.
+
+    It names the institution and the transaction ID only: never the message, the
+    patient or the studies (email is not a safe place for them). Reading the message
+    needs the usual sign-in: the link from the transfer email and a passcode.
+
+    Parameters
+    ----------
+    transaction : Transaction
+        The transaction whose thread has a new staff message.
+    transaction_url : str
+        The transaction's page on the portal; without a session it leads to the
+        page explaining how to sign in.
+    """
+    institution = transaction.institution
+    subject = f"{institution}: a new message about your images ({transaction.public_id})"
+    text = (
+        f"Hello,\n\n"
+        f"{institution} has sent you a new message about the images they shared with you\n"
+        f"(transaction {transaction.public_id}). For your privacy the message is not in this\n"
+        f"email: sign in to read it.\n\n"
+        f"To sign in, open the link in the email headed\n"
+        f"\"{institution}: images are ready for you ({transaction.public_id})\":\n"
+        f"a one-time passcode is sent to you as before (or use your authenticator app).\n"
+        f"Once you are signed in, the message is here:\n{transaction_url}\n\n"
+        f"If you did not expect this message, contact {transaction.contact_name or 'the hospital'}"
+        f"{' at ' + transaction.contact_email if transaction.contact_email else ''}.\n"
     )
     return subject, text
 

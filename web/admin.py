@@ -9,7 +9,7 @@ token, checked in :mod:`web.middlewares`)::
     GET  /admin/studies?q=&from=&to=             received studies + the share form
     POST /admin/transfers                        share the chosen studies
     GET  /admin/transactions/{public_id}         details, thread, audit trail
-    POST /admin/transactions/{public_id}/messages   staff reply
+    POST /admin/transactions/{public_id}/messages   staff reply (emails the recipient)
     POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
@@ -64,7 +64,13 @@ _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major 
 _NOTICES = {
     "created": "Transaction created: the recipient has been emailed the link.",
     "unlocked": "The recipient is unlocked and can sign in again.",
-    "replied": "Your message was added to the thread.",
+    "replied": "Your message was added to the thread, and the recipient was emailed to sign "
+               "in and read it.",
+    "replied-failed": "Your message was added to the thread, but the email telling the "
+                      "recipient about it could not be sent (the audit trail below says why). "
+                      "They will see the message the next time they sign in.",
+    "replied-expired": "Your message was added to the thread. The recipient was not emailed: "
+                       "the transaction has expired, so its link no longer signs in.",
     "ae-saved": "Remote AE saved.",
     "ae-removed": "Remote AE removed.",
     "user-disabled": "User disabled: their sessions have ended.",
@@ -72,6 +78,9 @@ _NOTICES = {
     "password": "Your password was changed. Your other sessions have ended.",
     "totp": "Your authenticator is enrolled. Your other sessions have ended.",
 }
+
+#: Notices that report something that did not work (shown as an error, not as info).
+_WARNINGS = frozenset({"replied-failed", "replied-expired"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -166,9 +175,11 @@ def _text(form: Mapping[str, Any], name: str, limit: int = 4000) -> str:
 
 def _render(request: web.Request, staff: Staff | None, template: str,
             context: dict[str, Any], *, section: str = "", status: int = 200) -> web.Response:
+    done = request.query.get("done", "")
     base = {"me": staff.user if staff else None,
             "csrf": staff.session.csrf_token if staff else "",
-            "section": section, "notice": _NOTICES.get(request.query.get("done", ""), "")}
+            "section": section, "notice": _NOTICES.get(done, ""),
+            "notice_class": "error" if done in _WARNINGS else "info"}
     return aiohttp_jinja2.render_template(f"admin/{template}", request, {**base, **context},
                                           status=status)
 
@@ -294,16 +305,20 @@ async def transaction(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 @staff_view()
 async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
-    """``POST /admin/transactions/{public_id}/messages``: add a staff message."""
+    """``POST /admin/transactions/{public_id}/messages``: add a staff message, email the recipient.
+
+    A failed email does not lose the message: the page says so in its notice.
+    """
     public_id = public_id_of(request)
     form = await request.post()
     body = _text(form, "body", 8000)
     try:
-        await asyncio.to_thread(_admin(request).reply, public_id, staff.user, body, staff.ip)
+        outcome = await _admin(request).reply(public_id, staff.user, body, staff.ip)
     except InvalidRequest as exc:
         return await _transaction_page(request, staff, public_id, error=str(exc), body=body,
                                        status=400)
-    return see_other(f"/admin/transactions/{public_id}?done=replied#messages")
+    done = "replied" if outcome.emailed else f"replied-{outcome.reason}"
+    return see_other(f"/admin/transactions/{public_id}?done={done}#messages")
 
 
 @staff_view()
