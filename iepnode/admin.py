@@ -9,7 +9,7 @@ place. The audit events written here (PS3.15 A.5 EventIDs)::
     110110 Patient Record       view-transaction, message (staff reply; body not kept),
                                 message-notify (the email telling the recipient of it)
     110106 Export               transfer-create (written by Node.share)
-    110113 Security Alert       recipient-unlock, login-locked,
+    110113 Security Alert       recipient-unlock, recipient-totp-remove, login-locked,
                                 admin-change (remote AEs, staff users, own TOTP/password)
 
 Brute force: failed staff logins are counted per username (known or not, so a
@@ -153,6 +153,11 @@ class StaffTransactionView:
     def locked(self) -> bool:
         """Whether the recipient is locked out after failed passcodes."""
         return self.recipient.locked_at is not None
+
+    @property
+    def authenticator(self) -> bool:
+        """Whether the recipient signs in with an authenticator app."""
+        return bool(self.recipient.totp_secret)
 
 
 @dataclass(frozen=True)
@@ -562,6 +567,29 @@ class AdminService:
         audit.record(audit.SECURITY_ALERT, "recipient-unlock", _actor(user, source_ip),
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail=recipient.email)
+        return recipient.email
+
+    def remove_recipient_authenticator(self, public_id: str, user: StaffUser,
+                                       source_ip: str = "") -> str:
+        """Remove the authenticator app of a transaction's recipient (lost phone); audited.
+
+        The recipient gets passcodes by SMS/email again and their open sessions end.
+        Returns their email.
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        InvalidRequest
+            The recipient has no authenticator app.
+        """
+        transaction = _get_transaction(public_id)
+        recipient = transaction.recipient
+        if not logins.clear_totp(recipient.id):
+            raise InvalidRequest(f"{recipient.email} has no authenticator app")
+        audit.record(audit.SECURITY_ALERT, "recipient-totp-remove", _actor(user, source_ip),
+                     patient_id=transaction.patient_id, transaction=public_id,
+                     detail=f"{recipient.email}: removed by staff; recipient sessions ended")
         return recipient.email
 
     async def share(self, request: NewTransfer, user: StaffUser,

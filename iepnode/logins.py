@@ -367,3 +367,25 @@ def remove_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
     Recipient.update(totp_secret=None, totp_last_step=None).where(
         Recipient.id == recipient_id).execute()
     return Recipient.get_by_id(recipient_id)
+
+
+def clear_totp(recipient_id: int) -> bool:
+    """Remove the recipient's authenticator app without a code, and end their sessions.
+
+    For staff helping a recipient who lost their phone: passcodes go to the mobile
+    or second email again, and a session left open on the lost phone ends.
+
+    Returns
+    -------
+    bool
+        Whether an app was set up.
+    """
+    with write_transaction(database_proxy.obj):
+        cleared = Recipient.update(totp_secret=None, totp_last_step=None).where(
+            (Recipient.id == recipient_id) & Recipient.totp_secret.is_null(False)).execute()
+        if cleared:
+            WebSession.update(ended=True).where(
+                (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
+            ).execute()
+    return bool(cleared)
+

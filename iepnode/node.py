@@ -530,6 +530,11 @@ class Node:
         return recipient, logins.totp_enrolment(recipient, session_id, self.secret,
                                                  self._totp_issuer)
 
+    def recipient_contact(self, recipient_id: int) -> Contact:
+        """Whom the recipient asks for help: the contact of their newest transaction."""
+        newest = transactions.newest_for(recipient_id)
+        return _contact(newest) if newest else Contact(name=self.settings.institution)
+
     def check_totp_enrolment(self, recipient_id: int, session_id: int, totp_secret: str,
                              signature: str) -> logins.TotpEnrolment:
         """The enrolment an enrolment form sent back, if made for this session.

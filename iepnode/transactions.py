@@ -227,6 +227,12 @@ def get_for_recipient(recipient: Recipient, public_id: str) -> Transaction:
     return transaction
 
 
+def newest_for(recipient_id: int) -> Transaction | None:
+    """The recipient's most recent transaction (any status), or ``None``."""
+    return (Transaction.select().where(Transaction.recipient == recipient_id)
+            .order_by(Transaction.created_at.desc(), Transaction.id.desc()).first())
+
+
 def decline(transaction: Transaction, reason: str, now: float | None = None) -> None:
     """Decline a transaction with a reason (kept in its thread)."""
     now = time.time() if now is None else now

@@ -11,6 +11,7 @@ token, checked in :mod:`web.middlewares`)::
     GET  /admin/transactions/{public_id}         details, thread, audit trail
     POST /admin/transactions/{public_id}/messages   staff reply (emails the recipient)
     POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
+    POST /admin/transactions/{public_id}/authenticator/remove   recipient lost their phone
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
@@ -64,6 +65,8 @@ _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major 
 _NOTICES = {
     "created": "Transaction created: the recipient has been emailed the link.",
     "unlocked": "The recipient is unlocked and can sign in again.",
+    "app-removed": "The recipient's authenticator app is removed: they get a passcode by "
+                   "text message or email again, and their open sessions have ended.",
     "replied": "Your message was added to the thread, and the recipient was emailed to sign "
                "in and read it.",
     "replied-failed": "Your message was added to the thread, but the email telling the "
@@ -327,6 +330,15 @@ async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     public_id = public_id_of(request)
     await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=unlocked")
+
+
+@staff_view()
+async def remove_recipient_app(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/authenticator/remove``: the recipient lost it."""
+    public_id = public_id_of(request)
+    await asyncio.to_thread(_admin(request).remove_recipient_authenticator, public_id,
+                            staff.user, staff.ip)
+    return see_other(f"/admin/transactions/{public_id}?done=app-removed")
 
 
 # -- studies and sharing -------------------------------------------------------------------
@@ -612,6 +624,8 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/admin/transactions/{public_id}", transaction)
     router.add_post("/admin/transactions/{public_id}/messages", reply)
     router.add_post("/admin/transactions/{public_id}/unlock", unlock)
+    router.add_post("/admin/transactions/{public_id}/authenticator/remove",
+                    remove_recipient_app)
     router.add_get("/admin/audit", audit_log)
     router.add_get("/admin/aes", aes)
     router.add_post("/admin/aes", add_ae)

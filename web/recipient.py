@@ -326,12 +326,15 @@ async def decline(request: web.Request) -> web.StreamResponse:
 # -- authenticator app ---------------------------------------------------------------------
 
 
-def _authenticator_page(request: web.Request, session: WebSession, recipient: Recipient,
-                        enrolment: TotpEnrolment | None, *, error: str = "",
-                        notice: str = "", status: int = 200) -> web.Response:
+async def _authenticator_page(request: web.Request, session: WebSession,
+                              recipient: Recipient, enrolment: TotpEnrolment | None, *,
+                              error: str = "", notice: str = "",
+                              status: int = 200) -> web.Response:
+    contact = await asyncio.to_thread(node_of(request).recipient_contact, recipient.id)
     return aiohttp_jinja2.render_template("recipient/authenticator.html", request, {
         "recipient": recipient, "csrf": session.csrf_token, "enrolment": enrolment,
         "qr": qr_svg(enrolment.uri) if enrolment else "", "error": error, "notice": notice,
+        "contact": contact,
     }, status=status)
 
 
@@ -346,7 +349,7 @@ async def authenticator(request: web.Request) -> web.Response:
     recipient, enrolment = await asyncio.to_thread(
         node_of(request).recipient_authenticator, session.recipient_id, session.id)
     notice = _NOTICES.get(request.query.get("done", ""), "")
-    return _authenticator_page(request, session, recipient, enrolment, notice=notice)
+    return await _authenticator_page(request, session, recipient, enrolment, notice=notice)
 
 
 async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
@@ -371,8 +374,8 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
         # After a wrong code the same secret again (the app has it already), a new one
         # after a bad signature, none once an app is enrolled.
         shown = (enrolment or fresh) if fresh is not None else None
-        return _authenticator_page(request, session, recipient, shown,
-                                   error=_sentence(exc), status=400)
+        return await _authenticator_page(request, session, recipient, shown,
+                                         error=_sentence(exc), status=400)
     return see_other("/account/authenticator?done=enrolled")
 
 
@@ -387,8 +390,8 @@ async def remove_authenticator(request: web.Request) -> web.StreamResponse:
     except LoginRefused as exc:
         recipient, enrolment = await asyncio.to_thread(node.recipient_authenticator,
                                                        session.recipient_id, session.id)
-        return _authenticator_page(request, session, recipient, enrolment,
-                                   error=_sentence(exc), status=403)
+        return await _authenticator_page(request, session, recipient, enrolment,
+                                         error=_sentence(exc), status=403)
     return see_other("/account/authenticator?done=removed")
 
 
