@@ -10,7 +10,13 @@ place. The audit events written here (PS3.15 A.5 EventIDs)::
                                 message-notify (the email telling the recipient of it)
     110106 Export               transfer-create (written by Node.share)
     110113 Security Alert       recipient-unlock, recipient-totp-remove, login-locked,
-                                admin-change (remote AEs, staff users, own TOTP/password)
+                                admin-change (remote AEs, staff users, own TOTP/password,
+                                an admin resetting another user's password or TOTP)
+
+Resets: an admin may reset another staff user's password (to a temporary one that
+must be changed at the next login) or TOTP secret (cleared: the next login, with the
+password alone, may only enrol a new authenticator). Until then
+:meth:`AdminService.pending_step` names the one page that user's sessions may open.
 
 Brute force: failed staff logins are counted per username (known or not, so a
 lock reveals nothing); :data:`MAX_FAILURES` failures within :data:`FAILURE_WINDOW`
@@ -43,7 +49,7 @@ from pydicom.dataset import Dataset
 
 from iepnode import audit, logins, notifications, staff, transactions
 from iepnode.audit import Actor
-from iepnode.errors import InvalidRequest, LoginRefused, NotFound
+from iepnode.errors import InvalidRequest, LoginRefused, NotAuthorized, NotFound
 from iepnode.messaging import DeliveryError
 from iepnode.query import Root, parse_identifier, select_rows
 from iepnode.transactions import NewTransfer
@@ -80,6 +86,10 @@ FAILURE_DELAY = 1.0
 LOGIN_REFUSED = "Wrong username, password or code."
 #: A used TOTP code is refused for this long (it is valid for 30 s either side).
 TOTP_REPLAY_WINDOW = 120.0
+
+#: What a session of a user with a pending step may do, in order (see ``pending_step``).
+STEP_TOTP = "totp"
+STEP_PASSWORD = "password"
 
 #: EventID codes (DCM) used only by the staff side.
 QUERY = ("110112", "Query")
@@ -158,6 +168,14 @@ class StaffTransactionView:
     def authenticator(self) -> bool:
         """Whether the recipient signs in with an authenticator app."""
         return bool(self.recipient.totp_secret)
+
+
+@dataclass(frozen=True)
+class PasswordReset:
+    """A reset password: the user, and the generated password to show once ('' if typed)."""
+
+    user: StaffUser
+    generated: str
 
 
 @dataclass(frozen=True)
@@ -397,8 +415,9 @@ class AdminService:
             raise LoginThrottled(f"Too many failed logins: try again in {minutes} minute"
                                  f"{'s' if minutes != 1 else ''}.")
         try:
-            user = staff.authenticate(key, password, code, now=now)
-            self._use_code(user.id, code.strip(), now)
+            user = staff.authenticate(key, password, code, now=now, allow_enrolment=True)
+            if user.totp_secret:
+                self._use_code(user.id, code.strip(), now)
         except LoginRefused:
             audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
                          outcome=audit.MINOR_FAILURE, detail=self._failure_reason(key), now=now)
@@ -410,8 +429,24 @@ class AdminService:
             raise LoginRefused(LOGIN_REFUSED) from None
         self.throttle.succeeded(key)
         opened = logins.open_session(staff_id=user.id, now=now)
-        audit.record(audit.USER_AUTHENTICATION, "login", _actor(user, source_ip), now=now)
+        audit.record(audit.USER_AUTHENTICATION, "login", _actor(user, source_ip), now=now,
+                     detail="" if user.totp_secret else
+                     "password only: may enrol an authenticator, nothing else")
         return StaffLogin(opened, user)
+
+    @staticmethod
+    def pending_step(user: StaffUser) -> str | None:
+        """What ``user`` must do before anything else: enrol TOTP, set a password, or None.
+
+        :data:`STEP_TOTP` while the user has no TOTP secret (their session was opened
+        with the password alone), then :data:`STEP_PASSWORD` while a temporary
+        password set by an admin is in use.
+        """
+        if not user.totp_secret:
+            return STEP_TOTP
+        if user.must_change_password:
+            return STEP_PASSWORD
+        return None
 
     @staticmethod
     def _failure_reason(username: str) -> str:
@@ -774,6 +809,75 @@ class AdminService:
                      detail=f"user-{'disable' if disabled else 'enable'} {target.username}")
         return target
 
+    @staticmethod
+    def _other_user(user_id: int, admin: StaffUser, what: str) -> StaffUser:
+        if not admin.is_admin:
+            raise NotAuthorized("only administrators reset other users")
+        target = StaffUser.get_or_none(StaffUser.id == user_id)
+        if target is None:
+            raise NotFound(f"no staff user {user_id}")
+        if target.id == admin.id:
+            raise InvalidRequest(f"you cannot reset your own {what} here: use Your account")
+        return target
+
+    def reset_password(self, user_id: int, temporary: str, user: StaffUser,
+                       source_ip: str = "") -> PasswordReset:
+        """Give another staff user a temporary password they must change at next login.
+
+        ``temporary`` empty: one is generated (returned once, never stored or logged).
+        The user's sessions end and their failed-login lockout is cleared. Audited.
+
+        Raises
+        ------
+        NotAuthorized
+            ``user`` is not an admin.
+        NotFound
+            No such user.
+        InvalidRequest
+            The admin's own account, or a typed password shorter than 12 characters.
+        """
+        target = self._other_user(user_id, user, "password")
+        generated = "" if temporary else staff.temporary_password()
+        password = temporary or generated
+        if len(password) < staff.MIN_PASSWORD:
+            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        with write_transaction():
+            StaffUser.update(password_hash=_hasher.hash(password),
+                             must_change_password=True).where(
+                StaffUser.id == target.id).execute()
+            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+        self.throttle.succeeded(target.username)
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"password-reset {target.username} (temporary password "
+                            f"{'generated' if generated else 'typed by the admin'}; "
+                            f"sessions ended)")
+        return PasswordReset(StaffUser.get_by_id(target.id), generated)
+
+    def reset_totp(self, user_id: int, user: StaffUser, source_ip: str = "") -> StaffUser:
+        """Clear another staff user's TOTP secret: they enrol a new one at next login.
+
+        Until they do, their password opens the enrolment page and nothing else.
+        Their sessions end. Audited.
+
+        Raises
+        ------
+        NotAuthorized
+            ``user`` is not an admin.
+        NotFound
+            No such user.
+        InvalidRequest
+            The admin's own account.
+        """
+        target = self._other_user(user_id, user, "authenticator")
+        with write_transaction():
+            StaffUser.update(totp_secret=None).where(StaffUser.id == target.id).execute()
+            UsedStaffCode.delete().where(UsedStaffCode.staff == target.id).execute()
+            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"totp-reset {target.username} (must enrol at next login; "
+                            f"sessions ended)")
+        return StaffUser.get_by_id(target.id)
+
     # -- own account -------------------------------------------------------------------
 
     def _signature(self, session_id: int, user_id: int, secret: str) -> str:
@@ -850,3 +954,65 @@ class AdminService:
             (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor,
                      detail=f"password-change {user.username}")
+
+    # -- steps after an admin reset (pending_step) -------------------------------------
+
+    def enrol_first_totp(self, user: StaffUser, session_id: int, enrolment: TotpEnrolment,
+                         code: str, source_ip: str = "", now: float | None = None) -> None:
+        """Save the TOTP secret of a user who has none, once a code from it checks out.
+
+        The session (opened with the password alone) then counts as a full login: the
+        password and a code were both shown. Its code is used up, the user's other
+        sessions end (one opened elsewhere with the password alone gains nothing).
+        Audited.
+
+        Raises
+        ------
+        InvalidRequest
+            A code that does not match, or the user has a secret already.
+        """
+        now = time.time() if now is None else now
+        code = re.sub(r"\s", "", code)
+        if not pyotp.TOTP(enrolment.secret).verify(code, for_time=now, valid_window=1):
+            audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                         outcome=audit.MINOR_FAILURE, detail="totp-enrol refused: wrong code")
+            raise InvalidRequest("that code does not match: check the authenticator app's "
+                                 "clock and type the code it shows now")
+        with write_transaction():
+            saved = StaffUser.update(totp_secret=enrolment.secret).where(
+                (StaffUser.id == user.id) & StaffUser.totp_secret.is_null()).execute()
+            WebSession.update(ended=True).where(
+                (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        if not saved:
+            raise InvalidRequest("an authenticator is enrolled already")
+        self._use_code(user.id, code, now)
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"totp-enrol {user.username} (after a reset)")
+
+    def set_required_password(self, user: StaffUser, session_id: int, new: str, repeat: str,
+                              source_ip: str = "") -> None:
+        """Replace a temporary password set by an admin with the user's own. Audited.
+
+        The user's other sessions end.
+
+        Raises
+        ------
+        InvalidRequest
+            No new password is required, a short one, the two differ, or it is the
+            temporary password again.
+        """
+        if not user.must_change_password:
+            raise InvalidRequest("your password does not need changing")
+        if len(new) < staff.MIN_PASSWORD:
+            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        if new != repeat:
+            raise InvalidRequest("the new passwords differ")
+        if _verify_password(user, new):
+            raise InvalidRequest("choose a password of your own, not the temporary one")
+        with write_transaction():
+            StaffUser.update(password_hash=_hasher.hash(new), must_change_password=False).where(
+                StaffUser.id == user.id).execute()
+            WebSession.update(ended=True).where(
+                (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"password-change {user.username} (after a reset)")

@@ -104,8 +104,11 @@ class StaffUser(BaseModel):
     phone = peewee.CharField(max_length=32, default="")
     #: argon2id hash (argon2-cffi's encoded form).
     password_hash = peewee.CharField(max_length=255)
-    #: Base32 TOTP secret once enrolled.
+    #: Base32 TOTP secret once enrolled. ``None`` after an admin reset it: the password
+    #: alone then opens only the enrolment page (iepnode.admin.AdminService.pending_step).
     totp_secret = peewee.CharField(max_length=64, null=True)
+    #: Set when an admin gave a temporary password: the next login must choose a new one.
+    must_change_password = peewee.BooleanField(default=False)
     is_admin = peewee.BooleanField(default=False)
     disabled = peewee.BooleanField(default=False)
     created_at = peewee.DoubleField()

@@ -15,11 +15,17 @@ token, checked in :mod:`web.middlewares`)::
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
+    POST /admin/users/{id}/password-reset|totp-reset     reset another user (admins)
     GET  /admin/account, POST /admin/account/password  own account
     GET  POST /admin/account/totp                re-enrol own TOTP (QR code)
+    GET  POST /admin/setup/totp                  enrol after an admin reset the TOTP
+    GET  POST /admin/setup/password              own password after an admin reset it
 
 Pages other than the login need a staff session (a recipient session is not
 enough: such requests go to the login page); AE and user pages need an admin.
+A user with a pending step after a reset (``AdminService.pending_step``) is sent
+to that step's page from every other page: a session opened with the password
+alone (no TOTP secret) reaches nothing but the enrolment page.
 Blocking work runs in a thread through :class:`iepnode.admin.AdminService`.
 """
 
@@ -42,7 +48,13 @@ from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
 from iepnode import timefmt
-from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottled
+from iepnode.admin import (
+    LOGIN_REFUSED,
+    STEP_PASSWORD,
+    STEP_TOTP,
+    AdminService,
+    LoginThrottled,
+)
 from iepnode.errors import InvalidRequest, LoginRefused
 from iepnode.messaging import DeliveryError
 from iepnode.transactions import PRIORITIES, NewTransfer
@@ -78,6 +90,9 @@ _NOTICES = {
     "ae-removed": "Remote AE removed.",
     "user-disabled": "User disabled: their sessions have ended.",
     "user-enabled": "User enabled.",
+    "totp-reset": "Authenticator reset: the user's sessions have ended. At their next login "
+                  "(password only) they must enrol a new authenticator before anything else.",
+    "welcome": "You are all set: your password and authenticator are your own.",
     "password": "Your password was changed. Your other sessions have ended.",
     "totp": "Your authenticator is enrolled. Your other sessions have ended.",
 }
@@ -98,6 +113,9 @@ class Staff:
 
 
 StaffHandler = Callable[[web.Request, Staff], Awaitable[web.StreamResponse]]
+
+#: The page of each step a user must take after an admin reset.
+STEP_PAGES = {STEP_TOTP: "/admin/setup/totp", STEP_PASSWORD: "/admin/setup/password"}
 
 
 # -- formatting (Jinja2 filters, staff_ prefix) ------------------------------------------
@@ -180,6 +198,7 @@ def _render(request: web.Request, staff: Staff | None, template: str,
             context: dict[str, Any], *, section: str = "", status: int = 200) -> web.Response:
     done = request.query.get("done", "")
     base = {"me": staff.user if staff else None,
+            "setup": bool(staff and AdminService.pending_step(staff.user)),
             "csrf": staff.session.csrf_token if staff else "",
             "section": section, "notice": _NOTICES.get(done, ""),
             "notice_class": "error" if done in _WARNINGS else "info"}
@@ -187,21 +206,28 @@ def _render(request: web.Request, staff: Staff | None, template: str,
                                           status=status)
 
 
-def staff_view(*, admin_only: bool = False) -> Callable[[StaffHandler], Handler]:
+def staff_view(*, admin_only: bool = False,
+               step: str | None = None) -> Callable[[StaffHandler], Handler]:
     """Decorate a view that needs a staff session (and, with ``admin_only``, an admin).
 
     Without one the browser goes to the login page (and comes back after it);
-    a staff member who is not an admin gets 403.
+    a staff member who is not an admin gets 403. A user with a pending step after a
+    reset goes to that step's page, whatever they asked for; ``step`` marks the view
+    of that step, which in turn is open only while that step is pending.
     """
 
     def decorate(view: StaffHandler) -> Handler:
         @functools.wraps(view)
         async def handler(request: web.Request) -> web.StreamResponse:
             session = request[SESSION_KEY]
-            user = await asyncio.to_thread(_admin(request).staff_for_session, session)
+            service = _admin(request)
+            user = await asyncio.to_thread(service.staff_for_session, session)
             if user is None or session is None:
                 target = request.path_qs if request.method == "GET" else "/admin"
                 raise web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='/')}")
+            pending = service.pending_step(user)
+            if pending != step:
+                raise web.HTTPSeeOther(STEP_PAGES[pending] if pending else "/admin")
             staff = Staff(user, session, client_ip(request))
             if admin_only and not user.is_admin:
                 return _render(request, staff, "message.html", {
@@ -537,6 +563,35 @@ async def enable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     return see_other("/admin/users?done=user-enabled")
 
 
+@staff_view(admin_only=True)
+async def reset_password(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users/{user_id}/password-reset``: a temporary password (typed or made).
+
+    A generated password is shown on the page once, like a new user's QR code.
+    """
+    form = await request.post()
+    try:
+        done = await asyncio.to_thread(_admin(request).reset_password, _user_id(request),
+                                       _text(form, "password", 1024), staff.user, staff.ip)
+    except InvalidRequest as exc:
+        return await _users_page(request, staff, error=str(exc), status=400)
+    users = await asyncio.to_thread(_admin(request).staff_users)
+    return _render(request, staff, "users.html", {
+        "users": users, "error": "", "values": {}, "created": None, "reset": done,
+    }, section="users")
+
+
+@staff_view(admin_only=True)
+async def reset_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users/{user_id}/totp-reset``: the user enrols anew at next login."""
+    try:
+        await asyncio.to_thread(_admin(request).reset_totp, _user_id(request), staff.user,
+                                staff.ip)
+    except InvalidRequest as exc:
+        return await _users_page(request, staff, error=str(exc), status=400)
+    return see_other("/admin/users?done=totp-reset")
+
+
 # -- own account ---------------------------------------------------------------------------
 
 
@@ -596,6 +651,71 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
     return see_other("/admin/account?done=totp")
 
 
+# -- steps after an admin reset ----------------------------------------------------------
+
+
+def _setup_totp_page(request: web.Request, staff: Staff, enrolment: Any, *, error: str = "",
+                     status: int = 200) -> web.Response:
+    return _render(request, staff, "setup_totp.html", {
+        "enrolment": enrolment, "qr": qr_svg(enrolment.uri), "error": error,
+    }, status=status)
+
+
+def _after_setup(user: StaffUser) -> web.Response:
+    pending = AdminService.pending_step(user)
+    return see_other(STEP_PAGES[pending] if pending else "/admin?done=welcome")
+
+
+@staff_view(step=STEP_TOTP)
+async def setup_totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/setup/totp``: enrol an authenticator (the only page until done)."""
+    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+                                        staff.session.id)
+    return _setup_totp_page(request, staff, enrolment)
+
+
+@staff_view(step=STEP_TOTP)
+async def setup_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/setup/totp``: save the new secret once a code from it checks out."""
+    form = await request.post()
+    service = _admin(request)
+    try:
+        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+                                            staff.session.id, _text(form, "secret", 64),
+                                            _text(form, "signature", 128))
+    except InvalidRequest as exc:
+        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        return _setup_totp_page(request, staff, fresh, error=str(exc), status=400)
+    try:
+        await asyncio.to_thread(service.enrol_first_totp, staff.user, staff.session.id,
+                                enrolment, _text(form, "code", 16), staff.ip)
+    except InvalidRequest as exc:
+        return _setup_totp_page(request, staff, enrolment, error=str(exc), status=400)
+    user = await asyncio.to_thread(StaffUser.get_by_id, staff.user.id)
+    return _after_setup(user)
+
+
+@staff_view(step=STEP_PASSWORD)
+async def setup_password_form(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/setup/password``: choose a password to replace the temporary one."""
+    return _render(request, staff, "setup_password.html", {"error": ""})
+
+
+@staff_view(step=STEP_PASSWORD)
+async def setup_password(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/setup/password``: replace the temporary password."""
+    form = await request.post()
+    try:
+        await asyncio.to_thread(_admin(request).set_required_password, staff.user,
+                                staff.session.id, _text(form, "new", 1024),
+                                _text(form, "repeat", 1024), staff.ip)
+    except InvalidRequest as exc:
+        return _render(request, staff, "setup_password.html", {"error": str(exc)},
+                       status=400)
+    user = await asyncio.to_thread(StaffUser.get_by_id, staff.user.id)
+    return _after_setup(user)
+
+
 def setup_routes(app: web.Application) -> None:
     """Register the /admin routes and the template filters they use.
 
@@ -634,7 +754,13 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/admin/users", add_user)
     router.add_post("/admin/users/{user_id}/disable", disable_user)
     router.add_post("/admin/users/{user_id}/enable", enable_user)
+    router.add_post("/admin/users/{user_id}/password-reset", reset_password)
+    router.add_post("/admin/users/{user_id}/totp-reset", reset_totp)
     router.add_get("/admin/account", account)
     router.add_post("/admin/account/password", change_password)
     router.add_get("/admin/account/totp", totp_form)
     router.add_post("/admin/account/totp", totp_confirm)
+    router.add_get("/admin/setup/totp", setup_totp_form)
+    router.add_post("/admin/setup/totp", setup_totp)
+    router.add_get("/admin/setup/password", setup_password_form)
+    router.add_post("/admin/setup/password", setup_password)

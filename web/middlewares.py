@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode.errors import InvalidRequest, LoginRefused, NodeError, NotFound
+from iepnode.errors import InvalidRequest, LoginRefused, NodeError, NotAuthorized, NotFound
 from web.keys import NODE_KEY, SESSION_KEY
 
 log = logging.getLogger("iepnode.web")
@@ -53,7 +53,7 @@ async def domain_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except NotFound:
         return _error_page(request, 404, "Not found",
                            "This page does not exist, or it is not yours to see.")
-    except LoginRefused as exc:
+    except (LoginRefused, NotAuthorized) as exc:
         return _error_page(request, 403, "Not allowed", str(exc))
     except InvalidRequest as exc:
         return _error_page(request, 400, "That did not work", str(exc))
