@@ -96,6 +96,9 @@ class Settings:
         Days a transaction is listed on the dashboard.
     passcode_ttl_minutes : int
         Minutes a one-time passcode stays valid.
+    max_forwards : int
+        How many times a recipient may forward a received package to other people
+        (0 turns forwarding off); forwarded copies cannot be forwarded again.
     """
 
     data_dir: Path = Path("data")
@@ -127,6 +130,7 @@ class Settings:
     transaction_expiry_days: int = 14
     dashboard_days: int = 28
     passcode_ttl_minutes: int = 10
+    max_forwards: int = 3
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -197,6 +201,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "expiry_days": "transaction_expiry_days",
         "dashboard_days": "dashboard_days",
         "passcode_minutes": "passcode_ttl_minutes",
+        "max_forwards": "max_forwards",
     },
 }
 
@@ -328,7 +333,7 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
     if not institution or _CONTROL.search(institution) or len(institution) > 200:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
-                            ("passcode_ttl_minutes", 1, 60)):
+                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100)):
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} {value}: must be {low}-{high}")
