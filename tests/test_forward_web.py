@@ -19,6 +19,8 @@ from storage.models import Recipient, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files as store
+from tests.test_admin_web import log_in as staff_log_in
+from tests.test_admin_web import make_user
 from tests.test_recipient_web import field, log_in, make_settings, outbox, read_eml, share
 from web.app import create_app
 
@@ -108,6 +110,8 @@ async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
     (copy,) = copies_of(source)
     details = await browser.page(f"/transactions/{source.public_id}")
     assert "2 of 3 forwards left" in details and "See to whom you forwarded it (1)" in details
+    home = await browser.page("/dashboard?tab=home")
+    assert "Forward a package to another person" in home and "up to 3 times" in home
     solicitor = Recipient.get(Recipient.email == "solicitor@law.example")
     assert (solicitor.phone, solicitor.otp_mobile, solicitor.address) == (
         "02079460000", "07700900555", "1 Law Lane\nLeeds")
@@ -125,6 +129,7 @@ async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
     assert "Look at &lt;b&gt;slice 3&lt;/b&gt;." in board
     assert f"/transactions/{copy.public_id}/forward" not in board
     assert "This package was forwarded to you: it cannot be forwarded again." in board
+    assert "<dt>Forwarded by</dt><dd>pat@example.org</dd>" in board
     # A crafted request is refused by the server, and audited.
     csrf = field(board, "csrf")
     response = await other.post(f"/transactions/{copy.public_id}/forward",
@@ -261,3 +266,39 @@ async def test_other_peoples_packages_are_404_and_every_post_needs_csrf(
         assert response.status == 403, bad
     assert copies_of(mine) == [] and copies_of(theirs) == []
     assert Recipient.get_or_none(Recipient.email == "solicitor@law.example") is None
+
+
+async def test_staff_see_the_forward_in_both_audit_trails(client: Any, browser: Browser,
+                                                          node: Node, study: str) -> None:
+    source, token = share([study])
+    await log_in(browser, node, token)
+    csrf = await dialog_csrf(browser, source.public_id)
+    assert (await browser.post(f"/transactions/{source.public_id}/forward",
+                               data=form(csrf))).status == 303
+    (copy,) = copies_of(source)
+    _, secret = make_user("drwho")
+    staff = Browser(client)
+    assert (await staff_log_in(staff, "drwho", secret)).status == 303
+    trail = htmllib.unescape(await staff.page(f"/admin/transactions/{source.public_id}"))
+    assert f"forwarded to solicitor@law.example as {copy.public_id}" in trail
+    assert "hospital contact radiology@hospital.example told" in trail
+    copy_page = htmllib.unescape(await staff.page(f"/admin/transactions/{copy.public_id}"))
+    assert f"copy of {source.public_id} for solicitor@law.example" in copy_page
+    assert "solicitor@law.example" in copy_page and "pat@example.org" in copy_page
+
+
+async def test_max_forwards_zero_turns_forwarding_off(aiohttp_client: Any, tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, max_forwards=0))
+    uid = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Roe^Rick"))
+    source, token = share([uid])
+    browser = Browser(await aiohttp_client(create_app(node.settings, node),
+                                           cookie_jar=aiohttp.DummyCookieJar()))
+    await log_in(browser, node, token)
+    board = await browser.page("/dashboard?tab=all")
+    assert f"/transactions/{source.public_id}/forward\"" not in board
+    assert "Forwarding is turned off." in board
+    assert "Forward a package" not in await browser.page("/dashboard?tab=home")
+    response = await browser.post(f"/transactions/{source.public_id}/forward",
+                                  data=form(field(board, "csrf")))
+    assert response.status == 400 and "turned off" in await response.text()
+    assert copies_of(source) == []

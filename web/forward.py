@@ -28,7 +28,7 @@ from iepnode.forwarding import PURPOSES, RETENTION, ForwardInvalid, ForwardReque
 from iepnode.messaging import DeliveryError
 from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of, see_other
-from web.keys import SESSION_KEY
+from web.keys import SESSION_KEY, SETTINGS_KEY
 
 #: The fields of the dialog, with the most characters kept of each.
 FIELDS = {"email": 254, "email_confirm": 254, "first_name": 64, "last_name": 64,
@@ -144,6 +144,7 @@ def setup_routes(app: web.Application) -> None:
     app : web.Application
         The application, with aiohttp-jinja2 and the recipient filters set up.
     """
+    aiohttp_jinja2.get_env(app).globals["max_forwards"] = app[SETTINGS_KEY].max_forwards
     app.router.add_get("/transactions/{public_id}/forward", dialog)
     app.router.add_post("/transactions/{public_id}/forward", forward)
     app.router.add_get("/transactions/{public_id}/forwards", forwards)
