@@ -7,16 +7,19 @@ the mail, walks the 4-step forward dialog (the disclaimer gates Finish), and the
 solicitor logs in from the mail they receive and finds no Forward action (the
 server also refuses a crafted request). The fourth forward, from a dialog opened
 before the third, is refused; ten simultaneous forward requests sent by the page
-create exactly three copies.
+create exactly three copies; the same race over plain HTTP against a node on
+PostgreSQL too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiosmtpd.controller import Controller
 from playwright.sync_api import (
@@ -30,6 +33,7 @@ from playwright.sync_api import (
 from pydicom import dcmread
 
 from tests import data_factory as factory
+from tests.support.browser import Browser as CookieBrowser
 from tests.support.node import run_cli, running_node
 from tests.support.scu import storescu
 from tests.test_portal_e2e import (
@@ -41,6 +45,7 @@ from tests.test_portal_e2e import (
     free_port,
     wait_for_mail,
 )
+from tests.test_recipient_web import field, read_eml
 
 INSTITUTION = "St Elsewhere NHS Trust"
 HOSPITAL = "radiology@hospital.example"
@@ -362,3 +367,43 @@ def _ten_at_once(page: Page, public_id: str) -> list[int]:
         const answers = await Promise.all([...Array(10).keys()].map(one));
         return answers.map((r) => r.status);
     }""", public_id)
+
+
+async def test_ten_simultaneous_http_forwards_on_postgresql(tmp_path: Path,
+                                                            fresh_postgres_url: str) -> None:
+    """The same race over HTTP against two node processes sharing a PostgreSQL index."""
+    data_dir = tmp_path / "node"
+    database = ["--database-url", fresh_postgres_url]
+    run_cli(data_dir, "ae", "add", "TESTSCU", "127.0.0.1", "0", "--allow", "store",
+            extra=database)
+    files = factory.make_ct_series(tmp_path / "ct", 1, PatientName="Roe^Rick")
+    with running_node(data_dir, extra=[*database, "--http-workers", "2"]) as node:
+        assert storescu(node, files).returncode == 0
+        public_id = run_cli(data_dir, "transfer", "create", "--study",
+                            dcmread(files[0]).StudyInstanceUID, "--to", "pat@example.org",
+                            "--otp-email", "codes@example.org", extra=database).stdout.strip()
+        outbox = data_dir / "outbox"
+        token = re.search(r"/t/([A-Za-z0-9_-]+)", read_eml(
+            sorted(outbox.glob("*.eml"))[-1]).get_content()).group(1)  # type: ignore[union-attr]
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{node.http_port}",
+                                         cookie_jar=aiohttp.DummyCookieJar()) as session:
+            client = CookieBrowser(session)
+            login = await client.page(f"/t/{token}")
+            # Outbox files are named by UTC time: the newest is the passcode just sent.
+            code = re.search(r"\b(\d{6})\b", read_eml(
+                sorted(outbox.glob("*.eml"))[-1]).get_content()).group(1)  # type: ignore[union-attr]
+            response = await client.post(f"/t/{token}/login", data={
+                "attempt": field(login, "attempt"), "csrf": field(login, "csrf"), "code": code})
+            assert response.status == 303
+            csrf = field(await client.page(f"/transactions/{public_id}/forward"), "csrf")
+            answers = await asyncio.gather(*(client.post(
+                f"/transactions/{public_id}/forward", data={
+                    "csrf": csrf, "email": f"p{n}@law.example",
+                    "email_confirm": f"p{n}@law.example", "first_name": "P",
+                    "last_name": str(n), "address": "Somewhere", "phone": "0113 496 0003",
+                    "channel": "sms", "otp_mobile": "07700 900333", "purpose": "other",
+                    "agree": "yes"}) for n in range(10)))
+            assert sorted(a.status for a in answers) == [303] * 3 + [400] * 7
+            listing = await client.page(f"/transactions/{public_id}/forwards")
+            assert "Forwarded 3 of 3 times." in listing
+            assert len(re.findall(r"@law\.example</td>", listing)) == 3
