@@ -452,6 +452,8 @@ def create_copy(source_id: int, forwarder: Recipient, checked: CheckedForward, *
             forwarded_from=source.id,
         )
         studies = list(source.studies.order_by(TransactionStudy.id))
+        if not studies:
+            raise ForwardRefused("This package holds no studies.")
         TransactionStudy.insert_many([
             {"transaction": copy.id, "study_uid": s.study_uid, "modality": s.modality,
              "exam_date": s.exam_date, "description": s.description, "accession": s.accession,

@@ -405,3 +405,17 @@ async def test_link_mail_failure_undoes_the_forward(tmp_path: Path) -> None:
     finally:
         node.group_commit.close()
         node.close()
+
+
+async def test_a_package_without_hospital_email_is_forwarded_and_that_is_audited(
+        node: Node, tmp_path: Path) -> None:
+    uid = stored_study(node, tmp_path / "ct")
+    request = tx.NewTransfer((uid,), "pat@example.org", otp_mobile="+447700900123")
+    source, _ = tx.create_transfer(request, contact=tx.Contact(), institution="St Elsewhere",
+                                   created_by="cli", now=1e10)
+    done = await node.forward_to_person(source.recipient_id, source.public_id, person())
+    assert [str(read_eml(p)["To"]) for p in outbox(node)] == ["solicitor@law.example"]
+    (notice,) = [e for e in events_for_transaction(source.public_id)
+                 if e.action == "forward-notice"]
+    assert notice.outcome == 4 and notice.detail == "no hospital contact email: not told"
+    assert Transaction.get_by_id(done.copy.id).forwarded_from_id == source.id
