@@ -107,6 +107,9 @@ class Settings:
         Addresses or networks (``10.0.0.5``, ``10.0.0.0/8``) of reverse proxies whose
         ``X-Forwarded-For`` / ``X-Forwarded-Proto`` headers are believed; empty
         (default): those headers are ignored. Normalised to network form.
+    max_forwards : int
+        How many times a recipient may forward a received package to other people
+        (0 turns forwarding off); forwarded copies cannot be forwarded again.
     """
 
     data_dir: Path = Path("data")
@@ -140,6 +143,7 @@ class Settings:
     passcode_ttl_minutes: int = 10
     timezone: str = ""
     trusted_proxies: tuple[str, ...] = ()
+    max_forwards: int = 3
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -230,6 +234,7 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "dashboard_days": "dashboard_days",
         "passcode_minutes": "passcode_ttl_minutes",
         "timezone": "timezone",
+        "max_forwards": "max_forwards",
     },
 }
 
@@ -381,7 +386,7 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
     if not institution or _CONTROL.search(institution) or len(institution) > 200:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
-                            ("passcode_ttl_minutes", 1, 60)):
+                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100)):
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} {value}: must be {low}-{high}")

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from storage.models import ALL_MODELS, Recipient, StaffUser, database_proxy
+from storage.models import ALL_MODELS, Recipient, StaffUser, Transaction, database_proxy
 
 #: SQLite pragmas: WAL lets readers run beside the writer; synchronous=FULL makes a
 #: commit durable before it returns (a C-STORE success promises exactly that).
@@ -27,10 +27,15 @@ SQLITE_PRAGMAS = {
 
 
 #: Columns added to existing tables after their first release: ``create_tables`` makes
-#: missing tables only, so :func:`open_database` adds these when a table lacks them.
+#: missing tables only, so :func:`open_database` adds these when a table lacks them
+#: (before ``create_tables``, which then adds their indexes).
 ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (Recipient, "totp_last_step", "INTEGER"),
     (StaffUser, "must_change_password", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (Recipient, "address", "TEXT NOT NULL DEFAULT ''"),
+    (Recipient, "phone", "VARCHAR(32) NOT NULL DEFAULT ''"),
+    (Transaction, "forwarded_from_id",
+     'INTEGER REFERENCES "transaction" ("id") ON DELETE CASCADE'),
 )
 
 #: Connections per process: more than the associations a worker serves at once.
@@ -80,20 +85,23 @@ def open_database(url: str, *, create: bool = True) -> peewee.Database:
     database_proxy.initialize(database)
     if create:
         with database.connection_context():
-            database.create_tables(ALL_MODELS, safe=True)
+            # Columns first: the indexes create_tables makes may be on added columns.
             add_missing_columns(database)
+            database.create_tables(ALL_MODELS, safe=True)
     return database
 
 
 def add_missing_columns(database: peewee.Database) -> None:
     """Add the :data:`ADDED_COLUMNS` a table created by an older release lacks (idempotent).
 
-    Several processes may open the database at once: PostgreSQL's ``ADD COLUMN IF NOT
-    EXISTS`` tolerates that; on SQLite a concurrent ``duplicate column`` is checked away.
+    Tables that do not exist yet are left to ``create_tables``. Several processes may
+    open the database at once: PostgreSQL's ``ADD COLUMN IF NOT EXISTS`` tolerates that;
+    on SQLite a concurrent ``duplicate column`` is checked away.
     """
     for model, column, sql_type in ADDED_COLUMNS:
         table = model._meta.table_name
-        if column in {c.name for c in database.get_columns(table)}:
+        present = {c.name for c in database.get_columns(table)}
+        if not present or column in present:
             continue
         if is_sqlite(database):
             try:

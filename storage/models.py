@@ -123,6 +123,9 @@ class Recipient(BaseModel):
     #: Where passcodes go: a mobile number (SMS) or a second email address.
     otp_mobile = peewee.CharField(max_length=32, default="")
     otp_email = peewee.CharField(max_length=254, default="")
+    #: Postal address and contact telephone (given when someone forwards a package to them).
+    address = peewee.TextField(default="")
+    phone = peewee.CharField(max_length=32, default="")
     #: Base32 secret of the recipient's authenticator app (TOTP), once enrolled.
     totp_secret = peewee.CharField(max_length=64, null=True)
     #: The last TOTP time step accepted: each code is accepted once (RFC 6238 5.2).
@@ -159,6 +162,9 @@ class Transaction(BaseModel):
     link_token_hash = peewee.CharField(max_length=64, unique=True)
     decline_reason = peewee.TextField(default="")
     purged_at = peewee.DoubleField(null=True)
+    #: The received package this one is a forwarded copy of (copies cannot be forwarded).
+    forwarded_from = peewee.ForeignKeyField("self", null=True, backref="forwards",
+                                            on_delete="CASCADE")
 
 
 class TransactionStudy(BaseModel):

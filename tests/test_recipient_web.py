@@ -208,8 +208,10 @@ async def test_link_passcode_session_dashboard(browser: Browser, node: Node, stu
                  "1 new", "Decline this transaction",
                  pages.format_epoch(transaction.expires_at, node.settings.zone)):
         assert text in html, text
-    for action in ("View", "Download", "Forward"):
+    for action in ("View", "Download"):
         assert f">{action}<" not in html
+    assert f'href="/transactions/{transaction.public_id}/forward">Forward<' in html
+    assert "3 of 3 forwards left" in html
     # Opening the dashboard showed the message: it is read now.
     html = await (await browser.get("/dashboard?tab=all")).text()
     assert "1 new" not in html and "DOE, Jane" in html

@@ -12,7 +12,7 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, middlewares, proxies, recipient
+from web import admin, forward, middlewares, proxies, recipient
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -57,5 +57,6 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", HERE / "static", name="static")
     recipient.setup_routes(app)
+    forward.setup_routes(app)
     admin.setup_routes(app)
     return app

@@ -46,7 +46,7 @@ from iepnode.errors import (
 from iepnode.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
 from iepnode.messaging import DeliveryError
 from storage.models import Recipient, WebSession
-from web import middlewares
+from web import forward, middlewares
 from web.admin import qr_svg
 from web.common import (
     client_ip,
@@ -286,6 +286,7 @@ async def dashboard(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("recipient/dashboard.html", request, {
         "board": board, "tab": tab, "open_id": request.query.get("open", ""),
         "csrf": session.csrf_token, "recipient": board.recipient,
+        "forwarding": await forward.states_for(request, board.transactions),
     })
 
 
@@ -296,6 +297,7 @@ async def transaction(request: web.Request) -> web.Response:
                                    public_id_of(request), client_ip(request))
     return aiohttp_jinja2.render_template("recipient/transaction.html", request, {
         "view": view, "csrf": session.csrf_token, "tab": "all", "recipient": view.recipient,
+        "forwarding": await forward.states_for(request, [view]),
     })
 
 
