@@ -6,6 +6,7 @@ environment variables (``IEPNODE_<NAME>``), command-line flags.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -14,6 +15,9 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import tzlocal
 
 #: AE titles: 1-16 characters of the default character repertoire, no backslash.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -47,6 +51,8 @@ class Settings:
         Listening ports; ``0`` picks a free ephemeral port (printed at start-up).
     database_url : str
         ``sqlite:///PATH`` (default, under ``data_dir``) or ``postgresql://...``.
+    http_workers : int
+        Processes answering HTTP (they share the port with ``SO_REUSEPORT``).
     dicom_workers : int
         Number of SCP worker processes sharing the DICOM port (``SO_REUSEPORT``).
     max_pdu : int
@@ -94,6 +100,16 @@ class Settings:
         Days a transaction is listed on the dashboard.
     passcode_ttl_minutes : int
         Minutes a one-time passcode stays valid.
+    timezone : str
+        IANA name of the time zone pages and messages show times in (``Europe/London``);
+        empty: the server's local zone (see :attr:`zone`).
+    trusted_proxies : tuple of str
+        Addresses or networks (``10.0.0.5``, ``10.0.0.0/8``) of reverse proxies whose
+        ``X-Forwarded-For`` / ``X-Forwarded-Proto`` headers are believed; empty
+        (default): those headers are ignored. Normalised to network form.
+    max_forwards : int
+        How many times a recipient may forward a received package to other people
+        (0 turns forwarding off); forwarded copies cannot be forwarded again.
     """
 
     data_dir: Path = Path("data")
@@ -103,6 +119,7 @@ class Settings:
     http_port: int = 8080
     database_url: str = ""
     dicom_workers: int = 2
+    http_workers: int = 1
     max_pdu: int = 1 << 20
     stable_age: float = 60.0
     duplicate_policy: str = "keep"
@@ -124,6 +141,9 @@ class Settings:
     transaction_expiry_days: int = 14
     dashboard_days: int = 28
     passcode_ttl_minutes: int = 10
+    timezone: str = ""
+    trusted_proxies: tuple[str, ...] = ()
+    max_forwards: int = 3
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -152,6 +172,24 @@ class Settings:
         return self.data_dir / "outbox"
 
     @property
+    def zone(self) -> ZoneInfo:
+        """The time zone of :attr:`timezone`, or the server's local zone when it is empty.
+
+        Raises
+        ------
+        ConfigError
+            The name is not a known IANA zone (``load_settings`` checks this once).
+        """
+        name = self.timezone or local_zone_name()
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            where = "timezone" if self.timezone else "the server's local time zone"
+            raise ConfigError(
+                f"{where} {name!r}: not a known IANA time zone name such as Europe/London "
+                "or America/New_York ([portal] timezone, IEPNODE_TIMEZONE)") from exc
+
+    @property
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite inside ``data_dir``."""
         if self.database_url:
@@ -171,7 +209,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "duplicate_policy": "duplicate_policy",
         "fsync": "fsync",
     },
-    "http": {"bind": "bind", "port": "http_port"},
+    "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
+             "trusted_proxies": "trusted_proxies"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -194,8 +233,23 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "expiry_days": "transaction_expiry_days",
         "dashboard_days": "dashboard_days",
         "passcode_minutes": "passcode_ttl_minutes",
+        "timezone": "timezone",
+        "max_forwards": "max_forwards",
     },
 }
+
+
+def local_zone_name() -> str:
+    """IANA name of the server's local time zone; ``UTC`` when it has none.
+
+    ``TZ``, ``/etc/timezone`` or the ``/etc/localtime`` symlink name it (read by
+    tzlocal). A server whose zone has no name shows times in UTC, labelled so.
+    """
+    try:
+        return tzlocal.get_localzone_name() or "UTC"
+    except ZoneInfoNotFoundError as exc:  # conflicting configuration files
+        raise ConfigError(f"the server's local time zone is unclear ({exc}); set "
+                          "[portal] timezone") from exc
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -203,6 +257,13 @@ def _coerce(name: str, value: Any) -> Any:
     types = {f.name: f.type for f in fields(Settings)}
     kind = types[name]
     try:
+        if kind == "tuple[str, ...]":
+            # A TOML array, or text separated by commas/spaces (environment variables).
+            items = value.replace(",", " ").split() if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(
+                    isinstance(i, str) for i in items):
+                raise TypeError("a list of strings")
+            return tuple(items)
         if kind == "Path":
             return Path(value).expanduser()
         if kind == "int":
@@ -325,12 +386,24 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
     if not institution or _CONTROL.search(institution) or len(institution) > 200:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
-                            ("passcode_ttl_minutes", 1, 60)):
+                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100)):
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} {value}: must be {low}-{high}")
     return {"sms_email_domain": domain, "sms_http_url": http_url, "public_url": public_url,
             "institution": institution}
+
+
+def _validate_proxies(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check trusted proxy addresses/networks; return them as networks (``10.0.0.5/32``)."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies {value!r}: an IP address or network such as "
+                              "10.0.0.5, 10.0.0.0/8 or fd00::/8") from exc
+    return tuple(dict.fromkeys(networks))
 
 
 def _validate(s: Settings) -> Settings:
@@ -342,6 +415,8 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(f"{name} {port}: must be 0-65535")
     if s.dicom_workers < 1 or s.dicom_workers > 64:
         raise ConfigError(f"dicom_workers {s.dicom_workers}: must be 1-64")
+    if s.http_workers < 1 or s.http_workers > 64:
+        raise ConfigError(f"http_workers {s.http_workers}: must be 1-64")
     if s.max_pdu != 0 and s.max_pdu < 4096:
         raise ConfigError(f"max_pdu {s.max_pdu}: 0 (unlimited) or at least 4096")
     if s.stable_age < 0:
@@ -354,7 +429,11 @@ def _validate(s: Settings) -> Settings:
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"database_url {url!r}: sqlite:///PATH or postgresql://...")
     messaging = _validate_messaging(s)
-    return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(), **messaging)
+    timezone = s.timezone.strip()
+    replace(s, timezone=timezone).zone  # noqa: B018 - raises ConfigError for an unknown zone
+    return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
+                   timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
+                   **messaging)
 
 
 def load_settings(

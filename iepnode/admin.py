@@ -6,10 +6,17 @@ place. The audit events written here (PS3.15 A.5 EventIDs)::
 
     110114 User Authentication  login, login-failed, logout
     110112 Query                study-search (with the criteria)
-    110110 Patient Record       view-transaction, message (staff reply; body not kept)
+    110110 Patient Record       view-transaction, message (staff reply; body not kept),
+                                message-notify (the email telling the recipient of it)
     110106 Export               transfer-create (written by Node.share)
-    110113 Security Alert       recipient-unlock, login-locked,
-                                admin-change (remote AEs, staff users, own TOTP/password)
+    110113 Security Alert       recipient-unlock, recipient-totp-remove, login-locked,
+                                admin-change (remote AEs, staff users, own TOTP/password,
+                                an admin resetting another user's password or TOTP)
+
+Resets: an admin may reset another staff user's password (to a temporary one that
+must be changed at the next login) or TOTP secret (cleared: the next login, with the
+password alone, may only enrol a new authenticator). Until then
+:meth:`AdminService.pending_step` names the one page that user's sessions may open.
 
 Brute force: failed staff logins are counted per username (known or not, so a
 lock reveals nothing); :data:`MAX_FAILURES` failures within :data:`FAILURE_WINDOW`
@@ -21,15 +28,17 @@ per user (RFC 6238 section 5.2). Both live in memory: the web server is one proc
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import peewee
 import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -38,28 +47,34 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from iepnode import audit, logins, staff, transactions
+from iepnode import audit, logins, notifications, staff, transactions
 from iepnode.audit import Actor
-from iepnode.errors import InvalidRequest, LoginRefused, NotFound
+from iepnode.errors import InvalidRequest, LoginRefused, NotAuthorized, NotFound
+from iepnode.messaging import DeliveryError
 from iepnode.query import Root, parse_identifier, select_rows
 from iepnode.transactions import NewTransfer
 from storage import registry
+from storage.db import write_transaction
 from storage.models import (
     AuditEvent,
     Patient,
     Recipient,
     RemoteAE,
+    StaffLoginFailures,
     StaffUser,
     Study,
     Transaction,
     TransactionMessage,
     TransactionStudy,
+    UsedStaffCode,
     WebSession,
 )
 
 if TYPE_CHECKING:
     from iepnode.logins import NewSession
     from iepnode.node import Node
+
+log = logging.getLogger("iepnode.admin")
 
 #: Failed logins per username within :data:`FAILURE_WINDOW` that start a lockout.
 MAX_FAILURES = 5
@@ -71,6 +86,10 @@ FAILURE_DELAY = 1.0
 LOGIN_REFUSED = "Wrong username, password or code."
 #: A used TOTP code is refused for this long (it is valid for 30 s either side).
 TOTP_REPLAY_WINDOW = 120.0
+
+#: What a session of a user with a pending step may do, in order (see ``pending_step``).
+STEP_TOTP = "totp"
+STEP_PASSWORD = "password"
 
 #: EventID codes (DCM) used only by the staff side.
 QUERY = ("110112", "Query")
@@ -145,6 +164,31 @@ class StaffTransactionView:
         """Whether the recipient is locked out after failed passcodes."""
         return self.recipient.locked_at is not None
 
+    @property
+    def authenticator(self) -> bool:
+        """Whether the recipient signs in with an authenticator app."""
+        return bool(self.recipient.totp_secret)
+
+
+@dataclass(frozen=True)
+class PasswordReset:
+    """A reset password: the user, and the generated password to show once ('' if typed)."""
+
+    user: StaffUser
+    generated: str
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """A stored staff reply and what became of the email telling the recipient.
+
+    ``reason`` says why no email went: ``expired`` (the transaction's link signs
+    in no more) or ``failed`` (the mail could not be sent; logged and audited).
+    """
+
+    emailed: bool
+    reason: str = ""
+
 
 @dataclass(frozen=True)
 class AuditPage:
@@ -172,6 +216,8 @@ class TotpEnrolment:
 class LoginThrottle:
     """Count failed logins per username; lock a username after too many.
 
+    The counts live in the database, so every web process sees the same ones.
+
     Parameters
     ----------
     max_failures : int
@@ -185,43 +231,44 @@ class LoginThrottle:
         self.max_failures = max_failures
         self.window = window
         self.lockout = lockout
-        self._failures: dict[str, list[float]] = {}
-        self._locked: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def locked_for(self, username: str, now: float) -> float:
         """Seconds ``username`` stays locked (0 when it is not)."""
-        with self._lock:
-            until = self._locked.get(username, 0.0)
-            if until <= now:
-                self._locked.pop(username, None)
-                return 0.0
-            return until - now
+        row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
+        return max(0.0, row.locked_until - now) if row is not None else 0.0
 
     def failed(self, username: str, now: float) -> bool:
         """Note a failed login; return ``True`` when it starts a lockout."""
-        with self._lock:
-            recent = [t for t in self._failures.get(username, ()) if t > now - self.window]
-            recent.append(now)
-            if len(recent) >= self.max_failures:
-                self._failures.pop(username, None)
-                self._locked[username] = now + self.lockout
-                return True
-            self._failures[username] = recent
-            if len(self._failures) > 10_000:
-                self._prune(now)
-            return False
+        for _ in range(3):  # PostgreSQL: two processes may create the same row at once
+            try:
+                return self._count_failure(username, now)
+            except peewee.IntegrityError:
+                continue
+        return self._count_failure(username, now)
+
+    def _count_failure(self, username: str, now: float) -> bool:
+        with write_transaction():
+            row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
+            if row is None:
+                row = StaffLoginFailures(username=username, failures=0, window_start=now)
+            if now - row.window_start > self.window:
+                row.failures, row.window_start = 0, now
+            row.failures += 1
+            starts_lockout = row.failures >= self.max_failures
+            if starts_lockout:
+                row.failures, row.window_start, row.locked_until = 0, now, now + self.lockout
+            row.save()
+            # Keep the table small: rows of usernames with nothing left to remember.
+            StaffLoginFailures.delete().where(
+                (StaffLoginFailures.window_start < now - self.window)
+                & (StaffLoginFailures.locked_until < now)).execute()
+        return starts_lockout
 
     def succeeded(self, username: str) -> None:
         """Forget the failures of a username that has just logged in."""
-        with self._lock:
-            self._failures.pop(username, None)
-
-    def _prune(self, now: float) -> None:
-        for name in [n for n, ts in self._failures.items() if ts[-1] <= now - self.window]:
-            del self._failures[name]
-        for name in [n for n, until in self._locked.items() if until <= now]:
-            del self._locked[name]
+        with write_transaction():
+            StaffLoginFailures.delete().where(
+                StaffLoginFailures.username == username).execute()
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -342,8 +389,6 @@ class AdminService:
         self.throttle = LoginThrottle()
         #: Seconds the web view waits before answering a failed login.
         self.failure_delay = FAILURE_DELAY
-        self._used_codes: dict[tuple[int, str], float] = {}
-        self._codes_lock = threading.Lock()
 
     # -- login -------------------------------------------------------------------------
 
@@ -370,8 +415,9 @@ class AdminService:
             raise LoginThrottled(f"Too many failed logins: try again in {minutes} minute"
                                  f"{'s' if minutes != 1 else ''}.")
         try:
-            user = staff.authenticate(key, password, code, now=now)
-            self._use_code(user.id, code.strip(), now)
+            user = staff.authenticate(key, password, code, now=now, allow_enrolment=True)
+            if user.totp_secret:
+                self._use_code(user.id, code.strip(), now)
         except LoginRefused:
             audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
                          outcome=audit.MINOR_FAILURE, detail=self._failure_reason(key), now=now)
@@ -383,8 +429,24 @@ class AdminService:
             raise LoginRefused(LOGIN_REFUSED) from None
         self.throttle.succeeded(key)
         opened = logins.open_session(staff_id=user.id, now=now)
-        audit.record(audit.USER_AUTHENTICATION, "login", _actor(user, source_ip), now=now)
+        audit.record(audit.USER_AUTHENTICATION, "login", _actor(user, source_ip), now=now,
+                     detail="" if user.totp_secret else
+                     "password only: may enrol an authenticator, nothing else")
         return StaffLogin(opened, user)
+
+    @staticmethod
+    def pending_step(user: StaffUser) -> str | None:
+        """What ``user`` must do before anything else: enrol TOTP, set a password, or None.
+
+        :data:`STEP_TOTP` while the user has no TOTP secret (their session was opened
+        with the password alone), then :data:`STEP_PASSWORD` while a temporary
+        password set by an admin is in use.
+        """
+        if not user.totp_secret:
+            return STEP_TOTP
+        if user.must_change_password:
+            return STEP_PASSWORD
+        return None
 
     @staticmethod
     def _failure_reason(username: str) -> str:
@@ -396,13 +458,14 @@ class AdminService:
         return "wrong password or code"
 
     def _use_code(self, user_id: int, code: str, now: float) -> None:
-        """Accept each TOTP code once per user (RFC 6238 section 5.2)."""
-        with self._codes_lock:
-            for key in [k for k, until in self._used_codes.items() if until <= now]:
-                del self._used_codes[key]
-            if (user_id, code) in self._used_codes:
-                raise LoginRefused("code used already")
-            self._used_codes[(user_id, code)] = now + TOTP_REPLAY_WINDOW
+        """Accept each TOTP code once per user (RFC 6238 section 5.2), in every process."""
+        try:
+            with write_transaction():
+                UsedStaffCode.delete().where(UsedStaffCode.expires_at <= now).execute()
+                UsedStaffCode.create(staff=user_id, code=code,
+                                     expires_at=now + TOTP_REPLAY_WINDOW)
+        except peewee.IntegrityError:
+            raise LoginRefused("code used already") from None
 
     def staff_for_session(self, session: WebSession | None) -> StaffUser | None:
         """The enabled staff user of a session, or ``None`` (none, recipient, disabled)."""
@@ -467,8 +530,14 @@ class AdminService:
             audit.events_for_transaction(public_id), expired,
         )
 
-    def reply(self, public_id: str, user: StaffUser, body: str, source_ip: str = "") -> None:
-        """Add a staff message to a transaction's thread (audited, body not).
+    async def reply(self, public_id: str, user: StaffUser, body: str,
+                    source_ip: str = "") -> ReplyOutcome:
+        """Add a staff message to a transaction's thread and email the recipient about it.
+
+        The email says only that there is a new message and how to sign in (see
+        :func:`iepnode.notifications.message_email`). The message is stored first:
+        a mail failure is logged, audited and reported in the outcome, never raised.
+        Both are audited (the body is not kept in the audit trail).
 
         Raises
         ------
@@ -477,11 +546,43 @@ class AdminService:
         InvalidRequest
             An empty or too long message.
         """
+        transaction = await asyncio.to_thread(self._add_reply, public_id, user, body,
+                                              source_ip)
+        actor = _actor(user, source_ip)
+        if transaction.purged_at or transaction.status == transactions.EXPIRED or (
+                transaction.expires_at <= time.time()):
+            await asyncio.to_thread(
+                audit.record, PATIENT_RECORD, "message-notify", actor,
+                outcome=audit.MINOR_FAILURE, patient_id=transaction.patient_id,
+                transaction=public_id, detail="not emailed: the transaction has expired")
+            return ReplyOutcome(False, "expired")
+        email = transaction.recipient.email
+        subject, text = notifications.message_email(
+            transaction, f"{self.node.settings.public_url}/transactions/{public_id}")
+        try:
+            await self.node.messenger.send_email(email, subject, text, kind="message-notice")
+        except (DeliveryError, ValueError) as exc:
+            log.warning("staff reply on %s stored, but the email to %s failed: %s",
+                        public_id, email, exc)
+            await asyncio.to_thread(
+                audit.record, PATIENT_RECORD, "message-notify", actor,
+                outcome=audit.SERIOUS_FAILURE, patient_id=transaction.patient_id,
+                transaction=public_id, detail=f"email to {email} failed: {exc}"[:500])
+            return ReplyOutcome(False, "failed")
+        await asyncio.to_thread(
+            audit.record, PATIENT_RECORD, "message-notify", actor,
+            patient_id=transaction.patient_id, transaction=public_id,
+            detail=f"email to {email}")
+        return ReplyOutcome(True)
+
+    def _add_reply(self, public_id: str, user: StaffUser, body: str,
+                   source_ip: str) -> Transaction:
         transaction = _get_transaction(public_id)
         transactions.add_message(transaction, "staff", user.display_name or user.username, body)
         audit.record(PATIENT_RECORD, "message", _actor(user, source_ip),
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail="staff reply")
+        return transaction
 
     def unlock_recipient(self, public_id: str, user: StaffUser, source_ip: str = "") -> str:
         """Unlock the recipient of a transaction; return their email.
@@ -501,6 +602,29 @@ class AdminService:
         audit.record(audit.SECURITY_ALERT, "recipient-unlock", _actor(user, source_ip),
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail=recipient.email)
+        return recipient.email
+
+    def remove_recipient_authenticator(self, public_id: str, user: StaffUser,
+                                       source_ip: str = "") -> str:
+        """Remove the authenticator app of a transaction's recipient (lost phone); audited.
+
+        The recipient gets passcodes by SMS/email again and their open sessions end.
+        Returns their email.
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        InvalidRequest
+            The recipient has no authenticator app.
+        """
+        transaction = _get_transaction(public_id)
+        recipient = transaction.recipient
+        if not logins.clear_totp(recipient.id):
+            raise InvalidRequest(f"{recipient.email} has no authenticator app")
+        audit.record(audit.SECURITY_ALERT, "recipient-totp-remove", _actor(user, source_ip),
+                     patient_id=transaction.patient_id, transaction=public_id,
+                     detail=f"{recipient.email}: removed by staff; recipient sessions ended")
         return recipient.email
 
     async def share(self, request: NewTransfer, user: StaffUser,
@@ -685,6 +809,75 @@ class AdminService:
                      detail=f"user-{'disable' if disabled else 'enable'} {target.username}")
         return target
 
+    @staticmethod
+    def _other_user(user_id: int, admin: StaffUser, what: str) -> StaffUser:
+        if not admin.is_admin:
+            raise NotAuthorized("only administrators reset other users")
+        target = StaffUser.get_or_none(StaffUser.id == user_id)
+        if target is None:
+            raise NotFound(f"no staff user {user_id}")
+        if target.id == admin.id:
+            raise InvalidRequest(f"you cannot reset your own {what} here: use Your account")
+        return target
+
+    def reset_password(self, user_id: int, temporary: str, user: StaffUser,
+                       source_ip: str = "") -> PasswordReset:
+        """Give another staff user a temporary password they must change at next login.
+
+        ``temporary`` empty: one is generated (returned once, never stored or logged).
+        The user's sessions end and their failed-login lockout is cleared. Audited.
+
+        Raises
+        ------
+        NotAuthorized
+            ``user`` is not an admin.
+        NotFound
+            No such user.
+        InvalidRequest
+            The admin's own account, or a typed password shorter than 12 characters.
+        """
+        target = self._other_user(user_id, user, "password")
+        generated = "" if temporary else staff.temporary_password()
+        password = temporary or generated
+        if len(password) < staff.MIN_PASSWORD:
+            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        with write_transaction():
+            StaffUser.update(password_hash=_hasher.hash(password),
+                             must_change_password=True).where(
+                StaffUser.id == target.id).execute()
+            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+        self.throttle.succeeded(target.username)
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"password-reset {target.username} (temporary password "
+                            f"{'generated' if generated else 'typed by the admin'}; "
+                            f"sessions ended)")
+        return PasswordReset(StaffUser.get_by_id(target.id), generated)
+
+    def reset_totp(self, user_id: int, user: StaffUser, source_ip: str = "") -> StaffUser:
+        """Clear another staff user's TOTP secret: they enrol a new one at next login.
+
+        Until they do, their password opens the enrolment page and nothing else.
+        Their sessions end. Audited.
+
+        Raises
+        ------
+        NotAuthorized
+            ``user`` is not an admin.
+        NotFound
+            No such user.
+        InvalidRequest
+            The admin's own account.
+        """
+        target = self._other_user(user_id, user, "authenticator")
+        with write_transaction():
+            StaffUser.update(totp_secret=None).where(StaffUser.id == target.id).execute()
+            UsedStaffCode.delete().where(UsedStaffCode.staff == target.id).execute()
+            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"totp-reset {target.username} (must enrol at next login; "
+                            f"sessions ended)")
+        return StaffUser.get_by_id(target.id)
+
     # -- own account -------------------------------------------------------------------
 
     def _signature(self, session_id: int, user_id: int, secret: str) -> str:
@@ -761,3 +954,65 @@ class AdminService:
             (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor,
                      detail=f"password-change {user.username}")
+
+    # -- steps after an admin reset (pending_step) -------------------------------------
+
+    def enrol_first_totp(self, user: StaffUser, session_id: int, enrolment: TotpEnrolment,
+                         code: str, source_ip: str = "", now: float | None = None) -> None:
+        """Save the TOTP secret of a user who has none, once a code from it checks out.
+
+        The session (opened with the password alone) then counts as a full login: the
+        password and a code were both shown. Its code is used up, the user's other
+        sessions end (one opened elsewhere with the password alone gains nothing).
+        Audited.
+
+        Raises
+        ------
+        InvalidRequest
+            A code that does not match, or the user has a secret already.
+        """
+        now = time.time() if now is None else now
+        code = re.sub(r"\s", "", code)
+        if not pyotp.TOTP(enrolment.secret).verify(code, for_time=now, valid_window=1):
+            audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                         outcome=audit.MINOR_FAILURE, detail="totp-enrol refused: wrong code")
+            raise InvalidRequest("that code does not match: check the authenticator app's "
+                                 "clock and type the code it shows now")
+        with write_transaction():
+            saved = StaffUser.update(totp_secret=enrolment.secret).where(
+                (StaffUser.id == user.id) & StaffUser.totp_secret.is_null()).execute()
+            WebSession.update(ended=True).where(
+                (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        if not saved:
+            raise InvalidRequest("an authenticator is enrolled already")
+        self._use_code(user.id, code, now)
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"totp-enrol {user.username} (after a reset)")
+
+    def set_required_password(self, user: StaffUser, session_id: int, new: str, repeat: str,
+                              source_ip: str = "") -> None:
+        """Replace a temporary password set by an admin with the user's own. Audited.
+
+        The user's other sessions end.
+
+        Raises
+        ------
+        InvalidRequest
+            No new password is required, a short one, the two differ, or it is the
+            temporary password again.
+        """
+        if not user.must_change_password:
+            raise InvalidRequest("your password does not need changing")
+        if len(new) < staff.MIN_PASSWORD:
+            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        if new != repeat:
+            raise InvalidRequest("the new passwords differ")
+        if _verify_password(user, new):
+            raise InvalidRequest("choose a password of your own, not the temporary one")
+        with write_transaction():
+            StaffUser.update(password_hash=_hasher.hash(new), must_change_password=False).where(
+                StaffUser.id == user.id).execute()
+            WebSession.update(ended=True).where(
+                (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
+                     detail=f"password-change {user.username} (after a reset)")

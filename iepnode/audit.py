@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from storage import hot_queries
 from storage.models import AuditEvent
 
 #: EventID codes (DCM) used by the node, with their meanings.
@@ -87,20 +88,19 @@ def record_many(
     outcome: int = SUCCESS,
     now: float | None = None,
 ) -> None:
-    """Store one event per ``(patient_id, transaction, detail)`` in a single insert.
+    """Store one event per ``(patient_id, transaction, detail)`` in one statement.
 
-    For pages that show many transactions at once (the dashboard).
+    For pages that show many transactions at once (the dashboard); call it inside
+    a write transaction.
     """
     if not items:
         return
     at = time.time() if now is None else now
-    AuditEvent.insert_many([
-        {"at": at, "event_code": event[0], "event_name": event[1], "action": action,
-         "outcome": outcome, "actor_kind": actor.kind, "actor": actor.name[:254],
-         "source_ip": actor.source_ip[:64], "patient_id": patient_id[:64], "study_uid": "",
-         "transaction_public_id": transaction[:16], "detail": detail}
+    hot_queries.insert_audit_events([
+        (at, event[0], event[1], action, outcome, actor.kind, actor.name[:254],
+         actor.source_ip[:64], patient_id[:64], "", transaction[:16], detail)
         for patient_id, transaction, detail in items
-    ]).execute()
+    ])
 
 
 def record_export(

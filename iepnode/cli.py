@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dicom-port", type=int, help="DICOM port (0: pick a free one)")
     serve.add_argument("--http-port", type=int, help="HTTP port (0: pick a free one)")
     serve.add_argument("--dicom-workers", type=int, help="SCP worker processes")
+    serve.add_argument("--http-workers", type=int, help="processes answering HTTP")
     serve.add_argument("--stable-age", type=float,
                        help="seconds without new instances before a study's DICOMDIR is built")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
@@ -113,8 +114,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "data_dir": args.data_dir,
         "database_url": args.database_url,
     }
-    for name in ("ae_title", "bind", "dicom_port", "http_port", "dicom_workers", "stable_age",
-                 "log_level"):
+    for name in ("ae_title", "bind", "dicom_port", "http_port", "dicom_workers", "http_workers",
+                 "stable_age", "log_level"):
         overrides[name] = getattr(args, name, None)
     return load_settings(args.config, overrides)
 

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyotp
@@ -32,6 +33,7 @@ from iepnode.errors import (
     RecipientLocked,
 )
 from iepnode.security import new_passcode, new_token, passcode_hash, passcode_matches, token_hash
+from storage import hot_queries
 from storage.db import write_transaction
 from storage.models import LoginAttempt, Recipient, Transaction, WebSession, database_proxy
 
@@ -109,7 +111,7 @@ def start_attempt(transaction: Transaction, secret: bytes, ttl: float,
         ("sms", recipient.otp_mobile) if recipient.otp_mobile else ("email", recipient.otp_email)
     )
     code = new_passcode()
-    with database_proxy.obj.atomic():
+    with write_transaction():
         attempt = LoginAttempt.create(transaction=transaction, recipient=recipient,
                                       code_hash="", channel=channel, created_at=now,
                                       expires_at=now + ttl)
@@ -135,7 +137,7 @@ def verify_passcode(attempt_id: int, code: str, secret: bytes,
         The recipient is (or has just become) locked.
     """
     now = time.time() if now is None else now
-    with database_proxy.obj.atomic():
+    with write_transaction():
         attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
         if attempt is None:
             raise PasscodeRejected("this login has expired: ask for a new passcode")
@@ -186,8 +188,20 @@ def open_session(recipient: Recipient | None = None, staff_id: int | None = None
     return NewSession(token, csrf, session)
 
 
-def resume_session(token: str, now: float | None = None) -> WebSession:
+def resume_session(token: str, now: float | None = None, *,
+                   run_write: Callable[[Callable[[], None]], None] | None = None) -> WebSession:
     """Return the live session for a cookie value and note the activity.
+
+    Parameters
+    ----------
+    token : str
+        The session cookie's value.
+    now : float, optional
+        The current time (tests).
+    run_write : callable, optional
+        Runs the activity update (at most once a minute per session) in a write
+        transaction; the node passes its group committer. Default: a transaction
+        of its own.
 
     Raises
     ------
@@ -195,7 +209,7 @@ def resume_session(token: str, now: float | None = None) -> WebSession:
         Unknown, ended, idle for more than 30 minutes, or older than 12 hours.
     """
     now = time.time() if now is None else now
-    session = WebSession.get_or_none(WebSession.token_hash == token_hash(token))
+    session = hot_queries.session_by_token_hash(token_hash(token))
     if (
         session is None
         or session.ended
@@ -204,8 +218,14 @@ def resume_session(token: str, now: float | None = None) -> WebSession:
     ):
         raise NotFound("no session")
     if now - session.last_seen >= LAST_SEEN_GRANULARITY:
-        WebSession.update(last_seen=now).where(WebSession.id == session.id).execute()
+        seen = session.id
+        (run_write or _own_transaction)(lambda: hot_queries.note_session_seen(seen, now))
     return session
+
+
+def _own_transaction(job: Callable[[], None]) -> None:
+    with write_transaction():
+        job()
 
 
 def end_session(token: str) -> None:
@@ -347,3 +367,25 @@ def remove_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
     Recipient.update(totp_secret=None, totp_last_step=None).where(
         Recipient.id == recipient_id).execute()
     return Recipient.get_by_id(recipient_id)
+
+
+def clear_totp(recipient_id: int) -> bool:
+    """Remove the recipient's authenticator app without a code, and end their sessions.
+
+    For staff helping a recipient who lost their phone: passcodes go to the mobile
+    or second email again, and a session left open on the lost phone ends.
+
+    Returns
+    -------
+    bool
+        Whether an app was set up.
+    """
+    with write_transaction(database_proxy.obj):
+        cleared = Recipient.update(totp_secret=None, totp_last_step=None).where(
+            (Recipient.id == recipient_id) & Recipient.totp_secret.is_null(False)).execute()
+        if cleared:
+            WebSession.update(ended=True).where(
+                (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
+            ).execute()
+    return bool(cleared)
+

@@ -10,11 +10,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
 from config import Settings
-from iepnode import audit, checksums, downloads, logins, notifications, package, transactions
+from iepnode import (
+    audit,
+    checksums,
+    downloads,
+    forward_mail,
+    forwarding,
+    logins,
+    notifications,
+    package,
+    transactions,
+)
 from iepnode.admin import AdminService
 from iepnode.audit import Actor
 from iepnode.errors import (
@@ -39,9 +50,10 @@ from iepnode.query import (
 )
 from iepnode.security import load_or_create_secret
 from iepnode.transactions import Contact, NewTransfer
-from storage import index, registry
-from storage.db import open_database, write_transaction
+from storage import hot_queries, index, registry
+from storage.db import open_database
 from storage.filestore import FileStore
+from storage.group_commit import GroupCommitter
 from storage.models import (
     LoginAttempt,
     Recipient,
@@ -130,6 +142,8 @@ class Node:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.database = open_database(settings.resolved_database_url)
+        #: Page views' small writes (audit events, read marks) share commits.
+        self.group_commit = GroupCommitter(self.database)
         self.store = FileStore(settings.store_dir, settings.tmp_dir, durable=settings.fsync)
         self.ingester = Ingester(
             self.store, replace_duplicates=settings.duplicate_policy == "replace"
@@ -336,7 +350,7 @@ class Node:
             detail=f"to {transaction.recipient.email}",
         )
         subject, text = notifications.transfer_email(
-            transaction, f"{self.settings.public_url}/t/{token}")
+            transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
         await self.messenger.send_email(transaction.recipient.email, subject, text,
                                         kind="transfer-link")
         return transaction
@@ -380,7 +394,7 @@ class Node:
 
     def resume_session(self, token: str) -> WebSession:
         """Return the live session for a cookie value (see :func:`logins.resume_session`)."""
-        return logins.resume_session(token)
+        return logins.resume_session(token, run_write=self.group_commit.run)
 
     def log_in(self, token: str, attempt_id: int, code: str, source_ip: str = "") -> NewSession:
         """Check a passcode typed on the page a link opened; open a session.
@@ -453,15 +467,14 @@ class Node:
         # Reads run outside any transaction; the page's writes (read marks, audit
         # events) commit together at the end in a short write transaction, so the
         # database's single write lock is held for those statements only.
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = hot_queries.recipient(recipient_id)
+        if recipient is None:
+            raise NotFound("no such recipient")
         days = self.settings.dashboard_days
         everything = transactions.for_recipient(recipient, action_required=False, days=days)
         now = time.time()
         action = [t for t in everything if transactions.is_open(t, now)]
-        unread = (TransactionMessage.select()
-                  .where(TransactionMessage.transaction.in_([t.id for t in everything])
-                         & (TransactionMessage.read_by_recipient == False))  # noqa: E712
-                  .count()) if everything else 0
+        unread = hot_queries.unread_messages([t.id for t in everything])
         shown = {"action": action, "all": everything}.get(tab, [])
         views = self._views(shown, recipient, source_ip, f"dashboard {tab}")
         return RecipientDashboard(recipient, views, len(action), len(everything), unread, days)
@@ -529,6 +542,11 @@ class Node:
             return recipient, None
         return recipient, logins.totp_enrolment(recipient, session_id, self.secret,
                                                  self._totp_issuer)
+
+    def recipient_contact(self, recipient_id: int) -> Contact:
+        """Whom the recipient asks for help: the contact of their newest transaction."""
+        newest = transactions.newest_for(recipient_id)
+        return _contact(newest) if newest else Contact(name=self.settings.institution)
 
     def check_totp_enrolment(self, recipient_id: int, session_id: int, totp_secret: str,
                              signature: str) -> logins.TotpEnrolment:
@@ -618,28 +636,22 @@ class Node:
             return []
         ids = [t.id for t in shown]
         studies: dict[int, list[TransactionStudy]] = {i: [] for i in ids}
-        for row in (TransactionStudy.select().where(TransactionStudy.transaction.in_(ids))
-                    .order_by(TransactionStudy.id)):
+        for row in hot_queries.studies_of(ids):
             studies[row.transaction_id].append(row)
-        uids = {r.study_uid for rows in studies.values() for r in rows}
-        held = {s.study_uid: s.num_instances for s in Study.select(
-            Study.study_uid, Study.num_instances).where(Study.study_uid.in_(list(uids)))
-        } if uids else {}
+        held = hot_queries.images_held(sorted({r.study_uid for rows in studies.values()
+                                               for r in rows}))
         messages: dict[int, list[TransactionMessage]] = {i: [] for i in ids}
-        for message in (TransactionMessage.select()
-                        .where(TransactionMessage.transaction.in_(ids))
-                        .order_by(TransactionMessage.created_at, TransactionMessage.id)):
+        for message in hot_queries.messages_of(ids):
             messages[message.transaction_id].append(message)
         unread_ids = [m.id for ms in messages.values() for m in ms if not m.read_by_recipient]
-        with write_transaction(self.database):
-            if unread_ids:
-                TransactionMessage.update(read_by_recipient=True).where(
-                    TransactionMessage.id.in_(unread_ids)).execute()
-            audit.record_many(
-                PATIENT_RECORD, "view-transaction",
-                audit.Actor("recipient", recipient.email, source_ip),
-                [(t.patient_id, t.public_id, where) for t in shown],
-            )
+        actor = audit.Actor("recipient", recipient.email, source_ip)
+        viewed = [(t.patient_id, t.public_id, where) for t in shown]
+
+        def note_viewed() -> None:
+            hot_queries.mark_read(unread_ids)
+            audit.record_many(PATIENT_RECORD, "view-transaction", actor, viewed)
+
+        self.group_commit.run(note_viewed)
         now = time.time()
         views = []
         for transaction in shown:
@@ -717,6 +729,148 @@ class Node:
             except Exception:
                 log.exception("file-set build failed for study %s", study.study_uid)
         return built
+
+    # -- forward to a person (issue 6) ---------------------------------------------------
+
+    def forward_states(self, rows: list[Any]) -> dict[str, forwarding.ForwardState]:
+        """Whether each transaction (model or dashboard row) may be forwarded now."""
+        return forwarding.states(rows, max_forwards=self.settings.max_forwards,
+                                 now=time.time())
+
+    def _forwardable(self, recipient_id: int, public_id: str,
+                     source_ip: str) -> tuple[Recipient, Transaction, forwarding.ForwardState]:
+        """The recipient's package and its forward state; refusals are audited and raised."""
+        forwarder = Recipient.get_by_id(recipient_id)
+        source = transactions.get_for_recipient(forwarder, public_id)
+        state = self.forward_states([source])[public_id]
+        if not state.allowed:
+            audit.record(audit.EXPORT, "forward-refused",
+                         audit.Actor("recipient", forwarder.email, source_ip),
+                         outcome=audit.MINOR_FAILURE, patient_id=source.patient_id,
+                         transaction=public_id, detail=state.reason)
+            raise forwarding.ForwardRefused(state.reason)
+        return forwarder, source, state
+
+    def forward_dialog(self, recipient_id: int, public_id: str,
+                       source_ip: str = "") -> forwarding.ForwardDialog:
+        """What the forward dialog of one of the recipient's packages shows (audited).
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        ForwardRefused
+            The rules do not allow forwarding it (audited).
+        """
+        forwarder, source, state = self._forwardable(recipient_id, public_id, source_ip)
+        audit.record(PATIENT_RECORD, "view-transaction",
+                     audit.Actor("recipient", forwarder.email, source_ip),
+                     patient_id=source.patient_id, transaction=public_id,
+                     detail="forward dialog")
+        return forwarding.ForwardDialog(
+            source, forwarder, state, forwarding.known_recipients(forwarder.id),
+            forwarding.periods(source.expires_at, time.time(),
+                               default_days=self.settings.transaction_expiry_days))
+
+    def forward_history(self, recipient_id: int, public_id: str) -> forwarding.ForwardHistory:
+        """The forwarded copies of one of the recipient's packages.
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        """
+        forwarder = Recipient.get_by_id(recipient_id)
+        source = transactions.get_for_recipient(forwarder, public_id)
+        return forwarding.ForwardHistory(source, forwarder,
+                                         self.forward_states([source])[public_id],
+                                         forwarding.forwards_of(source.id))
+
+    def _create_forward(self, recipient_id: int, public_id: str,
+                        request: forwarding.ForwardRequest, source_ip: str,
+                        ) -> tuple[forwarding.Forwarded, forwarding.CheckedForward, Recipient]:
+        forwarder, source, _ = self._forwardable(recipient_id, public_id, source_ip)
+        actor = audit.Actor("recipient", forwarder.email, source_ip)
+        checked = forwarding.check_request(
+            request, forwarder_email=forwarder.email,
+            known=set(forwarding.known_recipients(forwarder.id)))
+        try:
+            forwarded = forwarding.create_copy(
+                source.id, forwarder, checked, max_forwards=self.settings.max_forwards,
+                default_days=self.settings.transaction_expiry_days, actor=actor)
+        except forwarding.ForwardRefused as exc:
+            audit.record(audit.EXPORT, "forward-refused", actor, outcome=audit.MINOR_FAILURE,
+                         patient_id=source.patient_id, transaction=public_id,
+                         detail=f"to {checked.email}: {exc}")
+            raise
+        return forwarded, checked, forwarder
+
+    async def forward_to_person(self, recipient_id: int, public_id: str,
+                                request: forwarding.ForwardRequest,
+                                source_ip: str = "") -> forwarding.Forwarded:
+        """Forward one of the recipient's packages to another person.
+
+        The copy is created and audited, its link emailed to the new recipient (who
+        logs in with a passcode like any recipient), and the hospital contact of the
+        package is told (the notice is audited; failing to send it does not undo the
+        forward).
+
+        Raises
+        ------
+        NotFound
+            No such transaction, or it is someone else's.
+        ForwardRefused
+            The rules do not allow it (audited).
+        ForwardInvalid
+            Something typed in the dialog is wrong.
+        DeliveryError
+            The link email could not be sent: the copy is deleted again (it does not
+            count) and the failure audited.
+        """
+        forwarded, checked, forwarder = await asyncio.to_thread(
+            self._create_forward, recipient_id, public_id, request, source_ip)
+        actor = audit.Actor("recipient", forwarder.email, source_ip)
+        who = f"{forwarder.name} ({forwarder.email})" if forwarder.name else forwarder.email
+        subject, text = forward_mail.forwarded_email(
+            forwarded, who, f"{self.settings.public_url}/t/{forwarded.token}")
+        try:
+            await self.messenger.send_email(forwarded.recipient.email, subject, text,
+                                            kind="forward-link")
+        except DeliveryError as exc:
+            await asyncio.to_thread(self._forward_not_sent, forwarded, actor, exc)
+            raise
+        await self._tell_hospital(forwarded, checked, forwarder.email)
+        return forwarded
+
+    def _forward_not_sent(self, forwarded: forwarding.Forwarded, actor: Actor,
+                          exc: Exception) -> None:
+        forwarding.undo(forwarded)
+        audit.record(audit.EXPORT, "forward-not-sent", actor, outcome=audit.SERIOUS_FAILURE,
+                     patient_id=forwarded.source.patient_id,
+                     transaction=forwarded.source.public_id,
+                     detail=f"link to {forwarded.recipient.email} not sent, copy "
+                            f"{forwarded.copy.public_id} deleted: {exc}"[:500])
+
+    async def _tell_hospital(self, forwarded: forwarding.Forwarded,
+                             checked: forwarding.CheckedForward, forwarder_email: str) -> None:
+        """Email the source package's hospital contact about a forward (audited)."""
+        source = forwarded.source
+        to = source.contact_email
+        outcome, detail = audit.SUCCESS, f"hospital contact {to} told of {forwarded.copy.public_id}"
+        if not to:
+            outcome, detail = audit.MINOR_FAILURE, "no hospital contact email: not told"
+        else:
+            subject, text = forward_mail.hospital_notice(
+                forwarded, checked, forwarder_email,
+                f"{self.settings.public_url}/admin/transactions/{source.public_id}")
+            try:
+                await self.messenger.send_email(to, subject, text, kind="forward-notice")
+            except DeliveryError as exc:
+                outcome, detail = audit.MINOR_FAILURE, f"hospital contact {to} not told: {exc}"
+        await asyncio.to_thread(
+            audit.record, audit.EXPORT, "forward-notice", audit.Actor("system", "forwarding"),
+            outcome=outcome, patient_id=source.patient_id, transaction=source.public_id,
+            detail=detail[:500])
 
     # -- download (issue 5) --
     # The zip package of a transaction or study (iepnode.package), its CRC cache

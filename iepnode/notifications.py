@@ -1,20 +1,17 @@
-"""The texts the node sends to recipients: the transfer email and the passcode.
+"""The texts the node sends to recipients: transfer email, passcode, new-message email.
 
 No passcode or token is ever logged; these functions only build text.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import tzinfo
 
+from iepnode import timefmt
 from storage.models import Transaction
 
 
-def _date(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%d %B %Y")
-
-
-def transfer_email(transaction: Transaction, link: str) -> tuple[str, str]:
+def transfer_email(transaction: Transaction, link: str, zone: tzinfo) -> tuple[str, str]:
     """Return (subject, text) of the email announcing a transaction.
 
     Parameters
@@ -23,6 +20,8 @@ def transfer_email(transaction: Transaction, link: str) -> tuple[str, str]:
         The new transaction.
     link : str
         The login link with its token.
+    zone : tzinfo
+        The hospital's time zone (``Settings.zone``) for the expiry date.
     """
     subject = f"{transaction.institution}: images are ready for you ({transaction.public_id})"
     text = (
@@ -32,10 +31,42 @@ def transfer_email(transaction: Transaction, link: str) -> tuple[str, str]:
         f"Open this link to log in:\n{link}\n\n"
         f"When you open it, a one-time passcode is sent to the mobile number or second\n"
         f"email address the hospital has for you. The images are available until\n"
-        f"{_date(transaction.expires_at)}.\n\n"
+        f"{timefmt.long_day(transaction.expires_at, zone)}.\n\n"
         f"If you did not expect this message, contact {transaction.contact_name or 'the hospital'}"
         f"{' at ' + transaction.contact_email if transaction.contact_email else ''}.\n"
         f"Do not forward this email: the link is personal.\n"
+    )
+    return subject, text
+
+
+def message_email(transaction: Transaction, transaction_url: str) -> tuple[str, str]:
+    """Return (subject, text) of the email telling a recipient that staff wrote to them.
+
+    It names the institution and the transaction ID only: never the message, the
+    patient or the studies (email is not a safe place for them). Reading the message
+    needs the usual sign-in: the link from the transfer email and a passcode.
+
+    Parameters
+    ----------
+    transaction : Transaction
+        The transaction whose thread has a new staff message.
+    transaction_url : str
+        The transaction's page on the portal; without a session it leads to the
+        page explaining how to sign in.
+    """
+    institution = transaction.institution
+    subject = f"{institution}: a new message about your images ({transaction.public_id})"
+    text = (
+        f"Hello,\n\n"
+        f"{institution} has sent you a new message about the images they shared with you\n"
+        f"(transaction {transaction.public_id}). For your privacy the message is not in this\n"
+        f"email: sign in to read it.\n\n"
+        f"To sign in, open the link in the email headed\n"
+        f"\"{institution}: images are ready for you ({transaction.public_id})\":\n"
+        f"a one-time passcode is sent to you as before (or use your authenticator app).\n"
+        f"Once you are signed in, the message is here:\n{transaction_url}\n\n"
+        f"If you did not expect this message, contact {transaction.contact_name or 'the hospital'}"
+        f"{' at ' + transaction.contact_email if transaction.contact_email else ''}.\n"
     )
     return subject, text
 

@@ -6,17 +6,32 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Coroutine
+from multiprocessing.synchronize import Event as EventType
+from typing import Any
 
 from aiohttp import web
 
 from config import Settings
 from iepnode.logs import setup_logging
 from iepnode.node import Node
-from scp.server import WorkerPool, reserve_port
+from iepnode.workers import WorkerPool, reserve_port
+from scp.server import scp_pool
 from web.app import create_app
 
 log = logging.getLogger("iepnode.serve")
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when installed (measured: more pages/s), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 #: Seconds between housekeeping passes (file-set builds, worker checks).
 HOUSEKEEPING_INTERVAL = 1.0
@@ -26,12 +41,13 @@ HOUSEKEEPING_INTERVAL = 1.0
 ORPHAN_SWEEP_EVERY = 300
 
 
-async def _housekeeping(node: Node, pool: WorkerPool) -> None:
+async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
     passes = 0
     while True:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL)
         try:
-            await asyncio.to_thread(pool.restart_dead)
+            for pool in pools:
+                await asyncio.to_thread(pool.restart_dead)
             await asyncio.to_thread(node.build_stable_filesets)
             if passes % ORPHAN_SWEEP_EVERY == 0:
                 await asyncio.to_thread(node.remove_orphan_filesets)
@@ -41,29 +57,58 @@ async def _housekeeping(node: Node, pool: WorkerPool) -> None:
         passes += 1
 
 
-async def _serve_async(settings: Settings, node: Node, pool: WorkerPool, dicom_port: int) -> None:
-    app = create_app(settings, node)
-    runner = web.AppRunner(app, access_log=None)
+async def _start_http(settings: Settings, node: Node, port: int) -> web.AppRunner:
+    """Start answering HTTP on ``port`` (shared with the other HTTP processes)."""
+    runner = web.AppRunner(create_app(settings, node), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.bind, settings.http_port, reuse_address=True)
+    site = web.TCPSite(runner, settings.bind, port, reuse_address=True, reuse_port=True)
     await site.start()
-    http_port = runner.addresses[0][1]
+    return runner
+
+
+async def _serve_async(settings: Settings, node: Node, pools: list[WorkerPool],
+                       dicom_port: int, http_port: int) -> None:
+    runner = await _start_http(settings, node, http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("node %s ready: DICOM %s:%d (%d workers), HTTP %s:%d, data in %s",
+    log.info("node %s ready: DICOM %s:%d (%d workers), HTTP %s:%d (%d processes), data in %s",
              settings.ae_title, settings.bind, dicom_port, settings.dicom_workers,
-             settings.bind, http_port, settings.data_dir)
+             settings.bind, http_port, settings.http_workers, settings.data_dir)
     print(f"READY dicom={settings.bind}:{dicom_port} http={settings.bind}:{http_port}",
           flush=True)
-    task = asyncio.create_task(_housekeeping(node, pool))
+    task = asyncio.create_task(_housekeeping(node, pools))
     await stop.wait()
     log.info("shutting down")
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await runner.cleanup()
+
+
+def run_http_worker(number: int, ready: EventType, settings: Settings, port: int) -> None:
+    """Entry point of an extra HTTP process: answer requests until SIGTERM.
+
+    The main process answers HTTP too and runs housekeeping; extra processes only
+    serve pages, each with its own database connections.
+    """
+    setup_logging(settings, process_name=f"http-{number}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    node = Node(settings)
+
+    async def run() -> None:
+        runner = await _start_http(settings, node, port)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
+
+    try:
+        run_loop(run())
+    finally:
+        node.close()
 
 
 def serve(settings: Settings) -> int:
@@ -76,17 +121,25 @@ def serve(settings: Settings) -> int:
     if not node.remote_aes():
         log.warning("no remote AE is registered: every association will be rejected until "
                     "one is added with `iepnode ae add NAME HOST PORT --allow store,...`")
-    reserved = reserve_port(settings.bind, settings.dicom_port)
-    dicom_port = reserved.getsockname()[1]
-    pool = WorkerPool(settings, dicom_port)
+    reserved: list[socket.socket] = []
+    pools: list[WorkerPool] = []
     try:
-        pool.start()
-        asyncio.run(_serve_async(settings, node, pool, dicom_port))
+        reserved = [reserve_port(settings.bind, settings.dicom_port),
+                    reserve_port(settings.bind, settings.http_port)]
+        dicom_port, http_port = (sock.getsockname()[1] for sock in reserved)
+        pools = [scp_pool(settings, dicom_port),
+                 WorkerPool("http", run_http_worker, settings.http_workers - 1,
+                            (settings, http_port))]
+        for pool in pools:
+            pool.start()
+        run_loop(_serve_async(settings, node, pools, dicom_port, http_port))
     except OSError as exc:
         print(f"iepnode: cannot start: {exc}", file=sys.stderr)
         return 1
     finally:
-        pool.stop()
-        reserved.close()
+        for pool in pools:
+            pool.stop()
+        for sock in reserved:
+            sock.close()
         node.close()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
 
 import pyotp
@@ -16,6 +17,8 @@ _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 MIN_PASSWORD = 12
 ISSUER = "iepnode"
 _hasher = PasswordHasher()
+#: Letters and digits that cannot be mistaken for each other when read out or copied.
+_PLAIN = "abcdefghjkmnpqrstuvwxyz23456789"
 
 
 def create_user(username: str, password: str, *, is_admin: bool = False, display_name: str = "",
@@ -50,9 +53,21 @@ def create_user(username: str, password: str, *, is_admin: bool = False, display
     return user, pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name=ISSUER)
 
 
+def temporary_password() -> str:
+    """A random password to pass on once, like ``k3mfp-9xqat-7wbez-2hndr`` (99 bits)."""
+    return "-".join("".join(secrets.choice(_PLAIN) for _ in range(5)) for _ in range(4))
+
+
 def authenticate(username: str, password: str, totp_code: str,
-                 now: float | None = None) -> StaffUser:
+                 now: float | None = None, *, allow_enrolment: bool = False) -> StaffUser:
     """Check password and TOTP code; return the user.
+
+    Parameters
+    ----------
+    allow_enrolment : bool
+        Accept the password alone of a user who has no TOTP secret (an admin reset
+        it). The caller must then let that session do nothing but enrol a new
+        authenticator (see :meth:`iepnode.admin.AdminService.pending_step`).
 
     Raises
     ------
@@ -68,11 +83,12 @@ def authenticate(username: str, password: str, totp_code: str,
         _hasher.verify(user.password_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         raise refused from None
-    if user.disabled or not user.totp_secret:
+    if user.disabled or not (user.totp_secret or allow_enrolment):
         raise refused
-    totp = pyotp.TOTP(user.totp_secret)
-    if not totp.verify(totp_code.strip(), for_time=now, valid_window=1):
-        raise refused
+    if user.totp_secret:
+        totp = pyotp.TOTP(user.totp_secret)
+        if not totp.verify(totp_code.strip(), for_time=now, valid_window=1):
+            raise refused
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
         user.save()

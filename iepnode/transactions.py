@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from iepnode.errors import InvalidRequest, NotFound
 from iepnode.security import new_token, token_hash
+from storage import hot_queries
+from storage.db import write_transaction
 from storage.models import (
     Patient,
     Recipient,
@@ -22,7 +24,6 @@ from storage.models import (
     Transaction,
     TransactionMessage,
     TransactionStudy,
-    database_proxy,
 )
 
 TRANSFER, REQUEST = "TRANSFER", "REQUEST"
@@ -151,7 +152,7 @@ def create_transfer(
         raise InvalidRequest("a transaction holds studies of one patient only")
     patient = studies[0].patient
     token = new_token()
-    with database_proxy.obj.atomic():
+    with write_transaction():
         recipient = _recipient(request, now)
         transaction = Transaction.create(
             public_id=_new_public_id(), kind=TRANSFER, direction=IN, recipient=recipient,
@@ -194,10 +195,7 @@ def by_link_token(token: str) -> Transaction:
 
 
 def is_open(transaction: Transaction, now: float) -> bool:
-    """Whether a transaction still waits for its recipient (Action Required, declinable).
-
-    The same rule as the ``action_required`` filter of :func:`for_recipient`.
-    """
+    """Whether a transaction still waits for its recipient (Action Required, declinable)."""
     return transaction.status == NEW and transaction.expires_at > now
 
 
@@ -206,15 +204,11 @@ def for_recipient(recipient: Recipient, *, action_required: bool, days: int,
     """Return a recipient's transactions of the last ``days`` days, newest first.
 
     ``action_required`` keeps only those still waiting for the recipient
-    (:func:`is_open`, as SQL).
+    (:func:`is_open`).
     """
     now = time.time() if now is None else now
-    query = Transaction.select().where(
-        (Transaction.recipient == recipient.id) & (Transaction.created_at >= now - days * DAY)
-    )
-    if action_required:
-        query = query.where((Transaction.status == NEW) & (Transaction.expires_at > now))
-    return list(query.order_by(Transaction.created_at.desc()))
+    rows = hot_queries.recipient_transactions(recipient.id, now - days * DAY)
+    return [t for t in rows if is_open(t, now)] if action_required else rows
 
 
 def get_for_recipient(recipient: Recipient, public_id: str) -> Transaction:
@@ -233,6 +227,12 @@ def get_for_recipient(recipient: Recipient, public_id: str) -> Transaction:
     return transaction
 
 
+def newest_for(recipient_id: int) -> Transaction | None:
+    """The recipient's most recent transaction (any status), or ``None``."""
+    return (Transaction.select().where(Transaction.recipient == recipient_id)
+            .order_by(Transaction.created_at.desc(), Transaction.id.desc()).first())
+
+
 def decline(transaction: Transaction, reason: str, now: float | None = None) -> None:
     """Decline a transaction with a reason (kept in its thread)."""
     now = time.time() if now is None else now
@@ -241,7 +241,7 @@ def decline(transaction: Transaction, reason: str, now: float | None = None) -> 
     reason = reason.strip()
     if not reason:
         raise InvalidRequest("give a reason for declining")
-    with database_proxy.obj.atomic():
+    with write_transaction():
         transaction.status = DECLINED
         transaction.decline_reason = reason[:MAX_MESSAGE]
         transaction.save()

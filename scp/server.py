@@ -8,8 +8,6 @@ sockets. Each worker opens its own database connection and file store.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
 import socket
 import threading
 from multiprocessing.synchronize import Event as EventType
@@ -21,6 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config import Settings
 from iepnode.logs import setup_logging
 from iepnode.node import Node
+from iepnode.workers import WorkerPool, stop_on_sigterm
 from scp.contexts import supported_contexts
 from scp.handlers import event_handlers
 
@@ -40,20 +39,6 @@ class ReusePortServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
-
-
-def reserve_port(bind: str, port: int) -> socket.socket:
-    """Bind (without listening) a ``SO_REUSEPORT`` socket to fix the port number.
-
-    With ``port=0`` the kernel picks a free port; workers then bind the same one.
-    The returned socket must stay open while workers run.
-    """
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((bind, port))
-    return sock
 
 
 def build_ae(settings: Settings) -> AE:
@@ -79,17 +64,15 @@ def make_server(settings: Settings, node: Node, port: int) -> ReusePortServer:
     )
 
 
-def run_worker(settings: Settings, port: int, ready: EventType, stop: EventType,
-               number: int) -> None:
-    """Entry point of a worker process: serve associations until ``stop`` is set."""
+def run_worker(number: int, ready: EventType, settings: Settings, port: int) -> None:
+    """Entry point of an SCP worker process: serve associations until ``stop`` is set."""
     setup_logging(settings, process_name=f"scp-{number}")
     # pydicom validates every value it reads or sets (the response datasets
     # pynetdicom builds included): ~10% of a worker's CPU. The node checks what it
     # relies on (UIDs) itself and stores datasets as received.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on_sigterm()
     node = Node(settings)
     server = make_server(settings, node, port)
     thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
@@ -101,62 +84,6 @@ def run_worker(settings: Settings, port: int, ready: EventType, stop: EventType,
     node.close()
 
 
-class WorkerPool:
-    """Start, watch and stop the SCP worker processes.
-
-    Parameters
-    ----------
-    settings : Settings
-        Node settings (``dicom_workers`` processes are started).
-    port : int
-        The (already reserved) DICOM port.
-    """
-
-    def __init__(self, settings: Settings, port: int) -> None:
-        self.settings = settings
-        self.port = port
-        self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()
-        self._procs: list[multiprocessing.process.BaseProcess] = []
-
-    def _start_one(self, number: int) -> multiprocessing.process.BaseProcess:
-        ready = self._ctx.Event()
-        proc = self._ctx.Process(
-            target=run_worker,
-            args=(self.settings, self.port, ready, self._stop, number),
-            name=f"iepnode-scp-{number}",
-            daemon=True,
-        )
-        proc.start()
-        while not ready.wait(0.1):
-            if not proc.is_alive():
-                raise RuntimeError(f"SCP worker {number} exited with code {proc.exitcode}")
-        return proc
-
-    def start(self) -> None:
-        """Start all workers; return once each accepts associations."""
-        self._procs = [self._start_one(n) for n in range(self.settings.dicom_workers)]
-
-    def restart_dead(self) -> int:
-        """Restart workers that died unexpectedly; return how many were restarted."""
-        restarted = 0
-        for number, proc in enumerate(self._procs):
-            if not proc.is_alive() and not self._stop.is_set():
-                log.error("SCP worker %d died (exit code %s); restarting", number, proc.exitcode)
-                self._procs[number] = self._start_one(number)
-                restarted += 1
-        return restarted
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask workers to finish and wait for them."""
-        self._stop.set()
-        for proc in self._procs:
-            proc.join(timeout)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout)
-
-    @property
-    def pids(self) -> list[int]:
-        """Process IDs of the running workers."""
-        return [p.pid for p in self._procs if p.pid is not None]
+def scp_pool(settings: Settings, port: int) -> WorkerPool:
+    """The SCP's worker processes (``settings.dicom_workers``) on the reserved ``port``."""
+    return WorkerPool("scp", run_worker, settings.dicom_workers, (settings, port))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from storage.models import ALL_MODELS, Recipient, database_proxy
+from storage.models import ALL_MODELS, Recipient, StaffUser, Transaction, database_proxy
 
 #: SQLite pragmas: WAL lets readers run beside the writer; synchronous=FULL makes a
 #: commit durable before it returns (a C-STORE success promises exactly that).
@@ -25,9 +27,15 @@ SQLITE_PRAGMAS = {
 
 
 #: Columns added to existing tables after their first release: ``create_tables`` makes
-#: missing tables only, so :func:`open_database` adds these when a table lacks them.
+#: missing tables only, so :func:`open_database` adds these when a table lacks them
+#: (before ``create_tables``, which then adds their indexes).
 ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (Recipient, "totp_last_step", "INTEGER"),
+    (StaffUser, "must_change_password", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (Recipient, "address", "TEXT NOT NULL DEFAULT ''"),
+    (Recipient, "phone", "VARCHAR(32) NOT NULL DEFAULT ''"),
+    (Transaction, "forwarded_from_id",
+     'INTEGER REFERENCES "transaction" ("id") ON DELETE CASCADE'),
 )
 
 #: Connections per process: more than the associations a worker serves at once.
@@ -77,20 +85,23 @@ def open_database(url: str, *, create: bool = True) -> peewee.Database:
     database_proxy.initialize(database)
     if create:
         with database.connection_context():
-            database.create_tables(ALL_MODELS, safe=True)
+            # Columns first: the indexes create_tables makes may be on added columns.
             add_missing_columns(database)
+            database.create_tables(ALL_MODELS, safe=True)
     return database
 
 
 def add_missing_columns(database: peewee.Database) -> None:
     """Add the :data:`ADDED_COLUMNS` a table created by an older release lacks (idempotent).
 
-    Several processes may open the database at once: PostgreSQL's ``ADD COLUMN IF NOT
-    EXISTS`` tolerates that; on SQLite a concurrent ``duplicate column`` is checked away.
+    Tables that do not exist yet are left to ``create_tables``. Several processes may
+    open the database at once: PostgreSQL's ``ADD COLUMN IF NOT EXISTS`` tolerates that;
+    on SQLite a concurrent ``duplicate column`` is checked away.
     """
     for model, column, sql_type in ADDED_COLUMNS:
         table = model._meta.table_name
-        if column in {c.name for c in database.get_columns(table)}:
+        present = {c.name for c in database.get_columns(table)}
+        if not present or column in present:
             continue
         if is_sqlite(database):
             try:
@@ -104,8 +115,48 @@ def add_missing_columns(database: peewee.Database) -> None:
                     f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS "{column}" {sql_type}')
 
 
-#: Writers of one process queue here before asking SQLite for its write lock.
+#: Writers of one process queue here before the cross-process lock and SQLite's own.
 _SQLITE_WRITERS = threading.RLock()
+#: Nesting depth of write transactions of the thread holding ``_SQLITE_WRITERS``.
+_write_depth = 0
+#: Open lock files (one per database file) of this process.
+_lock_files: dict[str, int] = {}
+
+
+def _lock_file(database: peewee.SqliteDatabase) -> int | None:
+    """The descriptor of ``DATABASE.writelock`` (``None`` for in-memory databases)."""
+    path = str(database.database)
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    fd = _lock_files.get(path)
+    if fd is None:
+        fd = os.open(f"{path}.writelock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _lock_files[path] = fd
+    return fd
+
+
+@contextlib.contextmanager
+def _sqlite_writer(database: peewee.SqliteDatabase) -> Iterator[None]:
+    """Queue for the right to write: threads on a Python lock, processes on ``flock``.
+
+    SQLite's busy handler retries with sleeps growing to 100 ms, so writers that
+    meet a held lock sleep far longer than it is held (py-spy showed dashboard
+    pages waiting there). A blocking ``flock`` on a lock file beside the database
+    wakes the next writer, of any process, as soon as the lock is released.
+    Writers that bypass this (other programs) still meet SQLite's own locking.
+    """
+    global _write_depth
+    with _SQLITE_WRITERS:
+        fd = _lock_file(database) if _write_depth == 0 else None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_depth += 1
+        try:
+            yield
+        finally:
+            _write_depth -= 1
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -114,15 +165,13 @@ def write_transaction(database: peewee.Database | None = None) -> Iterator[None]
 
     A deferred SQLite transaction that reads first and writes later fails at once
     with "database is locked" when another connection writes meanwhile (the busy
-    timeout does not apply to lock upgrades), so the write lock is taken up front.
-    Threads of one process first queue on a Python lock: SQLite's busy handler
-    retries with sleeps growing to 100 ms, which under load made waiting writers
-    sleep far longer than the lock was held. Other processes still meet SQLite's
-    own locking.
+    timeout does not apply to lock upgrades), so the write lock is taken up front,
+    after queueing fairly with the other writers of every process (see
+    :func:`_sqlite_writer`). Nested calls join the outer transaction.
     """
     database = database or database_proxy.obj
     if is_sqlite(database):
-        with _SQLITE_WRITERS, database.atomic("IMMEDIATE"):
+        with _sqlite_writer(database), database.atomic("IMMEDIATE"):
             yield
     else:
         with database.atomic():

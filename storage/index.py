@@ -18,6 +18,7 @@ import peewee
 from storage.db import write_transaction
 from storage.filestore import new_key
 from storage.models import Instance, Patient, Series, Study, database_proxy
+from storage.rawsql import statement
 
 _RETRIES = 5
 
@@ -208,9 +209,7 @@ _FAST_SQL = {
 
 def _sql(name: str) -> str:
     """Return a hot-path statement in the bound database's parameter style."""
-    sql = _FAST_SQL[name]
-    param = database_proxy.obj.param
-    return sql if param == "?" else sql.replace("?", param)
+    return statement(_FAST_SQL[name])
 
 
 def _insert_into_known_series(rec: InstanceRecord, key: str, size: int, now: float) -> bool:

@@ -104,8 +104,11 @@ class StaffUser(BaseModel):
     phone = peewee.CharField(max_length=32, default="")
     #: argon2id hash (argon2-cffi's encoded form).
     password_hash = peewee.CharField(max_length=255)
-    #: Base32 TOTP secret once enrolled.
+    #: Base32 TOTP secret once enrolled. ``None`` after an admin reset it: the password
+    #: alone then opens only the enrolment page (iepnode.admin.AdminService.pending_step).
     totp_secret = peewee.CharField(max_length=64, null=True)
+    #: Set when an admin gave a temporary password: the next login must choose a new one.
+    must_change_password = peewee.BooleanField(default=False)
     is_admin = peewee.BooleanField(default=False)
     disabled = peewee.BooleanField(default=False)
     created_at = peewee.DoubleField()
@@ -120,6 +123,9 @@ class Recipient(BaseModel):
     #: Where passcodes go: a mobile number (SMS) or a second email address.
     otp_mobile = peewee.CharField(max_length=32, default="")
     otp_email = peewee.CharField(max_length=254, default="")
+    #: Postal address and contact telephone (given when someone forwards a package to them).
+    address = peewee.TextField(default="")
+    phone = peewee.CharField(max_length=32, default="")
     #: Base32 secret of the recipient's authenticator app (TOTP), once enrolled.
     totp_secret = peewee.CharField(max_length=64, null=True)
     #: The last TOTP time step accepted: each code is accepted once (RFC 6238 5.2).
@@ -156,6 +162,9 @@ class Transaction(BaseModel):
     link_token_hash = peewee.CharField(max_length=64, unique=True)
     decline_reason = peewee.TextField(default="")
     purged_at = peewee.DoubleField(null=True)
+    #: The received package this one is a forwarded copy of (copies cannot be forwarded).
+    forwarded_from = peewee.ForeignKeyField("self", null=True, backref="forwards",
+                                            on_delete="CASCADE")
 
 
 class TransactionStudy(BaseModel):
@@ -229,6 +238,29 @@ class AuditEvent(BaseModel):
     detail = peewee.TextField(default="")
 
 
+class StaffLoginFailures(BaseModel):
+    """Failed staff logins per username (known or not), shared by all web processes."""
+
+    username = peewee.CharField(max_length=64, unique=True)
+    failures = peewee.IntegerField(default=0)
+    #: Start of the current counting window (Unix time).
+    window_start = peewee.DoubleField()
+    #: The username is refused until then (0: not locked).
+    locked_until = peewee.DoubleField(default=0.0)
+
+
+class UsedStaffCode(BaseModel):
+    """A staff TOTP code already accepted (each is accepted once, RFC 6238 5.2)."""
+
+    staff = peewee.ForeignKeyField(StaffUser, on_delete="CASCADE")
+    code = peewee.CharField(max_length=16)
+    #: When the code can no longer verify and the row may go.
+    expires_at = peewee.DoubleField(index=True)
+
+    class Meta:
+        indexes = ((("staff", "code"), True),)
+
+
 class InstanceChecksum(BaseModel):
     """CRC-32 of a stored file, for download zips (their headers carry it up front).
 
@@ -244,5 +276,5 @@ class InstanceChecksum(BaseModel):
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
-    InstanceChecksum,
+    StaffLoginFailures, UsedStaffCode, InstanceChecksum,
 ]

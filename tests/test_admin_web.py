@@ -23,7 +23,8 @@ import pytest
 
 from config import Settings, load_settings
 from iepnode import audit, logins, staff
-from iepnode.admin import LOGIN_REFUSED, LoginThrottle
+from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottle, LoginThrottled
+from iepnode.errors import LoginRefused
 from iepnode.node import Node
 from iepnode.transactions import NewTransfer
 from storage import registry
@@ -234,6 +235,21 @@ async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
     time.sleep(0.6)
     later = await log_in(Browser(browser.client), "alice", secret, code=previous_code(secret))
     assert later.status == 303
+
+
+def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Node) -> None:
+    """Each HTTP process has its own AdminService: the counts and used codes are in the DB."""
+    _, secret = make_user("alice")
+    other_process = AdminService(node)
+    code = pyotp.TOTP(secret).now()
+    node.admin.log_in("alice", PASSWORD, code)
+    with pytest.raises(LoginRefused):
+        other_process.log_in("alice", PASSWORD, code)
+    for service in [node.admin, other_process] * 2 + [node.admin]:
+        with pytest.raises(LoginRefused):
+            service.log_in("carol", "wrong password", "000000")
+    with pytest.raises(LoginThrottled):
+        other_process.log_in("carol", "wrong password", "000000")
 
 
 async def test_failed_logins_are_answered_slowly(browser: Browser, node: Node) -> None:

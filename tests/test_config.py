@@ -170,7 +170,7 @@ def test_relative_data_dir_from_env_or_flag_is_relative_to_cwd(
     ("[nodes]\ndata_dir = 'x'\n", "unknown section [nodes]"),
     ("port = 104\n", "unknown section [port]"),
     ("[dicom]\naetitle = 'X'\n", "unknown key 'aetitle' in [dicom]"),
-    ("[http]\nworkers = 2\n", "unknown key 'workers' in [http]"),
+    ("[http]\nthreads = 2\n", "unknown key 'threads' in [http]"),
 ])
 def test_unknown_section_or_key(tmp_path: Path, text: str, message: str) -> None:
     path = write_toml(tmp_path, text)
@@ -223,7 +223,8 @@ def test_bad_database_url(url: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("dicom_workers", 0), ("dicom_workers", 65), ("max_pdu", 100), ("stable_age", -1),
+    ("dicom_workers", 0), ("dicom_workers", 65), ("http_workers", 0), ("max_pdu", 100),
+    ("stable_age", -1),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):

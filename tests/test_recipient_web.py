@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -199,16 +200,18 @@ async def test_link_passcode_session_dashboard(browser: Browser, node: Node, stu
                            "Status", "Actions"]
     assert 'aria-current="page">Action Required' in html
     assert f'id="tx-{transaction.public_id}"' in html
-    created = pages.format_epoch(transaction.created_at)
+    created = pages.format_epoch(transaction.created_at, node.settings.zone)
     for text in ("Transfer", "In", created, "DOE, Jane", "St Elsewhere", "New",
                  transaction.public_id, "14 Feb 1980", "Female", "P1", "9434765919",
                  "5 Jan 2024", "CT HEAD", "ACC1", "3 / 3", "Dr Who", "Radiology",
                  'href="mailto:radiology@hospital.example"', "Your CT from Monday.",
-                 "1 new", "Decline this transaction", pages.format_epoch(transaction.expires_at)):
+                 "1 new", "Decline this transaction",
+                 pages.format_epoch(transaction.expires_at, node.settings.zone)):
         assert text in html, text
-    for action in ("View", "Forward"):  # not built yet
-        assert f">{action}<" not in html
+    assert ">View<" not in html  # not built yet
     assert f'href="/transactions/{transaction.public_id}/download"' in html  # issue 5
+    assert f'href="/transactions/{transaction.public_id}/forward">Forward<' in html
+    assert "3 of 3 forwards left" in html
     # Opening the dashboard showed the message: it is read now.
     html = await (await browser.get("/dashboard?tab=all")).text()
     assert "1 new" not in html and "DOE, Jane" in html
@@ -578,7 +581,8 @@ def test_formatting() -> None:
     assert pages.format_da("20261123") == "23 Nov 2026"
     assert pages.format_da("20240105") == "5 Jan 2024"
     assert pages.format_da("2024") == "2024" and pages.format_da("") == "—"
-    assert pages.format_epoch(1_795_392_000.0) == "23 Nov 2026"
+    assert pages.format_epoch(1_795_392_000.0, UTC) == "23 Nov 2026"
+    assert pages.format_epoch(None, UTC) == "—"
     assert pages.mask_destination("sms", "+447700900123") == "•••23"
     assert pages.mask_destination("email", "anna@example.org") == "a•••@example.org"
 

@@ -9,16 +9,23 @@ token, checked in :mod:`web.middlewares`)::
     GET  /admin/studies?q=&from=&to=             received studies + the share form
     POST /admin/transfers                        share the chosen studies
     GET  /admin/transactions/{public_id}         details, thread, audit trail
-    POST /admin/transactions/{public_id}/messages   staff reply
+    POST /admin/transactions/{public_id}/messages   staff reply (emails the recipient)
     POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
+    POST /admin/transactions/{public_id}/authenticator/remove   recipient lost their phone
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
+    POST /admin/users/{id}/password-reset|totp-reset     reset another user (admins)
     GET  /admin/account, POST /admin/account/password  own account
     GET  POST /admin/account/totp                re-enrol own TOTP (QR code)
+    GET  POST /admin/setup/totp                  enrol after an admin reset the TOTP
+    GET  POST /admin/setup/password              own password after an admin reset it
 
 Pages other than the login need a staff session (a recipient session is not
 enough: such requests go to the login page); AE and user pages need an admin.
+A user with a pending step after a reset (``AdminService.pending_step``) is sent
+to that step's page from every other page: a session opened with the password
+alone (no TOTP secret) reaches nothing but the enrolment page.
 Blocking work runs in a thread through :class:`iepnode.admin.AdminService`.
 """
 
@@ -30,7 +37,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, tzinfo
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
@@ -40,7 +47,14 @@ from aiohttp import web
 from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
-from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottled
+from iepnode import timefmt
+from iepnode.admin import (
+    LOGIN_REFUSED,
+    STEP_PASSWORD,
+    STEP_TOTP,
+    AdminService,
+    LoginThrottled,
+)
 from iepnode.errors import InvalidRequest, LoginRefused
 from iepnode.messaging import DeliveryError
 from iepnode.transactions import PRIORITIES, NewTransfer
@@ -55,7 +69,7 @@ from web.common import (
     public_id_of,
     see_other,
 )
-from web.keys import NODE_KEY, SESSION_KEY
+from web.keys import NODE_KEY, SESSION_KEY, SETTINGS_KEY
 
 _NEXT = re.compile(r"/admin(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9_.=&%-]*)?")
 _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
@@ -63,14 +77,28 @@ _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major 
 _NOTICES = {
     "created": "Transaction created: the recipient has been emailed the link.",
     "unlocked": "The recipient is unlocked and can sign in again.",
-    "replied": "Your message was added to the thread.",
+    "app-removed": "The recipient's authenticator app is removed: they get a passcode by "
+                   "text message or email again, and their open sessions have ended.",
+    "replied": "Your message was added to the thread, and the recipient was emailed to sign "
+               "in and read it.",
+    "replied-failed": "Your message was added to the thread, but the email telling the "
+                      "recipient about it could not be sent (the audit trail below says why). "
+                      "They will see the message the next time they sign in.",
+    "replied-expired": "Your message was added to the thread. The recipient was not emailed: "
+                       "the transaction has expired, so its link no longer signs in.",
     "ae-saved": "Remote AE saved.",
     "ae-removed": "Remote AE removed.",
     "user-disabled": "User disabled: their sessions have ended.",
     "user-enabled": "User enabled.",
+    "totp-reset": "Authenticator reset: the user's sessions have ended. At their next login "
+                  "(password only) they must enrol a new authenticator before anything else.",
+    "welcome": "You are all set: your password and authenticator are your own.",
     "password": "Your password was changed. Your other sessions have ended.",
     "totp": "Your authenticator is enrolled. Your other sessions have ended.",
 }
+
+#: Notices that report something that did not work (shown as an error, not as info).
+_WARNINGS = frozenset({"replied-failed", "replied-expired"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,29 +114,26 @@ class Staff:
 
 StaffHandler = Callable[[web.Request, Staff], Awaitable[web.StreamResponse]]
 
+#: The page of each step a user must take after an admin reset.
+STEP_PAGES = {STEP_TOTP: "/admin/setup/totp", STEP_PASSWORD: "/admin/setup/password"}
+
 
 # -- formatting (Jinja2 filters, staff_ prefix) ------------------------------------------
 
 
-def format_time(value: float | None) -> str:
-    """Format a Unix time as ``2026-11-23 14:05`` (UTC); ``—`` when missing."""
-    if not value:
-        return "—"
-    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d %H:%M}"
+def format_time(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as ``2026-11-23 14:05 GMT`` in ``zone``; ``—`` when missing."""
+    return timefmt.iso_minute(value, zone) if value else "—"
 
 
-def format_seconds(value: float | None) -> str:
-    """Format a Unix time as ``2026-11-23 14:05:09`` (UTC) for audit events."""
-    if not value:
-        return "—"
-    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d %H:%M:%S}"
+def format_seconds(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as ``2026-11-23 14:05:09 GMT`` in ``zone`` (audit events)."""
+    return timefmt.iso_second(value, zone) if value else "—"
 
 
-def format_day(value: float | None) -> str:
-    """Format a Unix time as a date ``2026-11-23`` (UTC)."""
-    if not value:
-        return "—"
-    return f"{datetime.fromtimestamp(value, UTC):%Y-%m-%d}"
+def format_day(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as a date ``2026-11-23`` in ``zone``."""
+    return timefmt.iso_day(value, zone) if value else "—"
 
 
 def format_da(value: str) -> str:
@@ -171,28 +196,38 @@ def _text(form: Mapping[str, Any], name: str, limit: int = 4000) -> str:
 
 def _render(request: web.Request, staff: Staff | None, template: str,
             context: dict[str, Any], *, section: str = "", status: int = 200) -> web.Response:
+    done = request.query.get("done", "")
     base = {"me": staff.user if staff else None,
+            "setup": bool(staff and AdminService.pending_step(staff.user)),
             "csrf": staff.session.csrf_token if staff else "",
-            "section": section, "notice": _NOTICES.get(request.query.get("done", ""), "")}
+            "section": section, "notice": _NOTICES.get(done, ""),
+            "notice_class": "error" if done in _WARNINGS else "info"}
     return aiohttp_jinja2.render_template(f"admin/{template}", request, {**base, **context},
                                           status=status)
 
 
-def staff_view(*, admin_only: bool = False) -> Callable[[StaffHandler], Handler]:
+def staff_view(*, admin_only: bool = False,
+               step: str | None = None) -> Callable[[StaffHandler], Handler]:
     """Decorate a view that needs a staff session (and, with ``admin_only``, an admin).
 
     Without one the browser goes to the login page (and comes back after it);
-    a staff member who is not an admin gets 403.
+    a staff member who is not an admin gets 403. A user with a pending step after a
+    reset goes to that step's page, whatever they asked for; ``step`` marks the view
+    of that step, which in turn is open only while that step is pending.
     """
 
     def decorate(view: StaffHandler) -> Handler:
         @functools.wraps(view)
         async def handler(request: web.Request) -> web.StreamResponse:
             session = request[SESSION_KEY]
-            user = await asyncio.to_thread(_admin(request).staff_for_session, session)
+            service = _admin(request)
+            user = await asyncio.to_thread(service.staff_for_session, session)
             if user is None or session is None:
                 target = request.path_qs if request.method == "GET" else "/admin"
                 raise web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='/')}")
+            pending = service.pending_step(user)
+            if pending != step:
+                raise web.HTTPSeeOther(STEP_PAGES[pending] if pending else "/admin")
             staff = Staff(user, session, client_ip(request))
             if admin_only and not user.is_admin:
                 return _render(request, staff, "message.html", {
@@ -299,16 +334,20 @@ async def transaction(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 @staff_view()
 async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
-    """``POST /admin/transactions/{public_id}/messages``: add a staff message."""
+    """``POST /admin/transactions/{public_id}/messages``: add a staff message, email the recipient.
+
+    A failed email does not lose the message: the page says so in its notice.
+    """
     public_id = public_id_of(request)
     form = await request.post()
     body = _text(form, "body", 8000)
     try:
-        await asyncio.to_thread(_admin(request).reply, public_id, staff.user, body, staff.ip)
+        outcome = await _admin(request).reply(public_id, staff.user, body, staff.ip)
     except InvalidRequest as exc:
         return await _transaction_page(request, staff, public_id, error=str(exc), body=body,
                                        status=400)
-    return see_other(f"/admin/transactions/{public_id}?done=replied#messages")
+    done = "replied" if outcome.emailed else f"replied-{outcome.reason}"
+    return see_other(f"/admin/transactions/{public_id}?done={done}#messages")
 
 
 @staff_view()
@@ -317,6 +356,15 @@ async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     public_id = public_id_of(request)
     await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=unlocked")
+
+
+@staff_view()
+async def remove_recipient_app(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/authenticator/remove``: the recipient lost it."""
+    public_id = public_id_of(request)
+    await asyncio.to_thread(_admin(request).remove_recipient_authenticator, public_id,
+                            staff.user, staff.ip)
+    return see_other(f"/admin/transactions/{public_id}?done=app-removed")
 
 
 # -- studies and sharing -------------------------------------------------------------------
@@ -515,6 +563,35 @@ async def enable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     return see_other("/admin/users?done=user-enabled")
 
 
+@staff_view(admin_only=True)
+async def reset_password(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users/{user_id}/password-reset``: a temporary password (typed or made).
+
+    A generated password is shown on the page once, like a new user's QR code.
+    """
+    form = await request.post()
+    try:
+        done = await asyncio.to_thread(_admin(request).reset_password, _user_id(request),
+                                       _text(form, "password", 1024), staff.user, staff.ip)
+    except InvalidRequest as exc:
+        return await _users_page(request, staff, error=str(exc), status=400)
+    users = await asyncio.to_thread(_admin(request).staff_users)
+    return _render(request, staff, "users.html", {
+        "users": users, "error": "", "values": {}, "created": None, "reset": done,
+    }, section="users")
+
+
+@staff_view(admin_only=True)
+async def reset_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/users/{user_id}/totp-reset``: the user enrols anew at next login."""
+    try:
+        await asyncio.to_thread(_admin(request).reset_totp, _user_id(request), staff.user,
+                                staff.ip)
+    except InvalidRequest as exc:
+        return await _users_page(request, staff, error=str(exc), status=400)
+    return see_other("/admin/users?done=totp-reset")
+
+
 # -- own account ---------------------------------------------------------------------------
 
 
@@ -574,6 +651,71 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
     return see_other("/admin/account?done=totp")
 
 
+# -- steps after an admin reset ----------------------------------------------------------
+
+
+def _setup_totp_page(request: web.Request, staff: Staff, enrolment: Any, *, error: str = "",
+                     status: int = 200) -> web.Response:
+    return _render(request, staff, "setup_totp.html", {
+        "enrolment": enrolment, "qr": qr_svg(enrolment.uri), "error": error,
+    }, status=status)
+
+
+def _after_setup(user: StaffUser) -> web.Response:
+    pending = AdminService.pending_step(user)
+    return see_other(STEP_PAGES[pending] if pending else "/admin?done=welcome")
+
+
+@staff_view(step=STEP_TOTP)
+async def setup_totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/setup/totp``: enrol an authenticator (the only page until done)."""
+    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+                                        staff.session.id)
+    return _setup_totp_page(request, staff, enrolment)
+
+
+@staff_view(step=STEP_TOTP)
+async def setup_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/setup/totp``: save the new secret once a code from it checks out."""
+    form = await request.post()
+    service = _admin(request)
+    try:
+        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+                                            staff.session.id, _text(form, "secret", 64),
+                                            _text(form, "signature", 128))
+    except InvalidRequest as exc:
+        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        return _setup_totp_page(request, staff, fresh, error=str(exc), status=400)
+    try:
+        await asyncio.to_thread(service.enrol_first_totp, staff.user, staff.session.id,
+                                enrolment, _text(form, "code", 16), staff.ip)
+    except InvalidRequest as exc:
+        return _setup_totp_page(request, staff, enrolment, error=str(exc), status=400)
+    user = await asyncio.to_thread(StaffUser.get_by_id, staff.user.id)
+    return _after_setup(user)
+
+
+@staff_view(step=STEP_PASSWORD)
+async def setup_password_form(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/setup/password``: choose a password to replace the temporary one."""
+    return _render(request, staff, "setup_password.html", {"error": ""})
+
+
+@staff_view(step=STEP_PASSWORD)
+async def setup_password(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/setup/password``: replace the temporary password."""
+    form = await request.post()
+    try:
+        await asyncio.to_thread(_admin(request).set_required_password, staff.user,
+                                staff.session.id, _text(form, "new", 1024),
+                                _text(form, "repeat", 1024), staff.ip)
+    except InvalidRequest as exc:
+        return _render(request, staff, "setup_password.html", {"error": str(exc)},
+                       status=400)
+    user = await asyncio.to_thread(StaffUser.get_by_id, staff.user.id)
+    return _after_setup(user)
+
+
 def setup_routes(app: web.Application) -> None:
     """Register the /admin routes and the template filters they use.
 
@@ -583,8 +725,11 @@ def setup_routes(app: web.Application) -> None:
         The application, with aiohttp-jinja2 already set up.
     """
     env = aiohttp_jinja2.get_env(app)
+    zone = app[SETTINGS_KEY].zone
     env.filters.update(
-        staff_time=format_time, staff_seconds=format_seconds, staff_day=format_day,
+        staff_time=functools.partial(format_time, zone=zone),
+        staff_seconds=functools.partial(format_seconds, zone=zone),
+        staff_day=functools.partial(format_day, zone=zone),
         staff_da=format_da, staff_pn=format_pn, staff_sex=format_sex,
         staff_outcome=format_outcome, staff_modalities=format_modalities,
         staff_status=transaction_status,
@@ -599,6 +744,8 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/admin/transactions/{public_id}", transaction)
     router.add_post("/admin/transactions/{public_id}/messages", reply)
     router.add_post("/admin/transactions/{public_id}/unlock", unlock)
+    router.add_post("/admin/transactions/{public_id}/authenticator/remove",
+                    remove_recipient_app)
     router.add_get("/admin/audit", audit_log)
     router.add_get("/admin/aes", aes)
     router.add_post("/admin/aes", add_ae)
@@ -607,7 +754,13 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/admin/users", add_user)
     router.add_post("/admin/users/{user_id}/disable", disable_user)
     router.add_post("/admin/users/{user_id}/enable", enable_user)
+    router.add_post("/admin/users/{user_id}/password-reset", reset_password)
+    router.add_post("/admin/users/{user_id}/totp-reset", reset_totp)
     router.add_get("/admin/account", account)
     router.add_post("/admin/account/password", change_password)
     router.add_get("/admin/account/totp", totp_form)
     router.add_post("/admin/account/totp", totp_confirm)
+    router.add_get("/admin/setup/totp", setup_totp_form)
+    router.add_post("/admin/setup/totp", setup_totp)
+    router.add_get("/admin/setup/password", setup_password_form)
+    router.add_post("/admin/setup/password", setup_password)

@@ -12,7 +12,7 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, download, middlewares, recipient
+from web import admin, download, forward, middlewares, proxies, recipient
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -39,22 +39,25 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     node : Node
         The domain façade the views call.
     """
-    app = web.Application(
-        middlewares=[middlewares.security_headers, middlewares.domain_errors,
-                     middlewares.sessions, middlewares.csrf],
-        client_max_size=1 << 20,
-    )
+    chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
+             middlewares.csrf]
+    if settings.trusted_proxies:  # first: everything after it sees the client's address
+        chain.insert(0, proxies.middleware(settings.trusted_proxies))
+    app = web.Application(middlewares=chain, client_max_size=1 << 20)
     app[SETTINGS_KEY] = settings
     app[NODE_KEY] = node
     env = aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+        # Templates ship with the code: no stat() of each template on every render.
+        auto_reload=False,
     )
     env.globals["institution"] = settings.institution
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", HERE / "static", name="static")
     recipient.setup_routes(app)
     download.setup_routes(app)
+    forward.setup_routes(app)
     admin.setup_routes(app)
     return app

@@ -20,7 +20,11 @@ def node_of(request: web.Request) -> Node:
 
 
 def client_ip(request: web.Request) -> str:
-    """The peer address for the audit trail."""
+    """The client's address for the audit trail.
+
+    The TCP peer's, or behind a trusted reverse proxy the address it forwarded
+    (set by :mod:`web.proxies`; headers from other peers are ignored).
+    """
     return request.remote or ""
 
 

@@ -10,7 +10,14 @@ from collections.abc import Awaitable, Callable
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode.errors import Gone, InvalidRequest, LoginRefused, NodeError, NotFound
+from iepnode.errors import (
+    Gone,
+    InvalidRequest,
+    LoginRefused,
+    NodeError,
+    NotAuthorized,
+    NotFound,
+)
 from web.keys import NODE_KEY, SESSION_KEY
 
 log = logging.getLogger("iepnode.web")
@@ -55,7 +62,7 @@ async def domain_errors(request: web.Request, handler: Handler) -> web.StreamRes
                            "This page does not exist, or it is not yours to see.")
     except Gone as exc:
         return _error_page(request, 410, "No longer available", str(exc))
-    except LoginRefused as exc:
+    except (LoginRefused, NotAuthorized) as exc:
         return _error_page(request, 403, "Not allowed", str(exc))
     except InvalidRequest as exc:
         return _error_page(request, 400, "That did not work", str(exc))

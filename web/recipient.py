@@ -25,14 +25,16 @@ checked there for every POST.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from datetime import UTC, date, datetime
+from datetime import date, tzinfo
 from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
+from iepnode import timefmt
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -44,7 +46,7 @@ from iepnode.errors import (
 from iepnode.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
 from iepnode.messaging import DeliveryError
 from storage.models import Recipient, WebSession
-from web import middlewares
+from web import forward, middlewares
 from web.admin import qr_svg
 from web.common import (
     client_ip,
@@ -54,7 +56,7 @@ from web.common import (
     public_id_of,
     see_other,
 )
-from web.keys import SESSION_KEY
+from web.keys import SESSION_KEY, SETTINGS_KEY
 
 STATIC = Path(__file__).resolve().parent / "static"
 TABS = ("home", "action", "all")
@@ -72,20 +74,14 @@ _NOTICES = {
 # -- formatting (Jinja2 filters) ------------------------------------------------------
 
 
-def format_epoch(value: float | None) -> str:
-    """Format a Unix time as a date like ``23 Nov 2026`` (UTC); ``—`` when missing."""
-    if not value:
-        return "—"
-    moment = datetime.fromtimestamp(value, UTC)
-    return f"{moment.day} {moment:%b %Y}"
+def format_epoch(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as a date like ``23 Nov 2026`` in ``zone``; ``—`` when missing."""
+    return timefmt.day(value, zone) if value else "—"
 
 
-def format_epoch_time(value: float | None) -> str:
-    """Format a Unix time as ``23 Nov 2026 14:05`` (UTC); ``—`` when missing."""
-    if not value:
-        return "—"
-    moment = datetime.fromtimestamp(value, UTC)
-    return f"{moment.day} {moment:%b %Y %H:%M}"
+def format_epoch_time(value: float | None, zone: tzinfo) -> str:
+    """Format a Unix time as ``23 Nov 2026 14:05 GMT`` in ``zone``; ``—`` when missing."""
+    return timefmt.day_time(value, zone) if value else "—"
 
 
 def format_da(value: str) -> str:
@@ -290,6 +286,7 @@ async def dashboard(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("recipient/dashboard.html", request, {
         "board": board, "tab": tab, "open_id": request.query.get("open", ""),
         "csrf": session.csrf_token, "recipient": board.recipient,
+        "forwarding": await forward.states_for(request, board.transactions),
     })
 
 
@@ -300,6 +297,7 @@ async def transaction(request: web.Request) -> web.Response:
                                    public_id_of(request), client_ip(request))
     return aiohttp_jinja2.render_template("recipient/transaction.html", request, {
         "view": view, "csrf": session.csrf_token, "tab": "all", "recipient": view.recipient,
+        "forwarding": await forward.states_for(request, [view]),
     })
 
 
@@ -330,12 +328,15 @@ async def decline(request: web.Request) -> web.StreamResponse:
 # -- authenticator app ---------------------------------------------------------------------
 
 
-def _authenticator_page(request: web.Request, session: WebSession, recipient: Recipient,
-                        enrolment: TotpEnrolment | None, *, error: str = "",
-                        notice: str = "", status: int = 200) -> web.Response:
+async def _authenticator_page(request: web.Request, session: WebSession,
+                              recipient: Recipient, enrolment: TotpEnrolment | None, *,
+                              error: str = "", notice: str = "",
+                              status: int = 200) -> web.Response:
+    contact = await asyncio.to_thread(node_of(request).recipient_contact, recipient.id)
     return aiohttp_jinja2.render_template("recipient/authenticator.html", request, {
         "recipient": recipient, "csrf": session.csrf_token, "enrolment": enrolment,
         "qr": qr_svg(enrolment.uri) if enrolment else "", "error": error, "notice": notice,
+        "contact": contact,
     }, status=status)
 
 
@@ -350,7 +351,7 @@ async def authenticator(request: web.Request) -> web.Response:
     recipient, enrolment = await asyncio.to_thread(
         node_of(request).recipient_authenticator, session.recipient_id, session.id)
     notice = _NOTICES.get(request.query.get("done", ""), "")
-    return _authenticator_page(request, session, recipient, enrolment, notice=notice)
+    return await _authenticator_page(request, session, recipient, enrolment, notice=notice)
 
 
 async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
@@ -375,8 +376,8 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
         # After a wrong code the same secret again (the app has it already), a new one
         # after a bad signature, none once an app is enrolled.
         shown = (enrolment or fresh) if fresh is not None else None
-        return _authenticator_page(request, session, recipient, shown,
-                                   error=_sentence(exc), status=400)
+        return await _authenticator_page(request, session, recipient, shown,
+                                         error=_sentence(exc), status=400)
     return see_other("/account/authenticator?done=enrolled")
 
 
@@ -391,8 +392,8 @@ async def remove_authenticator(request: web.Request) -> web.StreamResponse:
     except LoginRefused as exc:
         recipient, enrolment = await asyncio.to_thread(node.recipient_authenticator,
                                                        session.recipient_id, session.id)
-        return _authenticator_page(request, session, recipient, enrolment,
-                                   error=_sentence(exc), status=403)
+        return await _authenticator_page(request, session, recipient, enrolment,
+                                         error=_sentence(exc), status=403)
     return see_other("/account/authenticator?done=removed")
 
 
@@ -421,8 +422,10 @@ def setup_routes(app: web.Application) -> None:
         The application, with aiohttp-jinja2 already set up.
     """
     env = aiohttp_jinja2.get_env(app)
-    env.filters.update(epoch=format_epoch, epoch_time=format_epoch_time, da=format_da,
-                       pn=format_pn, sex=format_sex, status=format_status)
+    zone = app[SETTINGS_KEY].zone
+    env.filters.update(epoch=functools.partial(format_epoch, zone=zone),
+                       epoch_time=functools.partial(format_epoch_time, zone=zone),
+                       da=format_da, pn=format_pn, sex=format_sex, status=format_status)
     # No HEAD: link scanners probing with HEAD must not send passcodes.
     app.router.add_get("/t/{token}", link, allow_head=False)
     app.router.add_post("/t/{token}/resend", resend)
