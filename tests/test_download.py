@@ -1,13 +1,14 @@
 """Download: a recipient's transaction as one zip any viewer, PACS or burner takes.
 
-The first test runs everything for real: dcmtk ``storescu`` sends two studies (one
-uncompressed CT with a PDF and an SR, one of compressed images) to ``iepnode
-serve``; ``iepnode transfer create`` shares both; the recipient signs in through
-the emailed link and a passcode (both read from the outbox), and downloads over
-HTTP. The zip is then checked with Python's zipfile, ``unzip -t``, ``7z t``,
-dicom3tools (``dciodvfy``, ``dcentvfy``), dcmtk (``dcmftest``, ``dcmmkdir +U``)
-and imported into a real Orthanc; every instance must be byte-identical to the
-stored file; ranges must resume to the same bytes; the CLI export must give the
+The first test runs everything for real: dcmtk ``storescu`` sends two studies
+(one uncompressed CT with a PDF and an SR, one of compressed images) to ``iepnode
+serve`` (two HTTP processes, a new connection per request); ``iepnode transfer
+create`` shares both; the recipient signs in through the emailed link and a
+passcode (both read from the outbox), and downloads over HTTP. The zip is then
+checked with Python's zipfile, ``unzip -t``, ``7z t``, dicom3tools (``dciodvfy``,
+``dcentvfy``), dcmtk (``dcmftest``, ``dcmmkdir +U``) and imported into a real
+Orthanc; every instance must be byte-identical to the stored file; ranges must
+resume to the same bytes (from either HTTP process); the CLI export must give the
 same bytes as the web.
 
 The other tests run the app in-process over a real :class:`Node` (aiohttp test
@@ -70,7 +71,10 @@ PATIENT = {"PatientName": "Müller^Jürgen", "PatientID": "P1", "PatientBirthDat
 @contextlib.asynccontextmanager
 async def http_browser(port: int) -> AsyncIterator[Browser]:
     """A cookie-keeping client for a node listening on loopback ``port``."""
-    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}",
+    # A new connection per request: with several HTTP processes on one port
+    # (SO_REUSEPORT), the kernel spreads them, so ranges come from different processes.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}", connector=connector,
                                      cookie_jar=aiohttp.DummyCookieJar()) as session:
         yield Browser(session)
 
@@ -162,7 +166,9 @@ def study_b_files(directory: Path, study_uid: str) -> list[tuple[Path, str]]:
 async def test_recipient_downloads_a_pdi_zip_over_http(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name, value in {"INSTITUTION": INSTITUTION, "FSYNC": "false"}.items():
+    # Two HTTP processes: a resume must get the same bytes from either (deterministic plan).
+    for name, value in {"INSTITUTION": INSTITUTION, "FSYNC": "false",
+                        "HTTP_WORKERS": "2"}.items():
         monkeypatch.setenv(f"IEPNODE_{name}", value)
     ct = factory.make_ct_series(tmp_path / "a", 4, **PATIENT, StudyDate="20240105",
                                 StudyDescription="CT HEAD", AccessionNumber="ACC1")
