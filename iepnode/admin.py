@@ -23,7 +23,8 @@ lock reveals nothing); :data:`MAX_FAILURES` failures within :data:`FAILURE_WINDO
 seconds lock that username for :data:`LOCKOUT` seconds, during which even the
 right password is refused without being checked. The web view also answers
 every failure after :data:`FAILURE_DELAY` seconds. A TOTP code is accepted once
-per user (RFC 6238 section 5.2). Both live in memory: the web server is one process.
+per user (RFC 6238 section 5.2). Both live in the database, so every HTTP
+process sees the same counts and used codes.
 """
 
 from __future__ import annotations

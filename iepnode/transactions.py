@@ -180,16 +180,19 @@ def create_transfer(
     return transaction, token
 
 
-def by_link_token(token: str) -> Transaction:
+def by_link_token(token: str, now: float | None = None) -> Transaction:
     """Return the transaction an emailed link points to.
 
     Raises
     ------
     NotFound
-        Unknown token, or the transaction is expired or purged.
+        Unknown token, or the transaction is past its expiry (whether or not
+        housekeeping has marked it expired yet) or purged.
     """
+    now = time.time() if now is None else now
     transaction = Transaction.get_or_none(Transaction.link_token_hash == token_hash(token))
-    if transaction is None or transaction.status == EXPIRED or transaction.purged_at:
+    if (transaction is None or transaction.status == EXPIRED or transaction.purged_at
+            or transaction.expires_at <= now):
         raise NotFound("this link is not valid (any more)")
     return transaction
 

@@ -225,6 +225,9 @@ def test_session_idle_and_absolute_expiry(node: Node, study: str) -> None:
 
 def test_expired_link_is_gone(node: Node, study: str) -> None:
     _, token = share([study], expiry_days=1)
+    assert tx.by_link_token(token, now=T0 + tx.DAY - 1)
+    with pytest.raises(NotFound):  # past its expiry before housekeeping has marked it
+        tx.by_link_token(token, now=T0 + tx.DAY + 1)
     assert tx.expire_due(now=T0 + tx.DAY + 1) == 1
     with pytest.raises(NotFound):
         tx.by_link_token(token)
