@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from storage.models import ALL_MODELS, Recipient, database_proxy
+from storage.models import ALL_MODELS, Recipient, RemoteAE, database_proxy
 
 #: SQLite pragmas: WAL lets readers run beside the writer; synchronous=FULL makes a
 #: commit durable before it returns (a C-STORE success promises exactly that).
@@ -30,6 +30,11 @@ SQLITE_PRAGMAS = {
 #: missing tables only, so :func:`open_database` adds these when a table lacks them.
 ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (Recipient, "totp_last_step", "INTEGER"),
+    (RemoteAE, "send_to", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (RemoteAE, "tls", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (RemoteAE, "tls_ca", "VARCHAR(1024) NOT NULL DEFAULT ''"),
+    (RemoteAE, "tls_cert", "VARCHAR(1024) NOT NULL DEFAULT ''"),
+    (RemoteAE, "tls_key", "VARCHAR(1024) NOT NULL DEFAULT ''"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.
