@@ -72,6 +72,11 @@ BEAT_SECONDS = 5.0
 RUNNER_FRESH_SECONDS = 15.0
 #: The most studies one send may hold.
 MAX_STUDIES = 200
+#: The error of an instance during which the peer dropped the association.
+DROPPED = "no C-STORE response: the peer dropped the association"
+#: An instance during which the peer dropped the association this often fails for good
+#: (a peer that aborts on one object would otherwise block the rest of the job forever).
+MAX_DROPS = 3
 
 
 @dataclass(frozen=True)
@@ -531,8 +536,18 @@ class JobRunner:
                 SendItem.update(state=ITEM_FAILED if r.permanent else PENDING,
                                 attempts=SendItem.attempts + 1, last_status=r.status,
                                 error=r.error[:255]).where(SendItem.id == r.item_id).execute()
+            dropped = [r.item_id for r in pending if r.error == DROPPED]
+            if dropped:
+                given_up = SendItem.update(
+                    state=ITEM_FAILED,
+                    error=f"the peer dropped the association {MAX_DROPS} times while "
+                          f"receiving it").where(SendItem.id.in_(dropped)
+                                                 & (SendItem.attempts >= MAX_DROPS)).execute()
+                failed_count = len(failed) + given_up
+            else:
+                failed_count = len(failed)
             kept = (SendJob.update(sent=SendJob.sent + len(sent),
-                                   failed=SendJob.failed + len(failed),
+                                   failed=SendJob.failed + failed_count,
                                    lease_until=time.time() + LEASE_SECONDS)
                     .where((SendJob.id == job.id) & (SendJob.lease_owner == self.owner))
                     .execute())

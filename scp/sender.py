@@ -4,11 +4,13 @@ One association per attempt. Presentation contexts: for every SOP class, one
 context per stored transfer syntax (so the peer cannot pick another one for it),
 plus, for uncompressed or deflated data, a fallback context with explicit/implicit
 VR little endian. A file goes out **as stored** (its bytes after the File Meta,
-never decoded: ``_config.STORE_SEND_CHUNKED_DATASET``) whenever the peer accepted
-its stored syntax; only when it accepted nothing but the fallback is the dataset
-decoded and encoded again (explicit <-> implicit VR little endian, deflated ->
-little endian). Compressed or big-endian data the peer does not accept as stored
-fails for that instance with a clear reason; the rest of the study still goes.
+never decoded) whenever the peer accepted its stored syntax (deflated data is
+deflated anew: a stored deflate stream may have an odd length, which a PDV may
+not); only when it accepted nothing but the
+fallback is the dataset decoded and encoded again (explicit <-> implicit VR
+little endian, deflated -> little endian). Compressed or big-endian data the peer
+does not accept as stored fails for that instance with a clear reason; the rest of
+the study still goes.
 
 TLS (``RemoteAE.tls``): a client context after PS3.15 BCP 195 (RFC 7525): TLS 1.2
 or newer, ECDHE/DHE key exchange with AES-GCM or ChaCha20-Poly1305, the peer's
@@ -20,20 +22,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import partial
+from io import BytesIO
 
 from pydicom import dcmread
 from pydicom import uid as uids
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext
 
 from config import Settings
-from iepnode.errors import PeerUnavailable
-from iepnode.sending import Destination, ItemResult, Outgoing, Transport, failure_result
+from iepnode.errors import NodeError, PeerUnavailable
+from iepnode.ingest import parse_file_meta
+from iepnode.sending import (
+    DROPPED,
+    Destination,
+    ItemResult,
+    Outgoing,
+    Transport,
+    failure_result,
+)
 
 log = logging.getLogger("iepnode.sender")
 
@@ -96,49 +111,110 @@ def _nodelay(event: evt.Event) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _accepted(assoc) -> dict[str, set[str]]:
-    accepted: dict[str, set[str]] = defaultdict(set)
+def _accepted(assoc) -> dict[str, dict[str, int]]:
+    """SOP class -> accepted transfer syntax -> presentation context ID."""
+    accepted: dict[str, dict[str, int]] = defaultdict(dict)
     for cx in assoc.accepted_contexts:
-        accepted[cx.abstract_syntax].update(cx.transfer_syntax)
+        for ts in cx.transfer_syntax:
+            accepted[cx.abstract_syntax].setdefault(ts, cx.context_id)
     return accepted
 
 
-def _send_one(assoc, item: Outgoing, accepted: dict[str, set[str]], message_id: int,
-              ) -> ItemResult:
-    syntaxes = accepted.get(item.sop_class, set())
-    if not syntaxes:
+class _Parked:
+    """Keep the association's reactor thread parked while this SCU sends.
+
+    pynetdicom 3.0's ``send_c_store`` pauses the reactor per message but can let it
+    take a fast peer's response off the DIMSE queue between two messages ("Received
+    unexpected C-STORE service message"): the sender then waits for the DIMSE
+    timeout and the association is aborted (seen against storescp about once in a
+    few hundred instances). Parked for the whole run, the reactor never competes
+    for responses; the DUL thread still moves the PDUs. (Private attributes: the
+    same ones ``send_c_store`` uses.)
+    """
+
+    def __init__(self, assoc) -> None:
+        self.assoc = assoc
+
+    def __enter__(self) -> _Parked:
+        self.assoc._reactor_checkpoint.clear()
+        while not self.assoc._is_paused and self.assoc.is_established:
+            time.sleep(0.0001)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.assoc._reactor_checkpoint.set()
+
+
+def _response(assoc, timeout: float):
+    """The next DIMSE message, or ``None`` if the association ends or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, message = assoc.dimse.msg_queue.get(timeout=0.2)
+        except queue.Empty:
+            if not assoc.dul.is_alive() or assoc.dul.peek_next_pdu() is not None:
+                return None  # aborted or released by the peer
+            continue
+        return message
+    return None
+
+
+def _dataset_stream(item: Outgoing, target: str) -> bytes:
+    """The encoded dataset to send: the stored bytes, or the dataset encoded anew."""
+    if target == item.transfer_syntax and target != uids.DeflatedExplicitVRLittleEndian:
+        with open(item.path, "rb") as fh:
+            data = fh.read()
+        _, offset = parse_file_meta(data)
+        return data[offset:]
+    # Deflated data is deflated anew (a stored deflate stream may have an odd length,
+    # which a PDV may not); uncompressed data is converted to the accepted syntax.
+    ts = uids.UID(target)
+    encoded = encode(dcmread(item.path), ts.is_implicit_VR, ts.is_little_endian,
+                     ts.is_deflated)
+    if encoded is None:
+        raise ValueError(f"cannot encode the dataset as {ts.name}")
+    return encoded
+
+
+def _send_one(assoc, item: Outgoing, accepted: dict[str, dict[str, int]], message_id: int,
+              timeout: float) -> ItemResult:
+    syntaxes = accepted.get(item.sop_class, {})
+    if item.transfer_syntax in syntaxes:
+        target = item.transfer_syntax
+    elif item.transfer_syntax in CONVERTIBLE and syntaxes.keys() & set(FALLBACK):
+        target = next(ts for ts in FALLBACK if ts in syntaxes)
+    elif not syntaxes and item.transfer_syntax in CONVERTIBLE:
         return ItemResult(item.item_id, False, None,
-                          f"the peer accepted no context for SOP class {item.sop_class}",
+                          f"the peer does not accept {uids.UID(item.sop_class).name}",
                           permanent=True)
+    else:
+        name = uids.UID(item.transfer_syntax).name
+        return ItemResult(item.item_id, False, None,
+                          f"stored as {name}, which the peer does not accept; "
+                          f"the node converts only uncompressed data", permanent=True)
     try:
-        if item.transfer_syntax in syntaxes:
-            target = item.transfer_syntax
-            response = assoc.send_c_store(item.path, msg_id=message_id)
-        elif item.transfer_syntax in CONVERTIBLE and syntaxes & set(FALLBACK):
-            target = next(ts for ts in FALLBACK if ts in syntaxes)
-            dataset = dcmread(item.path)
-            # Decoded: tell pynetdicom what to encode it as (it converts between
-            # explicit and implicit VR little endian itself).
-            dataset.file_meta.TransferSyntaxUID = target
-            dataset.set_original_encoding(target == uids.ImplicitVRLittleEndian, True)
-            response = assoc.send_c_store(dataset, msg_id=message_id)
-        else:
-            name = uids.UID(item.transfer_syntax).name
-            return ItemResult(item.item_id, False, None,
-                              f"stored as {name}, which the peer does not accept; "
-                              f"the node converts only uncompressed data", permanent=True)
-    except (OSError, ValueError, AttributeError) as exc:
-        return ItemResult(item.item_id, False, None, f"cannot send the stored file: {exc}",
+        stream = _dataset_stream(item, target)
+    except (OSError, ValueError, AttributeError, NodeError) as exc:
+        return ItemResult(item.item_id, False, None, f"cannot read the stored file: {exc}",
                           permanent=True)
-    status = response.get("Status") if response is not None else None
+    request = C_STORE()
+    request.MessageID = message_id
+    request.Priority = 2
+    request.AffectedSOPClassUID = item.sop_class
+    request.AffectedSOPInstanceUID = item.sop_uid
+    request.DataSet = BytesIO(stream)
+    assoc.dimse.send_msg(request, syntaxes[target])
+    response = _response(assoc, timeout)
+    status = getattr(response, "Status", None) if response is not None else None
     if status is None:
-        return ItemResult(item.item_id, False, None, "no C-STORE response (association lost)")
+        return ItemResult(item.item_id, False, None, DROPPED)
     if status == 0x0000 or status in WARNINGS:
         if target != item.transfer_syntax:
             log.info("sent %s converted from %s to %s", item.sop_uid,
                      uids.UID(item.transfer_syntax).name, uids.UID(target).name)
         return ItemResult(item.item_id, True, int(status))
-    return failure_result(item.item_id, int(status), str(response.get("ErrorComment", "")))
+    return failure_result(item.item_id, int(status), str(getattr(response, "ErrorComment", "")
+                                                         or ""))
 
 
 def send_items(destination: Destination, items: Sequence[Outgoing],
@@ -151,9 +227,6 @@ def send_items(destination: Destination, items: Sequence[Outgoing],
     PeerUnavailable
         No association (peer down, refused, TLS failure) or it broke mid-way.
     """
-    # Send files as stored: pynetdicom reads the bytes after the File Meta and
-    # sends them in P-DATA fragments without decoding (this process only sends).
-    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 15.0)
@@ -169,17 +242,19 @@ def send_items(destination: Destination, items: Sequence[Outgoing],
         raise PeerUnavailable(f"{destination} {why}")
     accepted = _accepted(assoc)
     try:
-        for number, item in enumerate(items):
-            result = _send_one(assoc, item, accepted, number % 65535 + 1)
-            if not assoc.is_established:
-                if result.sent:
+        with _Parked(assoc):
+            for number, item in enumerate(items):
+                result = _send_one(assoc, item, accepted, number % 65535 + 1, timeout)
+                if result.error == DROPPED:
                     report(result)
-                raise PeerUnavailable(f"{destination} dropped the association")
-            if not report(result):
-                break
+                    raise PeerUnavailable(f"{destination} dropped the association")
+                if not report(result):
+                    break
     finally:
         if assoc.is_established:
             assoc.release()
+        else:
+            assoc.abort()
 
 
 def make_transport(settings: Settings) -> Transport:
