@@ -45,6 +45,7 @@ from storage.models import (
     LoginAttempt,
     Recipient,
     RemoteAE,
+    RouteRule,
     SendJob,
     StaffUser,
     Study,
@@ -837,6 +838,20 @@ class Node:
     def route_stable_studies(self) -> int:
         """Queue sends for stable studies that routing rules match; return how many."""
         return routing.route_stable(self.settings.stable_age)
+
+    def route_rules(self) -> list[RouteRule]:
+        """The auto-routing rules."""
+        return routing.list_rules()
+
+    def add_route(self, destination: str, actor: Actor, *, calling_ae: str = "",
+                  accession_prefix: str = "", modality: str = "") -> RouteRule:
+        """Add an auto-routing rule; see :func:`routing.add_rule`."""
+        return routing.add_rule(destination, actor, calling_ae=calling_ae,
+                                accession_prefix=accession_prefix, modality=modality)
+
+    def remove_route(self, rule_id: int, actor: Actor) -> None:
+        """Delete an auto-routing rule; see :func:`routing.remove_rule`."""
+        routing.remove_rule(rule_id, actor)
 
 
 def _contact(transaction: Transaction) -> Contact:
