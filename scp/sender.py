@@ -34,8 +34,10 @@ from io import BytesIO
 from pydicom import dcmread
 from pydicom import uid as uids
 from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext
 
 from config import Settings
@@ -57,6 +59,8 @@ CONVERTIBLE = {uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian,
                uids.DeflatedExplicitVRLittleEndian}
 FALLBACK = [uids.ExplicitVRLittleEndian, uids.ImplicitVRLittleEndian]
 MAX_CONTEXTS = 128
+#: How long pynetdicom's DUL thread naps between socket polls while a job sends.
+DUL_POLL_SECONDS = 0.0002
 #: BCP 195 (RFC 7525 4.2) cipher suites for TLS 1.2; TLS 1.3 suites are all AEAD.
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
 #: C-STORE statuses that mean stored: Success and the Warnings (PS3.4 B.2.3).
@@ -145,6 +149,30 @@ class _Parked:
         self.assoc._reactor_checkpoint.set()
 
 
+def _write(assoc, request: C_STORE, context_id: int) -> None:
+    """Send a C-STORE request's PDUs.
+
+    On plain TCP the P-DATA-TF PDUs (encoded by pynetdicom's own classes) are
+    written to the socket from this thread in one ``sendall``: going through the
+    DUL thread costs a queue hand-off and a state machine pass per PDU, and that
+    path measured ~200 instances/s against storescp where this one gives ~340.
+    Nothing else writes meanwhile (the reactor is parked; the DUL thread only
+    reads). Over TLS (an SSL object must not be read and written from two threads
+    at once) the DUL thread does the writing.
+    """
+    if isinstance(assoc.dul.socket.socket, ssl.SSLSocket):
+        assoc.dimse.send_msg(request, context_id)
+        return
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = []
+    for primitive in message.encode_msg(context_id, assoc.acceptor.maximum_length):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    assoc.dul.socket.socket.sendall(b"".join(pdus))
+
+
 def _response(assoc, timeout: float):
     """The next DIMSE message, or ``None`` if the association ends or time runs out."""
     deadline = time.monotonic() + timeout
@@ -203,7 +231,7 @@ def _send_one(assoc, item: Outgoing, accepted: dict[str, dict[str, int]], messag
     request.AffectedSOPClassUID = item.sop_class
     request.AffectedSOPInstanceUID = item.sop_uid
     request.DataSet = BytesIO(stream)
-    assoc.dimse.send_msg(request, syntaxes[target])
+    _write(assoc, request, syntaxes[target])
     response = _response(assoc, timeout)
     status = getattr(response, "Status", None) if response is not None else None
     if status is None:
@@ -241,6 +269,9 @@ def send_items(destination: Destination, items: Sequence[Outgoing],
                else "cannot be reached")
         raise PeerUnavailable(f"{destination} {why}")
     accepted = _accepted(assoc)
+    # The DUL thread polls the socket for responses, sleeping between polls (1 ms
+    # by default): a shorter nap answers each C-STORE sooner while the job runs.
+    assoc.dul._run_loop_delay = DUL_POLL_SECONDS
     try:
         with _Parked(assoc):
             for number, item in enumerate(items):
@@ -251,6 +282,7 @@ def send_items(destination: Destination, items: Sequence[Outgoing],
                 if not report(result):
                     break
     finally:
+        assoc.dul._run_loop_delay = 0.001
         if assoc.is_established:
             assoc.release()
         else:
