@@ -175,11 +175,11 @@ def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
         print(f"removed {args.name}")
     else:
         rows = registry.list_remote_aes()
-        print(f"{'AE TITLE':<16}  {'HOST':<24}  {'PORT':>5}  {'SEND':<8}  ALLOW")
+        print(f"{'AE TITLE':<16}  {'HOST':<24}  {'PORT':>5}  ALLOW  [SENDS]")
         for ae in rows:
-            send = ("tls" if ae.tls else "yes") if ae.send_to else "-"
-            print(f"{ae.ae_title:<16}  {ae.host:<24}  {ae.port:>5}  {send:<8}  echo"
-                  f"{',' + ae.allow if ae.allow else ''}")
+            send = f"  send-to{' tls' if ae.tls else ''}" if ae.send_to else ""
+            print(f"{ae.ae_title:<16}  {ae.host:<24}  {ae.port:>5}  echo"
+                  f"{',' + ae.allow if ae.allow else ''}{send}")
     return 0
 
 
