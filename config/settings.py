@@ -110,6 +110,13 @@ class Settings:
     max_forwards : int
         How many times a recipient may forward a received package to other people
         (0 turns forwarding off); forwarded copies cannot be forwarded again.
+    send_retry_seconds : float
+        Wait before the first retry of a send to a DICOM node that failed (peer
+        down, association refused, failed C-STOREs); it doubles at each retry.
+    send_retry_max_seconds : float
+        Longest wait between two attempts of a send.
+    send_max_attempts : int
+        Attempts of a send before it is marked failed.
     """
 
     data_dir: Path = Path("data")
@@ -144,6 +151,9 @@ class Settings:
     timezone: str = ""
     trusted_proxies: tuple[str, ...] = ()
     max_forwards: int = 3
+    send_retry_seconds: float = 10.0
+    send_retry_max_seconds: float = 900.0
+    send_max_attempts: int = 20
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -208,6 +218,9 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "max_pdu": "max_pdu",
         "duplicate_policy": "duplicate_policy",
         "fsync": "fsync",
+        "send_retry_seconds": "send_retry_seconds",
+        "send_retry_max_seconds": "send_retry_max_seconds",
+        "send_max_attempts": "send_max_attempts",
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
              "trusted_proxies": "trusted_proxies"},
@@ -425,6 +438,11 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(
             f"duplicate_policy {s.duplicate_policy!r}: one of {', '.join(DUPLICATE_POLICIES)}"
         )
+    if not 0 < s.send_retry_seconds <= s.send_retry_max_seconds:
+        raise ConfigError(f"send_retry_seconds {s.send_retry_seconds}: more than 0 and at most "
+                          f"send_retry_max_seconds ({s.send_retry_max_seconds})")
+    if not 1 <= s.send_max_attempts <= 1000:
+        raise ConfigError(f"send_max_attempts {s.send_max_attempts}: must be 1-1000")
     url = s.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"database_url {url!r}: sqlite:///PATH or postgresql://...")

@@ -714,7 +714,8 @@ class AdminService:
         return registry.list_remote_aes()
 
     def add_remote_ae(self, ae_title: str, host: str, port: str, allow: list[str],
-                      user: StaffUser, source_ip: str = "") -> tuple[RemoteAE, bool]:
+                      user: StaffUser, source_ip: str = "", *,
+                      send_to: bool | None = None) -> tuple[RemoteAE, bool]:
         """Register or update a remote AE (audited); return it and whether it is new.
 
         Raises
@@ -738,13 +739,14 @@ class AdminService:
         services = {s.strip().lower() for s in allow if s.strip()}
         created = registry.get_remote_ae(title) is None
         try:
-            ae = registry.add_remote_ae(title, host, port_number, services)
+            ae = registry.add_remote_ae(title, host, port_number, services, send_to=send_to)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         verb = "ae-add" if created else "ae-update"
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, _actor(user, source_ip),
                      detail=f"{verb} {ae.ae_title} {ae.host}:{ae.port} "
-                            f"allow=echo{',' + ae.allow if ae.allow else ''}")
+                            f"allow=echo{',' + ae.allow if ae.allow else ''}"
+                            f"{' send-to' if ae.send_to else ''}")
         return ae, created
 
     def remove_remote_ae(self, ae_title: str, user: StaffUser, source_ip: str = "") -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("port", type=int, help="its listening port (for C-MOVE)")
     add.add_argument("--allow", default="",
                      help="comma list of store,find,move,get (C-ECHO is always allowed)")
+    add.add_argument("--send-to", action=argparse.BooleanOptionalAction, default=None,
+                     help="the node may send studies to it (iepnode send, web, routing)")
+    add.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                     help="send to it over DICOM TLS (BCP 195); --no-tls turns TLS off")
+    add.add_argument("--tls-ca", default="", metavar="PEM",
+                     help="CA certificates to check its certificate (default: system CAs)")
+    add.add_argument("--tls-cert", default="", metavar="PEM",
+                     help="the node's client certificate for it (if it asks for one)")
+    add.add_argument("--tls-key", default="", metavar="PEM", help="the key of --tls-cert")
     lst = ae_sub.add_parser("list", help="list registered AEs")
     _common(lst)
     rm = ae_sub.add_parser("remove", help="unregister a remote AE")
@@ -55,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     _common(imp)
     imp.add_argument("path", type=Path)
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    send = sub.add_parser("send", help="send studies to a remote AE (C-STORE), with progress")
+    _common(send)
+    send.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    send.add_argument("--to", required=True, metavar="AE",
+                      help="a registered remote AE marked --send-to")
+    send.add_argument("--no-wait", action="store_true",
+                      help="queue the send for the running node and print its job number")
+    send.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    route = sub.add_parser("route", help="auto-routing rules: send matching studies on")
+    route_sub = route.add_subparsers(dest="route_command", required=True)
+    radd = route_sub.add_parser("add", help="send stable studies that match to an AE")
+    _common(radd)
+    radd.add_argument("--to", required=True, metavar="AE", help="the destination AE")
+    radd.add_argument("--from", dest="calling_ae", default="", metavar="AE",
+                      help="only studies (an instance of which was) sent by this calling AE")
+    radd.add_argument("--accession-prefix", default="", metavar="PREFIX")
+    radd.add_argument("--modality", default="", metavar="CODE", help="e.g. CT")
+    rlist = route_sub.add_parser("list", help="list routing rules")
+    _common(rlist)
+    rrm = route_sub.add_parser("remove", help="delete a routing rule")
+    _common(rrm)
+    rrm.add_argument("rule_id", type=int)
 
     fs = sub.add_parser("fileset", help="build a study's DICOMDIR file-set now")
     _common(fs)
@@ -127,9 +162,22 @@ def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
     open_database(settings.resolved_database_url)
     if args.ae_command == "add":
         allow = {s.strip().lower() for s in args.allow.split(",") if s.strip()}
-        ae = registry.add_remote_ae(args.name, args.host, args.port, allow)
+        tls: registry.TlsFiles | bool | None = False
+        if args.tls:
+            for path in (args.tls_ca, args.tls_cert, args.tls_key):
+                if path and not Path(path).is_file():
+                    raise FileNotFoundError(f"TLS file {path} does not exist")
+            if bool(args.tls_cert) != bool(args.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together")
+            tls = registry.TlsFiles(*(str(Path(p).resolve()) if p else "" for p in
+                                      (args.tls_ca, args.tls_cert, args.tls_key)))
+        elif args.tls is False:
+            tls = None
+        ae = registry.add_remote_ae(args.name, args.host, args.port, allow,
+                                    send_to=args.send_to, tls=tls)
         print(f"registered {ae.ae_title} {ae.host}:{ae.port} allow=echo"
-              f"{',' + ae.allow if ae.allow else ''}")
+              f"{',' + ae.allow if ae.allow else ''}"
+              f"{' send-to' if ae.send_to else ''}{' tls' if ae.tls else ''}")
     elif args.ae_command == "remove":
         if not registry.remove_remote_ae(args.name):
             print(f"iepnode: no remote AE named {args.name!r}", file=sys.stderr)
@@ -137,10 +185,11 @@ def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
         print(f"removed {args.name}")
     else:
         rows = registry.list_remote_aes()
-        print(f"{'AE TITLE':<16}  {'HOST':<24}  {'PORT':>5}  ALLOW")
+        print(f"{'AE TITLE':<16}  {'HOST':<24}  {'PORT':>5}  ALLOW  [SENDS]")
         for ae in rows:
+            send = f"  send-to{' tls' if ae.tls else ''}" if ae.send_to else ""
             print(f"{ae.ae_title:<16}  {ae.host:<24}  {ae.port:>5}  echo"
-                  f"{',' + ae.allow if ae.allow else ''}")
+                  f"{',' + ae.allow if ae.allow else ''}{send}")
     return 0
 
 
@@ -169,6 +218,94 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     for name, reason in report.rejected:
         print(f"  refused {name}: {reason}")
     return 0 if not report.rejected else 2
+
+
+def _run_local_job(node: Any, runner: Any, job_id: int, stop: threading.Event) -> None:
+    """Work on one job in this process until it is finished (retries included)."""
+    try:
+        while not stop.is_set():
+            runner.run_one(stop, job_id=job_id)
+            if node.send_progress(job_id).finished:
+                return
+            stop.wait(0.25)
+    except Exception as exc:
+        print(f"iepnode: sending failed: {exc}", file=sys.stderr)
+    finally:
+        node.close()
+
+
+def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    """Queue a send; show its progress until it is done (sending here if no node runs)."""
+    from tqdm import tqdm
+
+    from iepnode import audit, sending
+    from iepnode.logs import setup_logging
+    from iepnode.node import Node
+
+    setup_logging(settings, process_name="send", to_stderr=False)
+    node = Node(settings)
+    job = node.queue_send(args.study_uids, args.to, audit.Actor("cli", getpass.getuser()))
+    if args.no_wait:
+        print(job.id)
+        return 0
+    stop = threading.Event()
+    local = None
+    if not sending.runner_alive():
+        # No node is running (no runner noted itself alive lately): send from here.
+        # Should one start meanwhile, the job's lease keeps the two from both sending.
+        from scp.sender import make_transport
+
+        runner = node.job_runner(make_transport(settings))
+        local = threading.Thread(target=_run_local_job, args=(node, runner, job.id, stop),
+                                 name="send-local", daemon=True)
+        local.start()
+    where = "from this process" if local else "by the running node"
+    print(f"send job {job.id}: {job.total} instances to {job.ae_title}, sent {where}",
+          file=sys.stderr)
+    bar = tqdm(total=job.total, unit="img", desc=f"to {job.ae_title}",
+               disable=args.no_progress, file=sys.stderr)
+    try:
+        while True:
+            progress = node.send_progress(job.id)
+            bar.update(progress.sent + progress.failed - bar.n)
+            if progress.state == sending.QUEUED and progress.attempts:
+                bar.set_postfix_str("waiting to retry", refresh=False)
+            elif progress.state == sending.RUNNING:
+                bar.set_postfix_str("", refresh=False)
+            if progress.finished:
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        print(f"\niepnode: stopped watching; job {job.id} stays queued", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+        stop.set()
+        if local is not None:
+            local.join(60)
+    print(f"job {job.id} {progress.state}: {progress.sent} of {progress.total} sent, "
+          f"{progress.failed} failed{f' ({progress.error})' if progress.error else ''}")
+    return 0 if progress.state == sending.DONE else 1
+
+
+def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
+    from iepnode import audit, routing
+    from storage.db import open_database
+
+    open_database(settings.resolved_database_url)
+    actor = audit.Actor("cli", getpass.getuser())
+    if args.route_command == "add":
+        rule = routing.add_rule(args.to, actor, calling_ae=args.calling_ae,
+                                accession_prefix=args.accession_prefix, modality=args.modality)
+        print(f"rule {rule.id}: {routing.describe(rule)}")
+    elif args.route_command == "remove":
+        routing.remove_rule(args.rule_id, actor)
+        print(f"removed rule {args.rule_id}")
+    else:
+        for rule in routing.list_rules():
+            print(f"{rule.id:>4}  {routing.describe(rule)}"
+                  f"{'' if rule.enabled else '  (disabled)'}")
+    return 0
 
 
 def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
@@ -312,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings)
         handler = {"ae": _cmd_ae, "import": _cmd_import, "fileset": _cmd_fileset,
                    "studies": _cmd_studies, "user": _cmd_user,
-                   "transfer": _cmd_transfer, "export": _cmd_export}[args.command]
+                   "transfer": _cmd_transfer, "export": _cmd_export, "send": _cmd_send,
+                   "route": _cmd_route}[args.command]
         return handler(args, settings)
     except ConfigError as exc:
         print(f"iepnode: configuration error: {exc}", file=sys.stderr)

@@ -13,6 +13,8 @@
     ├── Gone                  the user's package, no longer available      -> HTTP 410
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
     ├── DeliveryError         mail/SMS could not be sent (iepnode.messaging) -> CLI/HTTP error
+    ├── PeerUnavailable       a send's remote AE cannot be reached or dropped the association
+    │                         -> the send job is retried with back-off (iepnode.sending)
     └── LoginRefused          passcode login failed                       -> HTTP 403
         ├── PasscodeRejected  wrong, expired, reused or dead passcode
         ├── RecipientLocked   too many consecutive failures: staff must unlock
@@ -77,3 +79,7 @@ class RecipientLocked(LoginRefused):
 
 class RateLimited(LoginRefused):
     """A passcode was sent moments ago; wait before asking for another."""
+
+
+class PeerUnavailable(NodeError):
+    """A remote AE could not be reached, refused the association, or dropped it."""

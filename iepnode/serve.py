@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Coroutine
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
@@ -18,6 +19,7 @@ from config import Settings
 from iepnode.logs import setup_logging
 from iepnode.node import Node
 from iepnode.workers import WorkerPool, reserve_port
+from scp.sender import make_transport
 from scp.server import scp_pool
 from web.app import create_app
 
@@ -49,6 +51,7 @@ async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
             for pool in pools:
                 await asyncio.to_thread(pool.restart_dead)
             await asyncio.to_thread(node.build_stable_filesets)
+            await asyncio.to_thread(node.route_stable_studies)
             if passes % ORPHAN_SWEEP_EVERY == 0:
                 await asyncio.to_thread(node.remove_orphan_filesets)
                 await asyncio.to_thread(node.purge_expired)
@@ -111,6 +114,23 @@ def run_http_worker(number: int, ready: EventType, settings: Settings, port: int
         node.close()
 
 
+def _start_send_runner(settings: Settings, node: Node) -> tuple[threading.Event,
+                                                                threading.Thread]:
+    """Work on send jobs in a thread of the main process (not in HTTP or SCP workers)."""
+    runner = node.job_runner(make_transport(settings))
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            runner.run_forever(stop)
+        finally:
+            node.close()
+
+    thread = threading.Thread(target=run, name="send-runner", daemon=True)
+    thread.start()
+    return stop, thread
+
+
 def serve(settings: Settings) -> int:
     """Run the node until SIGTERM/SIGINT; return the process exit code."""
     setup_logging(settings, process_name="main")
@@ -123,6 +143,7 @@ def serve(settings: Settings) -> int:
                     "one is added with `iepnode ae add NAME HOST PORT --allow store,...`")
     reserved: list[socket.socket] = []
     pools: list[WorkerPool] = []
+    sending: tuple[threading.Event, threading.Thread] | None = None
     try:
         reserved = [reserve_port(settings.bind, settings.dicom_port),
                     reserve_port(settings.bind, settings.http_port)]
@@ -132,11 +153,16 @@ def serve(settings: Settings) -> int:
                             (settings, http_port))]
         for pool in pools:
             pool.start()
+        sending = _start_send_runner(settings, node)
         run_loop(_serve_async(settings, node, pools, dicom_port, http_port))
     except OSError as exc:
         print(f"iepnode: cannot start: {exc}", file=sys.stderr)
         return 1
     finally:
+        if sending is not None:
+            # The runner hands an unfinished job back (it resumes at the next start).
+            sending[0].set()
+            sending[1].join(60)
         for pool in pools:
             pool.stop()
         for sock in reserved:

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from storage.models import ALL_MODELS, Recipient, StaffUser, Transaction, database_proxy
+from storage.models import ALL_MODELS, Recipient, RemoteAE, StaffUser, Transaction, database_proxy
 
 #: SQLite pragmas: WAL lets readers run beside the writer; synchronous=FULL makes a
 #: commit durable before it returns (a C-STORE success promises exactly that).
@@ -36,6 +36,11 @@ ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (Recipient, "phone", "VARCHAR(32) NOT NULL DEFAULT ''"),
     (Transaction, "forwarded_from_id",
      'INTEGER REFERENCES "transaction" ("id") ON DELETE CASCADE'),
+    (RemoteAE, "send_to", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (RemoteAE, "tls", "BOOLEAN NOT NULL DEFAULT FALSE"),
+    (RemoteAE, "tls_ca", "VARCHAR(1024) NOT NULL DEFAULT ''"),
+    (RemoteAE, "tls_cert", "VARCHAR(1024) NOT NULL DEFAULT ''"),
+    (RemoteAE, "tls_key", "VARCHAR(1024) NOT NULL DEFAULT ''"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.

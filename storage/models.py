@@ -27,6 +27,13 @@ class RemoteAE(BaseModel):
     #: Comma-separated services beyond C-ECHO: store, find, move, get.
     allow = peewee.CharField(max_length=64, default="")
     created_at = peewee.DoubleField()
+    #: The node may send studies to it by C-STORE (``iepnode send``, routing, web).
+    send_to = peewee.BooleanField(default=False)
+    #: Sends use DICOM TLS (PS3.15 BCP 195); the paths are PEM files on the node.
+    tls = peewee.BooleanField(default=False)
+    tls_ca = peewee.CharField(max_length=1024, default="")
+    tls_cert = peewee.CharField(max_length=1024, default="")
+    tls_key = peewee.CharField(max_length=1024, default="")
 
     @property
     def allowed(self) -> frozenset[str]:
@@ -271,10 +278,109 @@ class InstanceChecksum(BaseModel):
     instance = peewee.ForeignKeyField(Instance, field=Instance.key, column_name="instance_key",
                                       unique=True, on_delete="CASCADE")
     crc32 = peewee.BigIntegerField()
+# -- sending to DICOM nodes (issue 6) -----------------------------------------------------
+
+
+class SendJob(BaseModel):
+    """Studies to send to a remote AE by C-STORE, worked on by a background runner.
+
+    ``state`` is ``queued`` (waiting for a runner, or for ``next_try_at`` after a
+    failed attempt), ``running`` (a runner holds the lease until ``lease_until``),
+    ``done`` or ``failed``.
+    """
+
+    ae_title = peewee.CharField(max_length=16)
+    #: Study Instance UIDs, backslash-separated (as a DICOM multi-value).
+    study_uids = peewee.TextField()
+    patient_id = peewee.CharField(max_length=64, default="")
+    transaction_public_id = peewee.CharField(max_length=16, default="", index=True)
+    #: The routing rule that queued the job (``None``: asked for by a person).
+    route_id = peewee.IntegerField(null=True)
+    #: Who asked for it: ``staff``, ``recipient``, ``cli`` or ``system``, and their name.
+    requester_kind = peewee.CharField(max_length=16)
+    requested_by = peewee.CharField(max_length=254)
+    source_ip = peewee.CharField(max_length=64, default="")
+    state = peewee.CharField(max_length=16, index=True)
+    attempts = peewee.IntegerField(default=0)
+    next_try_at = peewee.DoubleField()
+    lease_owner = peewee.CharField(max_length=128, default="")
+    lease_until = peewee.DoubleField(default=0.0)
+    total = peewee.IntegerField(default=0)
+    sent = peewee.IntegerField(default=0)
+    failed = peewee.IntegerField(default=0)
+    error = peewee.TextField(default="")
+    created_at = peewee.DoubleField(index=True)
+    started_at = peewee.DoubleField(null=True)
+    finished_at = peewee.DoubleField(null=True)
+
+    @property
+    def study_uid_list(self) -> list[str]:
+        """The job's Study Instance UIDs."""
+        return [u for u in self.study_uids.split("\\") if u]
+
+
+class SendItem(BaseModel):
+    """One instance of a send job: ``pending`` until ``sent`` or ``failed``."""
+
+    job = peewee.ForeignKeyField(SendJob, backref="items", on_delete="CASCADE")
+    sop_uid = peewee.CharField(max_length=64)
+    state = peewee.CharField(max_length=8, default="pending")
+    attempts = peewee.IntegerField(default=0)
+    #: The peer's last C-STORE status (``None``: not answered yet).
+    last_status = peewee.IntegerField(null=True)
+    error = peewee.CharField(max_length=255, default="")
+
+    class Meta:
+        indexes = ((("job", "state"), False),)
+
+
+class SendRunnerBeat(BaseModel):
+    """A job runner that is alive: ``iepnode send`` leaves jobs to a fresh one."""
+
+    owner = peewee.CharField(max_length=128, unique=True)
+    seen_at = peewee.DoubleField()
+
+
+class TransactionSendAE(BaseModel):
+    """A remote AE the recipient of a transaction may send its studies to."""
+
+    transaction = peewee.ForeignKeyField(Transaction, on_delete="CASCADE")
+    ae_title = peewee.CharField(max_length=16)
+
+    class Meta:
+        indexes = ((("transaction", "ae_title"), True),)
+
+
+class RouteRule(BaseModel):
+    """Auto-routing: stable studies that match are sent to ``destination``.
+
+    Empty conditions match anything; a study is routed once per rule.
+    """
+
+    calling_ae = peewee.CharField(max_length=16, default="")
+    accession_prefix = peewee.CharField(max_length=16, default="")
+    modality = peewee.CharField(max_length=16, default="")
+    destination = peewee.CharField(max_length=16)
+    enabled = peewee.BooleanField(default=True)
+    created_by = peewee.CharField(max_length=254, default="")
+    created_at = peewee.DoubleField()
+
+
+class RoutedStudy(BaseModel):
+    """A study a routing rule has queued (so it is routed only once)."""
+
+    rule = peewee.ForeignKeyField(RouteRule, on_delete="CASCADE")
+    study_uid = peewee.CharField(max_length=64)
+    job_id = peewee.IntegerField(null=True)
+    routed_at = peewee.DoubleField()
+
+    class Meta:
+        indexes = ((("rule", "study_uid"), True),)
 
 
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
-    StaffLoginFailures, UsedStaffCode, InstanceChecksum,
+    StaffLoginFailures, UsedStaffCode, InstanceChecksum, SendJob, SendItem, SendRunnerBeat,
+    TransactionSendAE, RouteRule, RoutedStudy,
 ]

@@ -129,6 +129,17 @@ async def log_in(browser: Browser, username: str, secret: str, *, password: str 
     return await browser.post("/admin/login", data=data)
 
 
+#: The pages' own script tags (external files only: the CSP forbids inline scripts).
+OWN_SCRIPTS = ('<script src="/static/sends.js" defer></script>',)
+
+
+def without_own_scripts(page: str) -> str:
+    """The page without its own ``<script src>`` tags (to look for injected ones)."""
+    for tag in OWN_SCRIPTS:
+        page = page.replace(tag, "")
+    return page
+
+
 def previous_code(secret: str) -> str:
     return pyotp.TOTP(secret).at(time.time() - 30)
 
@@ -478,7 +489,8 @@ async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, node: N
     response = await admin.form(f"{url}/messages", {"body": "Call us <script>x()</script>"})
     assert response.status == 303
     page = await admin.page(url)
-    assert "Call us &lt;script&gt;x()&lt;/script&gt;" in page and "<script" not in page
+    assert "Call us &lt;script&gt;x()&lt;/script&gt;" in page
+    assert "<script" not in without_own_scripts(page)
     assert events("message")[0].detail == "staff reply"
     response = await admin.form(f"{url}/messages", {"body": "   "})
     assert response.status == 400 and "a message has 1 to" in await response.text()
@@ -497,7 +509,7 @@ async def test_pages_escape_hostile_names_and_messages(admin: Browser, node: Nod
     for path in ("/admin", "/admin/studies", f"/admin/transactions/{public_id}",
                  "/admin/audit", "/admin/studies?q=%3Cscript%3E*"):
         page = await admin.page(path)
-        assert "<script" not in page.lower() and "<i>" not in page, path
+        assert "<script" not in without_own_scripts(page).lower() and "<i>" not in page, path
         assert "&lt;script&gt;" in page.lower(), path
 
 

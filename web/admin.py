@@ -16,6 +16,10 @@ token, checked in :mod:`web.middlewares`)::
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
     POST /admin/users/{id}/password-reset|totp-reset     reset another user (admins)
+    POST /admin/transactions/{public_id}/send            send its studies to a DICOM node
+    POST /admin/transactions/{public_id}/recipient-send  AEs its recipient may send to
+    GET  /admin/sends, GET /admin/sends.json?transaction=  send jobs and their progress
+    GET  POST /admin/routes, POST /admin/routes/{id}/remove  auto-routing rules (admins)
     GET  /admin/account, POST /admin/account/password  own account
     GET  POST /admin/account/totp                re-enrol own TOTP (QR code)
     GET  POST /admin/setup/totp                  enrol after an admin reset the TOTP
@@ -55,7 +59,8 @@ from iepnode.admin import (
     AdminService,
     LoginThrottled,
 )
-from iepnode.errors import InvalidRequest, LoginRefused
+from iepnode.audit import Actor
+from iepnode.errors import InvalidRequest, LoginRefused, UnknownDestination
 from iepnode.messaging import DeliveryError
 from iepnode.transactions import PRIORITIES, NewTransfer
 from storage.models import StaffUser, Transaction, WebSession
@@ -95,6 +100,10 @@ _NOTICES = {
     "welcome": "You are all set: your password and authenticator are your own.",
     "password": "Your password was changed. Your other sessions have ended.",
     "totp": "Your authenticator is enrolled. Your other sessions have ended.",
+    "send-queued": "The send is queued: its progress shows below.",
+    "recipient-send": "Saved where the recipient may send this transaction.",
+    "route-added": "Routing rule added.",
+    "route-removed": "Routing rule removed.",
 }
 
 #: Notices that report something that did not work (shown as an error, not as info).
@@ -318,12 +327,21 @@ async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 
 async def _transaction_page(request: web.Request, staff: Staff, public_id: str, *,
-                            error: str = "", body: str = "", status: int = 200) -> web.Response:
+                            error: str = "", body: str = "", send_error: str = "",
+                            status: int = 200) -> web.Response:
     view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
                                    staff.ip)
+    node = node_of(request)
+
+    def sending() -> dict[str, Any]:
+        return {"destinations": node.send_destinations(),
+                "sends": node.send_jobs(transaction=public_id),
+                "recipient_aes": set(node.recipient_send_aes(public_id))}
+
     return _render(request, staff, "transaction.html",
-                   {"view": view, "error": error, "body": body}, section="transactions",
-                   status=status)
+                   {"view": view, "error": error, "body": body, "send_error": send_error,
+                    **await asyncio.to_thread(sending)},
+                   section="transactions", status=status)
 
 
 @staff_view()
@@ -365,6 +383,100 @@ async def remove_recipient_app(request: web.Request, staff: Staff) -> web.Stream
     await asyncio.to_thread(_admin(request).remove_recipient_authenticator, public_id,
                             staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=app-removed")
+# -- sends to DICOM nodes (issue 6) ---------------------------------------------------------
+
+
+def _staff_actor(staff: Staff) -> Actor:
+    return Actor("staff", staff.user.username, staff.ip)
+
+
+@staff_view()
+async def send_transaction(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/send``: queue a send of its studies."""
+    public_id = public_id_of(request)
+    form = await request.post()
+    try:
+        await asyncio.to_thread(node_of(request).send_transaction, public_id,
+                                _text(form, "ae_title", 16), _staff_actor(staff))
+    except (InvalidRequest, UnknownDestination) as exc:
+        return await _transaction_page(request, staff, public_id, send_error=str(exc),
+                                       status=400)
+    return see_other(f"/admin/transactions/{public_id}?done=send-queued#send")
+
+
+@staff_view()
+async def recipient_send(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/recipient-send``: AEs the recipient may use."""
+    public_id = public_id_of(request)
+    form = await request.post()
+    titles = [t[:16] for t in form.getall("ae_title", []) if isinstance(t, str)][:50]
+    try:
+        await asyncio.to_thread(node_of(request).set_recipient_send_aes, public_id, titles,
+                                _staff_actor(staff))
+    except UnknownDestination as exc:
+        return await _transaction_page(request, staff, public_id, send_error=str(exc),
+                                       status=400)
+    return see_other(f"/admin/transactions/{public_id}?done=recipient-send#send")
+
+
+@staff_view()
+async def sends(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/sends``: the latest send jobs with live progress."""
+    jobs = await asyncio.to_thread(node_of(request).send_jobs)
+    return _render(request, staff, "sends.html", {"jobs": jobs}, section="sends")
+
+
+@staff_view()
+async def sends_json(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/sends.json?transaction=``: send jobs' progress for the pages' script."""
+    transaction = request.query.get("transaction") or None
+    if transaction is not None and not re.fullmatch(r"IEP[0-9]{8}", transaction):
+        raise web.HTTPNotFound()
+    jobs = await asyncio.to_thread(node_of(request).send_jobs, transaction)
+    return web.json_response({"jobs": [job.as_json() for job in jobs]})
+
+
+async def _routes_page(request: web.Request, staff: Staff, *, error: str = "",
+                       values: dict[str, str] | None = None, status: int = 200) -> web.Response:
+    node = node_of(request)
+    rules, destinations = await asyncio.to_thread(
+        lambda: (node.route_rules(), node.send_destinations()))
+    return _render(request, staff, "routes.html", {
+        "rules": rules, "destinations": destinations, "error": error, "values": values or {},
+    }, section="routes", status=status)
+
+
+@staff_view(admin_only=True)
+async def routes(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/routes``: auto-routing rules and the form to add one."""
+    return await _routes_page(request, staff)
+
+
+@staff_view(admin_only=True)
+async def add_route(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/routes``: add an auto-routing rule."""
+    form = await request.post()
+    values = {k: _text(form, k, 64) for k in ("calling_ae", "accession_prefix", "modality",
+                                              "destination")}
+    try:
+        await asyncio.to_thread(functools.partial(
+            node_of(request).add_route, values["destination"], _staff_actor(staff),
+            calling_ae=values["calling_ae"], accession_prefix=values["accession_prefix"],
+            modality=values["modality"]))
+    except (InvalidRequest, UnknownDestination) as exc:
+        return await _routes_page(request, staff, error=str(exc), values=values, status=400)
+    return see_other("/admin/routes?done=route-added")
+
+
+@staff_view(admin_only=True)
+async def remove_route(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/routes/{rule_id}/remove``: delete an auto-routing rule."""
+    try:
+        rule_id = int(request.match_info["rule_id"])
+    except ValueError:
+        raise web.HTTPNotFound() from None
+    await asyncio.to_thread(node_of(request).remove_route, rule_id, _staff_actor(staff))
+    return see_other("/admin/routes?done=route-removed")
 
 
 # -- studies and sharing -------------------------------------------------------------------
@@ -481,10 +593,11 @@ async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     values: dict[str, Any] = {k: _text(form, k, 255) for k in ("ae_title", "host", "port")}
     values["allow"] = [s for s in form.getall("allow", []) if isinstance(s, str)]
+    values["send_to"] = form.get("send_to") == "1"
     try:
-        await asyncio.to_thread(_admin(request).add_remote_ae, values["ae_title"],
-                                values["host"], values["port"], values["allow"], staff.user,
-                                staff.ip)
+        await asyncio.to_thread(functools.partial(
+            _admin(request).add_remote_ae, values["ae_title"], values["host"], values["port"],
+            values["allow"], staff.user, staff.ip, send_to=values["send_to"]))
     except InvalidRequest as exc:
         return await _aes_page(request, staff, error=str(exc), values=values, status=400)
     return see_other("/admin/aes?done=ae-saved")
@@ -756,6 +869,13 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/admin/users/{user_id}/enable", enable_user)
     router.add_post("/admin/users/{user_id}/password-reset", reset_password)
     router.add_post("/admin/users/{user_id}/totp-reset", reset_totp)
+    router.add_post("/admin/transactions/{public_id}/send", send_transaction)
+    router.add_post("/admin/transactions/{public_id}/recipient-send", recipient_send)
+    router.add_get("/admin/sends", sends)
+    router.add_get("/admin/sends.json", sends_json)
+    router.add_get("/admin/routes", routes)
+    router.add_post("/admin/routes", add_route)
+    router.add_post("/admin/routes/{rule_id}/remove", remove_route)
     router.add_get("/admin/account", account)
     router.add_post("/admin/account/password", change_password)
     router.add_get("/admin/account/totp", totp_form)

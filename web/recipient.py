@@ -12,6 +12,7 @@ Routes (all server-rendered, no inline script or style)::
     GET  /transactions/{public_id}           one transaction, expanded
     POST /transactions/{public_id}/messages  add a message to its thread
     POST /transactions/{public_id}/decline   decline it with a reason
+    POST /transactions/{public_id}/send      send its studies to a PACS staff allowed
     GET  /account/authenticator              enrol an authenticator app (QR code), or its status
     POST /account/authenticator              confirm the enrolment with a code from the app
     POST /account/authenticator/remove       remove the app (needs a current code from it)
@@ -283,9 +284,11 @@ async def dashboard(request: web.Request) -> web.Response:
     tab = _tab(request.query.get("tab"))
     board = await asyncio.to_thread(node_of(request).recipient_dashboard, session.recipient_id,
                                     tab, client_ip(request))
+    sending = await _sending(request, session, [v.transaction.public_id
+                                                for v in board.transactions])
     return aiohttp_jinja2.render_template("recipient/dashboard.html", request, {
         "board": board, "tab": tab, "open_id": request.query.get("open", ""),
-        "csrf": session.csrf_token, "recipient": board.recipient,
+        "csrf": session.csrf_token, "recipient": board.recipient, **sending,
         "forwarding": await forward.states_for(request, board.transactions),
     })
 
@@ -295,10 +298,36 @@ async def transaction(request: web.Request) -> web.Response:
     session = _recipient_session(request)
     view = await asyncio.to_thread(node_of(request).recipient_transaction, session.recipient_id,
                                    public_id_of(request), client_ip(request))
+    sending = await _sending(request, session, [view.transaction.public_id])
     return aiohttp_jinja2.render_template("recipient/transaction.html", request, {
         "view": view, "csrf": session.csrf_token, "tab": "all", "recipient": view.recipient,
         "forwarding": await forward.states_for(request, [view]),
+        **sending,
     })
+
+
+async def _sending(request: web.Request, session: WebSession,
+                   public_ids: list[str]) -> dict[str, Any]:
+    """Where the recipient may send these transactions, and the sends they asked for."""
+    if not public_ids:
+        return {"send_options": {}, "recipient_sends": {}}
+    node = node_of(request)
+
+    def load() -> dict[str, Any]:
+        return {"send_options": node.recipient_send_options(session.recipient_id, public_ids),
+                "recipient_sends": node.recipient_sends(session.recipient_id, public_ids)}
+
+    return await asyncio.to_thread(load)
+
+
+async def send_to_pacs(request: web.Request) -> web.StreamResponse:
+    """``POST /transactions/{public_id}/send``: send the studies to an allowed PACS."""
+    session = _recipient_session(request)
+    public_id = public_id_of(request)
+    form = await request.post()
+    await asyncio.to_thread(node_of(request).recipient_send, session.recipient_id, public_id,
+                            _text(form, "ae_title", 16), client_ip(request))
+    return _back(public_id, _tab(form.get("tab"), "all"))
 
 
 def _back(public_id: str, tab: str) -> web.Response:
@@ -436,6 +465,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/transactions/{public_id}", transaction)
     app.router.add_post("/transactions/{public_id}/messages", post_message)
     app.router.add_post("/transactions/{public_id}/decline", decline)
+    app.router.add_post("/transactions/{public_id}/send", send_to_pacs)
     app.router.add_get("/account/authenticator", authenticator)
     app.router.add_post("/account/authenticator", enrol_authenticator)
     app.router.add_post("/account/authenticator/remove", remove_authenticator)
