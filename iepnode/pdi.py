@@ -18,9 +18,9 @@ from __future__ import annotations
 import html
 import textwrap
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 
-from iepnode import __version__
+from iepnode import __version__, dicomtext
 
 
 @dataclass(frozen=True)
@@ -80,26 +80,12 @@ class Contents:
 
 def person_name(value: str) -> str:
     """``Doe^Jane^Ann`` -> ``DOE, Jane Ann`` (first non-empty component group)."""
-    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
-    if not groups:
-        return "(no name)"
-    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
-    family, given, middle, prefix, suffix = parts[:5]
-    first = " ".join(p for p in (prefix, given, middle) if p)
-    name = ", ".join(p for p in (family.upper(), first) if p)
-    return f"{name} {suffix}".strip() if suffix else name
+    return dicomtext.person_name(value, empty="(no name)")
 
 
 def dicom_date(value: str) -> str:
     """``20240105`` -> ``5 Jan 2024``; other text as given, ``-`` when empty."""
-    text = (value or "").strip()
-    if len(text) == 8 and text.isdigit():
-        try:
-            day = date(int(text[:4]), int(text[4:6]), int(text[6:]))
-        except ValueError:
-            return text
-        return f"{day.day} {day:%b %Y}"
-    return text or "-"
+    return dicomtext.dicom_date(value, empty="-")
 
 
 def _epoch_date(value: float) -> str:

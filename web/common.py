@@ -6,6 +6,7 @@ import re
 
 from aiohttp import web
 
+from iepnode import dicomtext
 from iepnode.errors import NotFound
 from iepnode.node import Node
 from web.keys import NODE_KEY
@@ -42,19 +43,8 @@ def see_other(location: str) -> web.Response:
 
 
 def format_pn(value: str) -> str:
-    """Format a DICOM PN value for people: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``.
-
-    Only the first (alphabetic) component group is used when it has content,
-    else the next one that has.
-    """
-    groups = [g for g in (value or "").split("=") if g.strip("^ ")]
-    if not groups:
-        return "—"
-    parts = [p.strip() for p in groups[0].split("^")] + [""] * 5
-    family, given, middle, prefix, suffix = parts[:5]
-    first = " ".join(p for p in (prefix, given, middle) if p)
-    name = ", ".join(p for p in (family.upper(), first) if p)
-    return f"{name} {suffix}".strip() if suffix else name
+    """Format a DICOM PN value for people: ``Doe^Jane^Ann`` -> ``DOE, Jane Ann``."""
+    return dicomtext.person_name(value)
 
 
 def format_sex(value: str) -> str:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from datetime import date, tzinfo
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import timefmt
+from iepnode import dicomtext, timefmt
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -87,14 +87,7 @@ def format_epoch_time(value: float | None, zone: tzinfo) -> str:
 
 def format_da(value: str) -> str:
     """Format a DICOM DA value (``YYYYMMDD``) as ``5 Jan 2024``; other text as given."""
-    text = (value or "").strip()
-    if len(text) == 8 and text.isdigit():
-        try:
-            day = date(int(text[:4]), int(text[4:6]), int(text[6:]))
-        except ValueError:
-            return text
-        return f"{day.day} {day:%b %Y}"
-    return text or "—"
+    return dicomtext.dicom_date(value)
 
 
 def format_status(view: Any) -> str:
