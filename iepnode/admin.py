@@ -53,8 +53,8 @@ from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest, LoginRefused, NotAuthorized, NotFound
 from iepnode.messaging import DeliveryError
 from iepnode.query import Root, parse_identifier, select_rows
-from iepnode.transactions import NewTransfer
-from storage import registry
+from iepnode.transactions import NewTransfer, StudyRow
+from storage import hot_queries, registry
 from storage.db import write_transaction
 from storage.models import (
     AuditEvent,
@@ -142,20 +142,12 @@ class StudyHit:
 
 
 @dataclass(frozen=True)
-class HeldStudy:
-    """A study of a transaction and how many of its images the node holds now."""
-
-    study: TransactionStudy
-    images_received: int
-
-
-@dataclass(frozen=True)
 class StaffTransactionView:
     """One transaction as staff see it: details, studies, thread and audit trail."""
 
     transaction: Transaction
     recipient: Recipient
-    studies: list[HeldStudy]
+    studies: list[StudyRow]
     messages: list[TransactionMessage]
     events: list[AuditEvent]
     expired: bool
@@ -516,18 +508,14 @@ class AdminService:
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail="staff transaction page")
         rows = list(transaction.studies.order_by(TransactionStudy.id))
-        held = {} if transaction.purged_at else {
-            s.study_uid: s.num_instances for s in Study.select(
-                Study.study_uid, Study.num_instances).where(
-                Study.study_uid.in_([r.study_uid for r in rows]))
-        }
+        held = {} if transaction.purged_at else hot_queries.images_held(
+            [r.study_uid for r in rows])
         messages = list(transaction.messages.order_by(TransactionMessage.created_at,
                                                       TransactionMessage.id))
-        expired = (transaction.status == transactions.EXPIRED
-                   or transaction.expires_at <= time.time())
+        expired = transactions.is_expired(transaction, time.time())
         return StaffTransactionView(
             transaction, transaction.recipient,
-            [HeldStudy(r, held.get(r.study_uid, 0)) for r in rows], messages,
+            [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
             audit.events_for_transaction(public_id), expired,
         )
 
@@ -550,8 +538,7 @@ class AdminService:
         transaction = await asyncio.to_thread(self._add_reply, public_id, user, body,
                                               source_ip)
         actor = _actor(user, source_ip)
-        if transaction.purged_at or transaction.status == transactions.EXPIRED or (
-                transaction.expires_at <= time.time()):
+        if transaction.purged_at or transactions.is_expired(transaction, time.time()):
             await asyncio.to_thread(
                 audit.record, PATIENT_RECORD, "message-notify", actor,
                 outcome=audit.MINOR_FAILURE, patient_id=transaction.patient_id,

@@ -63,7 +63,7 @@ def unavailable_reason(transaction: Transaction, now: float) -> str | None:
         return "The images of this transaction have been removed: it has expired."
     if transaction.status == transactions.DECLINED:
         return "You declined this transaction, so its images can no longer be downloaded."
-    if transaction.status == transactions.EXPIRED or transaction.expires_at <= now:
+    if transactions.is_expired(transaction, now):
         return "This transaction has expired: its images can no longer be downloaded."
     return None
 

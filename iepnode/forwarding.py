@@ -37,12 +37,12 @@ from iepnode.security import new_token, token_hash
 from iepnode.transactions import (
     DAY,
     DECLINED,
-    EXPIRED,
     IN,
     MAX_MESSAGE,
     NEW,
     TRANSFER,
     _new_public_id,  # one ID scheme for every transaction
+    is_expired,
     normalize_email,
     normalize_mobile,
 )
@@ -201,7 +201,7 @@ def refusal(transaction: Any, copies: int, *, max_forwards: int, now: float) -> 
         return "Only packages sent to you can be forwarded."
     if t.status == DECLINED:
         return "You declined this package: it cannot be forwarded."
-    if t.status == EXPIRED or t.expires_at <= now or t.purged_at:
+    if is_expired(t, now) or t.purged_at:
         return "This package has expired: it cannot be forwarded."
     if max_forwards <= 0:
         return "Forwarding is turned off."

@@ -51,7 +51,7 @@ from iepnode.query import (
     parse_retrieve_identifier,
 )
 from iepnode.security import load_or_create_secret
-from iepnode.transactions import Contact, NewTransfer
+from iepnode.transactions import Contact, NewTransfer, StudyRow
 from storage import hot_queries, index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
@@ -97,14 +97,6 @@ class LinkLogin:
     #: The recipient has an authenticator app: the page asks for its code first.
     totp: bool = False
     locked: bool = False
-
-
-@dataclass(frozen=True)
-class StudyRow:
-    """A study of a transaction and how many of its images the node holds now."""
-
-    study: TransactionStudy
-    images_received: int
 
 
 @dataclass(frozen=True)
@@ -659,8 +651,7 @@ class Node:
         now = time.time()
         views = []
         for transaction in shown:
-            expired = transaction.status == transactions.EXPIRED or (
-                transaction.expires_at <= now)
+            expired = transactions.is_expired(transaction, now)
             rows = studies[transaction.id]
             views.append(RecipientView(
                 transaction,

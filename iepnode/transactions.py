@@ -37,6 +37,14 @@ MAX_MESSAGE = 4000
 
 
 @dataclass(frozen=True)
+class StudyRow:
+    """A study of a transaction and how many of its images the node holds now."""
+
+    study: TransactionStudy
+    images_received: int
+
+
+@dataclass(frozen=True)
 class Contact:
     """The hospital contact shown with a transaction."""
 
@@ -191,10 +199,14 @@ def by_link_token(token: str, now: float | None = None) -> Transaction:
     """
     now = time.time() if now is None else now
     transaction = Transaction.get_or_none(Transaction.link_token_hash == token_hash(token))
-    if (transaction is None or transaction.status == EXPIRED or transaction.purged_at
-            or transaction.expires_at <= now):
+    if transaction is None or transaction.purged_at or is_expired(transaction, now):
         raise NotFound("this link is not valid (any more)")
     return transaction
+
+
+def is_expired(transaction: Transaction, now: float) -> bool:
+    """Whether a transaction is past its expiry, whether or not housekeeping has marked it."""
+    return transaction.status == EXPIRED or transaction.expires_at <= now
 
 
 def is_open(transaction: Transaction, now: float) -> bool:
