@@ -117,6 +117,16 @@ class Settings:
         Longest wait between two attempts of a send.
     send_max_attempts : int
         Attempts of a send before it is marked failed.
+    upload_pacs_ae : str
+        (uploads, issue 7) A registered send destination (``iepnode ae add ... --send-to``)
+        that released uploads are sent to by C-STORE; empty (default): not sent.
+    upload_auto_release : bool
+        (uploads) Release an upload without staff review when its check raised no flag.
+    upload_issuer : str
+        (uploads) Issuer of Patient ID written into reconciled objects when the request
+        names none.
+    upload_staging_hours : float
+        (uploads) Hours after which the staged files of an upload never sent are deleted.
     """
 
     data_dir: Path = Path("data")
@@ -154,6 +164,12 @@ class Settings:
     send_retry_seconds: float = 10.0
     send_retry_max_seconds: float = 900.0
     send_max_attempts: int = 20
+    # -- uploads: review and release (issue 7, reconcile) --
+    upload_pacs_ae: str = ""
+    upload_auto_release: bool = False
+    upload_issuer: str = ""
+    upload_staging_hours: float = 48.0
+    # -- end uploads (reconcile) --
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -248,6 +264,11 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "passcode_minutes": "passcode_ttl_minutes",
         "timezone": "timezone",
         "max_forwards": "max_forwards",
+        # uploads: review and release (issue 7, reconcile)
+        "upload_pacs_ae": "upload_pacs_ae",
+        "upload_auto_release": "upload_auto_release",
+        "upload_issuer": "upload_issuer",
+        "upload_staging_hours": "upload_staging_hours",
     },
 }
 
@@ -443,6 +464,15 @@ def _validate(s: Settings) -> Settings:
                           f"send_retry_max_seconds ({s.send_retry_max_seconds})")
     if not 1 <= s.send_max_attempts <= 1000:
         raise ConfigError(f"send_max_attempts {s.send_max_attempts}: must be 1-1000")
+    # uploads: review and release (issue 7, reconcile)
+    if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
+        raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "
+                          "printable characters, no backslash) or empty")
+    if _CONTROL.search(s.upload_issuer) or len(s.upload_issuer) > 64:
+        raise ConfigError(f"upload_issuer {s.upload_issuer!r}: at most 64 characters")
+    if not 0 < s.upload_staging_hours <= 24 * 365:
+        raise ConfigError(f"upload_staging_hours {s.upload_staging_hours}: more than 0 and "
+                          "at most a year")
     url = s.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"database_url {url!r}: sqlite:///PATH or postgresql://...")
@@ -450,6 +480,7 @@ def _validate(s: Settings) -> Settings:
     timezone = s.timezone.strip()
     replace(s, timezone=timezone).zone  # noqa: B018 - raises ConfigError for an unknown zone
     return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
+                   upload_pacs_ae=s.upload_pacs_ae.strip(), upload_issuer=s.upload_issuer.strip(),
                    timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
                    **messaging)
 

@@ -27,6 +27,7 @@ from iepnode import (
     routing,
     sending,
     transactions,
+    upload_review,
 )
 from iepnode.admin import AdminService
 from iepnode.audit import Actor
@@ -1165,6 +1166,50 @@ class Node:
     def remove_route(self, rule_id: int, actor: Actor) -> None:
         """Delete an auto-routing rule; see :func:`routing.remove_rule`."""
         routing.remove_rule(rule_id, actor)
+
+
+    # -- uploads on request: review, release, reject (issue 7, reconcile) ----------------
+    # The domain is iepnode.upload_review; the upload page calls intake_upload on Send.
+
+    def intake_upload(self, upload_id: int, actor: Actor | None = None, *,
+                      fresh: bool = False) -> upload_review.Review:
+        """Check a sent upload for staff (audited); release it at once when the settings
+        allow automatic release and nothing is flagged. See :func:`upload_review.intake`.
+        """
+        review = upload_review.intake(upload_id, self.settings.data_dir, actor=actor,
+                                      fresh=fresh)
+        if self.settings.upload_auto_release and not review.flagged and not fresh:
+            upload = upload_review.get_upload(upload_id)
+            if upload.status == upload_review.SENT:
+                self.release_upload(upload_id, audit.Actor("system", "auto-release"))
+        return review
+
+    def release_upload(self, upload_id: int, actor: Actor,
+                       exclude: frozenset[str] = frozenset()) -> upload_review.ReleaseResult:
+        """Reconcile, store and (when configured) send a sent upload to the PACS."""
+        return upload_review.release(
+            upload_id, data_dir=self.settings.data_dir, ingester=self.ingester, actor=actor,
+            exclude=exclude, modifying_system=self.settings.ae_title,
+            default_issuer=self.settings.upload_issuer, pacs_ae=self.settings.upload_pacs_ae)
+
+    def reject_upload(self, upload_id: int, actor: Actor, reason: str = "") -> None:
+        """Refuse a sent upload; its staged files are deleted."""
+        upload_review.reject(upload_id, data_dir=self.settings.data_dir, actor=actor,
+                             reason=reason)
+
+    def uploads(self) -> list[upload_review.UploadRow]:
+        """Uploads for the staff list, those waiting first."""
+        return upload_review.list_uploads()
+
+    def upload_detail(self, upload_id: int) -> upload_review.UploadDetail:
+        """One upload for the staff review page."""
+        return upload_review.detail(upload_id)
+
+    def purge_abandoned_uploads(self) -> int:
+        """Delete staging of uploads never sent (housekeeping); return folders removed."""
+        return upload_review.purge_abandoned(self.settings.data_dir,
+                                             self.settings.upload_staging_hours * 3600)
+    # -- end uploads (reconcile) ----------------------------------------------------------
 
 
 def _contact(transaction: Transaction) -> Contact:
