@@ -12,7 +12,15 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, download, forward, middlewares, proxies, recipient
+from web import (
+    admin,
+    download,
+    forward,
+    middlewares,
+    proxies,
+    recipient,
+    uploads_admin,  # staff review of patient uploads (issue 7)
+)
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -60,4 +68,5 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     download.setup_routes(app)
     forward.setup_routes(app)
     admin.setup_routes(app)
+    uploads_admin.setup_routes(app)  # issue 7: /admin/uploads
     return app

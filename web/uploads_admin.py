@@ -1,0 +1,121 @@
+"""Staff review of patient uploads under /admin/uploads (issue 7).
+
+Routes (every POST carries the CSRF token, checked in :mod:`web.middlewares`)::
+
+    GET  /admin/uploads                     uploads, those waiting for review first
+    GET  /admin/uploads/{upload_id}         request, message, files, verdicts, flags,
+                                            original patients and studies found
+    POST /admin/uploads/{upload_id}/recheck inspect every file again
+    POST /admin/uploads/{upload_id}/release reconcile and store (``exclude`` = patient keys
+                                            left out), then send to the PACS if configured
+    POST /admin/uploads/{upload_id}/reject  delete the staged files, store nothing
+
+Everything taken from the uploaded files (names, patient values, file names) is
+rendered by autoescaped templates: never marked safe. Handlers are thin: the work is
+:mod:`iepnode.upload_review` through the :class:`iepnode.node.Node` façade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from aiohttp import web
+
+from iepnode.audit import Actor
+from iepnode.errors import InvalidRequest, NotFound
+from web.admin import Staff, _render, _text, staff_view
+from web.common import node_of, see_other
+
+_NOTICES = {
+    "released": "The upload is released: its images are reconciled and stored.",
+    "rejected": "The upload is rejected: its files are deleted.",
+    "rechecked": "Every file was inspected again.",
+}
+
+
+def _upload_id(request: web.Request) -> int:
+    text = request.match_info["upload_id"]
+    if not text.isdigit() or len(text) > 12:
+        raise web.HTTPNotFound()
+    return int(text)
+
+
+def _actor(staff: Staff) -> Actor:
+    return Actor("staff", staff.user.username, staff.ip)
+
+
+@staff_view()
+async def uploads(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/uploads``: every upload, those waiting for review first."""
+    rows = await asyncio.to_thread(node_of(request).uploads)
+    return _render(request, staff, "uploads.html", {"rows": rows}, section="uploads")
+
+
+async def _page(request: web.Request, staff: Staff, upload_id: int, *, error: str = "",
+                status: int = 200) -> web.Response:
+    try:
+        detail = await asyncio.to_thread(node_of(request).upload_detail, upload_id)
+    except NotFound:
+        raise web.HTTPNotFound() from None
+    notice = _NOTICES.get(request.query.get("did", ""), "")
+    return _render(request, staff, "upload.html", {
+        "d": detail, "review": detail.review, "error": error, "did": notice,
+        "pacs_ae": node_of(request).settings.upload_pacs_ae,
+    }, section="uploads", status=status)
+
+
+@staff_view()
+async def upload(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/uploads/{upload_id}``: the review page."""
+    return await _page(request, staff, _upload_id(request))
+
+
+async def _act(request: web.Request, staff: Staff, work: functools.partial,
+               did: str) -> web.StreamResponse:
+    upload_id = _upload_id(request)
+    try:
+        await asyncio.to_thread(work)
+    except NotFound:
+        raise web.HTTPNotFound() from None
+    except InvalidRequest as exc:
+        return await _page(request, staff, upload_id, error=str(exc), status=409)
+    return see_other(f"/admin/uploads/{upload_id}?did={did}")
+
+
+@staff_view()
+async def recheck(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/uploads/{upload_id}/recheck``: inspect the files again."""
+    await request.post()
+    work = functools.partial(node_of(request).intake_upload, _upload_id(request),
+                             _actor(staff), fresh=True)
+    return await _act(request, staff, work, "rechecked")
+
+
+@staff_view()
+async def release(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/uploads/{upload_id}/release``: reconcile and store."""
+    form = await request.post()
+    exclude = frozenset(v for v in form.getall("exclude", []) if isinstance(v, str))
+    work = functools.partial(node_of(request).release_upload, _upload_id(request),
+                             _actor(staff), exclude)
+    return await _act(request, staff, work, "released")
+
+
+@staff_view()
+async def reject(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/uploads/{upload_id}/reject``: delete the staged files."""
+    form = await request.post()
+    work = functools.partial(node_of(request).reject_upload, _upload_id(request),
+                             _actor(staff), _text(form, "reason", 1000))
+    return await _act(request, staff, work, "rejected")
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register the /admin/uploads routes."""
+    router = app.router
+    router.add_get("/admin/uploads", uploads)
+    router.add_get("/admin/uploads/{upload_id}", upload)
+    router.add_post("/admin/uploads/{upload_id}/recheck", recheck)
+    router.add_post("/admin/uploads/{upload_id}/release", release)
+    router.add_post("/admin/uploads/{upload_id}/reject", reject)
