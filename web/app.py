@@ -13,6 +13,7 @@ from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
 from web import admin, download, forward, middlewares, proxies, recipient
+from web import upload as upload_views  # issue 7
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -60,4 +61,5 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     download.setup_routes(app)
     forward.setup_routes(app)
     admin.setup_routes(app)
+    upload_views.setup_routes(app)  # issue 7: uploads on request
     return app
