@@ -45,14 +45,10 @@ def inspect(path: Path, display_name: str, relpath: str) -> Inspection:
     if _intake is None:
         return Inspection()
     result = _intake.inspect_staged_file(path, display_name, relpath)
-    detail = _field(result, "detail", None)
-    if detail is None:
-        patients = _field(result, "patients", ())
-        detail = json.dumps({"patients": [p if isinstance(p, dict) else
-                                          getattr(p, "__dict__", str(p)) for p in patients]},
-                            default=str)
-    elif not isinstance(detail, str):
-        detail = json.dumps(detail, default=str)
+    if hasattr(result, "to_dict"):
+        detail = json.dumps(result.to_dict(), default=str)
+    else:
+        detail = json.dumps(_field(result, "detail", {}), default=str)
     return Inspection(str(_field(result, "verdict", _field(result, "kind", ""))),
                       str(_field(result, "reason", "")), int(_field(result, "objects", 0)),
                       detail)
@@ -60,7 +56,7 @@ def inspect(path: Path, display_name: str, relpath: str) -> Inspection:
 
 def intake(upload_id: int) -> None:
     """Check a sent upload as a whole and put it before staff (see module docstring)."""
-    if _intake is None:
+    if _intake is None or not hasattr(_intake, "intake"):
         return
     from storage.models import Upload
 

@@ -242,3 +242,59 @@ async def test_other_recipients_and_closed_requests(browser: Browser, node: Node
     assert (await browser.get(f"/transactions/{mine.public_id}/upload")).status == 410
     Transaction.update(status="NEW", expires_at=1.0).where(Transaction.id == mine.id).execute()
     await announce(browser, mine.public_id, csrf, "b.dcm", 4, status=410)
+
+
+# -- staff: the request form and the CLI ------------------------------------------------------
+
+
+async def test_admin_request_form(aiohttp_client: Any, node: Node) -> None:
+    from tests import test_admin_web as adm
+
+    staff = adm.Browser(await aiohttp_client(create_app(node.settings, node),
+                                             cookie_jar=aiohttp.DummyCookieJar()))
+    node.admin.failure_delay = 0.0
+    _, secret = adm.make_user("nicky", display_name="Ms Nicky Humphries",
+                              email="ni-hum@hospital.example", phone="+441473350314")
+    assert (await adm.log_in(staff, "nicky", secret)).status == 303
+    home = await staff.page("/admin")
+    assert 'href="/admin/requests/new"' in home
+    form = await staff.page("/admin/requests/new")
+    assert 'action="/admin/requests"' in form
+    values = {"recipient_email": "pat@example.org", "channel": "email",
+              "otp_email": "other@example.org", "family_name": "<b>Aston</b>",
+              "given_name": "Stephen", "birth_date": "16/10/1970", "sex": "M",
+              "patient_id": "NT123", "issuer": "NTH", "reason": "CD from elsewhere",
+              "priority": "NORMAL", "expiry_days": "7"}
+    bad = await staff.form("/admin/requests", {**values, "birth_date": "32/13/1970"})
+    page = await bad.text()
+    assert bad.status == 400 and "date of birth" in page and "&lt;b&gt;Aston" in page
+    assert (await staff.post("/admin/requests", data=values)).status == 403  # no CSRF token
+    created = await staff.form("/admin/requests", values)
+    assert created.status == 303, await created.text()
+    public_id = created.headers["Location"].split("/")[-1].split("?")[0]
+    request = Transaction.get(Transaction.public_id == public_id)
+    assert (request.kind, request.patient_id, request.patient_id_issuer) == ("REQUEST", "NT123",
+                                                                            "NTH")
+    assert request.contact_name == "Ms Nicky Humphries" and request.request_reason
+    assert "<b>Aston</b>" not in await staff.page(f"/admin/transactions/{public_id}")
+    mail = read_eml(outbox(node)[-1])
+    assert str(mail["To"]) == "pat@example.org" and "/t/" in mail.get_content()
+
+
+def test_cli_request_create(tmp_path: Path) -> None:
+    from tests.support.node import run_cli
+
+    data = tmp_path / "data"
+    out = run_cli(data, "request", "create", "--to", "pat@example.org", "--otp-mobile",
+                  "+447700900123", "--last-name", "Ünïcødé", "--first-name", "Zoë",
+                  "--birth-date", "01/02/1990", "--sex", "F", "--patient-id", "P9",
+                  "--reason", "Images from abroad").stdout.strip()
+    assert re.fullmatch(r"IEP\d{8}", out)
+    Node(make_settings(tmp_path))
+    request = Transaction.get(Transaction.public_id == out)
+    assert request.patient_name == "Ünïcødé^Zoë" and request.patient_birth_date == "19900201"
+    assert len(list((data / "outbox").glob("*.eml"))) == 1
+    failed = run_cli(data, "request", "create", "--to", "pat@example.org", "--otp-mobile",
+                     "+447700900123", "--last-name", "X", "--birth-date", "2/30/1990",
+                     check=False)
+    assert failed.returncode == 1 and "date of birth" in failed.stderr

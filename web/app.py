@@ -12,8 +12,8 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, download, forward, middlewares, proxies, recipient
-from web import upload as upload_views  # issue 7
+from web import admin, admin_requests, download, forward, middlewares, proxies, recipient
+from web import upload as upload_views
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -62,4 +62,5 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     forward.setup_routes(app)
     admin.setup_routes(app)
     upload_views.setup_routes(app)  # issue 7: uploads on request
+    admin_requests.setup_routes(app)  # issue 7: staff create requests
     return app
