@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import aiohttp_jinja2
 from aiohttp import web
 
@@ -80,6 +81,15 @@ def _file_id(request: web.Request) -> int:
     if not text.isdigit() or len(text) > 12:
         raise NotFound("no such file")
     return int(text)
+
+
+def _salvage(content: aiohttp.StreamReader) -> bytes:
+    """The bytes a stream still buffers after its connection was lost (private API)."""
+    read = getattr(content, "_read_nowait", None)
+    try:
+        return read(-1) if read is not None else b""
+    except Exception:  # best effort: without them the client sends them again
+        return b""
 
 
 def _file_json(file: UploadFile) -> dict[str, Any]:
@@ -179,21 +189,34 @@ async def patch_file(request: web.Request) -> web.Response:
     uploads = node_of(request).uploads
     chunk = await asyncio.to_thread(uploads.open_chunk, session.recipient_id,
                                     public_id_of(request), _file_id(request), offset)
+    block = bytearray()
+    lost = False
     try:
         length = request.content_length
         if length is not None and offset + length > chunk.size:
             raise TooLarge(f"more bytes than the {chunk.size} announced for this file")
-        block = bytearray()
-        async for data in request.content.iter_any():
-            block += data
-            if len(block) >= WRITE_BLOCK:
-                full, block = block, bytearray()
-                await asyncio.to_thread(chunk.write, full)
-        if block:
-            await asyncio.to_thread(chunk.write, block)
+        try:
+            async for data in request.content.iter_any():
+                block += data
+                if len(block) >= WRITE_BLOCK:
+                    full, block = block, bytearray()
+                    await asyncio.to_thread(chunk.write, full)
+        except (ConnectionError, aiohttp.ClientPayloadError):
+            # The connection dropped mid-chunk. aiohttp refuses to hand out bytes it
+            # buffered once the connection is lost; they arrived in order and are the
+            # file's next bytes, so keep them: the client resumes after them.
+            block += _salvage(request.content)
+            lost = True
     finally:
         # Whatever arrived is kept, also when the connection dropped mid-chunk.
-        file = await asyncio.to_thread(uploads.close_chunk, chunk)
+        try:
+            if block:
+                full, block = block, bytearray()
+                await asyncio.to_thread(chunk.write, full)
+        finally:
+            file = await asyncio.to_thread(uploads.close_chunk, chunk)
+    if lost:  # nobody is listening any more
+        return web.Response(status=400, text="connection lost")
     return web.json_response(_file_json(file), headers={"Upload-Offset": str(chunk.position)})
 
 
