@@ -145,14 +145,16 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
         monkeypatch.setenv(f"IEPNODE_{name}", value)
     data_dir = tmp_path / "node"
     slices = [p.read_bytes() for p in factory.make_ct_series(
-        tmp_path / "ct", 5, PatientName="Test^Patient", PatientID="CD123",
+        tmp_path / "ct", 6, PatientName="Test^Patient", PatientID="CD123",
         PatientBirthDate="20010101", PatientSex="F")]
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("CD/DICOM/ST000/IM0001", slices[3])
         archive.writestr("CD/DICOM/ST000/IM0002", slices[4])
-    big = tmp_path / "big scan.dcm"
-    big.write_bytes(slices[2] + bytes(40 << 20))  # 40 MB: three chunks of 16 MB
+    # 40 MB (4480 x 4480 x 16 bit): three chunks of 16 MiB.
+    big = factory.make_ct_series(tmp_path / "big", 1, rows=4480, columns=4480,
+                                 PatientName="Test^Patient", PatientID="CD123")[0]
+    big = big.rename(tmp_path / "big scan.dcm")
     resumed = bytes(range(256)) * 1200
 
     def request(reason: str) -> str:
@@ -197,7 +199,7 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
                     .observe(document.getElementById('overall-progress'),
                              {attributes: true}); }""")
                 drop(page, [("IM0001.dcm", slices[0]), (XSS_NAME, slices[1]),
-                            ("cd.zip", zipped.getvalue()), (UNICODE_NAME, slices[1][:-1])])
+                            ("cd.zip", zipped.getvalue()), (UNICODE_NAME, slices[5])])
                 page.set_input_files("#file-input", str(big))
                 wait_all_done(page, 6)
                 seen = page.evaluate("window.seen")
@@ -207,7 +209,13 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
                 expect(page.locator("#file-rows")).to_contain_text(XSS_NAME)
                 expect(page.locator("#file-rows")).to_contain_text(UNICODE_NAME)
                 assert page.locator("#file-rows img").count() == 0
-                expect(page.locator(".file-ok")).to_have_count(6)
+                # The inspection's verdicts: the resumed file (not DICOM) is skipped.
+                expect(page.locator(".file-ok")).to_have_count(5)
+                skipped = page.locator('#file-rows tr[data-state="skipped"]')
+                expect(skipped).to_contain_text("resume me.dcm")
+                expect(skipped).to_contain_text("skipped: ")
+                expect(page.locator("#file-rows tr", has_text="cd.zip")).to_contain_text(
+                    "2 DICOM objects")
 
                 # Send is refused in the page until the patient is filled in.
                 page.get_by_role("button", name="Send Images").click()
@@ -236,7 +244,7 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
                 notice = wait_for_mail(inbox, "ni-hum@hospital.example", 1)
                 assert first in notice.get_content()
                 kept = staged(data_dir)
-                for content in (slices[0], slices[1], zipped.getvalue(), slices[1][:-1],
+                for content in (slices[0], slices[1], zipped.getvalue(), slices[5],
                                 big.read_bytes(), resumed):
                     assert hashlib.sha256(content).hexdigest() in kept
                 assert len(kept) == 6 and node.object_files() == []

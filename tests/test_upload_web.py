@@ -20,6 +20,7 @@ from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest
 from iepnode.node import Node
 from storage.models import AuditEvent, Transaction, Upload, UploadFile
+from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.test_recipient_web import field, log_in, make_settings, outbox, read_eml
 from web.app import create_app
@@ -125,10 +126,12 @@ async def test_request_email_dashboard_row_and_page(browser: Browser, node: Node
 # -- the protocol ---------------------------------------------------------------------------
 
 
-async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Node) -> None:
+async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Node,
+                                                   tmp_path: Path) -> None:
     request, csrf = await signed_in(browser, node)
     base = f"/transactions/{request.public_id}/upload"
-    data = bytes(range(256)) * 4000  # 1 MB
+    data = factory.make_ct_series(tmp_path / "ct", 1, rows=512, columns=512,
+                                  PatientName="Test^Patient")[0].read_bytes()  # 0.5 MB
     body = await announce(browser, request.public_id, csrf, "IM0001.dcm", len(data), "CD/DICOM")
     url = body["url"]
     assert body["offset"] == 0 and not body["complete"] and body["relpath"] == "CD/DICOM"
@@ -153,7 +156,11 @@ async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Node)
     await patch(browser, url, csrf, 300_000, data[300_000:] + b"x", status=413)
     done = await patch(browser, url, csrf, 300_000, data[300_000:])
     assert done["complete"] and done["offset"] == len(data)
-    [path] = staged(node)
+    assert (done["verdict"], done["objects"]) == ("dicom", 1)  # the inspection's verdict
+    text = await announce(browser, request.public_id, csrf, "notes.dcm", 5)
+    skipped = await patch(browser, text["url"], csrf, 0, b"hello")
+    assert skipped["verdict"] == "skipped" and skipped["reason"]
+    path = next(p for p in staged(node) if p.stat().st_size == len(data))
     assert path.read_bytes() == data
     # The staged name is the server's, not the user's.
     assert "IM0001" not in str(path) and "CD" not in path.relative_to(

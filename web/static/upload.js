@@ -66,8 +66,15 @@
     if (entry.state === "done") {
       entry.mark.textContent = "\u2713";
       entry.mark.className = "file-mark file-ok";
-      entry.statusText.textContent = entry.objects ? entry.objects + " DICOM object" +
-        (entry.objects === 1 ? "" : "s") : "uploaded";
+      var kind = entry.verdict || "";
+      if (kind === "dicomdir") {
+        entry.statusText.textContent = "DICOMDIR (index of the other files)";
+      } else if (kind === "pdf" || kind === "jpeg" || kind === "png") {
+        entry.statusText.textContent = kind.toUpperCase() + " document";
+      } else {
+        entry.statusText.textContent = entry.objects ? entry.objects + " DICOM object" +
+          (entry.objects === 1 ? "" : "s") : "uploaded";
+      }
     } else if (entry.state === "skipped") {
       entry.mark.textContent = "\u2013";
       entry.mark.className = "file-mark file-skipped";
