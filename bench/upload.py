@@ -71,8 +71,8 @@ def make_zip(study_dir: Path, out: Path) -> int:
 
 
 async def upload(base: str, public_id: str, cookie: str, csrf: str, path: Path,
-                 chunk: int) -> float:
-    """Upload ``path`` with the page's protocol; return the seconds it took."""
+                 chunk: int) -> tuple[float, dict]:
+    """Upload ``path`` with the page's protocol; return the seconds and the file's state."""
     headers = {"Cookie": f"{SESSION_COOKIE}={cookie}"}
     size = path.stat().st_size
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
@@ -98,7 +98,7 @@ async def upload(base: str, public_id: str, cookie: str, csrf: str, path: Path,
                 offset = body["offset"]
         if not body["complete"]:
             raise RuntimeError(f"upload not complete: {body}")
-        return time.perf_counter() - start
+        return time.perf_counter() - start, body
 
 
 def main() -> int:
@@ -136,7 +136,7 @@ def main() -> int:
             asyncio.run(upload(base, public_id, cookie, csrf, warm, chunk))  # warm-up
             sampler.reset()
             baseline = sampler.peak
-            seconds = asyncio.run(upload(base, public_id, cookie, csrf, zip_path, chunk))
+            seconds, state = asyncio.run(upload(base, public_id, cookie, csrf, zip_path, chunk))
             sampler.sample()
             peak, cpu = sampler.peak, sampler.cpu
         staged = sorted((data / "staging").rglob("*"), key=lambda p: p.stat().st_size)
@@ -146,7 +146,8 @@ def main() -> int:
         growth = (peak - baseline) / (1 << 20)
         verdict = "PASS" if rate >= 100 and growth <= 64 else "FAIL"
         print(f"upload of a {args.slices}-slice CT zip ({size / 1e6:.0f} MB, "
-              f"{args.chunk_mb} MiB chunks): {seconds:.2f} s, {rate:.0f} MB/s | node RSS "
+              f"{args.chunk_mb} MiB chunks, verdict {state['verdict'] or 'none'} with "
+              f"{state['objects']} objects): {seconds:.2f} s, {rate:.0f} MB/s | node RSS "
               f"{baseline / (1 << 20):.0f} MiB before, peak {peak / (1 << 20):.0f} MiB "
               f"(+{growth:.0f} MiB) | node CPU {cpu:.1f} s | "
               f"target >= 100 MB/s, flat memory: {verdict}")
