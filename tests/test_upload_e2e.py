@@ -7,7 +7,8 @@ non-ASCII name among them) and a zip of a CD folder on the drop zone, picks a la
 file with the file dialog (progress must move through intermediate values), fills
 in the patient, says No and then Yes to the confirmation, and the confirmation email
 arrives. Before that, an upload is cut mid-chunk on a raw socket and resumed from the
-server's offset. A second request is answered and cancelled: nothing stays staged,
+server's offset. A folder is picked for a second request, then cancelled: nothing stays
+staged,
 nothing reaches the store.
 """
 
@@ -58,11 +59,11 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
         controller.stop()
 
 
-def staged(data_dir: Path) -> dict[str, bytes]:
-    """Staged files by SHA-256 of their content -> content."""
+def staged(data_dir: Path) -> dict[str, str]:
+    """Staged files: path -> SHA-256 of the content."""
     root = data_dir / "staging"
     files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-    return {hashlib.sha256(p.read_bytes()).hexdigest(): p.read_bytes() for p in files}
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 class RawClient:
@@ -246,7 +247,7 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
                 kept = staged(data_dir)
                 for content in (slices[0], slices[1], zipped.getvalue(), slices[5],
                                 big.read_bytes(), resumed):
-                    assert hashlib.sha256(content).hexdigest() in kept
+                    assert hashlib.sha256(content).hexdigest() in kept.values()
                 assert len(kept) == 6 and node.object_files() == []
 
                 _cancelled(page, request("A second CD"), slices, data_dir, node)
@@ -277,19 +278,25 @@ def _cut_and_resume(raw: RawClient, public_id: str, content: bytes, data_dir: Pa
     offset = raw.offset(url)
     assert raw.patch(url, offset, content[offset:]) == 200
     assert raw.offset(url) == len(content)
-    assert hashlib.sha256(content).hexdigest() in staged(data_dir)
+    assert hashlib.sha256(content).hexdigest() in staged(data_dir).values()
 
 
 def _cancelled(page: Page, public_id: str, slices: list[bytes], data_dir: Path,
                node: RunningNode) -> None:
-    """Files of a second request are dropped and cancelled: nothing stays."""
+    """A folder and a file for a second request, then Cancel: nothing stays."""
     before = set(staged(data_dir))
     _dashboard_row(page, public_id)
     page.get_by_role("link", name="Open").first.click()
     page.wait_for_url(f"**/transactions/{public_id}/upload")
-    drop(page, [("a.dcm", slices[0] + b"a"), ("b.dcm", slices[1] + b"b")])
-    wait_all_done(page, 2)
-    assert len(staged(data_dir)) == len(before) + 2
+    folder = data_dir.parent / "picked" / "MYCD"
+    (folder / "DICOM" / "ST0").mkdir(parents=True)
+    (folder / "DICOM" / "ST0" / "IM1").write_bytes(slices[4])
+    (folder / "DICOM" / "ST0" / "IM2").write_bytes(slices[5])
+    page.set_input_files("#folder-input", str(folder))  # a whole folder (webkitdirectory)
+    drop(page, [("a.dcm", slices[0] + b"a")])
+    wait_all_done(page, 3)
+    expect(page.locator("#file-rows tr", has_text="IM2")).to_contain_text("MYCD/DICOM/ST0")
+    assert len(staged(data_dir)) == len(before) + 3
     page.get_by_role("button", name="Cancel").click()
     page.wait_for_load_state()
     expect(page.locator("#no-files")).to_be_visible()

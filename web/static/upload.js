@@ -218,12 +218,15 @@
     var entry = entries.find(function (e) { return e.id === body.id; });
     if (!entry) {
       entry = { id: body.id, name: body.name, relpath: body.relpath, size: body.size,
-                offset: 0, state: "queued", url: body.url };
+                offset: 0, state: "new", url: body.url };
       entries.push(entry);
       makeRow(entry);
     }
     entry.url = body.url;
     entry.file = file;
+    if (entry.state === "queued" || entry.state === "uploading" || entry.state === "retrying") {
+      return;  // the same file dropped twice: it is on its way already
+    }
     if (body.complete) {
       settle(entry, body);
     } else {
