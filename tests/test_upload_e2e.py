@@ -218,6 +218,7 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
                 expect(page.locator("#file-rows tr", has_text="cd.zip")).to_contain_text(
                     "2 DICOM objects")
 
+                page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
                 # Send is refused in the page until the patient is filled in.
                 page.get_by_role("button", name="Send Images").click()
                 expect(page.locator("#upload-error")).to_contain_text("last name")

@@ -19,7 +19,11 @@
   var queue = [];
   var running = 0;
 
-  function mb(bytes) { return (bytes / 1048576).toFixed(2) + " MB"; }
+  function mb(bytes) {
+    if (bytes < 10240) { return bytes + " bytes"; }
+    if (bytes < 1048576) { return (bytes / 1024).toFixed(0) + " KB"; }
+    return (bytes / 1048576).toFixed(2) + " MB";
+  }
 
   function showError(text) {
     errorBox.textContent = text;
