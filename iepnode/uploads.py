@@ -352,24 +352,42 @@ class UploadService:
         return chunk
 
     def close_chunk(self, chunk: ChunkWriter) -> UploadFile:
-        """Close a chunk (whatever arrived of it is kept); finish the file when complete."""
+        """Close a chunk (whatever arrived of it is kept); finish the file when complete.
+
+        Raises
+        ------
+        NotFound
+            The file was removed (or the upload cancelled) while the chunk arrived.
+        """
         complete = chunk.close()
         if complete:
             return self.finish(chunk.file_id)
         UploadFile.update(received=chunk.position).where(
             UploadFile.id == chunk.file_id).execute()
-        return UploadFile.get_by_id(chunk.file_id)
+        file = UploadFile.get_or_none(UploadFile.id == chunk.file_id)
+        if file is None:
+            raise NotFound("the file was removed")
+        return file
 
     def finish(self, file_id: int) -> UploadFile:
-        """Mark a fully received file complete and inspect it (verdict for the page)."""
-        file = UploadFile.get_by_id(file_id)
+        """Mark a fully received file complete and inspect it (verdict for the page).
+
+        Raises
+        ------
+        NotFound
+            The file was removed (or the upload cancelled) meanwhile.
+        """
+        file = UploadFile.get_or_none(UploadFile.id == file_id)
+        if file is None or not self.path(file.upload, file).exists():
+            raise NotFound("the file was removed")
         upload = file.upload
         found = upload_hooks.inspect(self.path(upload, file), file.display_name, file.relpath)
         file.received = file.size
         file.completed_at = time.time()
         file.verdict, file.reason = found.verdict, found.reason[:2000]
         file.objects, file.detail = found.objects, found.detail
-        file.save()
+        if not file.save():  # removed while it was inspected
+            raise NotFound("the file was removed")
         return file
 
     def remove_file(self, recipient_id: int, public_id: str, file_id: int) -> None:

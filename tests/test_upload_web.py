@@ -305,3 +305,21 @@ def test_cli_request_create(tmp_path: Path) -> None:
                      "+447700900123", "--last-name", "X", "--birth-date", "2/30/1990",
                      check=False)
     assert failed.returncode == 1 and "date of birth" in failed.stderr
+
+
+def test_file_removed_while_its_chunk_arrives(node: Node) -> None:
+    from iepnode.errors import NotFound
+    from iepnode.uploads import FileBusy
+
+    request, _ = make_request()
+    recipient = request.recipient_id
+    file = node.uploads.add_file(recipient, request.public_id, "a.dcm", "", 10)
+    chunk = node.uploads.open_chunk(recipient, request.public_id, file.id, 0)
+    with pytest.raises(FileBusy):  # one writer per file, whatever the process
+        node.uploads.open_chunk(recipient, request.public_id, file.id, 0)
+    chunk.write(b"01234")
+    node.uploads.remove_file(recipient, request.public_id, file.id)
+    chunk.write(b"56789")
+    with pytest.raises(NotFound):
+        node.uploads.close_chunk(chunk)
+    assert staged(node) == [] and UploadFile.select().count() == 0
