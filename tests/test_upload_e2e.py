@@ -9,8 +9,7 @@ in the patient, says No and then Yes to the confirmation, and the confirmation e
 arrives; the big file's second chunk is cut (the page resumes from the server's
 offset). Before that, an upload is cut mid-chunk on a raw socket and resumed from the
 server's offset. A folder is picked for a second request, then cancelled: nothing stays
-staged,
-nothing reaches the store.
+staged, nothing reaches the store.
 """
 
 from __future__ import annotations
