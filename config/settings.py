@@ -127,6 +127,9 @@ class Settings:
         names none.
     upload_staging_hours : float
         (uploads) Hours after which the staged files of an upload never sent are deleted.
+    upload_max_file_mb, upload_max_total_mb : int
+        Largest single file, and largest whole upload, a recipient may upload in answer
+        to a request (MiB).
     """
 
     data_dir: Path = Path("data")
@@ -170,6 +173,9 @@ class Settings:
     upload_issuer: str = ""
     upload_staging_hours: float = 48.0
     # -- end uploads (reconcile) --
+    # -- uploads on request (issue 7)
+    upload_max_file_mb: int = 4096
+    upload_max_total_mb: int = 16384
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -186,6 +192,11 @@ class Settings:
     def tmp_dir(self) -> Path:
         """Staging area on the same file system as the store (atomic renames)."""
         return self.data_dir / "tmp"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Uploads on request: one folder per upload, named by its random key."""
+        return self.data_dir / "staging"
 
     @property
     def log_dir(self) -> Path:
@@ -269,6 +280,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "upload_auto_release": "upload_auto_release",
         "upload_issuer": "upload_issuer",
         "upload_staging_hours": "upload_staging_hours",
+        "upload_max_file_mb": "upload_max_file_mb",
+        "upload_max_total_mb": "upload_max_total_mb",
     },
 }
 
@@ -420,7 +433,9 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
     if not institution or _CONTROL.search(institution) or len(institution) > 200:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
-                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100)):
+                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100),
+                            ("upload_max_file_mb", 1, 1 << 20),
+                            ("upload_max_total_mb", 1, 1 << 22)):
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} {value}: must be {low}-{high}")

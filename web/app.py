@@ -14,6 +14,7 @@ from iepnode import __version__
 from iepnode.node import Node
 from web import (
     admin,
+    admin_requests,
     download,
     forward,
     middlewares,
@@ -21,6 +22,7 @@ from web import (
     recipient,
     uploads_admin,  # staff review of patient uploads (issue 7)
 )
+from web import upload as upload_views
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -69,4 +71,6 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     forward.setup_routes(app)
     admin.setup_routes(app)
     uploads_admin.setup_routes(app)  # issue 7: /admin/uploads
+    upload_views.setup_routes(app)  # issue 7: uploads on request
+    admin_requests.setup_routes(app)  # issue 7: staff create requests
     return app

@@ -48,7 +48,7 @@ def _actor(staff: Staff) -> Actor:
 @staff_view()
 async def uploads(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/uploads``: every upload, those waiting for review first."""
-    rows = await asyncio.to_thread(node_of(request).uploads)
+    rows = await asyncio.to_thread(node_of(request).upload_rows)
     return _render(request, staff, "uploads.html", {"rows": rows}, section="uploads")
 
 
