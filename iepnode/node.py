@@ -1287,6 +1287,18 @@ class Node:
         """One upload for the staff review page."""
         return upload_review.detail(upload_id)
 
+    def upload_pacs_problem(self) -> str:
+        """Why released uploads cannot reach ``[portal] upload_pacs_ae`` ('' when fine)."""
+        title = self.settings.upload_pacs_ae
+        if not title:
+            return ""
+        ae = registry.get_remote_ae(title)
+        if ae is None or not ae.send_to:
+            return (f"[portal] upload_pacs_ae is {title}, which is not a registered send "
+                    f"destination: released uploads will not be sent to the PACS. Register "
+                    f"it with `iepnode ae add {title} HOST PORT --send-to`.")
+        return ""
+
     def purge_abandoned_uploads(self) -> int:
         """Delete staging of uploads never sent (housekeeping); return folders removed."""
         return upload_review.purge_abandoned(self.settings.data_dir,

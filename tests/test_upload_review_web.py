@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from iepnode.node import Node
+from storage import registry
 from storage.models import AuditEvent, Instance, Upload
 from tests.data_factory import make_ct_series
 from tests.test_admin_web import (  # noqa: F401 - fixtures
@@ -24,6 +25,7 @@ from tests.test_admin_web import (  # noqa: F401 - fixtures
 )
 from tests.test_upload_release import make_request, stage, zipped
 
+OWN_SCRIPT = '<script src="/static/upload_review.js" defer></script>'
 XSS = '<script>alert("pwn")</script>^<img src=x onerror=alert(1)>'
 
 
@@ -46,7 +48,8 @@ async def test_review_page_escapes_values_from_files(admin: Browser, node: Node,
     listing = await admin.page("/admin/uploads")
     assert f'href="/admin/uploads/{upload.id}"' in listing and "2 flags" in listing
     page = await admin.page(f"/admin/uploads/{upload.id}")
-    body = without_own_scripts(page)
+    body = without_own_scripts(page).replace(OWN_SCRIPT, "")
+    assert OWN_SCRIPT in page
     assert "<script" not in body and "<img" not in body and "<svg" not in body
     assert "<iframe" not in body and "<b>2</b>" not in body
     assert html.escape("<script>alert(3)</script>") in page  # the message, as text
@@ -93,3 +96,16 @@ async def test_staff_login_required(browser: Browser, node: Node,  # noqa: F811
     upload = sent_upload(node, tmp_path)
     response = await browser.get(f"/admin/uploads/{upload.id}")
     assert response.status == 303 and "/admin/login" in response.headers["Location"]
+
+
+async def test_unknown_pacs_destination_is_pointed_out(admin: Browser, node: Node,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    node.settings = replace(node.settings, upload_pacs_ae="PACS")
+    upload = sent_upload(node, tmp_path)
+    page = await admin.page(f"/admin/uploads/{upload.id}")
+    assert "not a registered send destination" in page
+    registry.add_remote_ae("PACS", "127.0.0.1", 104, set(), send_to=True)
+    assert "not a registered send destination" not in await admin.page(
+        f"/admin/uploads/{upload.id}")

@@ -62,6 +62,7 @@ async def _page(request: web.Request, staff: Staff, upload_id: int, *, error: st
     return _render(request, staff, "upload.html", {
         "d": detail, "review": detail.review, "error": error, "did": notice,
         "pacs_ae": node_of(request).settings.upload_pacs_ae,
+        "pacs_problem": await asyncio.to_thread(node_of(request).upload_pacs_problem),
     }, section="uploads", status=status)
 
 
