@@ -227,7 +227,10 @@ def test_dicomdir_file(tmp_path: Path) -> None:
     for p in series:
         fs.add(p)
     out = tmp_path / "cd"
-    fs.write(out)
+    try:
+        fs.write(out)
+    finally:
+        fs._stage["t"].cleanup()  # pydicom leaves its staging folder to the GC (see test_fileset)
     verdict = inspect_staged_file(staged(tmp_path, (out / "DICOMDIR").read_bytes()), "DICOMDIR")
     assert verdict.kind == DICOMDIR
     assert verdict.reason == "directory of 2 files"
