@@ -52,6 +52,7 @@ from iepnode.query import (
 )
 from iepnode.security import load_or_create_secret
 from iepnode.transactions import Contact, NewTransfer, StudyRow
+from iepnode.viewing import ViewingService
 from storage import hot_queries, index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
@@ -1147,6 +1148,15 @@ class Node:
         return sending.queue_job(uids, ae_title, audit.Actor("recipient", recipient.email,
                                                              source_ip),
                                  transaction=public_id)
+
+    # -- web viewer (issue 4) --------------------------------------------------------------
+
+    @functools.cached_property
+    def viewing(self) -> ViewingService:
+        """The web viewer's service (its frame cache lives as long as this process)."""
+        return ViewingService(self.store)
+
+    # -- end web viewer --------------------------------------------------------------------
 
     def route_stable_studies(self) -> int:
         """Queue sends for stable studies that routing rules match; return how many."""
