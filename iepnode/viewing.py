@@ -17,14 +17,15 @@ Order
     series count one frame per instance, and the frame response says otherwise.
 
 Pixels: raw values, windowed in the browser (measured, see docs/benchmarks.md)
-    A frame goes to the browser as little-endian modality values (``int16``
-    for CT), gzip level 1: a 512x512 CT slice is ~0.25-0.5 MB and decodes in the
-    browser with no image codec; window/level drags are then instant, with no
-    request per mouse move, and what is drawn is exactly DICOM's window of the
-    stored values (no lossy JPEG on top). Rendered JPEG/PNG (:mod:`iepnode.rendering`)
-    serves the thumbnails and WADO-RS. Encoded frames are kept in a byte-bounded
-    LRU cache (:class:`FrameCache`): a stored file never changes, so its key names
-    its bytes for ever (and is the ETag).
+    A frame goes to the browser as little-endian modality values (``int16`` for
+    CT, 0.5 MB for a 512x512 slice) that need no image codec in the browser.
+    Images larger than the screen come first reduced (block means, e.g. a
+    3328x4096 mammogram as 832x1024), then in full in the background. Window/level
+    drags are instant (no request per mouse move) and what is drawn is exactly
+    DICOM's window of the stored values (no lossy JPEG on top). Rendered JPEG/PNG
+    (:mod:`iepnode.rendering`) serves the thumbnails and WADO-RS. Encoded frames
+    are kept in a byte-bounded LRU cache (:class:`FrameCache`): a stored file
+    never changes, so its key names its bytes for ever (and is the ETag).
 
 Audit
     Opening a study in the viewer is one DICOM "Instances Accessed" (110103) event
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,8 +235,13 @@ class ViewingService:
 
     # -- pixels ----------------------------------------------------------------------
 
-    def raw(self, located: Located, frame: int) -> tuple[bytes, dict[str, Any]]:
-        """Gzipped raw values of a frame and their header (see :func:`rendering.raw_frame`).
+    def raw(self, located: Located, frame: int,
+            max_size: int | None = None) -> tuple[bytes, dict[str, Any]]:
+        """Raw values of a frame and their header (see :func:`rendering.raw_frame`).
+
+        Not compressed: zlib at its fastest level took 12 ms for a 512x512 CT slice
+        (more than the rest of the request) and saved 21-31% of the bytes
+        (docs/benchmarks.md); large images are reduced with ``max_size`` instead.
 
         Raises
         ------
@@ -244,12 +249,9 @@ class ViewingService:
             Undecodable object or frame out of range.
         """
         def make() -> tuple[bytes, dict[str, Any]]:
-            body, header = rendering.raw_frame(located.path, frame)
-            header["frames"] = rendering.read_info(located.path).frames
-            packer = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip, fastest level
-            return packer.compress(body) + packer.flush(), header
+            return rendering.raw_frame(located.path, frame, max_size)
 
-        return self.cache.get_or_make(("raw", located.key, frame), make)
+        return self.cache.get_or_make(("raw", located.key, frame, max_size), make)
 
     def rendered(self, located: Located, frame: int, *, media_type: str = "image/jpeg",
                  center: float | None = None, width: float | None = None,

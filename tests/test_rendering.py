@@ -178,6 +178,19 @@ def test_raw_frame_int16_and_header() -> None:
     assert header["dtype"] == "rgb8" and len(body) == header["rows"] * header["columns"] * 3
 
 
+def test_raw_frame_reduced_for_large_images(tmp_path: Path) -> None:
+    path = bundled("CT_small.dcm")  # 128x128
+    body, header = rendering.raw_frame(path, max_size=64)
+    assert (header["rows"], header["columns"], header["factor"]) == (64, 64, 2)
+    assert (header["full_rows"], header["full_columns"]) == (128, 128)
+    assert header["dtype"] == "int16"  # block means of integers, rounded
+    full = _expected_grey(path).astype(np.float64)
+    expected = np.floor(full.reshape(64, 2, 64, 2).mean(axis=(1, 3)) + 0.5)  # half up
+    np.testing.assert_array_equal(np.frombuffer(body, "<i2").reshape(64, 64), expected)
+    _, same = rendering.raw_frame(path, max_size=128)
+    assert same["factor"] == 1 and same["dtype"] == "int16"
+
+
 def test_no_image_is_a_render_error() -> None:
     with pytest.raises(RenderError, match="no image"):
         rendering.read_info(bundled("test-SR.dcm"))

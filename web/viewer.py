@@ -8,7 +8,8 @@ staff (signed in at /admin; any transaction whose images are stored)::
     GET {prefix}/view                                   the viewer page
     GET {prefix}/view/manifest.json                     patient, studies, series, instances
     GET {prefix}/view/opened?study=UID                  audit: this study was opened (204)
-    GET {prefix}/view/instances/{sop}/frames/{n}.raw    frame n (1-based), gzipped values
+    GET {prefix}/view/instances/{sop}/frames/{n}.raw?max=S   frame n (1-based), raw values
+                                                        (reduced to fit S pixels if given)
     GET {prefix}/view/instances/{sop}/frames/{n}.{png,jpg}?window=C,W&size=S   rendered
     GET {prefix}/view/instances/{sop}/thumbnail.jpg     series thumbnail
 
@@ -121,16 +122,19 @@ def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
         transaction, _ = await resolve(request)
         service = node_of(request).viewing
         index = _frame_index(request)
+        text = request.query.get("max", "")
+        if text and not (text.isdigit() and 64 <= int(text) <= 16384):
+            raise web.HTTPBadRequest(text="max must be 64 to 16384 pixels")
+        max_size = int(text) if text else None
         located = await asyncio.to_thread(service.locate, transaction, _uid(request))
-        etag = f'"{located.key}-{index}-raw"'
+        etag = f'"{located.key}-{index}-raw-{max_size or 0}"'
         if _not_modified(request, etag):
             return web.Response(status=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
         try:
-            body, header = await asyncio.to_thread(service.raw, located, index)
+            body, header = await asyncio.to_thread(service.raw, located, index, max_size)
         except RenderError as exc:
             raise web.HTTPUnprocessableEntity(text=str(exc)) from None
         return _immutable(request, etag, body, "application/octet-stream", {
-            "Content-Encoding": "gzip",
             "X-Frame-Info": json.dumps(header, separators=(",", ":")),
         })
 

@@ -46,7 +46,12 @@
   }
 
   // -- loading ------------------------------------------------------------------------
-  const keyOf = (item) => item.uid + "/" + item.frame;
+  const keyOf = (item, full) => item.uid + "/" + item.frame + (full ? "/full" : "");
+  // Frames larger than the screen come reduced first (a power of two >= its longest side).
+  const screenMax = () => {
+    const side = Math.max(canvas.width, canvas.height, 256);
+    return Math.min(16384, 2 ** Math.ceil(Math.log2(side)));
+  };
   function remember(key, entry) {
     cache.set(key, entry);
     cacheBytes += entry.bytes;
@@ -57,11 +62,12 @@
       cacheBytes -= old.bytes;
     }
   }
-  function load(item) {
-    const key = keyOf(item);
+  function load(item, full) {
+    const key = keyOf(item, full);
     if (cache.has(key)) return Promise.resolve(cache.get(key));
     if (inflight.has(key)) return inflight.get(key);
-    const url = `${api}/instances/${encodeURIComponent(item.uid)}/frames/${item.frame + 1}.raw`;
+    const url = `${api}/instances/${encodeURIComponent(item.uid)}/frames/${item.frame + 1}.raw` +
+      (full ? "" : `?max=${screenMax()}`);
     const promise = fetch(url, { credentials: "same-origin" }).then(async (r) => {
       if (!r.ok) throw new Error((await r.text()) || r.statusText);
       const info = JSON.parse(r.headers.get("X-Frame-Info"));
@@ -108,7 +114,7 @@
   function fit() {
     const info = state.drawn && state.drawn.info;
     state.view = { scale: 1, x: 0, y: 0, fitted: true };
-    if (info) state.view.scale = Math.min(canvas.width / info.columns, canvas.height / info.rows);
+    if (info) state.view.scale = Math.min(canvas.width / info.full_columns, canvas.height / info.full_rows);
     paint();
   }
   function paint() { // the windowed image onto the screen with zoom and pan
@@ -117,7 +123,7 @@
     ctx.fillRect(0, 0, canvas.width, canvas.height);
     if (!state.drawn) return;
     const { info } = state.drawn, v = state.view;
-    const w = info.columns * v.scale, h = info.rows * v.scale;
+    const w = info.full_columns * v.scale, h = info.full_rows * v.scale; // reduced or not
     ctx.imageSmoothingEnabled = v.scale < 4;
     ctx.drawImage(imageCanvas, (canvas.width - w) / 2 + v.x, (canvas.height - h) / 2 + v.y, w, h);
     corners();
@@ -169,10 +175,14 @@
     slider.value = String(index + 1);
     updatePos();
     const item = state.stack[index];
-    const key = keyOf(item);
-    const entry = cache.get(key);
+    const entry = cache.get(keyOf(item, true)) || cache.get(keyOf(item));
     const draw = (e) => {
       if (state.stack[state.index] !== item) return;
+      if (e.info.factor > 1) { // reduced: the full frame follows in the background
+        load(item, true).then((full) => {
+          if (state.stack[state.index] === item && state.drawn === e) render(full);
+        }, () => null);
+      }
       if (!state.userWindow || !state.window) {
         const win = e.info.window || [128, 256];
         state.window = { center: win[0], width: win[1] };
