@@ -193,3 +193,23 @@ async def test_staff_view_any_transaction(browser: Browser, viewer_node: Node,
     # a staff session is not a recipient's: the recipient URLs still ask for sign-in
     response = await browser.get(f"/transactions/{transaction.public_id}/view")
     assert response.status == 303 and response.headers["Location"] == "/signin"
+
+
+async def test_multi_frame_colour_lists_frames_and_serves_rgb(browser: Browser,
+                                                              viewer_node: Node,
+                                                              tmp_path: Path) -> None:
+    path = factory.copy_bundled("SC_rgb_rle_2frame.dcm", tmp_path / "mf", PatientID="P7",
+                                StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())
+    study = store_files(viewer_node, [path])
+    transaction, token = share([study], "me@example.org")
+    await log_in(browser, viewer_node, token)
+    base = f"/transactions/{transaction.public_id}/view"
+    manifest = await (await browser.get(f"{base}/manifest.json")).json()
+    (series,) = manifest["studies"][0]["series"]
+    (instance,) = series["instances"]
+    assert instance["frames"] == 2 and series["frames"] == 2  # cine over the frames
+    response = await browser.get(f"{base}/instances/{instance['uid']}/frames/2.raw")
+    info = json.loads(response.headers["X-Frame-Info"])
+    assert info["dtype"] == "rgb8" and info["frames"] == 2
+    rgb = np.frombuffer(await response.read(), np.uint8).reshape(info["rows"], info["columns"], 3)
+    np.testing.assert_array_equal(rgb, dcmread(path).pixel_array[1])
