@@ -86,6 +86,16 @@ def test_recipient_views_a_ct_in_chromium(tmp_path: Path,
                 page.get_by_role("link", name="View", exact=True).click()
                 page.wait_for_url(f"**/transactions/{public_id}/view")
                 _look_and_scroll(page, expected, tmp_path)
+                # A tablet in portrait (touch, 2x pixels): the same page, the image fitted.
+                tablet = browser.new_context(viewport={"width": 768, "height": 1024},
+                                             device_scale_factor=2, has_touch=True,
+                                             storage_state=page.context.storage_state())
+                pad = tablet.new_page()
+                pad.goto(page.url)
+                wait_index(pad, 0)
+                np.testing.assert_array_equal(image_pixels(pad),
+                                              window_linear(expected[0], 40, 400))
+                pad.screenshot(path=str(tmp_path / "viewer-tablet.png"))
                 # The test's own getImageData readbacks make Chromium suggest a flag.
                 assert [p for p in problems if "willReadFrequently" not in p] == []
             finally:

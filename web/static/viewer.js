@@ -210,7 +210,7 @@
     const win = state.window, info = state.drawn && state.drawn.info;
     $("vw-br").textContent = (info && info.dtype !== "rgb8" && win
       ? `W ${Math.round(win.width)}  L ${Math.round(win.center)}\n` : "") +
-      `Zoom ${Math.round(state.view.scale * 100)}%`;
+      `Zoom ${Math.round(state.view.scale / (window.devicePixelRatio || 1) * 100)}%`;
   }
   function updatePos() {
     let loaded = 0;
