@@ -43,9 +43,11 @@ def image_pixels(page: Page) -> np.ndarray:
 
 
 def wait_index(page: Page, index: int) -> None:
+    """Wait until image ``index`` is drawn (a function, not a string: the page's CSP
+    forbids eval, which Playwright would use to poll a string expression)."""
     page.wait_for_function(
-        f"window.iepViewer && window.iepViewer.index === {index} && window.iepViewer.current"
-        f" && document.getElementById('vw-status').textContent === ''")
+        """(index) => window.iepViewer && window.iepViewer.index === index
+            && window.iepViewer.shown === index""", arg=index)
 
 
 def test_recipient_views_a_ct_in_chromium(tmp_path: Path,

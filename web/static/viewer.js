@@ -20,7 +20,7 @@
     manifest: null, study: null, series: null, stack: [], index: 0,
     window: null, userWindow: false, tool: "window",
     view: { scale: 1, x: 0, y: 0, fitted: true },
-    cine: null, drawn: null, opened: new Set(),
+    cine: null, drawn: null, shown: -1, opened: new Set(),
   };
   const cache = new Map(); // key -> {info, data, bytes}; insertion order = age
   let cacheBytes = 0;
@@ -188,6 +188,7 @@
         state.window = { center: win[0], width: win[1] };
       }
       status.textContent = "";
+      state.shown = index;
       render(e);
     };
     if (entry) { draw(entry); } else {
@@ -229,6 +230,7 @@
     }
     state.userWindow = false;
     state.drawn = null;
+    state.shown = -1;
     slider.max = String(Math.max(1, state.stack.length));
     for (const b of document.querySelectorAll(".vw-series button")) {
       b.classList.toggle("on", b.dataset.uid === series.uid);
@@ -419,6 +421,7 @@
     get count() { return state.stack.length; },
     get window() { return state.window && { ...state.window }; },
     get current() { return state.drawn && state.drawn.info; },
+    get shown() { return state.shown; }, // index of the image on the canvas
     get loaded() { let n = 0; for (const it of state.stack) if (cache.has(keyOf(it))) n++; return n; },
     show, setWindow,
   };
