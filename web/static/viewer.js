@@ -178,6 +178,7 @@
     const entry = cache.get(keyOf(item, true)) || cache.get(keyOf(item));
     const draw = (e) => {
       if (state.stack[state.index] !== item) return;
+      if (e.info.frames > item.frames) expand(item, e.info.frames); // large series: not listed
       if (e.info.factor > 1) { // reduced: the full frame follows in the background
         load(item, true).then((full) => {
           if (state.stack[state.index] === item && state.drawn === e) render(full);
@@ -196,6 +197,17 @@
       load(item).then(draw, (err) => { status.textContent = "This image cannot be shown: " + err.message; });
     }
     prefetch();
+  }
+
+  function expand(item, frames) { // the manifest counted one frame; the image has more
+    const at = state.stack.indexOf(item);
+    const more = [];
+    for (let f = 0; f < frames; f++) more.push(f === item.frame ? item : { uid: item.uid, frame: f, frames });
+    item.frames = frames;
+    state.stack.splice(at, 1, ...more);
+    state.index = at + item.frame;
+    slider.max = String(state.stack.length);
+    $("vw-cine").disabled = state.stack.length < 2;
   }
 
   // -- text ---------------------------------------------------------------------------
