@@ -1,0 +1,666 @@
+"""DICOMweb (PS3.18) for other viewers: QIDO-RS search, WADO-RS retrieve, access tokens.
+
+Scopes
+    A request acts in a :class:`Scope`: a recipient's scope holds the studies of one
+    of their transactions, and only while its package may be downloaded (declined,
+    expired or purged: :class:`~iepnode.errors.Gone`, as for the zip); staff scopes
+    hold every study (or one transaction's studies under its base URL). A study,
+    series or instance outside the scope is :class:`~iepnode.errors.NotFound`, the
+    same as one that does not exist.
+
+Tokens
+    Viewers hosted elsewhere (OHIF, Weasis) cannot use the session cookie, so a
+    recipient or staff member can ask for a random bearer token valid for
+    :data:`TOKEN_TTL` seconds (only its SHA-256 is stored; revocable). A recipient's
+    token opens one transaction; a staff token opens every study.
+
+Search (QIDO-RS)
+    Keys are matched by :mod:`iepnode.query` (the C-FIND rules: wildcards, date and
+    time ranges, UID lists, case-insensitive names); only attributes the index holds
+    can be matched or returned, others are ignored and named in a ``Warning``.
+
+Retrieve (WADO-RS)
+    Instances go out as stored (the bytes received, in their transfer syntax): no
+    transcoding. Metadata is read from the stored headers; pixel data and other
+    values longer than :data:`BULK_THRESHOLD` bytes become ``BulkDataURI`` links.
+    Frames are cut from the stored pixel data: native frames as they are,
+    compressed frames in their stored compression.
+
+Audit
+    One event per request (not per instance): PS3.15 Query (110112) for searches,
+    DICOM Instances Transferred (110104) when whole instances leave, DICOM Instances
+    Accessed (110103) for metadata, frames, bulk data and rendered images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peewee
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from iepnode import audit, downloads, transactions
+from iepnode.errors import BadQuery, NodeError, NotFound
+from iepnode.query import ATTRIBUTES, Level, Query, condition_for, select_rows
+from storage.db import write_transaction
+from storage.models import (
+    DicomwebToken,
+    Instance,
+    Patient,
+    Recipient,
+    Series,
+    StaffUser,
+    Study,
+    Transaction,
+    TransactionStudy,
+)
+
+#: Seconds a DICOMweb bearer token is valid.
+TOKEN_TTL = 3600.0
+#: Binary values longer than this (bytes) are sent as BulkDataURI links in metadata.
+BULK_THRESHOLD = 1024
+#: Largest ``limit`` of a search (and the default when none is given).
+MAX_RESULTS = 10_000
+#: PS3.15 EventID of a query (DCM 110112).
+QUERY = ("110112", "Query")
+
+PIXEL_DATA = 0x7FE00010
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+
+#: Transfer syntax -> the media type of its compressed frames (PS3.18 Table 8.7.4-1).
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.100": "video/mpeg",
+    "1.2.840.10008.1.2.4.101": "video/mpeg",
+    "1.2.840.10008.1.2.4.102": "video/mp4",
+    "1.2.840.10008.1.2.4.103": "video/mp4",
+    "1.2.840.10008.1.2.4.104": "video/mp4",
+    "1.2.840.10008.1.2.4.105": "video/mp4",
+    "1.2.840.10008.1.2.4.106": "video/mp4",
+}
+#: Transfer syntaxes whose pixel data is native (little endian) and can be cut into frames.
+NATIVE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+#: Attributes returned by default per level (those of PS3.18 Table 10.6.3-3 the index holds).
+DEFAULT_KEYS = {
+    Level.STUDY: ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+                  "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
+                  "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
+                  "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
+    Level.SERIES: ("StudyInstanceUID", "Modality", "SeriesDescription", "SeriesNumber",
+                   "SeriesInstanceUID", "NumberOfSeriesRelatedInstances"),
+    Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID",
+                  "InstanceNumber", "AvailableTransferSyntaxUID"),
+}
+
+
+class TokenRefused(NodeError):
+    """A bearer token that is unknown, expired or revoked (HTTP 401)."""
+
+
+# -- scopes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one DICOMweb request may see, and who is asking (for the audit trail)."""
+
+    actor: audit.Actor
+    #: Study Instance UIDs the request may see; ``None``: every study (staff).
+    study_uids: frozenset[str] | None
+    #: The transaction of a per-transaction base URL ("" for the staff base URL).
+    public_id: str = ""
+    patient_id: str = ""
+
+    def allows(self, study_uid: str) -> bool:
+        """Whether the study is inside the scope (not whether it is stored)."""
+        return self.study_uids is None or study_uid in self.study_uids
+
+
+def _transaction_uids(transaction: Transaction) -> frozenset[str]:
+    return frozenset(ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
+                     .where(TransactionStudy.transaction == transaction.id))
+
+
+def recipient_scope(recipient_id: int, public_id: str, source_ip: str = "") -> Scope:
+    """The scope of a recipient over one of their transactions.
+
+    Raises
+    ------
+    NotFound
+        No such transaction, or someone else's.
+    Gone
+        Declined, expired or purged (as for the download).
+    """
+    recipient = Recipient.get_by_id(recipient_id)
+    transaction = transactions.get_for_recipient(recipient, public_id)
+    downloads.check_downloadable(transaction)
+    return Scope(audit.Actor("recipient", recipient.email, source_ip),
+                 _transaction_uids(transaction), transaction.public_id,
+                 transaction.patient_id)
+
+
+def staff_scope(user: StaffUser, public_id: str = "", source_ip: str = "") -> Scope:
+    """The scope of a staff member: every study, or one transaction's (any status).
+
+    Raises
+    ------
+    NotFound
+        ``public_id`` names no transaction.
+    """
+    actor = audit.Actor("staff", user.username, source_ip)
+    if not public_id:
+        return Scope(actor, None)
+    transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+    if transaction is None:
+        raise NotFound(f"no transaction {public_id}")
+    return Scope(actor, _transaction_uids(transaction), public_id, transaction.patient_id)
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A new token (shown once) and when it stops working."""
+
+    token: str
+    expires_at: float
+
+
+def issue_recipient_token(recipient_id: int, public_id: str, *, source_ip: str = "",
+                          ttl: float = TOKEN_TTL, now: float | None = None) -> IssuedToken:
+    """Create a token that opens one of the recipient's live transactions (audited).
+
+    Raises
+    ------
+    NotFound, Gone
+        As :func:`recipient_scope`.
+    """
+    now = time.time() if now is None else now
+    scope = recipient_scope(recipient_id, public_id, source_ip)
+    transaction = Transaction.get(Transaction.public_id == public_id)
+    token = secrets.token_urlsafe(32)
+    with write_transaction():
+        DicomwebToken.create(token_hash=_hash(token), recipient=recipient_id,
+                             transaction=transaction.id, created_at=now,
+                             expires_at=now + ttl)
+        audit.record(audit.USER_AUTHENTICATION, "dicomweb-token", scope.actor,
+                     patient_id=scope.patient_id, transaction=public_id,
+                     detail=f"DICOMweb token valid {int(ttl // 60)} minutes", now=now)
+    return IssuedToken(token, now + ttl)
+
+
+def issue_staff_token(user: StaffUser, *, source_ip: str = "", ttl: float = TOKEN_TTL,
+                      now: float | None = None) -> IssuedToken:
+    """Create a token that opens every study for a staff member (audited)."""
+    now = time.time() if now is None else now
+    token = secrets.token_urlsafe(32)
+    with write_transaction():
+        DicomwebToken.create(token_hash=_hash(token), staff=user.id, created_at=now,
+                             expires_at=now + ttl)
+        audit.record(audit.USER_AUTHENTICATION, "dicomweb-token",
+                     audit.Actor("staff", user.username, source_ip),
+                     detail=f"DICOMweb token valid {int(ttl // 60)} minutes", now=now)
+    return IssuedToken(token, now + ttl)
+
+
+def revoke_tokens(*, recipient_id: int | None = None, public_id: str = "",
+                  staff_id: int | None = None, now: float | None = None) -> int:
+    """Revoke the live tokens of a recipient (for one transaction) or of a staff member.
+
+    Returns how many were revoked.
+    """
+    now = time.time() if now is None else now
+    live = DicomwebToken.revoked_at.is_null() & (DicomwebToken.expires_at > now)
+    if recipient_id is not None:
+        transaction = Transaction.get_or_none((Transaction.public_id == public_id)
+                                              & (Transaction.recipient == recipient_id))
+        if transaction is None:
+            raise NotFound(f"no transaction {public_id}")
+        where = live & (DicomwebToken.recipient == recipient_id) & (
+            DicomwebToken.transaction == transaction.id)
+    elif staff_id is not None:
+        where = live & (DicomwebToken.staff == staff_id)
+    else:
+        raise ValueError("revoke whose tokens?")
+    with write_transaction():
+        return DicomwebToken.update(revoked_at=now).where(where).execute()
+
+
+def resolve_token(token: str, now: float | None = None) -> DicomwebToken:
+    """The live token row for a bearer token.
+
+    Raises
+    ------
+    TokenRefused
+        Unknown, expired or revoked.
+    """
+    now = time.time() if now is None else now
+    if not 20 <= len(token) <= 128:
+        raise TokenRefused("malformed token")
+    row = DicomwebToken.get_or_none(DicomwebToken.token_hash == _hash(token))
+    if row is None or row.revoked_at is not None or row.expires_at <= now:
+        raise TokenRefused("unknown, expired or revoked token")
+    return row
+
+
+def token_scope(row: DicomwebToken, public_id: str, source_ip: str = "") -> Scope:
+    """The scope a token gives under a base URL (``public_id`` "" for the staff base).
+
+    Raises
+    ------
+    NotFound
+        A recipient's token under another transaction's base, or under the staff base.
+    Gone
+        The recipient's transaction is no longer available.
+    """
+    if row.staff_id is not None:
+        user = StaffUser.get_or_none(StaffUser.id == row.staff_id)
+        if user is None or user.disabled:
+            raise TokenRefused("staff user disabled")
+        return staff_scope(user, public_id, source_ip)
+    transaction = Transaction.get_by_id(row.transaction_id)
+    if not public_id or transaction.public_id != public_id:
+        raise NotFound("not this token's transaction")
+    return recipient_scope(row.recipient_id, public_id, source_ip)
+
+
+def purge_tokens(now: float | None = None) -> int:
+    """Delete tokens that expired or were revoked more than a day ago (housekeeping)."""
+    now = time.time() if now is None else now
+    with write_transaction():
+        return DicomwebToken.delete().where(
+            (DicomwebToken.expires_at < now - 86400)
+            | (DicomwebToken.revoked_at < now - 86400)).execute()
+
+
+# -- search (QIDO-RS) --------------------------------------------------------------------
+
+
+def _keyword(key: str) -> str:
+    """The keyword of a query key given as keyword or as 8 hex digits.
+
+    Raises
+    ------
+    BadQuery
+        Neither a DICOM keyword nor a tag.
+    """
+    if len(key) == 8 and all(c in "0123456789abcdefABCDEF" for c in key):
+        keyword = keyword_for_tag(int(key, 16))
+        if keyword:
+            return keyword
+    elif tag_for_keyword(key) is not None:
+        return key
+    raise BadQuery(f"{key!r} is not a DICOM attribute keyword or tag")
+
+
+@dataclass(frozen=True)
+class Search:
+    """A parsed QIDO-RS request."""
+
+    level: Level
+    conditions: tuple[peewee.Expression, ...]
+    return_keys: tuple[str, ...]
+    limit: int
+    offset: int
+    #: Query keys and included fields the node cannot match or return (for a Warning).
+    ignored: tuple[str, ...]
+    #: ``fuzzymatching=true`` was asked for (not supported: exact rules apply).
+    fuzzy: bool
+
+
+def _available(level: Level) -> list[str]:
+    keys = [k for k, a in ATTRIBUTES.items() if a.level <= level]
+    if level is Level.IMAGE:
+        keys.append("AvailableTransferSyntaxUID")
+    return keys
+
+
+def parse_search(level: Level, params: Sequence[tuple[str, str]],
+                 fixed: Mapping[str, str] | None = None) -> Search:
+    """Parse QIDO-RS query parameters (PS3.18 8.3.4).
+
+    Parameters
+    ----------
+    level : Level
+        STUDY, SERIES or IMAGE.
+    params : sequence of (str, str)
+        The query string's pairs, repeated keys included.
+    fixed : mapping, optional
+        UIDs from the path (``{"StudyInstanceUID": ...}``).
+
+    Raises
+    ------
+    BadQuery
+        An unknown key, a malformed limit/offset/range.
+    """
+    conditions: list[peewee.Expression] = []
+    include: list[str] = list(DEFAULT_KEYS[level])
+    ignored: list[str] = []
+    limit, offset, fuzzy = MAX_RESULTS, 0, False
+    matches: list[tuple[str, str]] = list((fixed or {}).items())
+    for key, value in params:
+        if key == "includefield":
+            for item in (v.strip() for v in value.split(",")):
+                if item == "all":
+                    include.extend(_available(level))
+                elif item:
+                    keyword = _keyword(item)
+                    if keyword in ATTRIBUTES and ATTRIBUTES[keyword].level <= level:
+                        include.append(keyword)
+                    else:
+                        ignored.append(keyword)
+        elif key in ("limit", "offset"):
+            if not value.isdigit():
+                raise BadQuery(f"{key} must be a whole number, not {value!r}")
+            if key == "limit":
+                limit = min(int(value), MAX_RESULTS)
+            else:
+                offset = int(value)
+        elif key == "fuzzymatching":
+            fuzzy = value.strip().lower() == "true"
+        else:
+            matches.append((_keyword(key), value))
+    for keyword, value in matches:
+        attr = ATTRIBUTES.get(keyword)
+        if attr is None or attr.level > level:
+            ignored.append(keyword)
+            continue
+        include.append(keyword)
+        condition = condition_for(keyword, value)
+        if condition is not None:
+            conditions.append(condition)
+    return Search(level, tuple(conditions), tuple(dict.fromkeys(include)), limit, offset,
+                  tuple(dict.fromkeys(ignored)), fuzzy)
+
+
+_LEVEL_URL = {
+    Level.STUDY: ("StudyInstanceUID",),
+    Level.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
+    Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+}
+_URL_PARTS = {"StudyInstanceUID": "studies", "SeriesInstanceUID": "series",
+              "SOPInstanceUID": "instances"}
+
+
+def resource_url(base_url: str, *uids: str) -> str:
+    """``BASE/studies/S/series/SE/instances/I`` for as many UIDs as given."""
+    parts = [base_url.rstrip("/")]
+    for name, uid in zip(("studies", "series", "instances"), uids, strict=False):
+        parts += [name, uid]
+    return "/".join(parts)
+
+
+def search(scope: Scope, query: Search, base_url: str) -> list[dict[str, Any]]:
+    """Run a search in ``scope``; return the DICOM JSON objects (PS3.18 F.2).
+
+    Each result carries its Retrieve URL (0008,1190).
+    """
+    conditions = list(query.conditions)
+    if scope.study_uids is not None:
+        conditions.append(Study.study_uid.in_(sorted(scope.study_uids)))
+    keys = [k for k in query.return_keys if k in ATTRIBUTES]
+    url_keys = [k for k in _LEVEL_URL[query.level] if k not in keys]
+    columns = [ATTRIBUTES[k].column for k in keys + url_keys]
+    with_ts = "AvailableTransferSyntaxUID" in query.return_keys
+    if with_ts:
+        columns.append(Instance.transfer_syntax)
+    target = (Patient, Study, Series, Instance)[query.level]
+    select = (select_rows(Query(query.level, tuple(conditions), (), ()), columns=columns)
+              .order_by(target.id).limit(query.limit).offset(query.offset).tuples())
+    out = []
+    for row in select.iterator():
+        values = dict(zip(keys + url_keys, row, strict=False))
+        ds = Dataset()
+        for keyword in keys:
+            _set(ds, keyword, values[keyword])
+        if with_ts:
+            ds.AvailableTransferSyntaxUID = row[-1]
+        ds.RetrieveURL = resource_url(base_url, *(values[k] for k in _LEVEL_URL[query.level]))
+        if any(isinstance(v, str) and not v.isascii() for v in values.values()):
+            ds.SpecificCharacterSet = "ISO_IR 192"
+        out.append(ds.to_json_dict())
+    return out
+
+
+def _set(ds: Dataset, keyword: str, value: Any) -> None:
+    if value is None:
+        value = ""
+    if isinstance(value, str) and "\\" in value:
+        value = [v for v in value.split("\\")]
+    ds.add(DataElement(tag_for_keyword(keyword), dictionary_VR(keyword), value))
+
+
+# -- retrieve (WADO-RS) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One stored instance selected by a retrieve request."""
+
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    patient_id: str
+    size: int
+
+
+def select_instances(scope: Scope, paths: Callable[[str], Path], study_uid: str,
+                     series_uid: str = "", sop_uid: str = "") -> list[StoredInstance]:
+    """The stored instances of a study, series or instance inside the scope.
+
+    Raises
+    ------
+    NotFound
+        Outside the scope, or not stored.
+    """
+    if not scope.allows(study_uid):
+        raise NotFound("no such study")
+    query = (Instance.select(Instance.key, Instance.sop_uid, Instance.sop_class,
+                             Instance.transfer_syntax, Instance.size_bytes, Series.series_uid,
+                             Patient.patient_id)
+             .join(Series).join(Study).join(Patient)
+             .where(Study.study_uid == study_uid))
+    if series_uid:
+        query = query.where(Series.series_uid == series_uid)
+    if sop_uid:
+        query = query.where(Instance.sop_uid == sop_uid)
+    rows = [StoredInstance(paths(key), study_uid, se, sop, cls, ts, pid, size)
+            for key, sop, cls, ts, size, se, pid in
+            query.order_by(Series.id, Instance.id).tuples()]
+    if not rows:
+        raise NotFound("no such study, series or instance")
+    return rows
+
+
+def record(scope: Scope, event: tuple[str, str], action: str, study_uids: Sequence[str],
+           detail: str, outcome: int = audit.SUCCESS) -> None:
+    """Audit one DICOMweb request (one event, whatever the number of instances)."""
+    uids = list(dict.fromkeys(study_uids))
+    text = "; ".join(x for x in (detail, f"studies={','.join(uids)}" if len(uids) > 1 else "")
+                     if x)
+    audit.record(event, action, scope.actor, outcome=outcome, patient_id=scope.patient_id,
+                 study_uid=uids[0] if uids else "", transaction=scope.public_id, detail=text)
+
+
+def instance_metadata(item: StoredInstance, base_url: str,
+                      threshold: int = BULK_THRESHOLD) -> dict[str, Any]:
+    """The DICOM JSON of one stored instance, large binary values as BulkDataURIs.
+
+    Only top-level values are linked (nested large values stay inline); pixel data
+    always is.
+    """
+    ds = dcmread(item.path, stop_before_pixels=True)
+    url = resource_url(base_url, item.study_uid, item.series_uid, item.sop_uid)
+    out: dict[str, Any] = {}
+    for elem in ds:
+        tag = f"{elem.tag:08X}"
+        if elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > threshold:
+            out[tag] = {"vr": elem.VR, "BulkDataURI": f"{url}/bulkdata/{tag}"}
+        else:
+            out[tag] = elem.to_json_dict(None, 10 ** 12)
+    has_pixels = "Rows" in ds and ("BitsAllocated" in ds)
+    if has_pixels:
+        encapsulated = item.transfer_syntax not in NATIVE
+        vr = "OB" if encapsulated or int(ds.BitsAllocated) <= 8 else "OW"
+        out["7FE00010"] = {"vr": vr, "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+    # The file meta's transfer syntax, as AvailableTransferSyntaxUID (0008,3002).
+    out.setdefault("00083002", {"vr": "UI", "Value": [item.transfer_syntax]})
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Frames cut from one instance's pixel data, and what they are."""
+
+    parts: list[bytes]
+    #: ``application/octet-stream`` for native frames, else the compressed media type.
+    media_type: str
+    transfer_syntax: str
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``"1,3,2"`` -> ``[1, 3, 2]`` (1-based, as in the URL).
+
+    Raises
+    ------
+    BadQuery
+        Not a comma-separated list of positive numbers.
+    """
+    items = text.split(",")
+    if not text or not all(i.isdigit() and int(i) > 0 for i in items) or len(items) > 10_000:
+        raise BadQuery(f"frame list {text!r}: comma-separated frame numbers from 1")
+    return [int(i) for i in items]
+
+
+def read_frames(item: StoredInstance, numbers: Sequence[int]) -> Frames:
+    """The pixel data of the given frames (1-based), as stored.
+
+    Raises
+    ------
+    NotFound
+        No pixel data, or a frame number beyond the instance's frames.
+    BadQuery
+        Pixel data that cannot be cut into frames here (big endian, 1-bit multi-frame).
+    """
+    ds = dcmread(item.path)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", item.transfer_syntax))
+    if "PixelData" not in ds:
+        raise NotFound("this instance has no pixel data")
+    count = int(ds.get("NumberOfFrames") or 1)
+    if any(n > count for n in numbers):
+        raise NotFound(f"this instance has {count} frames")
+    data = ds.PixelData
+    if ts in NATIVE:
+        bits = int(ds.BitsAllocated)
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+        if bits == 1 and count > 1 and size % 8:
+            raise BadQuery("1-bit frames that are not byte-aligned cannot be sent")
+        size = size * bits // 8
+        return Frames([bytes(data[(n - 1) * size:n * size]) for n in numbers],
+                      "application/octet-stream", EXPLICIT_LE)
+    if not UID(ts).is_encapsulated:
+        raise BadQuery(f"frames of transfer syntax {ts} cannot be sent")
+    media = FRAME_MEDIA_TYPES.get(ts, "application/octet-stream")
+    return Frames([get_frame(data, n - 1, number_of_frames=count) for n in numbers], media, ts)
+
+
+def read_bulkdata(item: StoredInstance, tag_text: str) -> list[bytes]:
+    """A top-level binary value of an instance; pixel data as its frames.
+
+    Raises
+    ------
+    NotFound
+        No such tag, or not a binary value.
+    """
+    try:
+        tag = Tag(int(tag_text, 16)) if len(tag_text) == 8 else None
+    except ValueError:
+        tag = None
+    if tag is None:
+        raise NotFound("no such bulk data")
+    if tag == PIXEL_DATA:
+        ds = dcmread(item.path, stop_before_pixels=True)
+        count = int(ds.get("NumberOfFrames") or 1)
+        if item.transfer_syntax in NATIVE:
+            full = dcmread(item.path)
+            return [bytes(full.PixelData)]
+        return read_frames(item, list(range(1, count + 1))).parts
+    ds = dcmread(item.path, stop_before_pixels=True)
+    elem = ds.get(tag)
+    if elem is None or elem.VR not in _BINARY_VRS or elem.value is None:
+        raise NotFound("no such bulk data")
+    return [bytes(elem.value)]
+
+
+def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of a stored file in chunks."""
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            yield block
+
+
+__all__ = [
+    "BULK_THRESHOLD",
+    "FRAME_MEDIA_TYPES",
+    "QUERY",
+    "TOKEN_TTL",
+    "Frames",
+    "IssuedToken",
+    "Scope",
+    "Search",
+    "StoredInstance",
+    "TokenRefused",
+    "instance_metadata",
+    "issue_recipient_token",
+    "issue_staff_token",
+    "parse_frame_list",
+    "parse_search",
+    "purge_tokens",
+    "read_bulkdata",
+    "read_frames",
+    "recipient_scope",
+    "record",
+    "resolve_token",
+    "resource_url",
+    "revoke_tokens",
+    "search",
+    "select_instances",
+    "staff_scope",
+    "token_scope",
+]
