@@ -339,6 +339,8 @@ class Search:
     ignored: tuple[str, ...]
     #: ``fuzzymatching=true`` was asked for (not supported: exact rules apply).
     fuzzy: bool
+    #: The study of the resource path (``/studies/{study}/...``), if any.
+    study_uid: str = ""
 
 
 def _available(level: Level) -> list[str]:
@@ -403,7 +405,7 @@ def parse_search(level: Level, params: Sequence[tuple[str, str]],
         if condition is not None:
             conditions.append(condition)
     return Search(level, tuple(conditions), tuple(dict.fromkeys(include)), limit, offset,
-                  tuple(dict.fromkeys(ignored)), fuzzy)
+                  tuple(dict.fromkeys(ignored)), fuzzy, (fixed or {}).get("StudyInstanceUID", ""))
 
 
 _LEVEL_URL = {
@@ -411,8 +413,6 @@ _LEVEL_URL = {
     Level.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
     Level.IMAGE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
 }
-_URL_PARTS = {"StudyInstanceUID": "studies", "SeriesInstanceUID": "series",
-              "SOPInstanceUID": "instances"}
 
 
 def resource_url(base_url: str, *uids: str) -> str:
@@ -429,6 +429,9 @@ def search(scope: Scope, query: Search, base_url: str) -> list[dict[str, Any]]:
     Each result carries its Retrieve URL (0008,1190).
     """
     conditions = list(query.conditions)
+    if query.study_uid and (not scope.allows(query.study_uid) or not Study.select().where(
+            Study.study_uid == query.study_uid).exists()):
+        raise NotFound("no such study")
     if scope.study_uids is not None:
         conditions.append(Study.study_uid.in_(sorted(scope.study_uids)))
     keys = [k for k in query.return_keys if k in ATTRIBUTES]

@@ -94,9 +94,21 @@ def _uid(request: web.Request, name: str) -> str:
 
 
 def _base_url(request: web.Request) -> str:
+    """The absolute base URL the client used (for RetrieveURL and BulkDataURI links).
+
+    Taken from ``Host``. A client that leaves a non-default port out of ``Host``
+    (dicomweb-client does) would get unusable links, so when the node is reached
+    directly (no trusted proxy configured) the listening port fills the gap.
+    """
     public_id = request.match_info.get("public_id", "")
     path = f"/dicomweb/t/{public_id}" if public_id else "/dicomweb"
-    return f"{request.url.origin()}{path}"
+    origin = request.url.origin()
+    if origin.explicit_port is None and not request.app[SETTINGS_KEY].trusted_proxies:
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        default = 443 if origin.scheme == "https" else 80
+        if isinstance(sockname, tuple) and len(sockname) >= 2 and sockname[1] != default:
+            origin = origin.with_port(sockname[1])
+    return f"{origin}{path}"
 
 
 def _scope(request: web.Request) -> dw.Scope:
