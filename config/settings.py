@@ -121,6 +121,10 @@ class Settings:
         Origins (``https://viewer.example.org``) of web viewers hosted elsewhere that
         may call the DICOMweb API from a browser (CORS); ``*`` allows any origin.
         Empty (default): no cross-origin access.
+    dicomweb_ohif_url : str
+        Address of an OHIF Viewer (``https://viewer.example.org``) for the ready-made
+        "open in OHIF" links of DICOMweb tokens; empty: no OHIF link, only its data
+        source address.
     """
 
     data_dir: Path = Path("data")
@@ -160,6 +164,7 @@ class Settings:
     send_max_attempts: int = 20
     # -- DICOMweb (issue 4) --
     dicomweb_cors_origins: tuple[str, ...] = ()
+    dicomweb_ohif_url: str = ""
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -230,7 +235,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
              "trusted_proxies": "trusted_proxies",
-             "dicomweb_cors_origins": "dicomweb_cors_origins"},
+             "dicomweb_cors_origins": "dicomweb_cors_origins",
+             "dicomweb_ohif_url": "dicomweb_ohif_url"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -471,6 +477,9 @@ def _validate(s: Settings) -> Settings:
     return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
                    timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
                    dicomweb_cors_origins=_validate_origins(s.dicomweb_cors_origins),
+                   dicomweb_ohif_url=_http_url("dicomweb_ohif_url", s.dicomweb_ohif_url.strip(),
+                                               query=False) if s.dicomweb_ohif_url.strip()
+                   else "",
                    **messaging)
 
 

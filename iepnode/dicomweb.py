@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import peewee
 from pydicom import dcmread
@@ -295,6 +296,79 @@ def token_scope(row: DicomwebToken, public_id: str, source_ip: str = "") -> Scop
     if not public_id or transaction.public_id != public_id:
         raise NotFound("not this token's transaction")
     return recipient_scope(row.recipient_id, public_id, source_ip)
+
+
+@dataclass(frozen=True)
+class ViewerAccess:
+    """What a person needs to open studies in another viewer with a new token."""
+
+    base_url: str
+    token: str
+    expires_at: float
+    study_uids: tuple[str, ...]
+    #: ``weasis://`` links, one per study (Weasis 4 ``$dicom:rs`` over DICOMweb).
+    weasis: tuple[tuple[str, str], ...]
+    #: The OHIF data source configuration (a ``dicomwebproxy`` JSON) of this token.
+    ohif_config_url: str
+    #: A link that opens OHIF on the studies ("" when no OHIF viewer is configured).
+    ohif: str
+
+
+def viewer_access(issued: IssuedToken, node_url: str, public_id: str,
+                  study_uids: Sequence[str], ohif_url: str = "") -> ViewerAccess:
+    """Base URL, token and ready-made viewer links for a new token.
+
+    Parameters
+    ----------
+    issued : IssuedToken
+        The token (from :func:`issue_recipient_token` or :func:`issue_staff_token`).
+    node_url : str
+        The node's public address (``[portal] public_url``).
+    public_id : str
+        The transaction of a recipient's token ("" for a staff token).
+    study_uids : sequence of str
+        The studies the links open.
+    ohif_url : str, optional
+        An OHIF Viewer's address (``[http] dicomweb_ohif_url``).
+    """
+    base = f"{node_url.rstrip('/')}/dicomweb" + (f"/t/{public_id}" if public_id else "")
+    weasis = tuple(
+        (uid, "weasis://" + quote(
+            f'$dicom:rs --url "{base}" -r "studyUID={uid}" '
+            f'--header "Authorization: Bearer {issued.token}"', safe=""))
+        for uid in study_uids)
+    config = f"{node_url.rstrip('/')}/dicomweb/ohif/{issued.token}.json"
+    ohif = ""
+    if ohif_url:
+        ohif = (f"{ohif_url.rstrip('/')}/viewer/dicomwebproxy?"
+                + urlencode({"url": config, "StudyInstanceUIDs": ",".join(study_uids)}))
+    return ViewerAccess(base, issued.token, issued.expires_at, tuple(study_uids), weasis,
+                        config, ohif)
+
+
+def ohif_config(token: str, node_url: str, now: float | None = None) -> dict[str, Any]:
+    """The OHIF ``dicomwebproxy`` data source of a live token (PS3.18 roots, Basic auth).
+
+    OHIF sends ``requestOptions.auth`` as HTTP Basic credentials; the node accepts a
+    token as the Basic password.
+
+    Raises
+    ------
+    TokenRefused
+        Unknown, expired or revoked token.
+    """
+    row = resolve_token(token, now)
+    public_id = Transaction.get_by_id(row.transaction_id).public_id if row.transaction_id else ""
+    base = f"{node_url.rstrip('/')}/dicomweb" + (f"/t/{public_id}" if public_id else "")
+    return {"servers": {"dicomWeb": [{
+        "name": "iepnode", "wadoUriRoot": base, "qidoRoot": base, "wadoRoot": base,
+        "qidoSupportsIncludeField": True, "supportsReject": False,
+        "imageRendering": "wadors", "thumbnailRendering": "wadors",
+        "enableStudyLazyLoad": True, "supportsFuzzyMatching": False,
+        "supportsWildcard": True,
+        "acceptHeader": ["multipart/related; type=application/octet-stream; transfer-syntax=*"],
+        "requestOptions": {"auth": f"token:{token}"},
+    }]}}
 
 
 def purge_tokens(now: float | None = None) -> int:
@@ -649,9 +723,11 @@ __all__ = [
     "Search",
     "StoredInstance",
     "TokenRefused",
+    "ViewerAccess",
     "instance_metadata",
     "issue_recipient_token",
     "issue_staff_token",
+    "ohif_config",
     "parse_frame_list",
     "parse_search",
     "purge_tokens",
@@ -666,4 +742,5 @@ __all__ = [
     "select_instances",
     "staff_scope",
     "token_scope",
+    "viewer_access",
 ]

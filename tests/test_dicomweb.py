@@ -11,9 +11,13 @@ stored pixel data).
 from __future__ import annotations
 
 import asyncio
+import base64
+import html as html_lib
 import io
 import json
+import re
 import time
+import urllib.parse
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -378,3 +382,71 @@ async def test_cors_preflight_only_for_configured_origins(
                                              **bearer(recipient_token(transaction))})
     assert answer.headers["Access-Control-Allow-Origin"] == VIEWER
     assert "Warning" in answer.headers["Access-Control-Expose-Headers"]
+
+
+# -- token pages ---------------------------------------------------------------------------
+
+
+def shown(html: str, element: str) -> str:
+    match = re.search(rf'id="{element}">([^<]+)<', html)
+    assert match, f"no {element} in the page"
+    return match.group(1)
+
+
+async def test_open_in_another_viewer_gives_a_token_for_that_transaction(
+        client: Any, browser: Browser, node: Node, studies: dict[str, str],
+        shared: tuple[Transaction, str]) -> None:
+    transaction, link = shared
+    await log_in(browser, node, link)
+    page = await browser.page(f"/transactions/{transaction.public_id}")
+    assert f'action="/transactions/{transaction.public_id}/dicomweb-token"' in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    no_csrf = await browser.post(f"/transactions/{transaction.public_id}/dicomweb-token")
+    assert no_csrf.status == 403
+    response = await browser.post(f"/transactions/{transaction.public_id}/dicomweb-token",
+                                  data={"csrf": csrf})
+    html = await response.text()
+    assert response.status == 200, html
+    token = shown(html, "dicomweb-token")
+    assert shown(html, "dicomweb-base") == (f"https://portal.example/dicomweb/t/"
+                                           f"{transaction.public_id}")
+    weasis = re.findall(r'href="(weasis://[^"]+)"', html)
+    assert len(weasis) == 2
+    command = urllib.parse.unquote(html_lib.unescape(weasis[0])[len("weasis://"):])
+    assert command.startswith('$dicom:rs --url "https://portal.example/dicomweb/t/')
+    assert f'--header "Authorization: Bearer {token}"' in command
+    assert events("dicomweb-token")[-1].transaction_public_id == transaction.public_id
+
+    # A program without the cookie uses the key; the OHIF data source carries it as Basic.
+    base = f"/dicomweb/t/{transaction.public_id}/studies"
+    assert (await client.get(base, headers=bearer(token))).status == 200
+    config = json.loads(await (await client.get(f"/dicomweb/ohif/{token}.json")).text())
+    server = config["servers"]["dicomWeb"][0]
+    assert server["qidoRoot"].endswith(f"/dicomweb/t/{transaction.public_id}")
+    basic = base64.b64encode(server["requestOptions"]["auth"].encode()).decode()
+    assert (await client.get(base, headers={"Authorization": f"Basic {basic}"})).status == 200
+    assert (await client.get("/dicomweb/ohif/" + "y" * 43 + ".json")).status == 404
+
+    revoke = await browser.post(f"/transactions/{transaction.public_id}/dicomweb-token/revoke",
+                                data={"csrf": csrf})
+    assert revoke.status == 303
+    assert (await client.get(base, headers=bearer(token))).status == 401
+    assert (await client.get(f"/dicomweb/ohif/{token}.json")).status == 404
+
+
+async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser, node: Node,
+                                                  studies: dict[str, str]) -> None:
+    _, secret = make_user("radiographer")
+    await staff_log_in(browser, "radiographer", secret)
+    page = await browser.page("/admin/dicomweb")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    response = await browser.post("/admin/dicomweb/token",
+                                  data={"csrf": csrf, "studies": studies["other"]})
+    html = await response.text()
+    token = shown(html, "dicomweb-token")
+    assert shown(html, "dicomweb-base") == "https://portal.example/dicomweb"
+    rows = json.loads(await (await client.get("/dicomweb/studies",
+                                              headers=bearer(token))).text())
+    assert len(rows) == 3
+    assert (await browser.post("/admin/dicomweb/revoke", data={"csrf": csrf})).status == 303
+    assert (await client.get("/dicomweb/studies", headers=bearer(token))).status == 401

@@ -12,7 +12,7 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, dicomweb, download, forward, middlewares, proxies, recipient
+from web import admin, dicomweb, dicomweb_pages, download, forward, middlewares, proxies, recipient
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -61,4 +61,5 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     forward.setup_routes(app)
     admin.setup_routes(app)
     dicomweb.setup_routes(app)  # issue 4: DICOMweb
+    dicomweb_pages.setup_routes(app)
     return app

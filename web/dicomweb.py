@@ -25,6 +25,7 @@ another origin) is off unless ``[http] dicomweb_cors_origins`` lists the origin.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import re
@@ -128,10 +129,7 @@ def _scope(request: web.Request) -> dw.Scope:
     ip = client_ip(request)
     authorization = request.headers.get("Authorization", "")
     if authorization:
-        kind, _, token = authorization.partition(" ")
-        if kind.lower() != "bearer" or not token.strip():
-            raise dw.TokenRefused("only bearer tokens are accepted")
-        return dw.token_scope(dw.resolve_token(token.strip()), public_id, ip)
+        return dw.token_scope(dw.resolve_token(_token(authorization)), public_id, ip)
     session = request[SESSION_KEY]
     if session is not None and session.recipient_id is not None:
         if not public_id:
@@ -141,6 +139,29 @@ def _scope(request: web.Request) -> dw.Scope:
     if user is not None and node.admin.pending_step(user) is None:
         return dw.staff_scope(user, public_id, ip)
     raise dw.TokenRefused("sign in, or send a bearer token")
+
+
+def _token(authorization: str) -> str:
+    """The token of ``Bearer TOKEN``, or of ``Basic`` credentials whose password is one.
+
+    (OHIF's data sources send ``requestOptions.auth`` as Basic credentials.)
+
+    Raises
+    ------
+    dw.TokenRefused
+        Another scheme, or malformed credentials.
+    """
+    kind, _, value = authorization.strip().partition(" ")
+    if kind.lower() == "bearer" and value.strip():
+        return value.strip()
+    if kind.lower() == "basic":
+        try:
+            _, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            password = ""
+        if password:
+            return password
+    raise dw.TokenRefused("send a bearer token")
 
 
 Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
@@ -413,6 +434,21 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": multipart.content_type})
 
 
+async def ohif_data_source(request: web.Request) -> web.Response:
+    """``GET /dicomweb/ohif/{token}.json``: OHIF's ``dicomwebproxy`` configuration.
+
+    The token in the address is the credential (the JSON carries it anyway), so the
+    address is as secret as the token and stops working with it.
+    """
+    settings = request.app[SETTINGS_KEY]
+    try:
+        config = await asyncio.to_thread(dw.ohif_config, request.match_info["token"],
+                                         settings.public_url)
+    except dw.TokenRefused:
+        return _error(request, 404, "Not found")
+    return web.json_response(config, headers=_cors(request))
+
+
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight: the allowed methods and headers for an allowed origin."""
     headers = _cors(request)
@@ -443,4 +479,5 @@ def setup_routes(app: web.Application) -> None:
     for base in ("/dicomweb", "/dicomweb/t/{public_id}"):
         for path, view in routes:
             app.router.add_get(base + path, dicomweb_view(view))
+    app.router.add_get("/dicomweb/ohif/{token}.json", ohif_data_source)
     app.router.add_route("OPTIONS", "/dicomweb/{tail:.*}", preflight)
