@@ -705,6 +705,96 @@ def read_bulkdata(item: StoredInstance, tag_text: str) -> list[bytes]:
     return [bytes(elem.value)]
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """Parsed ``/rendered`` query parameters (PS3.18 8.3.5.1)."""
+
+    media_type: str
+    center: float | None = None
+    width: float | None = None
+    size: tuple[int, int] | None = None
+    quality: int = 90
+    #: Parameters understood but not applied (for a Warning header).
+    ignored: tuple[str, ...] = ()
+
+
+def parse_rendering(params: Mapping[str, str], accept: Sequence[str]) -> Rendering:
+    """Media type (``accept`` query parameter, else the Accept header), window, viewport.
+
+    ``window=center,width[,function]`` (``linear`` only), ``viewport=vw,vh`` (a box the
+    image is fitted in; source cropping ``sx,sy,sw,sh`` is ignored), ``quality=1-100``
+    (JPEG). ``annotation`` is ignored.
+
+    Raises
+    ------
+    BadQuery
+        A malformed value.
+    NotAcceptableMedia
+        Neither JPEG nor PNG is acceptable.
+    """
+    from iepnode.rendering import MEDIA_TYPES
+
+    wanted = [m.strip().split(";")[0].lower() for m in params.get("accept", "").split(",")
+              if m.strip()] or [m.lower() for m in accept] or ["image/jpeg"]
+    media = next((m for m in wanted if m in MEDIA_TYPES), None)
+    if media is None and any(m in ("*/*", "image/*") for m in wanted):
+        media = "image/jpeg"
+    if media is None:
+        raise NotAcceptableMedia(f"rendered images are {' or '.join(MEDIA_TYPES)}")
+    center = width = None
+    size = None
+    quality = 90
+    ignored: list[str] = []
+    try:
+        if "window" in params:
+            parts = params["window"].split(",")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and
+                                            parts[2].strip().lower() != "linear"):
+                raise ValueError("window=center,width[,linear]")
+            center, width = float(parts[0]), float(parts[1])
+            if width <= 0:
+                raise ValueError("window width must be positive")
+        if "viewport" in params:
+            parts = params["viewport"].split(",")
+            if len(parts) not in (2, 6):
+                raise ValueError("viewport=vw,vh[,sx,sy,sw,sh]")
+            size = (int(parts[0]), int(parts[1]))
+            if not (0 < size[0] <= 4096 and 0 < size[1] <= 4096):
+                raise ValueError("viewport sides must be 1-4096")
+            if len(parts) == 6:
+                ignored.append("viewport source region")
+        if "quality" in params:
+            quality = int(params["quality"])
+            if not 1 <= quality <= 100:
+                raise ValueError("quality must be 1-100")
+    except ValueError as exc:
+        raise BadQuery(str(exc)) from None
+    if "annotation" in params:
+        ignored.append("annotation")
+    return Rendering(media, center, width, size, quality, tuple(ignored))
+
+
+class NotAcceptableMedia(NodeError):
+    """The client accepts no media type the node can give (HTTP 406)."""
+
+
+def render_image(item: StoredInstance, frame: int, how: Rendering) -> bytes:
+    """Frame ``frame`` (1-based) of an instance rendered as asked.
+
+    Raises
+    ------
+    NotFound
+        No image, or no such frame (the rendering module's ``RenderError``).
+    """
+    from iepnode.rendering import RenderError, render_bytes
+
+    try:
+        return render_bytes(item.path, frame - 1, media_type=how.media_type, center=how.center,
+                            width=how.width, size=how.size, quality=how.quality)
+    except RenderError as exc:
+        raise NotFound(str(exc)) from exc
+
+
 def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The bytes of a stored file in chunks."""
     with path.open("rb") as handle:
@@ -719,6 +809,8 @@ __all__ = [
     "TOKEN_TTL",
     "Frames",
     "IssuedToken",
+    "NotAcceptableMedia",
+    "Rendering",
     "Scope",
     "Search",
     "StoredInstance",
@@ -729,12 +821,14 @@ __all__ = [
     "issue_staff_token",
     "ohif_config",
     "parse_frame_list",
+    "parse_rendering",
     "parse_search",
     "purge_tokens",
     "read_bulkdata",
     "read_frames",
     "recipient_scope",
     "record",
+    "render_image",
     "resolve_token",
     "resource_url",
     "revoke_tokens",

@@ -450,3 +450,52 @@ async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser,
     assert len(rows) == 3
     assert (await browser.post("/admin/dicomweb/revoke", data={"csrf": csrf})).status == 303
     assert (await client.get("/dicomweb/studies", headers=bearer(token))).status == 401
+
+
+# -- rendered ------------------------------------------------------------------------------
+
+
+async def test_rendered_images(client: Any, node: Node, studies: dict[str, str],
+                               shared: tuple[Transaction, str]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from iepnode import rendering
+
+    transaction, _ = shared
+    headers = bearer(recipient_token(transaction))
+    base = f"/dicomweb/t/{transaction.public_id}/studies"
+    ct = Instance.select().where(Instance.transfer_syntax == "1.2.840.10008.1.2.1").first()
+    url = f"{base}/{studies['ct']}/series/{ct.series.series_uid}/instances/{ct.sop_uid}"
+
+    jpeg = await client.get(f"{url}/rendered", headers=headers)
+    assert jpeg.status == 200 and jpeg.headers["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(await jpeg.read())).format == "JPEG"
+
+    png = await client.get(f"{url}/rendered?window=40,400&viewport=8,8",
+                           headers={**headers, "Accept": "image/png"})
+    assert png.status == 200 and png.headers["Content-Type"] == "image/png"
+    image = Image.open(io.BytesIO(await png.read()))
+    assert image.size == (8, 8)  # the 16x16 slice fitted in the viewport
+    full = await client.get(f"{url}/frames/1/rendered?window=40,400&accept=image/png",
+                            headers=headers)
+    expected = rendering.decode_frame(node.store.path(ct.key), 0).windowed(40, 400)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(await full.read()))), expected)
+
+    rle = Instance.get(Instance.transfer_syntax == "1.2.840.10008.1.2.5")
+    frames = await client.get(
+        f"{base}/{studies['rle']}/series/{rle.series.series_uid}/instances/{rle.sop_uid}"
+        "/frames/1,2/rendered", headers={**headers, "Accept": "image/png"})
+    content_type = frames.headers["Content-Type"]
+    assert content_type.startswith('multipart/related; type="image/png"')
+    assert [p.get_content_type() for p in parts(content_type, await frames.read())] == [
+        "image/png"] * 2
+
+    study = await client.get(f"{base}/{studies['ct']}/rendered", headers=headers)
+    assert len(parts(study.headers["Content-Type"], await study.read())) == 3
+    assert (await client.get(f"{url}/rendered?window=40", headers=headers)).status == 400
+    assert (await client.get(f"{url}/rendered",
+                             headers={**headers, "Accept": "application/pdf"})).status == 406
+    assert (await client.get(f"{base}/{studies['other']}/rendered", headers=headers)
+            ).status == 404
+    assert [e.event_code for e in events("wado-rendered")][:1] == ["110103"]

@@ -15,6 +15,8 @@ Under each base (GET; HEAD too)::
     .../metadata                                          DICOM JSON
     /studies/{s}/series/{se}/instances/{i}/frames/{list}  frames, as stored
     /studies/{s}/series/{se}/instances/{i}/bulkdata/{tag} BulkDataURI targets
+    .../rendered, .../frames/{list}/rendered               JPEG / PNG (window,
+                                                          viewport, quality)
 
 Authentication failures are 401 (``WWW-Authenticate: Bearer``); anything outside
 the caller's scope is 404, never 403; a recipient's transaction that is no longer
@@ -449,6 +451,47 @@ async def ohif_data_source(request: web.Request) -> web.Response:
     return web.json_response(config, headers=_cors(request))
 
 
+async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
+    """WADO-RS rendered: JPEG or PNG of frames, an instance, a series or a study.
+
+    One image is a single body; several (a study, a series, several frames) are
+    ``multipart/related`` with one image per part (an instance's first frame at
+    study and series level).
+    """
+    node = node_of(request)
+    accept = [m.type for m in parse_accept(request.headers.get("Accept", ""))
+              if m.type != "multipart/related"] + [
+        m.params.get("type", "") for m in parse_accept(request.headers.get("Accept", ""))
+        if m.type == "multipart/related"]
+    try:
+        how = dw.parse_rendering(request.query, [a for a in accept if a])
+    except dw.NotAcceptableMedia as exc:
+        raise NotAcceptable(str(exc)) from None
+    frame_text = request.match_info.get("frames", "")
+    numbers = dw.parse_frame_list(frame_text) if frame_text else [1]
+
+    def run() -> tuple[list[dw.StoredInstance], list[bytes]]:
+        items = _selected(request, call, node.store.path)
+        if request.match_info.get("instance"):
+            images = [dw.render_image(items[0], n, how) for n in numbers]
+        else:
+            images = [dw.render_image(i, 1, how) for i in items[:1000]]
+        dw.record(call.scope, audit.INSTANCES_ACCESSED, "wado-rendered",
+                  [i.study_uid for i in items],
+                  f"WADO-RS {request.path[:300]}: {len(images)} {how.media_type} images")
+        return items, images
+
+    _, images = await asyncio.to_thread(run)
+    headers = {}
+    if how.ignored:
+        headers["Warning"] = (f'299 iepnode "Not applied: {", ".join(how.ignored)}"')
+    if len(images) == 1:
+        return web.Response(body=images[0], content_type=how.media_type, headers=headers)
+    multipart = Multipart(how.media_type)
+    return web.Response(body=multipart.body([(how.media_type, i) for i in images]),
+                        headers={**headers, "Content-Type": multipart.content_type})
+
+
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight: the allowed methods and headers for an allowed origin."""
     headers = _cors(request)
@@ -475,6 +518,10 @@ def setup_routes(app: web.Application) -> None:
         (f"{study}{series}{instance}/metadata", metadata),
         (f"{study}{series}{instance}/frames/{{frames}}", frames),
         (f"{study}{series}{instance}/bulkdata/{{tag}}", bulkdata),
+        (f"{study}/rendered", rendered),
+        (f"{study}{series}/rendered", rendered),
+        (f"{study}{series}{instance}/rendered", rendered),
+        (f"{study}{series}{instance}/frames/{{frames}}/rendered", rendered),
     ]
     for base in ("/dicomweb", "/dicomweb/t/{public_id}"):
         for path, view in routes:
