@@ -1167,6 +1167,17 @@ class Node:
         routing.remove_rule(rule_id, actor)
 
 
+    # -- DICOMweb (issue 4) --
+    # QIDO-RS/WADO-RS live in iepnode.dicomweb (web/dicomweb.py calls it); only the
+    # housekeeping of its tokens goes through the façade.
+
+    def purge_dicomweb_tokens(self) -> int:
+        """Delete DICOMweb tokens that expired or were revoked over a day ago."""
+        from iepnode import dicomweb
+
+        return dicomweb.purge_tokens()
+
+
 def _contact(transaction: Transaction) -> Contact:
     return Contact(transaction.contact_name, transaction.contact_department,
                    transaction.contact_email, transaction.contact_phone)

@@ -57,6 +57,10 @@ def node(tmp_path: Path) -> Node:
 
 @pytest.fixture
 def studies(node: Node, tmp_path: Path) -> dict[str, str]:
+    return make_studies(node, tmp_path)
+
+
+def make_studies(node: Node, tmp_path: Path) -> dict[str, str]:
     """A CT study and a compressed (RLE, 2 frames) study of P1; a CT study of P2."""
     ct = store_files(node, factory.make_ct_series(
         tmp_path / "ct", 3, StudyDate="20240105", StudyDescription="CT HEAD",
@@ -249,6 +253,23 @@ async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Node,
 
 async def test_qido_matching_paging_and_warnings(client: Any, node: Node,
                                                  studies: dict[str, str]) -> None:
+    await check_qido(client, studies)
+
+
+@pytest.mark.postgres
+async def test_qido_matching_on_postgresql(aiohttp_client: Any, tmp_path: Path,
+                                           fresh_postgres_url: str) -> None:
+    node = Node(make_settings(tmp_path, database_url=fresh_postgres_url))
+    try:
+        studies = make_studies(node, tmp_path)
+        client = await aiohttp_client(create_app(node.settings, node))
+        await check_qido(client, studies)
+    finally:
+        node.database.close_all()
+
+
+async def check_qido(client: Any, studies: dict[str, str]) -> None:
+    """Matching (wildcards, ranges, tags), paging, includefield, warnings, bad keys."""
     user, _ = make_user("radiographer")
     token = dw.issue_staff_token(user).token
 
@@ -339,6 +360,9 @@ async def test_tokens_expire_and_can_be_revoked(client: Any, node: Node,
     assert dw.revoke_tokens(recipient_id=transaction.recipient_id,
                             public_id=transaction.public_id) == 1
     assert (await client.get(base, headers=bearer(token))).status == 401
+    # Housekeeping deletes them a day later.
+    assert node.purge_dicomweb_tokens() == 0
+    assert dw.purge_tokens(now=time.time() + 2 * 86400) == 2
 
 
 async def test_a_declined_transaction_is_gone(client: Any, node: Node,
@@ -499,3 +523,51 @@ async def test_rendered_images(client: Any, node: Node, studies: dict[str, str],
     assert (await client.get(f"{base}/{studies['other']}/rendered", headers=headers)
             ).status == 404
     assert [e.event_code for e in events("wado-rendered")][:1] == ["110103"]
+
+
+# -- the real node, end to end ---------------------------------------------------------
+
+
+async def test_a_viewer_opens_a_package_from_iepnode_serve(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    """dcmtk storescu -> ``iepnode serve`` (2 HTTP processes) -> transfer -> passcode login
+    -> "Open in another viewer" -> dicomweb-client with the key, over real sockets."""
+    from tests.support.node import running_node
+    from tests.support.scu import storescu
+    from tests.test_download import http_browser, outbox_text, sign_in
+
+    data_dir = tmp_path / "node"
+    files = factory.make_ct_series(tmp_path / "ct", 4, **PATIENT)
+    study_uid = str(dcmread(files[0]).StudyInstanceUID)
+    monkeypatch.setenv("IEPNODE_HTTP_WORKERS", "2")
+    with running_node(data_dir, register=[("TESTSCU", "127.0.0.1", 0, "store")]) as node:
+        sent = storescu(node, files)
+        assert sent.returncode == 0, sent.stderr
+        public_id = node.cli("transfer", "create", "--study", study_uid, "--to",
+                             "pat@example.org", "--otp-mobile", "+447700900123"
+                             ).stdout.strip()
+        link = re.search(r"/t/([A-Za-z0-9_-]+)", outbox_text(data_dir, "pat@example.org"))
+        async with http_browser(node.http_port) as browser:
+            await sign_in(browser, data_dir, link.group(1))
+            page = await browser.page(f"/transactions/{public_id}")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+            response = await browser.post(f"/transactions/{public_id}/dicomweb-token",
+                                          data={"csrf": csrf})
+            token = shown(await response.text(), "dicomweb-token")
+        peer = DICOMwebClient(url=f"http://127.0.0.1:{node.http_port}/dicomweb/t/{public_id}",
+                              headers=bearer(token))
+        found = await asyncio.to_thread(peer.search_for_studies)
+        assert [Dataset.from_json(s).StudyInstanceUID for s in found] == [study_uid]
+        retrieved = await asyncio.to_thread(peer.retrieve_study, study_uid)
+        stored_files = {str(dcmread(p).SOPInstanceUID): p for p in node.object_files()}
+        assert {str(ds.SOPInstanceUID) for ds in retrieved} == set(stored_files)
+        for ds in retrieved:
+            assert ds.PixelData == dcmread(stored_files[ds.SOPInstanceUID]).PixelData
+        metadata = await asyncio.to_thread(peer.retrieve_study_metadata, study_uid)
+        assert len(metadata) == 4
+        first = Dataset.from_json(metadata[0], lambda uri: bytes(peer.retrieve_bulkdata(uri)[0]))
+        frames = await asyncio.to_thread(peer.retrieve_instance_frames, study_uid,
+                                         first.SeriesInstanceUID, first.SOPInstanceUID, [1])
+        assert frames == [first.PixelData]
+        assert frames[0] == dcmread(stored_files[first.SOPInstanceUID]).PixelData
