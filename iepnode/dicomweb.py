@@ -35,8 +35,11 @@ Audit
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +49,11 @@ from urllib.parse import quote, urlencode
 import peewee
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from iepnode import audit, downloads, transactions
+from iepnode import audit, downloads
 from iepnode.errors import BadQuery, NodeError, NotFound
 from iepnode.query import ATTRIBUTES, Level, Query, condition_for, select_rows
 from storage.db import write_transaction
@@ -139,6 +140,7 @@ class Scope:
     #: The transaction of a per-transaction base URL ("" for the staff base URL).
     public_id: str = ""
     patient_id: str = ""
+    transaction_id: int = 0
 
     def allows(self, study_uid: str) -> bool:
         """Whether the study is inside the scope (not whether it is stored)."""
@@ -160,12 +162,15 @@ def recipient_scope(recipient_id: int, public_id: str, source_ip: str = "") -> S
     Gone
         Declined, expired or purged (as for the download).
     """
-    recipient = Recipient.get_by_id(recipient_id)
-    transaction = transactions.get_for_recipient(recipient, public_id)
+    transaction = (Transaction.select(Transaction, Recipient).join(Recipient)
+                   .where((Transaction.public_id == public_id)
+                          & (Transaction.recipient == recipient_id)).get_or_none())
+    if transaction is None:
+        raise NotFound(f"no transaction {public_id}")
     downloads.check_downloadable(transaction)
-    return Scope(audit.Actor("recipient", recipient.email, source_ip),
+    return Scope(audit.Actor("recipient", transaction.recipient.email, source_ip),
                  _transaction_uids(transaction), transaction.public_id,
-                 transaction.patient_id)
+                 transaction.patient_id, transaction.id)
 
 
 def staff_scope(user: StaffUser, public_id: str = "", source_ip: str = "") -> Scope:
@@ -292,10 +297,12 @@ def token_scope(row: DicomwebToken, public_id: str, source_ip: str = "") -> Scop
         if user is None or user.disabled:
             raise TokenRefused("staff user disabled")
         return staff_scope(user, public_id, source_ip)
-    transaction = Transaction.get_by_id(row.transaction_id)
-    if not public_id or transaction.public_id != public_id:
+    if not public_id:
         raise NotFound("not this token's transaction")
-    return recipient_scope(row.recipient_id, public_id, source_ip)
+    scope = recipient_scope(row.recipient_id, public_id, source_ip)
+    if row.transaction_id != scope.transaction_id:
+        raise NotFound("not this token's transaction")
+    return scope
 
 
 @dataclass(frozen=True)
@@ -517,27 +524,56 @@ def search(scope: Scope, query: Search, base_url: str) -> list[dict[str, Any]]:
     target = (Patient, Study, Series, Instance)[query.level]
     select = (select_rows(Query(query.level, tuple(conditions), (), ()), columns=columns)
               .order_by(target.id).limit(query.limit).offset(query.offset).tuples())
+    tags = [(f"{tag_for_keyword(k):08X}", dictionary_VR(k)) for k in keys]
     out = []
     for row in select.iterator():
         values = dict(zip(keys + url_keys, row, strict=False))
-        ds = Dataset()
-        for keyword in keys:
-            _set(ds, keyword, values[keyword])
+        item = {tag: _json_value(vr, value) for (tag, vr), value in zip(tags, row, strict=False)}
         if with_ts:
-            ds.AvailableTransferSyntaxUID = row[-1]
-        ds.RetrieveURL = resource_url(base_url, *(values[k] for k in _LEVEL_URL[query.level]))
-        if any(isinstance(v, str) and not v.isascii() for v in values.values()):
-            ds.SpecificCharacterSet = "ISO_IR 192"
-        out.append(ds.to_json_dict())
+            item["00083002"] = _json_value("UI", row[-1])
+        url = resource_url(base_url, *(values[k] for k in _LEVEL_URL[query.level]))
+        item["00081190"] = _json_value("UR", url)
+        if any(isinstance(v, str) and not v.isascii() for v in row):
+            item["00080005"] = _json_value("CS", "ISO_IR 192")
+        out.append(dict(sorted(item.items())))
     return out
 
 
-def _set(ds: Dataset, keyword: str, value: Any) -> None:
-    if value is None:
-        value = ""
-    if isinstance(value, str) and "\\" in value:
-        value = [v for v in value.split("\\")]
-    ds.add(DataElement(tag_for_keyword(keyword), dictionary_VR(keyword), value))
+def _json_value(vr: str, value: Any) -> dict[str, Any]:
+    """One attribute in DICOM JSON (PS3.18 F.2.2) from an index value.
+
+    The index holds text (multiple values backslash-separated) and counters; an
+    empty value is an attribute without ``Value``.
+    """
+    if value is None or value == "":
+        return {"vr": vr}
+    if isinstance(value, int):
+        return {"vr": vr, "Value": [value]}
+    items = str(value).split("\\") if vr not in ("UR", "UT", "LT", "ST") else [str(value)]
+    if vr == "PN":
+        return {"vr": vr, "Value": [_person_name(v) for v in items]}
+    if vr in ("IS", "DS"):
+        return {"vr": vr, "Value": [_number(v) for v in items]}
+    return {"vr": vr, "Value": items}
+
+
+def _person_name(value: str) -> dict[str, str]:
+    """``Yamada^Tarou=山田^太郎=やまだ^たろう`` -> its component groups (PS3.18 F.2.2)."""
+    groups = zip(("Alphabetic", "Ideographic", "Phonetic"), value.split("=")[:3], strict=False)
+    return {name: text for name, text in groups if text}
+
+
+def _number(text: str) -> int | float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return None
 
 
 # -- retrieve (WADO-RS) ------------------------------------------------------------------
@@ -555,6 +591,8 @@ class StoredInstance:
     transfer_syntax: str
     patient_id: str
     size: int
+    #: The file-store key (names the file; never reused for other bytes).
+    key: str = ""
 
 
 def select_instances(scope: Scope, paths: Callable[[str], Path], study_uid: str,
@@ -577,7 +615,7 @@ def select_instances(scope: Scope, paths: Callable[[str], Path], study_uid: str,
         query = query.where(Series.series_uid == series_uid)
     if sop_uid:
         query = query.where(Instance.sop_uid == sop_uid)
-    rows = [StoredInstance(paths(key), study_uid, se, sop, cls, ts, pid, size)
+    rows = [StoredInstance(paths(key), study_uid, se, sop, cls, ts, pid, size, key)
             for key, sop, cls, ts, size, se, pid in
             query.order_by(Series.id, Instance.id).tuples()]
     if not rows:
@@ -619,6 +657,49 @@ def instance_metadata(item: StoredInstance, base_url: str,
     # The file meta's transfer syntax, as AvailableTransferSyntaxUID (0008,3002).
     out.setdefault("00083002", {"vr": "UI", "Value": [item.transfer_syntax]})
     return dict(sorted(out.items()))
+
+
+#: Stands for the request's base URL inside cached metadata (never in DICOM text:
+#: JSON writes the NUL characters as ``\u0000``).
+_BASE = "\u0000base\u0000"
+_BASE_JSON = json.dumps(_BASE)[1:-1]
+
+
+class MetadataCache:
+    """DICOM JSON of stored instances, by file-store key, within a byte budget (LRU).
+
+    A key's file never changes (a replaced instance gets a new key), so entries
+    never go stale; they only age out. Entries hold the JSON text with a
+    placeholder for the base URL, so one entry serves every base URL.
+    """
+
+    def __init__(self, budget: int = 64 << 20) -> None:
+        self.budget = budget
+        self.size = 0
+        self._entries: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def text(self, item: StoredInstance, key: str) -> str:
+        """The JSON text of one instance, with the base-URL placeholder."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        text = json.dumps(instance_metadata(item, _BASE), ensure_ascii=False)
+        with self._lock:
+            if key not in self._entries and len(text) < self.budget:
+                self._entries[key] = text
+                self.size += len(text)
+                while self.size > self.budget:
+                    _, old = self._entries.popitem(last=False)
+                    self.size -= len(old)
+        return text
+
+    def body(self, items: Sequence[StoredInstance], base_url: str) -> bytes:
+        """The metadata response body (a JSON array) of ``items`` under ``base_url``."""
+        joined = ",".join(self.text(i, i.key) for i in items)
+        return ("[" + joined.replace(_BASE_JSON, json.dumps(base_url)[1:-1]) + "]").encode()
 
 
 @dataclass(frozen=True)
@@ -795,6 +876,10 @@ def render_image(item: StoredInstance, frame: int, how: Rendering) -> bytes:
         raise NotFound(str(exc)) from exc
 
 
+#: The process's metadata cache.
+METADATA = MetadataCache()
+
+
 def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The bytes of a stored file in chunks."""
     with path.open("rb") as handle:
@@ -805,10 +890,12 @@ def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
 __all__ = [
     "BULK_THRESHOLD",
     "FRAME_MEDIA_TYPES",
+    "METADATA",
     "QUERY",
     "TOKEN_TTL",
     "Frames",
     "IssuedToken",
+    "MetadataCache",
     "NotAcceptableMedia",
     "Rendering",
     "Scope",

@@ -379,15 +379,15 @@ async def metadata(request: web.Request, call: Call) -> web.StreamResponse:
     _accepts_json(request)
     node = node_of(request)
 
-    def run() -> list:
+    def run() -> bytes:
         items = _selected(request, call, node.store.path)
-        body = [dw.instance_metadata(i, call.base_url) for i in items]
+        body = dw.METADATA.body(items, call.base_url)
         dw.record(call.scope, audit.INSTANCES_ACCESSED, "wado-metadata",
                   [i.study_uid for i in items],
                   f"WADO-RS {request.path[:300]}: {len(items)} instances")
         return body
 
-    return _json(request, await asyncio.to_thread(run))
+    return web.Response(body=await asyncio.to_thread(run), content_type=DICOM_JSON)
 
 
 async def frames(request: web.Request, call: Call) -> web.StreamResponse:
