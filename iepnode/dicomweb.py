@@ -758,8 +758,22 @@ def read_frames(item: StoredInstance, numbers: Sequence[int]) -> Frames:
     return Frames([get_frame(data, n - 1, number_of_frames=count) for n in numbers], media, ts)
 
 
-def read_bulkdata(item: StoredInstance, tag_text: str) -> list[bytes]:
+@dataclass(frozen=True)
+class Bulk:
+    """A bulk data value: its parts (pixel data: one per frame) and what they are."""
+
+    parts: list[bytes]
+    media_type: str
+    #: The pixel data's transfer syntax ("" for other values).
+    transfer_syntax: str = ""
+
+
+def read_bulkdata(item: StoredInstance, tag_text: str) -> Bulk:
     """A top-level binary value of an instance; pixel data as its frames.
+
+    Native pixel data is one ``application/octet-stream`` part, compressed pixel data
+    one part per frame in its compression; an Encapsulated Document has its own MIME
+    type (MIME Type of Encapsulated Document); anything else is octet-stream.
 
     Raises
     ------
@@ -773,17 +787,25 @@ def read_bulkdata(item: StoredInstance, tag_text: str) -> list[bytes]:
     if tag is None:
         raise NotFound("no such bulk data")
     if tag == PIXEL_DATA:
-        ds = dcmread(item.path, stop_before_pixels=True)
-        count = int(ds.get("NumberOfFrames") or 1)
         if item.transfer_syntax in NATIVE:
             full = dcmread(item.path)
-            return [bytes(full.PixelData)]
-        return read_frames(item, list(range(1, count + 1))).parts
+            if "PixelData" not in full:
+                raise NotFound("no pixel data")
+            return Bulk([bytes(full.PixelData)], "application/octet-stream", EXPLICIT_LE)
+        ds = dcmread(item.path, stop_before_pixels=True)
+        frames = read_frames(item, list(range(1, int(ds.get("NumberOfFrames") or 1) + 1)))
+        return Bulk(frames.parts, frames.media_type, frames.transfer_syntax)
     ds = dcmread(item.path, stop_before_pixels=True)
     elem = ds.get(tag)
     if elem is None or elem.VR not in _BINARY_VRS or elem.value is None:
         raise NotFound("no such bulk data")
-    return [bytes(elem.value)]
+    media = "application/octet-stream"
+    if tag == 0x00420011:  # Encapsulated Document
+        media = str(ds.get("MIMETypeOfEncapsulatedDocument", "") or media).strip().lower()
+        length = ds.get("EncapsulatedDocumentLength")
+        value = bytes(elem.value)
+        return Bulk([value[:int(length)] if length else value], media)
+    return Bulk([bytes(elem.value)], media)
 
 
 @dataclass(frozen=True)
@@ -893,6 +915,7 @@ __all__ = [
     "METADATA",
     "QUERY",
     "TOKEN_TTL",
+    "Bulk",
     "Frames",
     "IssuedToken",
     "MetadataCache",

@@ -571,3 +571,32 @@ async def test_a_viewer_opens_a_package_from_iepnode_serve(tmp_path: Path,
                                          first.SeriesInstanceUID, first.SOPInstanceUID, [1])
         assert frames == [first.PixelData]
         assert frames[0] == dcmread(stored_files[first.SOPInstanceUID]).PixelData
+
+
+async def test_an_encapsulated_pdf_report_through_its_bulkdata_uri(
+        client: Any, node: Node, tmp_path: Path, studies: dict[str, str]) -> None:
+    pdf = factory.minimal_pdf("report " + "x" * 3000)
+    like = stored(Instance.get(Instance.transfer_syntax == "1.2.840.10008.1.2.1").sop_uid, node)
+    store_files(node, [factory.make_pdf(tmp_path / "pdf", pdf=pdf, like=like)])
+    transaction, _ = share([studies["ct"]])
+    headers = bearer(recipient_token(transaction))
+    base = f"/dicomweb/t/{transaction.public_id}"
+    rows = json.loads(await (await client.get(f"{base}/studies/{studies['ct']}/metadata",
+                                              headers=headers)).text())
+    report = next(r for r in rows if "00420011" in r)
+    uri = report["00420011"]["BulkDataURI"]
+    assert report["00420011"]["vr"] == "OB" and "7FE00010" not in report
+    path = urllib.parse.urlsplit(uri).path
+    single = await client.get(path, headers={**headers, "Accept": "application/pdf"})
+    assert single.headers["Content-Type"] == "application/pdf"
+    assert await single.read() == pdf
+    multi = await client.get(path, headers={
+        **headers, "Accept": 'multipart/related; type="application/pdf"'})
+    got = parts(multi.headers["Content-Type"], await multi.read())
+    assert [p.get_content_type() for p in got] == ["application/pdf"]
+    assert got[0].get_payload(decode=True) == pdf
+    octets = await client.get(path, headers={
+        **headers, "Accept": 'multipart/related; type="application/octet-stream"'})
+    assert octets.status == 200
+    assert parts(octets.headers["Content-Type"], await octets.read())[0].get_payload(
+        decode=True) == pdf

@@ -415,24 +415,41 @@ async def frames(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
-    """The target of a metadata BulkDataURI (pixel data: its frames)."""
+    """The target of a metadata BulkDataURI (pixel data: its frames).
+
+    ``multipart/related`` as PS3.18 asks; a single value (a PDF, a LUT) is also given
+    as a bare body to a client that asks for exactly its media type (OHIF's
+    ``singlepart`` option does, for PDFs).
+    """
     node = node_of(request)
 
-    def run() -> tuple[dw.StoredInstance, list[bytes]]:
+    def run() -> tuple[dw.StoredInstance, dw.Bulk]:
         item = _selected(request, call, node.store.path)[0]
         return item, dw.read_bulkdata(item, request.match_info["tag"])
 
-    item, parts = await asyncio.to_thread(run)
-    media, syntax = "application/octet-stream", dw.EXPLICIT_LE
-    if request.match_info["tag"].upper() == "7FE00010" and item.transfer_syntax not in dw.NATIVE:
-        media = dw.FRAME_MEDIA_TYPES.get(item.transfer_syntax, media)
-        syntax = item.transfer_syntax
-    _accepts(request, media, {syntax})
-    multipart = Multipart(media)
-    body = multipart.body([(f"{media}; transfer-syntax={syntax}", p) for p in parts])
+    item, bulk = await asyncio.to_thread(run)
     await asyncio.to_thread(
         dw.record, call.scope, audit.INSTANCES_ACCESSED, "wado-bulkdata", [item.study_uid],
         f"WADO-RS bulkdata {request.match_info['tag'][:8]} of {item.sop_uid}")
+    ranges = parse_accept(request.headers.get("Accept", ""))
+    if len(bulk.parts) == 1 and not bulk.transfer_syntax and any(
+            m.type == bulk.media_type for m in ranges):
+        return web.Response(body=bulk.parts[0], content_type=bulk.media_type)
+    media = bulk.media_type
+    if bulk.transfer_syntax:  # pixel data: as frames are negotiated
+        alternatives = () if media == "application/octet-stream" else (
+            "application/octet-stream",)
+        _accepts(request, media, {bulk.transfer_syntax}, alternatives)
+    else:  # other values: their own type, or plain octet-stream
+        try:
+            _accepts(request, media, {""})
+        except NotAcceptable:
+            media = "application/octet-stream"
+            _accepts(request, media, {""})
+    multipart = Multipart(media)
+    part_type = media + (f"; transfer-syntax={bulk.transfer_syntax}"
+                         if bulk.transfer_syntax else "")
+    body = multipart.body([(part_type, p) for p in bulk.parts])
     return web.Response(body=body, headers={"Content-Type": multipart.content_type})
 
 
