@@ -524,6 +524,12 @@ async def test_rendered_images(client: Any, node: Node, studies: dict[str, str],
             ).status == 404
     assert [e.event_code for e in events("wado-rendered")][:1] == ["110103"]
 
+    thumb = await client.get(f"{base}/{studies['ct']}/thumbnail", headers=headers)
+    assert thumb.headers["Content-Type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(await thumb.read())).size) <= 128
+    small = await client.get(f"{url}/thumbnail?viewport=4,4&accept=image/png", headers=headers)
+    assert Image.open(io.BytesIO(await small.read())).size == (4, 4)
+
 
 # -- the real node, end to end ---------------------------------------------------------
 

@@ -17,6 +17,7 @@ Under each base (GET; HEAD too)::
     /studies/{s}/series/{se}/instances/{i}/bulkdata/{tag} BulkDataURI targets
     .../rendered, .../frames/{list}/rendered               JPEG / PNG (window,
                                                           viewport, quality)
+    .../thumbnail, .../frames/{list}/thumbnail             one small JPEG / PNG
 
 Authentication failures are 401 (``WWW-Authenticate: Bearer``); anything outside
 the caller's scope is 404, never 403; a recipient's transaction that is no longer
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import logging
 import re
@@ -509,6 +511,33 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
                         headers={**headers, "Content-Type": multipart.content_type})
 
 
+async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
+    """WADO-RS thumbnail: one small JPEG/PNG standing for a study, series or instance.
+
+    The middle instance of the selection (its first frame, or the first frame asked
+    for), fitted in 128x128 unless ``viewport`` says otherwise.
+    """
+    node = node_of(request)
+    try:
+        how = dw.parse_rendering(request.query, [m.type for m in parse_accept(
+            request.headers.get("Accept", ""))])
+    except dw.NotAcceptableMedia as exc:
+        raise NotAcceptable(str(exc)) from None
+    if how.size is None:
+        how = dataclasses.replace(how, size=(128, 128))
+    frame_text = request.match_info.get("frames", "")
+    frame = dw.parse_frame_list(frame_text)[0] if frame_text else 1
+
+    def run() -> bytes:
+        items = _selected(request, call, node.store.path)
+        image = dw.render_image(items[len(items) // 2], frame, how)
+        dw.record(call.scope, audit.INSTANCES_ACCESSED, "wado-thumbnail",
+                  [items[0].study_uid], f"WADO-RS {request.path[:300]}")
+        return image
+
+    return web.Response(body=await asyncio.to_thread(run), content_type=how.media_type)
+
+
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight: the allowed methods and headers for an allowed origin."""
     headers = _cors(request)
@@ -539,6 +568,10 @@ def setup_routes(app: web.Application) -> None:
         (f"{study}{series}/rendered", rendered),
         (f"{study}{series}{instance}/rendered", rendered),
         (f"{study}{series}{instance}/frames/{{frames}}/rendered", rendered),
+        (f"{study}/thumbnail", thumbnail),
+        (f"{study}{series}/thumbnail", thumbnail),
+        (f"{study}{series}{instance}/thumbnail", thumbnail),
+        (f"{study}{series}{instance}/frames/{{frames}}/thumbnail", thumbnail),
     ]
     for base in ("/dicomweb", "/dicomweb/t/{public_id}"):
         for path, view in routes:
