@@ -606,3 +606,23 @@ async def test_an_encapsulated_pdf_report_through_its_bulkdata_uri(
     assert octets.status == 200
     assert parts(octets.headers["Content-Type"], await octets.read())[0].get_payload(
         decode=True) == pdf
+
+
+def test_dicomweb_settings_are_checked(tmp_path: Path) -> None:
+    from config import load_settings
+    from config.settings import ConfigError
+
+    settings = load_settings(overrides={"data_dir": tmp_path}, environ={
+        "IEPNODE_DICOMWEB_CORS_ORIGINS": "https://viewer.example.org/, http://localhost:3000",
+        "IEPNODE_DICOMWEB_OHIF_URL": "https://viewer.example.org/"})
+    assert settings.dicomweb_cors_origins == ("https://viewer.example.org",
+                                              "http://localhost:3000")
+    assert settings.dicomweb_ohif_url == "https://viewer.example.org"
+    assert load_settings(overrides={"data_dir": tmp_path}, environ={}).dicomweb_cors_origins == ()
+    for bad in ("viewer.example.org", "https://viewer.example.org/path", "javascript:x"):
+        with pytest.raises(ConfigError, match="dicomweb_cors_origins"):
+            load_settings(overrides={"data_dir": tmp_path, "dicomweb_cors_origins": (bad,)},
+                          environ={})
+    with pytest.raises(ConfigError, match="dicomweb_ohif_url"):
+        load_settings(overrides={"data_dir": tmp_path, "dicomweb_ohif_url": "ftp://x"},
+                      environ={})
