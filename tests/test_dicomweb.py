@@ -384,6 +384,13 @@ async def test_staff_session_sees_every_study(client: Any, browser: Browser, nod
     assert response.status == 200
     assert len(json.loads(await response.text())) == 3
     assert events("qido")[-1].actor == "radiographer"
+    # Under a transaction's base URL staff see its studies, whatever its state.
+    transaction, _ = share([studies["other"]])
+    tx.decline(transaction, "wrong patient")
+    rows = json.loads(await (await browser.get(
+        f"/dicomweb/t/{transaction.public_id}/studies")).text())
+    assert [r["0020000D"]["Value"][0] for r in rows] == [studies["other"]]
+    assert events("qido")[-1].transaction_public_id == transaction.public_id
 
 
 # -- CORS ----------------------------------------------------------------------------------
