@@ -1168,14 +1168,14 @@ class Node:
 
 
     # -- DICOMweb (issue 4) --
-    # QIDO-RS/WADO-RS live in iepnode.dicomweb (web/dicomweb.py calls it); only the
-    # housekeeping of its tokens goes through the façade.
+    # QIDO-RS/WADO-RS live in iepnode.dicomweb and iepnode.dicomweb_access (web/dicomweb.py
+    # calls them); only the housekeeping of its tokens goes through the façade.
 
     def purge_dicomweb_tokens(self) -> int:
         """Delete DICOMweb tokens that expired or were revoked over a day ago."""
-        from iepnode import dicomweb
+        from iepnode import dicomweb_access
 
-        return dicomweb.purge_tokens()
+        return dicomweb_access.purge_tokens()
 
 
 def _contact(transaction: Transaction) -> Contact:

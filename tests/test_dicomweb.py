@@ -30,7 +30,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
-from iepnode import dicomweb as dw
+from iepnode import dicomweb_access as access
 from iepnode import transactions as tx
 from iepnode.node import Node
 from storage.models import AuditEvent, Instance, Transaction
@@ -95,7 +95,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def recipient_token(transaction: Transaction, **kw: Any) -> str:
-    return dw.issue_recipient_token(transaction.recipient_id, transaction.public_id, **kw).token
+    return access.issue_recipient_token(transaction.recipient_id, transaction.public_id, **kw).token
 
 
 def dicomweb_client(client: Any, base: str, token: str) -> DICOMwebClient:
@@ -271,7 +271,7 @@ async def test_qido_matching_on_postgresql(aiohttp_client: Any, tmp_path: Path,
 async def check_qido(client: Any, studies: dict[str, str]) -> None:
     """Matching (wildcards, ranges, tags), paging, includefield, warnings, bad keys."""
     user, _ = make_user("radiographer")
-    token = dw.issue_staff_token(user).token
+    token = access.issue_staff_token(user).token
 
     async def query(path: str) -> tuple[aiohttp.ClientResponse, list[dict]]:
         response = await client.get(path, headers=bearer(token))
@@ -357,12 +357,12 @@ async def test_tokens_expire_and_can_be_revoked(client: Any, node: Node,
 
     token = recipient_token(transaction)
     assert (await client.get(base, headers=bearer(token))).status == 200
-    assert dw.revoke_tokens(recipient_id=transaction.recipient_id,
+    assert access.revoke_tokens(recipient_id=transaction.recipient_id,
                             public_id=transaction.public_id) == 1
     assert (await client.get(base, headers=bearer(token))).status == 401
     # Housekeeping deletes them a day later.
     assert node.purge_dicomweb_tokens() == 0
-    assert dw.purge_tokens(now=time.time() + 2 * 86400) == 2
+    assert access.purge_tokens(now=time.time() + 2 * 86400) == 2
 
 
 async def test_a_declined_transaction_is_gone(client: Any, node: Node,

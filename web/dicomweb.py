@@ -41,6 +41,7 @@ from aiohttp import web
 
 from iepnode import audit
 from iepnode import dicomweb as dw
+from iepnode import dicomweb_access as access
 from iepnode.errors import BadQuery, Gone, NotFound
 from iepnode.query import Level
 from web.common import client_ip, node_of
@@ -69,7 +70,7 @@ class NotAcceptable(Exception):
 class Call:
     """One authorised DICOMweb request: its scope and its absolute base URL."""
 
-    scope: dw.Scope
+    scope: access.Scope
     base_url: str
 
 
@@ -116,12 +117,12 @@ def _base_url(request: web.Request) -> str:
     return f"{origin}{path}"
 
 
-def _scope(request: web.Request) -> dw.Scope:
+def _scope(request: web.Request) -> access.Scope:
     """Who is asking and what they may see (runs in a thread: database reads).
 
     Raises
     ------
-    dw.TokenRefused
+    access.TokenRefused
         A bad bearer token, or no credentials at all.
     NotFound, Gone
         As :func:`iepnode.dicomweb.token_scope` / :func:`recipient_scope`.
@@ -133,16 +134,16 @@ def _scope(request: web.Request) -> dw.Scope:
     ip = client_ip(request)
     authorization = request.headers.get("Authorization", "")
     if authorization:
-        return dw.token_scope(dw.resolve_token(_token(authorization)), public_id, ip)
+        return access.token_scope(access.resolve_token(_token(authorization)), public_id, ip)
     session = request[SESSION_KEY]
     if session is not None and session.recipient_id is not None:
         if not public_id:
             raise NotFound("recipients use their transaction's base URL")
-        return dw.recipient_scope(session.recipient_id, public_id, ip)
+        return access.recipient_scope(session.recipient_id, public_id, ip)
     user = node.admin.staff_for_session(session)
     if user is not None and node.admin.pending_step(user) is None:
-        return dw.staff_scope(user, public_id, ip)
-    raise dw.TokenRefused("sign in, or send a bearer token")
+        return access.staff_scope(user, public_id, ip)
+    raise access.TokenRefused("sign in, or send a bearer token")
 
 
 def _token(authorization: str) -> str:
@@ -152,7 +153,7 @@ def _token(authorization: str) -> str:
 
     Raises
     ------
-    dw.TokenRefused
+    access.TokenRefused
         Another scheme, or malformed credentials.
     """
     kind, _, value = authorization.strip().partition(" ")
@@ -165,7 +166,7 @@ def _token(authorization: str) -> str:
             password = ""
         if password:
             return password
-    raise dw.TokenRefused("send a bearer token")
+    raise access.TokenRefused("send a bearer token")
 
 
 Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
@@ -179,7 +180,7 @@ def dicomweb_view(view: Handler) -> Callable[[web.Request], Awaitable[web.Stream
         try:
             scope = await asyncio.to_thread(_scope, request)
             response = await view(request, Call(scope, _base_url(request)))
-        except dw.TokenRefused as exc:
+        except access.TokenRefused as exc:
             return _error(request, 401, f"Unauthorized: {exc}",
                           {"WWW-Authenticate": 'Bearer realm="dicomweb"'})
         except NotFound:
@@ -463,9 +464,9 @@ async def ohif_data_source(request: web.Request) -> web.Response:
     """
     settings = request.app[SETTINGS_KEY]
     try:
-        config = await asyncio.to_thread(dw.ohif_config, request.match_info["token"],
+        config = await asyncio.to_thread(access.ohif_config, request.match_info["token"],
                                          settings.public_url)
-    except dw.TokenRefused:
+    except access.TokenRefused:
         return _error(request, 404, "Not found")
     return web.json_response(config, headers=_cors(request))
 

@@ -21,7 +21,7 @@ import asyncio
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import dicomweb as dw
+from iepnode import dicomweb_access as dwa
 from storage.models import Recipient
 from web import admin
 from web.common import client_ip, public_id_of, see_other
@@ -30,10 +30,10 @@ from web.keys import SETTINGS_KEY
 
 
 def _recipient_access(recipient_id: int, public_id: str, ip: str, node_url: str,
-                      ohif_url: str) -> tuple[dw.ViewerAccess, Recipient]:
-    issued = dw.issue_recipient_token(recipient_id, public_id, source_ip=ip)
-    uids = sorted(dw.recipient_scope(recipient_id, public_id).study_uids or ())
-    return (dw.viewer_access(issued, node_url, public_id, uids, ohif_url),
+                      ohif_url: str) -> tuple[dwa.ViewerAccess, Recipient]:
+    issued = dwa.issue_recipient_token(recipient_id, public_id, source_ip=ip)
+    uids = sorted(dwa.recipient_scope(recipient_id, public_id).study_uids or ())
+    return (dwa.viewer_access(issued, node_url, public_id, uids, ohif_url),
             Recipient.get_by_id(recipient_id))
 
 
@@ -42,20 +42,20 @@ async def recipient_token(request: web.Request) -> web.Response:
     session = _recipient_session(request)
     public_id = public_id_of(request)
     settings = request.app[SETTINGS_KEY]
-    access, recipient = await asyncio.to_thread(_recipient_access, session.recipient_id, public_id,
+    links, recipient = await asyncio.to_thread(_recipient_access, session.recipient_id, public_id,
                                      client_ip(request), settings.public_url,
                                      settings.dicomweb_ohif_url)
     return aiohttp_jinja2.render_template("recipient/dicomweb.html", request, {
-        "access": access, "public_id": public_id, "csrf": session.csrf_token,
+        "access": links, "public_id": public_id, "csrf": session.csrf_token,
         "recipient": recipient,
-        "minutes": int(dw.TOKEN_TTL // 60)})
+        "minutes": int(dwa.TOKEN_TTL // 60)})
 
 
 async def recipient_revoke(request: web.Request) -> web.Response:
     """``POST /transactions/{public_id}/dicomweb-token/revoke``: end the recipient's tokens."""
     session = _recipient_session(request)
     public_id = public_id_of(request)
-    await asyncio.to_thread(dw.revoke_tokens, recipient_id=session.recipient_id,
+    await asyncio.to_thread(dwa.revoke_tokens, recipient_id=session.recipient_id,
                             public_id=public_id)
     return see_other(f"/transactions/{public_id}")
 
@@ -66,7 +66,7 @@ async def staff_page(request: web.Request, staff: admin.Staff) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     return admin._render(request, staff, "dicomweb.html", {
         "base_url": f"{settings.public_url}/dicomweb", "access": None,
-        "minutes": int(dw.TOKEN_TTL // 60)}, section="dicomweb")
+        "minutes": int(dwa.TOKEN_TTL // 60)}, section="dicomweb")
 
 
 @admin.staff_view()
@@ -75,18 +75,18 @@ async def staff_token(request: web.Request, staff: admin.Staff) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     form = await request.post()
     uids = [u for u in str(form.get("studies", "")).split() if u][:50]
-    issued = await asyncio.to_thread(dw.issue_staff_token, staff.user, source_ip=staff.ip)
-    access = dw.viewer_access(issued, settings.public_url, "", uids,
+    issued = await asyncio.to_thread(dwa.issue_staff_token, staff.user, source_ip=staff.ip)
+    links = dwa.viewer_access(issued, settings.public_url, "", uids,
                               settings.dicomweb_ohif_url)
     return admin._render(request, staff, "dicomweb.html", {
-        "base_url": access.base_url, "access": access,
-        "minutes": int(dw.TOKEN_TTL // 60)}, section="dicomweb")
+        "base_url": links.base_url, "access": links,
+        "minutes": int(dwa.TOKEN_TTL // 60)}, section="dicomweb")
 
 
 @admin.staff_view()
 async def staff_revoke(request: web.Request, staff: admin.Staff) -> web.Response:
     """``POST /admin/dicomweb/revoke``: end the staff member's tokens."""
-    await asyncio.to_thread(dw.revoke_tokens, staff_id=staff.user.id)
+    await asyncio.to_thread(dwa.revoke_tokens, staff_id=staff.user.id)
     return see_other("/admin/dicomweb")
 
 
