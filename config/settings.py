@@ -117,6 +117,14 @@ class Settings:
         Longest wait between two attempts of a send.
     send_max_attempts : int
         Attempts of a send before it is marked failed.
+    dicomweb_cors_origins : tuple of str
+        Origins (``https://viewer.example.org``) of web viewers hosted elsewhere that
+        may call the DICOMweb API from a browser (CORS); ``*`` allows any origin.
+        Empty (default): no cross-origin access.
+    dicomweb_ohif_url : str
+        Address of an OHIF Viewer (``https://viewer.example.org``) for the ready-made
+        "open in OHIF" links of DICOMweb tokens; empty: no OHIF link, only its data
+        source address.
     """
 
     data_dir: Path = Path("data")
@@ -154,6 +162,9 @@ class Settings:
     send_retry_seconds: float = 10.0
     send_retry_max_seconds: float = 900.0
     send_max_attempts: int = 20
+    # -- DICOMweb (issue 4) --
+    dicomweb_cors_origins: tuple[str, ...] = ()
+    dicomweb_ohif_url: str = ""
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -223,7 +234,9 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "send_max_attempts": "send_max_attempts",
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
-             "trusted_proxies": "trusted_proxies"},
+             "trusted_proxies": "trusted_proxies",
+             "dicomweb_cors_origins": "dicomweb_cors_origins",
+             "dicomweb_ohif_url": "dicomweb_ohif_url"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -419,6 +432,18 @@ def _validate_proxies(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(networks))
 
 
+def _validate_origins(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check DICOMweb CORS origins: ``*`` or ``scheme://host[:port]`` (no path)."""
+    out = []
+    for value in values:
+        value = value.strip().rstrip("/")
+        if value != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value):
+            raise ConfigError(f"dicomweb_cors_origins {value!r}: an origin such as "
+                              "https://viewer.example.org (scheme, host, optional port), or *")
+        out.append(value)
+    return tuple(dict.fromkeys(out))
+
+
 def _validate(s: Settings) -> Settings:
     if not _AE_TITLE.match(s.ae_title) or not s.ae_title.strip():
         raise ConfigError(f"ae_title {s.ae_title!r}: 1-16 printable characters, no backslash")
@@ -451,6 +476,10 @@ def _validate(s: Settings) -> Settings:
     replace(s, timezone=timezone).zone  # noqa: B018 - raises ConfigError for an unknown zone
     return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
                    timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
+                   dicomweb_cors_origins=_validate_origins(s.dicomweb_cors_origins),
+                   dicomweb_ohif_url=_http_url("dicomweb_ohif_url", s.dicomweb_ohif_url.strip(),
+                                               query=False) if s.dicomweb_ohif_url.strip()
+                   else "",
                    **messaging)
 
 

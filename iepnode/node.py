@@ -1177,6 +1177,17 @@ class Node:
         routing.remove_rule(rule_id, actor)
 
 
+    # -- DICOMweb (issue 4) --
+    # QIDO-RS/WADO-RS live in iepnode.dicomweb and iepnode.dicomweb_access (web/dicomweb.py
+    # calls them); only the housekeeping of its tokens goes through the façade.
+
+    def purge_dicomweb_tokens(self) -> int:
+        """Delete DICOMweb tokens that expired or were revoked over a day ago."""
+        from iepnode import dicomweb_access
+
+        return dicomweb_access.purge_tokens()
+
+
 def _contact(transaction: Transaction) -> Contact:
     return Contact(transaction.contact_name, transaction.contact_department,
                    transaction.contact_email, transaction.contact_phone)

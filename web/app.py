@@ -12,7 +12,17 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, download, forward, middlewares, proxies, recipient, viewer
+from web import (
+    admin,
+    dicomweb,
+    dicomweb_pages,
+    download,
+    forward,
+    middlewares,
+    proxies,
+    recipient,
+    viewer,
+)
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -61,4 +71,6 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     forward.setup_routes(app)
     admin.setup_routes(app)
     viewer.setup_routes(app)  # issue 4
+    dicomweb.setup_routes(app)  # issue 4: DICOMweb
+    dicomweb_pages.setup_routes(app)
     return app
