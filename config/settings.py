@@ -125,6 +125,9 @@ class Settings:
         Address of an OHIF Viewer (``https://viewer.example.org``) for the ready-made
         "open in OHIF" links of DICOMweb tokens; empty: no OHIF link, only its data
         source address.
+    upload_max_file_mb, upload_max_total_mb : int
+        Largest single file, and largest whole upload, a recipient may upload in answer
+        to a request (MiB).
     """
 
     data_dir: Path = Path("data")
@@ -165,6 +168,9 @@ class Settings:
     # -- DICOMweb (issue 4) --
     dicomweb_cors_origins: tuple[str, ...] = ()
     dicomweb_ohif_url: str = ""
+    # -- uploads on request (issue 7)
+    upload_max_file_mb: int = 4096
+    upload_max_total_mb: int = 16384
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -181,6 +187,11 @@ class Settings:
     def tmp_dir(self) -> Path:
         """Staging area on the same file system as the store (atomic renames)."""
         return self.data_dir / "tmp"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Uploads on request: one folder per upload, named by its random key."""
+        return self.data_dir / "staging"
 
     @property
     def log_dir(self) -> Path:
@@ -261,6 +272,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "passcode_minutes": "passcode_ttl_minutes",
         "timezone": "timezone",
         "max_forwards": "max_forwards",
+        "upload_max_file_mb": "upload_max_file_mb",
+        "upload_max_total_mb": "upload_max_total_mb",
     },
 }
 
@@ -412,7 +425,9 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
     if not institution or _CONTROL.search(institution) or len(institution) > 200:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
-                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100)):
+                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100),
+                            ("upload_max_file_mb", 1, 1 << 20),
+                            ("upload_max_total_mb", 1, 1 << 22)):
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} {value}: must be {low}-{high}")

@@ -14,6 +14,7 @@ from iepnode import __version__
 from iepnode.node import Node
 from web import (
     admin,
+    admin_requests,
     dicomweb,
     dicomweb_pages,
     download,
@@ -23,6 +24,7 @@ from web import (
     recipient,
     viewer,
 )
+from web import upload as upload_views
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -73,4 +75,6 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     viewer.setup_routes(app)  # issue 4
     dicomweb.setup_routes(app)  # issue 4: DICOMweb
     dicomweb_pages.setup_routes(app)
+    upload_views.setup_routes(app)  # issue 7: uploads on request
+    admin_requests.setup_routes(app)  # issue 7: staff create requests
     return app
