@@ -127,6 +127,14 @@ class Settings:
         names none.
     upload_staging_hours : float
         (uploads) Hours after which the staged files of an upload never sent are deleted.
+    dicomweb_cors_origins : tuple of str
+        Origins (``https://viewer.example.org``) of web viewers hosted elsewhere that
+        may call the DICOMweb API from a browser (CORS); ``*`` allows any origin.
+        Empty (default): no cross-origin access.
+    dicomweb_ohif_url : str
+        Address of an OHIF Viewer (``https://viewer.example.org``) for the ready-made
+        "open in OHIF" links of DICOMweb tokens; empty: no OHIF link, only its data
+        source address.
     upload_max_file_mb, upload_max_total_mb : int
         Largest single file, and largest whole upload, a recipient may upload in answer
         to a request (MiB).
@@ -173,6 +181,9 @@ class Settings:
     upload_issuer: str = ""
     upload_staging_hours: float = 48.0
     # -- end uploads (reconcile) --
+    # -- DICOMweb (issue 4) --
+    dicomweb_cors_origins: tuple[str, ...] = ()
+    dicomweb_ohif_url: str = ""
     # -- uploads on request (issue 7)
     upload_max_file_mb: int = 4096
     upload_max_total_mb: int = 16384
@@ -250,7 +261,9 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "send_max_attempts": "send_max_attempts",
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
-             "trusted_proxies": "trusted_proxies"},
+             "trusted_proxies": "trusted_proxies",
+             "dicomweb_cors_origins": "dicomweb_cors_origins",
+             "dicomweb_ohif_url": "dicomweb_ohif_url"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -455,6 +468,18 @@ def _validate_proxies(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(networks))
 
 
+def _validate_origins(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check DICOMweb CORS origins: ``*`` or ``scheme://host[:port]`` (no path)."""
+    out = []
+    for value in values:
+        value = value.strip().rstrip("/")
+        if value != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value):
+            raise ConfigError(f"dicomweb_cors_origins {value!r}: an origin such as "
+                              "https://viewer.example.org (scheme, host, optional port), or *")
+        out.append(value)
+    return tuple(dict.fromkeys(out))
+
+
 def _validate(s: Settings) -> Settings:
     if not _AE_TITLE.match(s.ae_title) or not s.ae_title.strip():
         raise ConfigError(f"ae_title {s.ae_title!r}: 1-16 printable characters, no backslash")
@@ -497,6 +522,10 @@ def _validate(s: Settings) -> Settings:
     return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
                    upload_pacs_ae=s.upload_pacs_ae.strip(), upload_issuer=s.upload_issuer.strip(),
                    timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
+                   dicomweb_cors_origins=_validate_origins(s.dicomweb_cors_origins),
+                   dicomweb_ohif_url=_http_url("dicomweb_ohif_url", s.dicomweb_ohif_url.strip(),
+                                               query=False) if s.dicomweb_ohif_url.strip()
+                   else "",
                    **messaging)
 
 

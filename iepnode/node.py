@@ -55,6 +55,7 @@ from iepnode.query import (
 )
 from iepnode.security import load_or_create_secret
 from iepnode.transactions import Contact, NewTransfer, StudyRow
+from iepnode.viewing import ViewingService
 from storage import hot_queries, index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
@@ -1152,6 +1153,15 @@ class Node:
                                                              source_ip),
                                  transaction=public_id)
 
+    # -- web viewer (issue 4) --------------------------------------------------------------
+
+    @functools.cached_property
+    def viewing(self) -> ViewingService:
+        """The web viewer's service (its frame cache lives as long as this process)."""
+        return ViewingService(self.store)
+
+    # -- end web viewer --------------------------------------------------------------------
+
     def route_stable_studies(self) -> int:
         """Queue sends for stable studies that routing rules match; return how many."""
         return routing.route_stable(self.settings.stable_age)
@@ -1304,6 +1314,15 @@ class Node:
         return upload_review.purge_abandoned(self.settings.data_dir,
                                              self.settings.upload_staging_hours * 3600)
     # -- end uploads (reconcile) ----------------------------------------------------------
+    # -- DICOMweb (issue 4) --
+    # QIDO-RS/WADO-RS live in iepnode.dicomweb and iepnode.dicomweb_access (web/dicomweb.py
+    # calls them); only the housekeeping of its tokens goes through the façade.
+
+    def purge_dicomweb_tokens(self) -> int:
+        """Delete DICOMweb tokens that expired or were revoked over a day ago."""
+        from iepnode import dicomweb_access
+
+        return dicomweb_access.purge_tokens()
 
 
 def _contact(transaction: Transaction) -> Contact:

@@ -382,6 +382,23 @@ class RoutedStudy(BaseModel):
         indexes = ((("rule", "study_uid"), True),)
 
 
+# -- DICOMweb access tokens (issue 4) -----------------------------------------------------
+
+
+class DicomwebToken(BaseModel):
+    """A short-lived bearer token for the DICOMweb API (``Authorization: Bearer ...``).
+
+    A recipient's token opens one transaction (``transaction`` set); a staff token
+    opens every study. Only the SHA-256 of the token is stored.
+    """
+
+    token_hash = peewee.CharField(max_length=64, unique=True)
+    recipient = peewee.ForeignKeyField(Recipient, null=True, on_delete="CASCADE")
+    staff = peewee.ForeignKeyField(StaffUser, null=True, on_delete="CASCADE")
+    transaction = peewee.ForeignKeyField(Transaction, null=True, on_delete="CASCADE")
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField(index=True)
+    revoked_at = peewee.DoubleField(null=True)
 # -- uploads in answer to a request (issue 7) ---------------------------------------------
 
 
@@ -459,5 +476,6 @@ ALL_MODELS = [
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
     StaffLoginFailures, UsedStaffCode, InstanceChecksum, SendJob, SendItem, SendRunnerBeat,
     TransactionSendAE, RouteRule, RoutedStudy,
+    DicomwebToken,  # issue 4: DICOMweb
     Upload, UploadFile,
 ]

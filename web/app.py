@@ -15,12 +15,15 @@ from iepnode.node import Node
 from web import (
     admin,
     admin_requests,
+    dicomweb,
+    dicomweb_pages,
     download,
     forward,
     middlewares,
     proxies,
     recipient,
     uploads_admin,  # staff review of patient uploads (issue 7)
+    viewer,
 )
 from web import upload as upload_views
 from web.keys import NODE_KEY, SETTINGS_KEY
@@ -71,6 +74,9 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     forward.setup_routes(app)
     admin.setup_routes(app)
     uploads_admin.setup_routes(app)  # issue 7: /admin/uploads
+    viewer.setup_routes(app)  # issue 4
+    dicomweb.setup_routes(app)  # issue 4: DICOMweb
+    dicomweb_pages.setup_routes(app)
     upload_views.setup_routes(app)  # issue 7: uploads on request
     admin_requests.setup_routes(app)  # issue 7: staff create requests
     return app
