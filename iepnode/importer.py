@@ -856,3 +856,8 @@ def import_path(
     log.info("import of %s: %d stored, %d duplicates, %d refused, %d skipped", path,
              report.stored, report.duplicates, len(report.rejected), len(report.skipped))
     return report
+
+
+#: Public names for other readers of CD copies (the upload review).
+iso_name = _iso_name
+read_dicomdir = _read_dicomdir

@@ -351,7 +351,7 @@ def _scan_single(path: Path, display_name: str, size: int, scan: _Scan) -> FileV
 
 def _dicomdir_verdict(path: Path) -> FileVerdict:
     try:
-        refs = importer._read_dicomdir(str(path))
+        refs = importer.read_dicomdir(str(path))
     except BadDataset as exc:
         return FileVerdict(SKIPPED, _reason(str(exc)))
     return FileVerdict(DICOMDIR, f"directory of {len(refs)} files")

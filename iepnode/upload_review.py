@@ -34,7 +34,7 @@ from typing import Any
 
 import peewee
 
-from iepnode import audit, sending, wrapping
+from iepnode import audit, importer, sending, wrapping
 from iepnode.audit import Actor
 from iepnode.errors import (
     BadDataset,
@@ -48,6 +48,7 @@ from iepnode.ingest import Ingester
 from iepnode.reconciliation import PatientIdentity, reconcile_stream
 from iepnode.upload_intake import (
     DICOM,
+    DICOMDIR,
     DOCUMENT_KINDS,
     FileVerdict,
     FoundObject,
@@ -260,10 +261,47 @@ def check(upload: Upload, data_dir: Path, *, fresh: bool = False,
         if (request.patient_birth_date and found.identity.birth_date
                 and found.identity.birth_date != request.patient_birth_date):
             found.mismatch.append("birth date")
+    missing = _missing_from_dicomdirs(upload, folder)
     review.patients = sorted(patients.values(), key=lambda p: -p.objects)
     review.studies = sorted(studies.values(), key=lambda s: (s["study_date"], s["study_uid"]))
     review.flags = _flags(review, upload, request)
+    if missing:
+        review.flags.append(f"The DICOMDIR lists {missing} file(s) that were not uploaded "
+                            "(part of the CD may be missing)")
     return review
+
+
+def _path_key(relpath: str, name: str) -> tuple[str, ...]:
+    parts = [p for p in relpath.replace("\\", "/").split("/") if p not in ("", ".")]
+    return tuple(importer.iso_name(p) for p in [*parts, name] if p)
+
+
+def _missing_from_dicomdirs(upload: Upload, folder: Path) -> int:
+    """How many files the upload's DICOMDIRs reference that were not uploaded with them.
+
+    A DICOMDIR's File IDs are relative to its own folder; the uploaded files are matched
+    by their folder path and name as the browser sent them (case and ISO 9660 ``;1``
+    ignored). Only whole, uploaded folders can be checked this way.
+    """
+    files = list(upload.files)
+    uploaded = {_path_key(f.relpath, f.display_name) for f in files
+                if f.completed_at is not None}
+    missing = 0
+    for upload_file in files:
+        if upload_file.verdict != DICOMDIR and not (
+                upload_file.detail and '"kind": "dicomdir"' in upload_file.detail):
+            continue
+        path = _file_path(folder, upload_file)
+        if path is None or not path.is_file():
+            continue
+        try:
+            refs = importer.read_dicomdir(str(path))
+        except BadDataset:
+            continue
+        base = _path_key(upload_file.relpath, "")
+        missing += sum((*base, *(importer.iso_name(p) for p in ref.file_id)) not in uploaded
+                       for ref in refs)
+    return missing
 
 
 def _flags(review: Review, upload: Upload, request: Transaction) -> list[str]:

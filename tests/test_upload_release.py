@@ -222,3 +222,39 @@ def test_patient_key_is_stable() -> None:
     a = PatientIdentity("1", "", "doe^jane", "19800101")
     b = PatientIdentity("1", "", "DOE^JANE ", "19800101")
     assert patient_key(a) == patient_key(b)
+
+
+def test_dicomdir_listing_files_not_uploaded_is_flagged(node: Node, tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    series = make_ct_series(tmp_path / "src", 3, PatientName="Doe^Jane",
+                            PatientBirthDate="19800101")
+    fs = FileSet()
+    for path in series:
+        fs.add(path)
+    cd = tmp_path / "cd"
+    try:
+        fs.write(cd)
+    finally:
+        fs._stage["t"].cleanup()
+    tree = sorted(p for p in cd.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    request = make_request()
+    files = {"DICOMDIR": (cd / "DICOMDIR").read_bytes()}
+    files.update({str(p.relative_to(cd)): p.read_bytes() for p in tree[:2]})  # one left out
+    upload = stage(node, request, files)
+    for row in UploadFile.select().where(UploadFile.upload == upload):
+        folder, _, name = ("CD/" + row.display_name).rpartition("/")
+        row.relpath, row.display_name = folder, name
+        row.save()
+    review = node.intake_upload(upload.id)
+    assert review.objects == 2
+    assert "The DICOMDIR lists 1 file(s) that were not uploaded (part of the CD may be " \
+        "missing)" in review.flags
+    whole = {"DICOMDIR": (cd / "DICOMDIR").read_bytes()}
+    whole.update({str(p.relative_to(cd)).lower(): p.read_bytes() for p in tree})  # case varies
+    complete = stage(node, request, whole)
+    for row in UploadFile.select().where(UploadFile.upload == complete):
+        folder, _, name = ("CD/" + row.display_name).rpartition("/")
+        row.relpath, row.display_name = folder, name
+        row.save()
+    assert node.intake_upload(complete.id).flags == []
