@@ -359,28 +359,35 @@ def _dicomdir_verdict(path: Path) -> FileVerdict:
 
 def _scan_document(fh: Any, display_name: str, kind: str, size: int,
                    scan: _Scan) -> FileVerdict:
-    if size > importer.MAX_OBJECT_SIZE:
-        return FileVerdict(SKIPPED, f"{kind.upper()} larger than {importer.MAX_OBJECT_SIZE} bytes")
+    from iepnode import wrapping  # the limits of what release can wrap
+
+    limit = wrapping.MAX_PDF_BYTES if kind == PDF else wrapping.MAX_IMAGE_BYTES
+    if size > limit:
+        return FileVerdict(SKIPPED, f"{kind.upper()} of {size} bytes is larger than the "
+                                    f"{limit}-byte limit for documents")
     fh.seek(0)
     data = fh.read()
     if kind == PDF:
         if b"%%EOF" not in data[-2048:]:
             return FileVerdict(SKIPPED, "PDF is truncated (no %%EOF marker)")
     else:
-        problem = _image_problem(data)
+        problem = _image_problem(data, wrapping.MAX_IMAGE_PIXELS)
         if problem:
             return FileVerdict(SKIPPED, f"{kind.upper()} cannot be read: {problem}")
     scan.found(FoundObject(display_name, kind), memoryview(data), "")
     return FileVerdict(kind, "", 1)
 
 
-def _image_problem(data: bytes) -> str:
+def _image_problem(data: bytes, max_pixels: int) -> str:
     from io import BytesIO
 
     from PIL import Image
 
     try:
         with Image.open(BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return f"{width} x {height} pixels, more than {max_pixels} (decompression bomb?)"
             image.verify()
     except Exception as exc:  # Pillow raises many kinds on broken images
         return _reason(str(exc)) or type(exc).__name__

@@ -246,6 +246,13 @@ def test_pdf_and_images(tmp_path: Path) -> None:
     assert broken.kind == SKIPPED and "cannot be read" in broken.reason
 
 
+def test_image_bomb_is_skipped(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(out, "PNG")  # 100 megapixels, a few kB
+    verdict = inspect_staged_file(staged(tmp_path, out.getvalue()), "bomb.png")
+    assert verdict.kind == SKIPPED and "decompression bomb" in verdict.reason
+
+
 def test_scan_hands_every_object_over(tmp_path: Path) -> None:
     series = make_ct_series(tmp_path / "src", 3)
     path = make_zip(tmp_path, {f"IM{i}": p.read_bytes() for i, p in enumerate(series)})
