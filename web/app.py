@@ -13,6 +13,7 @@ from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
 from web import admin, download, forward, middlewares, proxies, recipient
+from web import reports as report_views
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +41,7 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         The domain façade the views call.
     """
     chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
+             report_views.upload_limit,  # issue 4: attachment uploads (before csrf reads them)
              middlewares.csrf]
     if settings.trusted_proxies:  # first: everything after it sees the client's address
         chain.insert(0, proxies.middleware(settings.trusted_proxies))
@@ -60,4 +62,5 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     download.setup_routes(app)
     forward.setup_routes(app)
     admin.setup_routes(app)
+    report_views.setup_routes(app)  # issue 4: reports and attachments
     return app
