@@ -216,13 +216,6 @@ def add(
     return row
 
 
-def check_open_for_recipient(transaction: Transaction, now: float | None = None) -> None:
-    """A recipient adds attachments only while the transaction is live (else Gone)."""
-    from iepnode.downloads import check_downloadable
-
-    check_downloadable(transaction, now)
-
-
 def closed_for_recipient(transaction: Transaction, now: float | None = None) -> str:
     """Why the recipient cannot attach files now ('' if they can)."""
     from iepnode.downloads import unavailable_reason
@@ -232,5 +225,5 @@ def closed_for_recipient(transaction: Transaction, now: float | None = None) -> 
 
 __all__ = [
     "MAX_UPLOAD_BYTES", "AttachmentsView", "StudyChoice", "add", "attachments_of",
-    "check_open_for_recipient", "closed_for_recipient", "study_choices", "view",
+    "closed_for_recipient", "study_choices", "view",
 ]
