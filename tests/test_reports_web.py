@@ -365,3 +365,24 @@ async def test_nothing_can_be_attached_to_a_declined_transaction(
         csrf, factory.minimal_pdf(), "a.pdf", "application/pdf"))
     assert response.status == 410
     assert Attachment.select().count() == 0
+
+
+async def test_staff_reach_any_transaction_but_not_unknown_or_purged_ones(
+        browser: Browser, staff_browser: Browser, node: Node, study: dict[str, Any],
+        tmp_path: Path) -> None:
+    declined, token = share([study["uid"]])
+    tx.decline(Transaction.get_by_id(declined.id), "not mine")
+    base = f"/admin/transactions/{declined.public_id}"
+    assert "Radiology report (final)" in await staff_browser.page(f"{base}/reports")
+    pdf = await staff_browser.get(f"{base}/reports/{study['pdf_uid']}")
+    assert pdf.status == 200 and await pdf.read() == study["pdf"]
+    assert (await staff_browser.get("/admin/transactions/IEP00000000/reports")).status == 404
+    old = store_files(node, factory.make_ct_series(tmp_path / "old", 1, PatientID="P1"))
+    purged, _ = share([old], now=time.time() - 20 * tx.DAY)
+    node.purge_expired()
+    gone = await staff_browser.get(f"/admin/transactions/{purged.public_id}/attachments")
+    assert gone.status == 410
+    # A recipient session opens no staff page: it is sent to the staff login.
+    await log_in(browser, node, token)
+    response = await browser.get(f"{base}/reports")
+    assert response.status == 303 and response.headers["Location"].startswith("/admin/login")
