@@ -117,6 +117,17 @@ class Settings:
         Longest wait between two attempts of a send.
     send_max_attempts : int
         Attempts of a send before it is marked failed.
+    dicomweb_cors_origins : tuple of str
+        Origins (``https://viewer.example.org``) of web viewers hosted elsewhere that
+        may call the DICOMweb API from a browser (CORS); ``*`` allows any origin.
+        Empty (default): no cross-origin access.
+    dicomweb_ohif_url : str
+        Address of an OHIF Viewer (``https://viewer.example.org``) for the ready-made
+        "open in OHIF" links of DICOMweb tokens; empty: no OHIF link, only its data
+        source address.
+    upload_max_file_mb, upload_max_total_mb : int
+        Largest single file, and largest whole upload, a recipient may upload in answer
+        to a request (MiB).
     """
 
     data_dir: Path = Path("data")
@@ -154,6 +165,12 @@ class Settings:
     send_retry_seconds: float = 10.0
     send_retry_max_seconds: float = 900.0
     send_max_attempts: int = 20
+    # -- DICOMweb (issue 4) --
+    dicomweb_cors_origins: tuple[str, ...] = ()
+    dicomweb_ohif_url: str = ""
+    # -- uploads on request (issue 7)
+    upload_max_file_mb: int = 4096
+    upload_max_total_mb: int = 16384
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -170,6 +187,11 @@ class Settings:
     def tmp_dir(self) -> Path:
         """Staging area on the same file system as the store (atomic renames)."""
         return self.data_dir / "tmp"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Uploads on request: one folder per upload, named by its random key."""
+        return self.data_dir / "staging"
 
     @property
     def log_dir(self) -> Path:
@@ -223,7 +245,9 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "send_max_attempts": "send_max_attempts",
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
-             "trusted_proxies": "trusted_proxies"},
+             "trusted_proxies": "trusted_proxies",
+             "dicomweb_cors_origins": "dicomweb_cors_origins",
+             "dicomweb_ohif_url": "dicomweb_ohif_url"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -248,6 +272,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "passcode_minutes": "passcode_ttl_minutes",
         "timezone": "timezone",
         "max_forwards": "max_forwards",
+        "upload_max_file_mb": "upload_max_file_mb",
+        "upload_max_total_mb": "upload_max_total_mb",
     },
 }
 
@@ -399,7 +425,9 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
     if not institution or _CONTROL.search(institution) or len(institution) > 200:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
-                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100)):
+                            ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100),
+                            ("upload_max_file_mb", 1, 1 << 20),
+                            ("upload_max_total_mb", 1, 1 << 22)):
         value = getattr(s, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} {value}: must be {low}-{high}")
@@ -417,6 +445,18 @@ def _validate_proxies(values: tuple[str, ...]) -> tuple[str, ...]:
             raise ConfigError(f"trusted_proxies {value!r}: an IP address or network such as "
                               "10.0.0.5, 10.0.0.0/8 or fd00::/8") from exc
     return tuple(dict.fromkeys(networks))
+
+
+def _validate_origins(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check DICOMweb CORS origins: ``*`` or ``scheme://host[:port]`` (no path)."""
+    out = []
+    for value in values:
+        value = value.strip().rstrip("/")
+        if value != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", value):
+            raise ConfigError(f"dicomweb_cors_origins {value!r}: an origin such as "
+                              "https://viewer.example.org (scheme, host, optional port), or *")
+        out.append(value)
+    return tuple(dict.fromkeys(out))
 
 
 def _validate(s: Settings) -> Settings:
@@ -451,6 +491,10 @@ def _validate(s: Settings) -> Settings:
     replace(s, timezone=timezone).zone  # noqa: B018 - raises ConfigError for an unknown zone
     return replace(s, ae_title=s.ae_title.strip(), data_dir=s.data_dir.resolve(),
                    timezone=timezone, trusted_proxies=_validate_proxies(s.trusted_proxies),
+                   dicomweb_cors_origins=_validate_origins(s.dicomweb_cors_origins),
+                   dicomweb_ohif_url=_http_url("dicomweb_ohif_url", s.dicomweb_ohif_url.strip(),
+                                               query=False) if s.dicomweb_ohif_url.strip()
+                   else "",
                    **messaging)
 
 

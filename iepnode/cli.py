@@ -132,6 +132,30 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--as-user", default="", metavar="USERNAME",
                         help="staff user shown as the hospital contact")
 
+    # -- requests (issue 7) --
+    req = sub.add_parser("request", help="ask an individual to upload images they hold")
+    req_sub = req.add_subparsers(dest="request_command", required=True)
+    rcreate = req_sub.add_parser("create", help="create a request and email its link")
+    _common(rcreate)
+    rcreate.add_argument("--to", required=True, metavar="EMAIL", help="the individual's email")
+    rchannel = rcreate.add_mutually_exclusive_group(required=True)
+    rchannel.add_argument("--otp-mobile", metavar="NUMBER", help="passcodes by SMS")
+    rchannel.add_argument("--otp-email", metavar="EMAIL", help="passcodes to a second email")
+    rcreate.add_argument("--name", default="", help="the individual's name")
+    rcreate.add_argument("--last-name", required=True, help="the patient's last name")
+    rcreate.add_argument("--first-name", default="", help="the patient's first name")
+    rcreate.add_argument("--birth-date", default="", metavar="DD/MM/YYYY")
+    rcreate.add_argument("--sex", choices=("F", "M", "O"), default=None)
+    rcreate.add_argument("--patient-id", default="", help="the hospital's Patient ID")
+    rcreate.add_argument("--issuer", default="", help="Issuer of Patient ID")
+    rcreate.add_argument("--nhs-number", default="")
+    rcreate.add_argument("--reason", default="", help="why the images are needed")
+    rcreate.add_argument("--message", default="", help="a message shown with the request")
+    rcreate.add_argument("--priority", choices=("NORMAL", "URGENT"), default="NORMAL")
+    rcreate.add_argument("--expiry-days", type=int, help="days the request stays open")
+    rcreate.add_argument("--as-user", default="", metavar="USERNAME",
+                         help="staff user shown as the hospital contact")
+
     export = sub.add_parser("export", help="write the download zip of a transaction or study")
     _common(export)
     export.add_argument("what", metavar="TRANSACTION_OR_STUDY",
@@ -395,6 +419,36 @@ def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from iepnode import audit
+    from iepnode.image_requests import NewRequest
+    from iepnode.node import Node
+    from storage.models import StaffUser
+
+    node = Node(settings)
+    user = None
+    if args.as_user:
+        user = StaffUser.get_or_none(StaffUser.username == args.as_user.strip().lower())
+        if user is None:
+            print(f"iepnode: no staff user {args.as_user}", file=sys.stderr)
+            return 1
+    request = NewRequest(
+        recipient_email=args.to, patient_family_name=args.last_name,
+        patient_given_name=args.first_name, patient_birth_date=args.birth_date,
+        patient_sex=args.sex or "", patient_id=args.patient_id,
+        patient_id_issuer=args.issuer, nhs_number=args.nhs_number, reason=args.reason,
+        message=args.message, otp_mobile=args.otp_mobile or "",
+        otp_email=args.otp_email or "", recipient_name=args.name, priority=args.priority,
+        expiry_days=args.expiry_days or settings.transaction_expiry_days,
+    )
+    actor = audit.Actor("cli", user.username if user else getpass.getuser())
+    transaction = asyncio.run(node.create_request(request, actor=actor, user=user))
+    print(transaction.public_id)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     import os
     import re
@@ -450,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"ae": _cmd_ae, "import": _cmd_import, "fileset": _cmd_fileset,
                    "studies": _cmd_studies, "user": _cmd_user,
                    "transfer": _cmd_transfer, "export": _cmd_export, "send": _cmd_send,
-                   "route": _cmd_route}[args.command]
+                   "route": _cmd_route, "request": _cmd_request}[args.command]
         return handler(args, settings)
     except ConfigError as exc:
         print(f"iepnode: configuration error: {exc}", file=sys.stderr)

@@ -707,11 +707,33 @@ def _read(source: Source) -> tuple[bytes, _Layout | None]:
     return data, layout
 
 
-def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
+def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] | None:
+    """Read one candidate and prove it is a whole DICOM instance.
+
+    Parameters
+    ----------
+    source : Source
+        The candidate.
+    report : ImportReport
+        Receives why the candidate is skipped (not DICOM, a DICOMDIR) or refused.
+
+    Returns
+    -------
+    tuple of (memoryview, str) or None
+        The encoded dataset (no File Meta) and its transfer syntax; ``None`` when
+        the candidate was skipped or refused (recorded in ``report``).
+
+    Raises
+    ------
+    BadDataset
+        The object is DICOM but malformed or truncated.
+    OSError, zipfile.BadZipFile
+        It cannot be read.
+    """
     if source.size > MAX_OBJECT_SIZE:
         report.refuse(source.name, f"{source.size} bytes exceeds the {MAX_OBJECT_SIZE}-byte "
                                    "limit")
-        return
+        return None
     data, layout = _read(source)
     if layout is None:
         reason = "empty file" if source.size == 0 else "not DICOM (no DICM prefix, no dataset)"
@@ -719,12 +741,12 @@ def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> Non
             report.refuse(source.name, f"named like DICOM but {reason}")
         else:
             report.skip(source.name, reason)
-        return
+        return None
     if layout.meta_start is not None:
         meta, offset = _meta_at(data, layout.meta_start)
         if meta.sop_class == DICOMDIR_SOP_CLASS:
             report.skip(source.name, "DICOMDIR (file-set directory), not an instance")
-            return
+            return None
         syntax = meta.transfer_syntax
     else:
         offset = 0
@@ -733,6 +755,14 @@ def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> Non
     encapsulated = check_complete(stream, syntax)
     if layout.meta_start is None and encapsulated and not UID(syntax).is_compressed:
         raise BadDataset("raw dataset with compressed pixel data and no known transfer syntax")
+    return stream, syntax
+
+
+def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
+    loaded = load_object(source, report)
+    if loaded is None:
+        return
+    stream, syntax = loaded
     result = ingester.ingest(stream, syntax, source_ae="IMPORT")
     if result.outcome is Outcome.DUPLICATE_KEPT:
         report.duplicates += 1

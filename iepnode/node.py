@@ -22,6 +22,7 @@ from iepnode import (
     downloads,
     forward_mail,
     forwarding,
+    image_requests,
     logins,
     notifications,
     package,
@@ -29,6 +30,7 @@ from iepnode import (
     routing,
     sending,
     transactions,
+    uploads,
 )
 from iepnode.admin import AdminService
 from iepnode.audit import Actor
@@ -55,6 +57,7 @@ from iepnode.query import (
 )
 from iepnode.security import load_or_create_secret
 from iepnode.transactions import Contact, NewTransfer, StudyRow
+from iepnode.viewing import ViewingService
 from storage import hot_queries, index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
@@ -71,6 +74,7 @@ from storage.models import (
     Transaction,
     TransactionMessage,
     TransactionStudy,
+    Upload,
     WebSession,
 )
 
@@ -1152,6 +1156,15 @@ class Node:
                                                              source_ip),
                                  transaction=public_id)
 
+    # -- web viewer (issue 4) --------------------------------------------------------------
+
+    @functools.cached_property
+    def viewing(self) -> ViewingService:
+        """The web viewer's service (its frame cache lives as long as this process)."""
+        return ViewingService(self.store)
+
+    # -- end web viewer --------------------------------------------------------------------
+
     def route_stable_studies(self) -> int:
         """Queue sends for stable studies that routing rules match; return how many."""
         return routing.route_stable(self.settings.stable_age)
@@ -1169,6 +1182,88 @@ class Node:
     def remove_route(self, rule_id: int, actor: Actor) -> None:
         """Delete an auto-routing rule; see :func:`routing.remove_rule`."""
         routing.remove_rule(rule_id, actor)
+
+    # -- requests and uploads (issue 7) --
+    # A request (iepnode.image_requests) asks an individual for images; they answer with
+    # an upload staged by iepnode.uploads; the reconciliation behind iepnode.upload_hooks
+    # takes it from there.
+
+    @functools.cached_property
+    def uploads(self) -> uploads.UploadService:
+        """Staging and the chunk protocol of uploads on request."""
+        mib = uploads.MIB
+        return uploads.UploadService(self.settings.staging_dir, uploads.Limits(
+            self.settings.upload_max_file_mb * mib, self.settings.upload_max_total_mb * mib))
+
+    async def create_request(self, request: image_requests.NewRequest, *, actor: Actor,
+                             user: StaffUser | None = None) -> Transaction:
+        """Create a request for images, email its link to the recipient, audit it.
+
+        Raises
+        ------
+        InvalidRequest
+            See :func:`iepnode.image_requests.create_request`.
+        DeliveryError
+            The email could not be sent (the request stays).
+        """
+        transaction, token = await asyncio.to_thread(
+            image_requests.create_request, request, contact=self.contact_for(user),
+            institution=self.settings.institution, created_by=actor.name)
+        await asyncio.to_thread(
+            audit.record, PATIENT_RECORD, "request-create", actor,
+            patient_id=transaction.patient_id, transaction=transaction.public_id,
+            detail=f"to {transaction.recipient.email}")
+        subject, text = image_requests.request_email(
+            transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
+        await self.messenger.send_email(transaction.recipient.email, subject, text,
+                                        kind="request-link")
+        return transaction
+
+    async def send_upload(self, recipient_id: int, public_id: str,
+                          patient: uploads.ConfirmedPatient, message: str,
+                          source_ip: str = "") -> Upload:
+        """The uploader confirms an upload (see :meth:`UploadService.send`); the uploader
+        gets a confirmation email and the hospital contact a notice (failures to send
+        either are logged and audited, the upload stands)."""
+        upload = await asyncio.to_thread(self.uploads.send, recipient_id, public_id, patient,
+                                         message, source_ip)
+
+        def facts() -> tuple[Transaction, int, int]:
+            files = list(upload.files)
+            return upload.transaction, len(files), sum(f.size for f in files)
+
+        transaction, count, size = await asyncio.to_thread(facts)
+        subject, text = image_requests.upload_confirmation_email(
+            transaction, count, size, upload.sent_at or time.time(), self.settings.zone)
+        notices = [(upload.uploader, subject, text, "upload-confirmation")]
+        if transaction.contact_email:
+            notices.append((transaction.contact_email,
+                            f"Upload received for request {transaction.public_id}",
+                            f"{count} files ({size / 1e6:.1f} MB) were uploaded in answer to "
+                            f"request {transaction.public_id}. Review them before release:\n"
+                            f"{self.settings.public_url}/admin/transactions/"
+                            f"{transaction.public_id}\n", "upload-notice"))
+        for to, subject, text, kind in notices:
+            try:
+                await self.messenger.send_email(to, subject, text, kind=kind)
+            except DeliveryError as exc:
+                log.warning("%s for %s not sent: %s", kind, public_id, exc)
+                await asyncio.to_thread(
+                    audit.record, audit.INSTANCES_TRANSFERRED, f"{kind}-not-sent",
+                    audit.Actor("system", "uploads"), outcome=audit.MINOR_FAILURE,
+                    transaction=public_id, detail=str(exc)[:500])
+        return upload
+
+
+    # -- DICOMweb (issue 4) --
+    # QIDO-RS/WADO-RS live in iepnode.dicomweb and iepnode.dicomweb_access (web/dicomweb.py
+    # calls them); only the housekeeping of its tokens goes through the façade.
+
+    def purge_dicomweb_tokens(self) -> int:
+        """Delete DICOMweb tokens that expired or were revoked over a day ago."""
+        from iepnode import dicomweb_access
+
+        return dicomweb_access.purge_tokens()
 
     # -- reports and attachments (issue 4) --
     # Reports: a transaction's Encapsulated PDFs and SRs (iepnode.reports); attachments:

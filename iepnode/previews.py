@@ -3,7 +3,8 @@
 One image per series: the middle instance's middle frame, with the modality LUT
 (rescale) and the file's own VOI (window or VOI LUT) applied, else stretched from
 its minimum to its maximum; MONOCHROME1 inverted, palette colour expanded, colour
-converted to RGB by pydicom. Only that one frame is decoded (pydicom decodes a
+converted to RGB by pydicom (all of it in :mod:`iepnode.rendering`, the node's one
+rendering path). Only that one frame is decoded (pydicom decodes a
 single frame of a multi-frame file), so a preview costs the same for any study size.
 An object that cannot be decoded here (a transfer syntax without a decoder, no
 pixel data, a broken file) gets a plain placeholder naming why, never a failure.
@@ -25,8 +26,6 @@ PREVIEW_SIZE = 512
 MIN_SIZE = 256
 #: JPEG quality of previews.
 QUALITY = 85
-#: A frame larger than this (bytes, decoded) is not previewed.
-MAX_FRAME_BYTES = 256 << 20
 
 
 def preview_jpeg(path: Path, size: int = PREVIEW_SIZE) -> bytes:
@@ -60,44 +59,10 @@ def _reason(exc: Exception) -> str:
 
 
 def _render(path: Path):  # -> PIL.Image.Image
-    import numpy as np
-    from PIL import Image
-    from pydicom import dcmread
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+    """The middle frame, windowed as :mod:`iepnode.rendering` does for the viewer."""
+    from iepnode.rendering import read_info, render
 
-    ds = dcmread(path, stop_before_pixels=True)
-    if "Rows" not in ds or "Columns" not in ds:
-        raise ValueError("no image")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    bits = int(ds.get("BitsAllocated") or 8)
-    if int(ds.Rows) * int(ds.Columns) * samples * max(bits // 8, 1) > MAX_FRAME_BYTES:
-        raise ValueError("frame too large to preview")
-    index = frames // 2
-    arr = pixel_array(path, index=index)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-        photometric = "RGB"
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        rgb = arr[..., :3].astype(np.float64)
-        top = float(2 ** bits - 1) if arr.dtype != np.uint8 else 255.0
-        scaled = np.clip(rgb * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, "RGB")
-    if arr.ndim != 2:
-        raise ValueError(f"unexpected pixel array shape {arr.shape}")
-    values = apply_modality_lut(arr, ds).astype(np.float64)
-    has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
-    if has_voi:
-        values = apply_voi_lut(values, ds, index=0).astype(np.float64)
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        grey = np.zeros(values.shape, dtype=np.uint8)
-    else:
-        grey = np.clip((values - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
-    if photometric == "MONOCHROME1":
-        grey = 255 - grey
-    return Image.fromarray(grey, "L")
+    return render(path, read_info(path).frames // 2)
 
 
 def _encode(image, size: int) -> bytes:  # image: PIL.Image.Image

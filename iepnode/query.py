@@ -276,3 +276,19 @@ def iter_instance_keys(query: Query) -> Iterator[tuple[str, str, str, str]]:
         columns=[Instance.key, Instance.sop_class, Instance.sop_uid, Instance.transfer_syntax],
     ).order_by(Instance.series, Instance.id)
     yield from select.tuples().iterator()
+
+
+def condition_for(keyword: str, value: str) -> peewee.Expression | None:
+    """The match condition of one attribute (``None``: universal match or return-only).
+
+    For query interfaces other than C-FIND (DICOMweb QIDO-RS), which get keys and
+    values as text rather than in a dataset.
+
+    Raises
+    ------
+    KeyError
+        The attribute is not in the index (:data:`ATTRIBUTES`).
+    BadQuery
+        A malformed value (an empty range).
+    """
+    return _condition(keyword, ATTRIBUTES[keyword], value)

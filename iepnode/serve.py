@@ -55,6 +55,7 @@ async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
             if passes % ORPHAN_SWEEP_EVERY == 0:
                 await asyncio.to_thread(node.remove_orphan_filesets)
                 await asyncio.to_thread(node.purge_expired)
+                await asyncio.to_thread(node.purge_dicomweb_tokens)  # issue 4: DICOMweb
         except Exception:
             log.exception("housekeeping failed")
         passes += 1

@@ -41,6 +41,9 @@ ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (RemoteAE, "tls_ca", "VARCHAR(1024) NOT NULL DEFAULT ''"),
     (RemoteAE, "tls_cert", "VARCHAR(1024) NOT NULL DEFAULT ''"),
     (RemoteAE, "tls_key", "VARCHAR(1024) NOT NULL DEFAULT ''"),
+    # requests (issue 7)
+    (Transaction, "request_reason", "TEXT NOT NULL DEFAULT ''"),
+    (Transaction, "patient_id_issuer", "VARCHAR(64) NOT NULL DEFAULT ''"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.

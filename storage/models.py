@@ -172,6 +172,10 @@ class Transaction(BaseModel):
     #: The received package this one is a forwarded copy of (copies cannot be forwarded).
     forwarded_from = peewee.ForeignKeyField("self", null=True, backref="forwards",
                                             on_delete="CASCADE")
+    #: Requests (kind REQUEST, issue 7): why the hospital asks for images, and the issuer
+    #: of ``patient_id`` (Issuer of Patient ID) the upload is reconciled to.
+    request_reason = peewee.TextField(default="")
+    patient_id_issuer = peewee.CharField(max_length=64, default="")
 
 
 class TransactionStudy(BaseModel):
@@ -378,6 +382,95 @@ class RoutedStudy(BaseModel):
         indexes = ((("rule", "study_uid"), True),)
 
 
+# -- DICOMweb access tokens (issue 4) -----------------------------------------------------
+
+
+class DicomwebToken(BaseModel):
+    """A short-lived bearer token for the DICOMweb API (``Authorization: Bearer ...``).
+
+    A recipient's token opens one transaction (``transaction`` set); a staff token
+    opens every study. Only the SHA-256 of the token is stored.
+    """
+
+    token_hash = peewee.CharField(max_length=64, unique=True)
+    recipient = peewee.ForeignKeyField(Recipient, null=True, on_delete="CASCADE")
+    staff = peewee.ForeignKeyField(StaffUser, null=True, on_delete="CASCADE")
+    transaction = peewee.ForeignKeyField(Transaction, null=True, on_delete="CASCADE")
+    created_at = peewee.DoubleField()
+    expires_at = peewee.DoubleField(index=True)
+    revoked_at = peewee.DoubleField(null=True)
+# -- uploads in answer to a request (issue 7) ---------------------------------------------
+
+
+class Upload(BaseModel):
+    """Files a recipient uploads in answer to a request (a REQUEST transaction).
+
+    ``status``: ``STAGING`` (files arriving in ``DATA_DIR/staging/<key>/``), ``SENT``
+    (the uploader confirmed; waiting for staff), ``RELEASED`` (reconciled into the
+    store), ``REJECTED`` (staff refused it; staged data deleted) or ``CANCELLED``
+    (the uploader cancelled; staged data deleted).
+    """
+
+    transaction = peewee.ForeignKeyField(Transaction, backref="uploads", on_delete="CASCADE")
+    #: Random name of the staging folder (never from user input).
+    key = peewee.CharField(max_length=32, unique=True)
+    status = peewee.CharField(max_length=16, index=True)
+    #: The recipient who uploads (their email) and the message they wrote.
+    uploader = peewee.CharField(max_length=254, default="")
+    message = peewee.TextField(default="")
+    #: The patient details the uploader confirmed on the page (PN ``Family^Given``,
+    #: DA ``YYYYMMDD``, ``F``/``M``/``O``).
+    confirmed_name = peewee.CharField(max_length=324, default="")
+    confirmed_birth_date = peewee.CharField(max_length=8, default="")
+    confirmed_sex = peewee.CharField(max_length=16, default="")
+    total_bytes = peewee.BigIntegerField(default=0)
+    created_at = peewee.DoubleField(index=True)
+    updated_at = peewee.DoubleField()
+    sent_at = peewee.DoubleField(null=True)
+    released_at = peewee.DoubleField(null=True)
+    #: Staff username who released or rejected it.
+    released_by = peewee.CharField(max_length=64, default="")
+    #: Whole-upload check result of ``intake`` (JSON text; owned by the reconciliation).
+    review = peewee.TextField(default="")
+
+
+class UploadFile(BaseModel):
+    """One file of an upload, stored flat as ``DATA_DIR/staging/<upload.key>/<disk_name>``.
+
+    ``display_name`` and ``relpath`` are what the browser sent: shown (escaped) and used
+    to resolve DICOMDIR references inside the upload, never as names on disk.
+    """
+
+    upload = peewee.ForeignKeyField(Upload, backref="files", on_delete="CASCADE")
+    display_name = peewee.CharField(max_length=255)
+    #: Folder path of the file within what was dropped (``CD/DICOM/ST000``), or "".
+    relpath = peewee.CharField(max_length=1024, default="")
+    #: Server-chosen file name in the staging folder.
+    disk_name = peewee.CharField(max_length=32)
+    #: Size announced when the upload of this file began; ``received`` counts bytes on disk.
+    size = peewee.BigIntegerField()
+    received = peewee.BigIntegerField(default=0)
+    created_at = peewee.DoubleField()
+    completed_at = peewee.DoubleField(null=True)
+    #: Accepted kind (``dicom``, ``dicomdir``, ``zip``, ``pdf``, ``image``), ``skipped``,
+    #: or "" while not yet inspected.
+    verdict = peewee.CharField(max_length=16, default="")
+    #: Why it was skipped (shown to the uploader).
+    reason = peewee.TextField(default="")
+    #: DICOM objects found in the file (a zip or DICOMDIR tree counts its members).
+    objects = peewee.IntegerField(default=0)
+    #: The inspection's findings (JSON text: original patients, studies; reconciliation's).
+    detail = peewee.TextField(default="")
+
+    @property
+    def complete(self) -> bool:
+        """Every announced byte has arrived."""
+        return self.completed_at is not None
+
+    class Meta:
+        indexes = ((("upload", "disk_name"), True),)
+
+
 # -- attachments (issue 4) ----------------------------------------------------------------
 
 
@@ -410,5 +503,7 @@ ALL_MODELS = [
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
     StaffLoginFailures, UsedStaffCode, InstanceChecksum, SendJob, SendItem, SendRunnerBeat,
     TransactionSendAE, RouteRule, RoutedStudy,
+    DicomwebToken,  # issue 4: DICOMweb
+    Upload, UploadFile,
     Attachment,  # issue 4 (reports)
 ]

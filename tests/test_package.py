@@ -124,25 +124,25 @@ def test_previews_decode_what_they_can_and_say_so_otherwise(node: Node, tmp_path
     paths = [factory.copy_bundled(name, tmp_path / "in", SOPInstanceUID=generate_uid(),
                                   SeriesInstanceUID=generate_uid(), **same)
              for name in ("MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-                          "MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm")]
+                          "JPEG-lossy.dcm")]
     paths.append(factory.make_sr(tmp_path / "in", like=paths[0]))
     store_files(node, paths)
     files = unpack(node.study_package(study_uid))
     previews = [files[n] for n in sorted(files) if n.endswith(".JPG")]
-    assert len(previews) == 6  # one per series
+    assert len(previews) == 5  # one per series
     cannot_decode = placeholder_jpeg("No preview", "this image's compression cannot be shown "
                                      "here; open it in a DICOM viewer", size=256)
     report = placeholder_jpeg("Report", "No picture: open it in a DICOM viewer")
-    # 12-bit JPEG Extended: no decoder installed (JPEG-LS has one: pyjpegls, with highdicom)
+    # JPEG-lossy.dcm: a 12-bit JPEG neither libjpeg nor Pillow decodes (GDCM would)
     assert previews.count(cannot_decode) == 1
     assert previews.count(report) == 1  # the SR
     shown = [p for p in previews if p not in (cannot_decode, report)]
-    assert len(shown) == 4  # RLE, JPEG 2000, JPEG baseline and JPEG-LS decode
+    assert len(shown) == 3  # RLE, JPEG 2000 and JPEG baseline decode
     for jpeg in shown:
         with Image.open(io.BytesIO(jpeg)) as image:
             assert image.format == "JPEG" and 256 <= max(image.size) <= 512
     pages = b"".join(v for k, v in files.items() if k.endswith(".HTM"))
-    assert pages.count(b"<img ") == 6
+    assert pages.count(b"<img ") == 5
 
 
 @pytest.mark.parametrize("size", [101, 150_001], ids=["small-odd", "large-odd"])

@@ -208,7 +208,7 @@ async def test_link_passcode_session_dashboard(browser: Browser, node: Node, stu
                  "1 new", "Decline this transaction",
                  pages.format_epoch(transaction.expires_at, node.settings.zone)):
         assert text in html, text
-    assert ">View<" not in html  # not built yet
+    assert f'href="/transactions/{transaction.public_id}/view">View<' in html  # issue 4
     assert f'href="/transactions/{transaction.public_id}/download"' in html  # issue 5
     assert f'href="/transactions/{transaction.public_id}/forward">Forward<' in html
     assert "3 of 3 forwards left" in html

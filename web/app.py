@@ -12,8 +12,20 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
-from web import admin, download, forward, middlewares, proxies, recipient
+from web import (
+    admin,
+    admin_requests,
+    dicomweb,
+    dicomweb_pages,
+    download,
+    forward,
+    middlewares,
+    proxies,
+    recipient,
+    viewer,
+)
 from web import reports as report_views
+from web import upload as upload_views
 from web.keys import NODE_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
@@ -62,5 +74,10 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     download.setup_routes(app)
     forward.setup_routes(app)
     admin.setup_routes(app)
+    viewer.setup_routes(app)  # issue 4
+    dicomweb.setup_routes(app)  # issue 4: DICOMweb
+    dicomweb_pages.setup_routes(app)
+    upload_views.setup_routes(app)  # issue 7: uploads on request
+    admin_requests.setup_routes(app)  # issue 7: staff create requests
     report_views.setup_routes(app)  # issue 4: reports and attachments
     return app

@@ -1,0 +1,199 @@
+"""The web viewer: pages and the JSON/pixels they load (thin over :mod:`iepnode.viewing`).
+
+Routes, the same under two prefixes: ``/transactions/{public_id}`` for the
+recipient (their session; someone else's transaction or instance is a 404, a
+declined/expired/purged one a 410) and ``/admin/transactions/{public_id}`` for
+staff (signed in at /admin; any transaction whose images are stored)::
+
+    GET {prefix}/view                                   the viewer page
+    GET {prefix}/view/manifest.json                     patient, studies, series, instances
+    GET {prefix}/view/opened?study=UID                  audit: this study was opened (204)
+    GET {prefix}/view/instances/{sop}/frames/{n}.raw?max=S   frame n (1-based), raw values
+                                                        (reduced to fit S pixels if given)
+    GET {prefix}/view/instances/{sop}/frames/{n}.{png,jpg}?window=C,W&size=S   rendered
+    GET {prefix}/view/instances/{sop}/thumbnail.jpg     series thumbnail
+
+Frames and thumbnails are immutable (a stored file is never rewritten): strong
+ETags, ``Cache-Control: private, max-age=31536000, immutable``, 304 on a match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from iepnode import audit
+from iepnode.errors import NotFound
+from iepnode.previews import placeholder_jpeg
+from iepnode.rendering import RenderError
+from storage.models import Recipient, Transaction
+from web.common import client_ip, node_of, public_id_of
+from web.keys import SESSION_KEY
+
+_UID = re.compile(r"[0-9.]{1,64}")
+_IMMUTABLE = "private, max-age=31536000, immutable"
+_FORMATS = {"png": "image/png", "jpg": "image/jpeg"}
+
+# (transaction, actor) of the request, or an HTTP redirect/error.
+Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, audit.Actor]]]
+
+
+async def _as_recipient(request: web.Request) -> tuple[Transaction, audit.Actor]:
+    session = request[SESSION_KEY]
+    if session is None or session.recipient_id is None:
+        raise web.HTTPSeeOther("/signin")
+    public_id = public_id_of(request)
+    service = node_of(request).viewing
+
+    def resolve() -> tuple[Transaction, audit.Actor]:
+        transaction = service.for_recipient(session.recipient_id, public_id)
+        email = Recipient.get_by_id(session.recipient_id).email
+        return transaction, audit.Actor("recipient", email, client_ip(request))
+
+    return await asyncio.to_thread(resolve)
+
+
+async def _as_staff(request: web.Request) -> tuple[Transaction, audit.Actor]:
+    session = request[SESSION_KEY]
+    node = node_of(request)
+    admin = node.admin
+    user = await asyncio.to_thread(admin.staff_for_session, session)
+    if user is None or session is None or admin.pending_step(user):
+        raise web.HTTPSeeOther("/admin/login")
+    transaction = await asyncio.to_thread(node.viewing.for_staff, public_id_of(request))
+    return transaction, audit.Actor("staff", user.username, client_ip(request))
+
+
+def _uid(request: web.Request, name: str = "sop") -> str:
+    value = request.match_info.get(name) or request.query.get(name, "")
+    if not _UID.fullmatch(value):
+        raise NotFound(f"no such UID {value!r}")
+    return value
+
+
+def _frame_index(request: web.Request) -> int:
+    text = request.match_info["frame"]
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise NotFound(f"no frame {text!r}")
+    return int(text) - 1
+
+
+def _not_modified(request: web.Request, etag: str) -> bool:
+    return etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]
+
+
+def _immutable(request: web.Request, etag: str, body: bytes, content_type: str,
+               headers: dict[str, str] | None = None) -> web.Response:
+    common = {"ETag": etag, "Cache-Control": _IMMUTABLE, **(headers or {})}
+    if _not_modified(request, etag):
+        return web.Response(status=304, headers=common)
+    return web.Response(body=body, content_type=content_type, headers=common)
+
+
+def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
+    async def page(request: web.Request) -> web.Response:
+        transaction, _ = await resolve(request)
+        prefix = "/admin/transactions" if staff else "/transactions"
+        base = f"{prefix}/{transaction.public_id}"
+        return aiohttp_jinja2.render_template("viewer.html", request, {
+            "t": transaction, "api": f"{base}/view",
+            "back": f"/admin/transactions/{transaction.public_id}" if staff
+            else f"/?open={transaction.public_id}",
+        })
+
+    async def manifest(request: web.Request) -> web.Response:
+        transaction, _ = await resolve(request)
+        data = await asyncio.to_thread(node_of(request).viewing.manifest, transaction)
+        return web.json_response(data, dumps=lambda v: json.dumps(v, separators=(",", ":")))
+
+    async def opened(request: web.Request) -> web.Response:
+        transaction, actor = await resolve(request)
+        await asyncio.to_thread(node_of(request).viewing.record_view, transaction,
+                                _uid(request, "study"), actor)
+        return web.Response(status=204)
+
+    async def raw(request: web.Request) -> web.Response:
+        transaction, _ = await resolve(request)
+        service = node_of(request).viewing
+        index = _frame_index(request)
+        text = request.query.get("max", "")
+        if text and not (text.isdigit() and 64 <= int(text) <= 16384):
+            raise web.HTTPBadRequest(text="max must be 64 to 16384 pixels")
+        max_size = int(text) if text else None
+        located = await asyncio.to_thread(service.locate, transaction, _uid(request))
+        etag = f'"{located.key}-{index}-raw-{max_size or 0}"'
+        if _not_modified(request, etag):
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
+        try:
+            body, header = await asyncio.to_thread(service.raw, located, index, max_size)
+        except RenderError as exc:
+            raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+        return _immutable(request, etag, body, "application/octet-stream", {
+            "X-Frame-Info": json.dumps(header, separators=(",", ":")),
+        })
+
+    async def rendered(request: web.Request) -> web.Response:
+        transaction, _ = await resolve(request)
+        service = node_of(request).viewing
+        index = _frame_index(request)
+        media_type = _FORMATS[request.match_info["fmt"]]
+        center = width = None
+        window = request.query.get("window", "")
+        try:
+            if window:
+                center, width = (float(x) for x in window.split(",", 1))
+            size = int(request.query["size"]) if "size" in request.query else None
+        except ValueError:
+            raise web.HTTPBadRequest(text="window=CENTER,WIDTH and size=PIXELS") from None
+        if size is not None and not 16 <= size <= 8192:
+            raise web.HTTPBadRequest(text="size must be 16 to 8192 pixels")
+        located = await asyncio.to_thread(service.locate, transaction, _uid(request))
+        etag = f'"{located.key}-{index}-{window}-{size}-{request.match_info["fmt"]}"'
+        if _not_modified(request, etag):
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
+        try:
+            body = await asyncio.to_thread(service.rendered, located, index,
+                                           media_type=media_type, center=center, width=width,
+                                           size=size)
+        except RenderError as exc:
+            raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+        return _immutable(request, etag, body, media_type)
+
+    async def thumbnail(request: web.Request) -> web.Response:
+        transaction, _ = await resolve(request)
+        service = node_of(request).viewing
+        located = await asyncio.to_thread(service.locate, transaction, _uid(request))
+        frames = int(request.query.get("frames", "1")) if request.query.get(
+            "frames", "1").isdigit() else 1
+        etag = f'"{located.key}-thumb-{frames}"'
+        if _not_modified(request, etag):
+            return web.Response(status=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
+        try:
+            body = await asyncio.to_thread(service.thumbnail, located, frames)
+        except RenderError:
+            body = placeholder_jpeg("No image", size=96)
+        return _immutable(request, etag, body, "image/jpeg")
+
+    return {"page": page, "manifest": manifest, "opened": opened, "raw": raw,
+            "rendered": rendered, "thumbnail": thumbnail}
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register the viewer's routes for recipients and for staff."""
+    for prefix, resolve, staff in (("/transactions/{public_id}", _as_recipient, False),
+                                   ("/admin/transactions/{public_id}", _as_staff, True)):
+        views: dict[str, Any] = _routes(resolve, staff=staff)
+        base = f"{prefix}/view"
+        app.router.add_get(base, views["page"])
+        app.router.add_get(f"{base}/manifest.json", views["manifest"])
+        app.router.add_get(f"{base}/opened", views["opened"])
+        app.router.add_get(base + "/instances/{sop}/frames/{frame}.raw", views["raw"])
+        app.router.add_get(base + "/instances/{sop}/frames/{frame}.{fmt:png|jpg}",
+                           views["rendered"])
+        app.router.add_get(base + "/instances/{sop}/thumbnail.jpg", views["thumbnail"])
