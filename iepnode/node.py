@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from config import Settings
 from iepnode import (
+    attachments,
     audit,
     checksums,
     downloads,
@@ -25,6 +26,7 @@ from iepnode import (
     logins,
     notifications,
     package,
+    reports,
     routing,
     sending,
     transactions,
@@ -34,6 +36,7 @@ from iepnode import (
 from iepnode.admin import AdminService
 from iepnode.audit import Actor
 from iepnode.errors import (
+    BadDataset,
     Gone,
     InvalidRequest,
     LoginRefused,
@@ -61,6 +64,7 @@ from storage.db import open_database
 from storage.filestore import FileStore
 from storage.group_commit import GroupCommitter
 from storage.models import (
+    Attachment,
     LoginAttempt,
     Recipient,
     RemoteAE,
@@ -1323,6 +1327,132 @@ class Node:
         from iepnode import dicomweb_access
 
         return dicomweb_access.purge_tokens()
+
+    # -- reports and attachments (issue 4) --
+    # Reports: a transaction's Encapsulated PDFs and SRs (iepnode.reports); attachments:
+    # files wrapped as DICOM and stored through the ingest path (iepnode.attachments).
+    # Recipients reach only their own live transactions (someone else's: NotFound;
+    # declined, expired, purged: Gone), staff any transaction whose files are stored.
+    # Give ``recipient_id`` for a recipient, ``staff`` for a staff user.
+
+    def _report_access(self, public_id: str, *, recipient_id: int | None = None,
+                       staff: StaffUser | None = None,
+                       source_ip: str = "") -> tuple[Transaction, Actor, str]:
+        """The transaction, the audit actor and the name shown in the thread."""
+        if recipient_id is not None:
+            recipient = Recipient.get_by_id(recipient_id)
+            transaction = transactions.get_for_recipient(recipient, public_id)
+            downloads.check_downloadable(transaction)
+            return (transaction, Actor("recipient", recipient.email, source_ip),
+                    recipient.name or recipient.email)
+        if staff is None:
+            raise NotFound("no one asked")
+        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        if transaction is None:
+            raise NotFound(f"no transaction {public_id}")
+        if transaction.purged_at:
+            raise Gone("The images of this transaction have been removed: it has expired.")
+        return (transaction, Actor("staff", staff.username, source_ip),
+                staff.display_name or staff.username)
+
+    @staticmethod
+    def _study_uids_of(transaction: Transaction) -> list[str]:
+        return [ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
+                .where(TransactionStudy.transaction == transaction.id)
+                .order_by(TransactionStudy.id)]
+
+    def transaction_reports(self, public_id: str, *, recipient_id: int | None = None,
+                            staff: StaffUser | None = None, source_ip: str = "",
+                            ) -> tuple[Transaction, list[reports.ReportEntry]]:
+        """The PDF and SR reports of a transaction's studies (the listing is audited).
+
+        Raises
+        ------
+        NotFound, Gone
+            See the block comment above.
+        """
+        transaction, actor, _ = self._report_access(public_id, recipient_id=recipient_id,
+                                                    staff=staff, source_ip=source_ip)
+        entries = reports.list_reports(self._study_uids_of(transaction), self.store.path)
+        audit.record(PATIENT_RECORD, "view-reports", actor, patient_id=transaction.patient_id,
+                     transaction=public_id, detail=f"{len(entries)} reports listed")
+        return transaction, entries
+
+    def open_report(self, public_id: str, sop_uid: str, *, recipient_id: int | None = None,
+                    staff: StaffUser | None = None, source_ip: str = "",
+                    ) -> tuple[reports.ReportEntry, bytes | reports.SrDocument]:
+        """One report of a transaction: PDF bytes or a readable SR (audited, DCM 110103).
+
+        Raises
+        ------
+        NotFound
+            Not a report of this transaction's studies (or as above).
+        Gone
+            As above.
+        BadDataset
+            The stored file cannot be read as what it claims to be.
+        """
+        transaction, actor, _ = self._report_access(public_id, recipient_id=recipient_id,
+                                                    staff=staff, source_ip=source_ip)
+        if not reports.is_uid(sop_uid):
+            raise NotFound("no such report")
+        found = reports.list_reports(self._study_uids_of(transaction), self.store.path,
+                                     sop_uid=sop_uid)
+        if not found:
+            raise NotFound("no such report")
+        entry = found[0]
+        try:
+            content = (reports.load_pdf(entry.path) if entry.kind == "pdf"
+                       else reports.render_sr(entry.path))
+        except BadDataset as exc:
+            audit.record(audit.INSTANCES_ACCESSED, "report-open", actor,
+                         outcome=audit.MINOR_FAILURE, patient_id=transaction.patient_id,
+                         study_uid=entry.study_uid, transaction=public_id,
+                         detail=f"{entry.kind} {sop_uid}: {exc}"[:500])
+            raise
+        audit.record(audit.INSTANCES_ACCESSED, "report-open", actor,
+                     patient_id=transaction.patient_id, study_uid=entry.study_uid,
+                     transaction=public_id, detail=f"{entry.kind} {sop_uid}")
+        return entry, content
+
+    def attachments_view(self, public_id: str, *, recipient_id: int | None = None,
+                         staff: StaffUser | None = None,
+                         source_ip: str = "") -> attachments.AttachmentsView:
+        """The attachments of a transaction and the studies a new one may join (audited).
+
+        A recipient may look at the list of a declined or expired transaction (nothing
+        can be attached to it); the files themselves are then Gone like the download.
+        """
+        if recipient_id is not None:
+            recipient = Recipient.get_by_id(recipient_id)
+            transaction = transactions.get_for_recipient(recipient, public_id)
+            closed = attachments.closed_for_recipient(transaction)
+            actor = Actor("recipient", recipient.email, source_ip)
+        else:
+            transaction, actor, _ = self._report_access(public_id, staff=staff,
+                                                        source_ip=source_ip)
+            closed = ""
+        audit.record(PATIENT_RECORD, "view-attachments", actor,
+                     patient_id=transaction.patient_id, transaction=public_id)
+        return attachments.view(transaction, closed)
+
+    def add_attachment(self, public_id: str, *, data: bytes, original_name: str,
+                       title: str = "", study_uid: str = "", recipient_id: int | None = None,
+                       staff: StaffUser | None = None, source_ip: str = "") -> Attachment:
+        """Attach a PDF/JPEG/PNG to a transaction's study; see :func:`attachments.add`.
+
+        Raises
+        ------
+        AttachmentRefused
+            The file was refused (nothing stored); the message says why.
+        NotFound, Gone, InvalidRequest
+            As :meth:`open_report`; no study chosen when there are several.
+        """
+        transaction, actor, label = self._report_access(
+            public_id, recipient_id=recipient_id, staff=staff, source_ip=source_ip)
+        return attachments.add(self.ingester, transaction, data=data,
+                               original_name=original_name, title=title, study_uid=study_uid,
+                               actor=actor, author_label=label)
 
 
 def _contact(transaction: Transaction) -> Contact:

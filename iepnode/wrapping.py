@@ -318,7 +318,14 @@ def wrap_image(
         )
     image = _open_image(data, kind, max_pixels)
     keep_jpeg = kind == "jpeg" and _is_plain_baseline_jpeg(data, image)
-    pixels, photometric = _pixels(image, kind)
+    if keep_jpeg:
+        # The bitstream is kept: highdicom builds the modules around a one-pixel stand-in
+        # (no 36 MB copy of a 12 MP photo), then the real size and frame are set below.
+        channels = 1 if image.mode == "L" else 3
+        pixels = np.zeros((1, 1) if channels == 1 else (1, 1, 3), dtype=np.uint8)
+        photometric = "MONOCHROME2" if channels == 1 else "RGB"
+    else:
+        pixels, photometric = _pixels(image, kind)
     now = dt.datetime.now()
     study_uid = study.study_uid if study is not None else generate_uid()
     with warnings.catch_warnings():
@@ -352,12 +359,14 @@ def wrap_image(
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
     if keep_jpeg:
+        width, height = image.size
+        ds.Rows, ds.Columns = height, width
         ds.PhotometricInterpretation = _jpeg_photometric(image)
         ds.PixelData = encapsulate([data])
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
         ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionRatio = round(pixels.nbytes / len(data), 2)
+        ds.LossyImageCompressionRatio = round(width * height * channels / len(data), 2)
         ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     _original_name(ds, original_name)

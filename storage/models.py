@@ -471,6 +471,33 @@ class UploadFile(BaseModel):
         indexes = ((("upload", "disk_name"), True),)
 
 
+# -- attachments (issue 4) ----------------------------------------------------------------
+
+
+class Attachment(BaseModel):
+    """A document or picture someone attached to a transaction, stored as DICOM.
+
+    The instance itself is an ordinary indexed instance of one of the transaction's
+    studies (so it is in the package, the file-set and the viewer); this row says who
+    attached it, to which transaction, and what the file was.
+    """
+
+    transaction = peewee.ForeignKeyField(Transaction, backref="attachments",
+                                         on_delete="CASCADE")
+    study_uid = peewee.CharField(max_length=64)
+    sop_uid = peewee.CharField(max_length=64, unique=True)
+    sop_class = peewee.CharField(max_length=64)
+    title = peewee.CharField(max_length=64, default="")
+    #: The uploader's file name, for display only (never used on disk).
+    original_name = peewee.CharField(max_length=255, default="")
+    media_type = peewee.CharField(max_length=32)
+    size_bytes = peewee.BigIntegerField()
+    #: ``staff`` or ``recipient``, and who (username or email).
+    author_kind = peewee.CharField(max_length=16)
+    author = peewee.CharField(max_length=254)
+    created_at = peewee.DoubleField()
+
+
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
@@ -478,4 +505,5 @@ ALL_MODELS = [
     TransactionSendAE, RouteRule, RoutedStudy,
     DicomwebToken,  # issue 4: DICOMweb
     Upload, UploadFile,
+    Attachment,  # issue 4 (reports)
 ]

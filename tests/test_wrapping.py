@@ -147,6 +147,15 @@ def test_baseline_jpeg_keeps_its_bitstream(tmp_path):
     # Same bitstream, possibly another decoder: within a grey level or two.
     assert np.abs(back.pixel_array.astype(int) - decoded.astype(int)).mean() < 2
 
+    grey = _image_bytes(_noise((70, 30), seed=4), "JPEG")
+    ds = wrap_image(grey, PATIENT)
+    assert _verify(ds, tmp_path / "grey.dcm") == []
+    back = dcmread(tmp_path / "grey.dcm")
+    assert (back.file_meta.TransferSyntaxUID, back.PhotometricInterpretation) == (
+        JPEGBaseline8Bit, "MONOCHROME2")
+    assert (back.Rows, back.Columns, back.SamplesPerPixel) == (70, 30, 1)
+    assert back.pixel_array.shape == (70, 30)
+
 
 def test_progressive_and_rotated_jpegs_are_decoded(tmp_path):
     arr = _noise((40, 60), seed=3)

@@ -25,6 +25,7 @@ from web import (
     uploads_admin,  # staff review of patient uploads (issue 7)
     viewer,
 )
+from web import reports as report_views
 from web import upload as upload_views
 from web.keys import NODE_KEY, SETTINGS_KEY
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         The domain façade the views call.
     """
     chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
+             report_views.upload_limit,  # issue 4: attachment uploads (before csrf reads them)
              middlewares.csrf]
     if settings.trusted_proxies:  # first: everything after it sees the client's address
         chain.insert(0, proxies.middleware(settings.trusted_proxies))
@@ -79,4 +81,5 @@ def create_app(settings: Settings, node: Node) -> web.Application:
     dicomweb_pages.setup_routes(app)
     upload_views.setup_routes(app)  # issue 7: uploads on request
     admin_requests.setup_routes(app)  # issue 7: staff create requests
+    report_views.setup_routes(app)  # issue 4: reports and attachments
     return app

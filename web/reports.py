@@ -1,0 +1,257 @@
+"""Reports (PDF, SR) and attachments of a transaction, for its recipient and for staff.
+
+Routes (recipient session; staff under ``/admin`` with a staff session)::
+
+    GET  [/admin]/transactions/{public_id}/reports            the PDFs and SRs of its studies
+    GET  [/admin]/transactions/{public_id}/reports/{sop_uid}  one report: a PDF inline, an
+                                                              SR as a readable page
+    GET  [/admin]/transactions/{public_id}/attachments        attachments + the upload form
+    POST [/admin]/transactions/{public_id}/attachments        attach a PDF, JPEG or PNG
+                                                              (multipart; CSRF as any POST)
+
+Access is the download's: a recipient reaches only their own transactions (someone
+else's is a 404) while they are live (declined, expired, purged: 410); staff reach any.
+A PDF goes out as ``application/pdf`` with ``Content-Disposition: inline`` and a name
+made here, ``nosniff``, and a ``sandbox`` CSP (no script of the document runs with the
+site's origin). An SR is printed from text through autoescaped templates.
+
+Upload size: the app's body limit is 1 MiB; :func:`upload_limit` raises it for the two
+attachment POSTs of a logged-in session only, to :data:`~iepnode.attachments.MAX_UPLOAD_BYTES`
+(aiohttp spools file fields to a temporary file, not memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from iepnode.attachments import MAX_UPLOAD_BYTES
+from iepnode.errors import InvalidRequest
+from iepnode.reports import safe_filename
+from storage.models import WebSession
+from web.admin import Staff, staff_view
+from web.common import client_ip, node_of, public_id_of, see_other
+from web.keys import SESSION_KEY
+from web.middlewares import SECURITY_HEADERS, Handler
+
+_ATTACH_POST = re.compile(r"(/admin)?/transactions/IEP[0-9]{8}/attachments")
+#: Room for the form's other fields and the multipart framing.
+_FORM_MARGIN = 64 * 1024
+#: The PDF's own policy: a sandboxed document (unique origin, no scripts, no forms).
+PDF_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+_NOTICES = {"added": "The file is attached: it is now part of the study, in the download "
+                     "and the viewer, and the other side has been told in the messages."}
+
+RECIPIENT_LAYOUT = "reports/_recipient_layout.html"
+STAFF_LAYOUT = "reports/_staff_layout.html"
+
+
+@web.middleware
+async def upload_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Allow attachment-sized bodies on the attachment POSTs of a logged-in session.
+
+    Must run after the sessions middleware and before the CSRF one (which reads the form).
+    """
+    if (request.method == "POST" and request.get(SESSION_KEY) is not None
+            and _ATTACH_POST.fullmatch(request.path)):
+        request = request.clone(client_max_size=MAX_UPLOAD_BYTES + _FORM_MARGIN)
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return aiohttp_jinja2.render_template("error.html", request, {
+                "title": "File too large",
+                "text": f"The largest file you can attach is "
+                        f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB. Nothing was stored."},
+                status=413)
+        finally:
+            _close_files(request)
+    return await handler(request)
+
+
+def _close_files(request: web.Request) -> None:
+    """Close the temporary files aiohttp spooled the form's file fields into.
+
+    aiohttp leaves them open; the parsed form is cached on the request (``_post``,
+    also when the CSRF check refused the request).
+    """
+    form = getattr(request, "_post", None) or {}
+    for value in form.values():
+        if isinstance(value, web.FileField):
+            value.file.close()
+
+
+def _recipient_session(request: web.Request) -> WebSession:
+    session = request[SESSION_KEY]
+    if session is None or session.recipient_id is None:
+        raise web.HTTPSeeOther("/signin")
+    return session
+
+
+def _pdf_response(entry: Any, data: bytes) -> web.Response:
+    return web.Response(body=data, headers={
+        **SECURITY_HEADERS,
+        "Content-Type": "application/pdf",
+        "Content-Disposition": f'inline; filename="{safe_filename(entry.title)}"',
+        "Content-Security-Policy": PDF_CSP,
+        "X-Content-Type-Options": "nosniff",
+    })
+
+
+def _base(who: dict[str, Any], public_id: str) -> str:
+    return f"{'/admin' if who.get('staff') else ''}/transactions/{public_id}"
+
+
+async def _reports_page(request: web.Request, who: dict[str, Any], context: dict[str, Any],
+                        ) -> web.StreamResponse:
+    public_id = public_id_of(request)
+    transaction, entries = await asyncio.to_thread(
+        node_of(request).transaction_reports, public_id, **who, source_ip=client_ip(request))
+    return aiohttp_jinja2.render_template("reports/list.html", request, {
+        **context, "t": transaction, "entries": entries, "base": _base(who, public_id)})
+
+
+async def _report(request: web.Request, who: dict[str, Any], context: dict[str, Any],
+                  ) -> web.StreamResponse:
+    public_id = public_id_of(request)
+    entry, content = await asyncio.to_thread(
+        node_of(request).open_report, public_id, request.match_info["sop_uid"], **who,
+        source_ip=client_ip(request))
+    if isinstance(content, bytes):
+        return _pdf_response(entry, content)
+    return aiohttp_jinja2.render_template("reports/sr.html", request, {
+        **context, "doc": content, "entry": entry, "public_id": public_id,
+        "base": _base(who, public_id)})
+
+
+async def _attachments_page(request: web.Request, who: dict[str, Any],
+                            context: dict[str, Any], *, error: str = "",
+                            status: int = 200) -> web.StreamResponse:
+    public_id = public_id_of(request)
+    view = await asyncio.to_thread(node_of(request).attachments_view, public_id, **who,
+                                   source_ip=client_ip(request))
+    return aiohttp_jinja2.render_template("reports/attachments.html", request, {
+        **context, "view": view, "t": view.transaction, "error": error,
+        "attach_notice": _NOTICES.get(request.query.get("done", ""), ""),
+        "max_mb": view.max_bytes // (1024 * 1024), "base": _base(who, public_id)},
+        status=status)
+
+
+async def _attach(request: web.Request, who: dict[str, Any],
+                  context: dict[str, Any]) -> web.StreamResponse:
+    public_id = public_id_of(request)
+    form = await request.post()  # already read (and CSRF-checked) by the middleware
+    upload = form.get("file")
+    title = form.get("title", "")
+    study_uid = form.get("study", "")
+    if not isinstance(upload, web.FileField):
+        return await _attachments_page(request, who, context, status=400,
+                                       error="Choose a PDF, JPEG or PNG file to attach.")
+
+    def read() -> bytes:
+        upload.file.seek(0)
+        return upload.file.read(MAX_UPLOAD_BYTES + 1)
+
+    data = await asyncio.to_thread(read)
+    try:
+        await asyncio.to_thread(
+            node_of(request).add_attachment, public_id, data=data,
+            # Browsers send the name as typed; some clients percent-encode it.
+            original_name=unquote(upload.filename or ""),
+            title=title if isinstance(title, str) else "",
+            study_uid=study_uid if isinstance(study_uid, str) else "", **who,
+            source_ip=client_ip(request))
+    except InvalidRequest as exc:  # AttachmentRefused included: nothing was stored
+        return await _attachments_page(request, who, context, error=str(exc), status=400)
+    return see_other(f"{_base(who, public_id)}/attachments?done=added")
+
+
+# -- recipient ----------------------------------------------------------------------------
+
+
+def _recipient(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
+    session = _recipient_session(request)
+    return ({"recipient_id": session.recipient_id},
+            {"layout": RECIPIENT_LAYOUT, "csrf": session.csrf_token, "staff": False})
+
+
+async def _with_recipient(request: web.Request, context: dict[str, Any]) -> dict[str, Any]:
+    from storage.models import Recipient
+
+    recipient = await asyncio.to_thread(Recipient.get_by_id,
+                                        request[SESSION_KEY].recipient_id)
+    return {**context, "recipient": recipient}
+
+
+async def recipient_reports(request: web.Request) -> web.StreamResponse:
+    """``GET /transactions/{public_id}/reports``."""
+    who, context = _recipient(request)
+    return await _reports_page(request, who, await _with_recipient(request, context))
+
+
+async def recipient_report(request: web.Request) -> web.StreamResponse:
+    """``GET /transactions/{public_id}/reports/{sop_uid}``."""
+    who, context = _recipient(request)
+    return await _report(request, who, await _with_recipient(request, context))
+
+
+async def recipient_attachments(request: web.Request) -> web.StreamResponse:
+    """``GET /transactions/{public_id}/attachments``."""
+    who, context = _recipient(request)
+    return await _attachments_page(request, who, await _with_recipient(request, context))
+
+
+async def recipient_attach(request: web.Request) -> web.StreamResponse:
+    """``POST /transactions/{public_id}/attachments``."""
+    who, context = _recipient(request)
+    return await _attach(request, who, await _with_recipient(request, context))
+
+
+# -- staff --------------------------------------------------------------------------------
+
+
+def _staff(staff: Staff) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ({"staff": staff.user},
+            {"layout": STAFF_LAYOUT, "csrf": staff.session.csrf_token, "me": staff.user,
+             "section": "transactions"})
+
+
+@staff_view()
+async def staff_reports(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/transactions/{public_id}/reports``."""
+    return await _reports_page(request, *_staff(staff))
+
+
+@staff_view()
+async def staff_report(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/transactions/{public_id}/reports/{sop_uid}``."""
+    return await _report(request, *_staff(staff))
+
+
+@staff_view()
+async def staff_attachments(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``GET /admin/transactions/{public_id}/attachments``."""
+    return await _attachments_page(request, *_staff(staff))
+
+
+@staff_view()
+async def staff_attach(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/attachments``."""
+    return await _attach(request, *_staff(staff))
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register the report and attachment routes (recipient and staff)."""
+    router = app.router
+    router.add_get("/transactions/{public_id}/reports", recipient_reports)
+    router.add_get("/transactions/{public_id}/reports/{sop_uid}", recipient_report)
+    router.add_get("/transactions/{public_id}/attachments", recipient_attachments)
+    router.add_post("/transactions/{public_id}/attachments", recipient_attach)
+    router.add_get("/admin/transactions/{public_id}/reports", staff_reports)
+    router.add_get("/admin/transactions/{public_id}/reports/{sop_uid}", staff_report)
+    router.add_get("/admin/transactions/{public_id}/attachments", staff_attachments)
+    router.add_post("/admin/transactions/{public_id}/attachments", staff_attach)
