@@ -391,21 +391,29 @@ def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _acting_user(username: str | None):  # -> tuple[StaffUser | None, bool]
+    """The staff user named by ``--as-user`` (``None`` without it); ``False`` if unknown."""
+    from storage.models import StaffUser
+
+    if not username:
+        return None, True
+    user = StaffUser.get_or_none(StaffUser.username == username.strip().lower())
+    if user is None:
+        print(f"iepnode: no staff user {username}", file=sys.stderr)
+    return user, user is not None
+
+
 def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
     from iepnode import audit
     from iepnode.node import Node
     from iepnode.transactions import NewTransfer
-    from storage.models import StaffUser
 
     node = Node(settings)
-    user = None
-    if args.as_user:
-        user = StaffUser.get_or_none(StaffUser.username == args.as_user.strip().lower())
-        if user is None:
-            print(f"iepnode: no staff user {args.as_user}", file=sys.stderr)
-            return 1
+    user, known = _acting_user(args.as_user)
+    if not known:
+        return 1
     request = NewTransfer(
         study_uids=tuple(args.studies), recipient_email=args.to,
         otp_mobile=args.otp_mobile or "", otp_email=args.otp_email or "",
@@ -425,15 +433,11 @@ def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     from iepnode import audit
     from iepnode.image_requests import NewRequest
     from iepnode.node import Node
-    from storage.models import StaffUser
 
     node = Node(settings)
-    user = None
-    if args.as_user:
-        user = StaffUser.get_or_none(StaffUser.username == args.as_user.strip().lower())
-        if user is None:
-            print(f"iepnode: no staff user {args.as_user}", file=sys.stderr)
-            return 1
+    user, known = _acting_user(args.as_user)
+    if not known:
+        return 1
     request = NewRequest(
         recipient_email=args.to, patient_family_name=args.last_name,
         patient_given_name=args.first_name, patient_birth_date=args.birth_date,
