@@ -54,7 +54,7 @@ def prepare(data_dir: Path) -> tuple[str, str, str]:
     node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))
     request, _ = image_requests.create_request(
         image_requests.NewRequest("bench@example.org", "Bench", "Patient", "01/01/1970", "O",
-                                  otp_mobile="+447700900000"),
+                                  otp_mobile="+447700900000", patient_id="BENCH0001"),
         contact=Contact("Bench"), institution="Bench Hospital", created_by="bench")
     opened = logins.open_session(Recipient.get(Recipient.email == "bench@example.org"))
     csrf = logins.resume_session(opened.token).csrf_token

@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     rcreate.add_argument("--first-name", default="", help="the patient's first name")
     rcreate.add_argument("--birth-date", default="", metavar="DD/MM/YYYY")
     rcreate.add_argument("--sex", choices=("F", "M", "O"), default=None)
-    rcreate.add_argument("--patient-id", default="", help="the hospital's Patient ID")
+    rcreate.add_argument("--patient-id", required=True,
+                         help="the hospital's Patient ID (the images are reconciled to it)")
     rcreate.add_argument("--issuer", default="", help="Issuer of Patient ID")
     rcreate.add_argument("--nhs-number", default="")
     rcreate.add_argument("--reason", default="", help="why the images are needed")

@@ -145,7 +145,8 @@ def create_request(
     Raises
     ------
     InvalidRequest
-        A bad email, mobile number, name, date of birth, sex, priority or expiry.
+        A bad email, mobile number, name, date of birth, sex, priority or expiry, or
+        no Patient ID.
     """
     now = time.time() if now is None else now
     name = person_name(request.patient_family_name, request.patient_given_name)
@@ -158,6 +159,9 @@ def create_request(
     if not 1 <= request.expiry_days <= 3650:
         raise InvalidRequest("expiry must be 1 to 3650 days")
     patient_id = _clean(request.patient_id, 64, "Patient ID")
+    if not patient_id:  # release reconciles the images to it: a request needs one
+        raise InvalidRequest("give the hospital's Patient ID: the uploaded images are "
+                             "reconciled to it")
     issuer = _clean(request.patient_id_issuer, 64, "issuer of Patient ID")
     nhs_number = _clean(request.nhs_number, 16, "NHS number")
     reason = request.reason.strip()

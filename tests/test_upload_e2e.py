@@ -161,7 +161,8 @@ def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
     def request(reason: str) -> str:
         return run_cli(data_dir, "request", "create", "--to", PATIENT, "--otp-email", CODES,
                        "--last-name", "Test", "--first-name", "Patient", "--birth-date",
-                       "01/01/2001", "--sex", "F", "--reason", reason,
+                       "01/01/2001", "--sex", "F", "--patient-id", "NTEES000180",
+                       "--reason", reason,
                        "--as-user", "nicky").stdout.strip()
 
     add_staff_user(data_dir, "nicky", "--name", "Ms Nicky Humphries", "--department",

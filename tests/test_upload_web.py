@@ -98,10 +98,19 @@ def test_request_rules(node: Node) -> None:
             make_request(**bad)
 
 
+def test_request_needs_a_patient_id(node: Node) -> None:
+    """Release reconciles to the request's Patient ID, so a request cannot go without one."""
+    for missing in ("", "   "):
+        with pytest.raises(InvalidRequest, match="Patient ID"):
+            make_request(patient_id=missing)
+    assert not Transaction.select().where(Transaction.kind == "REQUEST").exists()
+
+
 async def test_request_email_dashboard_row_and_page(browser: Browser, node: Node) -> None:
     request = await node.create_request(
         rq.NewRequest("pat@example.org", "Aston", "Stephen", "16/10/1970", "M",
-                      otp_email="second@example.org", reason="CD from the private clinic"),
+                      otp_email="second@example.org", reason="CD from the private clinic",
+                      patient_id="NTEES000181"),
         actor=Actor("staff", "nicky"))
     mail = read_eml(outbox(node)[-1])
     assert "please upload images" in str(mail["Subject"])
@@ -272,6 +281,9 @@ async def test_admin_request_form(aiohttp_client: Any, node: Node) -> None:
               "given_name": "Stephen", "birth_date": "16/10/1970", "sex": "M",
               "patient_id": "NT123", "issuer": "NTH", "reason": "CD from elsewhere",
               "priority": "NORMAL", "expiry_days": "7"}
+    assert re.search(r'<input id="patient_id"[^>]* required', form)
+    no_id = await staff.form("/admin/requests", {**values, "patient_id": ""})
+    assert no_id.status == 400 and "Patient ID" in await no_id.text()
     bad = await staff.form("/admin/requests", {**values, "birth_date": "32/13/1970"})
     page = await bad.text()
     assert bad.status == 400 and "date of birth" in page and "&lt;b&gt;Aston" in page
@@ -303,8 +315,12 @@ def test_cli_request_create(tmp_path: Path) -> None:
     assert len(list((data / "outbox").glob("*.eml"))) == 1
     failed = run_cli(data, "request", "create", "--to", "pat@example.org", "--otp-mobile",
                      "+447700900123", "--last-name", "X", "--birth-date", "2/30/1990",
-                     check=False)
+                     "--patient-id", "P9", check=False)
     assert failed.returncode == 1 and "date of birth" in failed.stderr
+    no_id = run_cli(data, "request", "create", "--to", "pat@example.org", "--otp-mobile",
+                    "+447700900123", "--last-name", "X", check=False)
+    assert no_id.returncode == 2 and "--patient-id" in no_id.stderr
+    assert len(list((data / "outbox").glob("*.eml"))) == 1
 
 
 def test_file_removed_while_its_chunk_arrives(node: Node) -> None:
