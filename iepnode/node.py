@@ -1186,8 +1186,8 @@ class Node:
 
     # -- requests and uploads (issue 7) --
     # A request (iepnode.image_requests) asks an individual for images; they answer with
-    # an upload staged by iepnode.uploads; the reconciliation behind iepnode.upload_hooks
-    # takes it from there.
+    # an upload staged by iepnode.uploads (each file inspected by iepnode.upload_intake);
+    # on Send, send_upload has it checked by iepnode.upload_review for staff.
 
     @functools.cached_property
     def uploads(self) -> uploads.UploadService:

@@ -55,14 +55,13 @@ from iepnode.upload_intake import (
     patient_key,
     scan_file,
 )
+from iepnode.uploads import CANCELLED, REJECTED, RELEASED, RELEASING, SENT, STAGING
 from storage.db import write_transaction
 from storage.index import Outcome
 from storage.models import Transaction, Upload, UploadFile
 
 log = logging.getLogger("iepnode.upload")
 
-STAGING, SENT, RELEASING, RELEASED, REJECTED, CANCELLED = (
-    "STAGING", "SENT", "RELEASING", "RELEASED", "REJECTED", "CANCELLED")
 #: Source AE recorded for released objects (File Meta and index).
 SOURCE_AE = "UPLOAD"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")

@@ -8,14 +8,18 @@ display and for resolving DICOMDIR references only. The offset of a file is the 
 of its staged file: after a dropped connection the bytes that arrived are kept and
 the browser asks for the offset (``HEAD``) and goes on from there.
 
-Nothing reaches the store from here. Send (the uploader's confirmation) hands the
-upload to the reconciliation (:mod:`iepnode.upload_hooks`) for staff to review;
-Cancel, or removing a file, deletes its staged bytes at once.
+Each file is inspected when its last byte arrives
+(:func:`iepnode.upload_intake.inspect_staged_file`); the verdict is shown on the page.
+Nothing reaches the store from here. Send (the uploader's confirmation) marks the
+upload ``SENT``; :meth:`iepnode.node.Node.send_upload` then has it checked for staff
+(:func:`iepnode.upload_review.intake`), who release or reject it. Cancel, or removing a
+file, deletes its staged bytes at once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -25,16 +29,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iepnode import audit, upload_hooks
+from iepnode import audit
 from iepnode.errors import Gone, InvalidRequest, NotFound
 from iepnode.transactions import COMPLETE, DECLINED, EXPIRED, REQUEST, get_for_recipient
+from iepnode.upload_intake import inspect_staged_file
 from storage.db import write_transaction
 from storage.models import Recipient, Transaction, TransactionMessage, Upload, UploadFile
 
 log = logging.getLogger("iepnode.uploads")
 
-STAGING, SENT, RELEASED, REJECTED, CANCELLED = (
-    "STAGING", "SENT", "RELEASED", "REJECTED", "CANCELLED")
+#: Upload statuses (the one set; :mod:`iepnode.upload_review` imports them).
+STAGING, SENT, RELEASING, RELEASED, REJECTED, CANCELLED = (
+    "STAGING", "SENT", "RELEASING", "RELEASED", "REJECTED", "CANCELLED")
 #: Most files one upload may hold (a CD of single-frame images has a few thousand).
 MAX_FILES = 20_000
 MAX_MESSAGE = 4000
@@ -381,11 +387,12 @@ class UploadService:
         if file is None or not self.path(file.upload, file).exists():
             raise NotFound("the file was removed")
         upload = file.upload
-        found = upload_hooks.inspect(self.path(upload, file), file.display_name, file.relpath)
+        found = inspect_staged_file(self.path(upload, file), file.display_name, file.relpath)
         file.received = file.size
         file.completed_at = time.time()
-        file.verdict, file.reason = found.verdict, found.reason[:2000]
-        file.objects, file.detail = found.objects, found.detail
+        file.verdict, file.reason = found.kind, found.reason[:2000]
+        file.objects = found.objects
+        file.detail = json.dumps(found.to_dict(), default=str)
         if not file.save():  # removed while it was inspected
             raise NotFound("the file was removed")
         return file
@@ -480,5 +487,4 @@ class UploadService:
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail=f"upload {upload.id}: {len(files)} files, "
                             f"{sum(f.size for f in files)} bytes staged for review")
-        upload_hooks.intake(upload.id)
         return upload
