@@ -41,6 +41,8 @@ log = logging.getLogger("iepnode.uploads")
 #: Upload statuses (the one set; :mod:`iepnode.upload_review` imports them).
 STAGING, SENT, RELEASING, RELEASED, REJECTED, CANCELLED = (
     "STAGING", "SENT", "RELEASING", "RELEASED", "REJECTED", "CANCELLED")
+#: ``UploadFile.verdict`` while a finished file is being inspected (no verdict yet).
+CHECKING = "checking"
 #: Most files one upload may hold (a CD of single-frame images has a few thousand).
 MAX_FILES = 20_000
 MAX_MESSAGE = 4000
@@ -378,6 +380,10 @@ class UploadService:
     def finish(self, file_id: int) -> UploadFile:
         """Mark a fully received file complete and inspect it (verdict for the page).
 
+        The file is claimed first (verdict :data:`CHECKING`), so a retried last chunk
+        that arrives while the file is being inspected gets the claimed row back
+        instead of starting a second inspection; the page polls until the verdict is in.
+
         Raises
         ------
         NotFound
@@ -386,14 +392,28 @@ class UploadService:
         file = UploadFile.get_or_none(UploadFile.id == file_id)
         if file is None or not self.path(file.upload, file).exists():
             raise NotFound("the file was removed")
-        upload = file.upload
-        found = inspect_staged_file(self.path(upload, file), file.display_name, file.relpath)
-        file.received = file.size
-        file.completed_at = time.time()
-        file.verdict, file.reason = found.kind, found.reason[:2000]
-        file.objects = found.objects
-        file.detail = json.dumps(found.to_dict(), default=str)
-        if not file.save():  # removed while it was inspected
+        claimed = (UploadFile.update(verdict=CHECKING, received=file.size)
+                   .where((UploadFile.id == file_id) & UploadFile.completed_at.is_null()
+                          & (UploadFile.verdict == "")).execute())
+        if not claimed:  # finished already, or another request is inspecting it
+            file = UploadFile.get_or_none(UploadFile.id == file_id)
+            if file is None:
+                raise NotFound("the file was removed")
+            return file
+        try:
+            found = inspect_staged_file(self.path(file.upload, file), file.display_name,
+                                        file.relpath)
+        except BaseException:  # let a retry inspect it again
+            UploadFile.update(verdict="").where((UploadFile.id == file_id)
+                                                & (UploadFile.verdict == CHECKING)).execute()
+            raise
+        changed = (UploadFile.update(
+            received=file.size, completed_at=time.time(), verdict=found.kind,
+            reason=found.reason[:2000], objects=found.objects,
+            detail=json.dumps(found.to_dict(), default=str))
+            .where((UploadFile.id == file_id) & (UploadFile.verdict == CHECKING)).execute())
+        file = UploadFile.get_or_none(UploadFile.id == file_id)
+        if not changed or file is None:  # removed while it was inspected
             raise NotFound("the file was removed")
         return file
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from iepnode import upload_review, uploads
 from iepnode.node import Node
@@ -41,3 +45,60 @@ def test_finish_keeps_the_inspection_verdict(node: Node, tmp_path: Path) -> None
     # One set of upload statuses, shared by both sides.
     for name in ("STAGING", "SENT", "RELEASING", "RELEASED", "REJECTED", "CANCELLED"):
         assert getattr(upload_review, name) is getattr(uploads, name) == name
+
+
+def test_concurrent_finishes_inspect_once(node: Node, tmp_path: Path,  # noqa: F811
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retried empty last PATCH while the first is being inspected starts no second scan."""
+    request, _ = make_request()
+    data = ct_bytes(tmp_path)
+    service = node.uploads
+    file = service.add_file(request.recipient_id, request.public_id, "scan.dcm", "", len(data))
+    chunk = service.open_chunk(request.recipient_id, request.public_id, file.id, 0)
+    chunk.write(data)
+    scans: list[str] = []
+    inside, go_on = threading.Event(), threading.Event()
+    real = uploads.inspect_staged_file
+
+    def gated(path: Path, display_name: str, relpath: str = "") -> FileVerdict:
+        scans.append(display_name)
+        inside.set()
+        assert go_on.wait(30)
+        return real(path, display_name, relpath)
+
+    monkeypatch.setattr(uploads, "inspect_staged_file", gated)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(service.close_chunk, chunk)
+        assert inside.wait(30)
+        # The browser's retry: an empty PATCH at offset == size.
+        retry = service.open_chunk(request.recipient_id, request.public_id, file.id, len(data))
+        claimed = service.close_chunk(retry)
+        assert claimed.verdict == uploads.CHECKING and claimed.completed_at is None
+        assert claimed.received == len(data)
+        go_on.set()
+        done = first.result(30)
+    assert scans == ["scan.dcm"]
+    assert (done.verdict, done.objects) == ("dicom", 1) and done.completed_at is not None
+    # Once finished, another finish returns the verdict without scanning.
+    assert service.finish(file.id).verdict == "dicom" and scans == ["scan.dcm"]
+
+
+def test_failed_inspection_can_be_retried(node: Node, tmp_path: Path,  # noqa: F811
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    request, _ = make_request()
+    data = ct_bytes(tmp_path)
+    service = node.uploads
+    file = service.add_file(request.recipient_id, request.public_id, "scan.dcm", "", len(data))
+    chunk = service.open_chunk(request.recipient_id, request.public_id, file.id, 0)
+    chunk.write(data)
+    real = uploads.inspect_staged_file
+
+    def broken(path: Path, display_name: str, relpath: str = "") -> FileVerdict:
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(uploads, "inspect_staged_file", broken)
+    with pytest.raises(OSError):
+        service.close_chunk(chunk)
+    assert UploadFile.get_by_id(file.id).verdict == ""  # not left 'checking'
+    monkeypatch.setattr(uploads, "inspect_staged_file", real)
+    assert service.finish(file.id).verdict == "dicom"

@@ -89,6 +89,8 @@
       entry.statusText.textContent = entry.reason;
     } else if (entry.state === "incomplete") {
       entry.statusText.textContent = " interrupted: add the file again to resume";
+    } else if (entry.state === "checking") {
+      entry.statusText.textContent = " checking the file\u2026";
     } else if (entry.state === "retrying") {
       entry.statusText.textContent = " connection lost, resuming\u2026";
     } else {
@@ -115,6 +117,12 @@
       entry.reason = body.reason;
       entry.objects = body.objects;
       entry.state = body.verdict === "skipped" ? "skipped" : "done";
+    } else if (body.verdict === "checking") {
+      // Every byte arrived and the server is inspecting the file: poll for the verdict.
+      entry.state = "checking";
+    } else if (entry.state === "checking") {
+      // The inspection was given up: finish the file again (or have it added again).
+      entry.state = entry.file ? "uploading" : "incomplete";
     }
   }
 
@@ -146,9 +154,22 @@
 
   async function upload(entry) {
     var delay = 1000;
-    entry.state = "uploading";
+    if (entry.state !== "checking") { entry.state = "uploading"; }
     render(entry);
-    while (entry.state === "uploading" || entry.state === "retrying") {
+    while (entry.state === "uploading" || entry.state === "retrying" ||
+           entry.state === "checking") {
+      if (entry.state === "checking") {
+        render(entry);
+        await sleep(delay);
+        delay = Math.min(delay * 2, 5000);
+        try {
+          var polled = await request("GET", entry.url, null, {});
+          if (polled.status === 200) { settle(entry, polled.body); }
+        } catch (e) { /* keep polling */ }
+        if (entry.state !== "checking") { delay = 1000; }
+        render(entry);
+        continue;
+      }
       var start = entry.offset;
       var end = Math.min(start + chunkBytes, entry.size);
       var progress = function (ev) {
@@ -187,7 +208,7 @@
         try { entry.offset = await serverOffset(entry); } catch (e) { continue; }
       }
       if (entry.offset >= entry.size && entry.state !== "done" && entry.state !== "skipped" &&
-          entry.state !== "failed") {
+          entry.state !== "failed" && entry.state !== "checking") {
         // The last chunk's answer was lost: ask again to learn the verdict.
         entry.state = "retrying";
       }
@@ -228,7 +249,8 @@
     }
     entry.url = body.url;
     entry.file = file;
-    if (entry.state === "queued" || entry.state === "uploading" || entry.state === "retrying") {
+    if (entry.state === "queued" || entry.state === "uploading" || entry.state === "retrying" ||
+        entry.state === "checking") {
       return;  // the same file dropped twice: it is on its way already
     }
     if (body.complete) {
@@ -340,9 +362,11 @@
                   url: base + "/files/" + f.id, file: null, state: "incomplete" };
     entries.push(entry);
     makeRow(entry);
-    if (f.complete) { settle(entry, f); }
+    if (f.complete || f.verdict === "checking") { settle(entry, f); }
     render(entry);
+    if (entry.state === "checking") { queue.push(entry); }  // poll for its verdict
   });
+  pump();
   summary();
 
   var dialog = document.getElementById("confirm-dialog");
