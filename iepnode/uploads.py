@@ -455,7 +455,8 @@ class UploadService:
         Raises
         ------
         NotFound, Gone
-            Not the recipient's request, or it no longer takes uploads.
+            Not the recipient's request, or it no longer takes uploads (also when the
+            upload was sent meanwhile: a second Send changes nothing).
         InvalidRequest
             No files, files still arriving, nothing acceptable, or missing or invalid
             patient details.
@@ -477,6 +478,8 @@ class UploadService:
         if len(message) > MAX_MESSAGE:
             raise InvalidRequest(f"messages are limited to {MAX_MESSAGE} characters")
         upload = self.current(transaction)
+        if upload is None:  # sent meanwhile (a second click)? Then say so.
+            check_open(Transaction.get_by_id(transaction.id))
         files = list(upload.files) if upload else []
         if not files:
             raise InvalidRequest("add the files to upload first")
@@ -490,12 +493,15 @@ class UploadService:
         now = time.time()
         assert upload is not None
         with write_transaction():
-            upload.status = SENT
-            upload.sent_at = upload.updated_at = now
-            upload.message = message
-            upload.confirmed_name, upload.confirmed_birth_date = name, birth_date
-            upload.confirmed_sex = sex
-            upload.save()
+            # Only one Send wins (a double click, two tabs): the others change no row.
+            changed = (Upload.update(status=SENT, sent_at=now, updated_at=now, message=message,
+                                     confirmed_name=name, confirmed_birth_date=birth_date,
+                                     confirmed_sex=sex)
+                       .where((Upload.id == upload.id) & (Upload.status == STAGING))
+                       .execute())
+            if not changed:
+                raise Gone("The images for this request have been sent already.")
+            upload = Upload.get_by_id(upload.id)
             transaction.status = COMPLETE
             transaction.save()
             if message:

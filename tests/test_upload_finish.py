@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from iepnode import upload_review, uploads
+from iepnode.errors import Gone
 from iepnode.node import Node
 from iepnode.upload_intake import FileVerdict
-from storage.models import Transaction, UploadFile
+from storage.models import AuditEvent, Transaction, TransactionMessage, Upload, UploadFile
 from tests import data_factory as factory
 from tests.test_upload_web import make_request, node  # noqa: F401
 
@@ -102,3 +106,41 @@ def test_failed_inspection_can_be_retried(node: Node, tmp_path: Path,  # noqa: F
     assert UploadFile.get_by_id(file.id).verdict == ""  # not left 'checking'
     monkeypatch.setattr(uploads, "inspect_staged_file", real)
     assert service.finish(file.id).verdict == "dicom"
+
+
+async def test_double_send_sends_once(node: Node, tmp_path: Path,  # noqa: F811
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two Sends that both pass the checks (a double click): one audit, message, mail
+    and intake; the other is refused."""
+    request, _ = make_request()
+    upload_bytes(node, request, "scan.dcm", ct_bytes(tmp_path))
+    outbox = node.settings.data_dir / "outbox"
+    mails = len(list(outbox.glob("*.eml"))) if outbox.exists() else 0
+    # Hold both Sends at the write until both have passed every check.
+    both_checked = threading.Barrier(2, timeout=30)
+    real_write = uploads.write_transaction
+
+    @contextlib.contextmanager
+    def together() -> Iterator[None]:
+        both_checked.wait()
+        with real_write():
+            yield
+
+    monkeypatch.setattr(uploads, "write_transaction", together)
+    patient = uploads.ConfirmedPatient("Test", "Patient", "01/01/2001", "F")
+    results = await asyncio.gather(*(
+        node.send_upload(request.recipient_id, request.public_id, patient, "From my CD")
+        for _ in range(2)), return_exceptions=True)
+    sent = [r for r in results if isinstance(r, Upload)]
+    refused = [r for r in results if isinstance(r, Gone)]
+    assert len(sent) == 1 and len(refused) == 1, results
+    assert "sent already" in str(refused[0])
+    assert Upload.get_by_id(sent[0].id).status == "SENT"
+
+    def events(action: str) -> int:
+        return AuditEvent.select().where(AuditEvent.action == action).count()
+
+    assert events("upload-send") == 1 and events("upload-sent") == 1  # Send, intake
+    assert TransactionMessage.select().where(
+        TransactionMessage.transaction == request.id).count() == 1
+    assert len(list(outbox.glob("*.eml"))) - mails == 2  # confirmation + staff notice
