@@ -1317,6 +1317,10 @@ class Node:
         """Delete staging of uploads never sent (housekeeping); return folders removed."""
         return upload_review.purge_abandoned(self.settings.data_dir,
                                              self.settings.upload_staging_hours * 3600)
+
+    def recover_upload_releases(self) -> int:
+        """Put uploads stuck releasing for over an hour back to SENT (housekeeping)."""
+        return upload_review.recover_releases()
     # -- end uploads (reconcile) ----------------------------------------------------------
     # -- DICOMweb (issue 4) --
     # QIDO-RS/WADO-RS live in iepnode.dicomweb and iepnode.dicomweb_access (web/dicomweb.py

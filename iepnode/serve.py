@@ -47,18 +47,28 @@ async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
     passes = 0
     while True:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+        sweep = passes % ORPHAN_SWEEP_EVERY == 0
         try:
             for pool in pools:
                 await asyncio.to_thread(pool.restart_dead)
             await asyncio.to_thread(node.build_stable_filesets)
             await asyncio.to_thread(node.route_stable_studies)
-            if passes % ORPHAN_SWEEP_EVERY == 0:
+            if sweep:
                 await asyncio.to_thread(node.remove_orphan_filesets)
                 await asyncio.to_thread(node.purge_expired)
-                await asyncio.to_thread(node.purge_abandoned_uploads)  # uploads (issue 7)
-                await asyncio.to_thread(node.purge_dicomweb_tokens)  # issue 4: DICOMweb
         except Exception:
             log.exception("housekeeping failed")
+        # Each sweep below in its own try: one failing does not stop the others.
+        if sweep:
+            try:  # uploads (issue 7)
+                await asyncio.to_thread(node.recover_upload_releases)
+                await asyncio.to_thread(node.purge_abandoned_uploads)
+            except Exception:
+                log.exception("housekeeping of uploads failed")
+            try:  # issue 4: DICOMweb
+                await asyncio.to_thread(node.purge_dicomweb_tokens)
+            except Exception:
+                log.exception("housekeeping of DICOMweb tokens failed")
         passes += 1
 
 

@@ -5,6 +5,7 @@ Life of an upload on this side (the upload page itself is :mod:`web.upload`)::
     STAGING --Send--> SENT --intake()--> reviewed (flags) --release()--> RELEASED
                                                          \\--reject()---> REJECTED
     STAGING, untouched for hours --purge_abandoned()--> CANCELLED
+    RELEASING for over an hour (the releasing process died) --recover_releases()--> SENT
 
 Nothing reaches the store before release. :func:`intake` checks the upload as a whole
 (patients and studies found, flags: more than one patient, a patient whose name or
@@ -552,6 +553,46 @@ def reject(upload_id: int, *, data_dir: Path, actor: Actor, reason: str = "") ->
                      transaction=upload.transaction.public_id,
                      detail=f"rejected, staged files deleted: {reason}"[:1000])
     shutil.rmtree(staging_folder(data_dir, upload), ignore_errors=True)
+
+
+#: A release still ``RELEASING`` after this long was interrupted (its process died).
+RELEASE_STUCK_SECONDS = 3600.0
+
+
+def recover_releases(*, now: float | None = None,
+                     max_age_seconds: float = RELEASE_STUCK_SECONDS) -> int:
+    """Put uploads whose release began over ``max_age_seconds`` ago back to ``SENT``.
+
+    A release that dies with its process (crash, kill, power loss) leaves the upload
+    ``RELEASING`` for good. Staff may release it again: the objects stored the first
+    time come back as duplicates and the rest are stored. Audited per upload.
+
+    Returns
+    -------
+    int
+        Uploads put back to ``SENT``.
+    """
+    now = time.time() if now is None else now
+    cutoff = now - max_age_seconds
+    recovered = 0
+    stuck = list(Upload.select(Upload, Transaction).join(Transaction)
+                 .where((Upload.status == RELEASING) & (Upload.updated_at < cutoff)))
+    for upload in stuck:
+        with write_transaction():  # release() sets updated_at when it claims the upload
+            changed = (Upload.update(status=SENT, updated_at=now)
+                       .where((Upload.id == upload.id) & (Upload.status == RELEASING)
+                              & (Upload.updated_at < cutoff)).execute())
+            if changed:
+                audit.record(audit.INSTANCES_TRANSFERRED, "upload-release-interrupted",
+                             Actor("system", "housekeeping"), outcome=audit.MINOR_FAILURE,
+                             patient_id=upload.transaction.patient_id,
+                             transaction=upload.transaction.public_id,
+                             detail=f"release began {(now - upload.updated_at) / 60:.0f} min "
+                                    "ago and never finished: the upload is back for release")
+        if changed:
+            log.warning("upload %s was stuck releasing: back to SENT", upload.id)
+            recovered += 1
+    return recovered
 
 
 def purge_abandoned(data_dir: Path, max_age_seconds: float, *,

@@ -258,3 +258,34 @@ def test_dicomdir_listing_files_not_uploaded_is_flagged(node: Node, tmp_path: Pa
         row.relpath, row.display_name = folder, name
         row.save()
     assert node.intake_upload(complete.id).flags == []
+
+
+def test_release_stuck_in_releasing_is_recovered(node: Node, tmp_path: Path) -> None:
+    """A release whose process died leaves RELEASING; housekeeping puts it back to SENT
+    after an hour, and releasing again stores what the first attempt did not."""
+    request = make_request()
+    series = make_ct_series(tmp_path / "cd", 2, PatientID="CD-7", PatientName="Doe^Jane")
+    upload = stage(node, request, {"cd.zip": zipped(series, tmp_path)})
+    node.intake_upload(upload.id)
+    first = node.release_upload(upload.id, STAFF)
+    assert first.stored == 2
+    # The same objects again, in an upload whose release "died" 2 hours ago...
+    stuck = stage(node, make_request(), {"cd.zip": zipped(series, tmp_path)},
+                  status="RELEASING")
+    more = make_ct_series(tmp_path / "more", 1, PatientID="CD-8", PatientName="Doe^Jane")
+    recent = stage(node, make_request(), {"more.dcm": more[0].read_bytes()},
+                   status="RELEASING")
+    now = time.time()
+    Upload.update(updated_at=now - 2 * 3600).where(Upload.id == stuck.id).execute()
+    Upload.update(updated_at=now - 30 * 60).where(Upload.id == recent.id).execute()
+    with pytest.raises(InvalidRequest):
+        node.release_upload(stuck.id, STAFF)  # stuck: cannot be released
+    assert node.recover_upload_releases() == 1
+    assert Upload.get_by_id(stuck.id).status == "SENT"
+    assert Upload.get_by_id(recent.id).status == "RELEASING"  # may still be running
+    events = AuditEvent.select().where(AuditEvent.action == "upload-release-interrupted")
+    assert [e.transaction_public_id for e in events] == [stuck.transaction.public_id]
+    assert node.recover_upload_releases() == 0
+    again = node.release_upload(stuck.id, STAFF)
+    assert Upload.get_by_id(stuck.id).status == "RELEASED" and again.failed == []
+    assert (again.stored, again.duplicates) == (0, 2)  # the first copies are kept
