@@ -130,6 +130,35 @@ async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer
     assert events[0].transaction_public_id == mine.public_id
 
 
+async def test_the_window_is_checked_and_names_the_etag_by_value(
+        browser: Browser, viewer_node: Node, two_studies) -> None:
+    newer, _, _ = two_studies
+    mine, token = share([newer], "me@example.org")
+    base = f"/transactions/{mine.public_id}/view"
+    await log_in(browser, viewer_node, token)
+    manifest = await (await browser.get(f"{base}/manifest.json")).json()
+    uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
+    frame = f"{base}/instances/{uid}/frames/1.png"
+
+    # float() would accept most of these (spaces, CRLF, nan, inf); all are refused.
+    for bad in ("40%0D%0A,400", "%2040,400", "nan,400", "40,inf", "-inf,400", "1e999,400",
+                "40", "40,400,1"):
+        refused = await browser.get(f"{frame}?window={bad}")
+        assert refused.status == 400, bad
+        assert "ETag" not in refused.headers
+
+    plain = await browser.get(f"{frame}?window=40,400")
+    dotted = await browser.get(f"{frame}?window=40.0,400.0")
+    other = await browser.get(f"{frame}?window=40,401")
+    assert plain.status == dotted.status == other.status == 200
+    assert plain.headers["ETag"] == dotted.headers["ETag"]
+    assert await plain.read() == await dotted.read()
+    assert other.headers["ETag"] != plain.headers["ETag"]
+    cached = await browser.get(f"{frame}?window=40.00,4e2",
+                               headers={"If-None-Match": plain.headers["ETag"]})
+    assert cached.status == 304, (cached.headers.get("ETag"), plain.headers["ETag"])
+
+
 async def test_others_ids_are_not_found_and_closed_transactions_gone(
         browser: Browser, viewer_node: Node, two_studies, tmp_path: Path) -> None:
     newer, older, _ = two_studies

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +38,7 @@ from web.common import client_ip, node_of, public_id_of
 from web.keys import SESSION_KEY
 
 _UID = re.compile(r"[0-9.]{1,64}")
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _IMMUTABLE = "private, max-age=31536000, immutable"
 _FORMATS = {"png": "image/png", "jpg": "image/jpeg"}
 
@@ -82,6 +84,17 @@ def _frame_index(request: web.Request) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 100_000:
         raise NotFound(f"no frame {text!r}")
     return int(text) - 1
+
+
+def _window(text: str) -> tuple[float, float]:
+    """``CENTER,WIDTH`` as two finite numbers (no spaces, no nan/inf: ValueError)."""
+    values = text.split(",")
+    if len(values) != 2 or not all(_NUMBER.fullmatch(v) for v in values):
+        raise ValueError(f"not a window: {text!r}")
+    center, width = float(values[0]), float(values[1])
+    if not (math.isfinite(center) and math.isfinite(width)):  # 1e999
+        raise ValueError(f"not a window: {text!r}")
+    return center, width
 
 
 def _not_modified(request: web.Request, etag: str) -> bool:
@@ -147,14 +160,19 @@ def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
         window = request.query.get("window", "")
         try:
             if window:
-                center, width = (float(x) for x in window.split(",", 1))
+                center, width = _window(window)
             size = int(request.query["size"]) if "size" in request.query else None
         except ValueError:
             raise web.HTTPBadRequest(text="window=CENTER,WIDTH and size=PIXELS") from None
         if size is not None and not 16 <= size <= 8192:
             raise web.HTTPBadRequest(text="size must be 16 to 8192 pixels")
         located = await asyncio.to_thread(service.locate, transaction, _uid(request))
-        etag = f'"{located.key}-{index}-{window}-{size}-{request.match_info["fmt"]}"'
+        # From the parsed numbers, not the query text: "40,400" and "40.0,400.0" are one
+        # image. repr() is the shortest text that gives the float back, so two different
+        # windows never share an ETag (":g" would round to 6 digits). No comma: the
+        # If-None-Match list is split on commas.
+        shown = f"{center!r}_{width!r}" if window else ""
+        etag = f'"{located.key}-{index}-{shown}-{size}-{request.match_info["fmt"]}"'
         if _not_modified(request, etag):
             return web.Response(status=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
         try:
