@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,33 @@ async def test_the_window_is_checked_and_names_the_etag_by_value(
     cached = await browser.get(f"{frame}?window=40.00,4e2",
                                headers={"If-None-Match": plain.headers["ETag"]})
     assert cached.status == 304, (cached.headers.get("ETag"), plain.headers["ETag"])
+
+
+async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: Node,
+                                                two_studies, caplog) -> None:
+    # Hundreds of frames per series: the audit actor (the recipient's email) is built
+    # only by /opened, so a frame reads the recipient row once (to check access).
+    newer, _, _ = two_studies
+    mine, token = share([newer], "me@example.org")
+    base = f"/transactions/{mine.public_id}/view"
+    await log_in(browser, viewer_node, token)
+    manifest = await (await browser.get(f"{base}/manifest.json")).json()
+    uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
+
+    def recipient_reads() -> int:
+        return sum(1 for r in caplog.records
+                   if r.name == "peewee" and 'FROM "recipient"' in r.getMessage())
+
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        frame = await browser.get(f"{base}/instances/{uid}/frames/1.raw")
+        assert frame.status == 200
+        assert recipient_reads() == 1
+        caplog.clear()
+        opened = await browser.get(f"{base}/opened?study={newer}")
+        assert opened.status == 204
+        assert recipient_reads() == 2  # access check, then the actor's email
+    (event,) = AuditEvent.select().where(AuditEvent.action == "view-images")
+    assert (event.actor, event.actor_kind) == ("me@example.org", "recipient")
 
 
 async def test_others_ids_are_not_found_and_closed_transactions_gone(

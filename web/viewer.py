@@ -33,7 +33,7 @@ from iepnode import audit
 from iepnode.errors import NotFound
 from iepnode.previews import placeholder_jpeg
 from iepnode.rendering import RenderError
-from storage.models import Recipient, Transaction
+from storage.models import Transaction
 from web.common import client_ip, node_of, public_id_of
 from web.keys import SESSION_KEY
 
@@ -42,26 +42,25 @@ _NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _IMMUTABLE = "private, max-age=31536000, immutable"
 _FORMATS = {"png": "image/png", "jpg": "image/jpeg"}
 
+# The audit actor of a request, built only where it is recorded (it may read the database:
+# call it in a thread).
+ActorOf = Callable[[], audit.Actor]
 # (transaction, actor) of the request, or an HTTP redirect/error.
-Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, audit.Actor]]]
+Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, ActorOf]]]
 
 
-async def _as_recipient(request: web.Request) -> tuple[Transaction, audit.Actor]:
+async def _as_recipient(request: web.Request) -> tuple[Transaction, ActorOf]:
     session = request[SESSION_KEY]
     if session is None or session.recipient_id is None:
         raise web.HTTPSeeOther("/signin")
-    public_id = public_id_of(request)
-    service = node_of(request).viewing
-
-    def resolve() -> tuple[Transaction, audit.Actor]:
-        transaction = service.for_recipient(session.recipient_id, public_id)
-        email = Recipient.get_by_id(session.recipient_id).email
-        return transaction, audit.Actor("recipient", email, client_ip(request))
-
-    return await asyncio.to_thread(resolve)
+    transaction = await asyncio.to_thread(node_of(request).viewing.for_recipient,
+                                          session.recipient_id, public_id_of(request))
+    ip = client_ip(request)
+    # Frames (hundreds per series) need no actor: its email is read only when audited.
+    return transaction, lambda: audit.Actor("recipient", transaction.recipient.email, ip)
 
 
-async def _as_staff(request: web.Request) -> tuple[Transaction, audit.Actor]:
+async def _as_staff(request: web.Request) -> tuple[Transaction, ActorOf]:
     session = request[SESSION_KEY]
     node = node_of(request)
     admin = node.admin
@@ -69,7 +68,8 @@ async def _as_staff(request: web.Request) -> tuple[Transaction, audit.Actor]:
     if user is None or session is None or admin.pending_step(user):
         raise web.HTTPSeeOther("/admin/login")
     transaction = await asyncio.to_thread(node.viewing.for_staff, public_id_of(request))
-    return transaction, audit.Actor("staff", user.username, client_ip(request))
+    actor = audit.Actor("staff", user.username, client_ip(request))
+    return transaction, lambda: actor
 
 
 def _uid(request: web.Request, name: str = "sop") -> str:
@@ -126,9 +126,13 @@ def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
         return web.json_response(data, dumps=lambda v: json.dumps(v, separators=(",", ":")))
 
     async def opened(request: web.Request) -> web.Response:
-        transaction, actor = await resolve(request)
-        await asyncio.to_thread(node_of(request).viewing.record_view, transaction,
-                                _uid(request, "study"), actor)
+        transaction, actor_of = await resolve(request)
+        study = _uid(request, "study")
+
+        def record() -> None:
+            node_of(request).viewing.record_view(transaction, study, actor_of())
+
+        await asyncio.to_thread(record)
         return web.Response(status=204)
 
     async def raw(request: web.Request) -> web.Response:
