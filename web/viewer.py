@@ -34,7 +34,7 @@ from iepnode.errors import NotFound
 from iepnode.previews import placeholder_jpeg
 from iepnode.rendering import RenderError
 from storage.models import Transaction
-from web.common import client_ip, node_of, public_id_of
+from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.keys import SESSION_KEY
 
 _UID = re.compile(r"[0-9.]{1,64}")
@@ -50,9 +50,7 @@ Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, ActorOf]]]
 
 
 async def _as_recipient(request: web.Request) -> tuple[Transaction, ActorOf]:
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
+    session = recipient_session(request)
     transaction = await asyncio.to_thread(node_of(request).viewing.for_recipient,
                                           session.recipient_id, public_id_of(request))
     ip = client_ip(request)
