@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -609,13 +609,6 @@ def render_image(item: StoredInstance, frame: int, how: Rendering) -> bytes:
 
 #: The process's metadata cache.
 METADATA = MetadataCache()
-
-
-def iter_file(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The bytes of a stored file in chunks."""
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            yield block
 
 
 __all__ = [

@@ -84,13 +84,6 @@ class ImageInfo:
     bits_stored: int
     transfer_syntax: str
 
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready mapping (for the viewer's series listing)."""
-        return {"rows": self.rows, "columns": self.columns, "frames": self.frames,
-                "photometric": self.photometric, "color": self.color,
-                "window": list(self.window) if self.window else None,
-                "bits_stored": self.bits_stored}
-
 
 @dataclass
 class Frame:

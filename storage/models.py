@@ -462,11 +462,6 @@ class UploadFile(BaseModel):
     #: The inspection's findings (JSON text: original patients, studies; reconciliation's).
     detail = peewee.TextField(default="")
 
-    @property
-    def complete(self) -> bool:
-        """Every announced byte has arrived."""
-        return self.completed_at is not None
-
     class Meta:
         indexes = ((("upload", "disk_name"), True),)
 

@@ -208,6 +208,33 @@ async def test_compressed_frames_come_as_stored(client: Any, node: Node,
     assert beyond.status == 404
 
 
+async def test_frame_requests_are_audited_through_the_group_committer(
+        client: Any, node: Node, studies: dict[str, str],
+        shared: tuple[Transaction, str]) -> None:
+    # A viewer fetches frames many at a time: each request keeps its own audit event,
+    # but the events share commits (storage/group_commit.py) instead of one each.
+    transaction, _ = shared
+    token = recipient_token(transaction)
+    base = f"/dicomweb/t/{transaction.public_id}"
+    ct = [i for i in Instance.select() if i.series.study.study_uid == studies["ct"]]
+    urls = [f"{base}/studies/{studies['ct']}/series/{i.series.series_uid}/instances/"
+            f"{i.sop_uid}/frames/1" for i in ct] * 4
+    jobs_before = node.group_commit.jobs
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+    async def fetch(url: str) -> int:
+        response = await client.get(url, headers={**bearer(token), "Accept": accept})
+        await response.read()
+        return response.status
+
+    statuses = await asyncio.gather(*(fetch(u) for u in urls))
+    assert statuses == [200] * len(urls)
+    audited = events("wado-frames")
+    assert len(audited) == len(urls)
+    assert {e.transaction_public_id for e in audited} == {transaction.public_id}
+    assert node.group_commit.jobs - jobs_before == len(urls)
+
+
 # -- media types and multipart, raw ----------------------------------------------------
 
 

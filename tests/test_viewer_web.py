@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,62 @@ async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer
     assert (events[0].event_code, events[0].study_uid, events[0].actor_kind) == (
         "110103", older, "recipient")
     assert events[0].transaction_public_id == mine.public_id
+
+
+async def test_the_window_is_checked_and_names_the_etag_by_value(
+        browser: Browser, viewer_node: Node, two_studies) -> None:
+    newer, _, _ = two_studies
+    mine, token = share([newer], "me@example.org")
+    base = f"/transactions/{mine.public_id}/view"
+    await log_in(browser, viewer_node, token)
+    manifest = await (await browser.get(f"{base}/manifest.json")).json()
+    uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
+    frame = f"{base}/instances/{uid}/frames/1.png"
+
+    # float() would accept most of these (spaces, CRLF, nan, inf); all are refused.
+    for bad in ("40%0D%0A,400", "%2040,400", "nan,400", "40,inf", "-inf,400", "1e999,400",
+                "40", "40,400,1"):
+        refused = await browser.get(f"{frame}?window={bad}")
+        assert refused.status == 400, bad
+        assert "ETag" not in refused.headers
+
+    plain = await browser.get(f"{frame}?window=40,400")
+    dotted = await browser.get(f"{frame}?window=40.0,400.0")
+    other = await browser.get(f"{frame}?window=40,401")
+    assert plain.status == dotted.status == other.status == 200
+    assert plain.headers["ETag"] == dotted.headers["ETag"]
+    assert await plain.read() == await dotted.read()
+    assert other.headers["ETag"] != plain.headers["ETag"]
+    cached = await browser.get(f"{frame}?window=40.00,4e2",
+                               headers={"If-None-Match": plain.headers["ETag"]})
+    assert cached.status == 304, (cached.headers.get("ETag"), plain.headers["ETag"])
+
+
+async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: Node,
+                                                two_studies, caplog) -> None:
+    # Hundreds of frames per series: the audit actor (the recipient's email) is built
+    # only by /opened, so a frame reads the recipient row once (to check access).
+    newer, _, _ = two_studies
+    mine, token = share([newer], "me@example.org")
+    base = f"/transactions/{mine.public_id}/view"
+    await log_in(browser, viewer_node, token)
+    manifest = await (await browser.get(f"{base}/manifest.json")).json()
+    uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
+
+    def recipient_reads() -> int:
+        return sum(1 for r in caplog.records
+                   if r.name == "peewee" and 'FROM "recipient"' in r.getMessage())
+
+    with caplog.at_level(logging.DEBUG, logger="peewee"):
+        frame = await browser.get(f"{base}/instances/{uid}/frames/1.raw")
+        assert frame.status == 200
+        assert recipient_reads() == 1
+        caplog.clear()
+        opened = await browser.get(f"{base}/opened?study={newer}")
+        assert opened.status == 204
+        assert recipient_reads() == 2  # access check, then the actor's email
+    (event,) = AuditEvent.select().where(AuditEvent.action == "view-images")
+    assert (event.actor, event.actor_kind) == ("me@example.org", "recipient")
 
 
 async def test_others_ids_are_not_found_and_closed_transactions_gone(

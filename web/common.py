@@ -9,7 +9,8 @@ from aiohttp import web
 from iepnode import dicomtext
 from iepnode.errors import NotFound
 from iepnode.node import Node
-from web.keys import NODE_KEY
+from storage.models import WebSession
+from web.keys import NODE_KEY, SESSION_KEY
 
 _PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
 _SEXES = {"F": "Female", "M": "Male", "O": "Other"}
@@ -27,6 +28,20 @@ def client_ip(request: web.Request) -> str:
     (set by :mod:`web.proxies`; headers from other peers are ignored).
     """
     return request.remote or ""
+
+
+def recipient_session(request: web.Request) -> WebSession:
+    """The request's recipient session.
+
+    Raises
+    ------
+    web.HTTPSeeOther
+        No session, or a staff one: to ``/signin`` (how a recipient signs in).
+    """
+    session = request[SESSION_KEY]
+    if session is None or session.recipient_id is None:
+        raise web.HTTPSeeOther("/signin")
+    return session
 
 
 def public_id_of(request: web.Request) -> str:

@@ -24,8 +24,7 @@ from aiohttp import web
 from iepnode import dicomweb_access as dwa
 from storage.models import Recipient
 from web import admin
-from web.common import client_ip, public_id_of, see_other
-from web.download import _recipient_session
+from web.common import client_ip, public_id_of, recipient_session, see_other
 from web.keys import SETTINGS_KEY
 
 
@@ -39,7 +38,7 @@ def _recipient_access(recipient_id: int, public_id: str, ip: str, node_url: str,
 
 async def recipient_token(request: web.Request) -> web.Response:
     """``POST /transactions/{public_id}/dicomweb-token``: a new token, shown once."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     settings = request.app[SETTINGS_KEY]
     links, recipient = await asyncio.to_thread(_recipient_access, session.recipient_id, public_id,
@@ -53,7 +52,7 @@ async def recipient_token(request: web.Request) -> web.Response:
 
 async def recipient_revoke(request: web.Request) -> web.Response:
     """``POST /transactions/{public_id}/dicomweb-token/revoke``: end the recipient's tokens."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     await asyncio.to_thread(dwa.revoke_tokens, recipient_id=session.recipient_id,
                             public_id=public_id)

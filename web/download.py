@@ -35,22 +35,13 @@ from iepnode.downloads import PROTECTED_TTL, is_downloadable
 from iepnode.package import Package
 from iepnode.pdi import size_text
 from iepnode.zipstream import CHUNK as BATCH
-from storage.models import WebSession
-from web.common import client_ip, node_of, public_id_of
-from web.keys import SESSION_KEY
+from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.middlewares import SECURITY_HEADERS
 
 log = logging.getLogger("iepnode.web.download")
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _SAFE_FILENAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def _recipient_session(request: web.Request) -> WebSession:
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
-    return session
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -176,7 +167,7 @@ async def _send(response: web.StreamResponse, package: Package, start: int, stop
 
 async def download(request: web.Request) -> web.StreamResponse:
     """``GET /transactions/{public_id}/download``: the transaction's zip (resumable)."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     node = node_of(request)
     package = await asyncio.to_thread(node.recipient_package, session.recipient_id, public_id)
@@ -226,7 +217,7 @@ async def protect(request: web.Request) -> web.Response:
 
     The page shows the password once: it is stored nowhere, and the page is ``no-store``.
     """
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     copy, recipient = await asyncio.to_thread(node_of(request).protect_package,
                                               session.recipient_id, public_id,
@@ -240,7 +231,7 @@ async def protect(request: web.Request) -> web.Response:
 
 async def protected_file(request: web.Request) -> web.FileResponse:
     """``GET /downloads/{token}``: a protected copy (aiohttp serves Range and If-Range)."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     rng = request.headers.get("Range", "")
     path, filename = await asyncio.to_thread(
         node_of(request).protected_download, session.recipient_id,

@@ -27,8 +27,8 @@ from aiohttp import web
 from iepnode.forwarding import PURPOSES, RETENTION, ForwardInvalid, ForwardRequest, ForwardState
 from iepnode.messaging import DeliveryError
 from storage.models import WebSession
-from web.common import client_ip, node_of, public_id_of, see_other
-from web.keys import SESSION_KEY, SETTINGS_KEY
+from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
+from web.keys import SETTINGS_KEY
 
 #: The fields of the dialog, with the most characters kept of each.
 FIELDS = {"email": 254, "email_confirm": 254, "first_name": 64, "last_name": 64,
@@ -37,13 +37,6 @@ FIELDS = {"email": 254, "email_confirm": 254, "first_name": 64, "last_name": 64,
 _DONE = {"sent": "The package has been forwarded. The recipient gets an email with a "
                  "personal link, and a one-time passcode when they open it. The hospital "
                  "has been told."}
-
-
-def _session(request: web.Request) -> WebSession:
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
-    return session
 
 
 def _values(form: Any) -> dict[str, str]:
@@ -87,13 +80,13 @@ async def _dialog(request: web.Request, session: WebSession, *, values: dict[str
 
 async def dialog(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}/forward``: the dialog (400 with the reason if refused)."""
-    session = _session(request)
+    session = recipient_session(request)
     return await _dialog(request, session, values={"channel": "sms"})
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """``POST /transactions/{public_id}/forward``: forward the package to a person."""
-    session = _session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     values = _values(await request.post())
     try:
@@ -112,7 +105,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 async def forwards(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}/forwards``: to whom the package was forwarded."""
-    session = _session(request)
+    session = recipient_session(request)
     node = node_of(request)
     history = await asyncio.to_thread(node.forward_history, session.recipient_id,
                                       public_id_of(request))

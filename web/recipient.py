@@ -55,6 +55,7 @@ from web.common import (
     format_sex,
     node_of,
     public_id_of,
+    recipient_session,
     see_other,
 )
 from web.keys import SESSION_KEY, SETTINGS_KEY
@@ -109,14 +110,6 @@ def mask_destination(channel: str, destination: str) -> str:
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _recipient_session(request: web.Request) -> WebSession:
-    """The request's recipient session, or a redirect to the sign-in explanation."""
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
-    return session
 
 
 def _tab(value: object, default: str = "action") -> str:
@@ -273,7 +266,7 @@ async def signin(request: web.Request) -> dict[str, Any]:
 
 async def dashboard(request: web.Request) -> web.Response:
     """``GET /dashboard?tab=home|action|all``: the recipient's transactions."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     tab = _tab(request.query.get("tab"))
     board = await asyncio.to_thread(node_of(request).recipient_dashboard, session.recipient_id,
                                     tab, client_ip(request))
@@ -288,7 +281,7 @@ async def dashboard(request: web.Request) -> web.Response:
 
 async def transaction(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}``: one transaction with everything expanded."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     view = await asyncio.to_thread(node_of(request).recipient_transaction, session.recipient_id,
                                    public_id_of(request), client_ip(request))
     sending = await _sending(request, session, [view.transaction.public_id])
@@ -315,7 +308,7 @@ async def _sending(request: web.Request, session: WebSession,
 
 async def send_to_pacs(request: web.Request) -> web.StreamResponse:
     """``POST /transactions/{public_id}/send``: send the studies to an allowed PACS."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     form = await request.post()
     await asyncio.to_thread(node_of(request).recipient_send, session.recipient_id, public_id,
@@ -329,7 +322,7 @@ def _back(public_id: str, tab: str) -> web.Response:
 
 async def post_message(request: web.Request) -> web.StreamResponse:
     """``POST /transactions/{public_id}/messages``: add a message, back to the dashboard."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     form = await request.post()
     await asyncio.to_thread(node_of(request).post_message, session.recipient_id, public_id,
@@ -339,7 +332,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
 
 async def decline(request: web.Request) -> web.StreamResponse:
     """``POST /transactions/{public_id}/decline``: decline with a reason."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     form = await request.post()
     await asyncio.to_thread(node_of(request).decline, session.recipient_id, public_id,
@@ -369,7 +362,7 @@ def _sentence(exc: Exception) -> str:
 
 async def authenticator(request: web.Request) -> web.Response:
     """``GET /account/authenticator``: a new secret as a QR code to enrol, or the app's status."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     recipient, enrolment = await asyncio.to_thread(
         node_of(request).recipient_authenticator, session.recipient_id, session.id)
     notice = _NOTICES.get(request.query.get("done", ""), "")
@@ -382,7 +375,7 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
     The pending secret comes back in the form with an HMAC (node secret, bound to this
     session and recipient): nothing is stored until the code checks out.
     """
-    session = _recipient_session(request)
+    session = recipient_session(request)
     form = await request.post()
     node = node_of(request)
     enrolment: TotpEnrolment | None = None
@@ -405,7 +398,7 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
 
 async def remove_authenticator(request: web.Request) -> web.StreamResponse:
     """``POST /account/authenticator/remove``: remove the app; needs a current code from it."""
-    session = _recipient_session(request)
+    session = recipient_session(request)
     form = await request.post()
     node = node_of(request)
     try:

@@ -33,9 +33,8 @@ from aiohttp import web
 from iepnode.attachments import MAX_UPLOAD_BYTES
 from iepnode.errors import InvalidRequest
 from iepnode.reports import safe_filename
-from storage.models import WebSession
 from web.admin import Staff, staff_view
-from web.common import client_ip, node_of, public_id_of, see_other
+from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SESSION_KEY
 from web.middlewares import SECURITY_HEADERS, Handler
 
@@ -83,13 +82,6 @@ def _close_files(request: web.Request) -> None:
     for value in form.values():
         if isinstance(value, web.FileField):
             value.file.close()
-
-
-def _recipient_session(request: web.Request) -> WebSession:
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
-    return session
 
 
 def _pdf_response(entry: Any, data: bytes) -> web.Response:
@@ -174,7 +166,7 @@ async def _attach(request: web.Request, who: dict[str, Any],
 
 
 def _recipient(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
-    session = _recipient_session(request)
+    session = recipient_session(request)
     return ({"recipient_id": session.recipient_id},
             {"layout": RECIPIENT_LAYOUT, "csrf": session.csrf_token, "staff": False})
 

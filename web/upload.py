@@ -44,7 +44,7 @@ from iepnode.uploads import (
     check_open,
 )
 from storage.models import UploadFile, WebSession
-from web.common import client_ip, node_of, public_id_of, see_other
+from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SESSION_KEY
 
 #: Bytes gathered from the socket before one write to the staged file.
@@ -53,13 +53,6 @@ WRITE_BLOCK = 1 << 20
 CHUNK_BYTES = 16 << 20
 #: Files the page uploads at the same time.
 PARALLEL_FILES = 3
-
-
-def _session(request: web.Request) -> WebSession:
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
-    return session
 
 
 def _api_session(request: web.Request, *, csrf_header: bool = False) -> WebSession:
@@ -126,7 +119,7 @@ def _json_errors(view: Callable[[web.Request], Awaitable[web.StreamResponse]],
 
 async def page(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}/upload``: the upload page of a request."""
-    session = _session(request)
+    session = recipient_session(request)
     node = node_of(request)
     view = await asyncio.to_thread(node.uploads.page, session.recipient_id,
                                    public_id_of(request), client_ip(request))
@@ -249,7 +242,7 @@ async def send(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     """``POST .../upload/cancel``: delete every staged file of the current upload."""
-    session = _session(request)
+    session = recipient_session(request)
     public_id = public_id_of(request)
     await asyncio.to_thread(node_of(request).uploads.cancel, session.recipient_id, public_id,
                             client_ip(request))

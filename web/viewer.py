@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,34 +33,32 @@ from iepnode import audit
 from iepnode.errors import NotFound
 from iepnode.previews import placeholder_jpeg
 from iepnode.rendering import RenderError
-from storage.models import Recipient, Transaction
-from web.common import client_ip, node_of, public_id_of
+from storage.models import Transaction
+from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.keys import SESSION_KEY
 
 _UID = re.compile(r"[0-9.]{1,64}")
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _IMMUTABLE = "private, max-age=31536000, immutable"
 _FORMATS = {"png": "image/png", "jpg": "image/jpeg"}
 
+# The audit actor of a request, built only where it is recorded (it may read the database:
+# call it in a thread).
+ActorOf = Callable[[], audit.Actor]
 # (transaction, actor) of the request, or an HTTP redirect/error.
-Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, audit.Actor]]]
+Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, ActorOf]]]
 
 
-async def _as_recipient(request: web.Request) -> tuple[Transaction, audit.Actor]:
-    session = request[SESSION_KEY]
-    if session is None or session.recipient_id is None:
-        raise web.HTTPSeeOther("/signin")
-    public_id = public_id_of(request)
-    service = node_of(request).viewing
-
-    def resolve() -> tuple[Transaction, audit.Actor]:
-        transaction = service.for_recipient(session.recipient_id, public_id)
-        email = Recipient.get_by_id(session.recipient_id).email
-        return transaction, audit.Actor("recipient", email, client_ip(request))
-
-    return await asyncio.to_thread(resolve)
+async def _as_recipient(request: web.Request) -> tuple[Transaction, ActorOf]:
+    session = recipient_session(request)
+    transaction = await asyncio.to_thread(node_of(request).viewing.for_recipient,
+                                          session.recipient_id, public_id_of(request))
+    ip = client_ip(request)
+    # Frames (hundreds per series) need no actor: its email is read only when audited.
+    return transaction, lambda: audit.Actor("recipient", transaction.recipient.email, ip)
 
 
-async def _as_staff(request: web.Request) -> tuple[Transaction, audit.Actor]:
+async def _as_staff(request: web.Request) -> tuple[Transaction, ActorOf]:
     session = request[SESSION_KEY]
     node = node_of(request)
     admin = node.admin
@@ -67,7 +66,8 @@ async def _as_staff(request: web.Request) -> tuple[Transaction, audit.Actor]:
     if user is None or session is None or admin.pending_step(user):
         raise web.HTTPSeeOther("/admin/login")
     transaction = await asyncio.to_thread(node.viewing.for_staff, public_id_of(request))
-    return transaction, audit.Actor("staff", user.username, client_ip(request))
+    actor = audit.Actor("staff", user.username, client_ip(request))
+    return transaction, lambda: actor
 
 
 def _uid(request: web.Request, name: str = "sop") -> str:
@@ -82,6 +82,17 @@ def _frame_index(request: web.Request) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 100_000:
         raise NotFound(f"no frame {text!r}")
     return int(text) - 1
+
+
+def _window(text: str) -> tuple[float, float]:
+    """``CENTER,WIDTH`` as two finite numbers (no spaces, no nan/inf: ValueError)."""
+    values = text.split(",")
+    if len(values) != 2 or not all(_NUMBER.fullmatch(v) for v in values):
+        raise ValueError(f"not a window: {text!r}")
+    center, width = float(values[0]), float(values[1])
+    if not (math.isfinite(center) and math.isfinite(width)):  # 1e999
+        raise ValueError(f"not a window: {text!r}")
+    return center, width
 
 
 def _not_modified(request: web.Request, etag: str) -> bool:
@@ -113,9 +124,13 @@ def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
         return web.json_response(data, dumps=lambda v: json.dumps(v, separators=(",", ":")))
 
     async def opened(request: web.Request) -> web.Response:
-        transaction, actor = await resolve(request)
-        await asyncio.to_thread(node_of(request).viewing.record_view, transaction,
-                                _uid(request, "study"), actor)
+        transaction, actor_of = await resolve(request)
+        study = _uid(request, "study")
+
+        def record() -> None:
+            node_of(request).viewing.record_view(transaction, study, actor_of())
+
+        await asyncio.to_thread(record)
         return web.Response(status=204)
 
     async def raw(request: web.Request) -> web.Response:
@@ -147,14 +162,19 @@ def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
         window = request.query.get("window", "")
         try:
             if window:
-                center, width = (float(x) for x in window.split(",", 1))
+                center, width = _window(window)
             size = int(request.query["size"]) if "size" in request.query else None
         except ValueError:
             raise web.HTTPBadRequest(text="window=CENTER,WIDTH and size=PIXELS") from None
         if size is not None and not 16 <= size <= 8192:
             raise web.HTTPBadRequest(text="size must be 16 to 8192 pixels")
         located = await asyncio.to_thread(service.locate, transaction, _uid(request))
-        etag = f'"{located.key}-{index}-{window}-{size}-{request.match_info["fmt"]}"'
+        # From the parsed numbers, not the query text: "40,400" and "40.0,400.0" are one
+        # image. repr() is the shortest text that gives the float back, so two different
+        # windows never share an ETag (":g" would round to 6 digits). No comma: the
+        # If-None-Match list is split on commas.
+        shown = f"{center!r}_{width!r}" if window else ""
+        etag = f'"{located.key}-{index}-{shown}-{size}-{request.match_info["fmt"]}"'
         if _not_modified(request, etag):
             return web.Response(status=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
         try:
