@@ -35,9 +35,7 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -131,15 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{DICOMWEB_PLUGIN} not found: apt-get install orthanc-dicomweb (or --no-orthanc)")
         return 2
     base = Path(tempfile.mkdtemp(prefix="iepnode-bench-dicomweb-", dir=args.tmp_dir))
-    report: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "orthanc": bp.orthanc_version(),
-                    "loadavg_start": os.getloadavg()},
-        "settings": vars(args) | {"tmp_dir": str(base), "json": str(args.json)},
-        "repo": bp.repo_state(),
-    }
+    report: dict = bp.run_report(args, base)
     peers: list[bp.Peer] = []
     try:
         log(f"bench dir {base}; generating a {args.slices}-slice CT study")

@@ -38,9 +38,7 @@ import email
 import http.client
 import json
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -195,17 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"iepnode unavailable: {why}")
         return 2
     base = Path(tempfile.mkdtemp(prefix="iepnode-bench-download-", dir=args.tmp_dir))
-    report: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "orthanc": bp.orthanc_version(),
-                    "curl": subprocess.run([CURL, "--version"], capture_output=True,
-                                           text=True).stdout.split("\n")[0],
-                    "loadavg_start": os.getloadavg()},
-        "settings": vars(args) | {"tmp_dir": str(base), "json": str(args.json)},
-        "repo": bp.repo_state(),
-    }
+    report: dict = bp.run_report(args, base, curl=subprocess.run(
+        [CURL, "--version"], capture_output=True, text=True).stdout.split("\n")[0])
     iepnode = orthanc = None
     try:
         log(f"bench dir {base}; generating a {args.slices}-slice CT study")

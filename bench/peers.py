@@ -643,3 +643,22 @@ def repo_state() -> dict:
 
     changed = [line for line in git("status", "--porcelain").splitlines() if line.strip()]
     return {"commit": git("rev-parse", "--short", "HEAD") or None, "changed_files": len(changed)}
+
+
+def run_report(args, base: Path, **machine: str) -> dict:
+    """The head of a benchmark's JSON report: command, start, machine, settings, checkout.
+
+    ``machine`` adds tool versions beside the host, cores, Python and Orthanc.
+    """
+    import platform
+    import shlex
+
+    return {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "orthanc": orthanc_version(),
+                    **machine, "loadavg_start": os.getloadavg()},
+        "settings": vars(args) | {"tmp_dir": str(base), "json": str(args.json)},
+        "repo": repo_state(),
+    }

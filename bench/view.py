@@ -42,8 +42,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -311,15 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"iepnode unavailable: {why}")
         return 2
     base = Path(tempfile.mkdtemp(prefix="iepnode-bench-view-", dir=args.tmp_dir))
-    report: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "orthanc": bp.orthanc_version(),
-                    "loadavg_start": os.getloadavg()},
-        "settings": vars(args) | {"tmp_dir": str(base), "json": str(args.json)},
-        "repo": bp.repo_state(),
-    }
+    report: dict = bp.run_report(args, base)
     iepnode = orthanc = None
     from pydicom import dcmread
     from pydicom.uid import generate_uid
