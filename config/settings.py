@@ -22,6 +22,9 @@ import tzlocal
 #: AE titles: 1-16 characters of the default character repertoire, no backslash.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 DUPLICATE_POLICIES = ("keep", "replace")
+#: Bounds of ``max_pdu`` (bytes): PS3.8 lets a peer send PDUs up to the announced size.
+MIN_PDU = 4096
+MAX_PDU = 1 << 26
 SMTP_TLS_MODES = ("starttls", "tls", "none")
 SMS_GATEWAYS = ("outbox", "email", "http")
 #: A DNS host name (for email-to-SMS domains): dot-separated labels.
@@ -56,7 +59,20 @@ class Settings:
     dicom_workers : int
         Number of SCP worker processes sharing the DICOM port (``SO_REUSEPORT``).
     max_pdu : int
-        Largest P-DATA PDU the node accepts; larger PDUs mean fewer round trips.
+        Largest P-DATA PDU the node accepts (and announces); larger PDUs mean fewer
+        round trips. A peer sending a larger one is aborted before it is read.
+    dicom_max_associations : int
+        Associations one SCP worker serves at once (pending connections included);
+        beyond it a request is rejected (transient, local limit exceeded).
+    dicom_max_pending : int
+        Connections one SCP worker holds whose A-ASSOCIATE-RQ has not fully arrived;
+        beyond it a new connection is rejected at once, before anything is read.
+    dicom_max_pending_per_address : int
+        The same, from one peer address, so one address cannot take every slot.
+    dicom_preassoc_timeout : float
+        Seconds a connection has to deliver its whole A-ASSOCIATE-RQ (the ARTIM timer).
+    dicom_max_associate_rq : int
+        Largest A-ASSOCIATE-RQ PDU accepted (bytes); a larger one is aborted unread.
     stable_age : float
         Seconds without a new instance after which a study is "stable" and its
         DICOMDIR file-set is (re)built.
@@ -149,6 +165,12 @@ class Settings:
     dicom_workers: int = 2
     http_workers: int = 1
     max_pdu: int = 1 << 20
+    # -- hardening (issue 13): DICOM pre-association limits --
+    dicom_max_associations: int = 64
+    dicom_max_pending: int = 32
+    dicom_max_pending_per_address: int = 8
+    dicom_preassoc_timeout: float = 5.0
+    dicom_max_associate_rq: int = 1 << 16
     stable_age: float = 60.0
     duplicate_policy: str = "keep"
     fsync: bool = True
@@ -254,6 +276,11 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "port": "dicom_port",
         "workers": "dicom_workers",
         "max_pdu": "max_pdu",
+        "max_associations": "dicom_max_associations",
+        "max_pending": "dicom_max_pending",
+        "max_pending_per_address": "dicom_max_pending_per_address",
+        "preassoc_timeout": "dicom_preassoc_timeout",
+        "max_associate_rq": "dicom_max_associate_rq",
         "duplicate_policy": "duplicate_policy",
         "fsync": "fsync",
         "send_retry_seconds": "send_retry_seconds",
@@ -491,8 +518,23 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(f"dicom_workers {s.dicom_workers}: must be 1-64")
     if s.http_workers < 1 or s.http_workers > 64:
         raise ConfigError(f"http_workers {s.http_workers}: must be 1-64")
-    if s.max_pdu != 0 and s.max_pdu < 4096:
-        raise ConfigError(f"max_pdu {s.max_pdu}: 0 (unlimited) or at least 4096")
+    if not MIN_PDU <= s.max_pdu <= MAX_PDU:
+        raise ConfigError(f"max_pdu {s.max_pdu}: must be {MIN_PDU}-{MAX_PDU} (every PDU "
+                          "is read into memory whole, so there is no unlimited setting)")
+    if not 1 <= s.dicom_max_associations <= 1000:
+        raise ConfigError(f"dicom_max_associations {s.dicom_max_associations}: must be 1-1000")
+    if not 1 <= s.dicom_max_pending <= s.dicom_max_associations:
+        raise ConfigError(f"dicom_max_pending {s.dicom_max_pending}: must be 1 to "
+                          f"dicom_max_associations ({s.dicom_max_associations})")
+    if not 1 <= s.dicom_max_pending_per_address <= s.dicom_max_pending:
+        raise ConfigError(f"dicom_max_pending_per_address {s.dicom_max_pending_per_address}: "
+                          f"must be 1 to dicom_max_pending ({s.dicom_max_pending})")
+    if not 0.5 <= s.dicom_preassoc_timeout <= 120:
+        raise ConfigError(f"dicom_preassoc_timeout {s.dicom_preassoc_timeout}: must be "
+                          "0.5-120 seconds")
+    if not 4096 <= s.dicom_max_associate_rq <= 1 << 24:
+        raise ConfigError(f"dicom_max_associate_rq {s.dicom_max_associate_rq}: must be "
+                          f"4096-{1 << 24} bytes")
     if s.stable_age < 0:
         raise ConfigError(f"stable_age {s.stable_age}: must not be negative")
     if s.duplicate_policy not in DUPLICATE_POLICIES:

@@ -17,6 +17,7 @@ import peewee
 from pydicom.dataset import Dataset
 
 from iepnode.errors import BadQuery
+from iepnode.uids import is_uid_like
 from storage.db import is_sqlite
 from storage.index import name_key
 from storage.models import Instance, Patient, Series, Study, database_proxy
@@ -91,6 +92,8 @@ _TABLES = (Patient, Study, Series, Instance)
 _CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
                  "InstanceAvailability", "TimezoneOffsetFromUTC"}
 _ESCAPE = "!"
+#: Most UIDs one key may list (PS3.4 C.2.2.2.2): more is refused, not matched.
+MAX_UID_LIST = 1000
 _HIGHEST = "\U0010ffff"
 
 
@@ -144,6 +147,12 @@ def _condition(keyword: str, attr: Attribute, value: str) -> peewee.Expression |
     column = attr.column
     if attr.match is Match.UID:
         uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if len(uids) > MAX_UID_LIST:
+            raise BadQuery(f"{keyword}: a list of {len(uids)} UIDs, more than {MAX_UID_LIST}")
+        bad = next((u for u in uids if not is_uid_like(u)), None)
+        if bad is not None:
+            raise BadQuery(f"malformed {keyword} ({len(bad)} characters)" if len(bad) > 64
+                           else f"malformed {keyword} {bad!r}")
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
     if attr.match in (Match.DATE, Match.TIME):
         if "-" in value:

@@ -30,6 +30,7 @@ from iepnode.errors import (
 )
 from iepnode.node import Node
 from iepnode.query import Root
+from scp.answers import error_comment
 from scp.contexts import PATIENT_ROOT_MODELS, allowed_contexts, sending_contexts
 
 log = logging.getLogger("iepnode.scp")
@@ -183,6 +184,14 @@ def handle_store(event: Event, node: Node) -> int:
     return SUCCESS
 
 
+def failure_status(status: int, comment: str) -> Dataset:
+    """A status dataset with an Error Comment."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = error_comment(comment)
+    return ds
+
+
 def _root(event: Event) -> Root:
     sop_class = event.request.AffectedSOPClassUID
     return Root.PATIENT if sop_class in PATIENT_ROOT_MODELS else Root.STUDY
@@ -203,7 +212,7 @@ def handle_find(event: Event, node: Node):
             yield PENDING, match
     except BadQuery as exc:
         log.warning("C-FIND from %s failed: %s", calling, exc)
-        yield IDENTIFIER_MISMATCH, None
+        yield failure_status(IDENTIFIER_MISMATCH, str(exc)), None
     except Exception:
         log.exception("C-FIND from %s failed", calling)
         yield OUT_OF_RESOURCES, None

@@ -8,19 +8,19 @@ sockets. Each worker opens its own database connection and file store.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
+import time
 from multiprocessing.synchronize import Event as EventType
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
-from pynetdicom.transport import ThreadedAssociationServer
 
 from config import Settings
 from iepnode.logs import setup_logging
 from iepnode.node import Node
 from iepnode.workers import WorkerPool, stop_on_sigterm
 from scp.contexts import supported_contexts
+from scp.guard import ConnectionGuard, ConnectionLimits, GuardedServer
 from scp.handlers import event_handlers
 
 log = logging.getLogger("iepnode.scp")
@@ -33,35 +33,59 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose socket shares its port with other workers."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+#: Seconds a stopping worker lets running associations finish before aborting them.
+SHUTDOWN_GRACE = 5.0
 
 
 def build_ae(settings: Settings) -> AE:
-    """Return the node's AE with its timeouts and limits set."""
+    """Return the node's AE with its timeouts and limits set.
+
+    The ACSE timeout is the ARTIM timer of PS3.8: how long a new connection may take
+    to send its A-ASSOCIATE-RQ (``dicom_preassoc_timeout``).
+    """
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
-    ae.maximum_associations = 64
+    ae.maximum_associations = settings.dicom_max_associations
     ae.require_called_aet = True
-    ae.acse_timeout = 30
+    ae.acse_timeout = settings.dicom_preassoc_timeout
     ae.dimse_timeout = 120
     ae.network_timeout = 120
     return ae
 
 
-def make_server(settings: Settings, node: Node, port: int) -> ReusePortServer:
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The pre-association limits of one SCP worker, from the settings."""
+    return ConnectionLimits(
+        max_pending=settings.dicom_max_pending,
+        max_pending_per_address=settings.dicom_max_pending_per_address,
+        preassoc_timeout=settings.dicom_preassoc_timeout,
+        max_associate_rq=settings.dicom_max_associate_rq,
+        max_pdu=settings.max_pdu,
+    )
+
+
+def make_server(settings: Settings, node: Node, port: int) -> GuardedServer:
     """Create (bound, listening) the association server of one worker."""
     ae = build_ae(settings)
     return ae.make_server(
         (settings.bind, port),
         contexts=supported_contexts(),
         evt_handlers=event_handlers(node),
-        server_class=ReusePortServer,
+        server_class=GuardedServer,
+        guard=ConnectionGuard(connection_limits(settings)),
     )
+
+
+def stop_server(server: GuardedServer, grace: float = SHUTDOWN_GRACE) -> None:
+    """Stop accepting, give running associations ``grace`` seconds, then abort the rest."""
+    server.shutdown()
+    deadline = time.monotonic() + grace
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for assoc in server.active_associations:
+        log.warning("association with %s aborted: the node is stopping",
+                    assoc.requestor.ae_title.strip() or assoc.requestor.address)
+        assoc.abort()
 
 
 def run_worker(number: int, ready: EventType, settings: Settings, port: int) -> None:
@@ -79,8 +103,8 @@ def run_worker(number: int, ready: EventType, settings: Settings, port: int) -> 
     thread.start()
     ready.set()
     stop.wait()
-    server.shutdown()
-    server.server_close()
+    stop_server(server)
+    thread.join(5)
     node.close()
 
 

@@ -224,11 +224,24 @@ def test_bad_database_url(url: str) -> None:
 
 @pytest.mark.parametrize(("name", "value"), [
     ("dicom_workers", 0), ("dicom_workers", 65), ("http_workers", 0), ("max_pdu", 100),
-    ("stable_age", -1),
+    ("max_pdu", 0), ("max_pdu", 1 << 27), ("stable_age", -1),
+    ("dicom_max_associations", 0), ("dicom_max_pending", 65),
+    ("dicom_max_pending_per_address", 33), ("dicom_preassoc_timeout", 0.1),
+    ("dicom_max_associate_rq", 1024),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings(overrides={name: value}, environ={})
+
+
+def test_dicom_limits_from_toml(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[dicom]\nmax_pending = 4\nmax_pending_per_address = 2\n"
+                                "preassoc_timeout = 2.5\nmax_associate_rq = 32768\n"
+                                "max_associations = 16\n")
+    settings = load_settings(path, environ={})
+    assert (settings.dicom_max_pending, settings.dicom_max_pending_per_address,
+            settings.dicom_preassoc_timeout, settings.dicom_max_associate_rq,
+            settings.dicom_max_associations) == (4, 2, 2.5, 32768, 16)
 
 
 def test_bad_boolean_from_env() -> None:
