@@ -1,4 +1,10 @@
-"""The composition root of ``iepnode serve``: settings -> storage -> Node -> SCP + web."""
+"""The composition root of ``iepnode serve``: settings -> storage -> Node -> SCP + web.
+
+The main process is a supervisor: it holds the two ports, starts the SCP and HTTP
+worker processes (which share the ports with ``SO_REUSEPORT``), restarts any that
+die, and runs housekeeping and the send runner. It answers no network request
+itself, so a hostile peer cannot make it grow.
+"""
 
 from __future__ import annotations
 
@@ -83,7 +89,6 @@ async def _start_http(settings: Settings, node: Node, port: int) -> web.AppRunne
 
 async def _serve_async(settings: Settings, node: Node, pools: list[WorkerPool],
                        dicom_port: int, http_port: int) -> None:
-    runner = await _start_http(settings, node, http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,14 +104,14 @@ async def _serve_async(settings: Settings, node: Node, pools: list[WorkerPool],
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    await runner.cleanup()
 
 
 def run_http_worker(number: int, ready: EventType, settings: Settings, port: int) -> None:
-    """Entry point of an extra HTTP process: answer requests until SIGTERM.
+    """Entry point of an HTTP process: answer requests until SIGTERM.
 
-    The main process answers HTTP too and runs housekeeping; extra processes only
-    serve pages, each with its own database connections.
+    Pages are served only by these processes, each with its own database
+    connections; the main process supervises them and the SCP workers and runs
+    housekeeping and sends, so no request can take its memory.
     """
     setup_logging(settings, process_name=f"http-{number}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -161,7 +166,7 @@ def serve(settings: Settings) -> int:
                     reserve_port(settings.bind, settings.http_port)]
         dicom_port, http_port = (sock.getsockname()[1] for sock in reserved)
         pools = [scp_pool(settings, dicom_port),
-                 WorkerPool("http", run_http_worker, settings.http_workers - 1,
+                 WorkerPool("http", run_http_worker, settings.http_workers,
                             (settings, http_port))]
         for pool in pools:
             pool.start()

@@ -9,6 +9,7 @@ one free port that every worker then shares.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import signal
@@ -37,8 +38,43 @@ def stop_on_sigterm() -> threading.Event:
     return stop
 
 
+class PortInUse(OSError):
+    """Another process already holds the port the node was asked to listen on."""
+
+
+def _family(bind: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in bind else socket.AF_INET
+
+
+def _check_port_free(bind: str, port: int) -> int:
+    """Bind ``port`` *without* ``SO_REUSEPORT`` to prove no other process holds it.
+
+    With ``SO_REUSEPORT`` on both sides, the kernel lets a second node bind a port the
+    first one listens on and then splits connections between them. A socket without
+    it cannot share: its bind fails if any socket, of any process, is bound there.
+    Returns the port (the kernel's choice when ``port`` is 0).
+    """
+    probe = socket.socket(_family(bind), socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR only lets the probe past connections in TIME_WAIT.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(exc.errno, f"port {port} on {bind} is already in use by "
+                                "another process (is another iepnode running?)") from exc
+            raise
+        return probe.getsockname()[1]
+    finally:
+        probe.close()
+
+
 def reserve_port(bind: str, port: int) -> socket.socket:
     """Bind (without listening) a ``SO_REUSEPORT`` socket to fix the port number.
+
+    Only this node's workers can then share the port: the port is first checked to
+    be held by no other process (:func:`_check_port_free`).
 
     Parameters
     ----------
@@ -51,9 +87,14 @@ def reserve_port(bind: str, port: int) -> socket.socket:
     -------
     socket.socket
         The bound socket; keep it open while workers run (it holds the port).
+
+    Raises
+    ------
+    PortInUse
+        Another process holds the port.
     """
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    port = _check_port_free(bind, port)
+    sock = socket.socket(_family(bind), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((bind, port))
