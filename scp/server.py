@@ -19,8 +19,9 @@ from config import Settings
 from iepnode.logs import setup_logging
 from iepnode.node import Node
 from iepnode.workers import WorkerPool, stop_on_sigterm
+from scp.admission import ConnectionGuard, ConnectionLimits
 from scp.contexts import supported_contexts
-from scp.guard import ConnectionGuard, ConnectionLimits, GuardedServer
+from scp.guard import GuardedServer
 from scp.handlers import event_handlers
 
 log = logging.getLogger("iepnode.scp")
