@@ -761,15 +761,38 @@ class Node:
         return registry.list_remote_aes()
 
     def build_stable_filesets(self) -> int:
-        """Build file-sets of studies stable for ``stable_age`` seconds; return how many."""
+        """Build file-sets of studies stable for ``stable_age`` seconds; return how many.
+
+        A study whose build fails (any exception) is tried again after
+        ``fileset_retry_seconds``, doubling after each further failure up to
+        ``fileset_retry_max_seconds``; the attempts and the next retry time are kept
+        in the study's row (:func:`storage.index.claim_fileset_build`), so the back-off
+        holds across restarts and processes. Each failure is one warning line (with
+        the traceback only for the first); a success clears the back-off.
+        """
+        backoff = sending.RetryPolicy(self.settings.fileset_retry_seconds,
+                                      self.settings.fileset_retry_max_seconds)
         built = 0
-        for study in index.studies_due_for_fileset(self.settings.stable_age, time.time()):
+        now = time.time()
+        for study in index.studies_due_for_fileset(self.settings.stable_age, now):
+            delay = backoff.delay(study.fileset_attempts + 1)
+            attempt = index.claim_fileset_build(study, now, delay)
+            if attempt is None:
+                continue  # another process took it, or it is not due any more
             try:
-                self.build_fileset(study.study_uid)
-                built += 1
-                self.cache_download_checksums(study.study_uid)
+                _, left_out = self._write_fileset(study.study_uid)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                index.record_fileset_failure(study.id, reason)
+                log.warning("file-set build of study %s failed (attempt %d; next in %g s): "
+                            "%s", study.study_uid, attempt, delay, reason,
+                            exc_info=attempt == 1)
+                continue
+            built += 1
+            try:
+                checksums.cache_study(study.study_uid, self.store.path, exclude=left_out)
             except Exception:
-                log.exception("file-set build failed for study %s", study.study_uid)
+                log.exception("checksums of study %s not cached", study.study_uid)
         return built
 
     # -- forward to a person (issue 6) ---------------------------------------------------
@@ -1068,10 +1091,6 @@ class Node:
                             patient_id=transaction.patient_id,
                             transaction=transaction.public_id, detail=detail)
         return path, str(meta["filename"])
-
-    def cache_download_checksums(self, study_uid: str) -> int:
-        """Compute the CRC-32 of a study's stored files ahead of any download."""
-        return checksums.cache_study(study_uid, self.store.path)
 
     def sweep_protected_downloads(self) -> int:
         """Delete protected copies that expired or whose transaction is no longer live."""
