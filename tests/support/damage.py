@@ -18,13 +18,13 @@ from pathlib import Path
 
 #: The damages, in the order the tests apply them.
 DAMAGES = ("truncated", "garbage", "empty", "missing", "unreadable")
-#: Words of the reason each damage must be reported with.
+#: The reason each damage must be reported with, after "the stored file ".
 REASONS = {
-    "truncated": "cut short (truncated)",
-    "garbage": "not a DICOM Part-10 file",
-    "empty": "empty (0 bytes)",
-    "missing": "missing",
-    "unreadable": "permission denied",
+    "truncated": "is cut short (truncated)",
+    "garbage": "is not a DICOM Part-10 file",
+    "empty": "is empty (0 bytes)",
+    "missing": "is missing",
+    "unreadable": "cannot be opened (permission denied)",
 }
 SETPRIV = Path("/usr/bin/setpriv")
 
