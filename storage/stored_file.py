@@ -143,16 +143,17 @@ _TRUNCATED = "the stored file is cut short (truncated)"
 
 def _check_complete(ds: Dataset, fh: BinaryIO, size: int) -> None:
     """Raise :class:`UnreadableFile` unless the file holds every byte ``ds`` declares."""
+    # Elements follow one another, so only the last one read can end beyond the end
+    # of the file (pydicom stops at the first short read after it).
     last_end: int | None = None
-    for tag in ds.keys():  # noqa: SIM118 - iterating the Dataset would convert values
-        elem = ds.get_item(tag, keep_deferred=True)
+    last = next(reversed(ds.keys()), None)
+    if last is not None:
+        elem = ds.get_item(last, keep_deferred=True)
         tell, length = getattr(elem, "value_tell", None), getattr(elem, "length", None)
-        if tell is None or length is None or length == _UNDEFINED:
-            last_end = None  # a parsed (undefined length) sequence: its end is not kept
-            continue
-        last_end = tell + length
-        if last_end > size:
-            raise UnreadableFile(_TRUNCATED)
+        if tell is not None and length is not None and length != _UNDEFINED:
+            last_end = tell + length  # else a parsed sequence: its end is not kept
+            if last_end > size:
+                raise UnreadableFile(_TRUNCATED)
     position = fh.tell()
     if position < size:  # pydicom stopped before the pixel data: check it and what follows
         _walk_to_end(fh, position, size, ds.is_little_endian is not False,
