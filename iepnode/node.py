@@ -773,10 +773,9 @@ class Node:
         backoff = sending.RetryPolicy(self.settings.fileset_retry_seconds,
                                       self.settings.fileset_retry_max_seconds)
         built = 0
-        now = time.time()
-        for study in index.studies_due_for_fileset(self.settings.stable_age, now):
+        for study in index.studies_due_for_fileset(self.settings.stable_age, time.time()):
             delay = backoff.delay(study.fileset_attempts + 1)
-            attempt = index.claim_fileset_build(study, now, delay)
+            attempt = index.claim_fileset_build(study, time.time(), delay)
             if attempt is None:
                 continue  # another process took it, or it is not due any more
             try:

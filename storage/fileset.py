@@ -22,6 +22,13 @@ as bytes and each member's File ID, optionally below a root folder (``DICOM/...`
 and with a DICOMDIR SOP Instance UID given by the caller, so the same members give
 the same bytes (the download package streams it from memory).
 
+One bad member does not break a set: each member's header is read once through
+:func:`storage.stored_file.read_instance_header`, and a member that cannot be used
+(missing, unreadable, empty, not DICOM, cut short, lacking its SOP/Study/Series
+UIDs, a DICOMDIR) is left out of the DICOMDIR and the folder and listed in
+:attr:`FilesetPlan.left_out` with the reason; the caller logs and audits it. Only
+when no member at all can be used is the build refused (:class:`NoUsableMember`).
+
 The set is built in a hidden sibling staging folder, flushed, then swapped into
 ``dest`` in one step (``renameat2(RENAME_EXCHANGE)`` where the kernel offers it, two
 renames otherwise), so readers see the old set or the new one, never half of one.
