@@ -154,6 +154,11 @@ class Settings:
     upload_max_file_mb, upload_max_total_mb : int
         Largest single file, and largest whole upload, a recipient may upload in answer
         to a request (MiB).
+    fileset_retry_seconds : float
+        (hardening, issue 13) Wait before housekeeping tries again to build a study's
+        file-set after a failed build; it doubles after each further failure.
+    fileset_retry_max_seconds : float
+        (hardening) Longest wait between two attempts to build a study's file-set.
     """
 
     data_dir: Path = Path("data")
@@ -209,6 +214,9 @@ class Settings:
     # -- uploads on request (issue 7)
     upload_max_file_mb: int = 4096
     upload_max_total_mb: int = 16384
+    # -- hardening (issue 13): bad files --
+    fileset_retry_seconds: float = 60.0
+    fileset_retry_max_seconds: float = 3600.0
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -291,7 +299,13 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
              "trusted_proxies": "trusted_proxies",
              "dicomweb_cors_origins": "dicomweb_cors_origins",
              "dicomweb_ohif_url": "dicomweb_ohif_url"},
-    "storage": {"database_url": "database_url", "stable_age": "stable_age"},
+    "storage": {
+        "database_url": "database_url",
+        "stable_age": "stable_age",
+        # -- hardening (issue 13): bad files --
+        "fileset_retry_seconds": "fileset_retry_seconds",
+        "fileset_retry_max_seconds": "fileset_retry_max_seconds",
+    },
     "mail": {
         "smtp_host": "smtp_host",
         "smtp_port": "smtp_port",
@@ -546,6 +560,11 @@ def _validate(s: Settings) -> Settings:
                           f"send_retry_max_seconds ({s.send_retry_max_seconds})")
     if not 1 <= s.send_max_attempts <= 1000:
         raise ConfigError(f"send_max_attempts {s.send_max_attempts}: must be 1-1000")
+    # -- hardening (issue 13): bad files --
+    if not 0 < s.fileset_retry_seconds <= s.fileset_retry_max_seconds <= 7 * 86400:
+        raise ConfigError(f"fileset_retry_seconds {s.fileset_retry_seconds} and "
+                          f"fileset_retry_max_seconds {s.fileset_retry_max_seconds}: more "
+                          "than 0, the first at most the second, the second at most a week")
     # uploads: review and release (issue 7, reconcile)
     if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
         raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "

@@ -12,7 +12,7 @@ is still missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import peewee
@@ -80,8 +80,12 @@ def _remember(crcs: dict[str, int]) -> None:
             log.info("some checksummed files were deleted meanwhile; not cached")
 
 
-def cache_study(study_uid: str, path_of: Callable[[str], Path]) -> int:
+def cache_study(study_uid: str, path_of: Callable[[str], Path], *,
+                exclude: Collection[str] = ()) -> int:
     """Compute and cache the CRC-32 of a study's files that lack one; return how many.
+
+    A file that cannot be read is skipped (the others are still cached): a CRC is
+    only worth keeping for a file a package can hold.
 
     Parameters
     ----------
@@ -89,14 +93,22 @@ def cache_study(study_uid: str, path_of: Callable[[str], Path]) -> int:
         The study.
     path_of : callable
         The file store's key -> path function.
+    exclude : collection of str, optional
+        Store keys not to checksum (files already known to be unusable).
     """
     keys = [row[0] for row in Instance.select(Instance.key).join(Series).join(Study)
-            .where(Study.study_uid == study_uid).tuples()]
+            .where(Study.study_uid == study_uid).tuples() if row[0] not in exclude]
     known = known_crcs(keys)
-    missing = [(key, path_of(key)) for key in keys if key not in known]
-    try:
-        crcs_for(missing)
-    except OSError as exc:  # a file removed while we read: the next pass sees the new state
-        log.info("checksums of study %s not cached: %s", study_uid, exc)
-        return 0
-    return len(missing)
+    fresh: dict[str, int] = {}
+    for key in keys:
+        if key in known:
+            continue
+        try:
+            fresh[key] = file_crc32(path_of(key))
+        except OSError as exc:  # removed or unreadable: the next pass sees the new state
+            log.info("checksum of file %s of study %s not cached: %s", key, study_uid,
+                     exc.strerror or exc)
+    if fresh:
+        _remember(fresh)
+        log.info("computed the CRC-32 of %d stored files", len(fresh))
+    return len(fresh)

@@ -335,12 +335,17 @@ def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
     from iepnode.node import Node
+    from storage.fileset import FilesetError
 
     node = Node(settings)
     try:
         path = node.build_fileset(args.study_uid)
     except KeyError:
         print(f"iepnode: no study {args.study_uid}", file=sys.stderr)
+        return 1
+    except (FilesetError, OSError) as exc:
+        print(f"iepnode: the file-set of {args.study_uid} cannot be built: {exc}",
+              file=sys.stderr)
         return 1
     print(path / "DICOMDIR")
     return 0
@@ -481,6 +486,15 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             with open(partial, "wb") as fh:
                 downloads.write_zip(pkg.layout, fh, progress=bar.update)
         os.replace(partial, out)
+    except OSError as exc:  # e.g. a stored file cut short while copied: no broken zip
+        partial.unlink(missing_ok=True)
+        bar.close()
+        node.record_download(audit.Actor("cli", getpass.getuser()), pkg,
+                             action="export-protected" if password else "export",
+                             transaction=args.what if is_transaction else "",
+                             outcome=audit.SERIOUS_FAILURE, detail=f"failed: {exc}")
+        print(f"iepnode: export failed, nothing written: {exc}", file=sys.stderr)
+        return 1
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -491,6 +505,9 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
                          transaction=args.what if is_transaction else "",
                          detail=f"{out.stat().st_size} bytes written")
     print(f"wrote {out} ({out.stat().st_size} bytes, {pkg.instances} instances)")
+    if pkg.left_out:
+        print(f"left out {len(pkg.left_out)} instances whose stored files cannot be read "
+              "(listed in the zip's README.TXT)", file=sys.stderr)
     if password:
         print(f"password: {password}")
         print("(shown only now; send it separately from the file)")

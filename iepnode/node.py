@@ -284,24 +284,62 @@ class Node:
     def build_fileset(self, study_uid: str) -> Path:
         """Build (or rebuild) the study's DICOMDIR file-set now; return its folder.
 
+        Instances whose stored files cannot be read are left out (see
+        :meth:`_write_fileset`).
+
         Raises
         ------
         KeyError
             If no such study is indexed.
+        storage.fileset.FilesetError
+            If none of its files can be read, or the folder cannot be written.
+        OSError
+            If the file system fails.
         """
-        from storage.fileset import write_fileset
+        return self._write_fileset(study_uid)[0]
+
+    def _write_fileset(self, study_uid: str) -> tuple[Path, list[str]]:
+        """Build the study's file-set; return its folder and the store keys left out.
+
+        Each instance left out (its file missing, unreadable, empty, not DICOM or cut
+        short) gets a warning line and a Security Alert audit event (DCM 110113,
+        minor failure) naming the study, the SOP Instance UID, the store key and the
+        reason, once per build.
+        """
+        from storage.fileset import NoUsableMember, write_fileset
 
         study = self.study(study_uid)
         if study is None:
             raise KeyError(study_uid)
         built_from = study.last_received
-        members = [self.store.path(i.key) for i in index.study_files(study)]
+        rows = {self.store.path(i.key): i for i in index.study_files(study)}
         dest = self.fileset_path(study)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        count = write_fileset(dest, members)
+        try:
+            plan = write_fileset(dest, list(rows))
+        except NoUsableMember as exc:
+            self._report_left_out(study, [(rows[m.path], m.reason) for m in exc.left_out])
+            raise
+        self._report_left_out(study, [(rows[m.path], m.reason) for m in plan.left_out])
         index.mark_fileset_built(study.id, built_from)
-        log.info("file-set built for study %s: %d instances in %s", study_uid, count, dest)
-        return dest
+        log.info("file-set built for study %s: %d instances in %s%s", study_uid,
+                 len(plan.files), dest,
+                 f" ({len(plan.left_out)} unreadable left out)" if plan.left_out else "")
+        return dest, [rows[m.path].key for m in plan.left_out]
+
+    def _report_left_out(self, study: Study, left_out: list[tuple[Any, str]]) -> None:
+        """Log and audit the instances a file-set build leaves out."""
+        if not left_out:
+            return
+        patient_id = study.patient.patient_id
+        for instance, reason in left_out:
+            log.warning("file-set of study %s: left out instance %s (file %s): %s",
+                        study.study_uid, instance.sop_uid, instance.key, reason)
+            audit.record(audit.SECURITY_ALERT, "stored-file-unreadable",
+                         audit.Actor("system", "file-set"), outcome=audit.MINOR_FAILURE,
+                         patient_id=patient_id, study_uid=study.study_uid,
+                         detail=f"instance {instance.sop_uid} (file {instance.key}) left out "
+                                f"of the study's file-set: {reason}")
 
     # -- transactions and recipient login (issue 3) ---------------------------------------
 
@@ -723,15 +761,37 @@ class Node:
         return registry.list_remote_aes()
 
     def build_stable_filesets(self) -> int:
-        """Build file-sets of studies stable for ``stable_age`` seconds; return how many."""
+        """Build file-sets of studies stable for ``stable_age`` seconds; return how many.
+
+        A study whose build fails (any exception) is tried again after
+        ``fileset_retry_seconds``, doubling after each further failure up to
+        ``fileset_retry_max_seconds``; the attempts and the next retry time are kept
+        in the study's row (:func:`storage.index.claim_fileset_build`), so the back-off
+        holds across restarts and processes. Each failure is one warning line (with
+        the traceback only for the first); a success clears the back-off.
+        """
+        backoff = sending.RetryPolicy(self.settings.fileset_retry_seconds,
+                                      self.settings.fileset_retry_max_seconds)
         built = 0
         for study in index.studies_due_for_fileset(self.settings.stable_age, time.time()):
+            delay = backoff.delay(study.fileset_attempts + 1)
+            attempt = index.claim_fileset_build(study, time.time(), delay)
+            if attempt is None:
+                continue  # another process took it, or it is not due any more
             try:
-                self.build_fileset(study.study_uid)
-                built += 1
-                self.cache_download_checksums(study.study_uid)
+                _, left_out = self._write_fileset(study.study_uid)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                index.record_fileset_failure(study.id, reason)
+                log.warning("file-set build of study %s failed (attempt %d; next in %g s): "
+                            "%s", study.study_uid, attempt, delay, reason,
+                            exc_info=attempt == 1)
+                continue
+            built += 1
+            try:
+                checksums.cache_study(study.study_uid, self.store.path, exclude=left_out)
             except Exception:
-                log.exception("file-set build failed for study %s", study.study_uid)
+                log.exception("checksums of study %s not cached", study.study_uid)
         return built
 
     # -- forward to a person (issue 6) ---------------------------------------------------
@@ -892,24 +952,30 @@ class Node:
     def _package_of(self, source: package.PackageSource) -> package.Package:
         """Plan (or take from the cache) the package of ``source``.
 
+        Instances whose stored files cannot be read are left out of it (logged, listed
+        in its README.TXT and in :attr:`~iepnode.package.Package.left_out`).
+
         Raises
         ------
         Gone
-            None of its studies is stored any more.
+            None of its studies is stored any more, or none of their files can be read.
         """
-        try:
-            files = package.stored_files(source.study_uids, self.store.path)
-        except FileNotFoundError as exc:
-            raise Gone("Some images of this package are no longer stored.") from exc
+        files = package.stored_files(source.study_uids, self.store.path)
         if not files:
             raise Gone("The images of this package are no longer stored.")
         key = package.fingerprint(source, files)
 
         def build() -> package.Package:
-            crcs = checksums.crcs_for([(f.key, f.path) for f in files])
-            return package.build_package(source, files, crcs, key)
+            return package.build_package(source, files, checksums.crcs_for, key)
 
-        return self._packages.get_or_build(key, build)
+        try:
+            return self._packages.get_or_build(key, build)
+        except package.NothingReadable as exc:
+            log.error("package %s: none of its %d stored files can be read (first: %s)",
+                      source.reference or source.study_uids[0], len(exc.left_out),
+                      exc.left_out[0].reason)
+            raise Gone("The images of this package cannot be read at the moment. Please "
+                       "contact the sender.") from exc
 
     def recipient_package(self, recipient_id: int, public_id: str) -> package.Package:
         """The download package of one of the recipient's live transactions.
@@ -962,11 +1028,15 @@ class Node:
     def record_download(self, actor: Actor, pkg: package.Package, *, action: str,
                         transaction: str = "", outcome: int = audit.SUCCESS,
                         detail: str = "") -> None:
-        """Audit one download or export of ``pkg`` (DCM 110106 Export)."""
+        """Audit one download or export of ``pkg`` (DCM 110106 Export).
+
+        The detail names the instances the package leaves out (unreadable files).
+        """
         audit.record_export(action, actor, media=f"zip {pkg.filename}",
                             study_uids=pkg.study_uids, patient_id=pkg.patient_id,
                             transaction=transaction, outcome=outcome,
-                            detail=f"{pkg.instances} instances; {detail}".rstrip("; "))
+                            detail="; ".join(x for x in (f"{pkg.instances} instances",
+                                                         pkg.left_out_text(), detail) if x))
 
     def record_recipient_download(self, recipient_id: int, pkg: package.Package, *,
                                   public_id: str, source_ip: str = "",
@@ -1020,10 +1090,6 @@ class Node:
                             patient_id=transaction.patient_id,
                             transaction=transaction.public_id, detail=detail)
         return path, str(meta["filename"])
-
-    def cache_download_checksums(self, study_uid: str) -> int:
-        """Compute the CRC-32 of a study's stored files ahead of any download."""
-        return checksums.cache_study(study_uid, self.store.path)
 
     def sweep_protected_downloads(self) -> int:
         """Delete protected copies that expired or whose transaction is no longer live."""

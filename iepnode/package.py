@@ -22,6 +22,18 @@ same bytes (the DICOMDIR's SOP Instance UID is derived from the inputs, times co
 from the transaction), so a resumed download matches the first one even when it
 is served by another process or after a restart. :class:`PackageCache` keeps
 recent plans so a resume does not plan again.
+
+One bad stored file does not break a package: the plan leaves out every instance
+whose file :func:`storage.stored_file.read_instance_header` finds unusable
+(missing, unreadable, empty, not DICOM, cut short), logs a warning for each,
+lists them in README.TXT (series, image number, SOP Instance UID, the reason in
+plain words) and says so on INDEX.HTM; :attr:`Package.left_out` carries them to
+the download's audit event. The files' sizes, modification times and readability
+are part of the plan's fingerprint, so a file damaged after a plan was cached is
+planned again at the next request. A file damaged after the plan, while its
+bytes are being streamed, ends the stream with an error (the reader sees a broken
+download, never wrong bytes: its size no longer matches, and a changed content
+no longer matches the CRC-32 in the zip).
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, EncapsulatedPDFStorage, 
 from iepnode import __version__, pdi
 from iepnode.previews import placeholder_jpeg, preview_jpeg
 from iepnode.zipstream import FileSlice, Member, ZipLayout, file_crc32
-from storage.fileset import PlannedFile, plan_fileset
+from storage.fileset import NoUsableMember, PlannedFile, plan_fileset
 from storage.models import Instance, Patient, Series, Study
 
 log = logging.getLogger("iepnode.package")
@@ -52,6 +64,26 @@ FORMAT = "iepnode-pdi-zip-1"
 DICOM_FOLDER = "DICOM"
 #: Record types whose series get a "report" placeholder instead of an image preview.
 _DOCUMENTS = {"SR DOCUMENT": "Report", "ENCAP DOC": "Document", "KEY OBJECT DOC": "Key images"}
+#: Left-out instances named one by one in the audit detail (the rest are counted).
+AUDIT_LEFT_OUT = 20
+
+#: ``crcs_of(files)``: the CRC-32 of each ``(key, path)`` by key
+#: (:func:`iepnode.checksums.crcs_for`).
+ChecksumSource = Callable[[Sequence[tuple[str, Path]]], Mapping[str, int]]
+
+
+class NothingReadable(Exception):
+    """None of a package's stored files can be read: there is nothing to download.
+
+    Attributes
+    ----------
+    left_out : list of LeftOutEntry
+        Every instance, and why it cannot be read.
+    """
+
+    def __init__(self, left_out: list[pdi.LeftOutEntry]) -> None:
+        super().__init__(f"none of the {len(left_out)} stored files can be read")
+        self.left_out = left_out
 
 
 @dataclass(frozen=True)
@@ -91,12 +123,39 @@ class PackageSource:
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A stored instance file to package: its store key, path and current size."""
+    """A stored instance file to package, as the index and the file system see it now.
+
+    Attributes
+    ----------
+    key, path : str, Path
+        File-store key and path.
+    size : int
+        Current size in bytes; ``-1`` when the file cannot be found.
+    study_uid, sop_uid : str
+        The instance's study and SOP Instance UID.
+    series_number, modality, instance_number : str
+        As indexed (to name the instance when it is left out).
+    mtime_ns : int
+        Modification time (changes only if the file is damaged or replaced).
+    readable : bool
+        Whether this process may open the file for reading.
+    """
 
     key: str
     path: Path
     size: int
     study_uid: str
+    sop_uid: str = ""
+    series_number: str = ""
+    modality: str = ""
+    instance_number: str = ""
+    mtime_ns: int = 0
+    readable: bool = True
+
+    def left_out(self, reason: str) -> pdi.LeftOutEntry:
+        """This instance as README.TXT lists it when it is left out for ``reason``."""
+        return pdi.LeftOutEntry(self.series_number, self.modality, self.instance_number,
+                                self.sop_uid, reason)
 
 
 @dataclass(frozen=True)
@@ -117,6 +176,8 @@ class Package:
         Studies that are inside.
     patient_id : str
         For the audit trail.
+    left_out : tuple of LeftOutEntry
+        Instances left out because their stored files cannot be read.
     """
 
     layout: ZipLayout
@@ -125,6 +186,15 @@ class Package:
     instances: int
     study_uids: tuple[str, ...]
     patient_id: str
+    left_out: tuple[pdi.LeftOutEntry, ...] = ()
+
+    def left_out_text(self, limit: int = AUDIT_LEFT_OUT) -> str:
+        """The left-out instances for an audit detail (``""`` when none)."""
+        if not self.left_out:
+            return ""
+        named = ", ".join(f"{e.sop_uid} ({e.reason})" for e in self.left_out[:limit])
+        more = f" and {len(self.left_out) - limit} more" if len(self.left_out) > limit else ""
+        return f"left out {len(self.left_out)} unreadable instances: {named}{more}"
 
     @property
     def size(self) -> int:
@@ -135,27 +205,32 @@ class Package:
 def stored_files(study_uids: Sequence[str], path_of: Callable[[str], Path]) -> list[StoredFile]:
     """Return the stored files of the studies that are still indexed, in index order.
 
+    A file that is missing or cannot be read is returned too (``size`` ``-1``,
+    ``readable`` ``False``): the plan leaves it out and says why.
+
     Parameters
     ----------
     study_uids : sequence of str
         The studies.
     path_of : callable
         The file store's key -> path function.
-
-    Raises
-    ------
-    OSError
-        If an indexed file is missing from the store.
     """
-    rows = (Instance.select(Instance.key, Study.study_uid)
+    rows = (Instance.select(Instance.key, Study.study_uid, Instance.sop_uid,
+                            Series.series_number, Series.modality, Instance.instance_number)
             .join(Series).join(Study)
             .where(Study.study_uid.in_(list(study_uids)))
             .order_by(Study.id, Series.id, Instance.id).tuples())
     order = {uid: i for i, uid in enumerate(study_uids)}
     files = []
-    for key, study_uid in rows:
+    for key, study_uid, sop_uid, series_number, modality, instance_number in rows:
         path = path_of(key)
-        files.append(StoredFile(key, path, os.stat(path).st_size, study_uid))
+        try:
+            st = os.stat(path)
+            size, mtime_ns, readable = st.st_size, st.st_mtime_ns, os.access(path, os.R_OK)
+        except OSError:
+            size, mtime_ns, readable = -1, 0, False
+        files.append(StoredFile(key, path, size, study_uid, sop_uid, series_number, modality,
+                                instance_number, mtime_ns, readable))
     files.sort(key=lambda f: order.get(f.study_uid, len(order)))  # stable: keeps index order
     return files
 
@@ -163,8 +238,9 @@ def stored_files(study_uids: Sequence[str], path_of: Callable[[str], Path]) -> l
 def fingerprint(source: PackageSource, files: Sequence[StoredFile]) -> str:
     """Digest of everything a package is built from (the cache key of its plan).
 
-    Store keys name immutable files, so keys and sizes stand for the content; the
-    versions of the code that renders the package are part of it too.
+    Store keys name immutable files, so keys, sizes and modification times stand
+    for the content (a damaged file changes them); whether each file can be read
+    is part of it too, as are the versions of the code that renders the package.
     """
     import PIL
     import pydicom
@@ -173,7 +249,8 @@ def fingerprint(source: PackageSource, files: Sequence[StoredFile]) -> str:
     for part in (FORMAT, __version__, pydicom.__version__, PIL.__version__, repr(source)):
         digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
     for f in files:
-        digest.update(f"{f.key}:{f.size}:{f.study_uid}\0".encode())
+        digest.update(f"{f.key}:{f.size}:{f.mtime_ns}:{int(f.readable)}:{f.study_uid}\0"
+                      .encode())
     return digest.hexdigest()
 
 
@@ -218,7 +295,7 @@ def _study_rows(uids: Sequence[str]) -> dict[str, Study]:
     return {s.study_uid: s for s in Study.select().where(Study.study_uid.in_(list(uids)))}
 
 
-def build_package(source: PackageSource, files: Sequence[StoredFile], crcs: Mapping[str, int],
+def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: ChecksumSource,
                   key: str | None = None) -> Package:
     """Plan the package of ``files`` (see the module docstring for the layout).
 
@@ -228,22 +305,37 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs: Mapp
         What the package is and says.
     files : sequence of StoredFile
         The instances (:func:`stored_files`).
-    crcs : mapping of str to int
-        CRC-32 of each file by store key (:func:`iepnode.checksums.crcs_for`).
+    crcs_of : callable
+        Gives the CRC-32 of ``(key, path)`` pairs by key
+        (:func:`iepnode.checksums.crcs_for`); asked only for the files the package
+        holds, after their headers were checked.
     key : str, optional
         :func:`fingerprint` of the inputs, if already computed.
 
     Raises
     ------
-    storage.fileset.FilesetError
-        If a stored file cannot be read as DICOM.
+    NothingReadable
+        If there are files and none of them can be read.
+    OSError
+        If a file checked a moment ago cannot be read for its CRC-32.
     """
     key = key or fingerprint(source, files)
     by_path = {f.path: f for f in files}
-    plan = plan_fileset([f.path for f in files],
-                        fileset_id=(source.reference or "IEPNODE")[:16],
-                        root=(DICOM_FOLDER,),
-                        instance_uid=generate_uid(entropy_srcs=[key]))
+    try:
+        plan = plan_fileset([f.path for f in files],
+                            fileset_id=(source.reference or "IEPNODE")[:16],
+                            root=(DICOM_FOLDER,),
+                            instance_uid=generate_uid(entropy_srcs=[key]))
+    except NoUsableMember as exc:
+        raise NothingReadable([by_path[m.path].left_out(m.reason) for m in exc.left_out]
+                              ) from None
+    left_out = [by_path[m.path].left_out(m.reason) for m in plan.left_out]
+    for m in plan.left_out:
+        stored = by_path[m.path]
+        log.warning("package %s: left out instance %s of study %s (file %s): %s",
+                    source.reference or source.study_uids[0], stored.sop_uid,
+                    stored.study_uid, stored.key, m.reason)
+    crcs = crcs_of([(by_path[p.path].key, p.path) for p in plan.files])
     series_rows = _series_rows({p.series_uid for p in plan.files if p.series_uid})
     study_rows = _study_rows(list(dict.fromkeys(p.study_uid for p in plan.files if p.study_uid)))
 
@@ -298,6 +390,7 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs: Mapp
         patient_id=source.patient_id, birth_date=source.birth_date, sex=source.sex,
         contact=source.contact, studies=studies, reports=reports,
         instances=len(plan.files), dicom_bytes=sum(by_path[p.path].size for p in plan.files),
+        left_out=left_out,
     )
     generated.append(Member.of_bytes("DICOMDIR", plan.dicomdir))
     generated.append(Member.of_bytes("README.TXT", pdi.readme_txt(contents)))
@@ -311,11 +404,12 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs: Mapp
     ]
     layout = ZipLayout([*generated, *report_members, *dicom], source.created_at)
     etag = _content_digest(layout, generated)
-    log.info("package %s planned: %d instances, %d studies, %d bytes",
-             source.reference or source.study_uids[0], len(dicom), len(studies), layout.size)
+    log.info("package %s planned: %d instances, %d studies, %d bytes%s",
+             source.reference or source.study_uids[0], len(dicom), len(studies), layout.size,
+             f", {len(left_out)} unreadable left out" if left_out else "")
     return Package(layout, etag, source.filename, len(dicom),
                    tuple(dict.fromkeys(p.study_uid for p in plan.files if p.study_uid)),
-                   source.patient_id)
+                   source.patient_id, tuple(left_out))
 
 
 def _content_digest(layout: ZipLayout, generated: Sequence[Member]) -> str:

@@ -58,6 +58,29 @@ class ReportEntry:
 
 
 @dataclass(frozen=True)
+class LeftOutEntry:
+    """A stored instance the package leaves out because its file cannot be read.
+
+    ``reason`` is in plain words, without paths (e.g. "the stored file is cut short
+    (truncated)").
+    """
+
+    series_number: str
+    modality: str
+    instance_number: str
+    sop_uid: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line naming the instance and why it is missing."""
+        series = f"Series {self.series_number or '-'}"
+        if self.modality:
+            series += f" ({self.modality})"
+        return (f"{series}, image {self.instance_number or '-'}, SOP Instance UID "
+                f"{self.sop_uid}: {self.reason}")
+
+
+@dataclass(frozen=True)
 class Contents:
     """Everything the README and the pages say about a package."""
 
@@ -73,6 +96,7 @@ class Contents:
     reports: list[ReportEntry]
     instances: int
     dicom_bytes: int
+    left_out: list[LeftOutEntry] = field(default_factory=list)
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -135,6 +159,22 @@ def readme_txt(c: Contents) -> bytes:
         if study.accession:
             text += f" (accession {study.accession})"
         lines.append(f"  - {text}")
+    if c.left_out:
+        count = len(c.left_out)
+        lines += [
+            "",
+            "LEFT OUT",
+            *textwrap.wrap(
+                f"{count} DICOM {'file' if count == 1 else 'files'} of "
+                f"{'this study' if len(c.studies) == 1 else 'these studies'} could not be "
+                "read at the sending hospital and "
+                f"{'is' if count == 1 else 'are'} not in this package. Ask the sender "
+                "for them, quoting the reference and the UIDs below:", 78),
+            *[line for entry in c.left_out
+              for line in textwrap.wrap(entry.describe(), 76, initial_indent="  - ",
+                                        subsequent_indent="    ", break_long_words=False,
+                                        break_on_hyphens=False)],
+        ]
     lines += [
         "",
         "WHAT IS INSIDE",
@@ -238,9 +278,16 @@ def index_htm(c: Contents) -> bytes:
         reports = "<h2>Reports</h2>\n<ul>\n" + "".join(
             f'<li><a href="{_e(r.path)}">{_e(r.title or "Report")}</a> (PDF)</li>\n'
             for r in c.reports) + "</ul>\n"
+    left_out = ""
+    if c.left_out:
+        left_out = (f'<p class="warn">{len(c.left_out)} DICOM '
+                    f"{'file' if len(c.left_out) == 1 else 'files'} could not be read at the "
+                    "sending hospital and "
+                    f"{'is' if len(c.left_out) == 1 else 'are'} not in this package: see "
+                    '<a href="README.TXT">README.TXT</a>.</p>\n')
     body = (
         f"<h1>Images from {_e(c.institution or 'the hospital')}</h1>\n"
-        + _WARNING + _patient_table(c)
+        + _WARNING + left_out + _patient_table(c)
         + "<h2>Studies</h2>\n<table>\n<tr><th>Date</th><th>Modality</th><th>Description</th>"
         "<th>Accession</th><th>Series</th><th>Files</th></tr>\n" + rows + "</table>\n"
         + reports

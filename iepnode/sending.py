@@ -19,8 +19,9 @@ the ``iepnode serve`` main process, or of ``iepnode send`` when no node runs):
   failures (``0xA7xx`` out of resources) leave items pending; the job is retried
   after ``send_retry_seconds``, doubling up to ``send_retry_max_seconds``, and
   marked failed after ``send_max_attempts``. Items that cannot succeed (no longer
-  stored, a syntax the peer refuses and the node cannot convert, a refusal such as
-  ``0xA900``) fail at once and are not retried.
+  stored, a stored file that cannot be read or is cut short, a syntax the peer
+  refuses and the node cannot convert, a refusal such as ``0xA900``) fail at once
+  and are not retried; the rest of the job goes on.
 - **Audit.** Queueing is an Export (110106) event, the outcome a DICOM Instances
   Transferred (110104) event per study: who asked, to which AE, what, the result.
 """
@@ -53,6 +54,7 @@ from storage.models import (
     Study,
     TransactionSendAE,
 )
+from storage.stored_file import unreadable_reason
 
 log = logging.getLogger("iepnode.sending")
 
@@ -486,7 +488,16 @@ class JobRunner:
                 batch.results.append(ItemResult(item_id, False, None,
                                                 "no longer stored on the node", True))
                 continue
-            items.append(Outgoing(item_id, sop_uid, sop_class, ts, str(self.store.path(key))))
+            path = self.store.path(key)
+            # A damaged file (cut short, emptied, unreadable) is never sent: it fails
+            # alone, with the reason, and the rest of the job goes on.
+            reason = unreadable_reason(path)
+            if reason is not None:
+                log.warning("send job %d: instance %s (file %s) not sent: %s", job.id,
+                            sop_uid, key, reason)
+                batch.results.append(ItemResult(item_id, False, None, reason, True))
+                continue
+            items.append(Outgoing(item_id, sop_uid, sop_class, ts, str(path)))
         return items
 
     def _attempt(self, job: SendJob, stop: threading.Event) -> tuple[str, bool]:

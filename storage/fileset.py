@@ -22,6 +22,13 @@ as bytes and each member's File ID, optionally below a root folder (``DICOM/...`
 and with a DICOMDIR SOP Instance UID given by the caller, so the same members give
 the same bytes (the download package streams it from memory).
 
+One bad member does not break a set: each member's header is read once through
+:func:`storage.stored_file.read_instance_header`, and a member that cannot be used
+(missing, unreadable, empty, not DICOM, cut short, lacking its SOP/Study/Series
+UIDs, a DICOMDIR) is left out of the DICOMDIR and the folder and listed in
+:attr:`FilesetPlan.left_out` with the reason; the caller logs and audits it. Only
+when no member at all can be used is the build refused (:class:`NoUsableMember`).
+
 The set is built in a hidden sibling staging folder, flushed, then swapped into
 ``dest`` in one step (``renameat2(RENAME_EXCHANGE)`` where the kernel offers it, two
 renames otherwise), so readers see the old set or the new one, never half of one.
@@ -90,9 +97,13 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
+from storage.stored_file import UnreadableFile, read_instance_header
+
 __all__ = [
     "FilesetError",
     "FilesetPlan",
+    "LeftOut",
+    "NoUsableMember",
     "PlannedFile",
     "fileset_file_ids",
     "leaf_record_type",
@@ -108,8 +119,6 @@ _FILESET_ID = re.compile(r"^[A-Z0-9_]{1,16}$")
 _COMPONENT = re.compile(r"^[A-Z0-9_]{1,8}$")
 #: File ID components at most (PS3.10 8.2).
 _MAX_DEPTH = 8
-#: Values at least this long stay on disk until read (encapsulated documents...).
-_DEFER_SIZE = 64 * 1024
 #: Encoded (tag, VR) headers the DICOMDIR encoder relies on (Explicit VR Little Endian).
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 _NEXT_HEADER = b"\x04\x00\x00\x14UL"
@@ -157,6 +166,22 @@ _PREFIXES = {
 
 class FilesetError(Exception):
     """A file-set could not be built; ``dest`` is unchanged."""
+
+
+class NoUsableMember(FilesetError):
+    """Members were given but none of them can be placed in a file-set.
+
+    Attributes
+    ----------
+    left_out : list of LeftOut
+        Every member and why it cannot be used.
+    """
+
+    def __init__(self, left_out: list[LeftOut]) -> None:
+        shown = "; ".join(f"{m.path.name}: {m.reason}" for m in left_out[:3])
+        more = f" (and {len(left_out) - 3} more)" if len(left_out) > 3 else ""
+        super().__init__(f"none of the {len(left_out)} members can be used: {shown}{more}")
+        self.left_out = left_out
 
 
 # --------------------------------------------------------------------------------------
@@ -495,12 +520,8 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 def _read_member(path: Path, order: int) -> _Member:
-    try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size=_DEFER_SIZE)
-    except FileNotFoundError as exc:
-        raise FilesetError(f"member file not found: {path}") from exc
-    except Exception as exc:  # a received file can be broken in any way
-        raise FilesetError(f"member is not a readable Part-10 file: {path}: {exc}") from exc
+    """Read a member's header; :class:`UnreadableFile` says why it cannot be used."""
+    ds = read_instance_header(path)
     meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
     sop_instance = _text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
@@ -508,21 +529,22 @@ def _read_member(path: Path, order: int) -> _Member:
     missing = [
         name
         for name, value in (
-            ("SOPClassUID", sop_class),
-            ("SOPInstanceUID", sop_instance),
-            ("TransferSyntaxUID", syntax),
+            ("SOP Class UID", sop_class),
+            ("SOP Instance UID", sop_instance),
+            ("Transfer Syntax UID", syntax),
         )
         if not value
     ]
     if missing:
-        raise FilesetError(f"member {path} lacks {', '.join(missing)}")
+        raise UnreadableFile(f"the file lacks its {' and '.join(missing)}")
     if sop_class == MediaStorageDirectoryStorage:
-        raise FilesetError(f"member {path} is a DICOMDIR, not an instance")
+        raise UnreadableFile("the file is a DICOMDIR, not an instance")
     rtype = leaf_record_type(ds)
     if rtype not in _SINGLE_LEVEL.values():
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        for keyword, name in (("StudyInstanceUID", "Study Instance UID"),
+                              ("SeriesInstanceUID", "Series Instance UID")):
             if not _has_value(ds, keyword):
-                raise FilesetError(f"member {path} lacks {keyword}")
+                raise UnreadableFile(f"the file lacks its {name}")
     return _Member(path, ds, sop_class, sop_instance, syntax, rtype, order)
 
 
@@ -1077,15 +1099,34 @@ class PlannedFile:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """A member left out of a file-set because it cannot be used.
+
+    Attributes
+    ----------
+    path : Path
+        The member as given.
+    reason : str
+        Why, in plain words and without paths (e.g. ``"the stored file is cut short
+        (truncated)"``): fit for a log line, the audit trail or a recipient.
+    """
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
 class FilesetPlan:
     """A file-set worked out but not written: the DICOMDIR's bytes and its members.
 
     ``files`` are in DICOMDIR record order: patient, study (by date), series (by
-    number), instance (by number).
+    number), instance (by number). ``left_out`` are the members that cannot be
+    used (missing, unreadable, truncated, not an instance...), in the order given.
     """
 
     dicomdir: bytes
     files: list[PlannedFile]
+    left_out: list[LeftOut] = field(default_factory=list)
 
 
 def plan_fileset(
@@ -1101,7 +1142,10 @@ def plan_fileset(
     ----------
     members : sequence of Path
         Part-10 files, as for :func:`write_fileset` (a SOP Instance given twice is
-        placed once).
+        placed once). A member that cannot be used (see
+        :func:`storage.stored_file.read_instance_header`; or one lacking its SOP,
+        Study or Series UIDs, or a DICOMDIR) is left out and listed in
+        ``left_out``: one bad file does not stop the others.
     fileset_id : str, optional
         File-set ID (0004,1130): 1-16 characters from ``A-Z 0-9 _``.
     root : sequence of str, optional
@@ -1114,14 +1158,15 @@ def plan_fileset(
     Returns
     -------
     FilesetPlan
-        The DICOMDIR bytes and, per member, its File ID.
+        The DICOMDIR bytes, per member its File ID, and the members left out.
 
     Raises
     ------
     ValueError
         If ``fileset_id`` or ``root`` is malformed.
-    FilesetError
-        If a member is missing or unreadable, or lacks SOP/Study/Series UIDs.
+    NoUsableMember
+        If members were given and none of them can be used (a
+        :class:`FilesetError`).
     """
     if not _FILESET_ID.match(fileset_id):
         raise ValueError(f"malformed File-set ID {fileset_id!r}: 1-16 of A-Z 0-9 _")
@@ -1130,12 +1175,19 @@ def plan_fileset(
         raise ValueError(f"malformed File ID root {root!r}: at most 4 components of 1-8 "
                          "of A-Z 0-9 _")
     unique: dict[str, _Member] = {}
+    left_out: list[LeftOut] = []
     for order, path in enumerate(members):
-        member = _read_member(Path(path), order)
+        try:
+            member = _read_member(Path(path), order)
+        except UnreadableFile as exc:
+            left_out.append(LeftOut(Path(path), exc.reason))
+            continue
         if member.sop_instance in unique:
             logger.info("file-set: %s repeats SOP Instance %s", path, member.sop_instance)
             continue
         unique[member.sop_instance] = member
+    if left_out and not unique:
+        raise NoUsableMember(left_out)
     patients, top_level = _group(list(unique.values()))
     roots, placements = _build_tree(patients, top_level, root)
     dicomdir = _encode_dicomdir(roots, fileset_id, instance_uid or generate_uid())
@@ -1145,10 +1197,11 @@ def plan_fileset(
                     _text(m.ds, "SeriesInstanceUID"))
         for m, file_id in placements
     ]
-    return FilesetPlan(dicomdir, files)
+    return FilesetPlan(dicomdir, files, left_out)
 
 
-def write_fileset(dest: Path, members: Sequence[Path], *, fileset_id: str = "IEPNODE") -> int:
+def write_fileset(dest: Path, members: Sequence[Path], *,
+                  fileset_id: str = "IEPNODE") -> FilesetPlan:
     """Build a DICOM file-set (DICOMDIR + member files) in ``dest``.
 
     Parameters
@@ -1159,23 +1212,24 @@ def write_fileset(dest: Path, members: Sequence[Path], *, fileset_id: str = "IEP
     members : sequence of Path
         Part-10 files of any storage SOP Class and transfer syntax, normally one
         study; several studies and patients are allowed. A SOP Instance given twice
-        is written once.
+        is written once. Members that cannot be used are left out (see
+        :func:`plan_fileset`); the caller reports them.
     fileset_id : str, optional
         File-set ID (0004,1130): 1-16 characters from ``A-Z 0-9 _``.
 
     Returns
     -------
-    int
-        Number of instances in the file-set.
+    FilesetPlan
+        What was written: the members placed (``files``) and those left out.
 
     Raises
     ------
     ValueError
         If ``fileset_id`` is malformed.
     FilesetError
-        If a member is missing or unreadable, lacks SOP/Study/Series UIDs, or
-        ``dest`` is something other than a file-set folder. ``dest`` is unchanged
-        and no staging folder is left behind.
+        If no member can be used (:class:`NoUsableMember`), a member vanishes while
+        the set is written, or ``dest`` is something other than a file-set folder.
+        ``dest`` is unchanged and no staging folder is left behind.
     OSError
         If the file system fails (e.g. ``ENOSPC``); same guarantees.
 
@@ -1201,8 +1255,9 @@ def write_fileset(dest: Path, members: Sequence[Path], *, fileset_id: str = "IEP
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("file-set %s: %d instances", dest, len(plan.files))
-    return len(plan.files)
+    logger.info("file-set %s: %d instances%s", dest, len(plan.files),
+                f", {len(plan.left_out)} left out" if plan.left_out else "")
+    return plan
 
 
 def fileset_file_ids(dest: Path) -> list[str]:

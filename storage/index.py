@@ -295,6 +295,8 @@ def delete_instance(sop_uid: str) -> str | None:
 def studies_due_for_fileset(stable_age: float, now: float | None = None) -> list[Study]:
     """Return studies that changed since their file-set was built and are stable.
 
+    A study whose last build failed is left out until its retry time.
+
     Parameters
     ----------
     stable_age : float
@@ -310,13 +312,51 @@ def studies_due_for_fileset(stable_age: float, now: float | None = None) -> list
                 Study.fileset_built_from.is_null()
                 | (Study.fileset_built_from != Study.last_received)
             )
+            & (Study.fileset_retry_at.is_null() | (Study.fileset_retry_at <= now))
         )
     )
 
 
+def claim_fileset_build(study: Study, now: float, retry_after: float) -> int | None:
+    """Take the study's next file-set build attempt; return its number, or ``None``.
+
+    The attempt is counted and the next one put ``retry_after`` seconds away before
+    the build starts, in one conditional ``UPDATE``: of two processes that saw the
+    same row, one gets the attempt; a build that fails, or a process that dies while
+    building, leaves the study waiting for its retry time.
+
+    Parameters
+    ----------
+    study : Study
+        The row as read by :func:`studies_due_for_fileset`.
+    now : float
+        The current time.
+    retry_after : float
+        Seconds until another attempt may start if this one fails.
+    """
+    with write_transaction():
+        claimed = Study.update(
+            fileset_attempts=study.fileset_attempts + 1, fileset_retry_at=now + retry_after,
+        ).where(
+            (Study.id == study.id)
+            & (Study.fileset_attempts == study.fileset_attempts)
+            & (Study.fileset_retry_at.is_null() | (Study.fileset_retry_at <= now))
+        ).execute()
+    return study.fileset_attempts + 1 if claimed == 1 else None
+
+
+def record_fileset_failure(study_id: int, error: str) -> None:
+    """Keep why the study's last file-set build failed (its retry time is already set)."""
+    Study.update(fileset_error=error[:2000]).where(Study.id == study_id).execute()
+
+
 def mark_fileset_built(study_id: int, built_from: float) -> None:
-    """Record that the study's file-set reflects its state at ``built_from``."""
-    Study.update(fileset_built_from=built_from).where(Study.id == study_id).execute()
+    """Record that the study's file-set reflects its state at ``built_from``.
+
+    A success ends any back-off of earlier failed attempts.
+    """
+    Study.update(fileset_built_from=built_from, fileset_attempts=0, fileset_retry_at=None,
+                 fileset_error="").where(Study.id == study_id).execute()
 
 
 def study_files(study: Study) -> Iterator[Instance]:

@@ -75,6 +75,13 @@ class Study(BaseModel):
     last_received = peewee.DoubleField(index=True)
     #: ``last_received`` value the current file-set was built from (None: never built).
     fileset_built_from = peewee.DoubleField(null=True)
+    # -- hardening (issue 13): file-set builds that fail are retried with back-off --
+    #: File-set build attempts since the last success (one is counted when it starts).
+    fileset_attempts = peewee.IntegerField(default=0)
+    #: No housekeeping build before this time (None: none is waiting to be retried).
+    fileset_retry_at = peewee.DoubleField(null=True)
+    #: Why the last attempt failed ("" when the last build succeeded).
+    fileset_error = peewee.TextField(default="")
 
 
 class Series(BaseModel):

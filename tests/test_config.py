@@ -228,6 +228,9 @@ def test_bad_database_url(url: str) -> None:
     ("dicom_max_associations", 0), ("dicom_max_pending", 65),
     ("dicom_max_pending_per_address", 33), ("dicom_preassoc_timeout", 0.1),
     ("dicom_max_associate_rq", 1024),
+    # -- hardening (issue 13): bad files --
+    ("fileset_retry_seconds", 0), ("fileset_retry_seconds", 3601),
+    ("fileset_retry_max_seconds", 8 * 86400),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):

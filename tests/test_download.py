@@ -443,6 +443,46 @@ async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_n
     assert 1 << 20 <= sent < int(response.headers["Content-Length"])
 
 
+async def test_a_file_cut_short_while_streaming_breaks_the_download_not_the_bytes(
+    portal: Browser, portal_node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored file truncated after the plan, mid-stream: the client sees a broken
+    download (never a zip of wrong bytes), the audit says so, and the next request
+    plans again without that instance."""
+    uid = store_files(portal_node, factory.make_ct_series(tmp_path / "big", 24, rows=512,
+                                                          columns=512))  # ~12.6 MB
+    transaction, token = share([uid])
+    await log_in(portal, portal_node, token)
+    url = f"/transactions/{transaction.public_id}/download"
+    response = await portal.get(url)
+    assert response.status == 200
+    size = int(response.headers["Content-Length"])
+    await response.content.readexactly(1 << 20)
+    last = Instance.get(Instance.instance_number == "24")  # the last member of the zip
+    os.truncate(portal_node.store.path(last.key), 1000)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        while await response.content.read(1 << 20):
+            pass
+    response.close()
+
+    deadline = time.monotonic() + 30
+    while not (events := list(AuditEvent.select().where(AuditEvent.action == "download"))):
+        assert time.monotonic() < deadline, "no audit event for the broken download"
+        await asyncio.sleep(0.05)
+    (event,) = events
+    assert event.outcome == 8 and "shorter than planned after" in event.detail
+    assert int(re.search(r"after (\d+) bytes", event.detail).group(1)) < size
+    assert f"download of {transaction.public_id} aborted after" in caplog.text
+
+    again, body = await fetch(portal, url)
+    assert again.status == 200 and int(again.headers["Content-Length"]) == len(body) < size
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        assert zf.testzip() is None
+        assert len([n for n in zf.namelist() if n.startswith("DICOM/")]) == 23
+        readme = " ".join(zf.read("README.TXT").decode().split())
+    assert f"image 24, SOP Instance UID {last.sop_uid}: the stored file is cut short" in readme
+
+
 def test_range_header_parsing() -> None:
     assert parse_range(None, 100) is None
     assert parse_range("bytes=0-", 100) == (0, 100)

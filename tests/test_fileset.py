@@ -24,7 +24,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import ColorPaletteStorage, generate_uid
 
 import storage.fileset as fileset_module
-from storage.fileset import FilesetError, fileset_file_ids, write_fileset
+from storage.fileset import FilesetError, NoUsableMember, fileset_file_ids, write_fileset
 from tests.data_factory import (
     copy_bundled,
     make_ct_series,
@@ -34,6 +34,7 @@ from tests.data_factory import (
     rewrite,
     save,
 )
+from tests.support.damage import DAMAGES, REASONS, damage, permissions_apply_here
 from tests.support.tools import dicom3tools
 
 COMPONENT = re.compile(r"^[A-Z0-9_]{1,8}$")
@@ -153,7 +154,7 @@ def dest(tmp_path: Path) -> Path:
 def test_two_studies_of_two_patients(src: Path, dest: Path) -> None:
     sources = [copy_bundled("CT_small.dcm", src), copy_bundled("MR_small.dcm", src)]
 
-    assert write_fileset(dest, sources) == 2
+    assert len(write_fileset(dest, sources).files) == 2
 
     assert_valid_fileset(dest, sources)
     assert [str(r.PatientID) for r in records(dest, "PATIENT")] == ["1CT1", "4MR1"]
@@ -164,7 +165,7 @@ def test_two_studies_of_two_patients(src: Path, dest: Path) -> None:
 def test_ct_series_is_one_series_in_instance_order(src: Path, dest: Path) -> None:
     sources = make_ct_series(src, 3)
 
-    assert write_fileset(dest, list(reversed(sources)), fileset_id="STUDY_42") == 3
+    assert len(write_fileset(dest, list(reversed(sources)), fileset_id="STUDY_42").files) == 3
 
     assert_valid_fileset(dest, sources)
     assert len(records(dest, "SERIES")) == 1
@@ -188,7 +189,7 @@ def test_missing_type1_keys_are_filled_in_the_directory_only(src: Path, dest: Pa
     sources = make_ct_series(src, 2, **dict.fromkeys(MISSING))
     before = [s.read_bytes() for s in sources]
 
-    assert write_fileset(dest, sources) == 2
+    assert len(write_fileset(dest, sources).files) == 2
 
     assert_valid_fileset(dest, sources)
     assert [s.read_bytes() for s in sources] == before
@@ -307,7 +308,7 @@ def test_bundled_files_get_the_right_record(
 ) -> None:
     source = copy_bundled(name, src)
 
-    assert write_fileset(dest, [source]) == 1
+    assert len(write_fileset(dest, [source]).files) == 1
 
     assert_valid_fileset(dest, [source], check_entities=check_entities)
     (leaf,) = records(dest, record_type)
@@ -318,7 +319,7 @@ def test_compressed_and_multiframe_together(src: Path, dest: Path) -> None:
     names = ["JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "CT_small.dcm"]
     sources = [copy_bundled(n, src) for n in names]
 
-    assert write_fileset(dest, sources) == 4
+    assert len(write_fileset(dest, sources).files) == 4
 
     assert_valid_fileset(dest, sources)
 
@@ -351,7 +352,7 @@ def test_ct_pdf_and_report_share_one_study(src: Path, dest: Path) -> None:
     ct = make_ct_series(src, 2)
     sources = [*ct, make_pdf(src, like=ct[0]), make_sr(src, like=ct[0])]
 
-    assert write_fileset(dest, sources) == 4
+    assert len(write_fileset(dest, sources).files) == 4
 
     assert_valid_fileset(dest, sources)
     assert len(records(dest, "STUDY")) == 1
@@ -380,7 +381,7 @@ def test_top_level_record_for_a_color_palette(src: Path, dest: Path) -> None:
     palette.ContentDescription = "Hot iron"
     sources = [save(palette, src), *make_ct_series(src, 1)]
 
-    assert write_fileset(dest, sources) == 2
+    assert len(write_fileset(dest, sources).files) == 2
 
     assert_valid_fileset(dest, sources, check_entities=False)
     top = dcmread(dest / "DICOMDIR")
@@ -391,7 +392,7 @@ def test_top_level_record_for_a_color_palette(src: Path, dest: Path) -> None:
 def test_same_instance_twice_is_written_once(src: Path, dest: Path) -> None:
     sources = [copy_bundled("MR_small.dcm", src), copy_bundled("MR_small_RLE.dcm", src)]
 
-    assert write_fileset(dest, sources) == 1
+    assert len(write_fileset(dest, sources).files) == 1
 
     assert_valid_fileset(dest, sources[:1])
 
@@ -425,7 +426,7 @@ def test_study_keys_are_borrowed_from_other_instances(src: Path, dest: Path) -> 
 
 
 def test_empty_fileset(dest: Path) -> None:
-    assert write_fileset(dest, []) == 0
+    assert len(write_fileset(dest, []).files) == 0
 
     assert dciodvfy_errors(dest / "DICOMDIR") == []
     assert fileset_file_ids(dest) == []
@@ -470,21 +471,54 @@ def test_rebuild_replaces_the_previous_fileset(
     (dest / "README.TXT").write_text("left over from the old set")
     new = [copy_bundled("CT_small.dcm", src)]
 
-    assert write_fileset(dest, new) == 1
+    assert len(write_fileset(dest, new).files) == 1
 
     assert_valid_fileset(dest, new)
     assert staging_leftovers(dest) == []
     assert not (dest / "README.TXT").exists()
 
 
-def test_missing_member_leaves_dest_untouched(src: Path, dest: Path) -> None:
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_member_is_left_out_and_the_rest_is_built(
+    src: Path, dest: Path, how: str
+) -> None:
+    if how == "unreadable" and not permissions_apply_here():
+        pytest.skip("root reads a file whatever its mode; test_bad_files.py runs the node "
+                    "without CAP_DAC_OVERRIDE for this one")
+    sources = make_ct_series(src, 4)
+    damage(sources[1], how)
+
+    plan = write_fileset(dest, sources)
+
+    assert [(m.path, m.reason) for m in plan.left_out] == [
+        (sources[1], f"the stored file {REASONS[how]}")]
+    kept = [s for s in sources if s != sources[1]]
+    assert sorted(p.path for p in plan.files) == sorted(kept)
+    assert_valid_fileset(dest, kept)
+    assert staging_leftovers(dest) == []
+
+
+def test_a_member_lacking_its_uids_is_left_out(src: Path, dest: Path) -> None:
+    good = make_ct_series(src, 2)
+    no_series = rewrite(good[0], src, SOPInstanceUID=generate_uid(), SeriesInstanceUID=None)
+    plan = write_fileset(dest, [*good, no_series])
+    assert [(m.path, m.reason) for m in plan.left_out] == [
+        (no_series, "the file lacks its Series Instance UID")]
+    assert_valid_fileset(dest, good)
+
+
+def test_no_usable_member_leaves_dest_untouched(src: Path, dest: Path) -> None:
     write_fileset(dest, make_ct_series(src, 2))
     before = snapshot(dest)
     missing = src / "0123456789abcdef"
+    empty = src / "fedcba9876543210"
+    empty.write_bytes(b"")
 
-    with pytest.raises(FilesetError, match="0123456789abcdef"):
-        write_fileset(dest, [*make_ct_series(src, 1), missing])
+    with pytest.raises(NoUsableMember, match="0123456789abcdef: the stored file is missing; "
+                       "fedcba9876543210: the stored file is empty") as raised:
+        write_fileset(dest, [missing, empty])
 
+    assert [m.path for m in raised.value.left_out] == [missing, empty]
     assert snapshot(dest) == before
     assert staging_leftovers(dest) == []
 

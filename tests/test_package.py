@@ -18,14 +18,17 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from iepnode import audit
 from iepnode import transactions as tx
+from iepnode.errors import Gone
 from iepnode.node import Node
 from iepnode.package import Package
 from iepnode.previews import placeholder_jpeg
 from iepnode.zipstream import iter_bytes
-from storage.fileset import plan_fileset
-from storage.models import Instance, InstanceChecksum
+from storage.fileset import fileset_file_ids, plan_fileset
+from storage.models import AuditEvent, Instance, InstanceChecksum
 from tests import data_factory as factory
+from tests.support.damage import DAMAGES, REASONS, damage, permissions_apply_here
 from tests.support.ingest import store_files
 from tests.support.node import run_cli
 from tests.test_recipient_web import CONTACT, make_settings
@@ -172,3 +175,70 @@ def test_cli_export_with_password(node: Node, tmp_path: Path) -> None:
                       str(tmp_path / "x.zip"), check=False)
     assert missing.returncode == 1 and "no study" in missing.stderr
     assert not (tmp_path / "x.zip").exists()
+
+
+# -- unreadable stored files (issue 13) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_an_unreadable_file_is_left_out_and_named(node: Node, tmp_path: Path, how: str) -> None:
+    if how == "unreadable" and not permissions_apply_here():
+        pytest.skip("root reads a file whatever its mode; test_bad_files.py downloads from a "
+                    "node without CAP_DAC_OVERRIDE")
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
+    second = Instance.get(Instance.instance_number == "2")
+    damage(node.store.path(second.key), how)
+    transaction = share(node, uid)
+
+    pkg = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    files = unpack(pkg)
+    assert pkg.instances == 2 and len([n for n in files if n.startswith("DICOM/")]) == 2
+    assert [(e.sop_uid, e.instance_number, e.reason) for e in pkg.left_out] == [
+        (second.sop_uid, "2", f"the stored file {REASONS[how]}")]
+    readme = " ".join(files["README.TXT"].decode().split())
+    assert ("1 DICOM file of this study could not be read at the sending hospital and is "
+            "not in this package") in readme
+    assert f"Series 1 (CT), image 2, SOP Instance UID {second.sop_uid}: " in readme
+    assert second.key not in readme and str(tmp_path) not in readme
+    assert b"1 DICOM file could not be read" in files["INDEX.HTM"]
+    # Another process plans the very same bytes (resumes and ranges stay consistent).
+    other = Node(node.settings).transaction_package(transaction.public_id)
+    assert other.etag == pkg.etag and other.size == pkg.size
+    assert b"".join(iter_bytes(other.layout)) == b"".join(iter_bytes(pkg.layout))
+    node.record_download(audit.Actor("cli", "tester"), pkg, action="export")
+    (event,) = AuditEvent.select().where(AuditEvent.action == "export")
+    assert (f"2 instances; left out 1 unreadable instances: {second.sop_uid} (the stored "
+            f"file {REASONS[how]})") in event.detail
+    assert InstanceChecksum.get_or_none(InstanceChecksum.instance == second.key) is None
+
+
+def test_a_file_damaged_after_a_plan_is_planned_again(node: Node, tmp_path: Path) -> None:
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
+    first = node.study_package(uid)
+    assert node.study_package(uid) is first and first.left_out == ()
+    third = Instance.get(Instance.instance_number == "3")
+    path = node.store.path(third.key)
+    with open(path, "r+b") as fh:  # garbage over the header; same size
+        fh.write(b"\xff" * 200)
+    again = node.study_package(uid)
+    assert again is not first and again.instances == 2
+    assert [e.sop_uid for e in again.left_out] == [third.sop_uid]
+
+
+def test_a_package_with_nothing_readable_is_gone(node: Node, tmp_path: Path) -> None:
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 2))
+    for instance in Instance.select():
+        damage(node.store.path(instance.key), "missing")
+    with pytest.raises(Gone, match="cannot be read at the moment"):
+        node.study_package(uid)
+
+
+def test_housekeeping_caches_checksums_of_readable_files_only(tmp_path: Path) -> None:
+    node = Node(make_settings(tmp_path, stable_age=0))
+    uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
+    bad = Instance.get(Instance.instance_number == "1")
+    damage(node.store.path(bad.key), "truncated")
+    assert node.build_stable_filesets() == 1
+    cached = {key for (key,) in InstanceChecksum.select(InstanceChecksum.instance).tuples()}
+    assert len(cached) == 2 and bad.key not in cached
+    assert len(fileset_file_ids(node.fileset_path(node.study(uid)))) == 2

@@ -10,7 +10,9 @@ expired, declined or purged one a 410 page)::
 
 The zip is planned before the first byte (:mod:`iepnode.package`), so the response
 has its exact ``Content-Length`` and a strong ``ETag``, and any single byte range
-can be served (``206``; ``416`` beyond the end). The bytes go out in ~1 MiB writes,
+can be served (``206``; ``416`` beyond the end). A stored file that cannot be read
+when its turn comes (cut short or removed since the plan) ends the response early:
+the client sees a broken download, never wrong bytes. The bytes go out in ~1 MiB writes,
 read inline when the page cache holds them and by worker threads otherwise (one
 buffer per download in memory). Each request is audited when it ends, with the
 bytes sent and whether it completed.
@@ -200,8 +202,13 @@ async def download(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, asyncio.CancelledError):
         outcome, note = audit.MINOR_FAILURE, "interrupted by the client"
         raise
-    except OSError:
-        log.exception("download of %s failed", public_id)
+    except OSError as exc:
+        # A stored file cut short, removed or unreadable since the plan: end the
+        # response short of its Content-Length, so the client sees a broken download
+        # rather than a zip of wrong bytes; the next request plans again.
+        outcome, note = audit.SERIOUS_FAILURE, f"failed: {exc}"
+        log.error("download of %s aborted after %d of %d bytes: %s", public_id, sent[0],
+                  stop - start, exc)
         raise
     finally:
         detail = (f"bytes {start}-{stop - 1} of {package.size} ({note}"

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +26,13 @@ def peer_env() -> dict[str, str]:
 
 
 def run_cli(data_dir: Path, *args: str, check: bool = True, extra: list[str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``iepnode ARGS --data-dir DATA_DIR`` and return the finished process."""
-    cmd = [sys.executable, "-m", "iepnode.cli", *args, "--data-dir", str(data_dir), *(extra or [])]
+            timeout: float = 120, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Run ``iepnode ARGS --data-dir DATA_DIR`` and return the finished process.
+
+    ``prefix`` goes before the command (e.g. ``setpriv ...`` to drop capabilities).
+    """
+    cmd = [*prefix, sys.executable, "-m", "iepnode.cli", *args, "--data-dir", str(data_dir),
+           *(extra or [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -59,10 +63,11 @@ class RunningNode:
     http_port: int
     process: subprocess.Popen[str]
     extra: list[str] = field(default_factory=list)
+    prefix: tuple[str, ...] = ()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run an admin command against this node's data folder (beside the live node)."""
-        return run_cli(self.data_dir, *args, check=check, extra=self.extra)
+        return run_cli(self.data_dir, *args, check=check, extra=self.extra, prefix=self.prefix)
 
     @property
     def log_text(self) -> str:
@@ -91,6 +96,7 @@ def running_node(
     extra: list[str] | None = None,
     register: list[tuple[str, str, int, str]] | None = None,
     timeout: float = 60,
+    prefix: Sequence[str] = (),
 ) -> Iterator[RunningNode]:
     """Start ``iepnode serve`` on loopback with ephemeral ports and stop it afterwards.
 
@@ -102,11 +108,13 @@ def running_node(
         Remote AEs to register with ``iepnode ae add`` before start.
     extra : list of str
         More command-line arguments (e.g. ``--database-url``), also used for ``cli``.
+    prefix : sequence of str
+        Put before the node's command and its ``cli`` commands (e.g. ``setpriv ...``).
     """
     extra = list(extra or [])
     for title, host, port, allow in register or []:
         run_cli(data_dir, "ae", "add", title, host, str(port), "--allow", allow, extra=extra)
-    cmd = [sys.executable, "-m", "iepnode.cli", "serve", "--data-dir", str(data_dir),
+    cmd = [*prefix, sys.executable, "-m", "iepnode.cli", "serve", "--data-dir", str(data_dir),
            "--bind", "127.0.0.1", "--dicom-port", "0", "--http-port", "0",
            "--ae-title", ae_title, "--dicom-workers", str(workers),
            "--stable-age", str(stable_age), *extra]
@@ -115,7 +123,7 @@ def running_node(
     try:
         match = _wait_ready(proc, timeout)
         yield RunningNode(data_dir, ae_title, match["dhost"], int(match["dport"]),
-                          int(match["hport"]), proc, extra)
+                          int(match["hport"]), proc, extra, tuple(prefix))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
