@@ -58,6 +58,18 @@ class ReportEntry:
 
 
 @dataclass(frozen=True)
+class AttachedEntry:
+    """A file added to the transaction by its recipient or staff (``ATTACHED/``)."""
+
+    path: str
+    #: The title the person who added it gave (never the hospital's).
+    title: str
+    #: ``the recipient jane@example.org`` or ``staff Dr A. Smith``.
+    added_by: str
+    added_at: float
+
+
+@dataclass(frozen=True)
 class Contents:
     """Everything the README and the pages say about a package."""
 
@@ -73,6 +85,8 @@ class Contents:
     reports: list[ReportEntry]
     instances: int
     dicom_bytes: int
+    #: Files added to the transaction, not part of the hospital's record.
+    attached: list[AttachedEntry] = field(default_factory=list)
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -145,9 +159,13 @@ def readme_txt(c: Contents) -> bytes:
     ]
     if c.reports:
         lines.append("  REPORTS/     reports as PDF files")
+    if c.attached:
+        lines.append("  ATTACHED/    files added to this transaction by people who received it")
+        lines.append("               or by staff: NOT part of the hospital's record (below)")
     lines += [
         "  README.TXT   this file",
         "",
+        *_attached_txt(c, sender),
         "HOW TO OPEN IT",
         "  1. Unzip the whole package first, keeping its folders.",
         "  2. For a quick look, open INDEX.HTM in a web browser.",
@@ -172,6 +190,26 @@ def readme_txt(c: Contents) -> bytes:
         "",
     ]
     return "\r\n".join(lines).encode("utf-8")
+
+
+def _attached_txt(c: Contents, sender: str) -> list[str]:
+    """The README.TXT section on ``ATTACHED/`` (empty without attachments)."""
+    if not c.attached:
+        return []
+    lines = [
+        "ADDED TO THIS TRANSACTION - NOT PART OF THE HOSPITAL'S RECORD",
+        *textwrap.wrap(
+            f"The files in ATTACHED/ were added to this transaction after {sender} sent "
+            "it, by the people named below. They are not part of the hospital's record "
+            "of the patient, not in the DICOMDIR, and their titles are those the person "
+            "who added them gave.", 78),
+    ]
+    for entry in c.attached:
+        lines += textwrap.wrap(
+            f"{entry.path} \u201c{entry.title or 'Untitled'}\u201d: added by "
+            f"{entry.added_by} on {_epoch_date(entry.added_at)}, not part of the "
+            "hospital's record", 78, initial_indent="  ", subsequent_indent="      ")
+    return [*lines, ""]
 
 
 # -- pages -------------------------------------------------------------------------------
@@ -238,12 +276,22 @@ def index_htm(c: Contents) -> bytes:
         reports = "<h2>Reports</h2>\n<ul>\n" + "".join(
             f'<li><a href="{_e(r.path)}">{_e(r.title or "Report")}</a> (PDF)</li>\n'
             for r in c.reports) + "</ul>\n"
+    attached = ""
+    if c.attached:
+        attached = (
+            "<h2>Added to this transaction: not part of the hospital&#8217;s record</h2>\n"
+            '<p class="warn">These files were added by the people named, not by '
+            f"{_e(c.institution or 'the hospital')}. Their titles are theirs.</p>\n<ul>\n"
+            + "".join(
+                f'<li><a href="{_e(a.path)}">{_e(a.title or "Untitled")}</a>: added by '
+                f"{_e(a.added_by)} on {_e(_epoch_date(a.added_at))}</li>\n"
+                for a in c.attached) + "</ul>\n")
     body = (
         f"<h1>Images from {_e(c.institution or 'the hospital')}</h1>\n"
         + _WARNING + _patient_table(c)
         + "<h2>Studies</h2>\n<table>\n<tr><th>Date</th><th>Modality</th><th>Description</th>"
         "<th>Accession</th><th>Series</th><th>Files</th></tr>\n" + rows + "</table>\n"
-        + reports
+        + reports + attached
         + '<p>How to use this package: <a href="README.TXT">README.TXT</a>. The DICOM files '
         "are indexed by the DICOMDIR at the top of this folder.</p>\n"
     )

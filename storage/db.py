@@ -13,7 +13,15 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from storage.models import ALL_MODELS, Recipient, RemoteAE, StaffUser, Transaction, database_proxy
+from storage.models import (
+    ALL_MODELS,
+    Attachment,
+    Recipient,
+    RemoteAE,
+    StaffUser,
+    Transaction,
+    database_proxy,
+)
 
 #: SQLite pragmas: WAL lets readers run beside the writer; synchronous=FULL makes a
 #: commit durable before it returns (a C-STORE success promises exactly that).
@@ -44,6 +52,10 @@ ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     # requests (issue 7)
     (Transaction, "request_reason", "TEXT NOT NULL DEFAULT ''"),
     (Transaction, "patient_id_issuer", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    # -- hardening (issue 13): attachments held by their transaction --
+    (Attachment, "key", "VARCHAR(32)"),
+    (Attachment, "filed_at", "DOUBLE PRECISION"),
+    (Attachment, "filed_by", "VARCHAR(64) NOT NULL DEFAULT ''"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.
