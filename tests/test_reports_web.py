@@ -260,7 +260,7 @@ async def test_recipient_attaches_a_pdf_held_by_the_transaction(
     page = await browser.page(f"{base}/attachments?done=added")
     assert "The file is attached to this transaction" in page
     assert "letter from GP.pdf" in page and "Added by the recipient pat@example.org on" in page
-    assert "not part of the hospital&#39;s record" in page
+    assert "not part of the hospital's record" in page
     listing = await browser.page(f"{base}/reports")
     hospital, added = listing.split('id="attached"')
     assert "GP letter" not in hospital and "Radiology report (final)" in hospital
