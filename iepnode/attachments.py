@@ -42,7 +42,7 @@ from iepnode.ingest import (
     parse_header,
     record_from_header,
 )
-from storage.db import write_transaction
+from storage.db import is_sqlite, write_transaction
 from storage.filestore import FileStore
 from storage.models import (
     Attachment,
@@ -52,12 +52,15 @@ from storage.models import (
     Transaction,
     TransactionMessage,
     TransactionStudy,
+    database_proxy,
 )
 
 log = logging.getLogger("iepnode.attachments")
 
 #: Largest file accepted through the web form (the HTTP body limit of these routes).
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+#: Attachments one transaction may have unless told (``[portal] max_attachments``).
+DEFAULT_MAX_ATTACHMENTS = 20
 #: Source AE recorded in the index and File Meta for attached files.
 SOURCE_AE = "IEPNODE-ATTACH"[:16]
 #: Audit EventID (DCM 110110) as for other changes to a transaction's record.
@@ -126,9 +129,11 @@ class AttachmentsView:
     transaction: Transaction
     attachments: list[AttachmentEntry]
     studies: list[StudyChoice]
-    #: Why nothing can be attached now ("" when something can).
+    #: Why nothing can be attached nor opened now ("" when the transaction is open).
     closed_reason: str
     max_bytes: int
+    #: Why nothing more can be attached though the transaction is open ("" when it can).
+    limit_reason: str = ""
 
 
 def study_choices(transaction: Transaction) -> list[StudyChoice]:
@@ -224,13 +229,19 @@ def held_entry(transaction: Transaction, sop_uid: str) -> AttachmentEntry:
     return describe([row])[0]
 
 
-def view(transaction: Transaction, closed_reason: str = "") -> AttachmentsView:
-    """The attachments page of a transaction."""
+def view(transaction: Transaction, closed_reason: str = "",
+         max_attachments: int = DEFAULT_MAX_ATTACHMENTS) -> AttachmentsView:
+    """The attachments page of a transaction (``closed_reason``: why nothing can be added)."""
     choices = study_choices(transaction)
     if not closed_reason and not choices:
         closed_reason = "The images of this transaction are no longer stored."
+    limit_reason = ""
+    if max_attachments <= 0:
+        limit_reason = "Files cannot be attached on this server."
+    elif _count(transaction) >= max_attachments:
+        limit_reason = str(_too_many(max_attachments))
     return AttachmentsView(transaction, entries_of(transaction), choices, closed_reason,
-                           MAX_UPLOAD_BYTES)
+                           MAX_UPLOAD_BYTES, limit_reason)
 
 
 def _targets(transaction: Transaction, study_uid: str) -> tuple[wrapping.PatientInfo,
@@ -272,6 +283,26 @@ def _put(store: FileStore, header: bytes, stream: bytes) -> str:
     return key
 
 
+def _count(transaction: Transaction) -> int:
+    return Attachment.select().where(Attachment.transaction == transaction.id).count()
+
+
+def _lock(transaction: Transaction) -> None:
+    """Lock the transaction's row until the database transaction ends (PostgreSQL).
+
+    SQLite needs nothing: its writers are serialised (``BEGIN IMMEDIATE``).
+    """
+    if not is_sqlite(database_proxy.obj):
+        Transaction.select(Transaction.id).where(Transaction.id == transaction.id) \
+            .for_update().get()
+
+
+def _too_many(limit: int) -> wrapping.AttachmentRefused:
+    return wrapping.AttachmentRefused(
+        f"This transaction has {limit} attachments already, the most allowed: nothing "
+        "more can be attached.")
+
+
 def add(
     store: FileStore,
     transaction: Transaction,
@@ -282,12 +313,16 @@ def add(
     study_uid: str,
     actor: audit.Actor,
     author_label: str,
+    max_attachments: int = DEFAULT_MAX_ATTACHMENTS,
     now: float | None = None,
 ) -> Attachment:
     """Wrap one attached file, keep it in the file store for ``transaction``, record it.
 
     The wrapped object is not indexed: it is no instance of the study until staff file
-    it (:func:`file_into_study`).
+    it (:func:`file_into_study`). The count against ``max_attachments`` is taken in
+    the transaction that inserts the row, with the transaction's row locked
+    (PostgreSQL ``FOR UPDATE``; SQLite writers are serialised), so simultaneous
+    uploads cannot pass it.
 
     Parameters
     ----------
@@ -305,6 +340,8 @@ def add(
         Who attaches it: ``staff`` (username) or ``recipient`` (email).
     author_label : str
         The name shown in the message thread.
+    max_attachments : int, optional
+        Most attachments the transaction may have (``[portal] max_attachments``).
     now : float, optional
         The time (default now).
 
@@ -316,7 +353,8 @@ def add(
     Raises
     ------
     wrapping.AttachmentRefused
-        Not a PDF/JPEG/PNG, too large or damaged (nothing stored).
+        Not a PDF/JPEG/PNG, too large or damaged, or the transaction has
+        ``max_attachments`` already (nothing stored).
     InvalidRequest
         No study chosen when there are several.
     NotFound
@@ -327,6 +365,10 @@ def add(
         The file could not be written (nothing is left behind).
     """
     now = time.time() if now is None else now
+    if max_attachments <= 0:
+        raise wrapping.AttachmentRefused("Files cannot be attached on this server.")
+    if _count(transaction) >= max_attachments:  # early answer; decided again below
+        raise _too_many(max_attachments)
     if len(data) > MAX_UPLOAD_BYTES:
         raise wrapping.AttachmentRefused(
             f"The file is {_size(len(data))}; the largest accepted is "
@@ -347,6 +389,9 @@ def add(
     shown_title = str(ds.get("DocumentTitle", "") or ds.get("SeriesDescription", ""))
     try:
         with write_transaction():
+            _lock(transaction)
+            if _count(transaction) >= max_attachments:
+                raise _too_many(max_attachments)
             row = Attachment.create(
                 transaction=transaction.id, study_uid=study.study_uid, sop_uid=record.sop_uid,
                 sop_class=record.sop_class, title=shown_title[:64], original_name=name,

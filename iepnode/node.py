@@ -1477,7 +1477,7 @@ class Node:
             closed = ""
         audit.record(PATIENT_RECORD, "view-attachments", actor,
                      patient_id=transaction.patient_id, transaction=public_id)
-        return attachments.view(transaction, closed)
+        return attachments.view(transaction, closed, self.settings.max_attachments)
 
     def add_attachment(self, public_id: str, *, data: bytes, original_name: str,
                        title: str = "", study_uid: str = "", recipient_id: int | None = None,
@@ -1495,7 +1495,8 @@ class Node:
             public_id, recipient_id=recipient_id, staff=staff, source_ip=source_ip)
         return attachments.add(self.store, transaction, data=data,
                                original_name=original_name, title=title, study_uid=study_uid,
-                               actor=actor, author_label=label)
+                               actor=actor, author_label=label,
+                               max_attachments=self.settings.max_attachments)
 
     def file_attachment(self, public_id: str, attachment_id: int, *, staff: StaffUser,
                         source_ip: str = "") -> Attachment:

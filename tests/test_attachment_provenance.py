@@ -369,3 +369,42 @@ def test_filing_at_once_from_many_threads_files_once(any_node: Node, tmp_path: P
     assert Instance.select().where(Instance.sop_uid == row.sop_uid).count() == 1
     assert AuditEvent.select().where(AuditEvent.action == "attachment-file").count() == 1
     assert attachments.state_of(Attachment.get_by_id(row.id)) == attachments.FILED
+
+
+def test_simultaneous_uploads_stop_at_max_attachments(any_node: Node, tmp_path: Path) -> None:
+    """``[portal] max_attachments`` is decided in the database: eight uploads at once, two
+    allowed, two stored; nothing of the refused six is left in the file store."""
+    import dataclasses
+
+    any_node.settings = dataclasses.replace(any_node.settings, max_attachments=2)
+    uid = store_files(any_node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+    transaction, _ = share([uid], now=1e10)
+    admin, _ = make_user("root", is_admin=True)
+    stored_before = sorted(any_node.store.keys())
+    start = threading.Barrier(8)
+    outcomes: list[str] = [""] * 8
+
+    def one(n: int) -> None:
+        start.wait()
+        try:
+            any_node.add_attachment(transaction.public_id, data=factory.minimal_pdf(str(n)),
+                                    original_name=f"{n}.pdf", staff=admin)
+            outcomes[n] = "added"
+        except InvalidRequest as exc:
+            outcomes[n] = "refused" if "the most allowed" in str(exc) else str(exc)
+        except Exception as exc:  # any other outcome fails the test
+            outcomes[n] = f"{type(exc).__name__}: {exc}"
+        finally:
+            any_node.close()
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["added"] * 2 + ["refused"] * 6, outcomes
+    held = Attachment.select().where(Attachment.transaction == transaction.id)
+    assert held.count() == 2
+    assert sorted(any_node.store.keys()) == sorted([*stored_before, *(a.key for a in held)])
+    view = any_node.attachments_view(transaction.public_id, staff=admin)
+    assert view.limit_reason.startswith("This transaction has 2 attachments already")
