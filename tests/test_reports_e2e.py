@@ -124,10 +124,18 @@ def test_view_report_opens_the_pdf_and_an_attachment_is_added(
                     "Added by the recipient pat@example.org on")
                 expect(added.locator("table")).to_contain_text(
                     "not part of the hospital's record")
-                with context.expect_event("response", lambda r: "/reports/" in r.url) as shown:
+                with context.expect_page() as tab, context.expect_event(
+                        "response", lambda r: "/reports/" in r.url) as shown:
                     added.get_by_role("link", name="View attachment").click()
                 assert shown.value.status == 200
                 assert shown.value.header_value("content-type") == "image/png"
+                picture = tab.value
+                picture.wait_for_load_state()
+                # Chromium shows the picture (the sandbox CSP does not block it): 40x30.
+                assert picture.evaluate(
+                    "() => [document.images.length, document.images[0].naturalWidth,"
+                    " document.images[0].naturalHeight]") == [1, 40, 30]
+                picture.close()
                 page.screenshot(path=str(tmp_path / "reports.png"), full_page=True)
                 assert problems == []
             finally:
