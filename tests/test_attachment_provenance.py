@@ -208,6 +208,8 @@ async def test_staff_file_it_into_the_study_once_and_a_recipient_cannot(
     page = await contact.page(f"/admin/transactions/{copy.public_id}")
     assert f'action="{url}"' in page and "File into the patient&#8217;s study" in page
     csrf = field(page, "csrf")
+    forged = await contact.post(url, data={"csrf": "not-the-token", "confirm": "yes"})
+    assert forged.status == 403
     unconfirmed = await contact.post(url, data={"csrf": csrf})
     assert unconfirmed.status == 400 and "Tick the box" in await unconfirmed.text()
     assert events("attachment-file") == []
