@@ -1,8 +1,9 @@
 """Attachments: wrap + store a 5 MB PDF and a 12 MP JPEG, against dcmtk's pdf2dcm / img2dcm.
 
 iepnode's number is the whole attach step of :func:`iepnode.attachments.add` (check the
-content, wrap as DICOM, encode, write durably through the ingest path, index, record the
-attachment, message and audit event) on a Node in a temporary folder with a one-image
+content, wrap as DICOM, encode, check the header as ingest would, write durably to the
+file store, record the attachment, message and audit event; since issue 13 it is held by
+the transaction, not indexed into the study) on a Node in a temporary folder with a one-image
 study shared in a transaction. The peers are dcmtk's converters doing the wrapping
 alone (``pdf2dcm`` -> Encapsulated PDF, ``img2dcm`` -> Secondary Capture keeping the JPEG
 bitstream), writing a file and nothing else (no fsync, no index).
@@ -105,8 +106,8 @@ def one_image_study(node: Node) -> str:
 def time_iepnode(node: Node, transaction: Transaction, data: bytes, name: str) -> float:
     actor = audit.Actor("staff", "bench")
     start = time.perf_counter()
-    attachments.add(node.ingester, transaction, data=data, original_name=name, title="",
-                    study_uid="", actor=actor, author_label="bench")
+    attachments.add(node.store, transaction, data=data, original_name=name, title="",
+                    study_uid="", actor=actor, author_label="bench", max_attachments=1000)
     return time.perf_counter() - start
 
 
@@ -151,7 +152,7 @@ def main() -> int:
                 theirs.append(time_dcmtk(command))
             a, b = statistics.median(ours), statistics.median(theirs)
             results[label] = {"iepnode_s": ours, "dcmtk_s": theirs}
-            print(f"attach {label}: iepnode {a * 1000:.0f} ms (wrap+store+index, fsync "
+            print(f"attach {label}: iepnode {a * 1000:.0f} ms (wrap+store+record, fsync "
                   f"{'on' if settings.fsync else 'off'}) | dcmtk {Path(command[0]).name} "
                   f"{b * 1000:.0f} ms (wrap to a file) | iepnode/dcmtk {a / b:.2f}x",
                   flush=True)

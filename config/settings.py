@@ -126,6 +126,11 @@ class Settings:
     max_forwards : int
         How many times a recipient may forward a received package to other people
         (0 turns forwarding off); forwarded copies cannot be forwarded again.
+    max_attachments : int
+        (hardening, issue 13) Files (PDF, JPEG, PNG, each at most 32 MiB) that may be
+        attached to one transaction, by its recipient and staff together; 0 turns
+        attaching off. Counted in the database when each is added, so simultaneous
+        uploads cannot pass it.
     send_retry_seconds : float
         Wait before the first retry of a send to a DICOM node that failed (peer
         down, association refused, failed C-STOREs); it doubles at each retry.
@@ -199,6 +204,8 @@ class Settings:
     timezone: str = ""
     trusted_proxies: tuple[str, ...] = ()
     max_forwards: int = 3
+    # -- hardening (issue 13): attachments --
+    max_attachments: int = 20
     send_retry_seconds: float = 10.0
     send_retry_max_seconds: float = 900.0
     send_max_attempts: int = 20
@@ -329,6 +336,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "passcode_minutes": "passcode_ttl_minutes",
         "timezone": "timezone",
         "max_forwards": "max_forwards",
+        # -- hardening (issue 13): attachments --
+        "max_attachments": "max_attachments",
         # uploads: review and release (issue 7, reconcile)
         "upload_pacs_ae": "upload_pacs_ae",
         "upload_auto_release": "upload_auto_release",
@@ -488,6 +497,8 @@ def _validate_messaging(s: Settings) -> dict[str, Any]:
         raise ConfigError(f"institution {s.institution!r}: 1-200 characters, no line breaks")
     for name, low, high in (("transaction_expiry_days", 1, 3650), ("dashboard_days", 1, 3650),
                             ("passcode_ttl_minutes", 1, 60), ("max_forwards", 0, 100),
+                            # -- hardening (issue 13): attachments --
+                            ("max_attachments", 0, 1000),
                             ("upload_max_file_mb", 1, 1 << 20),
                             ("upload_max_total_mb", 1, 1 << 22)):
         value = getattr(s, name)

@@ -48,7 +48,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from iepnode import audit, logins, notifications, staff, transactions
+from iepnode import attachments, audit, logins, notifications, staff, transactions
+from iepnode.attachments import AttachmentEntry
 from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest, LoginRefused, NotAuthorized, NotFound
 from iepnode.messaging import DeliveryError
@@ -151,6 +152,10 @@ class StaffTransactionView:
     messages: list[TransactionMessage]
     events: list[AuditEvent]
     expired: bool
+    #: The transaction's attachments, who added them, and whether they are filed (issue 13).
+    attachments: tuple[AttachmentEntry, ...] = ()
+    #: Whether this staff user may file them into the study or remove them.
+    may_file: bool = False
 
     @property
     def locked(self) -> bool:
@@ -517,6 +522,7 @@ class AdminService:
             transaction, transaction.recipient,
             [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
             audit.events_for_transaction(public_id), expired,
+            tuple(attachments.entries_of(transaction)), attachments.may_file(user, transaction),
         )
 
     async def reply(self, public_id: str, user: StaffUser, body: str,

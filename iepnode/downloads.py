@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 from iepnode import transactions
 from iepnode.errors import Gone, InvalidRequest, NotFound
-from iepnode.package import Package, PackageSource
+from iepnode.package import AttachedFile, Package, PackageSource
 from iepnode.zipstream import Member, ZipLayout, iter_batches, read_slice
 from storage.models import Transaction, TransactionStudy
 
@@ -81,10 +81,19 @@ def check_downloadable(transaction: Transaction, now: float | None = None) -> No
 
 
 def source_for_transaction(transaction: Transaction, institution: str) -> PackageSource:
-    """What the package of ``transaction`` holds and says (studies in the shared order)."""
+    """What the package of ``transaction`` holds and says (studies in the shared order).
+
+    The attachments only this transaction holds go in too, apart (``ATTACHED/``): they
+    are never in the package of another transaction sharing the studies.
+    """
+    from iepnode import attachments
+
     uids = tuple(ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
                  .where(TransactionStudy.transaction == transaction.id)
                  .order_by(TransactionStudy.id))
+    attached = tuple(
+        AttachedFile(e.row.key, e.row.title, e.row.media_type, e.added_by, e.row.created_at)
+        for e in attachments.describe(attachments.held_by(transaction)))
     contact = tuple(line for line in (
         transaction.contact_name, transaction.contact_department,
         transaction.institution or institution, transaction.contact_email,
@@ -95,7 +104,7 @@ def source_for_transaction(transaction: Transaction, institution: str) -> Packag
         created_at=transaction.created_at, patient_name=transaction.patient_name,
         patient_id=transaction.patient_id, birth_date=transaction.patient_birth_date,
         sex=transaction.patient_sex, contact=contact,
-        filename=f"{transaction.public_id}.zip",
+        filename=f"{transaction.public_id}.zip", attachments=attached,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import shutil
@@ -26,6 +27,7 @@ from iepnode import (
     logins,
     notifications,
     package,
+    rendering,
     reports,
     routing,
     sending,
@@ -728,6 +730,8 @@ class Node:
                 removed += 1
             log.info("purged study %s: every transaction holding it has expired", uid)
         transactions.mark_purged(expired)
+        for key in attachments.purge_held(t.id for t in expired):
+            self.store.remove(key)
         self.sweep_protected_downloads()
         for transaction in expired:
             audit.record(audit.EXPORT, "purge", audit.Actor("system", "retention"),
@@ -966,7 +970,8 @@ class Node:
         key = package.fingerprint(source, files)
 
         def build() -> package.Package:
-            return package.build_package(source, files, checksums.crcs_for, key)
+            return package.build_package(source, files, checksums.crcs_for, key,
+                                         self.store.path)
 
         try:
             return self._packages.get_or_build(key, build)
@@ -1400,7 +1405,8 @@ class Node:
 
     # -- reports and attachments (issue 4) --
     # Reports: a transaction's Encapsulated PDFs and SRs (iepnode.reports); attachments:
-    # files wrapped as DICOM and stored through the ingest path (iepnode.attachments).
+    # files wrapped as DICOM and held by the transaction that added them until staff file
+    # them into the study through the ingest path (iepnode.attachments, issue 13).
     # Recipients reach only their own live transactions (someone else's: NotFound;
     # declined, expired, purged: Gone), staff any transaction whose files are stored.
     # Give ``recipient_id`` for a recipient, ``staff`` for a staff user.
@@ -1433,8 +1439,13 @@ class Node:
 
     def transaction_reports(self, public_id: str, *, recipient_id: int | None = None,
                             staff: StaffUser | None = None, source_ip: str = "",
-                            ) -> tuple[Transaction, list[reports.ReportEntry]]:
-        """The PDF and SR reports of a transaction's studies (the listing is audited).
+                            ) -> tuple[Transaction, list[reports.ReportEntry],
+                                       list[attachments.AttachmentEntry]]:
+        """The reports of a transaction's studies and the attachments it holds (audited).
+
+        Returns the transaction, the PDF and SR reports of its studies (those that are
+        attachments filed into the study say so in ``attachment``), and the attachments
+        only this transaction holds: apart, since they are not the hospital's.
 
         Raises
         ------
@@ -1443,20 +1454,43 @@ class Node:
         """
         transaction, actor, _ = self._report_access(public_id, recipient_id=recipient_id,
                                                     staff=staff, source_ip=source_ip)
-        entries = reports.list_reports(self._study_uids_of(transaction), self.store.path)
+        entries = self._labelled(reports.list_reports(self._study_uids_of(transaction),
+                                                      self.store.path))
+        held = attachments.describe(attachments.held_by(transaction))
         audit.record(PATIENT_RECORD, "view-reports", actor, patient_id=transaction.patient_id,
-                     transaction=public_id, detail=f"{len(entries)} reports listed")
-        return transaction, entries
+                     transaction=public_id,
+                     detail=f"{len(entries)} reports listed"
+                     + (f", {len(held)} attachments held" if held else ""))
+        return transaction, entries, held
+
+    @staticmethod
+    def _labelled(entries: list[reports.ReportEntry]) -> list[reports.ReportEntry]:
+        """Mark the reports that are attachments filed into the study (who added them)."""
+        added = attachments.provenance(e.sop_uid for e in entries)
+        return [dataclasses.replace(e, attachment=added[e.sop_uid]) if e.sop_uid in added
+                else e for e in entries]
+
+    def _held_report(self, transaction: Transaction, sop_uid: str) -> reports.ReportEntry:
+        """A report entry for an attachment only ``transaction`` holds (``NotFound``)."""
+        entry = attachments.held_entry(transaction, sop_uid)
+        return reports.ReportEntry(
+            sop_uid=entry.sop_uid, kind=entry.kind, title=entry.row.title or "Attachment",
+            date="", study_uid=entry.row.study_uid, series_description="",
+            path=attachments.path_of(self.store, entry), attachment=entry)
 
     def open_report(self, public_id: str, sop_uid: str, *, recipient_id: int | None = None,
                     staff: StaffUser | None = None, source_ip: str = "",
                     ) -> tuple[reports.ReportEntry, bytes | reports.SrDocument]:
         """One report of a transaction: PDF bytes or a readable SR (audited, DCM 110103).
 
+        Also an attachment the transaction holds: its PDF, or its picture as PNG bytes
+        (``entry.kind`` is then ``image``); ``entry.attachment`` says who added it.
+
         Raises
         ------
         NotFound
-            Not a report of this transaction's studies (or as above).
+            Not a report of this transaction's studies nor an attachment it holds (or as
+            above).
         Gone
             As above.
         BadDataset
@@ -1466,14 +1500,20 @@ class Node:
                                                     staff=staff, source_ip=source_ip)
         if not reports.is_uid(sop_uid):
             raise NotFound("no such report")
-        found = reports.list_reports(self._study_uids_of(transaction), self.store.path,
-                                     sop_uid=sop_uid)
-        if not found:
-            raise NotFound("no such report")
-        entry = found[0]
+        found = self._labelled(reports.list_reports(self._study_uids_of(transaction),
+                                                    self.store.path, sop_uid=sop_uid))
+        entry = found[0] if found else self._held_report(transaction, sop_uid)
+        content: bytes | reports.SrDocument
         try:
-            content = (reports.load_pdf(entry.path) if entry.kind == "pdf"
-                       else reports.render_sr(entry.path))
+            if entry.kind == "pdf":
+                content = reports.load_pdf(entry.path)
+            elif entry.kind == "image":  # an attached picture: shown as PNG
+                try:
+                    content = rendering.render_bytes(entry.path, media_type="image/png")
+                except rendering.RenderError as exc:
+                    raise BadDataset(f"cannot show the picture: {exc}") from exc
+            else:
+                content = reports.render_sr(entry.path)
         except BadDataset as exc:
             audit.record(audit.INSTANCES_ACCESSED, "report-open", actor,
                          outcome=audit.MINOR_FAILURE, patient_id=transaction.patient_id,
@@ -1504,7 +1544,7 @@ class Node:
             closed = ""
         audit.record(PATIENT_RECORD, "view-attachments", actor,
                      patient_id=transaction.patient_id, transaction=public_id)
-        return attachments.view(transaction, closed)
+        return attachments.view(transaction, closed, self.settings.max_attachments)
 
     def add_attachment(self, public_id: str, *, data: bytes, original_name: str,
                        title: str = "", study_uid: str = "", recipient_id: int | None = None,
@@ -1520,9 +1560,40 @@ class Node:
         """
         transaction, actor, label = self._report_access(
             public_id, recipient_id=recipient_id, staff=staff, source_ip=source_ip)
-        return attachments.add(self.ingester, transaction, data=data,
+        return attachments.add(self.store, transaction, data=data,
                                original_name=original_name, title=title, study_uid=study_uid,
-                               actor=actor, author_label=label)
+                               actor=actor, author_label=label,
+                               max_attachments=self.settings.max_attachments)
+
+    def file_attachment(self, public_id: str, attachment_id: int, *, staff: StaffUser,
+                        source_ip: str = "") -> Attachment:
+        """File an attachment the transaction holds into the patient's study (staff).
+
+        See :func:`attachments.file_into_study` (who may, once only, audited).
+
+        Raises
+        ------
+        NotFound, Gone, NotAuthorized, InvalidRequest
+            No such transaction or attachment; purged; not allowed; already filed.
+        """
+        transaction, actor, _ = self._report_access(public_id, staff=staff,
+                                                    source_ip=source_ip)
+        return attachments.file_into_study(self.ingester, transaction, attachment_id,
+                                           user=staff, actor=actor)
+
+    def remove_attachment(self, public_id: str, attachment_id: int, *, staff: StaffUser,
+                          source_ip: str = "") -> Attachment:
+        """Delete an attachment the transaction holds (not filed); see :func:`attachments.remove`.
+
+        Raises
+        ------
+        NotFound, Gone, NotAuthorized, InvalidRequest
+            As :meth:`file_attachment`; a filed one cannot be removed.
+        """
+        transaction, actor, _ = self._report_access(public_id, staff=staff,
+                                                    source_ip=source_ip)
+        return attachments.remove(self.store, transaction, attachment_id, user=staff,
+                                  actor=actor)
 
 
 def _contact(transaction: Transaction) -> Contact:

@@ -9,6 +9,10 @@ Layout (IHE RAD TF PDI; DICOM PS3.10 and PS3.12 Annex V, General Purpose media):
     IHE_PDI/IMG00001.JPG
     REPORTS/RPT00001.PDF           the PDF of each Encapsulated PDF instance
     DICOM/PT000000/ST000000/SE000000/IM000000 ...   the stored files, byte for byte
+    ATTACHED/ATT00001.PDF          files added to the transaction by its recipient or
+    ATTACHED/ATT00002.PNG          staff and not filed into the study (issue 13): the
+                                   document, or the picture as PNG; no DICOM, not in the
+                                   DICOMDIR, README.TXT says who added each
 
 Every name is generated (8.3 upper case, DICOM File IDs of 1-8 characters, no
 extensions); none comes from a DICOM value. There are no executables.
@@ -119,6 +123,34 @@ class PackageSource:
     sex: str
     contact: tuple[str, ...]
     filename: str
+    #: Files only this transaction holds (not part of the hospital's record).
+    attachments: tuple[AttachedFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class AttachedFile:
+    """A file added to a transaction and not filed into the study (``ATTACHED/``).
+
+    Attributes
+    ----------
+    key : str
+        File-store key of the wrapped DICOM object (never shipped as DICOM: a PACS
+        importing the unzipped folder must not take it into the study).
+    title : str
+        The title the person who added it gave.
+    media_type : str
+        ``application/pdf``, ``image/jpeg`` or ``image/png``.
+    added_by : str
+        ``the recipient jane@example.org`` or ``staff Dr A. Smith``.
+    added_at : float
+        When (Unix time).
+    """
+
+    key: str
+    title: str
+    media_type: str
+    added_by: str
+    added_at: float
 
 
 @dataclass(frozen=True)
@@ -295,8 +327,43 @@ def _study_rows(uids: Sequence[str]) -> dict[str, Study]:
     return {s.study_uid: s for s in Study.select().where(Study.study_uid.in_(list(uids)))}
 
 
+def _attached_members(attached: Sequence[AttachedFile], path_of: Callable[[str], Path],
+                      ) -> tuple[list[Member], list[pdi.AttachedEntry]]:
+    """The ``ATTACHED/`` members: each PDF as it was, each picture as a PNG.
+
+    A file that cannot be read is left out (logged), the rest of the package is not.
+    """
+    from iepnode.rendering import RenderError, render_bytes
+
+    members: list[Member] = []
+    entries: list[pdi.AttachedEntry] = []
+    for item in attached:
+        number = len(members) + 1
+        try:
+            path = path_of(item.key)
+            if item.media_type == "application/pdf":
+                found = _document_slice(path)
+                if found is None:
+                    raise ValueError("no encapsulated document")
+                doc = found[0]
+                name = f"ATTACHED/ATT{number:05d}.PDF"
+                crc = (file_crc32(doc.path, doc.offset, doc.size) if isinstance(doc, FileSlice)
+                       else Member.of_bytes(name, doc).crc32)
+                members.append(Member(name, doc, crc))
+            else:
+                name = f"ATTACHED/ATT{number:05d}.PNG"
+                members.append(Member.of_bytes(name, render_bytes(path,
+                                                                  media_type="image/png")))
+        except (OSError, ValueError, RenderError, AttributeError, KeyError) as exc:
+            log.warning("attachment %s left out of the package: %s", item.key, exc)
+            continue
+        entries.append(pdi.AttachedEntry(name, item.title, item.added_by, item.added_at))
+    return members, entries
+
+
 def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: ChecksumSource,
-                  key: str | None = None) -> Package:
+                  key: str | None = None, path_of: Callable[[str], Path] | None = None,
+                  ) -> Package:
     """Plan the package of ``files`` (see the module docstring for the layout).
 
     Parameters
@@ -311,6 +378,9 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: C
         holds, after their headers were checked.
     key : str, optional
         :func:`fingerprint` of the inputs, if already computed.
+    path_of : callable, optional
+        The file store's key -> path function; needed when ``source.attachments``
+        is not empty.
 
     Raises
     ------
@@ -384,6 +454,12 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: C
             row.series_number if row else "", row.modality if row else "",
             row.description if row else "", len(members), name))
 
+    attached_members: list[Member] = []
+    attached: list[pdi.AttachedEntry] = []
+    if source.attachments:
+        if path_of is None:
+            raise ValueError("path_of is needed to package attachments")
+        attached_members, attached = _attached_members(source.attachments, path_of)
     contents = pdi.Contents(
         institution=source.institution, reference=source.reference,
         created_at=source.created_at, patient_name=source.patient_name,
@@ -391,6 +467,7 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: C
         contact=source.contact, studies=studies, reports=reports,
         instances=len(plan.files), dicom_bytes=sum(by_path[p.path].size for p in plan.files),
         left_out=left_out,
+        attached=attached,
     )
     generated.append(Member.of_bytes("DICOMDIR", plan.dicomdir))
     generated.append(Member.of_bytes("README.TXT", pdi.readme_txt(contents)))
@@ -402,7 +479,8 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: C
                crcs[by_path[p.path].key])
         for p in plan.files
     ]
-    layout = ZipLayout([*generated, *report_members, *dicom], source.created_at)
+    layout = ZipLayout([*generated, *report_members, *dicom, *attached_members],
+                       source.created_at)
     etag = _content_digest(layout, generated)
     log.info("package %s planned: %d instances, %d studies, %d bytes%s",
              source.reference or source.study_uids[0], len(dicom), len(studies), layout.size,

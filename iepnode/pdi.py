@@ -81,6 +81,18 @@ class LeftOutEntry:
 
 
 @dataclass(frozen=True)
+class AttachedEntry:
+    """A file added to the transaction by its recipient or staff (``ATTACHED/``)."""
+
+    path: str
+    #: The title the person who added it gave (never the hospital's).
+    title: str
+    #: ``the recipient jane@example.org`` or ``staff Dr A. Smith``.
+    added_by: str
+    added_at: float
+
+
+@dataclass(frozen=True)
 class Contents:
     """Everything the README and the pages say about a package."""
 
@@ -97,6 +109,8 @@ class Contents:
     instances: int
     dicom_bytes: int
     left_out: list[LeftOutEntry] = field(default_factory=list)
+    #: Files added to the transaction, not part of the hospital's record.
+    attached: list[AttachedEntry] = field(default_factory=list)
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -185,9 +199,13 @@ def readme_txt(c: Contents) -> bytes:
     ]
     if c.reports:
         lines.append("  REPORTS/     reports as PDF files")
+    if c.attached:
+        lines.append("  ATTACHED/    files added to this transaction by people who received it")
+        lines.append("               or by staff: NOT part of the hospital's record (below)")
     lines += [
         "  README.TXT   this file",
         "",
+        *_attached_txt(c, sender),
         "HOW TO OPEN IT",
         "  1. Unzip the whole package first, keeping its folders.",
         "  2. For a quick look, open INDEX.HTM in a web browser.",
@@ -212,6 +230,26 @@ def readme_txt(c: Contents) -> bytes:
         "",
     ]
     return "\r\n".join(lines).encode("utf-8")
+
+
+def _attached_txt(c: Contents, sender: str) -> list[str]:
+    """The README.TXT section on ``ATTACHED/`` (empty without attachments)."""
+    if not c.attached:
+        return []
+    lines = [
+        "ADDED TO THIS TRANSACTION - NOT PART OF THE HOSPITAL'S RECORD",
+        *textwrap.wrap(
+            f"The files in ATTACHED/ were added to this transaction after {sender} sent "
+            "it, by the people named below. They are not part of the hospital's record "
+            "of the patient, not in the DICOMDIR, and their titles are those the person "
+            "who added them gave.", 78),
+    ]
+    for entry in c.attached:
+        lines += textwrap.wrap(
+            f"{entry.path} \u201c{entry.title or 'Untitled'}\u201d: added by "
+            f"{entry.added_by} on {_epoch_date(entry.added_at)}, not part of the "
+            "hospital's record", 78, initial_indent="  ", subsequent_indent="      ")
+    return [*lines, ""]
 
 
 # -- pages -------------------------------------------------------------------------------
@@ -285,12 +323,22 @@ def index_htm(c: Contents) -> bytes:
                     "sending hospital and "
                     f"{'is' if len(c.left_out) == 1 else 'are'} not in this package: see "
                     '<a href="README.TXT">README.TXT</a>.</p>\n')
+    attached = ""
+    if c.attached:
+        attached = (
+            "<h2>Added to this transaction: not part of the hospital&#8217;s record</h2>\n"
+            '<p class="warn">These files were added by the people named, not by '
+            f"{_e(c.institution or 'the hospital')}. Their titles are theirs.</p>\n<ul>\n"
+            + "".join(
+                f'<li><a href="{_e(a.path)}">{_e(a.title or "Untitled")}</a>: added by '
+                f"{_e(a.added_by)} on {_e(_epoch_date(a.added_at))}</li>\n"
+                for a in c.attached) + "</ul>\n")
     body = (
         f"<h1>Images from {_e(c.institution or 'the hospital')}</h1>\n"
         + _WARNING + left_out + _patient_table(c)
         + "<h2>Studies</h2>\n<table>\n<tr><th>Date</th><th>Modality</th><th>Description</th>"
         "<th>Accession</th><th>Series</th><th>Files</th></tr>\n" + rows + "</table>\n"
-        + reports
+        + reports + attached
         + '<p>How to use this package: <a href="README.TXT">README.TXT</a>. The DICOM files '
         "are indexed by the DICOMDIR at the top of this folder.</p>\n"
     )

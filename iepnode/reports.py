@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -64,6 +65,9 @@ class ReportEntry:
     series_description: str
     #: The file-store path of the instance (never shown).
     path: Path
+    #: Who added it, when it is an attachment (an ``iepnode.attachments.AttachmentEntry``:
+    #: held by this transaction, or filed into the study); ``None`` for the hospital's own.
+    attachment: Any = None
 
 
 @dataclass

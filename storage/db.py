@@ -15,6 +15,7 @@ from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from storage.models import (
     ALL_MODELS,
+    Attachment,
     Recipient,
     RemoteAE,
     StaffUser,
@@ -56,6 +57,10 @@ ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (Study, "fileset_attempts", "INTEGER NOT NULL DEFAULT 0"),
     (Study, "fileset_retry_at", "DOUBLE PRECISION"),
     (Study, "fileset_error", "TEXT NOT NULL DEFAULT ''"),
+    # -- hardening (issue 13): attachments held by their transaction --
+    (Attachment, "key", "VARCHAR(32)"),
+    (Attachment, "filed_at", "DOUBLE PRECISION"),
+    (Attachment, "filed_by", "VARCHAR(64) NOT NULL DEFAULT ''"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.

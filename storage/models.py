@@ -479,9 +479,13 @@ class UploadFile(BaseModel):
 class Attachment(BaseModel):
     """A document or picture someone attached to a transaction, stored as DICOM.
 
-    The instance itself is an ordinary indexed instance of one of the transaction's
-    studies (so it is in the package, the file-set and the viewer); this row says who
-    attached it, to which transaction, and what the file was.
+    The wrapped DICOM object belongs to the transaction that added it (issue 13): it
+    is kept in the file store under :attr:`key` and is *not* an indexed instance of
+    the hospital's study, so no other transaction sharing the study, no C-FIND,
+    DICOMweb, file-set or send sees it. Staff may file it into the study
+    (:attr:`filed_at`); it is then ingested as an ordinary instance and :attr:`key`
+    is cleared. Rows made before issue 13 have neither ``key`` nor ``filed_at``:
+    those attachments were ingested into the study when added.
     """
 
     transaction = peewee.ForeignKeyField(Transaction, backref="attachments",
@@ -498,6 +502,11 @@ class Attachment(BaseModel):
     author_kind = peewee.CharField(max_length=16)
     author = peewee.CharField(max_length=254)
     created_at = peewee.DoubleField()
+    #: File-store key of the wrapped object while only its transaction holds it.
+    key = peewee.CharField(max_length=32, null=True, unique=True)
+    #: When and by whom (staff username) it was filed into the patient's study.
+    filed_at = peewee.DoubleField(null=True)
+    filed_by = peewee.CharField(max_length=64, default="")
 
 
 ALL_MODELS = [

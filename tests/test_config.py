@@ -231,6 +231,8 @@ def test_bad_database_url(url: str) -> None:
     # -- hardening (issue 13): bad files --
     ("fileset_retry_seconds", 0), ("fileset_retry_seconds", 3601),
     ("fileset_retry_max_seconds", 8 * 86400),
+    # -- hardening (issue 13): attachments --
+    ("max_attachments", -1), ("max_attachments", 1001),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):

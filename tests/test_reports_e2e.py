@@ -5,7 +5,8 @@ dcmtk ``storescu`` sends a CT with an Encapsulated PDF report to ``iepnode serve
 Chromium (Playwright, ``/usr/bin/chromium``) signs in, clicks View Report, and the PDF
 must come back as ``application/pdf`` with the report's bytes and open in the browser's
 viewer; then a PNG is attached through the attachments page and must be stored as a
-Secondary Capture instance of the study.
+Secondary Capture of the study, held by the transaction: the reports page lists it
+apart from the hospital's report, labelled with who added it (issue 13).
 """
 
 from __future__ import annotations
@@ -110,7 +111,32 @@ def test_view_report_opens_the_pdf_and_an_attachment_is_added(
                 expect(page.get_by_role("status")).to_contain_text("The file is attached")
                 expect(page.locator("table.attachments")).to_contain_text("wound photo.png")
                 expect(page.locator("table.attachments")).to_contain_text("Wound, day 3")
+                expect(page.locator("table.attachments")).to_contain_text(
+                    "Added by the recipient pat@example.org on")
                 page.screenshot(path=str(tmp_path / "attachments.png"), full_page=True)
+                # The reports page keeps it apart from the hospital's report, labelled.
+                page.goto(f"{origin}/transactions/{public_id}/reports")
+                expect(page.locator("table.reports")).not_to_contain_text("Wound, day 3")
+                added = page.locator("#attached")
+                expect(added.get_by_role("heading")).to_contain_text("Not from the hospital")
+                expect(added.locator("table")).to_contain_text("\u201cWound, day 3\u201d")
+                expect(added.locator("table")).to_contain_text(
+                    "Added by the recipient pat@example.org on")
+                expect(added.locator("table")).to_contain_text(
+                    "not part of the hospital's record")
+                with context.expect_page() as tab, context.expect_event(
+                        "response", lambda r: "/reports/" in r.url) as shown:
+                    added.get_by_role("link", name="View attachment").click()
+                assert shown.value.status == 200
+                assert shown.value.header_value("content-type") == "image/png"
+                picture = tab.value
+                picture.wait_for_load_state()
+                # Chromium shows the picture (the sandbox CSP does not block it): 40x30.
+                assert picture.evaluate(
+                    "() => [document.images.length, document.images[0].naturalWidth,"
+                    " document.images[0].naturalHeight]") == [1, 40, 30]
+                picture.close()
+                page.screenshot(path=str(tmp_path / "reports.png"), full_page=True)
                 assert problems == []
             finally:
                 browser.close()

@@ -227,12 +227,13 @@ async def test_tid_1500_measurements_are_read_with_highdicom(
 # -- attachments --------------------------------------------------------------------------
 
 
-async def test_recipient_attaches_a_pdf_to_the_study(browser: Browser, node: Node,
-                                                     study: dict[str, Any]) -> None:
+async def test_recipient_attaches_a_pdf_held_by_the_transaction(
+        browser: Browser, node: Node, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     await log_in(browser, node, token)
     base = f"/transactions/{transaction.public_id}"
-    before = node.recipient_package(transaction.recipient_id, transaction.public_id).instances
+    before = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    instances = Instance.select().count()
     pdf = factory.minimal_pdf("GP letter")
     response = await browser.post(f"{base}/attachments", data=upload_form(
         await attachments_csrf(browser, base), pdf, "letter from GP.pdf", "application/pdf",
@@ -245,27 +246,38 @@ async def test_recipient_attaches_a_pdf_to_the_study(browser: Browser, node: Nod
             attachment.original_name, attachment.media_type, attachment.size_bytes) == (
         "recipient", "pat@example.org", "GP letter", "letter from GP.pdf", "application/pdf",
         len(pdf))
-    instance = Instance.get(Instance.sop_uid == attachment.sop_uid)
-    assert instance.sop_class == EncapsulatedPDFStorage
-    assert instance.series.study.study_uid == study["uid"]
-    stored = dcmread(node.store.path(instance.key))
+    # Held by the transaction: a stored DICOM object, but no instance of the study.
+    assert attachment.key and attachment.filed_at is None
+    assert Instance.select().count() == instances
+    assert not Instance.select().where(Instance.sop_uid == attachment.sop_uid).exists()
+    stored = dcmread(node.store.path(attachment.key))
+    assert stored.SOPClassUID == EncapsulatedPDFStorage
+    assert stored.StudyInstanceUID == study["uid"]
     assert stored.PatientID == "P1" and str(stored.PatientName) == "Doe^Jane"
     assert stored.AccessionNumber == "ACC1"
     assert stored.EncapsulatedDocument[:len(pdf)] == pdf
 
     page = await browser.page(f"{base}/attachments?done=added")
-    assert "The file is attached" in page and "letter from GP.pdf" in page
+    assert "The file is attached to this transaction" in page
+    assert "letter from GP.pdf" in page and "Added by the recipient pat@example.org on" in page
+    assert "not part of the hospital's record" in page
+    listing = await browser.page(f"{base}/reports")
+    hospital, added = listing.split('id="attached"')
+    assert "GP letter" not in hospital and "Radiology report (final)" in hospital
+    assert "&#8220;GP letter&#8221;" in added and "Not from the hospital" in added
     opened = await browser.get(f"{base}/reports/{attachment.sop_uid}")
     assert opened.content_type == "application/pdf" and await opened.read() == pdf
-    after = node.recipient_package(transaction.recipient_id, transaction.public_id).instances
-    assert after == before + 1  # it travels in the download
+    assert opened.headers["Content-Disposition"] == 'inline; filename="Attached_GP_letter.pdf"'
+    after = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    assert after.instances == before.instances  # no DICOM file more in the package
+    assert after.etag != before.etag  # but ATTACHED/ is new
     row = TransactionStudy.get(TransactionStudy.transaction == transaction.id)
-    assert row.images_expected == 5  # 2 CT + PDF + SR + the attachment
+    assert row.images_expected == 4  # 2 CT + PDF + SR, as shared
     message = TransactionMessage.select().order_by(TransactionMessage.id.desc()).first()
     assert message.author_kind == "recipient"
     assert "GP letter" in message.body and "PDF" in message.body
-    added = events("attachment-add")
-    assert [(e.event_code, e.actor_kind, e.study_uid) for e in added] == [
+    added_events = events("attachment-add")
+    assert [(e.event_code, e.actor_kind, e.study_uid) for e in added_events] == [
         ("110104", "recipient", study["uid"])]
 
 
@@ -281,15 +293,21 @@ async def test_staff_attach_an_image_and_the_recipient_is_told(
     attachment = Attachment.get()
     assert (attachment.author_kind, attachment.author, attachment.title) == (
         "staff", "alice", "wound")
-    instance = Instance.get(Instance.sop_uid == attachment.sop_uid)
-    assert instance.sop_class == SecondaryCaptureImageStorage
-    assert np.array_equal(dcmread(node.store.path(instance.key)).pixel_array, arr)
+    assert not Instance.select().where(Instance.sop_uid == attachment.sop_uid).exists()
+    stored = dcmread(node.store.path(attachment.key))
+    assert stored.SOPClassUID == SecondaryCaptureImageStorage
+    assert np.array_equal(stored.pixel_array, arr)
 
     await log_in(browser, node, token)
     details = await browser.page(f"/transactions/{transaction.public_id}")
     assert "Dr Alice" in details and "Attached an image: \u201cwound\u201d (PNG" in details
     listing = await browser.page(f"/transactions/{transaction.public_id}/attachments")
-    assert "wound.png" in listing and "(hospital)" in listing
+    assert "wound.png" in listing and "Added by staff Dr Alice on" in listing
+    # The picture opens from the reports page, as a PNG of its pixels.
+    picture = await browser.get(f"/transactions/{transaction.public_id}/reports/"
+                                f"{attachment.sop_uid}")
+    assert picture.status == 200 and picture.content_type == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(await picture.read()))), arr)
 
 
 async def test_bad_files_are_refused_and_nothing_is_stored(
@@ -301,6 +319,7 @@ async def test_bad_files_are_refused_and_nothing_is_stored(
     csrf = await attachments_csrf(browser, base)
     instances = Instance.select().count()
     messages = TransactionMessage.select().count()
+    stored = sorted(node.store.keys())
     for data, name, kind, words in (
             (b"MZ\x90\x00 not a document", "report.pdf", "application/pdf",
              "Only PDF documents and JPEG or PNG images can be attached"),
@@ -322,6 +341,7 @@ async def test_bad_files_are_refused_and_nothing_is_stored(
     assert too_big.status == 413 and "largest file" in await too_big.text()
 
     assert Instance.select().count() == instances
+    assert sorted(node.store.keys()) == stored
     assert Attachment.select().count() == 0
     assert TransactionMessage.select().count() == messages
     assert events("attachment-add") == []
@@ -348,8 +368,7 @@ async def test_several_studies_the_study_must_be_chosen(
         csrf, pdf, "a.pdf", "application/pdf", study=second))
     assert chosen.status == 303
     assert Attachment.get().study_uid == second
-    assert Instance.get(Instance.sop_uid == Attachment.get().sop_uid).series.study.study_uid \
-        == second
+    assert dcmread(node.store.path(Attachment.get().key)).StudyInstanceUID == second
 
 
 async def test_nothing_can_be_attached_to_a_declined_transaction(

@@ -104,6 +104,10 @@ _NOTICES = {
     "recipient-send": "Saved where the recipient may send this transaction.",
     "route-added": "Routing rule added.",
     "route-removed": "Routing rule removed.",
+    # -- hardening (issue 13): attachments --
+    "attachment-filed": "The attachment is filed into the patient's study: it is now part of "
+                        "the hospital's record, in every transaction sharing the study.",
+    "attachment-removed": "The attachment is removed.",
 }
 
 #: Notices that report something that did not work (shown as an error, not as info).

@@ -8,6 +8,15 @@ Routes (recipient session; staff under ``/admin`` with a staff session)::
     GET  [/admin]/transactions/{public_id}/attachments        attachments + the upload form
     POST [/admin]/transactions/{public_id}/attachments        attach a PDF, JPEG or PNG
                                                               (multipart; CSRF as any POST)
+    POST /admin/transactions/{public_id}/attachments/{id}/file    staff: file it into the
+                                                                  patient's study
+    POST /admin/transactions/{public_id}/attachments/{id}/remove  staff: delete an unfiled one
+
+An attachment belongs to the transaction that added it (issue 13): the reports page
+lists it apart from the hospital's reports, with who added it, and ``reports/{sop_uid}``
+serves it (a PDF as below, a picture as PNG) to that transaction only. Filing and
+removing need the ``confirm`` box ticked, and an administrator or the transaction's
+hospital contact (:func:`iepnode.attachments.may_file`).
 
 Access is the download's: a recipient reaches only their own transactions (someone
 else's is a 404) while they are live (declined, expired, purged: 410); staff reach any.
@@ -43,8 +52,9 @@ _ATTACH_POST = re.compile(r"(/admin)?/transactions/IEP[0-9]{8}/attachments")
 _FORM_MARGIN = 64 * 1024
 #: The PDF's own policy: a sandboxed document (unique origin, no scripts, no forms).
 PDF_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-_NOTICES = {"added": "The file is attached: it is now part of the study, in the download "
-                     "and the viewer, and the other side has been told in the messages."}
+_NOTICES = {"added": "The file is attached to this transaction, marked as added by you, and "
+                     "the other side has been told in the messages. It is not part of the "
+                     "hospital's record of the patient unless hospital staff file it there."}
 
 RECIPIENT_LAYOUT = "reports/_recipient_layout.html"
 STAFF_LAYOUT = "reports/_staff_layout.html"
@@ -84,11 +94,16 @@ def _close_files(request: web.Request) -> None:
             value.file.close()
 
 
-def _pdf_response(entry: Any, data: bytes) -> web.Response:
+def _document_response(entry: Any, data: bytes) -> web.Response:
+    """A PDF report, or an attachment (PDF, or a picture as PNG), shown inline."""
+    image = entry.kind == "image"
+    # An attachment's file name says so, wherever the file is saved to.
+    stem = f"Attached_{entry.title}" if entry.attachment is not None else entry.title
     return web.Response(body=data, headers={
         **SECURITY_HEADERS,
-        "Content-Type": "application/pdf",
-        "Content-Disposition": f'inline; filename="{safe_filename(entry.title)}"',
+        "Content-Type": "image/png" if image else "application/pdf",
+        "Content-Disposition":
+            f'inline; filename="{safe_filename(stem, ".png" if image else ".pdf")}"',
         "Content-Security-Policy": PDF_CSP,
         "X-Content-Type-Options": "nosniff",
     })
@@ -101,10 +116,11 @@ def _base(who: dict[str, Any], public_id: str) -> str:
 async def _reports_page(request: web.Request, who: dict[str, Any], context: dict[str, Any],
                         ) -> web.StreamResponse:
     public_id = public_id_of(request)
-    transaction, entries = await asyncio.to_thread(
+    transaction, entries, attached = await asyncio.to_thread(
         node_of(request).transaction_reports, public_id, **who, source_ip=client_ip(request))
     return aiohttp_jinja2.render_template("reports/list.html", request, {
-        **context, "t": transaction, "entries": entries, "base": _base(who, public_id)})
+        **context, "t": transaction, "entries": entries, "attached": attached,
+        "base": _base(who, public_id)})
 
 
 async def _report(request: web.Request, who: dict[str, Any], context: dict[str, Any],
@@ -114,7 +130,7 @@ async def _report(request: web.Request, who: dict[str, Any], context: dict[str, 
         node_of(request).open_report, public_id, request.match_info["sop_uid"], **who,
         source_ip=client_ip(request))
     if isinstance(content, bytes):
-        return _pdf_response(entry, content)
+        return _document_response(entry, content)
     return aiohttp_jinja2.render_template("reports/sr.html", request, {
         **context, "doc": content, "entry": entry, "public_id": public_id,
         "base": _base(who, public_id)})
@@ -236,6 +252,40 @@ async def staff_attach(request: web.Request, staff: Staff) -> web.StreamResponse
     return await _attach(request, *_staff(staff))
 
 
+def _attachment_id(request: web.Request) -> int:
+    text = request.match_info["attachment_id"]
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise web.HTTPNotFound()
+    return int(text)
+
+
+async def _staff_decides(request: web.Request, staff: Staff, verb: str) -> web.StreamResponse:
+    """File or remove one attachment, once the staff member ticked the confirmation."""
+    public_id = public_id_of(request)
+    attachment_id = _attachment_id(request)
+    form = await request.post()
+    if form.get("confirm") != "yes":
+        raise InvalidRequest("Tick the box to confirm first: nothing was changed.")
+    node = node_of(request)
+    act = node.file_attachment if verb == "file" else node.remove_attachment
+    await asyncio.to_thread(act, public_id, attachment_id, staff=staff.user,
+                            source_ip=client_ip(request))
+    done = "attachment-filed" if verb == "file" else "attachment-removed"
+    return see_other(f"/admin/transactions/{public_id}?done={done}#attachments")
+
+
+@staff_view()
+async def staff_file_attachment(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/attachments/{attachment_id}/file``."""
+    return await _staff_decides(request, staff, "file")
+
+
+@staff_view()
+async def staff_remove_attachment(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/attachments/{attachment_id}/remove``."""
+    return await _staff_decides(request, staff, "remove")
+
+
 def setup_routes(app: web.Application) -> None:
     """Register the report and attachment routes (recipient and staff)."""
     router = app.router
@@ -247,3 +297,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/admin/transactions/{public_id}/reports/{sop_uid}", staff_report)
     router.add_get("/admin/transactions/{public_id}/attachments", staff_attachments)
     router.add_post("/admin/transactions/{public_id}/attachments", staff_attach)
+    router.add_post("/admin/transactions/{public_id}/attachments/{attachment_id}/file",
+                    staff_file_attachment)
+    router.add_post("/admin/transactions/{public_id}/attachments/{attachment_id}/remove",
+                    staff_remove_attachment)
