@@ -262,6 +262,24 @@ class Node:
             for key, sop_class, sop_uid, ts in iter_instance_keys(query)
         ]
 
+    def retrieved_dataset(self, item: RetrieveItem) -> Dataset:
+        """The stored instance of a C-MOVE/C-GET sub-operation, its values read lazily.
+
+        Raises
+        ------
+        BadDataset
+            The stored file cannot serve (missing, unreadable, cut short...): the
+            reason is :func:`storage.stored_file.unreadable_reason`'s, in plain words.
+        """
+        from pydicom import dcmread
+
+        from storage.stored_file import unreadable_reason
+
+        reason = unreadable_reason(item.path)
+        if reason is not None:
+            raise BadDataset(reason)
+        return dcmread(item.path)
+
     def counts(self) -> dict[str, int]:
         """Return how many patients, studies and instances are indexed."""
         from storage.models import Instance, Patient

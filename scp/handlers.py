@@ -13,7 +13,6 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import evt
@@ -44,8 +43,16 @@ CANNOT_UNDERSTAND = 0xC000
 NOT_AUTHORIZED = 0x0124
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_MISMATCH = 0xA900
-#: Yielded for one instance that cannot be read: pynetdicom counts it as failed.
-FAILED_SUBOPERATION = 0xA702
+class _Unsendable:
+    """Yielded as ``(PENDING, UNSENDABLE)`` for a stored instance that cannot be sent.
+
+    pynetdicom's C-GET and C-MOVE services count a pending item that is not a
+    dataset as one failed sub-operation and go on with the next; a failure status
+    would end the whole retrieve at that instance.
+    """
+
+
+UNSENDABLE = _Unsendable()
 
 
 @dataclass
@@ -218,22 +225,23 @@ def handle_find(event: Event, node: Node):
         yield OUT_OF_RESOURCES, None
 
 
-def _send_items(event: Event, items):
+def _send_items(event: Event, node: Node, items):
     """Yield each stored instance for a sub-operation.
 
     pynetdicom's retrieve services take datasets, not files: the file is read
     lazily and pynetdicom writes its elements back as they were read, so what is
-    sent equals what was stored (deflated data is deflated anew).
+    sent equals what was stored (deflated data is deflated anew). A stored file that
+    cannot serve (missing, cut short...) fails its sub-operation, not the others.
     """
     for item in items:
         if event.is_cancelled:
             yield CANCEL, None
             return
         try:
-            dataset = dcmread(item.path)
-        except (OSError, InvalidDicomError) as exc:
-            log.error("cannot read stored instance %s: %s", item.sop_uid, exc)
-            yield FAILED_SUBOPERATION, None
+            dataset = node.retrieved_dataset(item)
+        except (OSError, InvalidDicomError, BadDataset) as exc:
+            log.error("stored instance %s not sent: %s", item.sop_uid, exc)
+            yield PENDING, UNSENDABLE
             continue
         yield PENDING, dataset
 
@@ -262,7 +270,7 @@ def handle_move(event: Event, node: Node):
     log.info("C-MOVE from %s: %d instances to %s", calling, len(items), destination.ae_title)
     yield destination.host, destination.port, {"contexts": contexts} if contexts else {}
     yield len(items)
-    yield from _send_items(event, items)
+    yield from _send_items(event, node, items)
 
 
 def handle_get(event: Event, node: Node):
@@ -281,7 +289,7 @@ def handle_get(event: Event, node: Node):
         raise
     log.info("C-GET from %s: %d instances", calling, len(items))
     yield len(items)
-    yield from _send_items(event, items)
+    yield from _send_items(event, node, items)
 
 
 def event_handlers(node: Node) -> list[tuple]:

@@ -288,3 +288,34 @@ def test_only_one_process_gets_a_build_attempt(index_node: Node, tmp_path: Path)
     index_node.build_fileset(uid)  # a success clears the back-off
     row = Study.get(Study.study_uid == uid)
     assert (row.fileset_attempts, row.fileset_retry_at, row.fileset_error) == (0, None, "")
+
+
+@pytest.mark.parametrize("tool", ["getscu", "movescu"])
+def test_retrieve_fails_each_damaged_instance_alone(tmp_path: Path, tool: str) -> None:
+    """C-GET / C-MOVE: a damaged stored file is one failed sub-operation, never sent."""
+    from tests.support.scu import dcmtk_run
+
+    ct = factory.make_ct_series(tmp_path / "in", 4, **PATIENT)
+    study_uid = str(dcmread(ct[0]).StudyInstanceUID)
+    out = tmp_path / "got"
+    out.mkdir()
+    port = free_port()  # movescu receives its sub-operations here
+    with running_node(tmp_path / "node",
+                      register=[("TESTSCU", "127.0.0.1", port, "store,move,get")]) as node:
+        assert storescu(node, ct).returncode == 0
+        stored = stored_by_uid(node)
+        damaged = str(dcmread(ct[1], stop_before_pixels=True).SOPInstanceUID)
+        damage(stored[damaged], "truncated")
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}"]
+        common = ["-aet", "TESTSCU", "-aec", node.ae_title, "-S", "-od", str(out), *keys]
+        if tool == "getscu":
+            run = dcmtk_run("getscu", *common, node.host, str(node.dicom_port))
+        else:
+            run = dcmtk_run("movescu", *common, "-aem", "TESTSCU", "--port", str(port),
+                            node.host, str(node.dicom_port))
+        got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received(out)}
+        assert got == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                       for p in ct} - {damaged}
+        assert "Failed" in run.stdout + run.stderr or run.returncode != 0, run.stderr
+        wait_for(lambda: f"stored instance {damaged} not sent: the stored file is cut short"
+                 in node.log_text, what="the reason in the log")
