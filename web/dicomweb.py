@@ -100,21 +100,16 @@ def _uid(request: web.Request, name: str) -> str:
 
 
 def _base_url(request: web.Request) -> str:
-    """The absolute base URL the client used (for RetrieveURL and BulkDataURI links).
+    """The absolute base URL of the request's DICOMweb root, for RetrieveURL,
+    BulkDataURI and Content-Location links.
 
-    Taken from ``Host``. A client that leaves a non-default port out of ``Host``
-    (dicomweb-client does) would get unusable links, so when the node is reached
-    directly (no trusted proxy configured) the listening port fills the gap.
+    Built from the configured ``public_url`` (``[portal] public_url``), never from
+    the request's ``Host``, ``X-Forwarded-Host`` or scheme: a forged header must not
+    put someone else's address into the links a viewer follows with its token.
     """
     public_id = request.match_info.get("public_id", "")
     path = f"/dicomweb/t/{public_id}" if public_id else "/dicomweb"
-    origin = request.url.origin()
-    if origin.explicit_port is None and not request.app[SETTINGS_KEY].trusted_proxies:
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        default = 443 if origin.scheme == "https" else 80
-        if isinstance(sockname, tuple) and len(sockname) >= 2 and sockname[1] != default:
-            origin = origin.with_port(sockname[1])
-    return f"{origin}{path}"
+    return request.app[SETTINGS_KEY].public_url + path
 
 
 def _scope(request: web.Request) -> access.Scope:
