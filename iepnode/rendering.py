@@ -216,8 +216,16 @@ def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray
     center = float(center)
     if width == 1.0:  # the standard's threshold case
         return np.where(values > center - 0.5, 255, 0).astype(np.uint8)
-    scaled = ((values - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
-    return np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+    # The same operations in the same order as ((x - (c - 0.5)) / (w - 1) + 0.5) * 255,
+    # + 0.5, floor (so the same numbers), in place: one float copy of the frame, not five.
+    scaled = np.subtract(values, center - 0.5)
+    scaled /= width - 1.0
+    scaled += 0.5
+    scaled *= 255.0
+    scaled += 0.5
+    np.floor(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -357,7 +365,9 @@ def _decode_frame(path: Path | str, index: int) -> Frame:
         if slope == 1.0 and intercept == int(intercept):
             values = arr.astype(np.int32) + int(intercept) if intercept else arr
         else:
-            values = arr.astype(np.float64) * slope + intercept
+            values = arr.astype(np.float64)  # in place: one float copy of the frame
+            values *= slope
+            values += intercept
     window = _window(ds, index)
     voi = None
     if window is None and "VOILUTSequence" in ds:

@@ -76,10 +76,12 @@ def turns() -> Any:
 @pytest.mark.parametrize("allowed", [1, 2])
 def test_frames_are_decoded_a_few_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             turns: Any, allowed: int) -> None:
+    import pydicom.pixels
+
     Node(make_settings(tmp_path, render_concurrency=allowed))  # applies the setting
     path = factory.bundled("CT_small.dcm")
-    gate = Gate(rendering._decode_frame)
-    monkeypatch.setattr(rendering, "_decode_frame", gate)
+    gate = Gate(pydicom.pixels.pixel_array)  # the decode (imported by each call)
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", gate)
     calls: list[Callable[[], Any]] = [
         lambda: rendering.render_bytes(path, 0, media_type="image/png"),
         lambda: rendering.raw_frame(path, 0),
