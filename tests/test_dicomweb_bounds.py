@@ -307,3 +307,38 @@ def test_pixel_data_that_cannot_be_cut_into_frames(name: str) -> None:
     item = dw.StoredInstance(path, "", "", "", "", ts, "", path.stat().st_size)
     with pytest.raises(BadQuery if "bigendian" in name else NotFound):
         dw.PixelData(item)
+
+
+async def test_a_client_leaving_mid_stream_is_audited_and_the_node_goes_on(
+        client: Any, node: Node, tmp_path: Path) -> None:
+    import asyncio
+
+    from storage.models import AuditEvent
+    from tests import data_factory as factory
+    from tests.support.ingest import store_files
+
+    big = factory.make_ct_series(tmp_path / "big", 8, rows=512, columns=512)  # 4 MiB
+    study = store_files(node, big)
+    transaction, _ = share([study])
+    token = recipient_token(transaction)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"GET /dicomweb/t/{transaction.public_id}/studies/{study} HTTP/1.1\r\n"
+                 f"Host: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await reader.readexactly(64 * 1024)  # some of the first instance, then gone
+    writer.close()
+    await writer.wait_closed()
+
+    def audited() -> list[AuditEvent]:
+        return list(AuditEvent.select().where(AuditEvent.action == "wado-retrieve"))
+
+    for _ in range(200):  # the server notices when its writes fail
+        if audited():
+            break
+        await asyncio.sleep(0.05)
+    [event] = audited()
+    assert event.outcome == 4 and "of 8 instances" in event.detail  # minor failure
+    again = await client.get(f"/dicomweb/t/{transaction.public_id}/studies/{study}/metadata",
+                             headers=bearer(token))
+    assert again.status == 200 and len(json.loads(await again.read())) == 8

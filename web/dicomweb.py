@@ -23,6 +23,12 @@ Authentication failures are 401 (``WWW-Authenticate: Bearer``); anything outside
 the caller's scope is 404, never 403; a recipient's transaction that is no longer
 available is 410. Errors are short ``text/plain`` bodies. CORS (for a viewer on
 another origin) is off unless ``[http] dicomweb_cors_origins`` lists the origin.
+
+Links in bodies (RetrieveURL, BulkDataURI, Content-Location) start with ``[portal]
+public_url``, never with the request's Host. A frame list names at most ``[http]
+dicomweb_max_frames`` frames (400 beyond). Multipart bodies and metadata are written
+as they are read (chunked; :class:`Multipart`): a request holds one block, frame or
+rendered image at a time.
 """
 
 from __future__ import annotations
