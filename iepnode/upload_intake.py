@@ -378,26 +378,32 @@ def _scan_document(fh: Any, display_name: str, kind: str, size: int,
     if size > limit:
         return FileVerdict(SKIPPED, f"{kind.upper()} of {size} bytes is larger than the "
                                     f"{limit}-byte limit for documents")
-    fh.seek(0)
-    data = fh.read()
     if kind == PDF:
-        if b"%%EOF" not in data[-2048:]:
+        fh.seek(max(size - 2048, 0))
+        if b"%%EOF" not in fh.read():
             return FileVerdict(SKIPPED, "PDF is truncated (no %%EOF marker)")
     else:
-        problem = _image_problem(data, wrapping.MAX_IMAGE_PIXELS)
+        fh.seek(0)
+        problem = _image_problem(fh, wrapping.MAX_IMAGE_PIXELS)
         if problem:
             return FileVerdict(SKIPPED, f"{kind.upper()} cannot be read: {problem}")
-    scan.found(FoundObject(display_name, kind), memoryview(data), "")
+    # Only a release needs the bytes (to wrap them): an inspection reads the tail of a
+    # PDF, and an image's header, never the whole file.
+    payload = memoryview(b"")
+    if scan.on_object is not None:
+        fh.seek(0)
+        payload = memoryview(fh.read())
+    scan.found(FoundObject(display_name, kind), payload, "")
     return FileVerdict(kind, "", 1)
 
 
-def _image_problem(data: bytes, max_pixels: int) -> str:
-    from io import BytesIO
-
+def _image_problem(source: Any, max_pixels: int) -> str:
+    """Why an image file cannot be used, or ``""`` (header and structure checked by
+    Pillow from the open file, no pixels decoded)."""
     from PIL import Image
 
     try:
-        with Image.open(BytesIO(data)) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels:
                 return f"{width} x {height} pixels, more than {max_pixels} (decompression bomb?)"

@@ -20,7 +20,9 @@ Bounds, and why:
 * an upload zip of 11 MB holding one ~400 MiB DICOM entry, inspected after its last
   chunk: under 64 MiB (the entry goes through a temporary file in 1 MiB blocks and is
   checked from a mapping whose pages are let go behind the check); read into memory
-  (as before) it costs at least the entry, 400 MiB.
+  (as before) it costs at least the entry, 400 MiB;
+* a 60 MiB PDF uploaded as a file of its own: under 16 MiB (its last 2 KiB are
+  checked); read whole (as before) it costs 60 MiB.
 """
 
 from __future__ import annotations
@@ -242,11 +244,19 @@ async def test_an_upload_zip_with_a_large_entry_is_inspected_in_bounded_memory(
                 answer = await upload(node, public_id, browser, "cd.zip", data)
             print(f"inspection of a {entry_size / MIB:.0f} MiB entry in a "
                   f"{len(data) / MIB:.1f} MiB zip: {growth}")
+            # A 60 MiB PDF: its tail is checked, not the whole of it read.
+            pdf = b"%PDF-1.4\n%" + b"x" * (60 * MIB) + b"\n" + factory.minimal_pdf()
+            await upload(node, public_id, browser, "warm.pdf", factory.minimal_pdf())
+            with PeakGrowth(serving(node)) as document:
+                checked = await upload(node, public_id, browser, "letter.pdf", pdf)
+            print(f"inspection of a {len(pdf) / MIB:.0f} MiB PDF: {document}")
     assert (answer["verdict"], answer["objects"]) == ("zip", 1), answer
     assert growth.mib < BOUND, str(growth)
+    assert checked["verdict"] == "pdf", checked
+    assert document.mib < NOTHING, str(document)
     # Nothing of the entry's temporary copy is left beside the staged files.
     after = sorted(p.name for p in (data_dir / "staging").rglob("*"))
-    assert len(after) == len(staging) + 1 and set(staging) <= set(after)
+    assert len(after) == len(staging) + 3 and set(staging) <= set(after)
 
 
 @pytest.fixture(autouse=True)
