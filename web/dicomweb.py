@@ -42,6 +42,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -331,18 +332,18 @@ class Multipart:
             _close(parts)
             return response
         try:
-            part = first or await asyncio.to_thread(next, parts, None)
+            part = first or await _advance(parts)
             while part is not None:
                 await response.write(self.head(part.content_type, part.location))
                 blocks = iter(part.blocks)
                 try:
-                    while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+                    while (block := await _advance(blocks)) is not None:
                         await response.write(block)
                 finally:
                     _close(blocks)
                 await response.write(b"\r\n")
                 self.sent += 1
-                part = await asyncio.to_thread(next, parts, None)
+                part = await _advance(parts)
             await response.write(self.end())
         except (ConnectionError, asyncio.CancelledError):
             raise
@@ -367,11 +368,35 @@ class StreamAborted(Exception):
         log.warning("%s", self)
 
 
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a worker thread, carried through to its end even if the
+    request is cancelled meanwhile (aiohttp cancels a handler whose client went away).
+
+    The cancellation goes on once the call is done: a read is never left running
+    while its generator is closed, and an audit event queued for a thread is never
+    dropped before it is written.
+    """
+    job = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise
+
+
+async def _advance(iterator: Iterator[Any]) -> Any:
+    """The next item of ``iterator`` (``None`` at its end), read in a worker thread."""
+    return await _in_thread(next, iterator, None)
+
+
 def _close(iterator: Iterator) -> None:
     """Close a generator left part-way (its ``with`` blocks close their files)."""
     close = getattr(iterator, "close", None)
     if close is not None:
-        close()
+        try:
+            close()
+        except ValueError:  # still running in its thread (cancelled twice): left to the GC
+            log.debug("generator still running; closed when collected")
 
 
 # -- QIDO-RS -----------------------------------------------------------------------------
@@ -429,7 +454,7 @@ async def retrieve(request: web.Request, call: Call) -> web.StreamResponse:
         outcome = audit.MINOR_FAILURE
         raise
     finally:
-        await asyncio.to_thread(
+        await _in_thread(
             _record, request, call, audit.INSTANCES_TRANSFERRED, "wado-retrieve",
             [i.study_uid for i in items],
             f"WADO-RS {request.path[:300]}: {multipart.sent} of {len(items)} instances",
@@ -458,13 +483,13 @@ async def metadata(request: web.Request, call: Call) -> web.StreamResponse:
                                            "Content-Type": DICOM_JSON})
     try:
         # The first instance before the headers: an unreadable file is still a status.
-        head = await asyncio.to_thread(lambda: next(blocks) + next(blocks))
+        head = b"".join([await _advance(blocks) or b"", await _advance(blocks) or b""])
         await response.prepare(request)
         if request.method == "HEAD":
             return response
         try:
             await response.write(head)
-            while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+            while (block := await _advance(blocks)) is not None:
                 await response.write(block)
         except (ConnectionError, asyncio.CancelledError):
             raise
@@ -504,7 +529,7 @@ async def frames(request: web.Request, call: Call) -> web.StreamResponse:
         alternatives = () if pixels.media_type == "application/octet-stream" else (
             "application/octet-stream",)
         _accepts(request, pixels.media_type, {pixels.transfer_syntax}, alternatives)
-        await asyncio.to_thread(
+        await _in_thread(
             _record, request, call, audit.INSTANCES_ACCESSED, "wado-frames", [item.study_uid],
             f"WADO-RS frames {request.match_info['frames'][:100]} of {item.sop_uid}")
         return await Multipart(pixels.media_type).send(request, pixels.frame_parts(numbers))
@@ -546,7 +571,7 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 async def _record_bulk(request: web.Request, call: Call, item: dw.StoredInstance) -> None:
-    await asyncio.to_thread(
+    await _in_thread(
         _record, request, call, audit.INSTANCES_ACCESSED, "wado-bulkdata", [item.study_uid],
         f"WADO-RS bulkdata {request.match_info['tag'][:8]} of {item.sop_uid}")
 
@@ -597,7 +622,7 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
     parts = (dw.rendered_frame_parts(items[0], numbers, how) if one_instance
              else dw.rendered_parts(items, how))
     # The first image before any byte is sent: nothing to render is still a 404.
-    first = await asyncio.to_thread(next, parts, None)
+    first = await _advance(parts)
     if first is None:
         raise NotFound("no image to render")
     headers = {}
@@ -612,7 +637,7 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
                                 headers=headers)
         return await multipart.send(request, parts, headers, first=first)
     finally:
-        await asyncio.to_thread(
+        await _in_thread(
             _record, request, call, audit.INSTANCES_ACCESSED, "wado-rendered",
             [i.study_uid for i in items],
             f"WADO-RS {request.path[:300]}: {multipart.sent} {how.media_type} images")
