@@ -164,6 +164,16 @@ class Settings:
         file-set after a failed build; it doubles after each further failure.
     fileset_retry_max_seconds : float
         (hardening) Longest wait between two attempts to build a study's file-set.
+    dicomweb_max_frames : int
+        (hardening, issue 13) Most frame numbers one WADO-RS ``/frames/{list}`` request
+        (or its ``/rendered``) may list, repeated numbers counted; a longer list is a 400.
+    render_concurrency : int
+        (hardening) Frames decoded at the same time in one process (viewer, WADO-RS
+        rendered and thumbnails, previews); more requests wait for a turn. A decode
+        holds the whole frame in memory.
+    upload_inspections : int
+        (hardening) Uploaded files inspected at the same time in one HTTP process (the
+        check after a file's last chunk); more wait for a turn.
     """
 
     data_dir: Path = Path("data")
@@ -224,6 +234,11 @@ class Settings:
     # -- hardening (issue 13): bad files --
     fileset_retry_seconds: float = 60.0
     fileset_retry_max_seconds: float = 3600.0
+    # -- hardening (issue 13): amplification --
+    dicomweb_max_frames: int = 100
+    render_concurrency: int = 2
+    upload_inspections: int = 2
+    # -- end hardening: amplification --
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -305,7 +320,10 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
              "trusted_proxies": "trusted_proxies",
              "dicomweb_cors_origins": "dicomweb_cors_origins",
-             "dicomweb_ohif_url": "dicomweb_ohif_url"},
+             "dicomweb_ohif_url": "dicomweb_ohif_url",
+             # -- hardening (issue 13): amplification --
+             "dicomweb_max_frames": "dicomweb_max_frames",
+             "render_concurrency": "render_concurrency"},
     "storage": {
         "database_url": "database_url",
         "stable_age": "stable_age",
@@ -345,6 +363,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "upload_staging_hours": "upload_staging_hours",
         "upload_max_file_mb": "upload_max_file_mb",
         "upload_max_total_mb": "upload_max_total_mb",
+        # -- hardening (issue 13): amplification --
+        "upload_inspections": "upload_inspections",
     },
 }
 
@@ -532,6 +552,15 @@ def _validate_origins(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _validate_amplification(s: Settings) -> None:
+    """Check the per-request and per-process work bounds (hardening, issue 13)."""
+    for name, low, high in (("dicomweb_max_frames", 1, 10_000), ("render_concurrency", 1, 64),
+                            ("upload_inspections", 1, 64)):
+        value = getattr(s, name)
+        if not low <= value <= high:
+            raise ConfigError(f"{name} {value}: must be {low}-{high}")
+
+
 def _validate(s: Settings) -> Settings:
     if not _AE_TITLE.match(s.ae_title) or not s.ae_title.strip():
         raise ConfigError(f"ae_title {s.ae_title!r}: 1-16 printable characters, no backslash")
@@ -585,6 +614,7 @@ def _validate(s: Settings) -> Settings:
     if not 0 < s.upload_staging_hours <= 24 * 365:
         raise ConfigError(f"upload_staging_hours {s.upload_staging_hours}: more than 0 and "
                           "at most a year")
+    _validate_amplification(s)
     url = s.resolved_database_url
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"database_url {url!r}: sqlite:///PATH or postgresql://...")

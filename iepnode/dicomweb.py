@@ -16,6 +16,13 @@ Retrieve (WADO-RS)
     Frames are cut from the stored pixel data: native frames as they are,
     compressed frames in their stored compression.
 
+Memory
+    Responses are made of :class:`Part` objects whose bytes are read (or rendered)
+    only as the response is written: a stored file in :data:`READ_BLOCK` blocks, one
+    frame (:class:`PixelData` reads a frame at its offset, never the whole pixel
+    data), one rendered image. A request names at most ``max_frames`` frames
+    (:func:`parse_frame_list`), repeated ones counted.
+
 Audit
     One event per request (not per instance): PS3.15 Query (110112) for searches,
     DICOM Instances Transferred (110104) when whole instances leave, DICOM Instances
@@ -25,23 +32,24 @@ Audit
 from __future__ import annotations
 
 import json
+import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import peewee
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.encaps import get_frame
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from iepnode import audit
 from iepnode.dicomweb_access import Scope
-from iepnode.errors import BadQuery, NodeError, NotFound
+from iepnode.errors import BadDataset, BadQuery, NodeError, NotFound
 from iepnode.query import ATTRIBUTES, Level, Query, condition_for, select_rows
 from storage.models import Instance, Patient, Series, Study
 
@@ -405,105 +413,276 @@ class MetadataCache:
                     self.size -= len(old)
         return text
 
+    def blocks(self, items: Iterable[StoredInstance], base_url: str) -> Iterator[bytes]:
+        """The metadata response body (a JSON array) of ``items`` under ``base_url``,
+        one instance at a time (blocking reads: iterate in a worker thread)."""
+        base = json.dumps(base_url)[1:-1]
+        yield b"["
+        for number, item in enumerate(items):
+            text = self.text(item, item.key).replace(_BASE_JSON, base)
+            yield (text if number == 0 else "," + text).encode()
+        yield b"]"
+
     def body(self, items: Sequence[StoredInstance], base_url: str) -> bytes:
-        """The metadata response body (a JSON array) of ``items`` under ``base_url``."""
-        joined = ",".join(self.text(i, i.key) for i in items)
-        return ("[" + joined.replace(_BASE_JSON, json.dumps(base_url)[1:-1]) + "]").encode()
+        """The whole metadata response body of ``items`` (see :meth:`blocks`)."""
+        return b"".join(self.blocks(items, base_url))
+
+
+# -- frames and bulk data, streamed ----------------------------------------------------------
+
+#: Stored files and native pixel data go out in blocks of this many bytes.
+READ_BLOCK = 1 << 20
+#: Most frame numbers one request may list, duplicates counted (the default of
+#: ``[http] dicomweb_max_frames``).
+MAX_FRAMES = 100
 
 
 @dataclass(frozen=True)
-class Frames:
-    """Frames cut from one instance's pixel data, and what they are."""
+class Part:
+    """One part of a ``multipart/related`` response.
 
-    parts: list[bytes]
-    #: ``application/octet-stream`` for native frames, else the compressed media type.
-    media_type: str
-    transfer_syntax: str
+    ``blocks`` yields the part's bytes in order and reads them only as it is iterated
+    (blocking reads or renders: iterate it in a worker thread), so a response holds one
+    block, frame or image at a time, never the whole body.
+    """
+
+    content_type: str
+    blocks: Iterable[bytes]
+    location: str = ""
 
 
-def parse_frame_list(text: str) -> list[int]:
+def read_blocks(path: Path, start: int = 0, length: int | None = None,
+                block: int = READ_BLOCK) -> Iterator[bytes]:
+    """The bytes of ``path`` from ``start`` (``length`` of them, else to the end), in blocks."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = length
+        while left is None or left > 0:
+            data = handle.read(block if left is None else min(block, left))
+            if not data:
+                return
+            if left is not None:
+                left -= len(data)
+            yield data
+
+
+def instance_parts(items: Iterable[StoredInstance], base_url: str) -> Iterator[Part]:
+    """The stored files of ``items`` as ``application/dicom`` parts (WADO-RS retrieve)."""
+    for item in items:
+        yield Part(f"application/dicom; transfer-syntax={item.transfer_syntax}",
+                   read_blocks(item.path),
+                   resource_url(base_url, item.study_uid, item.series_uid, item.sop_uid))
+
+
+def parse_frame_list(text: str, max_frames: int = MAX_FRAMES) -> list[int]:
     """``"1,3,2"`` -> ``[1, 3, 2]`` (1-based, as in the URL).
+
+    Parameters
+    ----------
+    text : str
+        The ``{frames}`` of the URL.
+    max_frames : int, optional
+        Most numbers the list may hold, repeated ones counted (each is read and sent).
 
     Raises
     ------
     BadQuery
-        Not a comma-separated list of positive numbers.
+        Not a comma-separated list of positive numbers, or longer than ``max_frames``.
     """
     items = text.split(",")
-    if not text or not all(i.isdigit() and int(i) > 0 for i in items) or len(items) > 10_000:
-        raise BadQuery(f"frame list {text!r}: comma-separated frame numbers from 1")
+    if len(items) > max_frames:
+        raise BadQuery(f"the frame list names {len(items)} frames; a request may name at "
+                       f"most {max_frames} (ask for the others in further requests)")
+    if not text or not all(i.isdigit() and len(i) <= 9 and int(i) > 0 for i in items):
+        raise BadQuery(f"frame list {text[:100]!r}: comma-separated frame numbers from 1")
     return [int(i) for i in items]
 
 
-def read_frames(item: StoredInstance, numbers: Sequence[int]) -> Frames:
-    """The pixel data of the given frames (1-based), as stored.
+class PixelData:
+    """The Pixel Data of one stored instance, read from its file a frame at a time.
+
+    Opening reads the header up to the Pixel Data element and no further; each frame
+    is then read on its own (a native frame by its offset, a compressed one through
+    the offset table or its fragments), so memory holds one frame whatever the size
+    of the object. (A deflated file cannot be read at an offset: it is inflated
+    whole, as before.) Close it when done (or use it in a ``with`` block).
+
+    Attributes
+    ----------
+    frames : int
+        Number of Frames (1 when absent).
+    media_type : str
+        ``application/octet-stream`` for native frames, else the compressed media type.
+    transfer_syntax : str
+        The frames' transfer syntax (native ones go out as Explicit VR Little Endian).
 
     Raises
     ------
     NotFound
-        No pixel data, or a frame number beyond the instance's frames.
+        The instance has no pixel data.
     BadQuery
         Pixel data that cannot be cut into frames here (big endian, 1-bit multi-frame).
     """
-    ds = dcmread(item.path)
-    ts = str(ds.file_meta.get("TransferSyntaxUID", item.transfer_syntax))
-    if "PixelData" not in ds:
-        raise NotFound("this instance has no pixel data")
-    count = int(ds.get("NumberOfFrames") or 1)
-    if any(n > count for n in numbers):
-        raise NotFound(f"this instance has {count} frames")
-    data = ds.PixelData
-    if ts in NATIVE:
-        bits = int(ds.BitsAllocated)
-        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
-        if bits == 1 and count > 1 and size % 8:
-            raise BadQuery("1-bit frames that are not byte-aligned cannot be sent")
-        size = size * bits // 8
-        return Frames([bytes(data[(n - 1) * size:n * size]) for n in numbers],
-                      "application/octet-stream", EXPLICIT_LE)
-    if not UID(ts).is_encapsulated:
-        raise BadQuery(f"frames of transfer syntax {ts} cannot be sent")
-    media = FRAME_MEDIA_TYPES.get(ts, "application/octet-stream")
-    return Frames([get_frame(data, n - 1, number_of_frames=count) for n in numbers], media, ts)
+
+    def __init__(self, item: StoredInstance) -> None:
+        self._file: BinaryIO | None = open(item.path, "rb")  # noqa: SIM115 - see close()
+        try:
+            self._open(item)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, item: StoredInstance) -> None:
+        assert self._file is not None
+        ds = dcmread(self._file, stop_before_pixels=True)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", item.transfer_syntax))
+        self.frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+        self._in_memory: bytes | None = None
+        self._extended: tuple[bytes, bytes] | None = None
+        if ts == DeflatedExplicitVRLittleEndian:
+            full = dcmread(item.path)
+            if "PixelData" not in full:
+                raise NotFound("this instance has no pixel data")
+            self._in_memory = bytes(full.PixelData)
+            self._start, self._length = 0, len(self._in_memory)
+        else:
+            self._start, self._length = self._value_position(UID(ts))
+        self.transfer_syntax = ts
+        self.native = ts in NATIVE
+        if self.native:
+            bits = int(ds.BitsAllocated)
+            size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+            if bits == 1 and self.frames > 1 and size % 8:
+                raise BadQuery("1-bit frames that are not byte-aligned cannot be sent")
+            self._frame_size = size * bits // 8
+            self.media_type, self.transfer_syntax = "application/octet-stream", EXPLICIT_LE
+            return
+        if not UID(ts).is_encapsulated:
+            raise BadQuery(f"frames of transfer syntax {ts} cannot be sent")
+        self.media_type = FRAME_MEDIA_TYPES.get(ts, "application/octet-stream")
+        offsets, lengths = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+        if offsets and lengths:
+            self._extended = (bytes(offsets), bytes(lengths))
+
+    def _value_position(self, ts: UID) -> tuple[int, int]:
+        """Where the top-level Pixel Data value starts, and its length (or undefined)."""
+        assert self._file is not None
+        order = "<" if ts.is_little_endian else ">"
+        head = self._file.read(8)
+        if len(head) < 8 or struct.unpack(f"{order}HH", head[:4]) != (0x7FE0, 0x0010):
+            raise NotFound("this instance has no pixel data")
+        if ts.is_implicit_VR:
+            return self._file.tell(), struct.unpack(f"{order}I", head[4:])[0]
+        long = self._file.read(4)
+        if len(long) < 4:
+            raise NotFound("this instance has no pixel data")
+        return self._file.tell(), struct.unpack(f"{order}I", long)[0]
+
+    def __enter__(self) -> PixelData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def check(self, numbers: Sequence[int]) -> None:
+        """Raise :class:`NotFound` if a frame number is beyond the instance's frames."""
+        if any(n > self.frames for n in numbers):
+            raise NotFound(f"this instance has {self.frames} frames")
+
+    def frame(self, number: int) -> bytes:
+        """Frame ``number`` (1-based) as stored (native: its bytes; else its fragments).
+
+        Raises
+        ------
+        BadDataset
+            The compressed pixel data's items are broken.
+        """
+        if self.native:
+            first = (number - 1) * self._frame_size
+            size = max(min(self._frame_size, self._length - first), 0)
+            if self._in_memory is not None:
+                return self._in_memory[first:first + size]
+            return self._read(self._start + first, size)
+        source: Any = self._in_memory
+        if source is None:
+            assert self._file is not None
+            source = self._file
+            source.seek(self._start)
+        try:
+            return get_frame(source, number - 1, number_of_frames=self.frames,
+                             extended_offsets=self._extended)
+        except (ValueError, EOFError, struct.error) as exc:
+            raise BadDataset(f"frame {number} cannot be read: {exc}") from exc
+
+    def _read(self, start: int, size: int) -> bytes:
+        assert self._file is not None
+        self._file.seek(start)
+        return self._file.read(size)
+
+    def frame_parts(self, numbers: Iterable[int]) -> Iterator[Part]:
+        """One part per frame number (``check`` them first), each read when reached
+        (iterate in a worker thread)."""
+        content_type = f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
+        for number in numbers:
+            yield Part(content_type, (self.frame(number),))
+
+    def value_parts(self) -> Iterator[Part]:
+        """The whole value as a BulkDataURI target: native pixel data as one part (in
+        blocks), compressed pixel data as one part per frame."""
+        if not self.native:
+            yield from self.frame_parts(range(1, self.frames + 1))
+            return
+        content_type = f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
+        yield Part(content_type, self._value_blocks())
+
+    def _value_blocks(self) -> Iterator[bytes]:
+        if self._in_memory is not None:
+            for first in range(0, self._length, READ_BLOCK):
+                yield self._in_memory[first:first + READ_BLOCK]
+            return
+        left, position = self._length, self._start
+        while left > 0:
+            data = self._read(position, min(READ_BLOCK, left))
+            if not data:
+                return
+            left -= len(data)
+            position += len(data)
+            yield data
 
 
-@dataclass(frozen=True)
-class Bulk:
-    """A bulk data value: its parts (pixel data: one per frame) and what they are."""
+def bulk_tag(tag_text: str) -> Tag:
+    """The tag of a ``/bulkdata/{tag}`` URL (8 hex digits).
 
-    parts: list[bytes]
-    media_type: str
-    #: The pixel data's transfer syntax ("" for other values).
-    transfer_syntax: str = ""
+    Raises
+    ------
+    NotFound
+        Not a tag.
+    """
+    try:
+        if len(tag_text) == 8:
+            return Tag(int(tag_text, 16))
+    except ValueError:
+        pass
+    raise NotFound("no such bulk data")
 
 
-def read_bulkdata(item: StoredInstance, tag_text: str) -> Bulk:
-    """A top-level binary value of an instance; pixel data as its frames.
+def read_bulk_value(item: StoredInstance, tag: Tag) -> tuple[bytes, str]:
+    """A top-level binary value other than Pixel Data, and its media type.
 
-    Native pixel data is one ``application/octet-stream`` part, compressed pixel data
-    one part per frame in its compression; an Encapsulated Document has its own MIME
-    type (MIME Type of Encapsulated Document); anything else is octet-stream.
+    An Encapsulated Document has its own MIME type (MIME Type of Encapsulated
+    Document); anything else is ``application/octet-stream``.
 
     Raises
     ------
     NotFound
         No such tag, or not a binary value.
     """
-    try:
-        tag = Tag(int(tag_text, 16)) if len(tag_text) == 8 else None
-    except ValueError:
-        tag = None
-    if tag is None:
-        raise NotFound("no such bulk data")
-    if tag == PIXEL_DATA:
-        if item.transfer_syntax in NATIVE:
-            full = dcmread(item.path)
-            if "PixelData" not in full:
-                raise NotFound("no pixel data")
-            return Bulk([bytes(full.PixelData)], "application/octet-stream", EXPLICIT_LE)
-        ds = dcmread(item.path, stop_before_pixels=True)
-        frames = read_frames(item, list(range(1, int(ds.get("NumberOfFrames") or 1) + 1)))
-        return Bulk(frames.parts, frames.media_type, frames.transfer_syntax)
     ds = dcmread(item.path, stop_before_pixels=True)
     elem = ds.get(tag)
     if elem is None or elem.VR not in _BINARY_VRS or elem.value is None:
@@ -513,8 +692,8 @@ def read_bulkdata(item: StoredInstance, tag_text: str) -> Bulk:
         media = str(ds.get("MIMETypeOfEncapsulatedDocument", "") or media).strip().lower()
         length = ds.get("EncapsulatedDocumentLength")
         value = bytes(elem.value)
-        return Bulk([value[:int(length)] if length else value], media)
-    return Bulk([bytes(elem.value)], media)
+        return (value[:int(length)] if length else value), media
+    return bytes(elem.value), media
 
 
 @dataclass(frozen=True)
@@ -607,6 +786,42 @@ def render_image(item: StoredInstance, frame: int, how: Rendering) -> bytes:
         raise NotFound(str(exc)) from exc
 
 
+def frame_count(item: StoredInstance) -> int:
+    """Number of frames of an image instance (for checking a frame list before rendering).
+
+    Raises
+    ------
+    NotFound
+        No image.
+    """
+    from iepnode.rendering import RenderError, read_info
+
+    try:
+        return read_info(item.path).frames
+    except RenderError as exc:
+        raise NotFound(str(exc)) from exc
+
+
+def rendered_frame_parts(item: StoredInstance, numbers: Iterable[int],
+                         how: Rendering) -> Iterator[Part]:
+    """Frames of one instance rendered as asked, a part each (rendered when reached)."""
+    for number in numbers:
+        yield Part(how.media_type, (render_image(item, number, how),))
+
+
+def rendered_parts(items: Iterable[StoredInstance], how: Rendering) -> Iterator[Part]:
+    """The first frame of each instance that has an image, rendered, one at a time.
+
+    Instances without an image (reports, documents) are passed over.
+    """
+    for item in items:
+        try:
+            image = render_image(item, 1, how)
+        except NotFound:
+            continue
+        yield Part(how.media_type, (image,))
+
+
 #: The process's metadata cache.
 METADATA = MetadataCache()
 
@@ -614,23 +829,30 @@ METADATA = MetadataCache()
 __all__ = [
     "BULK_THRESHOLD",
     "FRAME_MEDIA_TYPES",
+    "MAX_FRAMES",
     "METADATA",
     "QUERY",
-    "Bulk",
-    "Frames",
+    "READ_BLOCK",
     "MetadataCache",
     "NotAcceptableMedia",
+    "Part",
+    "PixelData",
     "Rendering",
     "Search",
     "StoredInstance",
+    "bulk_tag",
+    "frame_count",
     "instance_metadata",
+    "instance_parts",
     "parse_frame_list",
     "parse_rendering",
     "parse_search",
-    "read_bulkdata",
-    "read_frames",
+    "read_blocks",
+    "read_bulk_value",
     "record",
     "render_image",
+    "rendered_frame_parts",
+    "rendered_parts",
     "resource_url",
     "search",
     "select_instances",

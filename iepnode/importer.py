@@ -1,9 +1,17 @@
 """Bulk import of a folder, a DICOMDIR or a zip (e.g. a copy of a patient CD).
 
 Imported objects go through the same validation and index as C-STORE. Nothing is
-ever written under a name taken from the source: zip entries are read in memory
-and never extracted, so ``../`` entries, absolute paths and links cannot write
-outside the store (they are refused all the same, and reported).
+ever written under a name taken from the source: zip entries are never extracted
+(each is read through an unnamed temporary file, see below), so ``../`` entries,
+absolute paths and links cannot write outside the store (they are refused all the
+same, and reported).
+
+Memory: an object is checked without being read into memory. A file is mapped
+(pages come in as the check walks its elements and are let go behind it); a zip
+entry is first copied, in :data:`READ_BLOCK` blocks, to an unnamed temporary file
+(``spool_dir``: the upload's staging folder when an upload is inspected), its bytes
+counted as they come out of the decompressor against its size and expansion limits,
+and that file is mapped. So a 400 MB entry costs a few MB of memory, not 400.
 
 What is read
 ------------
@@ -15,8 +23,8 @@ DICOMDIR
     The files it references (File IDs matched case-insensitively, as CD copies
     often change the case), and only those.
 zip
-    Every entry, read in memory within size and compression-ratio limits. A
-    DICOMDIR entry is used as in a folder.
+    Every entry, read within size and compression-ratio limits (counted as the
+    bytes come out). A DICOMDIR entry is used as in a folder.
 file
     That file.
 
@@ -32,14 +40,17 @@ refused, so it shows up in the report.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
 import stat
 import struct
+import tempfile
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path, PurePosixPath
@@ -70,6 +81,10 @@ MAX_ZIP_TOTAL = 64 << 30
 MAX_DICOMDIR_SIZE = 64 << 20
 #: Nesting of sequences beyond this depth is refused.
 MAX_NESTING = 32
+#: Zip entries are copied out, and deflated datasets inflated, in blocks of this size.
+READ_BLOCK = 1 << 20
+#: While an object is checked, the pages behind the check are let go every this many bytes.
+FORGET_EVERY = 32 << 20
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: File name endings that declare a DICOM file: such a file that is not DICOM is refused.
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -141,12 +156,19 @@ class Source:
         Returns a new binary file object positioned at the start.
     transfer_syntax : str, optional
         Transfer syntax named by a DICOMDIR record, used for a raw dataset.
+    path : Path, optional
+        The file itself, when the candidate is one (it is mapped, never copied);
+        ``None`` for a zip entry (copied to a temporary file first).
+    compressed_size : int, optional
+        A zip entry's compressed size: its expansion is checked as its bytes come out.
     """
 
     name: str
     size: int
     open: Callable[[], BinaryIO]
     transfer_syntax: str | None = None
+    path: Path | None = None
+    compressed_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -278,7 +300,7 @@ class _FolderLookup:
 def _file_source(path: Path, transfer_syntax: str | None = None) -> Source:
     return Source(_display(str(path)), path.stat().st_size,
                   lambda: open(path, "rb"),
-                  transfer_syntax)
+                  transfer_syntax, path=path)
 
 
 def _folder_sources(root: Path, report: ImportReport) -> list[Source]:
@@ -450,7 +472,8 @@ def _zip_sources(archive: zipfile.ZipFile, report: ImportReport) -> list[Source]
                               reason or "referenced by the DICOMDIR but not in the zip")
             else:
                 hints[target.filename] = ref.transfer_syntax
-    return [Source(_display(i.filename), i.file_size, opener(i), hints.get(i.filename))
+    return [Source(_display(i.filename), i.file_size, opener(i), hints.get(i.filename),
+                   compressed_size=i.compress_size)
             for i in entries]
 
 
@@ -558,13 +581,23 @@ def _raw_syntax(guess: str, hint: str | None) -> str:
 class _Walker:
     """Walk a dataset's elements by their lengths only, to prove it is complete."""
 
-    def __init__(self, buf: memoryview, little: bool) -> None:
+    def __init__(self, buf: memoryview, little: bool,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.buf = buf
         self.end = len(buf)
         self.u16 = struct.Struct("<H" if little else ">H")
         self.u32 = struct.Struct("<I" if little else ">I")
         self.tag = struct.Struct("<HH" if little else ">HH")
         self.encapsulated = False
+        self.progress = progress
+        # Without a progress callback the next report is never due.
+        self.due = FORGET_EVERY if progress is not None else 1 << 62
+
+    def report(self, pos: int) -> None:
+        """Tell the callback the walk is past ``pos`` (the bytes before it are done)."""
+        assert self.progress is not None
+        self.progress(pos)
+        self.due = pos + FORGET_EVERY
 
     def _truncated(self, what: str, pos: int, needed: int) -> BadDataset:
         return BadDataset(f"truncated: {what} needs {needed} bytes at offset {pos}, "
@@ -573,6 +606,8 @@ class _Walker:
     def dataset(self, pos: int, implicit: bool, depth: int, in_item: bool) -> int:
         buf, end = self.buf, self.end
         while pos < end:
+            if pos >= self.due:
+                self.report(pos)
             if end - pos < 8:
                 if not in_item and not any(buf[pos:end]):
                     return end  # a few bytes of trailing zero padding
@@ -613,6 +648,8 @@ class _Walker:
         if depth > MAX_NESTING:
             raise BadDataset(f"sequences nested deeper than {MAX_NESTING}")
         while True:
+            if pos >= self.due:
+                self.report(pos)
             if self.end - pos < 8:
                 raise BadDataset(f"truncated: {name} ends without its sequence delimiter")
             group, elem = self.tag.unpack_from(self.buf, pos)
@@ -630,21 +667,37 @@ class _Walker:
                 pos += length
 
 
-def _check_deflated(stream: bytes | memoryview) -> None:
+def _check_deflated(stream: bytes | memoryview,
+                    progress: Callable[[int], None] | None = None) -> None:
+    """Inflate a deflated dataset block by block to prove it whole (nothing kept)."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view = memoryview(stream).cast("B")
+    total = 0
     try:
-        total = len(inflater.decompress(stream, 1 << 20))
-        while inflater.unconsumed_tail and not inflater.eof:
-            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
-            if total > MAX_OBJECT_SIZE:
-                raise BadDataset(f"deflated dataset expands beyond {MAX_OBJECT_SIZE} bytes")
+        for start in range(0, len(view), READ_BLOCK):
+            data: bytes | memoryview = view[start:start + READ_BLOCK]
+            while not inflater.eof:
+                out = len(inflater.decompress(data, READ_BLOCK))
+                total += out
+                if total > MAX_OBJECT_SIZE:
+                    raise BadDataset(f"deflated dataset expands beyond {MAX_OBJECT_SIZE} bytes")
+                data = inflater.unconsumed_tail  # at most one block
+                if not out and not data:  # all of this block is in: the next one
+                    break
+            if inflater.eof:
+                break
+            if progress is not None and (start + READ_BLOCK) % FORGET_EVERY == 0:
+                progress(start + READ_BLOCK)
     except zlib.error as exc:
         raise BadDataset(f"corrupt deflated dataset: {exc}") from exc
+    finally:
+        view.release()
     if not inflater.eof:
         raise BadDataset("truncated: the deflated dataset ends early")
 
 
-def check_complete(stream: bytes | memoryview, transfer_syntax: str) -> bool:
+def check_complete(stream: bytes | memoryview, transfer_syntax: str,
+                   progress: Callable[[int], None] | None = None) -> bool:
     """Check that an encoded dataset is whole, without decoding any value.
 
     Every element's length is followed to the end of the data, through sequences
@@ -657,6 +710,9 @@ def check_complete(stream: bytes | memoryview, transfer_syntax: str) -> bool:
         The dataset (no File Meta).
     transfer_syntax : str
         Its transfer syntax UID.
+    progress : callable, optional
+        Called now and then with an offset the check is past (the bytes before it
+        are not looked at again): a mapped file lets those pages go.
 
     Returns
     -------
@@ -670,45 +726,122 @@ def check_complete(stream: bytes | memoryview, transfer_syntax: str) -> bool:
     """
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
-        _check_deflated(stream)
+        _check_deflated(stream, progress)
         return False
     try:
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
     except ValueError:  # not a known transfer syntax: all private ones are explicit LE
         implicit, little = False, True
     view = memoryview(stream).cast("B")
-    walker = _Walker(view, little)
     try:
-        walker.dataset(0, implicit, 0, in_item=False)
-    except BadDataset as first:
-        if not little:
-            raise
-        # Some writers label implicit VR data explicit (and the reverse); readers cope,
-        # so a dataset that is whole in the other VR encoding is accepted as received.
-        walker = _Walker(view, little)
+        walker = _Walker(view, little, progress)
         try:
-            walker.dataset(0, not implicit, 0, in_item=False)
-        except BadDataset:
-            raise first from None
-    return walker.encapsulated
+            walker.dataset(0, implicit, 0, in_item=False)
+        except BadDataset as first:
+            if not little:
+                raise
+            # Some writers label implicit VR data explicit (and the reverse); readers
+            # cope, so a dataset that is whole in the other VR encoding is accepted.
+            walker = _Walker(view, little, progress)
+            try:
+                walker.dataset(0, not implicit, 0, in_item=False)
+            except BadDataset:
+                raise first from None
+        return walker.encapsulated
+    finally:
+        view.release()
 
 
-def _read(source: Source) -> tuple[bytes, _Layout | None]:
-    """Read a candidate: only its head when it is not DICOM, else all of it."""
-    with source.open() as fh:
-        head = fh.read(_HEAD)
-        layout = _classify(head)
-        if layout is None:
-            return head, None
-        fh.seek(0)
-        data = fh.read(source.size + 1)
-    if len(data) > source.size:
-        raise BadDataset("the object is larger than its declared size")
-    return data, layout
+class _Mapped:
+    """An object's bytes, mapped read-only from a file: pages come in when read and can
+    be let go (:meth:`forget`), so checking a large object costs little memory."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        size = os.fstat(handle.fileno()).st_size
+        self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    def forget(self, upto: int) -> None:
+        """Let go of the pages before ``upto`` (read again from the file if needed)."""
+        whole = upto - upto % mmap.PAGESIZE
+        if self._map is not None and whole > 0 and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, 0, min(whole, len(self._map)))
+
+    def close(self) -> None:
+        self.view.release()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller kept a view: the collector unmaps it later
+                log.debug("mapping still in use; left to the garbage collector")
 
 
-def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] | None:
-    """Read one candidate and prove it is a whole DICOM instance.
+def _spool(handle: BinaryIO, head: bytes, source: Source, directory: Path | None) -> BinaryIO:
+    """Copy the rest of ``handle`` (after ``head``) to an unnamed temporary file.
+
+    The bytes are counted as they come out (declared sizes are not trusted): more than
+    the declared size, than :data:`MAX_OBJECT_SIZE`, or (above 1 MiB) more than
+    :data:`MAX_COMPRESSION_RATIO` times the compressed size is refused at once.
+
+    Raises
+    ------
+    BadDataset
+        Over one of those limits.
+    OSError
+        The temporary file cannot be written (disk full).
+    """
+    spool = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - returned to the caller
+    try:
+        spool.write(head)
+        total = len(head)
+        while block := handle.read(READ_BLOCK):
+            total += len(block)
+            if total > source.size:
+                raise BadDataset(f"expands beyond its declared {source.size} bytes")
+            if total > MAX_OBJECT_SIZE:
+                raise BadDataset(f"larger than the {MAX_OBJECT_SIZE}-byte limit")
+            packed = source.compressed_size
+            if packed is not None and total > (1 << 20) and (
+                    packed == 0 or total / packed > MAX_COMPRESSION_RATIO):
+                raise BadDataset(f"expands over {MAX_COMPRESSION_RATIO} times its compressed "
+                                 "size: looks like a zip bomb")
+            spool.write(block)
+        spool.flush()
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
+@contextlib.contextmanager
+def _mapped(source: Source, directory: Path | None) -> Iterator[tuple[_Mapped | None, bytes]]:
+    """The candidate's bytes mapped (``None`` when it is not DICOM), and its first bytes."""
+    with source.open() as handle:
+        head = handle.read(_HEAD)
+        if _classify(head) is None:
+            yield None, head
+            return
+        # A zip entry goes out to a temporary file first; a file is mapped itself.
+        backing = _spool(handle, head, source, directory) if source.path is None else handle
+        try:
+            mapped = _Mapped(backing)
+        finally:
+            if backing is not handle:
+                backing.close()  # the mapping keeps the pages reachable
+    try:
+        yield mapped, head
+    finally:
+        mapped.close()
+
+
+@contextlib.contextmanager
+def open_object(source: Source, report: ImportReport, spool_dir: Path | None = None,
+                ) -> Iterator[tuple[memoryview, str] | None]:
+    """Open one candidate and prove it is a whole DICOM instance, without reading it
+    into memory.
+
+    Use as ``with open_object(source, report) as loaded:``; the view is valid inside
+    the block only (do not keep it, or slices of it, beyond).
 
     Parameters
     ----------
@@ -716,9 +849,11 @@ def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] 
         The candidate.
     report : ImportReport
         Receives why the candidate is skipped (not DICOM, a DICOMDIR) or refused.
+    spool_dir : Path, optional
+        Where a zip entry's temporary copy goes (default: the system's temporary folder).
 
-    Returns
-    -------
+    Yields
+    ------
     tuple of (memoryview, str) or None
         The encoded dataset (no File Meta) and its transfer syntax; ``None`` when
         the candidate was skipped or refused (recorded in ``report``).
@@ -726,44 +861,56 @@ def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] 
     Raises
     ------
     BadDataset
-        The object is DICOM but malformed or truncated.
+        The object is DICOM but malformed or truncated, or over a size limit.
     OSError, zipfile.BadZipFile
         It cannot be read.
     """
     if source.size > MAX_OBJECT_SIZE:
         report.refuse(source.name, f"{source.size} bytes exceeds the {MAX_OBJECT_SIZE}-byte "
                                    "limit")
-        return None
-    data, layout = _read(source)
-    if layout is None:
-        reason = "empty file" if source.size == 0 else "not DICOM (no DICM prefix, no dataset)"
-        if _named_like_dicom(source.name):
-            report.refuse(source.name, f"named like DICOM but {reason}")
+        yield None
+        return
+    with _mapped(source, spool_dir) as (mapped, head):
+        layout = _classify(head)
+        if mapped is None or layout is None:
+            reason = "empty file" if source.size == 0 else "not DICOM (no DICM prefix, no dataset)"
+            if _named_like_dicom(source.name):
+                report.refuse(source.name, f"named like DICOM but {reason}")
+            else:
+                report.skip(source.name, reason)
+            yield None
+            return
+        data = mapped.view
+        if len(data) > source.size:
+            raise BadDataset("the object is larger than its declared size")
+        if layout.meta_start is not None:
+            meta, offset = _meta_at(data, layout.meta_start)
+            if meta.sop_class == DICOMDIR_SOP_CLASS:
+                report.skip(source.name, "DICOMDIR (file-set directory), not an instance")
+                yield None
+                return
+            syntax = meta.transfer_syntax
         else:
-            report.skip(source.name, reason)
-        return None
-    if layout.meta_start is not None:
-        meta, offset = _meta_at(data, layout.meta_start)
-        if meta.sop_class == DICOMDIR_SOP_CLASS:
-            report.skip(source.name, "DICOMDIR (file-set directory), not an instance")
-            return None
-        syntax = meta.transfer_syntax
-    else:
-        offset = 0
-        syntax = _raw_syntax(str(layout.raw_syntax), source.transfer_syntax)
-    stream = memoryview(data)[offset:]
-    encapsulated = check_complete(stream, syntax)
-    if layout.meta_start is None and encapsulated and not UID(syntax).is_compressed:
-        raise BadDataset("raw dataset with compressed pixel data and no known transfer syntax")
-    return stream, syntax
+            offset = 0
+            syntax = _raw_syntax(str(layout.raw_syntax), source.transfer_syntax)
+        stream = data[offset:]
+        try:
+            encapsulated = check_complete(stream, syntax,
+                                          lambda pos: mapped.forget(offset + pos))
+            if layout.meta_start is None and encapsulated and not UID(syntax).is_compressed:
+                raise BadDataset("raw dataset with compressed pixel data and no known "
+                                 "transfer syntax")
+            yield stream, syntax
+        finally:
+            stream.release()
 
 
 def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
-    loaded = load_object(source, report)
-    if loaded is None:
-        return
-    stream, syntax = loaded
-    result = ingester.ingest(stream, syntax, source_ae="IMPORT")
+    with open_object(source, report) as loaded:
+        if loaded is None:
+            return
+        stream, syntax = loaded
+        result = ingester.ingest(stream, syntax, source_ae="IMPORT")
     if result.outcome is Outcome.DUPLICATE_KEPT:
         report.duplicates += 1
     else:

@@ -14,7 +14,8 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
+from io import BytesIO, RawIOBase
+from typing import Any
 
 import peewee
 from pydicom.datadict import dictionary_VR, keyword_dict
@@ -49,6 +50,40 @@ def _stop_after_group_0020(tag, vr, length) -> bool:
     return tag.group > 0x0020
 
 
+class _ViewReader(RawIOBase):
+    """A read-only file over a buffer that copies only what is read (``BytesIO`` copies
+    a memoryview whole: a mapped 400 MB object would be read into memory to parse its
+    header)."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(min(len(buffer), len(self._view) - self._pos), 0)
+        buffer[:count] = self._view[self._pos:self._pos + count]
+        self._pos += count
+        return count
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
 def parse_header(stream: bytes, transfer_syntax: str) -> Dataset:
     """Parse the header of an encoded dataset (no File Meta), stopping before pixels.
 
@@ -72,14 +107,20 @@ def parse_header(stream: bytes, transfer_syntax: str) -> Dataset:
     ts = UID(transfer_syntax)
     try:
         if ts == DeflatedExplicitVRLittleEndian:
+            # The header is in the first MiB inflated; zlib keeps a copy of the input it
+            # has not used, so give it a bounded slice, not the whole object.
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            stream = inflater.decompress(stream, 1 << 20)
-        ds = read_dataset(
-            BytesIO(stream),
-            ts.is_implicit_VR,
-            ts.is_little_endian,
-            stop_when=_stop_after_group_0020,
-        )
+            stream = inflater.decompress(memoryview(stream)[: 4 << 20], 1 << 20)
+        source = BytesIO(stream) if isinstance(stream, bytes) else _ViewReader(stream)
+        try:
+            ds = read_dataset(
+                source,
+                ts.is_implicit_VR,
+                ts.is_little_endian,
+                stop_when=_stop_after_group_0020,
+            )
+        finally:
+            source.close()
         ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, None)
     except (ValueError, TypeError, EOFError, KeyError, AttributeError, NotImplementedError,
             zlib.error, OverflowError, IndexError) as exc:

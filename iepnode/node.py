@@ -155,6 +155,9 @@ class Node:
         self.ingester = Ingester(
             self.store, replace_duplicates=settings.duplicate_policy == "replace"
         )
+        # hardening (issue 13): frames decoded at once in this process (each is whole
+        # in memory while it is rendered).
+        rendering.set_concurrency(settings.render_concurrency)
         self._secret: bytes | None = None
         self._admin: AdminService | None = None
         self._messenger: Messenger | None = None
@@ -1283,7 +1286,8 @@ class Node:
         """Staging and the chunk protocol of uploads on request."""
         mib = uploads.MIB
         return uploads.UploadService(self.settings.staging_dir, uploads.Limits(
-            self.settings.upload_max_file_mb * mib, self.settings.upload_max_total_mb * mib))
+            self.settings.upload_max_file_mb * mib, self.settings.upload_max_total_mb * mib,
+            inspections=self.settings.upload_inspections))
 
     async def create_request(self, request: image_requests.NewRequest, *, actor: Actor,
                              user: StaffUser | None = None) -> Transaction:

@@ -31,12 +31,20 @@ functional groups.
 Errors: :class:`RenderError` (a ``ValueError``) for objects without pixel data, a
 frame index out of range, a frame too large, or a transfer syntax no installed
 decoder handles; callers turn it into a placeholder or an HTTP error.
+
+Memory: a decode holds the whole frame (and its windowed and encoded copies), so at
+most :func:`set_concurrency` frames (``[http] render_concurrency``, default 2) are
+decoded at once in a process; more callers wait for a turn (:func:`decode_frame`,
+:func:`render` and :func:`raw_frame` each take one turn, however they nest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +61,56 @@ JPEG_QUALITY = 90
 
 class RenderError(ValueError):
     """This object or frame cannot be decoded or rendered here (the message says why)."""
+
+
+class _Turns:
+    """At most ``n`` threads of the process decode (and render) a frame at once.
+
+    Re-entrant per thread: :func:`render` takes a turn and the :func:`decode_frame`
+    inside it does not take a second one.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.limit = n
+        self._slots = threading.BoundedSemaphore(n)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        slots = self._slots
+        if depth == 0:
+            slots.acquire()
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                slots.release()
+
+
+#: Default number of frames decoded at the same time in one process.
+RENDER_CONCURRENCY = 2
+_TURNS = _Turns(RENDER_CONCURRENCY)
+
+
+def set_concurrency(n: int) -> None:
+    """Let at most ``n`` frames be decoded at the same time in this process.
+
+    Called once at start-up (``[http] render_concurrency``); decodes already waiting
+    keep their place in the old queue.
+    """
+    global _TURNS
+    if n < 1:
+        raise ValueError("at least one frame must be decodable at a time")
+    if n != _TURNS.limit:
+        _TURNS = _Turns(n)
+
+
+def decode_turn() -> contextlib.AbstractContextManager[None]:
+    """A turn to decode a frame (blocks while ``render_concurrency`` others hold one)."""
+    return _TURNS.turn()
 
 
 @dataclass(frozen=True)
@@ -158,8 +216,16 @@ def window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray
     center = float(center)
     if width == 1.0:  # the standard's threshold case
         return np.where(values > center - 0.5, 255, 0).astype(np.uint8)
-    scaled = ((values - (center - 0.5)) / (width - 1.0) + 0.5) * 255.0
-    return np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+    # The same operations in the same order as ((x - (c - 0.5)) / (w - 1) + 0.5) * 255,
+    # + 0.5, floor (so the same numbers), in place: one float copy of the frame, not five.
+    scaled = np.subtract(values, center - 0.5)
+    scaled /= width - 1.0
+    scaled += 0.5
+    scaled *= 255.0
+    scaled += 0.5
+    np.floor(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -257,6 +323,11 @@ def decode_frame(path: Path | str, index: int = 0) -> Frame:
         No image, index out of range, frame too large, or no decoder for the
         transfer syntax.
     """
+    with decode_turn():
+        return _decode_frame(path, index)
+
+
+def _decode_frame(path: Path | str, index: int) -> Frame:
     from pydicom import dcmread
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
     from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -294,7 +365,9 @@ def decode_frame(path: Path | str, index: int = 0) -> Frame:
         if slope == 1.0 and intercept == int(intercept):
             values = arr.astype(np.int32) + int(intercept) if intercept else arr
         else:
-            values = arr.astype(np.float64) * slope + intercept
+            values = arr.astype(np.float64)  # in place: one float copy of the frame
+            values *= slope
+            values += intercept
     window = _window(ds, index)
     voi = None
     if window is None and "VOILUTSequence" in ds:
@@ -338,13 +411,14 @@ def render(path: Path | str, index: int = 0, *, center: float | None = None,
     """
     from PIL import Image
 
-    pixels = decode_frame(path, index).windowed(center, width)
-    image = Image.fromarray(pixels, "RGB" if pixels.ndim == 3 else "L")
-    if size is not None:
-        box = (size, size) if isinstance(size, int) else size
-        if image.width > box[0] or image.height > box[1]:
-            image.thumbnail(box, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return image
+    with decode_turn():
+        pixels = decode_frame(path, index).windowed(center, width)
+        image = Image.fromarray(pixels, "RGB" if pixels.ndim == 3 else "L")
+        if size is not None:
+            box = (size, size) if isinstance(size, int) else size
+            if image.width > box[0] or image.height > box[1]:
+                image.thumbnail(box, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return image
 
 
 def encode(image, media_type: str = "image/jpeg", quality: int = JPEG_QUALITY) -> bytes:
@@ -372,8 +446,9 @@ def render_bytes(path: Path | str, index: int = 0, *, media_type: str = "image/j
     """:func:`render` then :func:`encode` (the WADO-RS ``/rendered`` body)."""
     if media_type not in MEDIA_TYPES:
         raise RenderError(f"cannot render as {media_type}; use one of {', '.join(MEDIA_TYPES)}")
-    image = render(path, index, center=center, width=width, size=size)
-    return encode(image, media_type, quality)
+    with decode_turn():
+        image = render(path, index, center=center, width=width, size=size)
+        return encode(image, media_type, quality)
 
 
 def raw_frame(path: Path | str, index: int = 0,
@@ -401,6 +476,12 @@ def raw_frame(path: Path | str, index: int = 0,
         The values, and ``{"dtype", "rows", "columns", "window", "invert",
         "frames", "full_rows", "full_columns", "factor"}``.
     """
+    with decode_turn():
+        return _raw_frame(path, index, max_size)
+
+
+def _raw_frame(path: Path | str, index: int,
+               max_size: int | None) -> tuple[bytes, dict[str, Any]]:
     frame = decode_frame(path, index)
     values = frame.values
     full_rows, full_columns = values.shape[:2]
@@ -454,7 +535,7 @@ def _reduce(values: np.ndarray, factor: int) -> np.ndarray:
 
 
 __all__ = [
-    "JPEG_QUALITY", "MAX_FRAME_BYTES", "MEDIA_TYPES", "Frame", "ImageInfo", "RenderError",
-    "decode_frame", "encode", "min_max_window", "raw_frame", "read_info", "render",
-    "render_bytes", "window_linear",
+    "JPEG_QUALITY", "MAX_FRAME_BYTES", "MEDIA_TYPES", "RENDER_CONCURRENCY", "Frame",
+    "ImageInfo", "RenderError", "decode_frame", "decode_turn", "encode", "min_max_window",
+    "raw_frame", "read_info", "render", "render_bytes", "set_concurrency", "window_linear",
 ]

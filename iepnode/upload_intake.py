@@ -11,9 +11,12 @@ What is accepted
 * a DICOM object (any SOP class, any transfer syntax; Part-10 or a raw dataset as old
   CDs hold), proved whole by walking every element (:func:`iepnode.importer.check_complete`);
 * a DICOMDIR (it lists the other files; it is no instance itself);
-* a zip of those, folders nested (read entry by entry in memory, never extracted:
-  ``..``/absolute entries, links and encrypted entries are refused; the number of
-  entries, the expanded total and each entry's compression ratio are limited);
+* a zip of those, folders nested (read entry by entry, never extracted: each entry is
+  copied in 1 MiB blocks to an unnamed temporary file in the upload's staging folder
+  and checked from there, so memory stays flat whatever its size; ``..``/absolute
+  entries, links and encrypted entries are refused; the number of entries, the
+  expanded total and each entry's compression ratio are limited, the bytes counted as
+  they come out);
 * a PDF, a JPEG or a PNG uploaded as a file of its own (wrapped as DICOM at release).
   Inside a zip only DICOM is taken: a CD's viewer software is full of images.
 
@@ -257,31 +260,43 @@ class _Scan:
                            skipped)
 
 
+#: The header values of an object (its elements up to group 0020) are read from its
+#: first MiB, else from its first :data:`MAX_HEADER` bytes; a longer header is refused.
+MAX_HEADER = 16 << 20
+
+
 def _dicom_object(name: str, stream: memoryview, syntax: str) -> FoundObject:
-    """Read the header values of a validated object (the first MiB is normally enough)."""
-    head = stream if _deflated(syntax) or len(stream) <= (1 << 20) else stream[: 1 << 20]
-    try:
-        header = parse_header(bytes(head), syntax)
-    except BadDataset:
-        if head is stream:
-            raise
-        header = parse_header(bytes(stream), syntax)
-    return FoundObject(name, DICOM, record_from_header(header, syntax, "UPLOAD"))
+    """Read the header values of a validated object (the first MiB is normally enough).
 
-
-def _deflated(syntax: str) -> bool:
-    return syntax == "1.2.840.10008.1.2.1.99"
+    Only a bounded head is copied (a deflated dataset is inflated by the parser only
+    as far as it reads). A head cut inside the header parses short (the values are
+    missing) or not at all: then a longer head, up to :data:`MAX_HEADER`.
+    """
+    for size in (1 << 20, MAX_HEADER):
+        head = stream[:size]
+        whole = len(head) == len(stream)
+        try:
+            header = parse_header(bytes(head), syntax)
+            return FoundObject(name, DICOM, record_from_header(header, syntax, "UPLOAD"))
+        except BadDataset as exc:
+            if whole:
+                raise
+            if size == MAX_HEADER:
+                raise BadDataset(f"no readable header in its first {MAX_HEADER} bytes "
+                                 f"({exc})") from exc
+        finally:
+            head.release()
+    raise AssertionError("unreachable")
 
 
 def _scan_sources(sources: list[importer.Source], scan: _Scan,
-                  report: importer.ImportReport) -> None:
+                  report: importer.ImportReport, spool_dir: Path) -> None:
     for source in sources:
         try:
-            loaded = importer.load_object(source, report)
-            if loaded is None:
-                continue
-            stream, syntax = loaded
-            obj = _dicom_object(source.name, stream, syntax)
+            with importer.open_object(source, report, spool_dir) as loaded:
+                if loaded is not None:
+                    stream, syntax = loaded
+                    scan.found(_dicom_object(source.name, stream, syntax), stream, syntax)
         except OutOfResources:
             raise
         except NodeError as exc:
@@ -295,8 +310,6 @@ def _scan_sources(sources: list[importer.Source], scan: _Scan,
             continue
         except (ValueError, EOFError, zlib.error, RuntimeError, NotImplementedError) as exc:
             report.refuse(source.name, f"unreadable: {exc}")
-            continue
-        scan.found(obj, stream, syntax)
 
 
 def _scan_zip(path: Path, display_name: str, scan: _Scan, limits: ZipLimits) -> FileVerdict:
@@ -317,7 +330,7 @@ def _scan_zip(path: Path, display_name: str, scan: _Scan, limits: ZipLimits) -> 
             if source.name.lower().endswith(".zip"):
                 report.skip(source.name, "a zip inside a zip is not opened")
         sources = [s for s in sources if not s.name.lower().endswith(".zip")]
-        _scan_sources(sources, scan, report)
+        _scan_sources(sources, scan, report, path.parent)
     skipped = [(f"{display_name} > {n}", _reason(r))
                for n, r in [*report.rejected, *report.skipped]
                if not r.startswith("DICOMDIR (file-set directory)")]
@@ -334,9 +347,9 @@ def _scan_single(path: Path, display_name: str, size: int, scan: _Scan) -> FileV
         kind = _document_kind(head)
         if kind is not None:
             return _scan_document(fh, display_name, kind, size, scan)
-    source = importer.Source(display_name, size, functools.partial(path.open, "rb"))
+    source = importer.Source(display_name, size, functools.partial(path.open, "rb"), path=path)
     report = importer.ImportReport()
-    _scan_sources([source], scan, report)
+    _scan_sources([source], scan, report, path.parent)
     if scan.objects:
         return scan.verdict(DICOM, [])
     for _, reason in report.skipped:
@@ -365,26 +378,32 @@ def _scan_document(fh: Any, display_name: str, kind: str, size: int,
     if size > limit:
         return FileVerdict(SKIPPED, f"{kind.upper()} of {size} bytes is larger than the "
                                     f"{limit}-byte limit for documents")
-    fh.seek(0)
-    data = fh.read()
     if kind == PDF:
-        if b"%%EOF" not in data[-2048:]:
+        fh.seek(max(size - 2048, 0))
+        if b"%%EOF" not in fh.read():
             return FileVerdict(SKIPPED, "PDF is truncated (no %%EOF marker)")
     else:
-        problem = _image_problem(data, wrapping.MAX_IMAGE_PIXELS)
+        fh.seek(0)
+        problem = _image_problem(fh, wrapping.MAX_IMAGE_PIXELS)
         if problem:
             return FileVerdict(SKIPPED, f"{kind.upper()} cannot be read: {problem}")
-    scan.found(FoundObject(display_name, kind), memoryview(data), "")
+    # Only a release needs the bytes (to wrap them): an inspection reads the tail of a
+    # PDF, and an image's header, never the whole file.
+    payload = memoryview(b"")
+    if scan.on_object is not None:
+        fh.seek(0)
+        payload = memoryview(fh.read())
+    scan.found(FoundObject(display_name, kind), payload, "")
     return FileVerdict(kind, "", 1)
 
 
-def _image_problem(data: bytes, max_pixels: int) -> str:
-    from io import BytesIO
-
+def _image_problem(source: Any, max_pixels: int) -> str:
+    """Why an image file cannot be used, or ``""`` (header and structure checked by
+    Pillow from the open file, no pixels decoded)."""
     from PIL import Image
 
     try:
-        with Image.open(BytesIO(data)) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels:
                 return f"{width} x {height} pixels, more than {max_pixels} (decompression bomb?)"

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,10 +69,12 @@ class FileBusy(InvalidRequest):
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits of uploads, in bytes."""
+    """Limits of uploads: sizes in bytes, and inspections run at once in this process."""
 
     max_file: int = 4096 * MIB
     max_total: int = 16384 * MIB
+    #: Files inspected at the same time (``[portal] upload_inspections``); more wait.
+    inspections: int = 2
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,9 @@ class UploadService:
     def __init__(self, staging_dir: Path, limits: Limits) -> None:
         self.root = staging_dir
         self.limits = limits
+        # Several files finishing at once (one upload's parallel files, several uploads)
+        # are inspected a few at a time: each reads its whole file and uses a core.
+        self._inspections = threading.BoundedSemaphore(limits.inspections)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -401,8 +407,9 @@ class UploadService:
                 raise NotFound("the file was removed")
             return file
         try:
-            found = inspect_staged_file(self.path(file.upload, file), file.display_name,
-                                        file.relpath)
+            with self._inspections:
+                found = inspect_staged_file(self.path(file.upload, file), file.display_name,
+                                            file.relpath)
         except BaseException:  # let a retry inspect it again
             UploadFile.update(verdict="").where((UploadFile.id == file_id)
                                                 & (UploadFile.verdict == CHECKING)).execute()

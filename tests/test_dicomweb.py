@@ -30,6 +30,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
+from config import Settings
 from iepnode import dicomweb_access as access
 from iepnode import transactions as tx
 from iepnode.node import Node
@@ -110,6 +111,17 @@ def parts(content_type: str, body: bytes) -> list[Any]:
     return list(message.iter_parts())
 
 
+def reached(uri: str, public_url: str, served: str) -> str:
+    """A link the node wrote (under its configured public URL), as the test reaches it.
+
+    Links start with ``[portal] public_url`` whatever address the request came to; the
+    tests' server listens elsewhere (an ephemeral loopback port), so the follower
+    swaps the prefix, as a reverse proxy in front of the node would.
+    """
+    assert uri.startswith(public_url + "/dicomweb/"), uri
+    return served.rstrip("/") + uri[len(public_url):]
+
+
 def stored(sop_uid: str, node: Node) -> Path:
     return node.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
 
@@ -154,8 +166,9 @@ async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
     for item in metadata:
         assert item["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
         # Valid DICOM JSON (PS3.18 F.2); pixel data fetched from its BulkDataURI.
-        ds = await asyncio.to_thread(Dataset.from_json, item,
-                                     lambda uri: bytes(peer.retrieve_bulkdata(uri)[0]))
+        ds = await asyncio.to_thread(Dataset.from_json, item, lambda uri: bytes(
+            peer.retrieve_bulkdata(reached(uri, node.settings.public_url,
+                                           str(client.make_url("/"))))[0]))
         assert ds.StudyInstanceUID == studies["ct"]
         assert ds.PixelData == dcmread(stored(ds.SOPInstanceUID, node)).PixelData
 
@@ -606,7 +619,8 @@ async def test_a_viewer_opens_a_package_from_iepnode_serve(tmp_path: Path,
             assert ds.PixelData == dcmread(stored_files[ds.SOPInstanceUID]).PixelData
         metadata = await asyncio.to_thread(peer.retrieve_study_metadata, study_uid)
         assert len(metadata) == 4
-        first = Dataset.from_json(metadata[0], lambda uri: bytes(peer.retrieve_bulkdata(uri)[0]))
+        first = Dataset.from_json(metadata[0], lambda uri: bytes(peer.retrieve_bulkdata(
+            reached(uri, Settings.public_url, f"http://127.0.0.1:{node.http_port}"))[0]))
         frames = await asyncio.to_thread(peer.retrieve_instance_frames, study_uid,
                                          first.SeriesInstanceUID, first.SOPInstanceUID, [1])
         assert frames == [first.PixelData]

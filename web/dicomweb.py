@@ -23,6 +23,12 @@ Authentication failures are 401 (``WWW-Authenticate: Bearer``); anything outside
 the caller's scope is 404, never 403; a recipient's transaction that is no longer
 available is 410. Errors are short ``text/plain`` bodies. CORS (for a viewer on
 another origin) is off unless ``[http] dicomweb_cors_origins`` lists the origin.
+
+Links in bodies (RetrieveURL, BulkDataURI, Content-Location) start with ``[portal]
+public_url``, never with the request's Host. A frame list names at most ``[http]
+dicomweb_max_frames`` frames (400 beyond). Multipart bodies and metadata are written
+as they are read (chunked; :class:`Multipart`): a request holds one block, frame or
+rendered image at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -100,21 +107,16 @@ def _uid(request: web.Request, name: str) -> str:
 
 
 def _base_url(request: web.Request) -> str:
-    """The absolute base URL the client used (for RetrieveURL and BulkDataURI links).
+    """The absolute base URL of the request's DICOMweb root, for RetrieveURL,
+    BulkDataURI and Content-Location links.
 
-    Taken from ``Host``. A client that leaves a non-default port out of ``Host``
-    (dicomweb-client does) would get unusable links, so when the node is reached
-    directly (no trusted proxy configured) the listening port fills the gap.
+    Built from the configured ``public_url`` (``[portal] public_url``), never from
+    the request's ``Host``, ``X-Forwarded-Host`` or scheme: a forged header must not
+    put someone else's address into the links a viewer follows with its token.
     """
     public_id = request.match_info.get("public_id", "")
     path = f"/dicomweb/t/{public_id}" if public_id else "/dicomweb"
-    origin = request.url.origin()
-    if origin.explicit_port is None and not request.app[SETTINGS_KEY].trusted_proxies:
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        default = 443 if origin.scheme == "https" else 80
-        if isinstance(sockname, tuple) and len(sockname) >= 2 and sockname[1] != default:
-            origin = origin.with_port(sockname[1])
-    return f"{origin}{path}"
+    return request.app[SETTINGS_KEY].public_url + path
 
 
 def _scope(request: web.Request) -> access.Scope:
@@ -287,11 +289,19 @@ def _json(request: web.Request, body: list, warnings: list[str] | None = None) -
 
 
 class Multipart:
-    """A ``multipart/related`` response written part by part (RFC 2387)."""
+    """A ``multipart/related`` response (RFC 2387) written part by part as it is read.
+
+    :meth:`send` advances the parts (and each part's blocks) in a worker thread and
+    writes each block as soon as it is read, with chunked transfer encoding: the
+    response holds one block, frame or image at a time, never the whole body, and a
+    slow reader holds back the reading (aiohttp waits for the socket to drain).
+    """
 
     def __init__(self, part_type: str) -> None:
         self.boundary = secrets.token_hex(16)
         self.content_type = f'multipart/related; type="{part_type}"; boundary={self.boundary}'
+        #: Parts written so far.
+        self.sent = 0
 
     def head(self, content_type: str, location: str = "") -> bytes:
         lines = [f"--{self.boundary}", f"Content-Type: {content_type}"]
@@ -302,18 +312,91 @@ class Multipart:
     def end(self) -> bytes:
         return f"--{self.boundary}--\r\n".encode()
 
-    async def start(self, request: web.Request) -> web.StreamResponse:
+    async def start(self, request: web.Request,
+                    headers: dict[str, str] | None = None) -> web.StreamResponse:
         response = web.StreamResponse(headers={**SECURITY_HEADERS, **_cors(request),
+                                               **(headers or {}),
                                                "Content-Type": self.content_type})
         await response.prepare(request)
         return response
 
-    def body(self, parts: list[tuple[str, bytes]]) -> bytes:
-        """A whole small body: ``(content type, bytes)`` per part."""
-        out = bytearray()
-        for content_type, data in parts:
-            out += self.head(content_type) + data + b"\r\n"
-        return bytes(out + self.end())
+    async def send(self, request: web.Request, parts: Iterator[dw.Part],
+                   headers: dict[str, str] | None = None,
+                   first: dw.Part | None = None) -> web.StreamResponse:
+        """Start the response and write ``first`` (if given), then every part of ``parts``.
+
+        A HEAD request gets the headers only (nothing is read).
+        """
+        response = await self.start(request, headers)
+        if request.method == "HEAD":
+            _close(parts)
+            return response
+        try:
+            part = first or await _advance(parts)
+            while part is not None:
+                await response.write(self.head(part.content_type, part.location))
+                blocks = iter(part.blocks)
+                try:
+                    while (block := await _advance(blocks)) is not None:
+                        await response.write(block)
+                finally:
+                    _close(blocks)
+                await response.write(b"\r\n")
+                self.sent += 1
+                part = await _advance(parts)
+            await response.write(self.end())
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise StreamAborted(request, exc) from exc
+        finally:
+            _close(parts)
+        await response.write_eof()
+        return response
+
+
+class StreamAborted(Exception):
+    """A response failed after its first bytes went out: no status can tell the client,
+    so the connection is closed (aiohttp does that for any error after the headers).
+
+    Not a domain error: the handlers' error mapping must not answer it with a page.
+    """
+
+    def __init__(self, request: web.Request, cause: BaseException) -> None:
+        super().__init__(f"{request.method} {request.path[:200]}: response cut short by "
+                         f"{type(cause).__name__}: {cause}")
+        log.warning("%s", self)
+
+
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a worker thread, carried through to its end even if the
+    request is cancelled meanwhile (aiohttp cancels a handler whose client went away).
+
+    The cancellation goes on once the call is done: a read is never left running
+    while its generator is closed, and an audit event queued for a thread is never
+    dropped before it is written.
+    """
+    job = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise
+
+
+async def _advance(iterator: Iterator[Any]) -> Any:
+    """The next item of ``iterator`` (``None`` at its end), read in a worker thread."""
+    return await _in_thread(next, iterator, None)
+
+
+def _close(iterator: Iterator) -> None:
+    """Close a generator left part-way (its ``with`` blocks close their files)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        try:
+            close()
+        except ValueError:  # still running in its thread (cancelled twice): left to the GC
+            log.debug("generator still running; closed when collected")
 
 
 # -- QIDO-RS -----------------------------------------------------------------------------
@@ -361,72 +444,97 @@ async def retrieve(request: web.Request, call: Call) -> web.StreamResponse:
     items = await asyncio.to_thread(_selected, request, call, node.store.path)
     _accepts(request, "application/dicom", {i.transfer_syntax for i in items})
     multipart = Multipart("application/dicom")
-    response = await multipart.start(request)
     if request.method == "HEAD":
-        return response
-    sent, outcome = 0, audit.SERIOUS_FAILURE
+        return await multipart.start(request)
+    outcome = audit.SERIOUS_FAILURE
     try:
-        for item in items:
-            url = dw.resource_url(call.base_url, item.study_uid, item.series_uid, item.sop_uid)
-            await response.write(multipart.head(
-                f"application/dicom; transfer-syntax={item.transfer_syntax}", url))
-            with item.path.open("rb") as handle:
-                while block := await asyncio.to_thread(handle.read, 1 << 20):
-                    await response.write(block)
-            await response.write(b"\r\n")
-            sent += 1
-        await response.write(multipart.end())
-        await response.write_eof()
+        response = await multipart.send(request, dw.instance_parts(items, call.base_url))
         outcome = audit.SUCCESS
     except (ConnectionError, asyncio.CancelledError):
         outcome = audit.MINOR_FAILURE
         raise
     finally:
-        await asyncio.to_thread(
+        await _in_thread(
             _record, request, call, audit.INSTANCES_TRANSFERRED, "wado-retrieve",
             [i.study_uid for i in items],
-            f"WADO-RS {request.path[:300]}: {sent} of {len(items)} instances", outcome)
+            f"WADO-RS {request.path[:300]}: {multipart.sent} of {len(items)} instances",
+            outcome)
     return response
 
 
 async def metadata(request: web.Request, call: Call) -> web.StreamResponse:
-    """WADO-RS metadata of a study, series or instance (DICOM JSON, BulkDataURIs)."""
+    """WADO-RS metadata of a study, series or instance (DICOM JSON, BulkDataURIs).
+
+    Written one instance at a time (a study's metadata can run to many megabytes).
+    """
     _accepts_json(request)
     node = node_of(request)
 
-    def run() -> bytes:
+    def run() -> list[dw.StoredInstance]:
         items = _selected(request, call, node.store.path)
-        body = dw.METADATA.body(items, call.base_url)
         _record(request, call, audit.INSTANCES_ACCESSED, "wado-metadata",
-                  [i.study_uid for i in items],
-                  f"WADO-RS {request.path[:300]}: {len(items)} instances")
-        return body
+                [i.study_uid for i in items],
+                f"WADO-RS {request.path[:300]}: {len(items)} instances")
+        return items
 
-    return web.Response(body=await asyncio.to_thread(run), content_type=DICOM_JSON)
+    items = await asyncio.to_thread(run)
+    blocks = dw.METADATA.blocks(items, call.base_url)
+    response = web.StreamResponse(headers={**SECURITY_HEADERS, **_cors(request),
+                                           "Content-Type": DICOM_JSON})
+    try:
+        # The first instance before the headers: an unreadable file is still a status.
+        head = b"".join([await _advance(blocks) or b"", await _advance(blocks) or b""])
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        try:
+            await response.write(head)
+            while (block := await _advance(blocks)) is not None:
+                await response.write(block)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise StreamAborted(request, exc) from exc
+    finally:
+        _close(blocks)
+    await response.write_eof()
+    return response
+
+
+def _max_frames(request: web.Request) -> int:
+    return request.app[SETTINGS_KEY].dicomweb_max_frames
 
 
 async def frames(request: web.Request, call: Call) -> web.StreamResponse:
-    """WADO-RS frames of one instance: native as octet-stream, compressed as stored."""
+    """WADO-RS frames of one instance: native as octet-stream, compressed as stored.
+
+    Each frame is read from the file when its part is written (one frame in memory).
+    """
     node = node_of(request)
-    numbers = dw.parse_frame_list(request.match_info["frames"])
+    numbers = dw.parse_frame_list(request.match_info["frames"], _max_frames(request))
 
-    def run() -> tuple[dw.StoredInstance, dw.Frames]:
+    def run() -> tuple[dw.StoredInstance, dw.PixelData]:
         item = _selected(request, call, node.store.path)[0]
-        got = dw.read_frames(item, numbers)
-        return item, got
+        pixels = dw.PixelData(item)
+        try:
+            pixels.check(numbers)
+        except BaseException:
+            pixels.close()
+            raise
+        return item, pixels
 
-    item, got = await asyncio.to_thread(run)
-    # Compressed frames may also be asked for as octet-stream with transfer-syntax=*.
-    alternatives = () if got.media_type == "application/octet-stream" else (
-        "application/octet-stream",)
-    _accepts(request, got.media_type, {got.transfer_syntax}, alternatives)
-    multipart = Multipart(got.media_type)
-    part_type = f"{got.media_type}; transfer-syntax={got.transfer_syntax}"
-    body = multipart.body([(part_type, part) for part in got.parts])
-    await asyncio.to_thread(
-        _record, request, call, audit.INSTANCES_ACCESSED, "wado-frames", [item.study_uid],
-        f"WADO-RS frames {request.match_info['frames'][:100]} of {item.sop_uid}")
-    return web.Response(body=body, headers={"Content-Type": multipart.content_type})
+    item, pixels = await asyncio.to_thread(run)
+    try:
+        # Compressed frames may also be asked for as octet-stream with transfer-syntax=*.
+        alternatives = () if pixels.media_type == "application/octet-stream" else (
+            "application/octet-stream",)
+        _accepts(request, pixels.media_type, {pixels.transfer_syntax}, alternatives)
+        await _in_thread(
+            _record, request, call, audit.INSTANCES_ACCESSED, "wado-frames", [item.study_uid],
+            f"WADO-RS frames {request.match_info['frames'][:100]} of {item.sop_uid}")
+        return await Multipart(pixels.media_type).send(request, pixels.frame_parts(numbers))
+    finally:
+        pixels.close()
 
 
 async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
@@ -434,38 +542,38 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
 
     ``multipart/related`` as PS3.18 asks; a single value (a PDF, a LUT) is also given
     as a bare body to a client that asks for exactly its media type (OHIF's
-    ``singlepart`` option does, for PDFs).
+    ``singlepart`` option does, for PDFs). Pixel data is streamed (native: in blocks;
+    compressed: a frame at a time); other values are one part.
     """
     node = node_of(request)
+    tag = dw.bulk_tag(request.match_info["tag"])
+    item = (await asyncio.to_thread(_selected, request, call, node.store.path))[0]
+    if tag == dw.PIXEL_DATA:
+        pixels = await asyncio.to_thread(dw.PixelData, item)
+        try:
+            alternatives = () if pixels.media_type == "application/octet-stream" else (
+                "application/octet-stream",)
+            _accepts(request, pixels.media_type, {pixels.transfer_syntax}, alternatives)
+            await _record_bulk(request, call, item)
+            return await Multipart(pixels.media_type).send(request, pixels.value_parts())
+        finally:
+            pixels.close()
+    value, media = await asyncio.to_thread(dw.read_bulk_value, item, tag)
+    await _record_bulk(request, call, item)
+    if any(m.type == media for m in parse_accept(request.headers.get("Accept", ""))):
+        return web.Response(body=value, content_type=media)
+    try:  # its own type, or plain octet-stream
+        _accepts(request, media, {""})
+    except NotAcceptable:
+        media = "application/octet-stream"
+        _accepts(request, media, {""})
+    return await Multipart(media).send(request, iter([dw.Part(media, (value,))]))
 
-    def run() -> tuple[dw.StoredInstance, dw.Bulk]:
-        item = _selected(request, call, node.store.path)[0]
-        return item, dw.read_bulkdata(item, request.match_info["tag"])
 
-    item, bulk = await asyncio.to_thread(run)
-    await asyncio.to_thread(
+async def _record_bulk(request: web.Request, call: Call, item: dw.StoredInstance) -> None:
+    await _in_thread(
         _record, request, call, audit.INSTANCES_ACCESSED, "wado-bulkdata", [item.study_uid],
         f"WADO-RS bulkdata {request.match_info['tag'][:8]} of {item.sop_uid}")
-    ranges = parse_accept(request.headers.get("Accept", ""))
-    if len(bulk.parts) == 1 and not bulk.transfer_syntax and any(
-            m.type == bulk.media_type for m in ranges):
-        return web.Response(body=bulk.parts[0], content_type=bulk.media_type)
-    media = bulk.media_type
-    if bulk.transfer_syntax:  # pixel data: as frames are negotiated
-        alternatives = () if media == "application/octet-stream" else (
-            "application/octet-stream",)
-        _accepts(request, media, {bulk.transfer_syntax}, alternatives)
-    else:  # other values: their own type, or plain octet-stream
-        try:
-            _accepts(request, media, {""})
-        except NotAcceptable:
-            media = "application/octet-stream"
-            _accepts(request, media, {""})
-    multipart = Multipart(media)
-    part_type = media + (f"; transfer-syntax={bulk.transfer_syntax}"
-                         if bulk.transfer_syntax else "")
-    body = multipart.body([(part_type, p) for p in bulk.parts])
-    return web.Response(body=body, headers={"Content-Type": multipart.content_type})
 
 
 async def ohif_data_source(request: web.Request) -> web.Response:
@@ -486,9 +594,10 @@ async def ohif_data_source(request: web.Request) -> web.Response:
 async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
     """WADO-RS rendered: JPEG or PNG of frames, an instance, a series or a study.
 
-    One image is a single body; several (a study, a series, several frames) are
-    ``multipart/related`` with one image per part (an instance's first frame at
-    study and series level).
+    One image is a single body; several (a study or series of several instances,
+    several frames) are ``multipart/related`` with one image per part (an instance's
+    first frame at study and series level; instances without an image are passed
+    over), each rendered when its part is written: one image in memory at a time.
     """
     node = node_of(request)
     accept = [m.type for m in parse_accept(request.headers.get("Accept", ""))
@@ -500,28 +609,38 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
     except dw.NotAcceptableMedia as exc:
         raise NotAcceptable(str(exc)) from None
     frame_text = request.match_info.get("frames", "")
-    numbers = dw.parse_frame_list(frame_text) if frame_text else [1]
+    numbers = dw.parse_frame_list(frame_text, _max_frames(request)) if frame_text else [1]
+    one_instance = bool(request.match_info.get("instance"))
 
-    def run() -> tuple[list[dw.StoredInstance], list[bytes]]:
-        items = _selected(request, call, node.store.path)
-        if request.match_info.get("instance"):
-            images = [dw.render_image(items[0], n, how) for n in numbers]
-        else:
-            images = [dw.render_image(i, 1, how) for i in items[:1000]]
-        _record(request, call, audit.INSTANCES_ACCESSED, "wado-rendered",
-                  [i.study_uid for i in items],
-                  f"WADO-RS {request.path[:300]}: {len(images)} {how.media_type} images")
-        return items, images
+    def select() -> list[dw.StoredInstance]:
+        items = _selected(request, call, node.store.path)[:1000]
+        if one_instance and dw.frame_count(items[0]) < max(numbers):
+            raise NotFound("no such frame")
+        return items
 
-    _, images = await asyncio.to_thread(run)
+    items = await asyncio.to_thread(select)
+    parts = (dw.rendered_frame_parts(items[0], numbers, how) if one_instance
+             else dw.rendered_parts(items, how))
+    # The first image before any byte is sent: nothing to render is still a 404.
+    first = await _advance(parts)
+    if first is None:
+        raise NotFound("no image to render")
     headers = {}
     if how.ignored:
         headers["Warning"] = (f'299 iepnode "Not applied: {", ".join(how.ignored)}"')
-    if len(images) == 1:
-        return web.Response(body=images[0], content_type=how.media_type, headers=headers)
     multipart = Multipart(how.media_type)
-    return web.Response(body=multipart.body([(how.media_type, i) for i in images]),
-                        headers={**headers, "Content-Type": multipart.content_type})
+    try:
+        if (one_instance and len(numbers) == 1) or (not one_instance and len(items) == 1):
+            _close(parts)
+            multipart.sent = 1
+            return web.Response(body=b"".join(first.blocks), content_type=how.media_type,
+                                headers=headers)
+        return await multipart.send(request, parts, headers, first=first)
+    finally:
+        await _in_thread(
+            _record, request, call, audit.INSTANCES_ACCESSED, "wado-rendered",
+            [i.study_uid for i in items],
+            f"WADO-RS {request.path[:300]}: {multipart.sent} {how.media_type} images")
 
 
 async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
@@ -539,7 +658,7 @@ async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
     if how.size is None:
         how = dataclasses.replace(how, size=(128, 128))
     frame_text = request.match_info.get("frames", "")
-    frame = dw.parse_frame_list(frame_text)[0] if frame_text else 1
+    frame = dw.parse_frame_list(frame_text, _max_frames(request))[0] if frame_text else 1
 
     def run() -> bytes:
         items = _selected(request, call, node.store.path)

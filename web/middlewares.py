@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader
+from multidict import MultiDictProxy
 
 from iepnode.errors import (
     Gone,
@@ -92,15 +96,64 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
     return await handler(request)
 
 
+#: Characters never allowed in a form field's name or a file's name: C0 controls (CR,
+#: LF, NUL, ...), DEL, and lone surrogates (bytes that were not UTF-8).
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+#: What aiohttp raises for a body that is not the form its Content-Type says: a part
+#: header broken by CR/LF/NUL, a missing boundary or name, an unknown charset or
+#: transfer encoding, a truncated body (the warning is raised where warnings are errors).
+_MALFORMED = (HttpProcessingError, ValueError, LookupError, RuntimeError,
+              BadContentDispositionHeader)
+
+
+async def read_form(request: web.Request) -> MultiDictProxy:
+    """The request's form fields (urlencoded or multipart), or a 400 saying why not.
+
+    Every form read goes through here first (the CSRF check below reads the form of
+    every POST; aiohttp keeps it for the view's own ``request.post()``), so a body
+    that cannot be parsed, or a field or file name with a control character, is a
+    400 for every form route instead of an error page from deep inside a view.
+
+    Raises
+    ------
+    web.HTTPBadRequest
+        The body is not a well-formed form, or a name carries a control character.
+    web.HTTPRequestEntityTooLarge
+        Over the request's body limit (as aiohttp decides).
+    """
+    try:
+        form = await request.post()
+    except web.HTTPException:
+        raise
+    except _MALFORMED as exc:
+        log.warning("malformed form: %s %s from %s: %s", request.method, request.path,
+                    request.remote, " ".join(str(exc).split())[:200])
+        raise web.HTTPBadRequest(
+            text="Malformed form: the request body could not be read as a form "
+                 "(a part header broken by a line break or control character?).") from None
+    for name, value in form.items():
+        filename = value.filename if isinstance(value, web.FileField) else ""
+        if _BAD_NAME.search(name) or _BAD_NAME.search(filename or ""):
+            log.warning("form with a control character in a name: %s %s from %s",
+                        request.method, request.path, request.remote)
+            raise web.HTTPBadRequest(
+                text="Malformed form: a field name or file name contains a control "
+                     "character (such as a line break). Rename the file and try again.")
+    return form
+
+
 @web.middleware
 async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse any POST without the right CSRF token (form field ``csrf``).
 
     With a session the token is the session's; before login it must equal the
-    pre-login cookie (double submit). Compared in constant time.
+    pre-login cookie (double submit). Compared in constant time. The form is read
+    by :func:`read_form` (400 for a malformed one).
     """
-    if request.method == "POST":
-        form = await request.post()
+    if request.method != "POST":
+        return await handler(request)
+    try:
+        form = await read_form(request)
         sent = str(form.get("csrf", ""))
         session = request.get(SESSION_KEY)
         expected = session.csrf_token if session is not None else request.cookies.get(
@@ -109,7 +162,21 @@ async def csrf(request: web.Request, handler: Handler) -> web.StreamResponse:
             log.warning("CSRF check failed: %s %s from %s", request.method, request.path,
                         request.remote)
             raise web.HTTPForbidden(text="Missing or wrong form token: reload the page.")
-    return await handler(request)
+        return await handler(request)
+    finally:
+        close_form_files(request)
+
+
+def close_form_files(request: web.Request) -> None:
+    """Close the temporary files aiohttp spooled a form's file fields into.
+
+    aiohttp leaves them open; the parsed form is kept on the request (``_post``), also
+    when the form was refused. Any POST may carry file parts, wanted or not.
+    """
+    form = getattr(request, "_post", None) or {}
+    for value in form.values():
+        if isinstance(value, web.FileField):
+            value.file.close()
 
 
 def set_session_cookie(response: web.StreamResponse, token: str) -> None:
