@@ -18,10 +18,12 @@ must be changed at the next login) or TOTP secret (cleared: the next login, with
 password alone, may only enrol a new authenticator). Until then
 :meth:`AdminService.pending_step` names the one page that user's sessions may open.
 
-Brute force: failed staff logins are counted per username (known or not, so a
-lock reveals nothing); :data:`MAX_FAILURES` failures within :data:`FAILURE_WINDOW`
-seconds lock that username for :data:`LOCKOUT` seconds, during which even the
-right password is refused without being checked. The web view also answers
+Brute force: password checks are counted per username (known or not, so a
+lock reveals nothing), each claimed in the database before it is made
+(:class:`LoginThrottle`): at most :data:`MAX_FAILURES` per :data:`FAILURE_WINDOW`
+seconds however many logins arrive at once, and when they all fail the username is
+locked for :data:`LOCKOUT` seconds, during which even the right password is
+refused without being checked. The web view also answers
 every failure after :data:`FAILURE_DELAY` seconds. A TOTP code is accepted once
 per user (RFC 6238 section 5.2). Both live in the database, so every HTTP
 process sees the same counts and used codes.
@@ -207,16 +209,23 @@ class TotpEnrolment:
 
 
 class LoginThrottle:
-    """Count failed logins per username; lock a username after too many.
+    """Count password checks per username; lock a username after too many failures.
 
-    The counts live in the database, so every web process sees the same ones.
+    The counts live in the database, so every web process sees the same ones, and
+    each check is claimed there before it is made: :meth:`begin` is one conditional
+    ``UPDATE`` that takes one of the window's ``max_failures`` checks only while the
+    username is not locked and checks are left (on PostgreSQL it waits for the row's
+    lock and re-checks the condition on the committed row; SQLite's writers queue for
+    one lock). However many logins arrive at once, at most ``max_failures`` passwords
+    of a username are checked per window; the failure that uses the last check starts
+    the lockout (:meth:`failed`), and a success forgets the count (:meth:`succeeded`).
 
     Parameters
     ----------
     max_failures : int
-        Failures within ``window`` seconds that start a lockout.
+        Checks within ``window`` seconds; when they all fail, a lockout starts.
     window, lockout : float
-        Seconds over which failures count, and how long a lockout lasts.
+        Seconds over which checks count, and how long a lockout lasts.
     """
 
     def __init__(self, max_failures: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
@@ -230,32 +239,36 @@ class LoginThrottle:
         row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
         return max(0.0, row.locked_until - now) if row is not None else 0.0
 
-    def failed(self, username: str, now: float) -> bool:
-        """Note a failed login; return ``True`` when it starts a lockout."""
-        for _ in range(3):  # PostgreSQL: two processes may create the same row at once
-            try:
-                return self._count_failure(username, now)
-            except peewee.IntegrityError:
-                continue
-        return self._count_failure(username, now)
+    def begin(self, username: str, now: float) -> bool:
+        """Claim one password check for ``username``; ``False``: locked, check nothing.
 
-    def _count_failure(self, username: str, now: float) -> bool:
+        A window that is over, or a lockout that has ended, starts a new count.
+        """
+        rows = StaffLoginFailures
+        over = (rows.window_start < now - self.window) | (
+            (rows.locked_until > 0) & (rows.locked_until <= now))
         with write_transaction():
-            row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
-            if row is None:
-                row = StaffLoginFailures(username=username, failures=0, window_start=now)
-            if now - row.window_start > self.window:
-                row.failures, row.window_start = 0, now
-            row.failures += 1
-            starts_lockout = row.failures >= self.max_failures
-            if starts_lockout:
-                row.failures, row.window_start, row.locked_until = 0, now, now + self.lockout
-            row.save()
+            rows.insert(username=username, failures=0, window_start=now,
+                        locked_until=0.0).on_conflict_ignore().execute()
+            won = rows.update(
+                failures=peewee.Case(None, [(over, 1)], rows.failures + 1),
+                window_start=peewee.Case(None, [(over, now)], rows.window_start),
+                locked_until=peewee.Case(None, [(over, 0.0)], rows.locked_until),
+            ).where((rows.username == username) & (rows.locked_until <= now)
+                    & (over | (rows.failures < self.max_failures))).execute()
+        return bool(won)
+
+    def failed(self, username: str, now: float) -> bool:
+        """Note that a claimed check failed; return ``True`` when it starts a lockout."""
+        rows = StaffLoginFailures
+        with write_transaction():
+            locked = rows.update(locked_until=now + self.lockout).where(
+                (rows.username == username) & (rows.failures >= self.max_failures)
+                & (rows.locked_until <= now)).execute()
             # Keep the table small: rows of usernames with nothing left to remember.
-            StaffLoginFailures.delete().where(
-                (StaffLoginFailures.window_start < now - self.window)
-                & (StaffLoginFailures.locked_until < now)).execute()
-        return starts_lockout
+            rows.delete().where((rows.window_start < now - self.window)
+                                & (rows.locked_until < now)).execute()
+        return bool(locked)
 
     def succeeded(self, username: str) -> None:
         """Forget the failures of a username that has just logged in."""
@@ -400,11 +413,10 @@ class AdminService:
         now = time.time() if now is None else now
         key = _username_key(username)
         actor = Actor("staff", key, source_ip)
-        wait = self.throttle.locked_for(key, now)
-        if wait:
+        if not self.throttle.begin(key, now):
             audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
                          outcome=audit.MINOR_FAILURE, detail="username locked out", now=now)
-            minutes = math.ceil(wait / 60)
+            minutes = max(1, math.ceil(self.throttle.locked_for(key, now) / 60))
             raise LoginThrottled(f"Too many failed logins: try again in {minutes} minute"
                                  f"{'s' if minutes != 1 else ''}.")
         try:

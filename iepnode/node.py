@@ -391,7 +391,7 @@ class Node:
 
     def _passcode_not_sent(self, sent: PasscodeToSend, transaction: Transaction,
                            source_ip: str, exc: Exception) -> None:
-        LoginAttempt.delete().where(LoginAttempt.id == sent.attempt_id).execute()
+        logins.discard_attempt(sent)
         audit.record(audit.USER_AUTHENTICATION, "passcode-not-sent",
                      audit.Actor("recipient", transaction.recipient.email, source_ip),
                      outcome=audit.SERIOUS_FAILURE, transaction=transaction.public_id,
@@ -450,10 +450,7 @@ class Node:
             .order_by(LoginAttempt.created_at.desc(), LoginAttempt.id.desc())
             .first()
         )
-        channel, destination = (
-            ("sms", recipient.otp_mobile) if recipient.otp_mobile
-            else ("email", recipient.otp_email)
-        )
+        channel, destination = logins.passcode_channel(recipient)
         return LinkLogin(attempt.id if attempt else None, channel, destination,
                          _contact(transaction), totp=bool(recipient.totp_secret),
                          locked=recipient.locked_at is not None)

@@ -44,6 +44,8 @@ ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     # requests (issue 7)
     (Transaction, "request_reason", "TEXT NOT NULL DEFAULT ''"),
     (Transaction, "patient_id_issuer", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    # hardening (issue 13): limits decided in the database
+    (Recipient, "last_passcode_at", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.

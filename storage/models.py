@@ -141,6 +141,9 @@ class Recipient(BaseModel):
     #: Set after too many consecutive failed passcodes; cleared by staff.
     locked_at = peewee.DoubleField(null=True)
     created_at = peewee.DoubleField()
+    #: When the last passcode message was claimed (Unix time; 0: never): a new one is
+    #: sent only where this is old enough (iepnode.logins.start_attempt).
+    last_passcode_at = peewee.DoubleField(default=0.0)
 
 
 class Transaction(BaseModel):
