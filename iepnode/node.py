@@ -918,11 +918,15 @@ class Node:
         Gone
             Declined, expired or purged.
         """
+        return self._recipient_download(recipient_id, public_id)[1]
+
+    def _recipient_download(self, recipient_id: int,
+                            public_id: str) -> tuple[Transaction, package.Package]:
         recipient = Recipient.get_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         downloads.check_downloadable(transaction)
-        return self._package_of(downloads.source_for_transaction(transaction,
-                                                                 self.settings.institution))
+        return transaction, self._package_of(downloads.source_for_transaction(
+            transaction, self.settings.institution))
 
     def transaction_package(self, public_id: str) -> package.Package:
         """The package of any transaction whose files are still stored (``iepnode export``).
@@ -984,11 +988,14 @@ class Node:
         ------
         NotFound, Gone
             As :meth:`recipient_package`.
+        InProgress
+            A copy of it is being made for this recipient already (one at a time).
         InvalidRequest
             No room on disk for the copy.
         """
-        pkg = self.recipient_package(recipient_id, public_id)
-        copy = self._protected.create(pkg, recipient_id=recipient_id, public_id=public_id)
+        transaction, pkg = self._recipient_download(recipient_id, public_id)
+        copy = self._protected.create(pkg, recipient_id=recipient_id,
+                                      transaction_id=transaction.id, public_id=public_id)
         recipient = Recipient.get_by_id(recipient_id)
         self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
                              action="encrypt", transaction=public_id,

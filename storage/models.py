@@ -496,6 +496,30 @@ class Attachment(BaseModel):
     created_at = peewee.DoubleField()
 
 
+# -- hardening (issue 13): limits decided in the database -------------------------------
+
+
+class ProtectedCopyBuild(BaseModel):
+    """The password-protected copy of one transaction for its recipient: one at a time.
+
+    A build is claimed by a conditional ``UPDATE`` of this row (``building`` only
+    where it is not already, or its lease ran out) before the encryption starts
+    (iepnode.downloads); the builder renews ``lease_until`` while it writes.
+    """
+
+    recipient = peewee.ForeignKeyField(Recipient, on_delete="CASCADE")
+    transaction = peewee.ForeignKeyField(Transaction, on_delete="CASCADE")
+    #: ``idle`` (no build running) or ``building``.
+    state = peewee.CharField(max_length=16, default="idle")
+    #: A ``building`` claim older than this (Unix time) was left by a crashed build.
+    lease_until = peewee.DoubleField(default=0.0)
+    #: Random name of the build holding the claim (only it renews or releases it).
+    owner = peewee.CharField(max_length=32, default="")
+
+    class Meta:
+        indexes = ((("recipient", "transaction"), True),)
+
+
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
@@ -504,4 +528,5 @@ ALL_MODELS = [
     DicomwebToken,  # issue 4: DICOMweb
     Upload, UploadFile,
     Attachment,  # issue 4 (reports)
+    ProtectedCopyBuild,  # issue 13 (hardening)
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -262,3 +263,49 @@ async def test_parallel_wrong_staff_logins_check_five_passwords(portal: Portal) 
     assert AuditEvent.select().where((AuditEvent.action == "login-locked")
                                      & (AuditEvent.actor == username)).count() == 1
     assert StaffUser.get_by_id(user.id).username == username
+
+
+# -- protected copies --------------------------------------------------------------------------
+
+
+def count_copies(folder: Path) -> int:
+    """Copies on disk now: finished (``.zip``) and being written (``.part``)."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except FileNotFoundError:
+        return 0
+    return sum(n.endswith((".zip", ".part")) for n in names)
+
+
+async def test_parallel_protected_copy_requests_make_one_copy_at_a_time(
+        portal: Portal, study: str) -> None:
+    transaction, _ = share(study, unique_email("copy"))
+    opened = logins.open_session(Recipient.get_by_id(transaction.recipient_id))
+    folder = portal.data_dir / "downloads"
+    most, watching = [0], threading.Event()
+
+    def watch() -> None:  # the most copies of any kind seen on disk at one moment
+        while not watching.wait(0.002):
+            most[0] = max(most[0], count_copies(folder))
+
+    async def protect(client: aiohttp.ClientSession, n: int) -> tuple[int, str]:
+        return await post(client, f"/transactions/{transaction.public_id}/download-protected",
+                          {"csrf": opened.csrf_token}, cookies={SESSION_COOKIE: opened.token})
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        answers = await burst(portal, protect)
+    finally:
+        watching.set()
+        watcher.join()
+    made = [page for status, page in answers if status == 200]
+    refused = [page for status, page in answers if status == 409]
+    assert len(made) + len(refused) == BURST, [status for status, _ in answers]
+    assert made and all("is being made for you already" in page for page in refused)
+    assert most[0] == 1 and count_copies(folder) == 1
+    assert len(list(folder.glob("*.zip"))) == 1 and not list(folder.glob("*.part"))
+    encrypted = AuditEvent.select().where(
+        (AuditEvent.action == "encrypt")
+        & (AuditEvent.transaction_public_id == transaction.public_id)).count()
+    assert encrypted == len(made)
