@@ -138,6 +138,13 @@ class Settings:
     upload_max_file_mb, upload_max_total_mb : int
         Largest single file, and largest whole upload, a recipient may upload in answer
         to a request (MiB).
+    password_hash_concurrency : int
+        (hardening, issue 13) Staff password hashes (argon2id, 64 MiB and ~0.1 s each)
+        one HTTP process computes at once, on threads of their own (never those page
+        views use).
+    password_hash_queue : int
+        (hardening) Password checks that may wait for one of those threads per HTTP
+        process; a login beyond them is answered at once with 503 "try again shortly".
     """
 
     data_dir: Path = Path("data")
@@ -187,6 +194,9 @@ class Settings:
     # -- uploads on request (issue 7)
     upload_max_file_mb: int = 4096
     upload_max_total_mb: int = 16384
+    # -- hardening (issue 13): limits --
+    password_hash_concurrency: int = 1
+    password_hash_queue: int = 16
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -263,7 +273,10 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
              "trusted_proxies": "trusted_proxies",
              "dicomweb_cors_origins": "dicomweb_cors_origins",
-             "dicomweb_ohif_url": "dicomweb_ohif_url"},
+             "dicomweb_ohif_url": "dicomweb_ohif_url",
+             # -- hardening (issue 13): limits --
+             "password_hash_concurrency": "password_hash_concurrency",
+             "password_hash_queue": "password_hash_queue"},
     "storage": {"database_url": "database_url", "stable_age": "stable_age"},
     "mail": {
         "smtp_host": "smtp_host",
@@ -504,6 +517,12 @@ def _validate(s: Settings) -> Settings:
                           f"send_retry_max_seconds ({s.send_retry_max_seconds})")
     if not 1 <= s.send_max_attempts <= 1000:
         raise ConfigError(f"send_max_attempts {s.send_max_attempts}: must be 1-1000")
+    # -- hardening (issue 13): limits --
+    if not 1 <= s.password_hash_concurrency <= 16:
+        raise ConfigError(f"password_hash_concurrency {s.password_hash_concurrency}: "
+                          "must be 1-16 (each hash takes 64 MiB)")
+    if not 0 <= s.password_hash_queue <= 1000:
+        raise ConfigError(f"password_hash_queue {s.password_hash_queue}: must be 0-1000")
     # uploads: review and release (issue 7, reconcile)
     if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
         raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "

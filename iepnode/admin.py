@@ -43,16 +43,14 @@ from typing import TYPE_CHECKING
 
 import peewee
 import pyotp
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydicom import config as dicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from iepnode import audit, logins, notifications, staff, transactions
+from iepnode import audit, logins, notifications, passwords, staff, transactions
 from iepnode.audit import Actor
-from iepnode.errors import InvalidRequest, LoginRefused, NotAuthorized, NotFound
+from iepnode.errors import Busy, InvalidRequest, LoginRefused, NotAuthorized, NotFound
 from iepnode.messaging import DeliveryError
 from iepnode.query import Root, parse_identifier, select_rows
 from iepnode.transactions import NewTransfer, StudyRow
@@ -107,7 +105,6 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _HOST = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.:-]{0,254})$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
-_hasher = PasswordHasher()
 
 
 class LoginThrottled(LoginRefused):
@@ -258,6 +255,13 @@ class LoginThrottle:
                     & (over | (rows.failures < self.max_failures))).execute()
         return bool(won)
 
+    def give_back(self, username: str) -> None:
+        """Return a claimed check that was never made (the server was too busy)."""
+        rows = StaffLoginFailures
+        with write_transaction():
+            rows.update(failures=rows.failures - 1).where(
+                (rows.username == username) & (rows.failures > 0)).execute()
+
     def failed(self, username: str, now: float) -> bool:
         """Note that a claimed check failed; return ``True`` when it starts a lockout."""
         rows = StaffLoginFailures
@@ -354,10 +358,7 @@ def _identifier(values: dict[str, str]) -> Dataset:
 
 
 def _verify_password(user: StaffUser, password: str) -> bool:
-    try:
-        return _hasher.verify(user.password_hash, password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        return False
+    return passwords.verify_password(user.password_hash, password)
 
 
 def _actor(user: StaffUser, source_ip: str) -> Actor:
@@ -382,7 +383,9 @@ _STUDY_COLUMNS = (
 class AdminService:
     """What the /admin pages do, behind the Node façade (``node.admin``).
 
-    Blocking methods: the web views call them in a worker thread.
+    Blocking methods: the web views call them in a worker thread, and those that hash
+    or check a password (log in, add a user, change, reset or confirm a password)
+    through :attr:`password_work`, never in the threads page views share.
 
     Parameters
     ----------
@@ -395,12 +398,18 @@ class AdminService:
         self.throttle = LoginThrottle()
         #: Seconds the web view waits before answering a failed login.
         self.failure_delay = FAILURE_DELAY
+        #: Where the web views run the methods that hash or check a password (bounded).
+        self.password_work = passwords.PasswordWork(node.settings.password_hash_concurrency,
+                                                    node.settings.password_hash_queue)
 
     # -- login -------------------------------------------------------------------------
 
     def log_in(self, username: str, password: str, code: str, source_ip: str = "",
                now: float | None = None) -> StaffLogin:
         """Check password and TOTP code; open a staff session. Audited either way.
+
+        Blocking, hash included (the CLI and tests); the web view runs the same steps
+        with the hash on :attr:`password_work` (:meth:`log_in_bounded`).
 
         Raises
         ------
@@ -411,16 +420,51 @@ class AdminService:
             (:data:`LOGIN_REFUSED` for all).
         """
         now = time.time() if now is None else now
+        key, user = self._begin_login(username, source_ip, now)
+        return self._finish_login(key, user, staff.check_password(user, password), code,
+                                  source_ip, now)
+
+    async def log_in_bounded(self, username: str, password: str, code: str,
+                             source_ip: str = "") -> StaffLogin:
+        """:meth:`log_in` for the web: database steps in a thread, the hash on the bounded pool.
+
+        Raises
+        ------
+        Busy
+            This process has as many password checks running and waiting as it allows
+            (the username's count of checks is given back).
+        LoginThrottled, LoginRefused
+            As :meth:`log_in`.
+        """
+        now = time.time()
+        key, user = await asyncio.to_thread(self._begin_login, username, source_ip, now)
+        try:
+            kept = await self.password_work.run(staff.check_password, user, password)
+        except Busy:
+            await asyncio.to_thread(self.throttle.give_back, key)
+            raise
+        return await asyncio.to_thread(self._finish_login, key, user, kept, code, source_ip,
+                                       now)
+
+    def _begin_login(self, username: str, source_ip: str,
+                     now: float) -> tuple[str, StaffUser | None]:
+        """Claim a password check for the username (or refuse, audited); find its user."""
         key = _username_key(username)
-        actor = Actor("staff", key, source_ip)
         if not self.throttle.begin(key, now):
-            audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
-                         outcome=audit.MINOR_FAILURE, detail="username locked out", now=now)
+            audit.record(audit.USER_AUTHENTICATION, "login-failed",
+                         Actor("staff", key, source_ip), outcome=audit.MINOR_FAILURE,
+                         detail="username locked out", now=now)
             minutes = max(1, math.ceil(self.throttle.locked_for(key, now) / 60))
             raise LoginThrottled(f"Too many failed logins: try again in {minutes} minute"
                                  f"{'s' if minutes != 1 else ''}.")
+        return key, staff.find_user(key)
+
+    def _finish_login(self, key: str, user: StaffUser | None, kept_hash: str | None,
+                      code: str, source_ip: str, now: float) -> StaffLogin:
+        """After the password check: TOTP code, lockout count, session, audit."""
+        actor = Actor("staff", key, source_ip)
         try:
-            user = staff.authenticate(key, password, code, now=now, allow_enrolment=True)
+            user = staff.admit(user, kept_hash, code, now, allow_enrolment=True)
             if user.totp_secret:
                 self._use_code(user.id, code.strip(), now)
         except LoginRefused:
@@ -841,10 +885,9 @@ class AdminService:
         target = self._other_user(user_id, user, "password")
         generated = "" if temporary else staff.temporary_password()
         password = temporary or generated
-        if len(password) < staff.MIN_PASSWORD:
-            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        passwords.check_policy(password)
         with write_transaction():
-            StaffUser.update(password_hash=_hasher.hash(password),
+            StaffUser.update(password_hash=passwords.hash_password(password),
                              must_change_password=True).where(
                 StaffUser.id == target.id).execute()
             WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
@@ -946,11 +989,10 @@ class AdminService:
             audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor, outcome=audit.MINOR_FAILURE,
                          detail="password-change refused: wrong password")
             raise InvalidRequest("wrong current password")
-        if len(new) < staff.MIN_PASSWORD:
-            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        passwords.check_policy(new)
         if new != repeat:
             raise InvalidRequest("the new passwords differ")
-        StaffUser.update(password_hash=_hasher.hash(new)).where(
+        StaffUser.update(password_hash=passwords.hash_password(new)).where(
             StaffUser.id == user.id).execute()
         WebSession.update(ended=True).where(
             (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
@@ -1005,14 +1047,14 @@ class AdminService:
         """
         if not user.must_change_password:
             raise InvalidRequest("your password does not need changing")
-        if len(new) < staff.MIN_PASSWORD:
-            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        passwords.check_policy(new)
         if new != repeat:
             raise InvalidRequest("the new passwords differ")
         if _verify_password(user, new):
             raise InvalidRequest("choose a password of your own, not the temporary one")
         with write_transaction():
-            StaffUser.update(password_hash=_hasher.hash(new), must_change_password=False).where(
+            StaffUser.update(password_hash=passwords.hash_password(new),
+                             must_change_password=False).where(
                 StaffUser.id == user.id).execute()
             WebSession.update(ended=True).where(
                 (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()

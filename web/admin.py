@@ -30,7 +30,9 @@ enough: such requests go to the login page); AE and user pages need an admin.
 A user with a pending step after a reset (``AdminService.pending_step``) is sent
 to that step's page from every other page: a session opened with the password
 alone (no TOTP secret) reaches nothing but the enrolment page.
-Blocking work runs in a thread through :class:`iepnode.admin.AdminService`.
+Blocking work runs in a thread through :class:`iepnode.admin.AdminService`; work that
+hashes or checks a password runs on the bounded ``AdminService.password_work`` pool
+(a login beyond its queue gets 503 at once), never in the threads page views share.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from iepnode.admin import (
     LoginThrottled,
 )
 from iepnode.audit import Actor
-from iepnode.errors import InvalidRequest, LoginRefused, UnknownDestination
+from iepnode.errors import Busy, InvalidRequest, LoginRefused, UnknownDestination
 from iepnode.messaging import DeliveryError
 from iepnode.transactions import PRIORITIES, NewTransfer
 from storage.models import StaffUser, Transaction, WebSession
@@ -282,8 +284,13 @@ async def login(request: web.Request) -> web.StreamResponse:
     next_url = _safe_next(form.get("next"))
     service = _admin(request)
     try:
-        opened = await asyncio.to_thread(service.log_in, username, _text(form, "password", 1024),
-                                         code, client_ip(request))
+        opened = await service.log_in_bounded(username, _text(form, "password", 1024), code,
+                                              client_ip(request))
+    except Busy as exc:  # too many password checks under way in this process: no wait
+        response = _login_page(request, error=str(exc), username=username, next_url=next_url,
+                               status=503)
+        response.headers["Retry-After"] = str(middlewares.RETRY_AFTER)
+        return response
     except LoginThrottled as exc:
         await asyncio.sleep(service.failure_delay)
         return _login_page(request, error=str(exc), username=username, next_url=next_url,
@@ -637,7 +644,7 @@ async def add_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     values = {k: _text(form, k, 254) for k in ("username", "display_name", "email",
                                                "department", "phone")}
     try:
-        new, uri = await asyncio.to_thread(
+        new, uri = await _admin(request).password_work.run(
             functools.partial(_admin(request).add_user, values["username"],
                               _text(form, "password", 1024), is_admin=form.get("is_admin") == "1",
                               display_name=values["display_name"], email=values["email"],
@@ -684,8 +691,9 @@ async def reset_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """
     form = await request.post()
     try:
-        done = await asyncio.to_thread(_admin(request).reset_password, _user_id(request),
-                                       _text(form, "password", 1024), staff.user, staff.ip)
+        done = await _admin(request).password_work.run(
+            _admin(request).reset_password, _user_id(request), _text(form, "password", 1024),
+            staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
     users = await asyncio.to_thread(_admin(request).staff_users)
@@ -719,9 +727,10 @@ async def change_password(request: web.Request, staff: Staff) -> web.StreamRespo
     """``POST /admin/account/password``: change own password."""
     form = await request.post()
     try:
-        await asyncio.to_thread(_admin(request).change_password, staff.user, staff.session.id,
-                                _text(form, "current", 1024), _text(form, "new", 1024),
-                                _text(form, "repeat", 1024), staff.ip)
+        await _admin(request).password_work.run(
+            _admin(request).change_password, staff.user, staff.session.id,
+            _text(form, "current", 1024), _text(form, "new", 1024), _text(form, "repeat", 1024),
+            staff.ip)
     except InvalidRequest as exc:
         return _render(request, staff, "account.html", {"error": str(exc)}, section="account",
                        status=400)
@@ -756,9 +765,9 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
         fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
         return _totp_page(request, staff, fresh, error=str(exc), status=400)
     try:
-        await asyncio.to_thread(service.confirm_totp, staff.user, staff.session.id, enrolment,
-                                _text(form, "password", 1024), _text(form, "code", 16),
-                                staff.ip)
+        await service.password_work.run(service.confirm_totp, staff.user, staff.session.id,
+                                        enrolment, _text(form, "password", 1024),
+                                        _text(form, "code", 16), staff.ip)
     except InvalidRequest as exc:
         return _totp_page(request, staff, enrolment, error=str(exc), status=400)
     return see_other("/admin/account?done=totp")
@@ -819,9 +828,9 @@ async def setup_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/setup/password``: replace the temporary password."""
     form = await request.post()
     try:
-        await asyncio.to_thread(_admin(request).set_required_password, staff.user,
-                                staff.session.id, _text(form, "new", 1024),
-                                _text(form, "repeat", 1024), staff.ip)
+        await _admin(request).password_work.run(
+            _admin(request).set_required_password, staff.user, staff.session.id,
+            _text(form, "new", 1024), _text(form, "repeat", 1024), staff.ip)
     except InvalidRequest as exc:
         return _render(request, staff, "setup_password.html", {"error": str(exc)},
                        status=400)
