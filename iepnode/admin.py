@@ -10,6 +10,7 @@ place. The audit events written here (PS3.15 A.5 EventIDs)::
                                 message-notify (the email telling the recipient of it)
     110106 Export               transfer-create (written by Node.share)
     110113 Security Alert       recipient-unlock, recipient-totp-remove, login-locked,
+                                recipient-channel-change, recipient-channel-notice,
                                 admin-change (remote AEs, staff users, own TOTP/password,
                                 an admin resetting another user's password or TOTP)
 
@@ -48,7 +49,16 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from iepnode import audit, logins, notifications, passwords, staff, transactions
+from iepnode import (
+    audit,
+    logins,
+    notifications,
+    passwords,
+    recipients,
+    staff,
+    timefmt,
+    transactions,
+)
 from iepnode.audit import Actor
 from iepnode.errors import Busy, InvalidRequest, LoginRefused, NotAuthorized, NotFound
 from iepnode.messaging import DeliveryError
@@ -150,6 +160,8 @@ class StaffTransactionView:
     messages: list[TransactionMessage]
     events: list[AuditEvent]
     expired: bool
+    #: The staff user viewing it may change the recipient's passcode channel.
+    can_change_channel: bool = False
 
     @property
     def locked(self) -> bool:
@@ -180,6 +192,15 @@ class ReplyOutcome:
 
     emailed: bool
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class ChannelChanged:
+    """A recipient's passcode channel changed by staff, and whether the old one was told."""
+
+    email: str
+    new: recipients.Channel
+    notified: bool
 
 
 @dataclass(frozen=True)
@@ -573,6 +594,7 @@ class AdminService:
             transaction, transaction.recipient,
             [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
             audit.events_for_transaction(public_id), expired,
+            self.may_change_channel(transaction.recipient_id, user),
         )
 
     async def reply(self, public_id: str, user: StaffUser, body: str,
@@ -670,6 +692,117 @@ class AdminService:
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail=f"{recipient.email}: removed by staff; recipient sessions ended")
         return recipient.email
+
+    # -- a recipient's passcode channel (issue 13) ---------------------------------------
+
+    @staticmethod
+    def may_change_channel(recipient_id: int, user: StaffUser) -> bool:
+        """Whether ``user`` may change where a recipient's passcodes go.
+
+        Administrators may, and so may the hospital contact of one of the recipient's
+        transactions (the staff user who created it: ``Transaction.created_by``).
+        """
+        return user.is_admin or Transaction.select().where(
+            (Transaction.recipient == recipient_id)
+            & (Transaction.created_by == user.username)).exists()
+
+    async def change_passcode_channel(self, email: str, otp_mobile: str, otp_email: str,
+                                      user: StaffUser, source_ip: str = "", *,
+                                      public_id: str = "") -> ChannelChanged:
+        """Send a recipient's passcodes somewhere else; tell them on the old channel.
+
+        Their open sessions and unused passcodes end (:func:`recipients.change_channel`).
+        The change and the notice are audited (channels masked); a notice that cannot
+        be sent is logged and audited, and reported in the outcome, never raised.
+
+        Parameters
+        ----------
+        email : str
+            The recipient's email.
+        otp_mobile, otp_email : str
+            The new channel: exactly one of them.
+        public_id : str, optional
+            The transaction page the change was made from (for its audit trail).
+
+        Raises
+        ------
+        NotFound
+            No such recipient.
+        NotAuthorized
+            ``user`` is neither an administrator nor the hospital contact of one of
+            the recipient's transactions.
+        InvalidRequest
+            No channel, both, a bad one, or the one they have already.
+        """
+        change, contact, patient_id = await asyncio.to_thread(
+            self._change_channel, email, otp_mobile, otp_email, user, source_ip, public_id)
+        settings = self.node.settings
+        subject, text = notifications.channel_changed_text(
+            settings.institution, timefmt.day_time(time.time(), settings.zone),
+            change.new.masked, contact)
+        actor = _actor(user, source_ip)
+        try:
+            if change.old.kind == recipients.SMS:
+                await self.node.messenger.send_sms(change.old.destination, text)
+            else:
+                await self.node.messenger.send_email(change.old.destination, subject, text,
+                                                     kind="channel-change")
+        except (DeliveryError, ValueError) as exc:
+            log.warning("passcode channel of %s changed, but the notice to the old channel "
+                        "failed: %s", change.recipient.email, exc)
+            await asyncio.to_thread(
+                audit.record, audit.SECURITY_ALERT, "recipient-channel-notice", actor,
+                outcome=audit.SERIOUS_FAILURE, transaction=public_id, patient_id=patient_id,
+                detail=f"{change.recipient.email}: notice to the old {change.old.masked} "
+                       f"failed: {exc}"[:500])
+            return ChannelChanged(change.recipient.email, change.new, False)
+        await asyncio.to_thread(
+            audit.record, audit.SECURITY_ALERT, "recipient-channel-notice", actor,
+            transaction=public_id, patient_id=patient_id,
+            detail=f"{change.recipient.email}: told on the old {change.old.masked}")
+        return ChannelChanged(change.recipient.email, change.new, True)
+
+    @staticmethod
+    def recipient_email_of(public_id: str) -> str:
+        """The email of a transaction's recipient.
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        """
+        return _get_transaction(public_id).recipient.email
+
+    def _change_channel(self, email: str, otp_mobile: str, otp_email: str, user: StaffUser,
+                        source_ip: str, public_id: str,
+                        ) -> tuple[recipients.ChannelChange, str, str]:
+        recipient = Recipient.get_or_none(Recipient.email == email.strip().lower())
+        if recipient is None:
+            raise NotFound(f"no recipient {email}")
+        if not self.may_change_channel(recipient.id, user):
+            raise NotAuthorized("only administrators and the hospital contact of one of this "
+                                "recipient's transactions may change where their passcodes go")
+        channel = recipients.check_channel(recipient.email, otp_mobile, otp_email)
+        change = recipients.change_channel(recipient.id, channel)
+        transaction = Transaction.get_or_none(Transaction.public_id == public_id) \
+            if public_id else None
+        patient_id = transaction.patient_id if transaction is not None else ""
+        audit.record(audit.SECURITY_ALERT, "recipient-channel-change", _actor(user, source_ip),
+                     transaction=public_id, patient_id=patient_id,
+                     detail=f"{recipient.email}: passcode channel {change.old.masked} -> "
+                            f"{change.new.masked}; sessions and unused passcodes ended")
+        return change, self._contact_line(user, recipient.id), patient_id
+
+    def _contact_line(self, user: StaffUser, recipient_id: int) -> str:
+        """Whom the notice tells the recipient to call: the staff user, else their contact."""
+        name = user.display_name or user.username
+        if user.phone or user.email:
+            return f"{name}, {self.node.settings.institution} ({user.phone or user.email})"
+        newest = transactions.newest_for(recipient_id)
+        reach = newest and (newest.contact_phone or newest.contact_email)
+        if reach:
+            return f"{newest.contact_name or self.node.settings.institution} ({reach})"
+        return self.node.settings.institution
 
     async def share(self, request: NewTransfer, user: StaffUser,
                     source_ip: str = "") -> Transaction:
@@ -822,7 +955,7 @@ class AdminService:
         InvalidRequest
             Bad or taken username, short password, bad email.
         """
-        email = transactions.normalize_email(email) if email.strip() else ""
+        email = recipients.normalize_email(email) if email.strip() else ""
         new, uri = staff.create_user(username, password, is_admin=is_admin,
                                      display_name=_clean(display_name, 128), email=email,
                                      department=_clean(department, 128),

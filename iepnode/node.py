@@ -26,6 +26,7 @@ from iepnode import (
     logins,
     notifications,
     package,
+    recipients,
     reports,
     routing,
     sending,
@@ -352,7 +353,8 @@ class Node:
             audit.record, audit.EXPORT, "transfer-create", actor,
             patient_id=transaction.patient_id, transaction=transaction.public_id,
             study_uid=",".join(request.study_uids)[:64],
-            detail=f"to {transaction.recipient.email}",
+            detail=f"to {transaction.recipient.email}"
+                   f"{_channel_note(transaction.recipient, request.otp_mobile, request.otp_email)}",
         )
         subject, text = notifications.transfer_email(
             transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
@@ -1217,7 +1219,8 @@ class Node:
         await asyncio.to_thread(
             audit.record, PATIENT_RECORD, "request-create", actor,
             patient_id=transaction.patient_id, transaction=transaction.public_id,
-            detail=f"to {transaction.recipient.email}")
+            detail=f"to {transaction.recipient.email}"
+                   f"{_channel_note(transaction.recipient, request.otp_mobile, request.otp_email)}")
         subject, text = image_requests.request_email(
             transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
         await self.messenger.send_email(transaction.recipient.email, subject, text,
@@ -1461,6 +1464,13 @@ class Node:
         return attachments.add(self.ingester, transaction, data=data,
                                original_name=original_name, title=title, study_uid=study_uid,
                                actor=actor, author_label=label)
+
+
+def _channel_note(recipient: Recipient, otp_mobile: str, otp_email: str) -> str:
+    """For the audit trail: the passcode channel given was not used (an existing account)."""
+    kept = recipients.kept_instead(recipient, otp_mobile, otp_email)
+    return f"; existing passcode channel {kept.masked} kept (the one given was not used)" \
+        if kept else ""
 
 
 def _contact(transaction: Transaction) -> Contact:

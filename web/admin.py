@@ -12,6 +12,8 @@ token, checked in :mod:`web.middlewares`)::
     POST /admin/transactions/{public_id}/messages   staff reply (emails the recipient)
     POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
     POST /admin/transactions/{public_id}/authenticator/remove   recipient lost their phone
+    POST /admin/transactions/{public_id}/passcode-channel   where the recipient's passcodes go
+                                                 (admins and the transactions' contacts)
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
@@ -53,7 +55,7 @@ from aiohttp import web
 from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
-from iepnode import timefmt
+from iepnode import recipients, timefmt
 from iepnode.admin import (
     LOGIN_REFUSED,
     STEP_PASSWORD,
@@ -83,6 +85,18 @@ _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major 
 #: Fixed notices shown after a redirect (``?done=``): no text is reflected from the URL.
 _NOTICES = {
     "created": "Transaction created: the recipient has been emailed the link.",
+    "created-channel-kept": "Transaction created: the recipient has been emailed the link. "
+                            "They already had an account, so their passcodes still go where "
+                            "they went before (shown under Recipient): the mobile number or "
+                            "email you typed was not used. If it really changed, use Change "
+                            "passcode channel below (administrators and the hospital contact "
+                            "of their transactions may).",
+    "channel-changed": "The recipient's passcodes now go to the new channel. Their open "
+                       "sessions and unused passcodes have ended, and they were told on the "
+                       "old channel.",
+    "channel-changed-unnotified": "The recipient's passcodes now go to the new channel and "
+                                  "their open sessions have ended, but the notice to the old "
+                                  "channel could not be sent (the audit trail below says why).",
     "unlocked": "The recipient is unlocked and can sign in again.",
     "app-removed": "The recipient's authenticator app is removed: they get a passcode by "
                    "text message or email again, and their open sessions have ended.",
@@ -109,7 +123,8 @@ _NOTICES = {
 }
 
 #: Notices that report something that did not work (shown as an error, not as info).
-_WARNINGS = frozenset({"replied-failed", "replied-expired"})
+_WARNINGS = frozenset({"replied-failed", "replied-expired", "created-channel-kept",
+                       "channel-changed-unnotified"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -335,7 +350,7 @@ async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 async def _transaction_page(request: web.Request, staff: Staff, public_id: str, *,
                             error: str = "", body: str = "", send_error: str = "",
-                            status: int = 200) -> web.Response:
+                            channel_error: str = "", status: int = 200) -> web.Response:
     view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
                                    staff.ip)
     node = node_of(request)
@@ -347,7 +362,7 @@ async def _transaction_page(request: web.Request, staff: Staff, public_id: str, 
 
     return _render(request, staff, "transaction.html",
                    {"view": view, "error": error, "body": body, "send_error": send_error,
-                    **await asyncio.to_thread(sending)},
+                    "channel_error": channel_error, **await asyncio.to_thread(sending)},
                    section="transactions", status=status)
 
 
@@ -381,6 +396,32 @@ async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     public_id = public_id_of(request)
     await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=unlocked")
+
+
+@staff_view()
+async def change_channel(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/passcode-channel``: passcodes go elsewhere now.
+
+    For administrators and the hospital contact of one of the recipient's transactions
+    (others get 403); the recipient is told on the old channel.
+    """
+    public_id = public_id_of(request)
+    form = await request.post()
+    channel = _text(form, "channel", 8)
+    service = _admin(request)
+    email = await asyncio.to_thread(service.recipient_email_of, public_id)
+    try:
+        if channel not in ("sms", "email"):
+            raise InvalidRequest("choose where the passcodes go: a mobile number or an email")
+        changed = await service.change_passcode_channel(
+            email, _text(form, "otp_mobile", 64) if channel == "sms" else "",
+            _text(form, "otp_email", 254) if channel == "email" else "", staff.user, staff.ip,
+            public_id=public_id)
+    except InvalidRequest as exc:
+        return await _transaction_page(request, staff, public_id, channel_error=str(exc),
+                                       status=400)
+    done = "channel-changed" if changed.notified else "channel-changed-unnotified"
+    return see_other(f"/admin/transactions/{public_id}?done={done}")
 
 
 @staff_view()
@@ -537,6 +578,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             priority=values["priority"], expiry_days=expiry, nhs_number=values["nhs_number"],
         )
         created = await service.share(new, staff.user, staff.ip)
+        kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     except (InvalidRequest, ValueError, DeliveryError) as exc:
         if isinstance(exc, DeliveryError):
             message = (f"The transaction was created, but the email with its link could not be "
@@ -549,7 +591,8 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             "share": {**_share_defaults(request), **{k: v for k, v in values.items() if v}},
             "chosen": set(uids), "share_error": message, "priorities": PRIORITIES,
         }, section="studies", status=400)
-    return see_other(f"/admin/transactions/{created.public_id}?done=created")
+    done = "created-channel-kept" if kept else "created"
+    return see_other(f"/admin/transactions/{created.public_id}?done={done}")
 
 
 # -- audit log -------------------------------------------------------------------------------
@@ -868,6 +911,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/admin/transactions/{public_id}/unlock", unlock)
     router.add_post("/admin/transactions/{public_id}/authenticator/remove",
                     remove_recipient_app)
+    router.add_post("/admin/transactions/{public_id}/passcode-channel", change_channel)
     router.add_get("/admin/audit", audit_log)
     router.add_get("/admin/aes", aes)
     router.add_post("/admin/aes", add_ae)
