@@ -225,6 +225,9 @@ def test_bad_database_url(url: str) -> None:
 @pytest.mark.parametrize(("name", "value"), [
     ("dicom_workers", 0), ("dicom_workers", 65), ("http_workers", 0), ("max_pdu", 100),
     ("stable_age", -1),
+    # hardening (issue 13): limits
+    ("password_hash_concurrency", 0), ("password_hash_concurrency", 17),
+    ("password_hash_queue", -1), ("password_hash_queue", 1001),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):
