@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from iepnode.errors import InvalidRequest
-from storage.db import write_transaction
+from storage.db import is_sqlite, write_transaction
 from storage.models import LoginAttempt, Recipient, WebSession, database_proxy
 
 SMS, EMAIL = "sms", "email"
@@ -156,8 +156,7 @@ class ChannelChange:
     new: Channel
 
 
-def change_channel(recipient_id: int, channel: Channel,
-                   now: float | None = None) -> ChannelChange:
+def change_channel(recipient_id: int, channel: Channel) -> ChannelChange:
     """Give the recipient a new passcode channel; end their sessions and unused passcodes.
 
     The passcode already on its way (or sitting) on the old channel cannot sign in
@@ -168,19 +167,22 @@ def change_channel(recipient_id: int, channel: Channel,
     InvalidRequest
         ``channel`` is the recipient's channel already.
     """
-    now = time.time() if now is None else now
     with write_transaction():
-        recipient = Recipient.get_by_id(recipient_id)
+        # Attempts first, then the recipient row (locked while its old channel is read):
+        # the order verify_passcode locks them in on PostgreSQL, so the two never wait
+        # for each other in a circle. SQLite's writers are serialised anyway.
+        LoginAttempt.update(dead=True).where(
+            (LoginAttempt.recipient == recipient_id) & LoginAttempt.used_at.is_null()
+            & (LoginAttempt.dead == False)).execute()  # noqa: E712
+        query = Recipient.select().where(Recipient.id == recipient_id)
+        recipient = (query if is_sqlite(database_proxy.obj) else query.for_update()).get()
         old = channel_of(recipient)
-        if old == channel:
+        if old == channel:  # raised inside: the attempts stay alive
             what = "number" if channel.kind == SMS else "address"
             raise InvalidRequest(f"passcodes go to that {what} already")
         Recipient.update(otp_mobile=channel.destination if channel.kind == SMS else "",
                          otp_email=channel.destination if channel.kind == EMAIL else "",
                          last_passcode_at=0.0).where(Recipient.id == recipient_id).execute()
-        LoginAttempt.update(dead=True).where(
-            (LoginAttempt.recipient == recipient_id) & LoginAttempt.used_at.is_null()
-            & (LoginAttempt.dead == False)).execute()  # noqa: E712
         WebSession.update(ended=True).where(
             (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
         ).execute()

@@ -9,7 +9,8 @@ audited with both channels masked, announced on the old channel, and it ends the
 recipient's sessions and unused passcodes.
 
 The web half runs the app in-process over a :class:`Node` (messages in the outbox);
-the CLI half runs ``iepnode`` commands on the same data folder.
+the CLI half runs ``iepnode`` commands on the same data folder. Each runs on SQLite and
+on PostgreSQL (the change locks the recipient row there).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -45,17 +47,21 @@ NEW_ADDRESS = "carol.codes@example.net"
 CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+441234567890")
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
     return load_settings(overrides={"data_dir": tmp_path / "data", "fsync": False,
-                                    "institution": "St Elsewhere"}, environ={})
+                                    "institution": "St Elsewhere", "database_url": url},
+                         environ={})
 
 
 @pytest.fixture
-def node(settings: Settings) -> Node:
+def node(settings: Settings) -> Iterator[Node]:
     node = Node(settings)
     node.admin.failure_delay = 0.0
-    return node
+    yield node
+    node.group_commit.close()
+    node.close()
 
 
 @pytest.fixture
@@ -201,38 +207,44 @@ async def test_only_admins_and_the_contact_change_it_and_carol_is_told(
 # -- the command line ------------------------------------------------------------------------
 
 
-def add_staff(data_dir: Path, username: str, *flags: str) -> None:
+def add_staff(node: Node, username: str, *flags: str) -> None:
     """``iepnode user add`` with the password on standard input."""
     proc = subprocess.run(
         [sys.executable, "-m", "iepnode.cli", "user", "add", username, *flags,
-         "--password-stdin", "--data-dir", str(data_dir)],
+         "--password-stdin", "--data-dir", str(node.settings.data_dir), *database(node)],
         input="correct horse battery staple\n", capture_output=True, text=True, cwd=REPO,
         timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def database(node: Node) -> list[str]:
+    """The ``--database-url`` flag the CLI needs to use the node's index."""
+    url = node.settings.database_url
+    return ["--database-url", url] if url else []
 
 
 def test_the_cli_keeps_the_channel_and_changes_it_only_for_admins(
         node: Node, study: str) -> None:
     data = node.settings.data_dir
     carols_transfer(study, created_by="drwho")
-    add_staff(data, "mallory")
-    add_staff(data, "eve")
-    add_staff(data, "boss", "--admin", "--email", "boss@hospital.example")
+    add_staff(node, "mallory")
+    add_staff(node, "eve")
+    add_staff(node, "boss", "--admin", "--email", "boss@hospital.example")
 
     shared = run_cli(data, "transfer", "create", "--study", study, "--to", CAROL,
-                     "--otp-email", ATTACKER, "--as-user", "mallory")
+                     "--otp-email", ATTACKER, "--as-user", "mallory", extra=database(node))
     assert re.fullmatch(r"IEP\d{8}\n", shared.stdout)
     assert f"{CAROL} already has an account" in shared.stderr
     assert "mobile •••23" in shared.stderr and "iepnode recipient channel" in shared.stderr
     assert (carol().otp_mobile, carol().otp_email) == (CAROL_MOBILE, "")
 
     refused = run_cli(data, "recipient", "channel", CAROL, "--otp-email", ATTACKER,
-                      "--as-user", "eve", check=False)  # no transaction of Carol's is hers
+                      "--as-user", "eve", check=False, extra=database(node))  # none hers
     assert refused.returncode == 1 and "hospital contact" in refused.stderr
     assert carol().otp_mobile == CAROL_MOBILE
 
     changed = run_cli(data, "recipient", "channel", CAROL, "--otp-email", NEW_ADDRESS,
-                      "--as-user", "boss")
+                      "--as-user", "boss", extra=database(node))
     assert "now go to their email c•••@example.net" in changed.stdout
     assert (carol().otp_mobile, carol().otp_email) == ("", NEW_ADDRESS)
     notice = sent_to(node, CAROL_MOBILE)[-1]
