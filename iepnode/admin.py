@@ -594,7 +594,7 @@ class AdminService:
             transaction, transaction.recipient,
             [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
             audit.events_for_transaction(public_id), expired,
-            self.may_change_channel(transaction.recipient_id, user),
+            self.may_change_channel(transaction.recipient, user),
         )
 
     async def reply(self, public_id: str, user: StaffUser, body: str,
@@ -696,15 +696,29 @@ class AdminService:
     # -- a recipient's passcode channel (issue 13) ---------------------------------------
 
     @staticmethod
-    def may_change_channel(recipient_id: int, user: StaffUser) -> bool:
+    def may_change_channel(recipient: Recipient, user: StaffUser) -> bool:
         """Whether ``user`` may change where a recipient's passcodes go.
 
-        Administrators may, and so may the hospital contact of one of the recipient's
-        transactions (the staff user who created it: ``Transaction.created_by``).
+        Administrators may, and so may the hospital contact (``Transaction.created_by``)
+        of one of the recipient's transactions that the recipient's account was made
+        for (their first) or that the recipient has signed in through. Being the
+        contact of any transaction is not enough: anyone may share with anyone, so
+        a new share would otherwise let its author move the passcodes right after.
         """
-        return user.is_admin or Transaction.select().where(
-            (Transaction.recipient == recipient_id)
-            & (Transaction.created_by == user.username)).exists()
+        if user.is_admin:
+            return True
+        mine = {t.id: t.public_id for t in Transaction.select(
+            Transaction.id, Transaction.public_id).where(
+            (Transaction.recipient == recipient.id)
+            & (Transaction.created_by == user.username))}
+        if not mine:
+            return False
+        first = (Transaction.select(Transaction.id).where(Transaction.recipient == recipient.id)
+                 .order_by(Transaction.created_at, Transaction.id).scalar())
+        return first in mine or AuditEvent.select().where(
+            (AuditEvent.action == "login") & (AuditEvent.actor_kind == "recipient")
+            & (AuditEvent.actor == recipient.email)
+            & AuditEvent.transaction_public_id.in_(list(mine.values()))).exists()
 
     async def change_passcode_channel(self, email: str, otp_mobile: str, otp_email: str,
                                       user: StaffUser, source_ip: str = "", *,
@@ -729,8 +743,7 @@ class AdminService:
         NotFound
             No such recipient.
         NotAuthorized
-            ``user`` is neither an administrator nor the hospital contact of one of
-            the recipient's transactions.
+            ``user`` may not (see :meth:`may_change_channel`).
         InvalidRequest
             No channel, both, a bad one, or the one they have already.
         """
@@ -779,9 +792,11 @@ class AdminService:
         recipient = Recipient.get_or_none(Recipient.email == email.strip().lower())
         if recipient is None:
             raise NotFound(f"no recipient {email}")
-        if not self.may_change_channel(recipient.id, user):
-            raise NotAuthorized("only administrators and the hospital contact of one of this "
-                                "recipient's transactions may change where their passcodes go")
+        if not self.may_change_channel(recipient, user):
+            raise NotAuthorized("only administrators, and the hospital contact of the "
+                                "transaction this recipient's account was made for or of one "
+                                "they have signed in through, may change where their "
+                                "passcodes go")
         channel = recipients.check_channel(recipient.email, otp_mobile, otp_email)
         change = recipients.change_channel(recipient.id, channel)
         transaction = Transaction.get_or_none(Transaction.public_id == public_id) \

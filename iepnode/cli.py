@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     new_channel.add_argument("--otp-email", metavar="EMAIL", help="passcodes to a second email")
     rchan.add_argument("--as-user", required=True, metavar="USERNAME",
                        help="the staff user making the change: an administrator, or the "
-                            "hospital contact of one of the recipient's transactions")
+                            "hospital contact of the recipient's first transaction or of one "
+                            "they have signed in through")
 
     transfer = sub.add_parser("transfer", help="share studies with a recipient")
     transfer_sub = transfer.add_subparsers(dest="transfer_command", required=True)
@@ -451,9 +452,9 @@ def _warn_if_channel_kept(transaction: Any, otp_mobile: str, otp_email: str) -> 
         email = transaction.recipient.email
         print(f"iepnode: warning: {email} already has an account: their passcodes still go "
               f"to their {kept.masked}; the channel given was not used. To change it "
-              f"(administrators and the hospital contact of their transactions): iepnode "
-              f"recipient channel {email} --otp-mobile NUMBER|--otp-email EMAIL "
-              f"--as-user USERNAME, or the staff page of the transaction.", file=sys.stderr)
+              f"(an administrator, or the contact of a transaction they signed in through): "
+              f"iepnode recipient channel {email} --otp-mobile NUMBER|--otp-email EMAIL "
+              f"--as-user USERNAME, or the staff page of that transaction.", file=sys.stderr)
 
 
 def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:

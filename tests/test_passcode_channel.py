@@ -4,8 +4,9 @@ The issue: ``transfer create --to carol@... --otp-email attacker@...`` by any st
 user replaced Carol's passcode channel for all her transactions. Now a share (staff
 page, ``transfer create``, requests, forwards) keeps the channel an existing
 recipient has and tells the staff user so; changing it is a separate action for
-administrators and the hospital contact of one of the recipient's transactions,
-audited with both channels masked, announced on the old channel, and it ends the
+administrators and the recipient's established hospital contacts (of the transaction
+their account was made for, or of one they signed in through), audited with both
+channels masked, announced on the old channel, and it ends the
 recipient's sessions and unused passcodes.
 
 The web half runs the app in-process over a :class:`Node` (messages in the outbox);
@@ -154,9 +155,9 @@ async def test_a_request_keeps_the_channel_too(node: Node, study: str) -> None:
 # -- changing it is a separate, audited staff action ---------------------------------------
 
 
-async def test_only_admins_and_the_contact_change_it_and_carol_is_told(
+async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
         client: Any, node: Node, study: str) -> None:
-    transaction, token = carols_transfer(study, created_by="drwho")
+    transaction, token = carols_transfer(study, created_by="drwho")  # her account's first
     url = f"/admin/transactions/{transaction.public_id}/passcode-channel"
     change = {"channel": "email", "otp_email": NEW_ADDRESS}
 
@@ -166,6 +167,11 @@ async def test_only_admins_and_the_contact_change_it_and_carol_is_told(
     refused = await mallory.form(url, change)
     assert refused.status == 403 and "hospital contact" in await refused.text()
     assert (await mallory.post(url, data=change)).status == 403  # no CSRF token
+    # Sharing with Carol makes Mallory the contact of a transaction Carol never opened:
+    # not enough, or any share could be followed by a takeover.
+    hers, her_token = carols_transfer(study, created_by="mallory")
+    hers_url = f"/admin/transactions/{hers.public_id}/passcode-channel"
+    assert (await mallory.form(hers_url, change)).status == 403
     assert carol().otp_mobile == CAROL_MOBILE and details("recipient-channel-change") == []
 
     # Carol is signed in and has a passcode waiting: both end with the change.
@@ -197,11 +203,17 @@ async def test_only_admins_and_the_contact_change_it_and_carol_is_told(
     assert (sent.channel, sent.destination) == ("email", NEW_ADDRESS)
     assert sent.code in sent_to(node, NEW_ADDRESS)[-1]
 
-    # The hospital contact of one of Carol's transactions may change it too.
+    # The contact of the transaction Carol's account was made for may change it too.
     drwho = await staff_browser(client, "drwho")
     back = await drwho.form(url, {"channel": "sms", "otp_mobile": "+44 7700 900999"})
     assert back.status == 303 and carol().otp_mobile == "+447700900999"
     assert sent_to(node, NEW_ADDRESS)[-1].startswith("St Elsewhere: on ")
+
+    # And so may Mallory once Carol has signed in through Mallory's transaction.
+    sent = await node.send_passcode(her_token)
+    node.log_in(her_token, sent.attempt_id, sent.code)
+    again = await mallory.form(hers_url, {"channel": "sms", "otp_mobile": "+447700900888"})
+    assert again.status == 303 and carol().otp_mobile == "+447700900888"
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -228,7 +240,6 @@ def test_the_cli_keeps_the_channel_and_changes_it_only_for_admins(
     data = node.settings.data_dir
     carols_transfer(study, created_by="drwho")
     add_staff(node, "mallory")
-    add_staff(node, "eve")
     add_staff(node, "boss", "--admin", "--email", "boss@hospital.example")
 
     shared = run_cli(data, "transfer", "create", "--study", study, "--to", CAROL,
@@ -238,8 +249,9 @@ def test_the_cli_keeps_the_channel_and_changes_it_only_for_admins(
     assert "mobile •••23" in shared.stderr and "iepnode recipient channel" in shared.stderr
     assert (carol().otp_mobile, carol().otp_email) == (CAROL_MOBILE, "")
 
+    # Mallory is the contact of the share she just made: that does not let her move them.
     refused = run_cli(data, "recipient", "channel", CAROL, "--otp-email", ATTACKER,
-                      "--as-user", "eve", check=False, extra=database(node))  # none hers
+                      "--as-user", "mallory", check=False, extra=database(node))
     assert refused.returncode == 1 and "hospital contact" in refused.stderr
     assert carol().otp_mobile == CAROL_MOBILE
 

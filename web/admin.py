@@ -13,7 +13,7 @@ token, checked in :mod:`web.middlewares`)::
     POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
     POST /admin/transactions/{public_id}/authenticator/remove   recipient lost their phone
     POST /admin/transactions/{public_id}/passcode-channel   where the recipient's passcodes go
-                                                 (admins and the transactions' contacts)
+                                                 (admins and the recipient's contacts)
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
@@ -88,9 +88,10 @@ _NOTICES = {
     "created-channel-kept": "Transaction created: the recipient has been emailed the link. "
                             "They already had an account, so their passcodes still go where "
                             "they went before (shown under Recipient): the mobile number or "
-                            "email you typed was not used. If it really changed, use Change "
-                            "passcode channel below (administrators and the hospital contact "
-                            "of their transactions may).",
+                            "email you typed was not used. If it really changed, an "
+                            "administrator, or the hospital contact of a transaction they "
+                            "have signed in through, can change it on that transaction's "
+                            "page.",
     "channel-changed": "The recipient's passcodes now go to the new channel. Their open "
                        "sessions and unused passcodes have ended, and they were told on the "
                        "old channel.",
@@ -402,8 +403,8 @@ async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def change_channel(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/passcode-channel``: passcodes go elsewhere now.
 
-    For administrators and the hospital contact of one of the recipient's transactions
-    (others get 403); the recipient is told on the old channel.
+    For administrators and the recipient's established contacts (others get 403, see
+    ``AdminService.may_change_channel``); the recipient is told on the old channel.
     """
     public_id = public_id_of(request)
     form = await request.post()
