@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import pyotp
 
+from iepnode import recipients
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -136,20 +137,14 @@ def start_attempt(transaction: Transaction, secret: bytes, ttl: float,
             if recipient.locked_at is not None:
                 raise RecipientLocked("this account is locked: please contact the hospital")
             raise RateLimited(f"a passcode was sent less than {RESEND_INTERVAL:.0f} s ago")
-        channel, destination = passcode_channel(recipient)
+        channel = recipients.channel_of(recipient)
         attempt = LoginAttempt.create(transaction=transaction, recipient=recipient,
-                                      code_hash="", channel=channel, created_at=now,
+                                      code_hash="", channel=channel.kind, created_at=now,
                                       expires_at=now + ttl)
         attempt.code_hash = passcode_hash(secret, _attempt_key(attempt), code)
         attempt.save()
-    return PasscodeToSend(attempt.id, code, channel, destination, recipient.id, now)
-
-
-def passcode_channel(recipient: Recipient) -> tuple[str, str]:
-    """Where the recipient's passcodes go: ``("sms", number)`` or ``("email", address)``."""
-    if recipient.otp_mobile:
-        return "sms", recipient.otp_mobile
-    return "email", recipient.otp_email
+    return PasscodeToSend(attempt.id, code, channel.kind, channel.destination, recipient.id,
+                          now)
 
 
 def discard_attempt(sent: PasscodeToSend) -> None:
@@ -192,7 +187,7 @@ def _check_failed(recipient_id: int, now: float) -> Recipient:
     return Recipient.get_by_id(recipient_id)
 
 
-def _refusal(attempt_id: int, now: float) -> LoginRefused:
+def _refusal(attempt_id: int) -> LoginRefused:
     """Why a passcode for ``attempt_id`` cannot be checked (it won no try)."""
     attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
     if attempt is None:
@@ -233,7 +228,7 @@ def verify_passcode(attempt_id: int, code: str, secret: bytes,
             & (LoginAttempt.dead == False)  # noqa: E712
             & (LoginAttempt.tries < MAX_TRIES) & (LoginAttempt.expires_at > now)).execute()
         if not won:
-            raise _refusal(attempt_id, now)
+            raise _refusal(attempt_id)
         attempt = LoginAttempt.get_by_id(attempt_id)
         if not _claim_check(attempt.recipient_id):
             # Raised inside the transaction: the try taken above is given back.

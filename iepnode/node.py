@@ -452,8 +452,8 @@ class Node:
             .order_by(LoginAttempt.created_at.desc(), LoginAttempt.id.desc())
             .first()
         )
-        channel, destination = logins.passcode_channel(recipient)
-        return LinkLogin(attempt.id if attempt else None, channel, destination,
+        channel = recipients.channel_of(recipient)
+        return LinkLogin(attempt.id if attempt else None, channel.kind, channel.destination,
                          _contact(transaction), totp=bool(recipient.totp_secret),
                          locked=recipient.locked_at is not None)
 
