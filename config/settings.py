@@ -174,6 +174,13 @@ class Settings:
     upload_inspections : int
         (hardening) Uploaded files inspected at the same time in one HTTP process (the
         check after a file's last chunk); more wait for a turn.
+    password_hash_concurrency : int
+        (hardening, issue 13) Staff password hashes (argon2id, 64 MiB and ~0.1 s each)
+        one HTTP process computes at once, on threads of their own (never those page
+        views use).
+    password_hash_queue : int
+        (hardening) Password checks that may wait for one of those threads per HTTP
+        process; a login beyond them is answered at once with 503 "try again shortly".
     """
 
     data_dir: Path = Path("data")
@@ -239,6 +246,9 @@ class Settings:
     render_concurrency: int = 2
     upload_inspections: int = 2
     # -- end hardening: amplification --
+    # -- hardening (issue 13): limits --
+    password_hash_concurrency: int = 1
+    password_hash_queue: int = 16
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -323,7 +333,10 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
              "dicomweb_ohif_url": "dicomweb_ohif_url",
              # -- hardening (issue 13): amplification --
              "dicomweb_max_frames": "dicomweb_max_frames",
-             "render_concurrency": "render_concurrency"},
+             "render_concurrency": "render_concurrency",
+             # -- hardening (issue 13): limits --
+             "password_hash_concurrency": "password_hash_concurrency",
+             "password_hash_queue": "password_hash_queue"},
     "storage": {
         "database_url": "database_url",
         "stable_age": "stable_age",
@@ -605,6 +618,12 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(f"fileset_retry_seconds {s.fileset_retry_seconds} and "
                           f"fileset_retry_max_seconds {s.fileset_retry_max_seconds}: more "
                           "than 0, the first at most the second, the second at most a week")
+    # -- hardening (issue 13): limits --
+    if not 1 <= s.password_hash_concurrency <= 16:
+        raise ConfigError(f"password_hash_concurrency {s.password_hash_concurrency}: "
+                          "must be 1-16 (each hash takes 64 MiB)")
+    if not 0 <= s.password_hash_queue <= 1000:
+        raise ConfigError(f"password_hash_queue {s.password_hash_queue}: must be 0-1000")
     # uploads: review and release (issue 7, reconcile)
     if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
         raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "

@@ -10,6 +10,7 @@ place. The audit events written here (PS3.15 A.5 EventIDs)::
                                 message-notify (the email telling the recipient of it)
     110106 Export               transfer-create (written by Node.share)
     110113 Security Alert       recipient-unlock, recipient-totp-remove, login-locked,
+                                recipient-channel-change, recipient-channel-notice,
                                 admin-change (remote AEs, staff users, own TOTP/password,
                                 an admin resetting another user's password or TOTP)
 
@@ -18,10 +19,12 @@ must be changed at the next login) or TOTP secret (cleared: the next login, with
 password alone, may only enrol a new authenticator). Until then
 :meth:`AdminService.pending_step` names the one page that user's sessions may open.
 
-Brute force: failed staff logins are counted per username (known or not, so a
-lock reveals nothing); :data:`MAX_FAILURES` failures within :data:`FAILURE_WINDOW`
-seconds lock that username for :data:`LOCKOUT` seconds, during which even the
-right password is refused without being checked. The web view also answers
+Brute force: password checks are counted per username (known or not, so a
+lock reveals nothing), each claimed in the database before it is made
+(:class:`LoginThrottle`): at most :data:`MAX_FAILURES` per :data:`FAILURE_WINDOW`
+seconds however many logins arrive at once, and when they all fail the username is
+locked for :data:`LOCKOUT` seconds, during which even the right password is
+refused without being checked. The web view also answers
 every failure after :data:`FAILURE_DELAY` seconds. A TOTP code is accepted once
 per user (RFC 6238 section 5.2). Both live in the database, so every HTTP
 process sees the same counts and used codes.
@@ -41,17 +44,25 @@ from typing import TYPE_CHECKING
 
 import peewee
 import pyotp
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydicom import config as dicom_config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from iepnode import attachments, audit, logins, notifications, staff, transactions
+from iepnode import (
+    attachments,
+    audit,
+    logins,
+    notifications,
+    passwords,
+    recipients,
+    staff,
+    timefmt,
+    transactions,
+)
 from iepnode.attachments import AttachmentEntry
 from iepnode.audit import Actor
-from iepnode.errors import InvalidRequest, LoginRefused, NotAuthorized, NotFound
+from iepnode.errors import Busy, InvalidRequest, LoginRefused, NotAuthorized, NotFound
 from iepnode.messaging import DeliveryError
 from iepnode.query import Root, parse_identifier, select_rows
 from iepnode.transactions import NewTransfer, StudyRow
@@ -106,7 +117,6 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _HOST = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.:-]{0,254})$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
-_hasher = PasswordHasher()
 
 
 class LoginThrottled(LoginRefused):
@@ -156,6 +166,8 @@ class StaffTransactionView:
     attachments: tuple[AttachmentEntry, ...] = ()
     #: Whether this staff user may file them into the study or remove them.
     may_file: bool = False
+    #: The staff user viewing it may change the recipient's passcode channel.
+    can_change_channel: bool = False
 
     @property
     def locked(self) -> bool:
@@ -189,6 +201,15 @@ class ReplyOutcome:
 
 
 @dataclass(frozen=True)
+class ChannelChanged:
+    """A recipient's passcode channel changed by staff, and whether the old one was told."""
+
+    email: str
+    new: recipients.Channel
+    notified: bool
+
+
+@dataclass(frozen=True)
 class AuditPage:
     """One page of the audit log, newest first."""
 
@@ -212,16 +233,23 @@ class TotpEnrolment:
 
 
 class LoginThrottle:
-    """Count failed logins per username; lock a username after too many.
+    """Count password checks per username; lock a username after too many failures.
 
-    The counts live in the database, so every web process sees the same ones.
+    The counts live in the database, so every web process sees the same ones, and
+    each check is claimed there before it is made: :meth:`begin` is one conditional
+    ``UPDATE`` that takes one of the window's ``max_failures`` checks only while the
+    username is not locked and checks are left (on PostgreSQL it waits for the row's
+    lock and re-checks the condition on the committed row; SQLite's writers queue for
+    one lock). However many logins arrive at once, at most ``max_failures`` passwords
+    of a username are checked per window; the failure that uses the last check starts
+    the lockout (:meth:`failed`), and a success forgets the count (:meth:`succeeded`).
 
     Parameters
     ----------
     max_failures : int
-        Failures within ``window`` seconds that start a lockout.
+        Checks within ``window`` seconds; when they all fail, a lockout starts.
     window, lockout : float
-        Seconds over which failures count, and how long a lockout lasts.
+        Seconds over which checks count, and how long a lockout lasts.
     """
 
     def __init__(self, max_failures: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
@@ -235,32 +263,43 @@ class LoginThrottle:
         row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
         return max(0.0, row.locked_until - now) if row is not None else 0.0
 
-    def failed(self, username: str, now: float) -> bool:
-        """Note a failed login; return ``True`` when it starts a lockout."""
-        for _ in range(3):  # PostgreSQL: two processes may create the same row at once
-            try:
-                return self._count_failure(username, now)
-            except peewee.IntegrityError:
-                continue
-        return self._count_failure(username, now)
+    def begin(self, username: str, now: float) -> bool:
+        """Claim one password check for ``username``; ``False``: locked, check nothing.
 
-    def _count_failure(self, username: str, now: float) -> bool:
+        A window that is over, or a lockout that has ended, starts a new count.
+        """
+        rows = StaffLoginFailures
+        over = (rows.window_start < now - self.window) | (
+            (rows.locked_until > 0) & (rows.locked_until <= now))
         with write_transaction():
-            row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
-            if row is None:
-                row = StaffLoginFailures(username=username, failures=0, window_start=now)
-            if now - row.window_start > self.window:
-                row.failures, row.window_start = 0, now
-            row.failures += 1
-            starts_lockout = row.failures >= self.max_failures
-            if starts_lockout:
-                row.failures, row.window_start, row.locked_until = 0, now, now + self.lockout
-            row.save()
+            rows.insert(username=username, failures=0, window_start=now,
+                        locked_until=0.0).on_conflict_ignore().execute()
+            won = rows.update(
+                failures=peewee.Case(None, [(over, 1)], rows.failures + 1),
+                window_start=peewee.Case(None, [(over, now)], rows.window_start),
+                locked_until=peewee.Case(None, [(over, 0.0)], rows.locked_until),
+            ).where((rows.username == username) & (rows.locked_until <= now)
+                    & (over | (rows.failures < self.max_failures))).execute()
+        return bool(won)
+
+    def give_back(self, username: str) -> None:
+        """Return a claimed check that was never made (the server was too busy)."""
+        rows = StaffLoginFailures
+        with write_transaction():
+            rows.update(failures=rows.failures - 1).where(
+                (rows.username == username) & (rows.failures > 0)).execute()
+
+    def failed(self, username: str, now: float) -> bool:
+        """Note that a claimed check failed; return ``True`` when it starts a lockout."""
+        rows = StaffLoginFailures
+        with write_transaction():
+            locked = rows.update(locked_until=now + self.lockout).where(
+                (rows.username == username) & (rows.failures >= self.max_failures)
+                & (rows.locked_until <= now)).execute()
             # Keep the table small: rows of usernames with nothing left to remember.
-            StaffLoginFailures.delete().where(
-                (StaffLoginFailures.window_start < now - self.window)
-                & (StaffLoginFailures.locked_until < now)).execute()
-        return starts_lockout
+            rows.delete().where((rows.window_start < now - self.window)
+                                & (rows.locked_until < now)).execute()
+        return bool(locked)
 
     def succeeded(self, username: str) -> None:
         """Forget the failures of a username that has just logged in."""
@@ -346,10 +385,7 @@ def _identifier(values: dict[str, str]) -> Dataset:
 
 
 def _verify_password(user: StaffUser, password: str) -> bool:
-    try:
-        return _hasher.verify(user.password_hash, password)
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        return False
+    return passwords.verify_password(user.password_hash, password)
 
 
 def _actor(user: StaffUser, source_ip: str) -> Actor:
@@ -374,7 +410,9 @@ _STUDY_COLUMNS = (
 class AdminService:
     """What the /admin pages do, behind the Node façade (``node.admin``).
 
-    Blocking methods: the web views call them in a worker thread.
+    Blocking methods: the web views call them in a worker thread, and those that hash
+    or check a password (log in, add a user, change, reset or confirm a password)
+    through :attr:`password_work`, never in the threads page views share.
 
     Parameters
     ----------
@@ -387,12 +425,18 @@ class AdminService:
         self.throttle = LoginThrottle()
         #: Seconds the web view waits before answering a failed login.
         self.failure_delay = FAILURE_DELAY
+        #: Where the web views run the methods that hash or check a password (bounded).
+        self.password_work = passwords.PasswordWork(node.settings.password_hash_concurrency,
+                                                    node.settings.password_hash_queue)
 
     # -- login -------------------------------------------------------------------------
 
     def log_in(self, username: str, password: str, code: str, source_ip: str = "",
                now: float | None = None) -> StaffLogin:
         """Check password and TOTP code; open a staff session. Audited either way.
+
+        Blocking, hash included (the CLI and tests); the web view runs the same steps
+        with the hash on :attr:`password_work` (:meth:`log_in_bounded`).
 
         Raises
         ------
@@ -403,17 +447,51 @@ class AdminService:
             (:data:`LOGIN_REFUSED` for all).
         """
         now = time.time() if now is None else now
+        key, user = self._begin_login(username, source_ip, now)
+        return self._finish_login(key, user, staff.check_password(user, password), code,
+                                  source_ip, now)
+
+    async def log_in_bounded(self, username: str, password: str, code: str,
+                             source_ip: str = "") -> StaffLogin:
+        """:meth:`log_in` for the web: database steps in a thread, the hash on the bounded pool.
+
+        Raises
+        ------
+        Busy
+            This process has as many password checks running and waiting as it allows
+            (the username's count of checks is given back).
+        LoginThrottled, LoginRefused
+            As :meth:`log_in`.
+        """
+        now = time.time()
+        key, user = await asyncio.to_thread(self._begin_login, username, source_ip, now)
+        try:
+            kept = await self.password_work.run(staff.check_password, user, password)
+        except Busy:
+            await asyncio.to_thread(self.throttle.give_back, key)
+            raise
+        return await asyncio.to_thread(self._finish_login, key, user, kept, code, source_ip,
+                                       now)
+
+    def _begin_login(self, username: str, source_ip: str,
+                     now: float) -> tuple[str, StaffUser | None]:
+        """Claim a password check for the username (or refuse, audited); find its user."""
         key = _username_key(username)
-        actor = Actor("staff", key, source_ip)
-        wait = self.throttle.locked_for(key, now)
-        if wait:
-            audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
-                         outcome=audit.MINOR_FAILURE, detail="username locked out", now=now)
-            minutes = math.ceil(wait / 60)
+        if not self.throttle.begin(key, now):
+            audit.record(audit.USER_AUTHENTICATION, "login-failed",
+                         Actor("staff", key, source_ip), outcome=audit.MINOR_FAILURE,
+                         detail="username locked out", now=now)
+            minutes = max(1, math.ceil(self.throttle.locked_for(key, now) / 60))
             raise LoginThrottled(f"Too many failed logins: try again in {minutes} minute"
                                  f"{'s' if minutes != 1 else ''}.")
+        return key, staff.find_user(key)
+
+    def _finish_login(self, key: str, user: StaffUser | None, kept_hash: str | None,
+                      code: str, source_ip: str, now: float) -> StaffLogin:
+        """After the password check: TOTP code, lockout count, session, audit."""
+        actor = Actor("staff", key, source_ip)
         try:
-            user = staff.authenticate(key, password, code, now=now, allow_enrolment=True)
+            user = staff.admit(user, kept_hash, code, now, allow_enrolment=True)
             if user.totp_secret:
                 self._use_code(user.id, code.strip(), now)
         except LoginRefused:
@@ -523,6 +601,7 @@ class AdminService:
             [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
             audit.events_for_transaction(public_id), expired,
             tuple(attachments.entries_of(transaction)), attachments.may_file(user, transaction),
+            self.may_change_channel(transaction.recipient, user),
         )
 
     async def reply(self, public_id: str, user: StaffUser, body: str,
@@ -620,6 +699,132 @@ class AdminService:
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail=f"{recipient.email}: removed by staff; recipient sessions ended")
         return recipient.email
+
+    # -- a recipient's passcode channel (issue 13) ---------------------------------------
+
+    @staticmethod
+    def may_change_channel(recipient: Recipient, user: StaffUser) -> bool:
+        """Whether ``user`` may change where a recipient's passcodes go.
+
+        Administrators may, and so may the hospital contact (``Transaction.created_by``)
+        of one of the recipient's transactions that the recipient's account was made
+        for (their first) or that the recipient has signed in through. Being the
+        contact of any transaction is not enough: anyone may share with anyone, so
+        a new share would otherwise let its author move the passcodes right after.
+        """
+        if user.is_admin:
+            return True
+        mine = {t.id: t.public_id for t in Transaction.select(
+            Transaction.id, Transaction.public_id).where(
+            (Transaction.recipient == recipient.id)
+            & (Transaction.created_by == user.username))}
+        if not mine:
+            return False
+        first = (Transaction.select(Transaction.id).where(Transaction.recipient == recipient.id)
+                 .order_by(Transaction.created_at, Transaction.id).scalar())
+        return first in mine or AuditEvent.select().where(
+            (AuditEvent.action == "login") & (AuditEvent.actor_kind == "recipient")
+            & (AuditEvent.actor == recipient.email)
+            & AuditEvent.transaction_public_id.in_(list(mine.values()))).exists()
+
+    async def change_passcode_channel(self, email: str, otp_mobile: str, otp_email: str,
+                                      user: StaffUser, source_ip: str = "", *,
+                                      public_id: str = "") -> ChannelChanged:
+        """Send a recipient's passcodes somewhere else; tell them on the old channel.
+
+        Their open sessions and unused passcodes end (:func:`recipients.change_channel`).
+        The change and the notice are audited (channels masked); a notice that cannot
+        be sent is logged and audited, and reported in the outcome, never raised.
+
+        Parameters
+        ----------
+        email : str
+            The recipient's email.
+        otp_mobile, otp_email : str
+            The new channel: exactly one of them.
+        public_id : str, optional
+            The transaction page the change was made from (for its audit trail).
+
+        Raises
+        ------
+        NotFound
+            No such recipient.
+        NotAuthorized
+            ``user`` may not (see :meth:`may_change_channel`).
+        InvalidRequest
+            No channel, both, a bad one, or the one they have already.
+        """
+        change, contact, patient_id = await asyncio.to_thread(
+            self._change_channel, email, otp_mobile, otp_email, user, source_ip, public_id)
+        settings = self.node.settings
+        subject, text = notifications.channel_changed_text(
+            settings.institution, timefmt.day_time(time.time(), settings.zone),
+            change.new.masked, contact)
+        actor = _actor(user, source_ip)
+        try:
+            if change.old.kind == recipients.SMS:
+                await self.node.messenger.send_sms(change.old.destination, text)
+            else:
+                await self.node.messenger.send_email(change.old.destination, subject, text,
+                                                     kind="channel-change")
+        except (DeliveryError, ValueError) as exc:
+            log.warning("passcode channel of %s changed, but the notice to the old channel "
+                        "failed: %s", change.recipient.email, exc)
+            await asyncio.to_thread(
+                audit.record, audit.SECURITY_ALERT, "recipient-channel-notice", actor,
+                outcome=audit.SERIOUS_FAILURE, transaction=public_id, patient_id=patient_id,
+                detail=f"{change.recipient.email}: notice to the old {change.old.masked} "
+                       f"failed: {exc}"[:500])
+            return ChannelChanged(change.recipient.email, change.new, False)
+        await asyncio.to_thread(
+            audit.record, audit.SECURITY_ALERT, "recipient-channel-notice", actor,
+            transaction=public_id, patient_id=patient_id,
+            detail=f"{change.recipient.email}: told on the old {change.old.masked}")
+        return ChannelChanged(change.recipient.email, change.new, True)
+
+    @staticmethod
+    def recipient_email_of(public_id: str) -> str:
+        """The email of a transaction's recipient.
+
+        Raises
+        ------
+        NotFound
+            No such transaction.
+        """
+        return _get_transaction(public_id).recipient.email
+
+    def _change_channel(self, email: str, otp_mobile: str, otp_email: str, user: StaffUser,
+                        source_ip: str, public_id: str,
+                        ) -> tuple[recipients.ChannelChange, str, str]:
+        recipient = Recipient.get_or_none(Recipient.email == email.strip().lower())
+        if recipient is None:
+            raise NotFound(f"no recipient {email}")
+        if not self.may_change_channel(recipient, user):
+            raise NotAuthorized("only administrators, and the hospital contact of the "
+                                "transaction this recipient's account was made for or of one "
+                                "they have signed in through, may change where their "
+                                "passcodes go")
+        channel = recipients.check_channel(recipient.email, otp_mobile, otp_email)
+        change = recipients.change_channel(recipient.id, channel)
+        transaction = Transaction.get_or_none(Transaction.public_id == public_id) \
+            if public_id else None
+        patient_id = transaction.patient_id if transaction is not None else ""
+        audit.record(audit.SECURITY_ALERT, "recipient-channel-change", _actor(user, source_ip),
+                     transaction=public_id, patient_id=patient_id,
+                     detail=f"{recipient.email}: passcode channel {change.old.masked} -> "
+                            f"{change.new.masked}; sessions and unused passcodes ended")
+        return change, self._contact_line(user, recipient.id), patient_id
+
+    def _contact_line(self, user: StaffUser, recipient_id: int) -> str:
+        """Whom the notice tells the recipient to call: the staff user, else their contact."""
+        name = user.display_name or user.username
+        if user.phone or user.email:
+            return f"{name}, {self.node.settings.institution} ({user.phone or user.email})"
+        newest = transactions.newest_for(recipient_id)
+        reach = newest and (newest.contact_phone or newest.contact_email)
+        if reach:
+            return f"{newest.contact_name or self.node.settings.institution} ({reach})"
+        return self.node.settings.institution
 
     async def share(self, request: NewTransfer, user: StaffUser,
                     source_ip: str = "") -> Transaction:
@@ -772,7 +977,7 @@ class AdminService:
         InvalidRequest
             Bad or taken username, short password, bad email.
         """
-        email = transactions.normalize_email(email) if email.strip() else ""
+        email = recipients.normalize_email(email) if email.strip() else ""
         new, uri = staff.create_user(username, password, is_admin=is_admin,
                                      display_name=_clean(display_name, 128), email=email,
                                      department=_clean(department, 128),
@@ -835,10 +1040,9 @@ class AdminService:
         target = self._other_user(user_id, user, "password")
         generated = "" if temporary else staff.temporary_password()
         password = temporary or generated
-        if len(password) < staff.MIN_PASSWORD:
-            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        passwords.check_policy(password)
         with write_transaction():
-            StaffUser.update(password_hash=_hasher.hash(password),
+            StaffUser.update(password_hash=passwords.hash_password(password),
                              must_change_password=True).where(
                 StaffUser.id == target.id).execute()
             WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
@@ -940,11 +1144,10 @@ class AdminService:
             audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor, outcome=audit.MINOR_FAILURE,
                          detail="password-change refused: wrong password")
             raise InvalidRequest("wrong current password")
-        if len(new) < staff.MIN_PASSWORD:
-            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        passwords.check_policy(new)
         if new != repeat:
             raise InvalidRequest("the new passwords differ")
-        StaffUser.update(password_hash=_hasher.hash(new)).where(
+        StaffUser.update(password_hash=passwords.hash_password(new)).where(
             StaffUser.id == user.id).execute()
         WebSession.update(ended=True).where(
             (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
@@ -999,14 +1202,14 @@ class AdminService:
         """
         if not user.must_change_password:
             raise InvalidRequest("your password does not need changing")
-        if len(new) < staff.MIN_PASSWORD:
-            raise InvalidRequest(f"passwords have at least {staff.MIN_PASSWORD} characters")
+        passwords.check_policy(new)
         if new != repeat:
             raise InvalidRequest("the new passwords differ")
         if _verify_password(user, new):
             raise InvalidRequest("choose a password of your own, not the temporary one")
         with write_transaction():
-            StaffUser.update(password_hash=_hasher.hash(new), must_change_password=False).where(
+            StaffUser.update(password_hash=passwords.hash_password(new),
+                             must_change_password=False).where(
                 StaffUser.id == user.id).execute()
             WebSession.update(ended=True).where(
                 (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()

@@ -114,6 +114,20 @@ def _parser() -> argparse.ArgumentParser:
     _common(unlock)
     unlock.add_argument("email")
 
+    recipient = sub.add_parser("recipient", help="recipients' accounts")
+    recipient_sub = recipient.add_subparsers(dest="recipient_command", required=True)
+    rchan = recipient_sub.add_parser(
+        "channel", help="change where a recipient's passcodes go (tells the old channel)")
+    _common(rchan)
+    rchan.add_argument("email", help="the recipient's email")
+    new_channel = rchan.add_mutually_exclusive_group(required=True)
+    new_channel.add_argument("--otp-mobile", metavar="NUMBER", help="passcodes by SMS")
+    new_channel.add_argument("--otp-email", metavar="EMAIL", help="passcodes to a second email")
+    rchan.add_argument("--as-user", required=True, metavar="USERNAME",
+                       help="the staff user making the change: an administrator, or the "
+                            "hospital contact of the recipient's first transaction or of one "
+                            "they have signed in through")
+
     transfer = sub.add_parser("transfer", help="share studies with a recipient")
     transfer_sub = transfer.add_subparsers(dest="transfer_command", required=True)
     create = transfer_sub.add_parser("create", help="create a transfer and email its link")
@@ -429,7 +443,43 @@ def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     )
     actor = audit.Actor("cli", user.username if user else getpass.getuser())
     transaction = asyncio.run(node.share(request, actor=actor, user=user))
+    _warn_if_channel_kept(transaction, request.otp_mobile, request.otp_email)
     print(transaction.public_id)
+    return 0
+
+
+def _warn_if_channel_kept(transaction: Any, otp_mobile: str, otp_email: str) -> None:
+    """Tell the user on stderr that an existing recipient kept their passcode channel."""
+    from iepnode import recipients
+
+    kept = recipients.kept_instead(transaction.recipient, otp_mobile, otp_email)
+    if kept:
+        email = transaction.recipient.email
+        print(f"iepnode: warning: {email} already has an account: their passcodes still go "
+              f"to their {kept.masked}; the channel given was not used. To change it "
+              f"(an administrator, or the contact of a transaction they signed in through): "
+              f"iepnode recipient channel {email} --otp-mobile NUMBER|--otp-email EMAIL "
+              f"--as-user USERNAME, or the staff page of that transaction.", file=sys.stderr)
+
+
+def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from iepnode.node import Node
+
+    node = Node(settings)
+    user, known = _acting_user(args.as_user)
+    if not known:
+        return 1
+    changed = asyncio.run(node.admin.change_passcode_channel(
+        args.email, args.otp_mobile or "", args.otp_email or "", user,
+        source_ip=f"cli:{getpass.getuser()}"))
+    print(f"passcodes of {changed.email} now go to their {changed.new.masked}; their open "
+          f"sessions and unused passcodes have ended")
+    if not changed.notified:
+        print("iepnode: warning: the notice to their old channel could not be sent (see the "
+              "log and the audit trail)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -455,6 +505,7 @@ def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     )
     actor = audit.Actor("cli", user.username if user else getpass.getuser())
     transaction = asyncio.run(node.create_request(request, actor=actor, user=user))
+    _warn_if_channel_kept(transaction, request.otp_mobile, request.otp_email)
     print(transaction.public_id)
     return 0
 
@@ -526,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"ae": _cmd_ae, "import": _cmd_import, "fileset": _cmd_fileset,
                    "studies": _cmd_studies, "user": _cmd_user,
                    "transfer": _cmd_transfer, "export": _cmd_export, "send": _cmd_send,
-                   "route": _cmd_route, "request": _cmd_request}[args.command]
+                   "route": _cmd_route, "request": _cmd_request,
+                   "recipient": _cmd_recipient}[args.command]
         return handler(args, settings)
     except ConfigError as exc:
         print(f"iepnode: configuration error: {exc}", file=sys.stderr)

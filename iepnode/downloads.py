@@ -19,6 +19,16 @@ Password-protected copies
     stored nowhere. The trade-offs: the recipient waits for the copy to be written
     before the download starts, and it takes disk space (the build is refused when
     the disk lacks room for it).
+
+One copy per recipient and transaction at a time
+    Before the (expensive) encryption starts, the build is claimed in the database
+    (:func:`claim_build`: a conditional ``UPDATE`` of the pair's
+    :class:`~storage.models.ProtectedCopyBuild` row, ``building`` only where no build
+    holds a live lease), so of any number of simultaneous requests one builds and the
+    others are told a copy is being made already (:class:`~iepnode.errors.InProgress`).
+    A build replaces the pair's earlier copy; it renews its lease as it writes
+    (:data:`BUILD_LEASE`), so a build left by a crashed process blocks the next one
+    for at most that long.
 """
 
 from __future__ import annotations
@@ -37,11 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import peewee
+
 from iepnode import transactions
-from iepnode.errors import Gone, InvalidRequest, NotFound
+from iepnode.errors import Gone, InProgress, InvalidRequest, NotFound
 from iepnode.package import AttachedFile, Package, PackageSource
 from iepnode.zipstream import Member, ZipLayout, iter_batches, read_slice
-from storage.models import Transaction, TransactionStudy
+from storage.db import write_transaction
+from storage.models import ProtectedCopyBuild, Transaction, TransactionStudy
 
 log = logging.getLogger("iepnode.downloads")
 
@@ -52,6 +65,8 @@ PASSWORD_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 #: Free space kept beyond a protected copy's size when deciding whether to build it.
 SPACE_MARGIN = 1 << 30
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+#: Seconds a build's claim lasts unless renewed; the builder renews it as it writes.
+BUILD_LEASE = 120.0
 
 
 # -- rules ------------------------------------------------------------------------------
@@ -179,6 +194,72 @@ def write_protected(package: Package, dest: Path, password: str,
     return dest.stat().st_size
 
 
+# -- one build at a time ------------------------------------------------------------------
+
+
+class BuildClaim:
+    """The claim of one build of a protected copy: renew it while writing, then release it.
+
+    Obtained from :func:`claim_build`; only its holder (``owner``) renews or releases it.
+    """
+
+    def __init__(self, recipient_id: int, transaction_id: int, owner: str,
+                 lease_until: float) -> None:
+        self.recipient_id = recipient_id
+        self.transaction_id = transaction_id
+        self.owner = owner
+        self.lease_until = lease_until
+
+    def _mine(self) -> peewee.Expression:
+        return ((ProtectedCopyBuild.recipient == self.recipient_id)
+                & (ProtectedCopyBuild.transaction == self.transaction_id)
+                & (ProtectedCopyBuild.owner == self.owner))
+
+    def renew(self, now: float | None = None) -> None:
+        """Extend the lease once half of it has passed (cheap to call for every chunk)."""
+        now = time.time() if now is None else now
+        if now < self.lease_until - BUILD_LEASE / 2:
+            return
+        self.lease_until = now + BUILD_LEASE
+        with write_transaction():
+            ProtectedCopyBuild.update(lease_until=self.lease_until).where(self._mine()).execute()
+
+    def release(self) -> None:
+        """End the build (finished or failed): the next request may build again."""
+        with write_transaction():
+            ProtectedCopyBuild.update(state="idle", lease_until=0.0, owner="").where(
+                self._mine()).execute()
+
+
+def claim_build(recipient_id: int, transaction_id: int, now: float | None = None) -> BuildClaim:
+    """Claim the build of the recipient's protected copy of a transaction.
+
+    The pair's row is created if missing, then one conditional ``UPDATE`` makes it
+    ``building`` only where no build holds a live lease: of simultaneous callers
+    exactly one wins (PostgreSQL re-checks the condition after waiting for the row's
+    lock; SQLite's writers queue for one lock).
+
+    Raises
+    ------
+    InProgress
+        Another request is making this copy now.
+    """
+    now = time.time() if now is None else now
+    owner = secrets.token_hex(16)
+    builds = ProtectedCopyBuild
+    with write_transaction():
+        builds.insert(recipient=recipient_id, transaction=transaction_id, state="idle",
+                      lease_until=0.0, owner="").on_conflict_ignore().execute()
+        won = builds.update(state="building", lease_until=now + BUILD_LEASE, owner=owner).where(
+            (builds.recipient == recipient_id) & (builds.transaction == transaction_id)
+            & ((builds.state != "building") | (builds.lease_until < now))).execute()
+    if not won:
+        raise InProgress("A password-protected copy of this transaction is being made for "
+                         "you already (its password is shown on the page that asked for "
+                         "it). Please wait a minute, then ask again if you need a new one.")
+    return BuildClaim(recipient_id, transaction_id, owner, now + BUILD_LEASE)
+
+
 # -- protected copies on disk -------------------------------------------------------------
 
 
@@ -197,8 +278,8 @@ class ProtectedStore:
     """Encrypted copies under ``folder``, named by the SHA-256 of their download token.
 
     Each copy has a ``.json`` sidecar (recipient, transaction, file name, expiry), so
-    any of the node's processes can serve it. One copy per recipient and transaction:
-    asking again replaces it.
+    any of the node's processes can serve it. One copy per recipient and transaction,
+    built one at a time (:func:`claim_build`): asking again replaces it.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -217,16 +298,31 @@ class ProtectedStore:
             except (OSError, ValueError):
                 continue
 
-    def create(self, package: Package, *, recipient_id: int, public_id: str,
-               ttl: float = PROTECTED_TTL, now: float | None = None) -> ProtectedCopy:
+    def create(self, package: Package, *, recipient_id: int, transaction_id: int,
+               public_id: str, ttl: float = PROTECTED_TTL,
+               now: float | None = None) -> ProtectedCopy:
         """Write an encrypted copy of ``package`` and return its token and password.
+
+        The build is claimed first (:func:`claim_build`); the pair's earlier copy is
+        then removed and the new one written.
 
         Raises
         ------
+        InProgress
+            A copy for this recipient and transaction is being made already.
         InvalidRequest
             If the disk lacks room for the copy.
         """
         now = time.time() if now is None else now
+        claim = claim_build(recipient_id, transaction_id, now)
+        try:
+            return self._write(package, claim, recipient_id=recipient_id,
+                               public_id=public_id, expires=now + ttl)
+        finally:
+            claim.release()
+
+    def _write(self, package: Package, claim: BuildClaim, *, recipient_id: int,
+               public_id: str, expires: float) -> ProtectedCopy:
         self.folder.mkdir(parents=True, exist_ok=True)
         for path, meta in self._metas():
             if meta.get("recipient_id") == recipient_id and meta.get("public_id") == public_id:
@@ -238,8 +334,8 @@ class ProtectedStore:
         token = secrets.token_urlsafe(24)
         base = self.folder / self._name(token)
         password = new_password()
-        size = write_protected(package, base.with_suffix(".zip"), password)
-        expires = now + ttl
+        size = write_protected(package, base.with_suffix(".zip"), password,
+                               progress=lambda _: claim.renew())
         meta = {"recipient_id": recipient_id, "public_id": public_id,
                 "filename": package.filename, "expires_at": expires, "size": size}
         base.with_suffix(".json").write_text(json.dumps(meta))
@@ -295,7 +391,8 @@ class ProtectedStore:
 
 
 __all__ = [
-    "PROTECTED_TTL", "ProtectedCopy", "ProtectedStore", "check_downloadable",
+    "BUILD_LEASE", "PROTECTED_TTL", "BuildClaim", "ProtectedCopy", "ProtectedStore",
+    "check_downloadable", "claim_build",
     "is_downloadable", "new_password", "source_for_transaction", "unavailable_reason",
     "write_protected", "write_zip",
 ]

@@ -12,6 +12,8 @@
     ├── NotFound              no such transaction/study for this user     -> HTTP 404
     ├── Gone                  the user's package, no longer available      -> HTTP 410
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
+    │   └── InProgress        the same work is being done already (one at a time) -> HTTP 409
+    ├── Busy                  a bounded resource is full right now: try again shortly -> HTTP 503
     ├── DeliveryError         mail/SMS could not be sent (iepnode.messaging) -> CLI/HTTP error
     ├── PeerUnavailable       a send's remote AE cannot be reached or dropped the association
     │                         -> the send job is retried with back-off (iepnode.sending)
@@ -63,6 +65,14 @@ class Gone(NodeError):
 
 class InvalidRequest(NodeError):
     """A request that breaks a domain rule (e.g. studies of two patients in one transfer)."""
+
+
+class InProgress(InvalidRequest):
+    """The same work (e.g. a password-protected copy) is being done already: one at a time."""
+
+
+class Busy(NodeError):
+    """A bounded resource (e.g. password hashing) is full just now: try again in a moment."""
 
 
 class LoginRefused(NodeError):

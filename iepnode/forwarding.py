@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from iepnode import audit
+from iepnode import audit, recipients
 from iepnode.errors import InvalidRequest
+from iepnode.recipients import normalize_email, normalize_mobile
 from iepnode.security import new_token, token_hash
 from iepnode.transactions import (
     DAY,
@@ -43,8 +44,6 @@ from iepnode.transactions import (
     TRANSFER,
     _new_public_id,  # one ID scheme for every transaction
     is_expired,
-    normalize_email,
-    normalize_mobile,
 )
 from storage import rawsql
 from storage.db import is_sqlite, write_transaction
@@ -380,17 +379,12 @@ def forwards_of(source_id: int) -> list[Transaction]:
 
 def _recipient_for(checked: CheckedForward, now: float) -> tuple[Recipient, bool]:
     """The recipient with ``checked.email``: the existing one unchanged, or a new one."""
-    existing = Recipient.get_or_none(Recipient.email == checked.email)
-    if existing is not None:
-        return existing, False
-    # Two forwards from different packages to the same new person may race on
-    # PostgreSQL: the second insert waits for the first and then does nothing.
-    inserted = (Recipient.insert(email=checked.email, name=checked.name[:128],
-                                 address=checked.address, phone=checked.phone,
-                                 otp_mobile=checked.otp_mobile, otp_email=checked.otp_email,
-                                 created_at=now)
-                .on_conflict_ignore().execute())
-    return Recipient.get(Recipient.email == checked.email), inserted is not None
+    kind = recipients.SMS if checked.otp_mobile else recipients.EMAIL
+    found = recipients.find_or_create(
+        checked.email, recipients.Channel(kind, checked.otp_mobile or checked.otp_email),
+        name=checked.name, address=checked.address, phone=checked.phone, update_name=False,
+        now=now)
+    return found.recipient, found.created
 
 
 def create_copy(source_id: int, forwarder: Recipient, checked: CheckedForward, *,

@@ -173,7 +173,7 @@ def create_request(
         otp_mobile=request.otp_mobile, otp_email=request.otp_email,
         recipient_name=request.recipient_name)
     with write_transaction():
-        recipient = _recipient(recipient_fields, now)
+        recipient = _recipient(recipient_fields, now).recipient
         transaction = Transaction.create(
             public_id=_new_public_id(), kind=REQUEST, direction=OUT, recipient=recipient,
             status=NEW, priority=request.priority, created_at=now,

@@ -12,6 +12,23 @@ A returning recipient may instead enrol an authenticator app (TOTP, RFC 6238):
 the link's login page then takes a code from the app and sends nothing. Each code
 is accepted once (the last accepted time step is kept per recipient), and wrong
 codes count towards the same lockout as wrong passcodes.
+
+Every limit is decided in the database, atomically, before the work it limits
+(the same on SQLite, whose writers queue for one write lock, and on PostgreSQL,
+where a conditional ``UPDATE`` waits for the row's lock and then re-checks its
+condition on the committed row):
+
+- a code is compared only after a conditional ``UPDATE`` won one of the attempt's
+  :data:`MAX_TRIES` tries (``tries < MAX_TRIES``, not used, not dead, not expired)
+  and one of the recipient's remaining checks before the lock
+  (``consecutive_failures < LOCK_AFTER``, not locked). Both counts are taken
+  first and given back when the code was right; a guess that wins no slot is
+  refused without looking at the code. So at 95 failures at most 5 more guesses
+  are ever checked, and the 100th failure locks, however many arrive at once;
+- a passcode message is sent only after a conditional ``UPDATE`` moved the
+  recipient's ``last_passcode_at`` forward (it must be :data:`RESEND_INTERVAL`
+  old); a message that then cannot be sent gives the slot back
+  (:func:`discard_attempt`), so a failed send does not stop the next request.
 """
 
 from __future__ import annotations
@@ -25,8 +42,10 @@ from dataclasses import dataclass
 
 import pyotp
 
+from iepnode import recipients
 from iepnode.errors import (
     InvalidRequest,
+    LoginRefused,
     NotFound,
     PasscodeRejected,
     RateLimited,
@@ -58,6 +77,9 @@ class PasscodeToSend:
     code: str
     channel: str
     destination: str
+    #: The recipient, and the ``last_passcode_at`` this send claimed (see :func:`discard_attempt`).
+    recipient_id: int = 0
+    claimed_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,12 @@ def start_attempt(transaction: Transaction, secret: bytes, ttl: float,
                   now: float | None = None) -> PasscodeToSend:
     """Create a login attempt for the link's recipient and return its passcode.
 
+    The send is claimed first: a conditional ``UPDATE`` sets the recipient's
+    ``last_passcode_at`` to ``now`` only where it is at least :data:`RESEND_INTERVAL`
+    old and the recipient is not locked, so of any number of simultaneous requests
+    one gets a passcode. If the message then cannot be sent, give the claim back
+    with :func:`discard_attempt`.
+
     Raises
     ------
     RecipientLocked
@@ -99,30 +127,87 @@ def start_attempt(transaction: Transaction, secret: bytes, ttl: float,
         A passcode for this recipient was sent less than :data:`RESEND_INTERVAL` ago.
     """
     now = time.time() if now is None else now
-    recipient = Recipient.get_by_id(transaction.recipient_id)
-    if recipient.locked_at is not None:
-        raise RecipientLocked("this account is locked: please contact the hospital")
-    recent = LoginAttempt.select().where(
-        (LoginAttempt.recipient == recipient.id) & (LoginAttempt.created_at > now - RESEND_INTERVAL)
-    )
-    if recent.exists():
-        raise RateLimited(f"a passcode was sent less than {RESEND_INTERVAL:.0f} s ago")
-    channel, destination = (
-        ("sms", recipient.otp_mobile) if recipient.otp_mobile else ("email", recipient.otp_email)
-    )
     code = new_passcode()
     with write_transaction():
+        won = Recipient.update(last_passcode_at=now).where(
+            (Recipient.id == transaction.recipient_id) & Recipient.locked_at.is_null()
+            & (Recipient.last_passcode_at <= now - RESEND_INTERVAL)).execute()
+        recipient = Recipient.get_by_id(transaction.recipient_id)
+        if not won:
+            if recipient.locked_at is not None:
+                raise RecipientLocked("this account is locked: please contact the hospital")
+            raise RateLimited(f"a passcode was sent less than {RESEND_INTERVAL:.0f} s ago")
+        channel = recipients.channel_of(recipient)
         attempt = LoginAttempt.create(transaction=transaction, recipient=recipient,
-                                      code_hash="", channel=channel, created_at=now,
+                                      code_hash="", channel=channel.kind, created_at=now,
                                       expires_at=now + ttl)
         attempt.code_hash = passcode_hash(secret, _attempt_key(attempt), code)
         attempt.save()
-    return PasscodeToSend(attempt.id, code, channel, destination)
+    return PasscodeToSend(attempt.id, code, channel.kind, channel.destination, recipient.id,
+                          now)
+
+
+def discard_attempt(sent: PasscodeToSend) -> None:
+    """Forget an attempt whose passcode could not be sent, and give its send slot back.
+
+    The recipient may then ask again at once (a failed send does not count towards
+    :data:`RESEND_INTERVAL`); a newer claim is left alone.
+    """
+    with write_transaction():
+        LoginAttempt.delete().where(LoginAttempt.id == sent.attempt_id).execute()
+        Recipient.update(last_passcode_at=0.0).where(
+            (Recipient.id == sent.recipient_id)
+            & (Recipient.last_passcode_at == sent.claimed_at)).execute()
+
+
+def _claim_check(recipient_id: int) -> bool:
+    """Count a check of a code towards the lockout before it is made (in a transaction).
+
+    A conditional ``UPDATE``: it wins only while the recipient is unlocked and has
+    fewer than :data:`LOCK_AFTER` consecutive failures, so however many checks run
+    at once, at most ``LOCK_AFTER - consecutive_failures`` of them are made. The
+    row stays locked until the caller's transaction ends (PostgreSQL); SQLite's
+    writers are serialised anyway. A right code resets the count (:func:`_check_passed`).
+    """
+    return bool(Recipient.update(consecutive_failures=Recipient.consecutive_failures + 1).where(
+        (Recipient.id == recipient_id) & Recipient.locked_at.is_null()
+        & (Recipient.consecutive_failures < LOCK_AFTER)).execute())
+
+
+def _check_passed(recipient_id: int) -> None:
+    """A claimed check found the right code: the consecutive failures start again."""
+    Recipient.update(consecutive_failures=0).where(Recipient.id == recipient_id).execute()
+
+
+def _check_failed(recipient_id: int, now: float) -> Recipient:
+    """A claimed check failed: lock the recipient at :data:`LOCK_AFTER` failures."""
+    Recipient.update(locked_at=now).where(
+        (Recipient.id == recipient_id) & Recipient.locked_at.is_null()
+        & (Recipient.consecutive_failures >= LOCK_AFTER)).execute()
+    return Recipient.get_by_id(recipient_id)
+
+
+def _refusal(attempt_id: int) -> LoginRefused:
+    """Why a passcode for ``attempt_id`` cannot be checked (it won no try)."""
+    attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
+    if attempt is None:
+        return PasscodeRejected("this login has expired: ask for a new passcode")
+    if Recipient.get_by_id(attempt.recipient_id).locked_at is not None:
+        return RecipientLocked("this account is locked: please contact the hospital")
+    if attempt.used_at is not None:
+        return PasscodeRejected("this passcode has been used: ask for a new one")
+    if attempt.dead or attempt.tries >= MAX_TRIES:
+        return PasscodeRejected("too many wrong passcodes: ask for a new one")
+    return PasscodeRejected("this passcode has expired: ask for a new one")
 
 
 def verify_passcode(attempt_id: int, code: str, secret: bytes,
                     now: float | None = None) -> Recipient:
     """Check a typed passcode; on success the attempt is used up.
+
+    The code is compared only after two conditional updates won a try of the
+    attempt and a check of the recipient (see the module docstring); a guess that
+    wins neither is refused unchecked.
 
     Returns
     -------
@@ -138,34 +223,28 @@ def verify_passcode(attempt_id: int, code: str, secret: bytes,
     """
     now = time.time() if now is None else now
     with write_transaction():
-        attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
-        if attempt is None:
-            raise PasscodeRejected("this login has expired: ask for a new passcode")
-        recipient = Recipient.get_by_id(attempt.recipient_id)
-        if recipient.locked_at is not None:
+        won = LoginAttempt.update(tries=LoginAttempt.tries + 1).where(
+            (LoginAttempt.id == attempt_id) & LoginAttempt.used_at.is_null()
+            & (LoginAttempt.dead == False)  # noqa: E712
+            & (LoginAttempt.tries < MAX_TRIES) & (LoginAttempt.expires_at > now)).execute()
+        if not won:
+            raise _refusal(attempt_id)
+        attempt = LoginAttempt.get_by_id(attempt_id)
+        if not _claim_check(attempt.recipient_id):
+            # Raised inside the transaction: the try taken above is given back.
             raise RecipientLocked("this account is locked: please contact the hospital")
-        if attempt.used_at is not None:
-            raise PasscodeRejected("this passcode has been used: ask for a new one")
-        if attempt.dead:
-            raise PasscodeRejected("too many wrong passcodes: ask for a new one")
-        if attempt.expires_at <= now:
-            raise PasscodeRejected("this passcode has expired: ask for a new one")
         if passcode_matches(secret, _attempt_key(attempt), code, attempt.code_hash):
-            attempt.used_at = now
-            attempt.save()
-            recipient.consecutive_failures = 0
-            recipient.save()
-            return recipient
-        attempt.tries += 1
-        attempt.dead = attempt.tries >= MAX_TRIES
-        attempt.save()
-        recipient.consecutive_failures += 1
-        if recipient.consecutive_failures >= LOCK_AFTER:
-            recipient.locked_at = now
-        recipient.save()
+            LoginAttempt.update(used_at=now, tries=LoginAttempt.tries - 1).where(
+                LoginAttempt.id == attempt_id).execute()
+            _check_passed(attempt.recipient_id)
+            return Recipient.get_by_id(attempt.recipient_id)
+        dead = attempt.tries >= MAX_TRIES
+        if dead:
+            LoginAttempt.update(dead=True).where(LoginAttempt.id == attempt_id).execute()
+        recipient = _check_failed(attempt.recipient_id, now)
     if recipient.locked_at is not None:
         raise RecipientLocked("too many failed passcodes: the hospital must unlock this account")
-    if attempt.dead:
+    if dead:
         raise PasscodeRejected("too many wrong passcodes: ask for a new one")
     raise PasscodeRejected(f"wrong passcode ({MAX_TRIES - attempt.tries} tries left)")
 
@@ -278,16 +357,6 @@ def _totp_step(totp_secret: str, code: str, now: float) -> int | None:
     return None
 
 
-def _count_failure(recipient_id: int, now: float) -> Recipient:
-    """Count one failed login towards the lockout (inside the caller's transaction)."""
-    Recipient.update(consecutive_failures=Recipient.consecutive_failures + 1).where(
-        Recipient.id == recipient_id).execute()
-    Recipient.update(locked_at=now).where(
-        (Recipient.id == recipient_id) & Recipient.locked_at.is_null()
-        & (Recipient.consecutive_failures >= LOCK_AFTER)).execute()
-    return Recipient.get_by_id(recipient_id)
-
-
 def verify_totp(recipient_id: int, code: str, now: float | None = None) -> Recipient:
     """Check a code from the recipient's authenticator app; each code works once.
 
@@ -314,6 +383,8 @@ def verify_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
             raise RecipientLocked("this account is locked: please contact the hospital")
         if not recipient.totp_secret:
             raise PasscodeRejected("no authenticator app is set up: ask for a passcode")
+        if not _claim_check(recipient_id):
+            raise RecipientLocked("this account is locked: please contact the hospital")
         step = _totp_step(recipient.totp_secret, code, now)
         if step is not None:
             # Conditional update: of two requests with the same code, one wins.
@@ -323,7 +394,7 @@ def verify_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
             ).execute()
             if won:
                 return Recipient.get_by_id(recipient_id)
-        recipient = _count_failure(recipient_id, now)
+        recipient = _check_failed(recipient_id, now)
     if recipient.locked_at is not None:
         raise RecipientLocked("too many failed codes: the hospital must unlock this account")
     if step is not None:

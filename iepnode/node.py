@@ -27,6 +27,7 @@ from iepnode import (
     logins,
     notifications,
     package,
+    recipients,
     rendering,
     reports,
     routing,
@@ -413,7 +414,8 @@ class Node:
             audit.record, audit.EXPORT, "transfer-create", actor,
             patient_id=transaction.patient_id, transaction=transaction.public_id,
             study_uid=",".join(request.study_uids)[:64],
-            detail=f"to {transaction.recipient.email}",
+            detail=f"to {transaction.recipient.email}"
+                   f"{_channel_note(transaction.recipient, request.otp_mobile, request.otp_email)}",
         )
         subject, text = notifications.transfer_email(
             transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
@@ -452,7 +454,7 @@ class Node:
 
     def _passcode_not_sent(self, sent: PasscodeToSend, transaction: Transaction,
                            source_ip: str, exc: Exception) -> None:
-        LoginAttempt.delete().where(LoginAttempt.id == sent.attempt_id).execute()
+        logins.discard_attempt(sent)
         audit.record(audit.USER_AUTHENTICATION, "passcode-not-sent",
                      audit.Actor("recipient", transaction.recipient.email, source_ip),
                      outcome=audit.SERIOUS_FAILURE, transaction=transaction.public_id,
@@ -511,11 +513,8 @@ class Node:
             .order_by(LoginAttempt.created_at.desc(), LoginAttempt.id.desc())
             .first()
         )
-        channel, destination = (
-            ("sms", recipient.otp_mobile) if recipient.otp_mobile
-            else ("email", recipient.otp_email)
-        )
-        return LinkLogin(attempt.id if attempt else None, channel, destination,
+        channel = recipients.channel_of(recipient)
+        return LinkLogin(attempt.id if attempt else None, channel.kind, channel.destination,
                          _contact(transaction), totp=bool(recipient.totp_secret),
                          locked=recipient.locked_at is not None)
 
@@ -1013,11 +1012,15 @@ class Node:
         Gone
             Declined, expired or purged.
         """
+        return self._recipient_download(recipient_id, public_id)[1]
+
+    def _recipient_download(self, recipient_id: int,
+                            public_id: str) -> tuple[Transaction, package.Package]:
         recipient = Recipient.get_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         downloads.check_downloadable(transaction)
-        return self._package_of(downloads.source_for_transaction(transaction,
-                                                                 self.settings.institution))
+        return transaction, self._package_of(downloads.source_for_transaction(
+            transaction, self.settings.institution))
 
     def transaction_package(self, public_id: str) -> package.Package:
         """The package of any transaction whose files are still stored (``iepnode export``).
@@ -1083,11 +1086,14 @@ class Node:
         ------
         NotFound, Gone
             As :meth:`recipient_package`.
+        InProgress
+            A copy of it is being made for this recipient already (one at a time).
         InvalidRequest
             No room on disk for the copy.
         """
-        pkg = self.recipient_package(recipient_id, public_id)
-        copy = self._protected.create(pkg, recipient_id=recipient_id, public_id=public_id)
+        transaction, pkg = self._recipient_download(recipient_id, public_id)
+        copy = self._protected.create(pkg, recipient_id=recipient_id,
+                                      transaction_id=transaction.id, public_id=public_id)
         recipient = Recipient.get_by_id(recipient_id)
         self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
                              action="encrypt", transaction=public_id,
@@ -1306,7 +1312,8 @@ class Node:
         await asyncio.to_thread(
             audit.record, PATIENT_RECORD, "request-create", actor,
             patient_id=transaction.patient_id, transaction=transaction.public_id,
-            detail=f"to {transaction.recipient.email}")
+            detail=f"to {transaction.recipient.email}"
+                   f"{_channel_note(transaction.recipient, request.otp_mobile, request.otp_email)}")
         subject, text = image_requests.request_email(
             transaction, f"{self.settings.public_url}/t/{token}", self.settings.zone)
         await self.messenger.send_email(transaction.recipient.email, subject, text,
@@ -1616,6 +1623,13 @@ class Node:
                                                     source_ip=source_ip)
         return attachments.remove(self.store, transaction, attachment_id, user=staff,
                                   actor=actor)
+
+
+def _channel_note(recipient: Recipient, otp_mobile: str, otp_email: str) -> str:
+    """For the audit trail: the passcode channel given was not used (an existing account)."""
+    kept = recipients.kept_instead(recipient, otp_mobile, otp_email)
+    return f"; existing passcode channel {kept.masked} kept (the one given was not used)" \
+        if kept else ""
 
 
 def _contact(transaction: Transaction) -> Contact:

@@ -75,3 +75,25 @@ def passcode_text(code: str, institution: str, minutes: int) -> str:
     """Return the short passcode message (SMS or email body)."""
     return (f"{code} is your {institution} image exchange passcode. "
             f"It is valid for {minutes} minutes. Never share it.")
+
+
+def channel_changed_text(institution: str, when: str, new_channel: str,
+                         contact: str) -> tuple[str, str]:
+    """Return (subject, text) telling a recipient, on their OLD channel, that it changed.
+
+    Parameters
+    ----------
+    institution : str
+        The hospital that made the change.
+    when : str
+        When, as the hospital's local time.
+    new_channel : str
+        The new channel, masked (``mobile •••55``): never the whole number or address.
+    contact : str
+        Whom to call if the recipient did not ask for it.
+    """
+    subject = f"{institution}: your passcode channel was changed"
+    text = (f"{institution}: on {when} the hospital changed where your image exchange "
+            f"passcodes are sent, to {new_channel}. Passcodes no longer come here. If you "
+            f"did not ask for this, contact {contact} at once.")
+    return subject, text

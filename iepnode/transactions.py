@@ -8,12 +8,13 @@ files of expired packages while a study still shared elsewhere stays.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from dataclasses import dataclass
 
+from iepnode import recipients
 from iepnode.errors import InvalidRequest, NotFound
+from iepnode.recipients import normalize_email
 from iepnode.security import new_token, token_hash
 from storage import hot_queries
 from storage.db import write_transaction
@@ -31,8 +32,6 @@ IN, OUT = "IN", "OUT"
 NEW, COMPLETE, DECLINED, EXPIRED = "NEW", "COMPLETE", "DECLINED", "EXPIRED"
 PRIORITIES = ("NORMAL", "URGENT")
 DAY = 86400.0
-_EMAIL = re.compile(r"^[^@\s\r\n]{1,64}@[^@\s\r\n]{1,190}\.[^@\s\r\n]{2,}$")
-_MOBILE = re.compile(r"^\+?[0-9]{7,15}$")
 MAX_MESSAGE = 4000
 
 
@@ -69,22 +68,6 @@ class NewTransfer:
     nhs_number: str = ""
 
 
-def normalize_email(value: str) -> str:
-    """Return a lower-cased email address, or raise :class:`InvalidRequest`."""
-    email = value.strip().lower()
-    if not _EMAIL.match(email):
-        raise InvalidRequest(f"not an email address: {value!r}")
-    return email
-
-
-def normalize_mobile(value: str) -> str:
-    """Return a mobile number as ``+digits``/``digits``, or raise :class:`InvalidRequest`."""
-    number = re.sub(r"[\s\-().]", "", value)
-    if not _MOBILE.match(number):
-        raise InvalidRequest(f"not a mobile number: {value!r}")
-    return number
-
-
 def _new_public_id() -> str:
     for _ in range(20):
         candidate = f"IEP{secrets.randbelow(10**8):08d}"
@@ -93,23 +76,14 @@ def _new_public_id() -> str:
     raise RuntimeError("could not find a free transaction ID")
 
 
-def _recipient(request: NewTransfer, now: float) -> Recipient:
+def _recipient(request: NewTransfer, now: float) -> recipients.Found:
+    """The recipient of a share: found (their passcode channel kept) or created.
+
+    The channel given is checked even when it is not used (bad input is an error).
+    """
     email = normalize_email(request.recipient_email)
-    if bool(request.otp_mobile) == bool(request.otp_email):
-        raise InvalidRequest("give exactly one passcode channel: a mobile number or an email")
-    mobile = normalize_mobile(request.otp_mobile) if request.otp_mobile else ""
-    otp_email = normalize_email(request.otp_email) if request.otp_email else ""
-    if otp_email == email:
-        raise InvalidRequest("the passcode email must differ from the recipient's email")
-    recipient = Recipient.get_or_none(Recipient.email == email)
-    if recipient is None:
-        return Recipient.create(email=email, name=request.recipient_name.strip()[:128],
-                                otp_mobile=mobile, otp_email=otp_email, created_at=now)
-    recipient.otp_mobile, recipient.otp_email = mobile, otp_email
-    if request.recipient_name.strip():
-        recipient.name = request.recipient_name.strip()[:128]
-    recipient.save()
-    return recipient
+    channel = recipients.check_channel(email, request.otp_mobile, request.otp_email)
+    return recipients.find_or_create(email, channel, name=request.recipient_name, now=now)
 
 
 def create_transfer(
@@ -161,7 +135,7 @@ def create_transfer(
     patient = studies[0].patient
     token = new_token()
     with write_transaction():
-        recipient = _recipient(request, now)
+        recipient = _recipient(request, now).recipient
         transaction = Transaction.create(
             public_id=_new_public_id(), kind=TRANSFER, direction=IN, recipient=recipient,
             status=NEW, priority=request.priority, created_at=now,

@@ -61,6 +61,8 @@ ADDED_COLUMNS: tuple[tuple[type[peewee.Model], str, str], ...] = (
     (Attachment, "key", "VARCHAR(32)"),
     (Attachment, "filed_at", "DOUBLE PRECISION"),
     (Attachment, "filed_by", "VARCHAR(64) NOT NULL DEFAULT ''"),
+    # hardening (issue 13): limits decided in the database
+    (Recipient, "last_passcode_at", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
 )
 
 #: Connections per process: more than the associations a worker serves at once.

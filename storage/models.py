@@ -148,6 +148,9 @@ class Recipient(BaseModel):
     #: Set after too many consecutive failed passcodes; cleared by staff.
     locked_at = peewee.DoubleField(null=True)
     created_at = peewee.DoubleField()
+    #: When the last passcode message was claimed (Unix time; 0: never): a new one is
+    #: sent only where this is old enough (iepnode.logins.start_attempt).
+    last_passcode_at = peewee.DoubleField(default=0.0)
 
 
 class Transaction(BaseModel):
@@ -509,6 +512,30 @@ class Attachment(BaseModel):
     filed_by = peewee.CharField(max_length=64, default="")
 
 
+# -- hardening (issue 13): limits decided in the database -------------------------------
+
+
+class ProtectedCopyBuild(BaseModel):
+    """The password-protected copy of one transaction for its recipient: one at a time.
+
+    A build is claimed by a conditional ``UPDATE`` of this row (``building`` only
+    where it is not already, or its lease ran out) before the encryption starts
+    (iepnode.downloads); the builder renews ``lease_until`` while it writes.
+    """
+
+    recipient = peewee.ForeignKeyField(Recipient, on_delete="CASCADE")
+    transaction = peewee.ForeignKeyField(Transaction, on_delete="CASCADE")
+    #: ``idle`` (no build running) or ``building``.
+    state = peewee.CharField(max_length=16, default="idle")
+    #: A ``building`` claim older than this (Unix time) was left by a crashed build.
+    lease_until = peewee.DoubleField(default=0.0)
+    #: Random name of the build holding the claim (only it renews or releases it).
+    owner = peewee.CharField(max_length=32, default="")
+
+    class Meta:
+        indexes = ((("recipient", "transaction"), True),)
+
+
 ALL_MODELS = [
     RemoteAE, Patient, Study, Series, Instance, StaffUser, Recipient, Transaction,
     TransactionStudy, TransactionMessage, LoginAttempt, WebSession, AuditEvent,
@@ -517,4 +544,5 @@ ALL_MODELS = [
     DicomwebToken,  # issue 4: DICOMweb
     Upload, UploadFile,
     Attachment,  # issue 4 (reports)
+    ProtectedCopyBuild,  # issue 13 (hardening)
 ]

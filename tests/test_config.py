@@ -233,6 +233,9 @@ def test_bad_database_url(url: str) -> None:
     ("fileset_retry_max_seconds", 8 * 86400),
     # -- hardening (issue 13): attachments --
     ("max_attachments", -1), ("max_attachments", 1001),
+    # hardening (issue 13): limits
+    ("password_hash_concurrency", 0), ("password_hash_concurrency", 17),
+    ("password_hash_queue", -1), ("password_hash_queue", 1001),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):

@@ -12,6 +12,8 @@ token, checked in :mod:`web.middlewares`)::
     POST /admin/transactions/{public_id}/messages   staff reply (emails the recipient)
     POST /admin/transactions/{public_id}/unlock     unlock a locked recipient
     POST /admin/transactions/{public_id}/authenticator/remove   recipient lost their phone
+    POST /admin/transactions/{public_id}/passcode-channel   where the recipient's passcodes go
+                                                 (admins and the recipient's contacts)
     GET  /admin/audit?actor=&action=&patient=&page=  the audit log, 50 a page
     GET  POST /admin/aes, POST /admin/aes/remove       remote AEs (admins)
     GET  POST /admin/users, POST /admin/users/{id}/disable|enable   staff (admins)
@@ -30,7 +32,9 @@ enough: such requests go to the login page); AE and user pages need an admin.
 A user with a pending step after a reset (``AdminService.pending_step``) is sent
 to that step's page from every other page: a session opened with the password
 alone (no TOTP secret) reaches nothing but the enrolment page.
-Blocking work runs in a thread through :class:`iepnode.admin.AdminService`.
+Blocking work runs in a thread through :class:`iepnode.admin.AdminService`; work that
+hashes or checks a password runs on the bounded ``AdminService.password_work`` pool
+(a login beyond its queue gets 503 at once), never in the threads page views share.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from aiohttp import web
 from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
-from iepnode import timefmt
+from iepnode import recipients, timefmt
 from iepnode.admin import (
     LOGIN_REFUSED,
     STEP_PASSWORD,
@@ -60,7 +64,7 @@ from iepnode.admin import (
     LoginThrottled,
 )
 from iepnode.audit import Actor
-from iepnode.errors import InvalidRequest, LoginRefused, UnknownDestination
+from iepnode.errors import Busy, InvalidRequest, LoginRefused, UnknownDestination
 from iepnode.messaging import DeliveryError
 from iepnode.transactions import PRIORITIES, NewTransfer
 from storage.models import StaffUser, Transaction, WebSession
@@ -81,6 +85,19 @@ _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major 
 #: Fixed notices shown after a redirect (``?done=``): no text is reflected from the URL.
 _NOTICES = {
     "created": "Transaction created: the recipient has been emailed the link.",
+    "created-channel-kept": "Transaction created: the recipient has been emailed the link. "
+                            "They already had an account, so their passcodes still go where "
+                            "they went before (shown under Recipient): the mobile number or "
+                            "email you typed was not used. If it really changed, an "
+                            "administrator, or the hospital contact of a transaction they "
+                            "have signed in through, can change it on that transaction's "
+                            "page.",
+    "channel-changed": "The recipient's passcodes now go to the new channel. Their open "
+                       "sessions and unused passcodes have ended, and they were told on the "
+                       "old channel.",
+    "channel-changed-unnotified": "The recipient's passcodes now go to the new channel and "
+                                  "their open sessions have ended, but the notice to the old "
+                                  "channel could not be sent (the audit trail below says why).",
     "unlocked": "The recipient is unlocked and can sign in again.",
     "app-removed": "The recipient's authenticator app is removed: they get a passcode by "
                    "text message or email again, and their open sessions have ended.",
@@ -111,7 +128,8 @@ _NOTICES = {
 }
 
 #: Notices that report something that did not work (shown as an error, not as info).
-_WARNINGS = frozenset({"replied-failed", "replied-expired"})
+_WARNINGS = frozenset({"replied-failed", "replied-expired", "created-channel-kept",
+                       "channel-changed-unnotified"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -286,8 +304,13 @@ async def login(request: web.Request) -> web.StreamResponse:
     next_url = _safe_next(form.get("next"))
     service = _admin(request)
     try:
-        opened = await asyncio.to_thread(service.log_in, username, _text(form, "password", 1024),
-                                         code, client_ip(request))
+        opened = await service.log_in_bounded(username, _text(form, "password", 1024), code,
+                                              client_ip(request))
+    except Busy as exc:  # too many password checks under way in this process: no wait
+        response = _login_page(request, error=str(exc), username=username, next_url=next_url,
+                               status=503)
+        response.headers["Retry-After"] = str(middlewares.RETRY_AFTER)
+        return response
     except LoginThrottled as exc:
         await asyncio.sleep(service.failure_delay)
         return _login_page(request, error=str(exc), username=username, next_url=next_url,
@@ -332,7 +355,7 @@ async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 async def _transaction_page(request: web.Request, staff: Staff, public_id: str, *,
                             error: str = "", body: str = "", send_error: str = "",
-                            status: int = 200) -> web.Response:
+                            channel_error: str = "", status: int = 200) -> web.Response:
     view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
                                    staff.ip)
     node = node_of(request)
@@ -344,7 +367,7 @@ async def _transaction_page(request: web.Request, staff: Staff, public_id: str, 
 
     return _render(request, staff, "transaction.html",
                    {"view": view, "error": error, "body": body, "send_error": send_error,
-                    **await asyncio.to_thread(sending)},
+                    "channel_error": channel_error, **await asyncio.to_thread(sending)},
                    section="transactions", status=status)
 
 
@@ -378,6 +401,32 @@ async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     public_id = public_id_of(request)
     await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=unlocked")
+
+
+@staff_view()
+async def change_channel(request: web.Request, staff: Staff) -> web.StreamResponse:
+    """``POST /admin/transactions/{public_id}/passcode-channel``: passcodes go elsewhere now.
+
+    For administrators and the recipient's established contacts (others get 403, see
+    ``AdminService.may_change_channel``); the recipient is told on the old channel.
+    """
+    public_id = public_id_of(request)
+    form = await request.post()
+    channel = _text(form, "channel", 8)
+    service = _admin(request)
+    email = await asyncio.to_thread(service.recipient_email_of, public_id)
+    try:
+        if channel not in ("sms", "email"):
+            raise InvalidRequest("choose where the passcodes go: a mobile number or an email")
+        changed = await service.change_passcode_channel(
+            email, _text(form, "otp_mobile", 64) if channel == "sms" else "",
+            _text(form, "otp_email", 254) if channel == "email" else "", staff.user, staff.ip,
+            public_id=public_id)
+    except InvalidRequest as exc:
+        return await _transaction_page(request, staff, public_id, channel_error=str(exc),
+                                       status=400)
+    done = "channel-changed" if changed.notified else "channel-changed-unnotified"
+    return see_other(f"/admin/transactions/{public_id}?done={done}")
 
 
 @staff_view()
@@ -534,6 +583,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             priority=values["priority"], expiry_days=expiry, nhs_number=values["nhs_number"],
         )
         created = await service.share(new, staff.user, staff.ip)
+        kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     except (InvalidRequest, ValueError, DeliveryError) as exc:
         if isinstance(exc, DeliveryError):
             message = (f"The transaction was created, but the email with its link could not be "
@@ -546,7 +596,8 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             "share": {**_share_defaults(request), **{k: v for k, v in values.items() if v}},
             "chosen": set(uids), "share_error": message, "priorities": PRIORITIES,
         }, section="studies", status=400)
-    return see_other(f"/admin/transactions/{created.public_id}?done=created")
+    done = "created-channel-kept" if kept else "created"
+    return see_other(f"/admin/transactions/{created.public_id}?done={done}")
 
 
 # -- audit log -------------------------------------------------------------------------------
@@ -641,7 +692,7 @@ async def add_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     values = {k: _text(form, k, 254) for k in ("username", "display_name", "email",
                                                "department", "phone")}
     try:
-        new, uri = await asyncio.to_thread(
+        new, uri = await _admin(request).password_work.run(
             functools.partial(_admin(request).add_user, values["username"],
                               _text(form, "password", 1024), is_admin=form.get("is_admin") == "1",
                               display_name=values["display_name"], email=values["email"],
@@ -688,8 +739,9 @@ async def reset_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """
     form = await request.post()
     try:
-        done = await asyncio.to_thread(_admin(request).reset_password, _user_id(request),
-                                       _text(form, "password", 1024), staff.user, staff.ip)
+        done = await _admin(request).password_work.run(
+            _admin(request).reset_password, _user_id(request), _text(form, "password", 1024),
+            staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
     users = await asyncio.to_thread(_admin(request).staff_users)
@@ -723,9 +775,10 @@ async def change_password(request: web.Request, staff: Staff) -> web.StreamRespo
     """``POST /admin/account/password``: change own password."""
     form = await request.post()
     try:
-        await asyncio.to_thread(_admin(request).change_password, staff.user, staff.session.id,
-                                _text(form, "current", 1024), _text(form, "new", 1024),
-                                _text(form, "repeat", 1024), staff.ip)
+        await _admin(request).password_work.run(
+            _admin(request).change_password, staff.user, staff.session.id,
+            _text(form, "current", 1024), _text(form, "new", 1024), _text(form, "repeat", 1024),
+            staff.ip)
     except InvalidRequest as exc:
         return _render(request, staff, "account.html", {"error": str(exc)}, section="account",
                        status=400)
@@ -760,9 +813,9 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
         fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
         return _totp_page(request, staff, fresh, error=str(exc), status=400)
     try:
-        await asyncio.to_thread(service.confirm_totp, staff.user, staff.session.id, enrolment,
-                                _text(form, "password", 1024), _text(form, "code", 16),
-                                staff.ip)
+        await service.password_work.run(service.confirm_totp, staff.user, staff.session.id,
+                                        enrolment, _text(form, "password", 1024),
+                                        _text(form, "code", 16), staff.ip)
     except InvalidRequest as exc:
         return _totp_page(request, staff, enrolment, error=str(exc), status=400)
     return see_other("/admin/account?done=totp")
@@ -823,9 +876,9 @@ async def setup_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/setup/password``: replace the temporary password."""
     form = await request.post()
     try:
-        await asyncio.to_thread(_admin(request).set_required_password, staff.user,
-                                staff.session.id, _text(form, "new", 1024),
-                                _text(form, "repeat", 1024), staff.ip)
+        await _admin(request).password_work.run(
+            _admin(request).set_required_password, staff.user, staff.session.id,
+            _text(form, "new", 1024), _text(form, "repeat", 1024), staff.ip)
     except InvalidRequest as exc:
         return _render(request, staff, "setup_password.html", {"error": str(exc)},
                        status=400)
@@ -863,6 +916,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/admin/transactions/{public_id}/unlock", unlock)
     router.add_post("/admin/transactions/{public_id}/authenticator/remove",
                     remove_recipient_app)
+    router.add_post("/admin/transactions/{public_id}/passcode-channel", change_channel)
     router.add_get("/admin/audit", audit_log)
     router.add_get("/admin/aes", aes)
     router.add_post("/admin/aes", add_ae)

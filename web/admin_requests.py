@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from iepnode import recipients
 from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest
 from iepnode.image_requests import NewRequest
@@ -78,7 +79,9 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
         return _form_page(request, staff, {**_defaults(request),
                                            **{k: v for k, v in values.items() if v}},
                           error=message, status=400)
-    return see_other(f"/admin/transactions/{created.public_id}?done=created")
+    kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
+    done = "created-channel-kept" if kept else "created"
+    return see_other(f"/admin/transactions/{created.public_id}?done={done}")
 
 
 def setup_routes(app: web.Application) -> None:

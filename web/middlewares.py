@@ -15,7 +15,9 @@ from aiohttp.multipart import BadContentDispositionHeader
 from multidict import MultiDictProxy
 
 from iepnode.errors import (
+    Busy,
     Gone,
+    InProgress,
     InvalidRequest,
     LoginRefused,
     NodeError,
@@ -29,6 +31,8 @@ log = logging.getLogger("iepnode.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SESSION_COOKIE = "__Host-iepnode"
+#: Seconds a ``503 Busy`` answer asks the client to wait (``Retry-After``).
+RETRY_AFTER = 2
 #: Double-submit CSRF cookie for forms shown before a session exists.
 PRELOGIN_COOKIE = "__Host-iepnode-csrf"
 SECURITY_HEADERS = {
@@ -68,6 +72,12 @@ async def domain_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return _error_page(request, 410, "No longer available", str(exc))
     except (LoginRefused, NotAuthorized) as exc:
         return _error_page(request, 403, "Not allowed", str(exc))
+    except InProgress as exc:
+        return _error_page(request, 409, "Already under way", str(exc))
+    except Busy as exc:
+        response = _error_page(request, 503, "Busy just now", str(exc))
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+        return response
     except InvalidRequest as exc:
         return _error_page(request, 400, "That did not work", str(exc))
     except NodeError as exc:

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import dicomtext, timefmt
+from iepnode import dicomtext, recipients, timefmt
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -99,14 +99,11 @@ def format_status(view: Any) -> str:
 
 
 def mask_destination(channel: str, destination: str) -> str:
-    """Show where a passcode went without giving the address away.
+    """Show where a passcode went without giving the address away (:func:`recipients.mask`).
 
     ``+447700900123`` -> ``•••23``; ``anna@example.org`` -> ``a•••@example.org``.
     """
-    if channel == "sms":
-        return f"•••{destination[-2:]}"
-    local, _, domain = destination.partition("@")
-    return f"{local[:1]}•••@{domain}"
+    return recipients.mask(channel, destination)
 
 
 # -- helpers ----------------------------------------------------------------------------
