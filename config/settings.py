@@ -138,6 +138,11 @@ class Settings:
     upload_max_file_mb, upload_max_total_mb : int
         Largest single file, and largest whole upload, a recipient may upload in answer
         to a request (MiB).
+    max_inflated_mb : int
+        (hardening, dataset check) Largest size a Deflated Explicit VR Little Endian
+        dataset may inflate to when it is checked before being stored (MiB); a
+        dataset inflating to more is refused (C-STORE 0xC000), so a deflate bomb
+        costs at most this much memory.
     """
 
     data_dir: Path = Path("data")
@@ -187,6 +192,8 @@ class Settings:
     # -- uploads on request (issue 7)
     upload_max_file_mb: int = 4096
     upload_max_total_mb: int = 16384
+    # -- hardening (issue 13): dataset check --
+    max_inflated_mb: int = 512
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -259,6 +266,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "send_retry_seconds": "send_retry_seconds",
         "send_retry_max_seconds": "send_retry_max_seconds",
         "send_max_attempts": "send_max_attempts",
+        # -- hardening (issue 13): dataset check --
+        "max_inflated_mb": "max_inflated_mb",
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
              "trusted_proxies": "trusted_proxies",
@@ -504,6 +513,9 @@ def _validate(s: Settings) -> Settings:
                           f"send_retry_max_seconds ({s.send_retry_max_seconds})")
     if not 1 <= s.send_max_attempts <= 1000:
         raise ConfigError(f"send_max_attempts {s.send_max_attempts}: must be 1-1000")
+    # -- hardening (issue 13): dataset check --
+    if not 1 <= s.max_inflated_mb <= 16384:
+        raise ConfigError(f"max_inflated_mb {s.max_inflated_mb}: must be 1-16384")
     # uploads: review and release (issue 7, reconcile)
     if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
         raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "

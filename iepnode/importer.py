@@ -53,7 +53,14 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from iepnode.errors import BadDataset, NodeError, OutOfResources
+from iepnode.dataset_check import (
+    DEFAULT_MAX_INFLATED,
+    LONG_VRS,
+    MAX_DEPTH,
+    SHORT_VRS,
+    check_dataset,
+)
+from iepnode.errors import BadDataset, DatasetMismatch, NodeError, OutOfResources
 from iepnode.ingest import FileMeta, Ingester, parse_file_meta
 from storage.index import Outcome
 
@@ -68,8 +75,8 @@ MAX_OBJECT_SIZE = 4 << 30
 MAX_ZIP_TOTAL = 64 << 30
 #: A DICOMDIR larger than this is not read (bytes).
 MAX_DICOMDIR_SIZE = 64 << 20
-#: Nesting of sequences beyond this depth is refused.
-MAX_NESTING = 32
+#: Nesting of sequences beyond this depth is refused (the dataset check's limit).
+MAX_NESTING = MAX_DEPTH
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: File name endings that declare a DICOM file: such a file that is not DICOM is refused.
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -77,12 +84,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 _SUPPORTED_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
                           zipfile.ZIP_LZMA}
 _HEAD = 132
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
-_VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
-                    b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
-                    b"US"}
+_VRS = LONG_VRS | SHORT_VRS
 _MAX_REASON = 300
 
 
@@ -555,142 +557,60 @@ def _raw_syntax(guess: str, hint: str | None) -> str:
     return guess
 
 
-class _Walker:
-    """Walk a dataset's elements by their lengths only, to prove it is complete."""
-
-    def __init__(self, buf: memoryview, little: bool) -> None:
-        self.buf = buf
-        self.end = len(buf)
-        self.u16 = struct.Struct("<H" if little else ">H")
-        self.u32 = struct.Struct("<I" if little else ">I")
-        self.tag = struct.Struct("<HH" if little else ">HH")
-        self.encapsulated = False
-
-    def _truncated(self, what: str, pos: int, needed: int) -> BadDataset:
-        return BadDataset(f"truncated: {what} needs {needed} bytes at offset {pos}, "
-                          f"only {max(self.end - pos, 0)} left")
-
-    def dataset(self, pos: int, implicit: bool, depth: int, in_item: bool) -> int:
-        buf, end = self.buf, self.end
-        while pos < end:
-            if end - pos < 8:
-                if not in_item and not any(buf[pos:end]):
-                    return end  # a few bytes of trailing zero padding
-                raise self._truncated("an element header", pos, 8)
-            group, elem = self.tag.unpack_from(buf, pos)
-            if group == 0xFFFE:
-                if elem == 0xE00D and in_item:
-                    return pos + 8
-                raise BadDataset(f"unexpected delimiter (FFFE,{elem:04X}) at offset {pos}")
-            name = f"element ({group:04X},{elem:04X})"
-            vr = b""
-            if implicit:
-                length = self.u32.unpack_from(buf, pos + 4)[0]
-                pos += 8
-            else:
-                vr = bytes(buf[pos + 4:pos + 6])
-                if vr in _LONG_VRS:
-                    if end - pos < 12:
-                        raise self._truncated(f"{name} header", pos, 12)
-                    length = self.u32.unpack_from(buf, pos + 8)[0]
-                    pos += 12
-                else:
-                    length = self.u16.unpack_from(buf, pos + 6)[0]
-                    pos += 8
-            if length == _UNDEFINED:
-                if (group, elem) == (0x7FE0, 0x0010) and depth == 0:
-                    self.encapsulated = True
-                pos = self.items(pos, implicit or vr == b"UN", depth + 1, name)
-            elif length > end - pos:
-                raise self._truncated(f"{name} value", pos, length)
-            else:
-                pos += length
-        if in_item:
-            raise BadDataset("truncated: an item ends without its delimiter")
-        return pos
-
-    def items(self, pos: int, implicit: bool, depth: int, name: str) -> int:
-        if depth > MAX_NESTING:
-            raise BadDataset(f"sequences nested deeper than {MAX_NESTING}")
-        while True:
-            if self.end - pos < 8:
-                raise BadDataset(f"truncated: {name} ends without its sequence delimiter")
-            group, elem = self.tag.unpack_from(self.buf, pos)
-            length = self.u32.unpack_from(self.buf, pos + 4)[0]
-            pos += 8
-            if (group, elem) == (0xFFFE, 0xE0DD):
-                return pos
-            if (group, elem) != (0xFFFE, 0xE000):
-                raise BadDataset(f"malformed item ({group:04X},{elem:04X}) in {name}")
-            if length == _UNDEFINED:
-                pos = self.dataset(pos, implicit, depth, in_item=True)
-            elif length > self.end - pos:
-                raise self._truncated(f"an item of {name}", pos, length)
-            else:
-                pos += length
+#: An explicit/implicit VR little endian label that the bytes contradict, and the
+#: syntax that fits them instead (some writers mislabel; readers cope).
+_OTHER_VR = {ExplicitVRLittleEndian: ImplicitVRLittleEndian,
+             ImplicitVRLittleEndian: ExplicitVRLittleEndian}
 
 
-def _check_deflated(stream: bytes | memoryview) -> None:
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        total = len(inflater.decompress(stream, 1 << 20))
-        while inflater.unconsumed_tail and not inflater.eof:
-            total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 20))
-            if total > MAX_OBJECT_SIZE:
-                raise BadDataset(f"deflated dataset expands beyond {MAX_OBJECT_SIZE} bytes")
-    except zlib.error as exc:
-        raise BadDataset(f"corrupt deflated dataset: {exc}") from exc
-    if not inflater.eof:
-        raise BadDataset("truncated: the deflated dataset ends early")
-
-
-def check_complete(stream: bytes | memoryview, transfer_syntax: str) -> bool:
+def check_complete(stream: bytes | memoryview, transfer_syntax: str, *,
+                   max_inflated: int = DEFAULT_MAX_INFLATED) -> tuple[str, bool]:
     """Check that an encoded dataset is whole, without decoding any value.
 
-    Every element's length is followed to the end of the data, through sequences
-    and encapsulated pixel data, so a file cut short (a copy interrupted, a CD read
-    error) is refused instead of stored.
+    The same check as every C-STORE (:func:`iepnode.dataset_check.check_dataset`):
+    every element's length is followed to the end of the data, through sequences and
+    encapsulated pixel data, and native pixel data must fit the image attributes, so
+    a file cut short (a copy interrupted, a CD read error) is refused instead of
+    stored. One leniency for old media: a dataset labelled Explicit VR Little Endian
+    that is whole as Implicit VR (or the reverse) is accepted under the syntax its
+    bytes are in, so the node's File Meta then tells the truth.
 
     Parameters
     ----------
     stream : bytes or memoryview
         The dataset (no File Meta).
     transfer_syntax : str
-        Its transfer syntax UID.
+        Its transfer syntax UID, as labelled.
+    max_inflated : int
+        Largest inflated size of a deflated dataset (bytes).
 
     Returns
     -------
-    bool
-        ``True`` when the top-level Pixel Data is encapsulated (compressed).
+    tuple of (str, bool)
+        The transfer syntax the dataset is encoded in, and ``True`` when its
+        top-level Pixel Data is encapsulated (compressed).
 
     Raises
     ------
     BadDataset
         If an element, item or sequence runs past the end, or the structure is broken.
     """
-    ts = UID(transfer_syntax)
-    if ts == DeflatedExplicitVRLittleEndian:
-        _check_deflated(stream)
-        return False
     try:
-        implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    except ValueError:  # not a known transfer syntax: all private ones are explicit LE
-        implicit, little = False, True
-    view = memoryview(stream).cast("B")
-    walker = _Walker(view, little)
-    try:
-        walker.dataset(0, implicit, 0, in_item=False)
+        return transfer_syntax, check_dataset(stream, transfer_syntax,
+                                              max_inflated=max_inflated).encapsulated
+    except DatasetMismatch:
+        raise
     except BadDataset as first:
-        if not little:
+        other = _OTHER_VR.get(UID(str(transfer_syntax).strip("\x00 ")))
+        if other is None:
             raise
-        # Some writers label implicit VR data explicit (and the reverse); readers cope,
-        # so a dataset that is whole in the other VR encoding is accepted as received.
-        walker = _Walker(view, little)
         try:
-            walker.dataset(0, not implicit, 0, in_item=False)
+            checked = check_dataset(stream, other)
         except BadDataset:
             raise first from None
-    return walker.encapsulated
+        log.info("dataset labelled %s is encoded as %s: stored as such",
+                 UID(transfer_syntax).name, other.name)
+        return str(other), checked.encapsulated
 
 
 def _read(source: Source) -> tuple[bytes, _Layout | None]:
@@ -707,7 +627,8 @@ def _read(source: Source) -> tuple[bytes, _Layout | None]:
     return data, layout
 
 
-def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] | None:
+def load_object(source: Source, report: ImportReport, *,
+                max_inflated: int = DEFAULT_MAX_INFLATED) -> tuple[memoryview, str] | None:
     """Read one candidate and prove it is a whole DICOM instance.
 
     Parameters
@@ -716,12 +637,15 @@ def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] 
         The candidate.
     report : ImportReport
         Receives why the candidate is skipped (not DICOM, a DICOMDIR) or refused.
+    max_inflated : int
+        Largest inflated size of a deflated dataset (bytes).
 
     Returns
     -------
     tuple of (memoryview, str) or None
-        The encoded dataset (no File Meta) and its transfer syntax; ``None`` when
-        the candidate was skipped or refused (recorded in ``report``).
+        The encoded dataset (no File Meta) and the transfer syntax it is encoded in
+        (see :func:`check_complete`); ``None`` when the candidate was skipped or
+        refused (recorded in ``report``).
 
     Raises
     ------
@@ -752,14 +676,14 @@ def load_object(source: Source, report: ImportReport) -> tuple[memoryview, str] 
         offset = 0
         syntax = _raw_syntax(str(layout.raw_syntax), source.transfer_syntax)
     stream = memoryview(data)[offset:]
-    encapsulated = check_complete(stream, syntax)
+    syntax, encapsulated = check_complete(stream, syntax, max_inflated=max_inflated)
     if layout.meta_start is None and encapsulated and not UID(syntax).is_compressed:
         raise BadDataset("raw dataset with compressed pixel data and no known transfer syntax")
     return stream, syntax
 
 
 def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
-    loaded = load_object(source, report)
+    loaded = load_object(source, report, max_inflated=ingester.max_inflated)
     if loaded is None:
         return
     stream, syntax = loaded

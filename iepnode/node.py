@@ -151,7 +151,8 @@ class Node:
         self.group_commit = GroupCommitter(self.database)
         self.store = FileStore(settings.store_dir, settings.tmp_dir, durable=settings.fsync)
         self.ingester = Ingester(
-            self.store, replace_duplicates=settings.duplicate_policy == "replace"
+            self.store, replace_duplicates=settings.duplicate_policy == "replace",
+            max_inflated=settings.max_inflated_mb << 20,
         )
         self._secret: bytes | None = None
         self._admin: AdminService | None = None

@@ -583,13 +583,25 @@ def test_import_path_reports_progress(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
                                   "JPEG2000.dcm", "JPEG2000-embedded-sequence-delimiter.dcm",
                                   "image_dfl.dcm", "SC_rgb_rle_2frame.dcm", "UN_sequence.dcm",
-                                  "nested_priv_SQ.dcm", "rtplan.dcm", "test-SR.dcm", "chrX1.dcm"])
+                                  "rtplan.dcm", "test-SR.dcm", "chrX1.dcm"])
 def test_check_complete_accepts_whole_bundled_files(name: str) -> None:
     from iepnode.importer import check_complete
 
     data = bundled(name).read_bytes()
     meta, offset = parse_file_meta(data)
-    check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+    syntax, _ = check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+    assert syntax == meta.transfer_syntax
+
+
+def test_check_complete_refuses_pixel_data_without_image_attributes() -> None:
+    """nested_priv_SQ.dcm (a parser test) has 2 bytes of Pixel Data and no Rows/Columns."""
+    from iepnode.errors import DatasetMismatch
+    from iepnode.importer import check_complete
+
+    data = bundled("nested_priv_SQ.dcm").read_bytes()
+    meta, offset = parse_file_meta(data)
+    with pytest.raises(DatasetMismatch, match=r"Rows \(0028,0010\) is missing"):
+        check_complete(memoryview(data)[offset:], meta.transfer_syntax)
 
 
 @pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
