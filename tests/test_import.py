@@ -36,6 +36,8 @@ from tests.data_factory import (
     make_sr,
     read_header,
 )
+from tests.support import crafted
+from tests.support.crafted import corruption
 from tests.support.node import REPO, run_cli
 from tests.support.tools import dcmtk
 
@@ -280,6 +282,25 @@ def test_malformed_objects_are_refused_and_the_rest_imported(tmp_path: Path) -> 
     assert set(reasons) == set(expected_reasons)
     for name, pattern in expected_reasons.items():
         assert re.search(pattern, reasons[name]), (name, reasons[name])
+    assert_store_holds(data, sources_of(good))
+
+
+def test_corrupted_datasets_are_refused_with_the_reason_c_store_gives(tmp_path: Path) -> None:
+    """The crafted corruptions of the dataset check, imported: same check, same reasons."""
+    src, data = tmp_path / "src", tmp_path / "data"
+    good = make_ct_series(src, 1)
+    cases = {name: corruption(name) for name in crafted.CORRUPTIONS}
+    for name, case in cases.items():
+        case.write(src / "tmp").rename(src / f"{name}.dcm")
+
+    result = run_import(data, src)
+
+    assert result.code == 2, result.proc.stdout + result.proc.stderr
+    assert result.counts == counts(1, refused=len(cases))
+    reasons = {Path(name).stem: reason for name, reason in result.refused.items()}
+    assert set(reasons) == set(cases)
+    for name, case in cases.items():
+        assert re.search(case.message, reasons[name]), (name, reasons[name])
     assert_store_holds(data, sources_of(good))
 
 
