@@ -225,6 +225,8 @@ def test_bad_database_url(url: str) -> None:
 @pytest.mark.parametrize(("name", "value"), [
     ("dicom_workers", 0), ("dicom_workers", 65), ("http_workers", 0), ("max_pdu", 100),
     ("stable_age", -1),
+    # -- hardening (issue 13): dataset check --
+    ("max_inflated_mb", 0), ("max_inflated_mb", 16385),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):

@@ -634,3 +634,43 @@ def test_check_complete_refuses_truncated_bundled_files(name: str) -> None:
     meta, offset = parse_file_meta(data)
     with pytest.raises(BadDataset, match=r"^truncated"):
         check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+
+
+def test_check_complete_takes_a_mislabelled_vr_encoding_as_what_its_bytes_are() -> None:
+    """Old media: Implicit VR bytes labelled Explicit VR (and the reverse) are accepted under
+    the syntax they are in, so the node's File Meta tells the truth; where no syntax fits
+    (implicit VR bytes with encapsulated JPEG pixel data), the object is refused."""
+    from iepnode.errors import BadDataset
+    from iepnode.importer import check_complete
+
+    for name, label, real in (("MR_small_implicit.dcm", ExplicitVRLittleEndian,
+                               ImplicitVRLittleEndian),
+                              ("MR_small.dcm", ImplicitVRLittleEndian, ExplicitVRLittleEndian)):
+        data = bundled(name).read_bytes()
+        meta, offset = parse_file_meta(data)
+        assert meta.transfer_syntax == real
+        assert check_complete(memoryview(data)[offset:], label) == (real, False)
+    data = bundled("SC_rgb_jpeg.dcm").read_bytes()  # JPEG Baseline label, implicit VR bytes
+    meta, offset = parse_file_meta(data)
+    with pytest.raises(BadDataset, match="unknown VR"):
+        check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+
+
+def test_mislabelled_object_is_imported_under_the_syntax_its_bytes_are_in(
+        tmp_path: Path) -> None:
+    from iepnode.ingest import file_meta_bytes
+
+    src, data = tmp_path / "src", tmp_path / "data"
+    source = bundled("MR_small_implicit.dcm").read_bytes()
+    meta, offset = parse_file_meta(source)
+    src.mkdir()
+    (src / "IM1").write_bytes(file_meta_bytes(meta.sop_class, meta.sop_uid,
+                                              ExplicitVRLittleEndian, "") + source[offset:])
+
+    result = run_import(data, src)
+
+    assert result.code == 0, result.proc.stdout + result.proc.stderr
+    assert result.counts == counts(1)
+    paths = assert_store_holds(data, {meta.sop_uid: source[offset:]})
+    assert index_rows(data)[meta.sop_uid][1] == ImplicitVRLittleEndian
+    assert dcmread(paths[meta.sop_uid]).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
