@@ -601,7 +601,7 @@ def check_complete(stream: bytes | memoryview, transfer_syntax: str, *,
     except DatasetMismatch:
         raise
     except BadDataset as first:
-        other = _OTHER_VR.get(UID(str(transfer_syntax).strip("\x00 ")))
+        other = _OTHER_VR.get(str(transfer_syntax).strip("\x00 "))
         if other is None:
             raise
         try:
