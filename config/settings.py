@@ -181,6 +181,11 @@ class Settings:
     password_hash_queue : int
         (hardening) Password checks that may wait for one of those threads per HTTP
         process; a login beyond them is answered at once with 503 "try again shortly".
+    max_inflated_mb : int
+        (hardening, dataset check) Largest size a Deflated Explicit VR Little Endian
+        dataset may inflate to when it is checked before being stored (MiB); a
+        dataset inflating to more is refused (C-STORE 0xC000), so a deflate bomb
+        costs at most this much memory.
     """
 
     data_dir: Path = Path("data")
@@ -249,6 +254,8 @@ class Settings:
     # -- hardening (issue 13): limits --
     password_hash_concurrency: int = 1
     password_hash_queue: int = 16
+    # -- hardening (issue 13): dataset check --
+    max_inflated_mb: int = 512
     config_file: Path | None = field(default=None, compare=False)
 
     @property
@@ -326,6 +333,8 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
         "send_retry_seconds": "send_retry_seconds",
         "send_retry_max_seconds": "send_retry_max_seconds",
         "send_max_attempts": "send_max_attempts",
+        # -- hardening (issue 13): dataset check --
+        "max_inflated_mb": "max_inflated_mb",
     },
     "http": {"bind": "bind", "port": "http_port", "workers": "http_workers",
              "trusted_proxies": "trusted_proxies",
@@ -624,6 +633,9 @@ def _validate(s: Settings) -> Settings:
                           "must be 1-16 (each hash takes 64 MiB)")
     if not 0 <= s.password_hash_queue <= 1000:
         raise ConfigError(f"password_hash_queue {s.password_hash_queue}: must be 0-1000")
+    # -- hardening (issue 13): dataset check --
+    if not 1 <= s.max_inflated_mb <= 16384:
+        raise ConfigError(f"max_inflated_mb {s.max_inflated_mb}: must be 1-16384")
     # uploads: review and release (issue 7, reconcile)
     if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
         raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "

@@ -4,7 +4,8 @@
 
     NodeError
     ├── BadDataset            the received object cannot be understood   -> DIMSE 0xC000
-    │   └── DatasetMismatch   it does not match the request's SOP class/instance UID -> 0xA900
+    │   └── DatasetMismatch   it does not match the request's SOP class/instance UID,
+    │                         or its pixel data does not fit its image attributes -> 0xA900
     ├── OutOfResources        disk full, index unavailable, I/O failure   -> 0xA700
     ├── NotAuthorized         the peer is not allowed this service        -> 0x0124
     ├── UnknownDestination    C-MOVE destination not registered           -> 0xA801
@@ -35,7 +36,9 @@ class BadDataset(NodeError):
 
 
 class DatasetMismatch(BadDataset):
-    """The dataset's SOP Class/Instance UID differ from the C-STORE request's."""
+    """The dataset's SOP Class/Instance UID differ from the C-STORE request's, or its
+    native pixel data's length does not fit Rows, Columns, Bits Allocated... (the
+    dataset parses but does not match its SOP class's Image Pixel module)."""
 
 
 class OutOfResources(NodeError):

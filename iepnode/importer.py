@@ -64,7 +64,14 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from iepnode.errors import BadDataset, NodeError, OutOfResources
+from iepnode.dataset_check import (
+    DEFAULT_MAX_INFLATED,
+    LONG_VRS,
+    MAX_DEPTH,
+    SHORT_VRS,
+    check_dataset,
+)
+from iepnode.errors import BadDataset, DatasetMismatch, NodeError, OutOfResources
 from iepnode.ingest import FileMeta, Ingester, parse_file_meta
 from storage.index import Outcome
 
@@ -79,9 +86,9 @@ MAX_OBJECT_SIZE = 4 << 30
 MAX_ZIP_TOTAL = 64 << 30
 #: A DICOMDIR larger than this is not read (bytes).
 MAX_DICOMDIR_SIZE = 64 << 20
-#: Nesting of sequences beyond this depth is refused.
-MAX_NESTING = 32
-#: Zip entries are copied out, and deflated datasets inflated, in blocks of this size.
+#: Nesting of sequences beyond this depth is refused (the dataset check's limit).
+MAX_NESTING = MAX_DEPTH
+#: Zip entries are copied out in blocks of this size.
 READ_BLOCK = 1 << 20
 #: While an object is checked, the pages behind the check are let go every this many bytes.
 FORGET_EVERY = 32 << 20
@@ -92,12 +99,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 _SUPPORTED_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
                           zipfile.ZIP_LZMA}
 _HEAD = 132
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
-_VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS",
-                    b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
-                    b"US"}
+_VRS = LONG_VRS | SHORT_VRS
 _MAX_REASON = 300
 
 
@@ -578,178 +580,65 @@ def _raw_syntax(guess: str, hint: str | None) -> str:
     return guess
 
 
-class _Walker:
-    """Walk a dataset's elements by their lengths only, to prove it is complete."""
-
-    def __init__(self, buf: memoryview, little: bool,
-                 progress: Callable[[int], None] | None = None) -> None:
-        self.buf = buf
-        self.end = len(buf)
-        self.u16 = struct.Struct("<H" if little else ">H")
-        self.u32 = struct.Struct("<I" if little else ">I")
-        self.tag = struct.Struct("<HH" if little else ">HH")
-        self.encapsulated = False
-        self.progress = progress
-        # Without a progress callback the next report is never due.
-        self.due = FORGET_EVERY if progress is not None else 1 << 62
-
-    def report(self, pos: int) -> None:
-        """Tell the callback the walk is past ``pos`` (the bytes before it are done)."""
-        assert self.progress is not None
-        self.progress(pos)
-        self.due = pos + FORGET_EVERY
-
-    def _truncated(self, what: str, pos: int, needed: int) -> BadDataset:
-        return BadDataset(f"truncated: {what} needs {needed} bytes at offset {pos}, "
-                          f"only {max(self.end - pos, 0)} left")
-
-    def dataset(self, pos: int, implicit: bool, depth: int, in_item: bool) -> int:
-        buf, end = self.buf, self.end
-        while pos < end:
-            if pos >= self.due:
-                self.report(pos)
-            if end - pos < 8:
-                if not in_item and not any(buf[pos:end]):
-                    return end  # a few bytes of trailing zero padding
-                raise self._truncated("an element header", pos, 8)
-            group, elem = self.tag.unpack_from(buf, pos)
-            if group == 0xFFFE:
-                if elem == 0xE00D and in_item:
-                    return pos + 8
-                raise BadDataset(f"unexpected delimiter (FFFE,{elem:04X}) at offset {pos}")
-            name = f"element ({group:04X},{elem:04X})"
-            vr = b""
-            if implicit:
-                length = self.u32.unpack_from(buf, pos + 4)[0]
-                pos += 8
-            else:
-                vr = bytes(buf[pos + 4:pos + 6])
-                if vr in _LONG_VRS:
-                    if end - pos < 12:
-                        raise self._truncated(f"{name} header", pos, 12)
-                    length = self.u32.unpack_from(buf, pos + 8)[0]
-                    pos += 12
-                else:
-                    length = self.u16.unpack_from(buf, pos + 6)[0]
-                    pos += 8
-            if length == _UNDEFINED:
-                if (group, elem) == (0x7FE0, 0x0010) and depth == 0:
-                    self.encapsulated = True
-                pos = self.items(pos, implicit or vr == b"UN", depth + 1, name)
-            elif length > end - pos:
-                raise self._truncated(f"{name} value", pos, length)
-            else:
-                pos += length
-        if in_item:
-            raise BadDataset("truncated: an item ends without its delimiter")
-        return pos
-
-    def items(self, pos: int, implicit: bool, depth: int, name: str) -> int:
-        if depth > MAX_NESTING:
-            raise BadDataset(f"sequences nested deeper than {MAX_NESTING}")
-        while True:
-            if pos >= self.due:
-                self.report(pos)
-            if self.end - pos < 8:
-                raise BadDataset(f"truncated: {name} ends without its sequence delimiter")
-            group, elem = self.tag.unpack_from(self.buf, pos)
-            length = self.u32.unpack_from(self.buf, pos + 4)[0]
-            pos += 8
-            if (group, elem) == (0xFFFE, 0xE0DD):
-                return pos
-            if (group, elem) != (0xFFFE, 0xE000):
-                raise BadDataset(f"malformed item ({group:04X},{elem:04X}) in {name}")
-            if length == _UNDEFINED:
-                pos = self.dataset(pos, implicit, depth, in_item=True)
-            elif length > self.end - pos:
-                raise self._truncated(f"an item of {name}", pos, length)
-            else:
-                pos += length
+#: An explicit/implicit VR little endian label that the bytes contradict, and the
+#: syntax that fits them instead (some writers mislabel; readers cope).
+_OTHER_VR = {ExplicitVRLittleEndian: ImplicitVRLittleEndian,
+             ImplicitVRLittleEndian: ExplicitVRLittleEndian}
 
 
-def _check_deflated(stream: bytes | memoryview,
-                    progress: Callable[[int], None] | None = None) -> None:
-    """Inflate a deflated dataset block by block to prove it whole (nothing kept)."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    view = memoryview(stream).cast("B")
-    total = 0
-    try:
-        for start in range(0, len(view), READ_BLOCK):
-            data: bytes | memoryview = view[start:start + READ_BLOCK]
-            while not inflater.eof:
-                out = len(inflater.decompress(data, READ_BLOCK))
-                total += out
-                if total > MAX_OBJECT_SIZE:
-                    raise BadDataset(f"deflated dataset expands beyond {MAX_OBJECT_SIZE} bytes")
-                data = inflater.unconsumed_tail  # at most one block
-                if not out and not data:  # all of this block is in: the next one
-                    break
-            if inflater.eof:
-                break
-            if progress is not None and (start + READ_BLOCK) % FORGET_EVERY == 0:
-                progress(start + READ_BLOCK)
-    except zlib.error as exc:
-        raise BadDataset(f"corrupt deflated dataset: {exc}") from exc
-    finally:
-        view.release()
-    if not inflater.eof:
-        raise BadDataset("truncated: the deflated dataset ends early")
-
-
-def check_complete(stream: bytes | memoryview, transfer_syntax: str,
-                   progress: Callable[[int], None] | None = None) -> bool:
+def check_complete(stream: bytes | memoryview, transfer_syntax: str, *,
+                   max_inflated: int = DEFAULT_MAX_INFLATED,
+                   progress: Callable[[int], None] | None = None) -> tuple[str, bool]:
     """Check that an encoded dataset is whole, without decoding any value.
 
-    Every element's length is followed to the end of the data, through sequences
-    and encapsulated pixel data, so a file cut short (a copy interrupted, a CD read
-    error) is refused instead of stored.
+    The same check as every C-STORE (:func:`iepnode.dataset_check.check_dataset`):
+    every element's length is followed to the end of the data, through sequences and
+    encapsulated pixel data, and native pixel data must fit the image attributes, so
+    a file cut short (a copy interrupted, a CD read error) is refused instead of
+    stored. One leniency for old media: a dataset labelled Explicit VR Little Endian
+    that is whole as Implicit VR (or the reverse) is accepted under the syntax its
+    bytes are in, so the node's File Meta then tells the truth.
 
     Parameters
     ----------
     stream : bytes or memoryview
         The dataset (no File Meta).
     transfer_syntax : str
-        Its transfer syntax UID.
+        Its transfer syntax UID, as labelled.
+    max_inflated : int
+        Largest inflated size of a deflated dataset (bytes).
     progress : callable, optional
-        Called now and then with an offset the check is past (the bytes before it
-        are not looked at again): a mapped file lets those pages go.
+        Called every :data:`FORGET_EVERY` bytes or so with an offset the check is past
+        (the bytes before it are not looked at again): a mapped file lets those pages go.
 
     Returns
     -------
-    bool
-        ``True`` when the top-level Pixel Data is encapsulated (compressed).
+    tuple of (str, bool)
+        The transfer syntax the dataset is encoded in, and ``True`` when its
+        top-level Pixel Data is encapsulated (compressed).
 
     Raises
     ------
     BadDataset
         If an element, item or sequence runs past the end, or the structure is broken.
     """
-    ts = UID(transfer_syntax)
-    if ts == DeflatedExplicitVRLittleEndian:
-        _check_deflated(stream, progress)
-        return False
     try:
-        implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    except ValueError:  # not a known transfer syntax: all private ones are explicit LE
-        implicit, little = False, True
-    view = memoryview(stream).cast("B")
-    try:
-        walker = _Walker(view, little, progress)
+        return transfer_syntax, check_dataset(stream, transfer_syntax, max_inflated=max_inflated,
+                                              progress=progress, every=FORGET_EVERY
+                                              ).encapsulated
+    except DatasetMismatch:
+        raise
+    except BadDataset as first:
+        other = _OTHER_VR.get(str(transfer_syntax).strip("\x00 "))
+        if other is None:
+            raise
         try:
-            walker.dataset(0, implicit, 0, in_item=False)
-        except BadDataset as first:
-            if not little:
-                raise
-            # Some writers label implicit VR data explicit (and the reverse); readers
-            # cope, so a dataset that is whole in the other VR encoding is accepted.
-            walker = _Walker(view, little, progress)
-            try:
-                walker.dataset(0, not implicit, 0, in_item=False)
-            except BadDataset:
-                raise first from None
-        return walker.encapsulated
-    finally:
-        view.release()
+            checked = check_dataset(stream, other, progress=progress, every=FORGET_EVERY)
+        except BadDataset:
+            raise first from None
+        log.info("dataset labelled %s is encoded as %s: stored as such",
+                 UID(transfer_syntax).name, other.name)
+        return str(other), checked.encapsulated
 
 
 class _Mapped:
@@ -835,7 +724,8 @@ def _mapped(source: Source, directory: Path | None) -> Iterator[tuple[_Mapped | 
 
 
 @contextlib.contextmanager
-def open_object(source: Source, report: ImportReport, spool_dir: Path | None = None,
+def open_object(source: Source, report: ImportReport, spool_dir: Path | None = None, *,
+                max_inflated: int = DEFAULT_MAX_INFLATED,
                 ) -> Iterator[tuple[memoryview, str] | None]:
     """Open one candidate and prove it is a whole DICOM instance, without reading it
     into memory.
@@ -851,12 +741,15 @@ def open_object(source: Source, report: ImportReport, spool_dir: Path | None = N
         Receives why the candidate is skipped (not DICOM, a DICOMDIR) or refused.
     spool_dir : Path, optional
         Where a zip entry's temporary copy goes (default: the system's temporary folder).
+    max_inflated : int
+        Largest inflated size of a deflated dataset (bytes).
 
     Yields
     ------
     tuple of (memoryview, str) or None
-        The encoded dataset (no File Meta) and its transfer syntax; ``None`` when
-        the candidate was skipped or refused (recorded in ``report``).
+        The encoded dataset (no File Meta) and the transfer syntax it is encoded in
+        (see :func:`check_complete`); ``None`` when the candidate was skipped or
+        refused (recorded in ``report``).
 
     Raises
     ------
@@ -895,8 +788,9 @@ def open_object(source: Source, report: ImportReport, spool_dir: Path | None = N
             syntax = _raw_syntax(str(layout.raw_syntax), source.transfer_syntax)
         stream = data[offset:]
         try:
-            encapsulated = check_complete(stream, syntax,
-                                          lambda pos: mapped.forget(offset + pos))
+            syntax, encapsulated = check_complete(
+                stream, syntax, max_inflated=max_inflated,
+                progress=lambda pos: mapped.forget(offset + pos))
             if layout.meta_start is None and encapsulated and not UID(syntax).is_compressed:
                 raise BadDataset("raw dataset with compressed pixel data and no known "
                                  "transfer syntax")
@@ -906,7 +800,7 @@ def open_object(source: Source, report: ImportReport, spool_dir: Path | None = N
 
 
 def _import_one(ingester: Ingester, source: Source, report: ImportReport) -> None:
-    with open_object(source, report) as loaded:
+    with open_object(source, report, max_inflated=ingester.max_inflated) as loaded:
         if loaded is None:
             return
         stream, syntax = loaded

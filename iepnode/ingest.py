@@ -1,8 +1,10 @@
 """Turn received bytes into an indexed, durable instance.
 
-Only the header (groups up to 0x0020) is parsed; pixel data is never decoded, and
-the file is stored exactly as received (no transcoding): preamble, File Meta
-Information written by the node, then the dataset bytes as sent.
+Every dataset is first checked from end to end without decoding values
+(:mod:`iepnode.dataset_check`: lengths, sequences, encapsulation, pixel data
+length), then only the header (groups up to 0x0020) is parsed; pixel data is never
+decoded, and the file is stored exactly as received (no transcoding): preamble,
+File Meta Information written by the node, then the dataset bytes as sent.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittleEndian
 
 from iepnode import __version__
+from iepnode.dataset_check import DEFAULT_MAX_INFLATED, check_dataset
 from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, Outcome, instance_exists, record_instance
@@ -104,14 +107,47 @@ def parse_header(stream: bytes, transfer_syntax: str) -> Dataset:
     BadDataset
         If the bytes cannot be parsed.
     """
-    ts = UID(transfer_syntax)
+    if UID(transfer_syntax) == DeflatedExplicitVRLittleEndian:
+        # The header is in the first MiB inflated; zlib keeps a copy of the input it
+        # has not used, so give it a bounded slice, not the whole object.
+        try:
+            stream = zlib.decompressobj(-zlib.MAX_WBITS).decompress(
+                memoryview(stream)[: 4 << 20], 1 << 20)
+        except zlib.error as exc:
+            raise BadDataset(f"cannot inflate dataset: {exc}") from exc
+    return read_header(stream, transfer_syntax)
+
+
+#: Everything pydicom may raise on bytes it cannot parse; each means "bad dataset". It
+#: reads from memory (BytesIO), so its OSError ("No tag to read", an unclosed
+#: sequence) is about the data, never about a disk.
+_PARSE_ERRORS = (ValueError, TypeError, EOFError, KeyError, AttributeError, NotImplementedError,
+                 OverflowError, IndexError, struct.error, MemoryError, RecursionError, OSError)
+
+
+def read_header(plain: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """Parse the header of a plain (not deflated) dataset, stopping before pixels.
+
+    Parameters
+    ----------
+    plain : bytes-like
+        The dataset; inflated already when its transfer syntax is deflated.
+    transfer_syntax : str
+        Its transfer syntax UID.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        Elements up to group 0x0020, values decoded lazily.
+
+    Raises
+    ------
+    BadDataset
+        If the bytes cannot be parsed.
+    """
     try:
-        if ts == DeflatedExplicitVRLittleEndian:
-            # The header is in the first MiB inflated; zlib keeps a copy of the input it
-            # has not used, so give it a bounded slice, not the whole object.
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            stream = inflater.decompress(memoryview(stream)[: 4 << 20], 1 << 20)
-        source = BytesIO(stream) if isinstance(stream, bytes) else _ViewReader(stream)
+        ts = UID(transfer_syntax)
+        source = BytesIO(plain) if isinstance(plain, bytes) else _ViewReader(plain)
         try:
             ds = read_dataset(
                 source,
@@ -122,8 +158,7 @@ def parse_header(stream: bytes, transfer_syntax: str) -> Dataset:
         finally:
             source.close()
         ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, None)
-    except (ValueError, TypeError, EOFError, KeyError, AttributeError, NotImplementedError,
-            zlib.error, OverflowError, IndexError) as exc:
+    except _PARSE_ERRORS as exc:
         raise BadDataset(f"cannot parse dataset: {exc}") from exc
     return ds
 
@@ -270,6 +305,9 @@ class Ingester:
         The duplicate policy (see ``Settings.duplicate_policy``).
     on_stored : callable, optional
         Called with each :class:`StoreResult` after a successful store.
+    max_inflated : int
+        Largest inflated size of a deflated dataset, in bytes
+        (``Settings.max_inflated_mb``).
     """
 
     def __init__(
@@ -278,10 +316,12 @@ class Ingester:
         *,
         replace_duplicates: bool = False,
         on_stored: Callable[[StoreResult], None] | None = None,
+        max_inflated: int = DEFAULT_MAX_INFLATED,
     ) -> None:
         self.store = store
         self.replace_duplicates = replace_duplicates
         self.on_stored = on_stored
+        self.max_inflated = max_inflated
 
     def ingest(
         self,
@@ -315,11 +355,14 @@ class Ingester:
         Raises
         ------
         BadDataset, DatasetMismatch
-            The dataset is unreadable or does not match the request.
+            The dataset is not whole (:func:`iepnode.dataset_check.check_dataset`),
+            its pixel data does not fit its image attributes, or it does not match
+            the request. Nothing is written.
         OutOfResources
             Writing or indexing failed; nothing is left behind.
         """
-        ds = parse_header(stream, transfer_syntax)
+        checked = check_dataset(stream, transfer_syntax, max_inflated=self.max_inflated)
+        ds = read_header(checked.plain, transfer_syntax)
         rec = record_from_header(ds, transfer_syntax, source_ae)
         if expected_sop_uid is not None and rec.sop_uid != expected_sop_uid.strip("\x00 "):
             raise DatasetMismatch(

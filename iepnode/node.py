@@ -154,7 +154,8 @@ class Node:
         self.group_commit = GroupCommitter(self.database)
         self.store = FileStore(settings.store_dir, settings.tmp_dir, durable=settings.fsync)
         self.ingester = Ingester(
-            self.store, replace_duplicates=settings.duplicate_policy == "replace"
+            self.store, replace_duplicates=settings.duplicate_policy == "replace",
+            max_inflated=settings.max_inflated_mb << 20,
         )
         # hardening (issue 13): frames decoded at once in this process (each is whole
         # in memory while it is rendered).

@@ -236,6 +236,8 @@ def test_bad_database_url(url: str) -> None:
     # hardening (issue 13): limits
     ("password_hash_concurrency", 0), ("password_hash_concurrency", 17),
     ("password_hash_queue", -1), ("password_hash_queue", 1001),
+    # -- hardening (issue 13): dataset check --
+    ("max_inflated_mb", 0), ("max_inflated_mb", 16385),
 ])
 def test_other_out_of_range_values(name: str, value: int) -> None:
     with pytest.raises(ConfigError, match=name):

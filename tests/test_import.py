@@ -36,6 +36,8 @@ from tests.data_factory import (
     make_sr,
     read_header,
 )
+from tests.support import crafted
+from tests.support.crafted import corruption
 from tests.support.node import REPO, run_cli
 from tests.support.tools import dcmtk
 
@@ -280,6 +282,25 @@ def test_malformed_objects_are_refused_and_the_rest_imported(tmp_path: Path) -> 
     assert set(reasons) == set(expected_reasons)
     for name, pattern in expected_reasons.items():
         assert re.search(pattern, reasons[name]), (name, reasons[name])
+    assert_store_holds(data, sources_of(good))
+
+
+def test_corrupted_datasets_are_refused_with_the_reason_c_store_gives(tmp_path: Path) -> None:
+    """The crafted corruptions of the dataset check, imported: same check, same reasons."""
+    src, data = tmp_path / "src", tmp_path / "data"
+    good = make_ct_series(src, 1)
+    cases = {name: corruption(name) for name in crafted.CORRUPTIONS}
+    for name, case in cases.items():
+        case.write(src / "tmp").rename(src / f"{name}.dcm")
+
+    result = run_import(data, src)
+
+    assert result.code == 2, result.proc.stdout + result.proc.stderr
+    assert result.counts == counts(1, refused=len(cases))
+    reasons = {Path(name).stem: reason for name, reason in result.refused.items()}
+    assert set(reasons) == set(cases)
+    for name, case in cases.items():
+        assert re.search(case.message, reasons[name]), (name, reasons[name])
     assert_store_holds(data, sources_of(good))
 
 
@@ -583,13 +604,25 @@ def test_import_path_reports_progress(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
                                   "JPEG2000.dcm", "JPEG2000-embedded-sequence-delimiter.dcm",
                                   "image_dfl.dcm", "SC_rgb_rle_2frame.dcm", "UN_sequence.dcm",
-                                  "nested_priv_SQ.dcm", "rtplan.dcm", "test-SR.dcm", "chrX1.dcm"])
+                                  "rtplan.dcm", "test-SR.dcm", "chrX1.dcm"])
 def test_check_complete_accepts_whole_bundled_files(name: str) -> None:
     from iepnode.importer import check_complete
 
     data = bundled(name).read_bytes()
     meta, offset = parse_file_meta(data)
-    check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+    syntax, _ = check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+    assert syntax == meta.transfer_syntax
+
+
+def test_check_complete_refuses_pixel_data_without_image_attributes() -> None:
+    """nested_priv_SQ.dcm (a parser test) has 2 bytes of Pixel Data and no Rows/Columns."""
+    from iepnode.errors import DatasetMismatch
+    from iepnode.importer import check_complete
+
+    data = bundled("nested_priv_SQ.dcm").read_bytes()
+    meta, offset = parse_file_meta(data)
+    with pytest.raises(DatasetMismatch, match=r"Rows \(0028,0010\) is missing"):
+        check_complete(memoryview(data)[offset:], meta.transfer_syntax)
 
 
 @pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
@@ -601,3 +634,43 @@ def test_check_complete_refuses_truncated_bundled_files(name: str) -> None:
     meta, offset = parse_file_meta(data)
     with pytest.raises(BadDataset, match=r"^truncated"):
         check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+
+
+def test_check_complete_takes_a_mislabelled_vr_encoding_as_what_its_bytes_are() -> None:
+    """Old media: Implicit VR bytes labelled Explicit VR (and the reverse) are accepted under
+    the syntax they are in, so the node's File Meta tells the truth; where no syntax fits
+    (implicit VR bytes with encapsulated JPEG pixel data), the object is refused."""
+    from iepnode.errors import BadDataset
+    from iepnode.importer import check_complete
+
+    for name, label, real in (("MR_small_implicit.dcm", ExplicitVRLittleEndian,
+                               ImplicitVRLittleEndian),
+                              ("MR_small.dcm", ImplicitVRLittleEndian, ExplicitVRLittleEndian)):
+        data = bundled(name).read_bytes()
+        meta, offset = parse_file_meta(data)
+        assert meta.transfer_syntax == real
+        assert check_complete(memoryview(data)[offset:], label) == (real, False)
+    data = bundled("SC_rgb_jpeg.dcm").read_bytes()  # JPEG Baseline label, implicit VR bytes
+    meta, offset = parse_file_meta(data)
+    with pytest.raises(BadDataset, match="unknown VR"):
+        check_complete(memoryview(data)[offset:], meta.transfer_syntax)
+
+
+def test_mislabelled_object_is_imported_under_the_syntax_its_bytes_are_in(
+        tmp_path: Path) -> None:
+    from iepnode.ingest import file_meta_bytes
+
+    src, data = tmp_path / "src", tmp_path / "data"
+    source = bundled("MR_small_implicit.dcm").read_bytes()
+    meta, offset = parse_file_meta(source)
+    src.mkdir()
+    (src / "IM1").write_bytes(file_meta_bytes(meta.sop_class, meta.sop_uid,
+                                              ExplicitVRLittleEndian, "") + source[offset:])
+
+    result = run_import(data, src)
+
+    assert result.code == 0, result.proc.stdout + result.proc.stderr
+    assert result.counts == counts(1)
+    paths = assert_store_holds(data, {meta.sop_uid: source[offset:]})
+    assert index_rows(data)[meta.sop_uid][1] == ImplicitVRLittleEndian
+    assert dcmread(paths[meta.sop_uid]).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian

@@ -63,7 +63,8 @@ def test_a_zip_entry_is_checked_from_a_temporary_copy_that_does_not_stay(
     assert sorted(p.name for p in staging.iterdir()) == ["disk-name"]
 
 
-def test_a_deflated_dataset_is_checked_in_blocks(tmp_path: Path) -> None:
+def test_a_deflated_dataset_is_checked_whole(tmp_path: Path) -> None:
+    """Inflated (up to ``max_inflated_mb``) and walked like any other dataset."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     body = b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100" + (
@@ -71,7 +72,8 @@ def test_a_deflated_dataset_is_checked_in_blocks(tmp_path: Path) -> None:
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     stream = packer.compress(body) + packer.flush()
     assert len(stream) < (1 << 20) < len(body)  # inflates from one block to forty
-    assert importer.check_complete(stream, DeflatedExplicitVRLittleEndian) is False
+    assert importer.check_complete(stream, DeflatedExplicitVRLittleEndian) == (
+        DeflatedExplicitVRLittleEndian, False)
     with pytest.raises(BadDataset, match="ends early"):
         importer.check_complete(stream[: len(stream) // 2], DeflatedExplicitVRLittleEndian)
 
@@ -84,7 +86,7 @@ def test_the_check_lets_go_of_what_it_has_walked(tmp_path: Path,
     stream = memoryview(path.read_bytes())
     offset = importer._meta_at(stream, 132)[1]
     seen: list[int] = []
-    importer.check_complete(stream[offset:], "1.2.840.10008.1.2.1", seen.append)
+    importer.check_complete(stream[offset:], "1.2.840.10008.1.2.1", progress=seen.append)
     assert seen and seen == sorted(seen) and seen[0] >= 4096
     # Pages let go of are read again from the file: nothing is lost.
     with path.open("rb") as handle:
