@@ -205,6 +205,27 @@ def write_transaction(database: peewee.Database | None = None) -> Iterator[None]
             yield
 
 
+def close_database() -> None:
+    """Close every connection to the database the models are bound to, and its lock file.
+
+    For the end of a process, or of a test that opened a database in the test runner's
+    own process: a pooled connection stays open in every thread that used one (3 file
+    descriptors each with SQLite: the file, its WAL and shared memory), and
+    pynetdicom's ``select()`` cannot watch a socket numbered 1024 or more.
+    """
+    database = database_proxy.obj
+    if database is None:
+        return
+    if hasattr(database, "close_all"):
+        database.close_all()
+    elif not database.is_closed():
+        database.close()
+    if is_sqlite(database):
+        fd = _lock_files.pop(str(database.database), None)
+        if fd is not None:
+            os.close(fd)
+
+
 def is_sqlite(database: peewee.Database) -> bool:
     """Return ``True`` when ``database`` is SQLite (which needs ``BEGIN IMMEDIATE``)."""
     return isinstance(database, peewee.SqliteDatabase)

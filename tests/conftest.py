@@ -8,11 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from storage.db import close_database
 from tests.support.node import RunningNode, running_node
 from tests.support.postgres import create_database, drop_database, running_postgres
 
 #: The calling AE the tests use for dcmtk/pynetdicom SCUs (allowed everything).
 SCU_AE = "TESTSCU"
+
+
+@pytest.fixture(autouse=True)
+def _close_the_database() -> Iterator[None]:
+    """After each test, close what an in-process Node left open in the database.
+
+    Otherwise pooled connections of finished tests pile up (three file descriptors
+    each): past 1024 open descriptors pynetdicom's ``select()`` fails and an in-process
+    SCU aborts its associations.
+    """
+    yield
+    close_database()
 
 
 @pytest.fixture
