@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import select
 import socket
 import socketserver
 import struct
@@ -30,7 +31,7 @@ import time
 
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from scp.admission import (
     INVALID_PARAMETER,
@@ -163,6 +164,31 @@ class GuardedDUL(DULServiceProvider):
         self._recv_pdu.put(decoded)
 
 
+class PollingSocket(AssociationSocket):
+    """pynetdicom's socket wrapper, asking ``poll()`` instead of ``select()``.
+
+    ``select()`` cannot watch a descriptor numbered 1024 or more (``ValueError``),
+    which pynetdicom turns into "transport closed": a worker with many open files and
+    connections would abort its associations.
+    """
+
+    _poller: select.poll | None = None
+
+    @property
+    def ready(self) -> bool:
+        """``True`` if data (or the peer's close) is waiting to be read."""
+        if self.socket is None or self._is_connected is False:
+            return False
+        try:
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(self.socket, select.POLLIN | select.POLLPRI)
+            return bool(self._poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # as pynetdicom: transport connection closed
+            return False
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, giving each association a :class:`GuardedDUL`."""
 
@@ -172,6 +198,8 @@ class GuardedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         first_pdu = self.server.take_first_pdu(self.request)
         dul = assoc.dul
+        assert dul.socket is not None
+        dul.socket.__class__ = PollingSocket
         dul.__class__ = GuardedDUL
         assert isinstance(dul, GuardedDUL)
         dul.guard_with(self.server.guard.limits, first_pdu, peer_address(self.client_address))

@@ -320,3 +320,34 @@ def test_a_first_pdu_other_than_associate_rq_is_aborted(hostile_node: RunningNod
         sock.sendall(raw.p_data(1, b"\0" * 32, command=True))
         answer = _answers([sock], within=5.0)[0]
     assert answer[:1] == b"\x07" and answer[-1:] == b"\x02"  # unexpected PDU
+
+
+def test_readiness_is_polled_for_any_descriptor_number() -> None:
+    """select() fails for descriptors >= 1024 (pynetdicom then aborts); poll() does not."""
+    import resource
+
+    from scp.guard import PollingSocket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1030)]
+    ours, theirs = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup(ours.fileno()))
+        assert high.fileno() >= 1024
+        with pytest.raises(ValueError):
+            select.select([high], [], [], 0)
+        wrapped = PollingSocket.__new__(PollingSocket)  # the wrapper, without an association
+        wrapped.socket, wrapped._is_connected = high, True
+        assert wrapped.ready is False
+        theirs.sendall(b"\x01")
+        assert wrapped.ready is True
+        high.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
