@@ -174,6 +174,13 @@ class Settings:
     upload_inspections : int
         (hardening) Uploaded files inspected at the same time in one HTTP process (the
         check after a file's last chunk); more wait for a turn.
+    http_max_connections : int
+        (hardening, issue 13) Connections one HTTP process keeps open at once; beyond,
+        a new one gets 503 and is closed before its request is read.
+    http_max_connections_per_address : int
+        (hardening) The same, from one client address (trusted proxies not counted).
+    http_head_timeout : float
+        (hardening) Seconds a new connection has to send its first request head.
     password_hash_concurrency : int
         (hardening, issue 13) Staff password hashes (argon2id, 64 MiB and ~0.1 s each)
         one HTTP process computes at once, on threads of their own (never those page
@@ -251,6 +258,10 @@ class Settings:
     render_concurrency: int = 2
     upload_inspections: int = 2
     # -- end hardening: amplification --
+    # -- hardening (issue 13): HTTP connections --
+    http_max_connections: int = 512
+    http_max_connections_per_address: int = 128
+    http_head_timeout: float = 10.0
     # -- hardening (issue 13): limits --
     password_hash_concurrency: int = 1
     password_hash_queue: int = 16
@@ -343,6 +354,10 @@ _TOML_KEYS: dict[str, dict[str, str]] = {
              # -- hardening (issue 13): amplification --
              "dicomweb_max_frames": "dicomweb_max_frames",
              "render_concurrency": "render_concurrency",
+             # -- hardening (issue 13): HTTP connections --
+             "max_connections": "http_max_connections",
+             "max_connections_per_address": "http_max_connections_per_address",
+             "head_timeout": "http_head_timeout",
              # -- hardening (issue 13): limits --
              "password_hash_concurrency": "password_hash_concurrency",
              "password_hash_queue": "password_hash_queue"},
@@ -627,6 +642,15 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError(f"fileset_retry_seconds {s.fileset_retry_seconds} and "
                           f"fileset_retry_max_seconds {s.fileset_retry_max_seconds}: more "
                           "than 0, the first at most the second, the second at most a week")
+    # -- hardening (issue 13): HTTP connections --
+    if not 2 <= s.http_max_connections <= 100_000:
+        raise ConfigError(f"http_max_connections {s.http_max_connections}: must be 2-100000")
+    if not 1 <= s.http_max_connections_per_address <= s.http_max_connections:
+        raise ConfigError(f"http_max_connections_per_address "
+                          f"{s.http_max_connections_per_address}: must be 1 to "
+                          f"http_max_connections ({s.http_max_connections})")
+    if not 0.5 <= s.http_head_timeout <= 300:
+        raise ConfigError(f"http_head_timeout {s.http_head_timeout}: must be 0.5-300 seconds")
     # -- hardening (issue 13): limits --
     if not 1 <= s.password_hash_concurrency <= 16:
         raise ConfigError(f"password_hash_concurrency {s.password_hash_concurrency}: "

@@ -28,6 +28,7 @@ from iepnode.workers import WorkerPool, reserve_port
 from scp.sender import make_transport
 from scp.server import scp_pool
 from web.app import create_app
+from web.connections import GuardedAppRunner, HttpLimits
 
 log = logging.getLogger("iepnode.serve")
 
@@ -80,7 +81,9 @@ async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
 
 async def _start_http(settings: Settings, node: Node, port: int) -> web.AppRunner:
     """Start answering HTTP on ``port`` (shared with the other HTTP processes)."""
-    runner = web.AppRunner(create_app(settings, node), access_log=None)
+    limits = HttpLimits(settings.http_max_connections, settings.http_max_connections_per_address,
+                        settings.http_head_timeout, settings.trusted_proxies)
+    runner = GuardedAppRunner(create_app(settings, node), limits=limits, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.bind, port, reuse_address=True, reuse_port=True)
     await site.start()

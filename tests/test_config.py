@@ -236,6 +236,8 @@ def test_bad_database_url(url: str) -> None:
     # hardening (issue 13): limits
     ("password_hash_concurrency", 0), ("password_hash_concurrency", 17),
     ("password_hash_queue", -1), ("password_hash_queue", 1001),
+    ("http_max_connections", 1), ("http_max_connections_per_address", 0),
+    ("http_head_timeout", 0.1),
     # -- hardening (issue 13): dataset check --
     ("max_inflated_mb", 0), ("max_inflated_mb", 16385),
 ])
