@@ -41,6 +41,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from iepnode.logs import RateLimitedLog
+
 log = logging.getLogger("iepnode.scp")
 
 #: PDU types (PS3.8 9.3): A-ASSOCIATE-RQ and P-DATA-TF; 1-7 are the valid ones.
@@ -52,8 +54,6 @@ VALID_PDU_TYPES = frozenset(range(0x01, 0x08))
 LIMIT_REJECT = struct.pack(">BBLBBBB", 0x03, 0, 4, 0, 0x02, 0x03, 0x02)
 #: A-ABORT reasons from the service provider (PS3.8 9.3.8).
 UNRECOGNISED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 0x01, 0x02, 0x06
-#: Seconds between two log lines about refused connections (the rest are counted).
-LOG_EVERY = 10.0
 
 
 def abort_pdu(reason: int) -> bytes:
@@ -86,32 +86,6 @@ class ConnectionLimits:
     max_pdu: int
 
 
-class RateLimitedLog:
-    """Log each kind of warning at most every :data:`LOG_EVERY` seconds, counting the rest.
-
-    A flood of hostile connections must not be able to fill the log. The kind is the
-    message's format string.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, message: str, *args: object) -> None:
-        """Log ``message % args`` now, or count it if a line of its kind went out recently."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last.get(message, -LOG_EVERY) < LOG_EVERY:
-                self._suppressed[message] += 1
-                return
-            self._last[message] = now
-            suppressed = self._suppressed.pop(message, 0)
-        if suppressed:
-            message += f" (and {suppressed} more such since the last line)"
-        log.warning(message, *args)
-
-
 def peer_address(client_address: object) -> str:
     """The address part of a socket peer name, IPv4-mapped IPv6 shown as IPv4."""
     host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
@@ -131,7 +105,7 @@ class ConnectionGuard:
         self.limits = limits
         self._lock = threading.Lock()
         self._pending: Counter[str] = Counter()
-        self.refusals = RateLimitedLog()
+        self.refusals = RateLimitedLog(log)
 
     @property
     def pending(self) -> int:

@@ -20,6 +20,7 @@ Refusals are logged at most once per kind every 10 s.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from collections import Counter
@@ -29,14 +30,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from iepnode.logs import RateLimitedLog
+from web.proxies import IPNetwork, parse_address
+
 log = logging.getLogger("iepnode.web")
 
 #: What a refused connection is told (then closed).
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Retry-After: 5\r\nConnection: close\r\nContent-Length: 52\r\n\r\n"
         b"Too many connections from your address: retry soon.")
-#: Seconds between two log lines of one kind about refused or timed-out connections.
-LOG_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,40 +50,23 @@ class HttpLimits:
     head_timeout: float
     trusted_proxies: tuple[str, ...] = ()
 
+    @functools.cached_property
+    def _networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
+
     def exempt(self, address: str) -> bool:
         """Whether ``address`` is a trusted proxy (not limited per address)."""
-        if not self.trusted_proxies:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in ipaddress.ip_network(net) for net in self.trusted_proxies)
-
-
-class _Quiet:
-    """Log each kind of warning at most every :data:`LOG_EVERY` seconds."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self._loop.time()
-        if now - self._last.get(message, -LOG_EVERY) < LOG_EVERY:
-            self._suppressed[message] += 1
-            return
-        self._last[message] = now
-        suppressed = self._suppressed.pop(message, 0)
-        log.warning(message + (f" (and {suppressed} more since the last line)"
-                               if suppressed else ""), *args)
+        ip = parse_address(address)
+        return ip is not None and any(ip in network for network in self._networks)
 
 
 def _address(transport: asyncio.BaseTransport) -> str:
+    """The client's address as :func:`web.proxies.parse_address` reads it (IPv4-mapped
+    IPv6 as IPv4), or the raw text when it is not an IP address."""
     peer = transport.get_extra_info("peername")
     host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+    ip = parse_address(f"[{host}]" if ":" in host else host)
+    return str(ip) if ip is not None else host
 
 
 class GuardedServer(web.Server):
@@ -100,13 +85,12 @@ class GuardedServer(web.Server):
         self.limits = limits
         self._admitted: dict[RequestHandler, str] = {}
         self._per_address: Counter[str] = Counter()
-        self._quiet: _Quiet | None = None
+        self._quiet = RateLimitedLog(log)
 
     def connection_made(self, handler: RequestHandler,
                         transport: asyncio.Transport) -> None:
         """Count the new connection, or answer 503 and close it."""
         loop = asyncio.get_running_loop()
-        quiet = self._quiet = self._quiet or _Quiet(loop)
         address = _address(transport)
         limits = self.limits
         counted = not limits.exempt(address)
@@ -121,7 +105,7 @@ class GuardedServer(web.Server):
             super().connection_made(handler, transport)
             loop.call_later(limits.head_timeout, self._check_head, handler, transport)
             return
-        quiet.warning("HTTP connection from %s refused: %s", address, why)
+        self._quiet.warning("HTTP connection from %s refused: %s", address, why)
         transport.write(BUSY)
         transport.close()
 
@@ -142,7 +126,6 @@ class GuardedServer(web.Server):
         # aiohttp counts a request once its head is parsed (RequestHandler.data_received).
         if handler in self._admitted and not handler._request_count and \
                 not transport.is_closing():
-            assert self._quiet is not None
             self._quiet.warning("HTTP connection from %s closed: no request within %.0f s",
                                 self._admitted[handler] or _address(transport),
                                 self.limits.head_timeout)
