@@ -67,7 +67,6 @@ from pydicom.uid import (
 from iepnode.dataset_check import (
     DEFAULT_MAX_INFLATED,
     LONG_VRS,
-    MAX_DEPTH,
     SHORT_VRS,
     check_dataset,
 )
@@ -86,8 +85,6 @@ MAX_OBJECT_SIZE = 4 << 30
 MAX_ZIP_TOTAL = 64 << 30
 #: A DICOMDIR larger than this is not read (bytes).
 MAX_DICOMDIR_SIZE = 64 << 20
-#: Nesting of sequences beyond this depth is refused (the dataset check's limit).
-MAX_NESTING = MAX_DEPTH
 #: Zip entries are copied out in blocks of this size.
 READ_BLOCK = 1 << 20
 #: While an object is checked, the pages behind the check are let go every this many bytes.

@@ -29,13 +29,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittl
 from iepnode import __version__
 from iepnode.dataset_check import DEFAULT_MAX_INFLATED, check_dataset
 from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
+from iepnode.uids import is_uid_like
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, Outcome, instance_exists, record_instance
 
 log = logging.getLogger("iepnode.ingest")
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LOOSE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 IMPLEMENTATION_VERSION = f"IEPNODE_{__version__}"[:16]
 
@@ -204,7 +204,7 @@ def _uid(ds: Dataset, keyword: str) -> str:
     value = _text(ds, keyword, 1024).rstrip("\x00")
     if not value:
         raise BadDataset(f"missing {keyword}")
-    if not _LOOSE_UID.match(value):
+    if not is_uid_like(value):
         raise BadDataset(f"malformed {keyword} {value!r}")
     if not _UID.match(value):
         log.warning("non-conformant %s %r accepted", keyword, value)
@@ -449,6 +449,6 @@ def parse_file_meta(data: bytes | memoryview) -> tuple[FileMeta, int]:
         )
     except Exception as exc:
         raise BadDataset(f"unreadable File Meta Information: {exc}") from exc
-    if not _LOOSE_UID.match(ts):
+    if not is_uid_like(ts):
         raise BadDataset(f"malformed Transfer Syntax UID {ts!r}")
     return result, fp.tell()

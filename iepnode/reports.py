@@ -36,6 +36,7 @@ from pydicom.uid import EncapsulatedPDFStorage, UID_dictionary
 
 from iepnode import dicomtext
 from iepnode.errors import BadDataset
+from iepnode.uids import is_uid_like
 from storage.models import Instance, Series, Study
 
 #: SOP Classes of Structured Reports (every "... SR Storage" class pydicom knows).
@@ -49,7 +50,6 @@ REPORT_CLASSES = SR_CLASSES | {PDF_CLASS}
 #: Bounds of the SR walk (depth of nested items, items shown).
 MAX_DEPTH = 32
 MAX_ITEMS = 5000
-_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 _FILENAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -105,7 +105,7 @@ class SrDocument:
 
 def is_uid(value: str) -> bool:
     """Whether ``value`` looks like a UID (digits and dots, at most 64 characters)."""
-    return bool(_UID.match(value or ""))
+    return is_uid_like(value or "")
 
 
 def kind_of(sop_class: str) -> str | None:
