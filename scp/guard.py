@@ -115,8 +115,10 @@ class GuardedDUL(DULServiceProvider):
         header = bytearray(6)
         self._recv_exact(sock, memoryview(header), deadline)
         pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in VALID_PDU_TYPES:
+            return header  # Evt19 follows: nothing of an unknown PDU is read or kept
         limit = self._limits.max_pdu if pdu_type == P_DATA_TF else SMALL_PDU
-        if pdu_type in VALID_PDU_TYPES and length > limit:
+        if length > limit:
             log.warning("association from %s aborted: a PDU of type 0x%02X announced %d "
                         "bytes, more than the %d allowed", self._address, pdu_type, length,
                         limit)
@@ -126,8 +128,7 @@ class GuardedDUL(DULServiceProvider):
             return None
         pdu = bytearray(6 + length)
         pdu[:6] = header
-        if pdu_type in VALID_PDU_TYPES:
-            self._recv_exact(sock, memoryview(pdu)[6:], deadline)
+        self._recv_exact(sock, memoryview(pdu)[6:], deadline)
         return pdu
 
     def _read_pdu_data(self) -> None:

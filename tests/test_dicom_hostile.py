@@ -142,6 +142,18 @@ def test_pdata_larger_than_the_negotiated_pdu_is_aborted(hostile_node: RunningNo
     _echo(hostile_node)
 
 
+def test_an_unknown_pdu_type_after_acceptance_is_aborted_unread(
+        hostile_node: RunningNode) -> None:
+    (worker,) = _scp_pids(hostile_node)
+    before = _peak_rss_kb(worker)
+    with raw.RawAssociation(hostile_node.host, hostile_node.dicom_port) as assoc:
+        assert assoc.associate("SCU", hostile_node.ae_title, CONTEXTS).type == 0x02
+        assoc.send(b"\x09\x00\xff\xff\xff\xf0")  # no such PDU type; a 4 GB "length"
+        assert assoc.read_pdu().type == 0x07
+    assert _peak_rss_kb(worker) - before < 16 * 1024
+    _echo(hostile_node)
+
+
 def test_one_byte_connections_do_not_take_the_slots(hostile_node: RunningNode,
                                                     tmp_path: Path) -> None:
     """70 connections sending ``\\x01``: registered peers still get in, at once."""
