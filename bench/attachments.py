@@ -1,6 +1,6 @@
 """Attachments: wrap + store a 5 MB PDF and a 12 MP JPEG, against dcmtk's pdf2dcm / img2dcm.
 
-iepnode's number is the whole attach step of :func:`iepnode.attachments.add` (check the
+iepnode's number is the whole attach step of :func:`iepnode.viewing.attachments.add` (check the
 content, wrap as DICOM, encode, check the header as ingest would, write durably to the
 file store, record the attachment, message and audit event; since issue 13 it is held by
 the transaction, not indexed into the study) on a Node in a temporary folder with a one-image
@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from config import load_settings  # noqa: E402
-from iepnode import attachments, audit  # noqa: E402
-from iepnode import transactions as tx  # noqa: E402
 from iepnode.node import Node  # noqa: E402
+from iepnode.people import audit  # noqa: E402
+from iepnode.sharing import transactions as tx  # noqa: E402
+from iepnode.viewing import attachments  # noqa: E402
 from storage.models import Transaction  # noqa: E402
 
 PDF2DCM = "/usr/bin/pdf2dcm"

@@ -1,7 +1,9 @@
-"""Microbenchmark of the C-STORE dataset check (:func:`iepnode.dataset_check.check_dataset`).
+"""Microbenchmark of the C-STORE dataset check.
+
+:func:`iepnode.archive.dataset_check.check_dataset`.
 
 Times, per dataset, the structural check and the header parse that ingest does on
-every received instance (:func:`iepnode.ingest.parse_header`), on:
+every received instance (:func:`iepnode.archive.ingest.parse_header`), on:
 
 * ``ct-slice``: one 512x512 16-bit CT slice from ``../shared/bench/make_ct.py``;
 * ``enhanced-ct-200``: a 200-frame 512x512 CT with per-frame functional groups
@@ -46,8 +48,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _ct import make_study  # noqa: E402
 
-from iepnode.dataset_check import check_dataset  # noqa: E402
-from iepnode.ingest import parse_file_meta, parse_header  # noqa: E402
+from iepnode.archive.dataset_check import check_dataset  # noqa: E402
+from iepnode.archive.ingest import parse_file_meta, parse_header  # noqa: E402
 
 
 def encode(ds: Dataset) -> bytes:

@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO))
 def fill(data_dir: Path, transactions: int, sessions: int) -> list[str]:
     """Create ``transactions`` transactions and return ``sessions`` session tokens."""
     from config import load_settings
-    from iepnode import logins
     from iepnode.node import Node
     from iepnode.security import token_hash
+    from iepnode.sharing import logins
     from storage.models import Patient, Recipient, Study, Transaction, TransactionStudy
 
     node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))

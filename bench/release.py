@@ -5,7 +5,7 @@ times, in-process on the node's real code (no HTTP): the inspection of the zip
 (``inspect_staged_file``), the intake check and the release (reconcile every object,
 ingest through the node's ingest path with fsync as configured). Prints instances/s
 and the process peak RSS. For comparison, the same files are imported unchanged with
-``iepnode.importer.import_path`` into a second node (same ingest path, no reconciliation).
+``iepnode.archive.importer.import_path`` into a second node (same ingest path, no reconciliation).
 
     python bench/release.py                 # 1000 slices, fsync on
     python bench/release.py --slices 300 --no-fsync
@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._ct import make_study
 from config import load_settings
-from iepnode import audit, importer
+from iepnode.archive import importer
 from iepnode.node import Node
-from iepnode.upload_intake import inspect_staged_file
+from iepnode.people import audit
+from iepnode.uploads.intake import inspect_staged_file
 from storage.models import Recipient, Transaction, Upload, UploadFile
 
 

@@ -46,9 +46,10 @@ SESSION_COOKIE = "__Host-iepnode"
 def prepare(data_dir: Path) -> tuple[str, str, str]:
     """Create a request and a session for its recipient; return (public_id, cookie, csrf)."""
     from config import load_settings
-    from iepnode import image_requests, logins
     from iepnode.node import Node
-    from iepnode.transactions import Contact
+    from iepnode.sharing import logins
+    from iepnode.sharing.transactions import Contact
+    from iepnode.uploads import image_requests
     from storage.models import Recipient
 
     node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))

@@ -235,7 +235,7 @@ def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from iepnode.importer import import_path
+    from iepnode.archive.importer import import_path
     from iepnode.logs import setup_logging
     from iepnode.node import Node
 
@@ -277,9 +277,10 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     """Queue a send; show its progress until it is done (sending here if no node runs)."""
     from tqdm import tqdm
 
-    from iepnode import audit, sending
     from iepnode.logs import setup_logging
     from iepnode.node import Node
+    from iepnode.outbound import sending
+    from iepnode.people import audit
 
     setup_logging(settings, process_name="send", to_stderr=False)
     node = Node(settings)
@@ -328,7 +329,8 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
-    from iepnode import audit, routing
+    from iepnode.outbound import routing
+    from iepnode.people import audit
     from storage.db import open_database
 
     open_database(settings.resolved_database_url)
@@ -379,7 +381,8 @@ def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
-    from iepnode import audit, logins, staff
+    from iepnode.people import audit, staff
+    from iepnode.sharing import logins
     from storage.db import open_database
     from storage.models import Recipient
 
@@ -426,9 +429,9 @@ def _acting_user(username: str | None):  # -> tuple[StaffUser | None, bool]
 def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode import audit
     from iepnode.node import Node
-    from iepnode.transactions import NewTransfer
+    from iepnode.people import audit
+    from iepnode.sharing.transactions import NewTransfer
 
     node = Node(settings)
     user, known = _acting_user(args.as_user)
@@ -450,7 +453,7 @@ def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
 
 def _warn_if_channel_kept(transaction: Any, otp_mobile: str, otp_email: str) -> None:
     """Tell the user on stderr that an existing recipient kept their passcode channel."""
-    from iepnode import recipients
+    from iepnode.sharing import recipients
 
     kept = recipients.kept_instead(transaction.recipient, otp_mobile, otp_email)
     if kept:
@@ -486,9 +489,9 @@ def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode import audit
-    from iepnode.image_requests import NewRequest
     from iepnode.node import Node
+    from iepnode.people import audit
+    from iepnode.uploads.image_requests import NewRequest
 
     node = Node(settings)
     user, known = _acting_user(args.as_user)
@@ -516,9 +519,10 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
     from tqdm import tqdm
 
-    from iepnode import audit, downloads
     from iepnode.logs import setup_logging
     from iepnode.node import Node
+    from iepnode.people import audit
+    from iepnode.sharing import downloads
 
     setup_logging(settings, process_name="export", to_stderr=False)
     node = Node(settings)

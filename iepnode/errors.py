@@ -15,9 +15,9 @@
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
     │   └── InProgress        the same work is being done already (one at a time) -> HTTP 409
     ├── Busy                  a bounded resource is full right now: try again shortly -> HTTP 503
-    ├── DeliveryError         mail/SMS could not be sent (iepnode.messaging) -> CLI/HTTP error
+    ├── DeliveryError         mail/SMS not sent (iepnode.outbound.messaging) -> CLI/HTTP error
     ├── PeerUnavailable       a send's remote AE cannot be reached or dropped the association
-    │                         -> the send job is retried with back-off (iepnode.sending)
+    │                         -> the send job is retried with back-off (iepnode.outbound.sending)
     └── LoginRefused          passcode login failed                       -> HTTP 403
         ├── PasscodeRejected  wrong, expired, reused or dead passcode
         ├── RecipientLocked   too many consecutive failures: staff must unlock

@@ -16,28 +16,15 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from config import Settings
-from iepnode import (
-    attachments,
-    audit,
-    checksums,
-    downloads,
-    forward_mail,
-    forwarding,
-    image_requests,
-    logins,
-    notifications,
-    package,
-    recipients,
-    rendering,
-    reports,
-    routing,
-    sending,
-    transactions,
-    upload_review,
-    uploads,
+from iepnode.archive.ingest import Ingester, StoreResult
+from iepnode.archive.query import (
+    Query,
+    Root,
+    iter_instance_keys,
+    iter_matches,
+    parse_identifier,
+    parse_retrieve_identifier,
 )
-from iepnode.admin import AdminService
-from iepnode.audit import Actor
 from iepnode.errors import (
     BadDataset,
     Gone,
@@ -48,20 +35,29 @@ from iepnode.errors import (
     PasscodeRejected,
     UnknownDestination,
 )
-from iepnode.ingest import Ingester, StoreResult
-from iepnode.logins import NewSession, PasscodeToSend
-from iepnode.messaging import DeliveryError, Messenger
-from iepnode.query import (
-    Query,
-    Root,
-    iter_instance_keys,
-    iter_matches,
-    parse_identifier,
-    parse_retrieve_identifier,
-)
+from iepnode.outbound import notifications, routing, sending
+from iepnode.outbound.messaging import DeliveryError, Messenger
+from iepnode.people import audit
+from iepnode.people.admin import AdminService
+from iepnode.people.audit import Actor
 from iepnode.security import load_or_create_secret
-from iepnode.transactions import Contact, NewTransfer, StudyRow
-from iepnode.viewing import ViewingService
+from iepnode.sharing import (
+    checksums,
+    downloads,
+    forward_mail,
+    forwarding,
+    logins,
+    package,
+    recipients,
+    transactions,
+)
+from iepnode.sharing.logins import NewSession, PasscodeToSend
+from iepnode.sharing.transactions import Contact, NewTransfer, StudyRow
+from iepnode.uploads import image_requests
+from iepnode.uploads import review as upload_review
+from iepnode.uploads import staging as uploads
+from iepnode.viewing import attachments, rendering, reports
+from iepnode.viewing.service import ViewingService
 from storage import hot_queries, index, registry
 from storage.db import open_database
 from storage.filestore import FileStore
@@ -259,7 +255,7 @@ class Node:
         ------
         BadQuery
             If the identifier lacks its level's unique key (see
-            :func:`~iepnode.query.parse_retrieve_identifier`).
+            :func:`~iepnode.archive.query.parse_retrieve_identifier`).
         """
         query = parse_retrieve_identifier(identifier, root)
         return [
@@ -403,7 +399,7 @@ class Node:
         Raises
         ------
         InvalidRequest
-            The request breaks a rule (see :func:`iepnode.transactions.create_transfer`).
+            The request breaks a rule (see :func:`iepnode.sharing.transactions.create_transfer`).
         DeliveryError
             The email could not be sent (the transaction stays; staff can resend).
         """
@@ -962,9 +958,9 @@ class Node:
             detail=detail[:500])
 
     # -- download (issue 5) --
-    # The zip package of a transaction or study (iepnode.package), its CRC cache
-    # (iepnode.checksums), the download rules and password-protected copies
-    # (iepnode.downloads). Web views and the CLI call these in a thread.
+    # The zip package of a transaction or study (iepnode.sharing.package), its CRC cache
+    # (iepnode.sharing.checksums), the download rules and password-protected copies
+    # (iepnode.sharing.downloads). Web views and the CLI call these in a thread.
 
     @functools.cached_property
     def _packages(self) -> package.PackageCache:
@@ -978,7 +974,7 @@ class Node:
         """Plan (or take from the cache) the package of ``source``.
 
         Instances whose stored files cannot be read are left out of it (logged, listed
-        in its README.TXT and in :attr:`~iepnode.package.Package.left_out`).
+        in its README.TXT and in :attr:`~iepnode.sharing.package.Package.left_out`).
 
         Raises
         ------
@@ -1134,9 +1130,9 @@ class Node:
         return self._protected.sweep(keep)
 
     # -- send to a DICOM node (issue 6) --
-    # Sends are jobs in the database (iepnode.sending); a JobRunner (a thread of the
+    # Sends are jobs in the database (iepnode.outbound.sending); a JobRunner (a thread of the
     # serve main process, or of `iepnode send`) works on them through a transport the
-    # composition root provides (scp.sender). Auto-routing rules: iepnode.routing.
+    # composition root provides (scp.sender). Auto-routing rules: iepnode.outbound.routing.
 
     def send_destinations(self) -> list[RemoteAE]:
         """The remote AEs the node may send studies to."""
@@ -1284,9 +1280,9 @@ class Node:
         routing.remove_rule(rule_id, actor)
 
     # -- requests and uploads (issue 7) --
-    # A request (iepnode.image_requests) asks an individual for images; they answer with
-    # an upload staged by iepnode.uploads (each file inspected by iepnode.upload_intake);
-    # on Send, send_upload has it checked by iepnode.upload_review for staff.
+    # A request (iepnode.uploads.image_requests) asks an individual for images; they answer with
+    # an upload staged by iepnode.uploads.staging (each file inspected by iepnode.uploads.intake);
+    # on Send, send_upload has it checked by iepnode.uploads.review for staff.
 
     @functools.cached_property
     def uploads(self) -> uploads.UploadService:
@@ -1303,7 +1299,7 @@ class Node:
         Raises
         ------
         InvalidRequest
-            See :func:`iepnode.image_requests.create_request`.
+            See :func:`iepnode.uploads.image_requests.create_request`.
         DeliveryError
             The email could not be sent (the request stays).
         """
@@ -1359,7 +1355,7 @@ class Node:
 
 
     # -- uploads on request: review, release, reject (issue 7, reconcile) ----------------
-    # The domain is iepnode.upload_review; the upload page calls intake_upload on Send.
+    # The domain is iepnode.uploads.review; the upload page calls intake_upload on Send.
 
     def intake_upload(self, upload_id: int, actor: Actor | None = None, *,
                       fresh: bool = False) -> upload_review.Review:
@@ -1424,19 +1420,19 @@ class Node:
         return upload_review.recover_releases()
     # -- end uploads (reconcile) ----------------------------------------------------------
     # -- DICOMweb (issue 4) --
-    # QIDO-RS/WADO-RS live in iepnode.dicomweb and iepnode.dicomweb_access (web/dicomweb.py
+    # QIDO-RS/WADO-RS live in iepnode.viewing.dicomweb and .dicomweb_access (web/dicomweb.py
     # calls them); only the housekeeping of its tokens goes through the façade.
 
     def purge_dicomweb_tokens(self) -> int:
         """Delete DICOMweb tokens that expired or were revoked over a day ago."""
-        from iepnode import dicomweb_access
+        from iepnode.viewing import dicomweb_access
 
         return dicomweb_access.purge_tokens()
 
     # -- reports and attachments (issue 4) --
-    # Reports: a transaction's Encapsulated PDFs and SRs (iepnode.reports); attachments:
+    # Reports: a transaction's Encapsulated PDFs and SRs (iepnode.viewing.reports); attachments:
     # files wrapped as DICOM and held by the transaction that added them until staff file
-    # them into the study through the ingest path (iepnode.attachments, issue 13).
+    # them into the study through the ingest path (iepnode.viewing.attachments, issue 13).
     # Recipients reach only their own live transactions (someone else's: NotFound;
     # declined, expired, purged: Gone), staff any transaction whose files are stored.
     # Give ``recipient_id`` for a recipient, ``staff`` for a staff user.

@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import evt
 from pynetdicom.events import Event
 
+from iepnode.archive.query import Root
 from iepnode.errors import (
     BadDataset,
     BadQuery,
@@ -28,7 +29,6 @@ from iepnode.errors import (
     UnknownDestination,
 )
 from iepnode.node import Node
-from iepnode.query import Root
 from scp.answers import error_comment
 from scp.contexts import PATIENT_ROOT_MODELS, allowed_contexts, sending_contexts
 

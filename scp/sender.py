@@ -41,9 +41,9 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext
 
 from config import Settings
+from iepnode.archive.ingest import parse_file_meta
 from iepnode.errors import NodeError, PeerUnavailable
-from iepnode.ingest import parse_file_meta
-from iepnode.sending import (
+from iepnode.outbound.sending import (
     DROPPED,
     Destination,
     ItemResult,

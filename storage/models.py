@@ -119,7 +119,7 @@ class StaffUser(BaseModel):
     #: argon2id hash (argon2-cffi's encoded form).
     password_hash = peewee.CharField(max_length=255)
     #: Base32 TOTP secret once enrolled. ``None`` after an admin reset it: the password
-    #: alone then opens only the enrolment page (iepnode.admin.AdminService.pending_step).
+    #: alone then opens only the enrolment page (iepnode.people.admin.AdminService.pending_step).
     totp_secret = peewee.CharField(max_length=64, null=True)
     #: Set when an admin gave a temporary password: the next login must choose a new one.
     must_change_password = peewee.BooleanField(default=False)
@@ -149,7 +149,7 @@ class Recipient(BaseModel):
     locked_at = peewee.DoubleField(null=True)
     created_at = peewee.DoubleField()
     #: When the last passcode message was claimed (Unix time; 0: never): a new one is
-    #: sent only where this is old enough (iepnode.logins.start_attempt).
+    #: sent only where this is old enough (iepnode.sharing.logins.start_attempt).
     last_passcode_at = peewee.DoubleField(default=0.0)
 
 
@@ -520,7 +520,7 @@ class ProtectedCopyBuild(BaseModel):
 
     A build is claimed by a conditional ``UPDATE`` of this row (``building`` only
     where it is not already, or its lease ran out) before the encryption starts
-    (iepnode.downloads); the builder renews ``lease_until`` while it writes.
+    (iepnode.sharing.downloads); the builder renews ``lease_until`` while it writes.
     """
 
     recipient = peewee.ForeignKeyField(Recipient, on_delete="CASCADE")

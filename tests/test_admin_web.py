@@ -1,7 +1,7 @@
 """Staff pages under /admin: password + TOTP login, studies, sharing, audit, AEs, users.
 
 The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``;
-staff users are created with :func:`iepnode.staff.create_user` and log in with
+staff users are created with :func:`iepnode.people.staff.create_user` and log in with
 codes from ``pyotp``. The session cookie is ``Secure``, which aiohttp's cookie
 jar never sends over plain HTTP, so a small :class:`Browser` keeps cookies itself.
 A TOTP code is accepted once per user: a second login of the same user in a test
@@ -22,11 +22,12 @@ import pyotp
 import pytest
 
 from config import Settings, load_settings
-from iepnode import audit, logins, staff
-from iepnode.admin import LOGIN_REFUSED, AdminService, LoginThrottle, LoginThrottled
 from iepnode.errors import LoginRefused
 from iepnode.node import Node
-from iepnode.transactions import NewTransfer
+from iepnode.people import audit, staff
+from iepnode.people.admin import LOGIN_REFUSED, AdminService, LoginThrottle, LoginThrottled
+from iepnode.sharing import logins
+from iepnode.sharing.transactions import NewTransfer
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory

@@ -29,9 +29,10 @@ import pyotp
 import pytest
 
 from config import load_settings
-from iepnode import logins, staff
-from iepnode import transactions as tx
 from iepnode.node import Node
+from iepnode.people import staff
+from iepnode.sharing import logins
+from iepnode.sharing import transactions as tx
 from storage.models import (
     AuditEvent,
     LoginAttempt,

@@ -30,9 +30,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
 
-from iepnode import attachments
 from iepnode.errors import InvalidRequest
 from iepnode.node import Node
+from iepnode.viewing import attachments
 from storage.db import open_database
 from storage.models import (
     Attachment,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyotp
 
 from config import load_settings
-from iepnode import transactions as tx
 from iepnode.node import Node
+from iepnode.sharing import transactions as tx
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction
 from tests import data_factory as factory
 from tests.support.ingest import store_files

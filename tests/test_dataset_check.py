@@ -1,6 +1,6 @@
 """The full-dataset check every received instance passes before it is stored.
 
-Unit tests of :func:`iepnode.dataset_check.check_dataset` on every file pydicom
+Unit tests of :func:`iepnode.archive.dataset_check.check_dataset` on every file pydicom
 bundles (all must pass but the few that are broken on purpose) and on crafted
 corruptions (tests/support/crafted.py), then the same corruptions through the shared
 ingest path (``Ingester.ingest``): refused with the right error and nothing stored.
@@ -25,9 +25,9 @@ from pydicom.uid import (
 )
 
 from config import load_settings
-from iepnode.dataset_check import MAX_DEPTH, check_dataset, inflate
+from iepnode.archive.dataset_check import MAX_DEPTH, check_dataset, inflate
+from iepnode.archive.ingest import parse_file_meta
 from iepnode.errors import BadDataset, DatasetMismatch
-from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
 from tests.support import crafted
 from tests.support.crafted import (
@@ -331,7 +331,7 @@ def test_ingest_refuses_a_deflate_bomb_beyond_max_inflated_mb(node: Node) -> Non
                                   "item-without-delimiter"])
 def test_header_parse_alone_turns_a_parse_failure_into_bad_dataset(name: str) -> None:
     """parse_header (used alone by upload inspection): pydicom's OSError is a BadDataset."""
-    from iepnode.ingest import parse_header
+    from iepnode.archive.ingest import parse_header
 
     case = corruption(name)
     with pytest.raises(BadDataset, match="cannot parse dataset"):

@@ -197,7 +197,7 @@ def test_sop_instance_uid_mismatch_is_refused(node: RunningNode, tmp_path: Path)
 def test_unparseable_dataset_is_refused(node: RunningNode, tmp_path: Path) -> None:
     good = factory.make_ct_series(tmp_path / "in", 1)[0]
     data = bytearray(good.read_bytes())
-    _, offset = __import__("iepnode.ingest", fromlist=["x"]).parse_file_meta(bytes(data))
+    _, offset = __import__("iepnode.archive.ingest", fromlist=["x"]).parse_file_meta(bytes(data))
     # Break the first element's length so the dataset cannot be parsed.
     data[offset + 6: offset + 8] = b"\xff\xff"
     broken = tmp_path / "broken.dcm"

@@ -31,9 +31,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
 from config import Settings
-from iepnode import dicomweb_access as access
-from iepnode import transactions as tx
 from iepnode.node import Node
+from iepnode.sharing import transactions as tx
+from iepnode.viewing import dicomweb_access as access
 from storage.models import AuditEvent, Instance, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -531,7 +531,7 @@ async def test_rendered_images(client: Any, node: Node, studies: dict[str, str],
     import numpy as np
     from PIL import Image
 
-    from iepnode import rendering
+    from iepnode.viewing import rendering
 
     transaction, _ = shared
     headers = bearer(recipient_token(transaction))

@@ -90,7 +90,7 @@ async def test_links_use_the_public_url_whatever_host_the_request_names(
 
 async def test_staff_links_use_the_public_url_too(client: Any, node: Node,
                                                   tmp_path: Path) -> None:
-    from iepnode import dicomweb_access as access
+    from iepnode.viewing import dicomweb_access as access
     from tests.test_admin_web import make_user
 
     studies = make_studies(node, tmp_path)
@@ -250,7 +250,7 @@ async def test_a_study_rendered_passes_over_instances_without_an_image(
     "SC_rgb_small_odd.dcm", "rtdose_rle.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_RLE.dcm",
     "JPEG2000.dcm", "SC_rgb_dcmtk_+eb+cr.dcm", "JPEGLSNearLossless_08.dcm", "image_dfl.dcm"])
 def test_pixel_data_frames_equal_those_of_the_whole_value(name: str) -> None:
-    from iepnode import dicomweb as dw
+    from iepnode.viewing import dicomweb as dw
     from tests.data_factory import bundled
 
     path = bundled(name)
@@ -279,7 +279,7 @@ def test_pixel_data_with_an_extended_offset_table(tmp_path: Path) -> None:
     from pydicom.encaps import encapsulate_extended
     from pydicom.uid import RLELossless
 
-    from iepnode import dicomweb as dw
+    from iepnode.viewing import dicomweb as dw
     from tests.data_factory import bundled
 
     source = dcmread(bundled("rtdose_rle.dcm"))
@@ -298,8 +298,8 @@ def test_pixel_data_with_an_extended_offset_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "reportsi.dcm"])
 def test_pixel_data_that_cannot_be_cut_into_frames(name: str) -> None:
-    from iepnode import dicomweb as dw
     from iepnode.errors import BadQuery
+    from iepnode.viewing import dicomweb as dw
     from tests.data_factory import bundled
 
     path = bundled(name)

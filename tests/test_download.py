@@ -40,9 +40,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from config import load_settings
-from iepnode import transactions as tx
 from iepnode.node import Node
-from iepnode.zipstream import iter_bytes
+from iepnode.sharing import transactions as tx
+from iepnode.sharing.zipstream import iter_bytes
 from storage.models import AuditEvent, Instance, InstanceChecksum, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 
 from config import Settings
-from iepnode import transactions
 from iepnode.node import Node
-from iepnode.transactions import Contact, NewTransfer
+from iepnode.sharing import transactions
+from iepnode.sharing.transactions import Contact, NewTransfer
 from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, RemoteAE, RouteRule, SendJob, TransactionSendAE
@@ -182,8 +182,8 @@ async def test_admins_manage_routing_rules_and_destinations(
 
 
 def test_nothing_to_send_is_refused(node: Node, destinations: None, settings: Settings) -> None:
-    from iepnode.audit import Actor
     from iepnode.errors import InvalidRequest, UnknownDestination
+    from iepnode.people.audit import Actor
 
     with pytest.raises(InvalidRequest, match="none of these studies"):
         node.queue_send(["1.2.3.4"], "DEST", Actor("cli", "t"))

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode import transactions as tx
-from iepnode.audit import events_for_transaction
 from iepnode.node import Node
+from iepnode.people.audit import events_for_transaction
+from iepnode.sharing import transactions as tx
 from storage.models import Recipient, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 from config import load_settings
-from iepnode import forwarding as fw
-from iepnode import transactions as tx
-from iepnode.audit import Actor, events_for_transaction
-from iepnode.forwarding import ForwardInvalid, ForwardRefused, ForwardRequest
-from iepnode.messaging import DeliveryError
 from iepnode.node import Node
+from iepnode.outbound.messaging import DeliveryError
+from iepnode.people.audit import Actor, events_for_transaction
+from iepnode.sharing import forwarding as fw
+from iepnode.sharing import transactions as tx
+from iepnode.sharing.forwarding import ForwardInvalid, ForwardRefused, ForwardRequest
 from storage.db import open_database
 from storage.models import Recipient, Transaction, TransactionMessage, TransactionStudy
 from tests import data_factory as factory

@@ -22,8 +22,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from config import Settings, load_settings
+from iepnode.archive.ingest import StoreResult, parse_file_meta
 from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
-from iepnode.ingest import StoreResult, parse_file_meta
 from iepnode.node import Node
 from storage import index
 from storage.db import is_sqlite

@@ -16,8 +16,9 @@ import pytest
 
 from config import ConfigError, load_settings
 from config import settings as settings_module
-from iepnode import notifications, timefmt
+from iepnode import timefmt
 from iepnode.node import Node
+from iepnode.outbound import notifications
 from storage.models import Transaction, TransactionMessage
 from tests import data_factory as factory
 from tests.test_admin_web import Browser as StaffBrowser
@@ -130,8 +131,8 @@ async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
 
 
 async def test_the_transfer_email_of_a_share_uses_the_configured_zone(tmp_path: Path) -> None:
-    from iepnode.audit import Actor
-    from iepnode.transactions import NewTransfer
+    from iepnode.people.audit import Actor
+    from iepnode.sharing.transactions import NewTransfer
 
     node = Node(make_settings(tmp_path, timezone="Pacific/Auckland"))
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1))

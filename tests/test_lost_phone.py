@@ -1,7 +1,7 @@
 """A recipient who lost their phone: staff remove the authenticator app; passcodes again.
 
 Same set-up as :mod:`tests.test_recipient_totp` (in-process app, passcodes from the
-outbox, the clock of :mod:`iepnode.logins` under control) plus a staff browser.
+outbox, the clock of :mod:`iepnode.sharing.logins` under control) plus a staff browser.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode import logins
 from iepnode.node import Node
+from iepnode.sharing import logins
 from storage.models import AuditEvent, Recipient, WebSession
 from tests import data_factory as factory
 from tests.test_admin_web import Browser as StaffBrowser

@@ -24,9 +24,15 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from config import ConfigError, Settings, load_settings
-from iepnode import messaging
 from iepnode.errors import NodeError
-from iepnode.messaging import Delivery, DeliveryError, Messenger, check_email, normalize_phone
+from iepnode.outbound import messaging
+from iepnode.outbound.messaging import (
+    Delivery,
+    DeliveryError,
+    Messenger,
+    check_email,
+    normalize_phone,
+)
 
 #: Secret-looking content that must never reach a log line or an error text.
 PASSCODE = "731942"

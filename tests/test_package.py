@@ -18,13 +18,13 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from iepnode import audit
-from iepnode import transactions as tx
 from iepnode.errors import Gone
 from iepnode.node import Node
-from iepnode.package import Package
-from iepnode.previews import placeholder_jpeg
-from iepnode.zipstream import iter_bytes
+from iepnode.people import audit
+from iepnode.sharing import transactions as tx
+from iepnode.sharing.package import Package
+from iepnode.sharing.previews import placeholder_jpeg
+from iepnode.sharing.zipstream import iter_bytes
 from storage.fileset import fileset_file_ids, plan_fileset
 from storage.models import AuditEvent, Instance, InstanceChecksum
 from tests import data_factory as factory

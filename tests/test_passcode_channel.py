@@ -28,11 +28,11 @@ import aiohttp
 import pytest
 
 from config import Settings, load_settings
-from iepnode import logins
-from iepnode import transactions as tx
-from iepnode.audit import Actor
-from iepnode.image_requests import NewRequest
 from iepnode.node import Node
+from iepnode.people.audit import Actor
+from iepnode.sharing import logins
+from iepnode.sharing import transactions as tx
+from iepnode.uploads.image_requests import NewRequest
 from storage.models import AuditEvent, LoginAttempt, Recipient, Transaction, WebSession
 from tests import data_factory as factory
 from tests.support.ingest import store_files

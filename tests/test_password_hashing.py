@@ -6,7 +6,7 @@ with a new username, so the per-username lockout never stops them) without pause
 meanwhile a recipient of the portal and a signed-in staff member load pages. The
 pages' 95th percentile latency and each HTTP process's peak resident memory
 (``VmHWM``) are measured before and during the flood. The pool that bounds the
-hashing (:class:`iepnode.passwords.PasswordWork`) is also tested on its own, and
+hashing (:class:`iepnode.people.passwords.PasswordWork`) is also tested on its own, and
 through the login page of an in-process app.
 """
 
@@ -26,9 +26,10 @@ import aiohttp
 import pytest
 
 from config import load_settings
-from iepnode import logins, passwords, staff
 from iepnode.errors import Busy
 from iepnode.node import Node
+from iepnode.people import passwords, staff
+from iepnode.sharing import logins
 from storage.models import AuditEvent, StaffLoginFailures
 from tests.support.node import RunningNode, running_node
 from tests.test_worker_processes import _listeners

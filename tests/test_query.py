@@ -27,10 +27,10 @@ from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 
 from config import Settings, load_settings
+from iepnode.archive.ingest import parse_file_meta
+from iepnode.archive.query import Root
 from iepnode.errors import BadQuery
-from iepnode.ingest import parse_file_meta
 from iepnode.node import Node
-from iepnode.query import Root
 from storage.index import Outcome
 from storage.models import database_proxy
 from tests.data_factory import make_ct_series

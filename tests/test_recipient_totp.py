@@ -2,7 +2,7 @@
 
 Same set-up as :mod:`tests.test_recipient_web` (in-process aiohttp client, a cookie
 store that sends ``Secure`` cookies, passcodes from the outbox); time is controlled
-through the clock of :mod:`iepnode.logins`, so app codes are made for ``clock.now``.
+through the clock of :mod:`iepnode.sharing.logins`, so app codes are made for ``clock.now``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import aiohttp
 import pyotp
 import pytest
 
-from iepnode import logins
-from iepnode.audit import events_for_transaction
 from iepnode.errors import InvalidRequest, PasscodeRejected, RecipientLocked
 from iepnode.node import Node
+from iepnode.people.audit import events_for_transaction
+from iepnode.sharing import logins
 from storage.db import open_database
 from storage.models import AuditEvent, LoginAttempt, Recipient, WebSession
 from tests import data_factory as factory

@@ -5,7 +5,7 @@ Passcodes are read from the outbox (``DATA_DIR/outbox/*.eml``), or from a real
 SMTP server (aiosmtpd) in one test. The session cookie is ``Secure``, which
 aiohttp's cookie jar never sends over plain HTTP: a small :class:`Browser`
 keeps cookies itself. Time is controlled by replacing the clock of
-:mod:`iepnode.logins` (passcode expiry, rate limit, session timeouts).
+:mod:`iepnode.sharing.logins` (passcode expiry, rate limit, session timeouts).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from config import Settings, load_settings
-from iepnode import logins
-from iepnode import transactions as tx
-from iepnode.audit import events_for_transaction
 from iepnode.node import Node
+from iepnode.people.audit import events_for_transaction
+from iepnode.sharing import logins
+from iepnode.sharing import transactions as tx
 from storage.models import LoginAttempt, Recipient, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -48,7 +48,7 @@ PRELOGIN = "__Host-iepnode-csrf"
 
 
 class Clock:
-    """A stand-in for the ``time`` module inside :mod:`iepnode.logins`."""
+    """A stand-in for the ``time`` module inside :mod:`iepnode.sharing.logins`."""
 
     def __init__(self) -> None:
         self.now = time.time()

@@ -1,4 +1,4 @@
-"""Import reconciliation of uploaded objects (iepnode.reconciliation).
+"""Import reconciliation of uploaded objects (iepnode.archive.reconciliation).
 
 Every reconciled file is checked with dicom3tools' ``dciodvfy`` (no error it did
 not have before), its pixel data compared byte for byte with the original for
@@ -15,8 +15,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from iepnode.archive.reconciliation import PatientIdentity, reconcile_file, reconcile_stream
 from iepnode.errors import BadDataset
-from iepnode.reconciliation import PatientIdentity, reconcile_file, reconcile_stream
 from tests.data_factory import bundled, copy_bundled, make_ct_series
 from tests.support.tools import dicom3tools
 from tests.test_fileset import _tool_output
@@ -154,7 +154,7 @@ def test_deflated_becomes_explicit_little_endian(tmp_path: Path) -> None:
 def test_stream_of_generated_series(syntax: str, tmp_path: Path) -> None:
     (src,) = make_ct_series(tmp_path / "in", 1, transfer_syntax=syntax)
     data = src.read_bytes()
-    from iepnode.ingest import parse_file_meta
+    from iepnode.archive.ingest import parse_file_meta
 
     meta, offset = parse_file_meta(data)
     result = reconcile_stream(data[offset:], meta.transfer_syntax, HOSPITAL, source="s",

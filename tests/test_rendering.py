@@ -19,8 +19,9 @@ from pydicom import dcmread
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.uid import JPEGLosslessSV1, RLELossless
 
-from iepnode import previews, rendering
-from iepnode.rendering import RenderError, window_linear
+from iepnode.sharing import previews
+from iepnode.viewing import rendering
+from iepnode.viewing.rendering import RenderError, window_linear
 from tests.data_factory import bundled, rewrite
 from tests.support.tools import dcmtk
 

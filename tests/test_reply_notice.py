@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode import audit
 from iepnode.node import Node
-from iepnode.transactions import NewTransfer
+from iepnode.people import audit
+from iepnode.sharing.transactions import NewTransfer
 from storage.models import AuditEvent, Transaction, TransactionMessage
 from tests import data_factory as factory
 from tests.test_admin_web import Browser as StaffBrowser

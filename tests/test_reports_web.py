@@ -20,8 +20,8 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 
-from iepnode import transactions as tx
 from iepnode.node import Node
+from iepnode.sharing import transactions as tx
 from storage.models import (
     Attachment,
     AuditEvent,

@@ -23,10 +23,11 @@ from pydicom.uid import (
 )
 
 from config import load_settings
-from iepnode import audit, sending
 from iepnode.errors import PeerUnavailable
 from iepnode.node import Node
-from iepnode.sending import Destination, ItemResult, Outgoing, RetryPolicy
+from iepnode.outbound import sending
+from iepnode.outbound.sending import Destination, ItemResult, Outgoing, RetryPolicy
+from iepnode.people import audit
 from scp.sender import propose
 from storage import registry
 from storage.models import AuditEvent, SendItem, SendJob

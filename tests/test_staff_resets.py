@@ -19,10 +19,10 @@ import pyotp
 import pytest
 
 from config import Settings, load_settings
-from iepnode import audit
 from iepnode.errors import NotAuthorized
 from iepnode.node import Node
-from iepnode.transactions import NewTransfer
+from iepnode.people import audit
+from iepnode.sharing.transactions import NewTransfer
 from storage.db import open_database
 from storage.models import AuditEvent, StaffUser, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory

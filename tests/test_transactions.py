@@ -8,9 +8,6 @@ import pyotp
 import pytest
 
 from config import load_settings
-from iepnode import logins, staff
-from iepnode import transactions as tx
-from iepnode.audit import USER_AUTHENTICATION, Actor, events_for_transaction, record
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -20,7 +17,11 @@ from iepnode.errors import (
     RecipientLocked,
 )
 from iepnode.node import Node
+from iepnode.people import staff
+from iepnode.people.audit import USER_AUTHENTICATION, Actor, events_for_transaction, record
 from iepnode.security import load_or_create_secret
+from iepnode.sharing import logins
+from iepnode.sharing import transactions as tx
 from storage.models import Recipient
 from tests import data_factory as factory
 from tests.support.ingest import store_files as store

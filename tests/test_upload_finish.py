@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from iepnode import upload_review, uploads
 from iepnode.errors import Gone
 from iepnode.node import Node
-from iepnode.upload_intake import FileVerdict
+from iepnode.uploads import review as upload_review
+from iepnode.uploads import staging as uploads
+from iepnode.uploads.intake import FileVerdict
 from storage.models import AuditEvent, Transaction, TransactionMessage, Upload, UploadFile
 from tests import data_factory as factory
 from tests.test_upload_web import make_request, node  # noqa: F401

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from iepnode import importer
+from iepnode.archive import importer
 from iepnode.errors import BadDataset
-from iepnode.upload_intake import MAX_HEADER, SKIPPED, ZIP, inspect_staged_file
+from iepnode.uploads.intake import MAX_HEADER, SKIPPED, ZIP, inspect_staged_file
 from tests import data_factory as factory
 
 

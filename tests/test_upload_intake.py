@@ -1,4 +1,4 @@
-"""Inspection of staged upload files (iepnode.upload_intake.inspect_staged_file).
+"""Inspection of staged upload files (iepnode.uploads.intake.inspect_staged_file).
 
 The files are real: DICOM written by pydicom, zips written by zipfile (including
 hostile ones: ``..`` entries, links, bombs by ratio and by size, too many entries),
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from iepnode.upload_intake import (
+from iepnode.uploads.intake import (
     DICOM,
     DICOMDIR,
     JPEG,

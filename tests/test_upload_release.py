@@ -1,4 +1,4 @@
-"""Intake, release, rejection and purge of uploads (iepnode.upload_review via the Node).
+"""Intake, release, rejection and purge of uploads (iepnode.uploads.review via the Node).
 
 The request, upload and staged files are made as the upload page makes them (rows
 and files under ``DATA_DIR/staging/<key>/``); release goes through the node's real
@@ -18,10 +18,10 @@ import pytest
 from pydicom import dcmread
 
 from config import load_settings
-from iepnode import audit
 from iepnode.errors import InvalidRequest
 from iepnode.node import Node
-from iepnode.upload_intake import inspect_staged_file, patient_key
+from iepnode.people import audit
+from iepnode.uploads.intake import inspect_staged_file, patient_key
 from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, Instance, Patient, Recipient, Transaction, Upload, UploadFile
@@ -217,7 +217,7 @@ def test_released_study_is_delivered_to_the_pacs(tmp_path: Path) -> None:
 
 
 def test_patient_key_is_stable() -> None:
-    from iepnode.reconciliation import PatientIdentity
+    from iepnode.archive.reconciliation import PatientIdentity
 
     a = PatientIdentity("1", "", "doe^jane", "19800101")
     b = PatientIdentity("1", "", "DOE^JANE ", "19800101")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from iepnode.node import Node
-from iepnode.upload_review import Review
+from iepnode.uploads.review import Review
 from storage.models import AuditEvent, Instance, Upload
 from tests import data_factory as factory
 from tests.support.browser import Browser

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode import image_requests as rq
-from iepnode import transactions as tx
-from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest
 from iepnode.node import Node
+from iepnode.people.audit import Actor
+from iepnode.sharing import transactions as tx
+from iepnode.uploads import image_requests as rq
 from storage.models import AuditEvent, Transaction, Upload, UploadFile
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -325,7 +325,7 @@ def test_cli_request_create(tmp_path: Path) -> None:
 
 def test_file_removed_while_its_chunk_arrives(node: Node) -> None:
     from iepnode.errors import NotFound
-    from iepnode.uploads import FileBusy
+    from iepnode.uploads.staging import FileBusy
 
     request, _ = make_request()
     recipient = request.recipient_id

@@ -2,7 +2,7 @@
 
 Who may view what (recipient: own open transactions; others' IDs 404, gone ones
 410; staff: any transaction), the display order, the frames' bytes against
-:mod:`iepnode.rendering`, the caching headers, and the one audit event per study.
+:mod:`iepnode.viewing.rendering`, the caching headers, and the one audit event per study.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from iepnode import rendering
-from iepnode import transactions as tx
 from iepnode.node import Node
+from iepnode.sharing import transactions as tx
+from iepnode.viewing import rendering
 from storage.models import AuditEvent
 from tests import data_factory as factory
 from tests.support.browser import Browser

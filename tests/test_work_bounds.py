@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from iepnode import rendering, uploads
 from iepnode.node import Node
+from iepnode.uploads import staging as uploads
+from iepnode.viewing import rendering
 from tests import data_factory as factory
 from tests.support.node import wait_for
 from tests.test_recipient_web import make_settings

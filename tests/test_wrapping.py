@@ -1,4 +1,4 @@
-"""Wrapping uploaded PDFs and images as DICOM (iepnode/wrapping.py).
+"""Wrapping uploaded PDFs and images as DICOM (iepnode/viewing/wrapping.py).
 
 Every wrapped object is written as a Part-10 file and checked with dicom3tools'
 ``dciodvfy`` (the IOD verifier); pixel data and PDF bytes are compared with the input.
@@ -22,8 +22,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from iepnode.ingest import parse_header, record_from_header
-from iepnode.wrapping import (
+from iepnode.archive.ingest import parse_header, record_from_header
+from iepnode.viewing.wrapping import (
     AttachmentRefused,
     PatientInfo,
     StudyInfo,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from config import load_settings
-from iepnode import transactions as tx
 from iepnode.node import Node
+from iepnode.sharing import transactions as tx
 from storage import hot_queries
 from storage.db import open_database, write_transaction
 from storage.group_commit import GroupCommitter
@@ -156,7 +156,7 @@ def test_dashboard_audits_and_marks_read_through_group_commit(node: Node, tmp_pa
 
 
 def test_session_activity_is_written_once_a_minute(node: Node) -> None:
-    from iepnode import logins
+    from iepnode.sharing import logins
     me = Recipient.create(email="a@example.org", created_at=T0)
     opened = logins.open_session(me, now=T0)
     logins.resume_session(opened.token, now=T0 + 30, run_write=node.group_commit.run)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from iepnode.zipstream import (
+from iepnode.sharing.zipstream import (
     CHUNK,
     FileSlice,
     Member,

@@ -32,7 +32,7 @@ enough: such requests go to the login page); AE and user pages need an admin.
 A user with a pending step after a reset (``AdminService.pending_step``) is sent
 to that step's page from every other page: a session opened with the password
 alone (no TOTP secret) reaches nothing but the enrolment page.
-Blocking work runs in a thread through :class:`iepnode.admin.AdminService`; work that
+Blocking work runs in a thread through :class:`iepnode.people.admin.AdminService`; work that
 hashes or checks a password runs on the bounded ``AdminService.password_work`` pool
 (a login beyond its queue gets 503 at once), never in the threads page views share.
 """
@@ -55,18 +55,19 @@ from aiohttp import web
 from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
-from iepnode import recipients, timefmt
-from iepnode.admin import (
+from iepnode import timefmt
+from iepnode.errors import Busy, InvalidRequest, LoginRefused, UnknownDestination
+from iepnode.outbound.messaging import DeliveryError
+from iepnode.people.admin import (
     LOGIN_REFUSED,
     STEP_PASSWORD,
     STEP_TOTP,
     AdminService,
     LoginThrottled,
 )
-from iepnode.audit import Actor
-from iepnode.errors import Busy, InvalidRequest, LoginRefused, UnknownDestination
-from iepnode.messaging import DeliveryError
-from iepnode.transactions import PRIORITIES, NewTransfer
+from iepnode.people.audit import Actor
+from iepnode.sharing import recipients
+from iepnode.sharing.transactions import PRIORITIES, NewTransfer
 from storage.models import StaffUser, Transaction, WebSession
 from storage.registry import SERVICES
 from web import middlewares

@@ -14,12 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
-from iepnode import recipients
-from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest
-from iepnode.image_requests import NewRequest
-from iepnode.messaging import DeliveryError
-from iepnode.transactions import PRIORITIES
+from iepnode.outbound.messaging import DeliveryError
+from iepnode.people.audit import Actor
+from iepnode.sharing import recipients
+from iepnode.sharing.transactions import PRIORITIES
+from iepnode.uploads.image_requests import NewRequest
 from web.admin import Staff, _render, _text, staff_view
 from web.common import node_of, see_other
 

@@ -46,11 +46,11 @@ from typing import Any
 
 from aiohttp import web
 
-from iepnode import audit
-from iepnode import dicomweb as dw
-from iepnode import dicomweb_access as access
+from iepnode.archive.query import Level
 from iepnode.errors import BadQuery, Gone, NotFound
-from iepnode.query import Level
+from iepnode.people import audit
+from iepnode.viewing import dicomweb as dw
+from iepnode.viewing import dicomweb_access as access
 from web.common import client_ip, node_of
 from web.keys import SESSION_KEY, SETTINGS_KEY
 from web.middlewares import SECURITY_HEADERS
@@ -127,7 +127,7 @@ def _scope(request: web.Request) -> access.Scope:
     access.TokenRefused
         A bad bearer token, or no credentials at all.
     NotFound, Gone
-        As :func:`iepnode.dicomweb.token_scope` / :func:`recipient_scope`.
+        As :func:`iepnode.viewing.dicomweb.token_scope` / :func:`recipient_scope`.
     """
     node = node_of(request)
     public_id = request.match_info.get("public_id", "")

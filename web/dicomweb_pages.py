@@ -11,7 +11,7 @@ Routes::
 
 The pages show the base URL, the token and its expiry, and ready-made links for
 Weasis (``weasis://``) and OHIF (``dicomwebproxy``, when ``[http] dicomweb_ohif_url``
-is set). Every token is audited when issued (:mod:`iepnode.dicomweb`).
+is set). Every token is audited when issued (:mod:`iepnode.viewing.dicomweb`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import asyncio
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import dicomweb_access as dwa
+from iepnode.viewing import dicomweb_access as dwa
 from storage.models import Recipient
 from web import admin
 from web.common import client_ip, public_id_of, recipient_session, see_other

@@ -8,7 +8,7 @@ expired, declined or purged one a 410 page)::
                                                        password once
     GET  /downloads/{token}                            the protected copy (Range by aiohttp)
 
-The zip is planned before the first byte (:mod:`iepnode.package`), so the response
+The zip is planned before the first byte (:mod:`iepnode.sharing.package`), so the response
 has its exact ``Content-Length`` and a strong ``ETag``, and any single byte range
 can be served (``206``; ``416`` beyond the end). A stored file that cannot be read
 when its turn comes (cut short or removed since the plan) ends the response early:
@@ -32,11 +32,11 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import audit
-from iepnode.downloads import PROTECTED_TTL, is_downloadable
-from iepnode.package import Package
-from iepnode.pdi import size_text
-from iepnode.zipstream import CHUNK as BATCH
+from iepnode.people import audit
+from iepnode.sharing.downloads import PROTECTED_TTL, is_downloadable
+from iepnode.sharing.package import Package
+from iepnode.sharing.pdi import size_text
+from iepnode.sharing.zipstream import CHUNK as BATCH
 from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.middlewares import SECURITY_HEADERS
 

@@ -10,7 +10,7 @@ and keeps Finish disabled until the disclaimer is ticked, the page works without
     GET  /transactions/{public_id}/forwards   the package's forwards (to whom, until when)
 
 The rules (limit, copies, declined/expired) are enforced by the domain
-(:mod:`iepnode.forwarding`) whatever the page showed; refusals become a 400 page
+(:mod:`iepnode.sharing.forwarding`) whatever the page showed; refusals become a 400 page
 with the reason, other people's packages 404, and every POST needs the CSRF token
 (:mod:`web.middlewares`).
 """
@@ -24,8 +24,14 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode.forwarding import PURPOSES, RETENTION, ForwardInvalid, ForwardRequest, ForwardState
-from iepnode.messaging import DeliveryError
+from iepnode.outbound.messaging import DeliveryError
+from iepnode.sharing.forwarding import (
+    PURPOSES,
+    RETENTION,
+    ForwardInvalid,
+    ForwardRequest,
+    ForwardState,
+)
 from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SETTINGS_KEY

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import dicomtext, recipients, timefmt
+from iepnode import dicomtext, timefmt
 from iepnode.errors import (
     InvalidRequest,
     LoginRefused,
@@ -44,8 +44,9 @@ from iepnode.errors import (
     RateLimited,
     RecipientLocked,
 )
-from iepnode.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
-from iepnode.messaging import DeliveryError
+from iepnode.outbound.messaging import DeliveryError
+from iepnode.sharing import recipients
+from iepnode.sharing.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
 from storage.models import Recipient, WebSession
 from web import forward, middlewares
 from web.admin import qr_svg

@@ -16,7 +16,7 @@ An attachment belongs to the transaction that added it (issue 13): the reports p
 lists it apart from the hospital's reports, with who added it, and ``reports/{sop_uid}``
 serves it (a PDF as below, a picture as PNG) to that transaction only. Filing and
 removing need the ``confirm`` box ticked, and an administrator or the transaction's
-hospital contact (:func:`iepnode.attachments.may_file`).
+hospital contact (:func:`iepnode.viewing.attachments.may_file`).
 
 Access is the download's: a recipient reaches only their own transactions (someone
 else's is a 404) while they are live (declined, expired, purged: 410); staff reach any.
@@ -25,7 +25,8 @@ made here, ``nosniff``, and a ``sandbox`` CSP (no script of the document runs wi
 site's origin). An SR is printed from text through autoescaped templates.
 
 Upload size: the app's body limit is 1 MiB; :func:`upload_limit` raises it for the two
-attachment POSTs of a logged-in session only, to :data:`~iepnode.attachments.MAX_UPLOAD_BYTES`
+attachment POSTs of a logged-in session only, to
+:data:`~iepnode.viewing.attachments.MAX_UPLOAD_BYTES`
 (aiohttp spools file fields to a temporary file, not memory).
 """
 
@@ -39,9 +40,9 @@ from urllib.parse import unquote
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode.attachments import MAX_UPLOAD_BYTES
 from iepnode.errors import InvalidRequest
-from iepnode.reports import safe_filename
+from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
+from iepnode.viewing.reports import safe_filename
 from web.admin import Staff, staff_view
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SESSION_KEY

@@ -35,8 +35,8 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.errors import Gone, InvalidRequest, NotFound
-from iepnode.transactions import COMPLETE
-from iepnode.uploads import (
+from iepnode.sharing.transactions import COMPLETE
+from iepnode.uploads.staging import (
     ConfirmedPatient,
     FileBusy,
     OffsetMismatch,

@@ -12,7 +12,7 @@ Routes (every POST carries the CSRF token, checked in :mod:`web.middlewares`)::
 
 Everything taken from the uploaded files (names, patient values, file names) is
 rendered by autoescaped templates: never marked safe. Handlers are thin: the work is
-:mod:`iepnode.upload_review` through the :class:`iepnode.node.Node` façade.
+:mod:`iepnode.uploads.review` through the :class:`iepnode.node.Node` façade.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import functools
 
 from aiohttp import web
 
-from iepnode.audit import Actor
 from iepnode.errors import InvalidRequest, NotFound
+from iepnode.people.audit import Actor
 from web.admin import Staff, _render, _text, staff_view
 from web.common import node_of, see_other
 

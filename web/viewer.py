@@ -1,4 +1,4 @@
-"""The web viewer: pages and the JSON/pixels they load (thin over :mod:`iepnode.viewing`).
+"""The web viewer: pages and the JSON/pixels they load (thin over :mod:`iepnode.viewing.service`).
 
 Routes, the same under two prefixes: ``/transactions/{public_id}`` for the
 recipient (their session; someone else's transaction or instance is a 404, a
@@ -29,10 +29,10 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from iepnode import audit
 from iepnode.errors import NotFound
-from iepnode.previews import placeholder_jpeg
-from iepnode.rendering import RenderError
+from iepnode.people import audit
+from iepnode.sharing.previews import placeholder_jpeg
+from iepnode.viewing.rendering import RenderError
 from storage.models import Transaction
 from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.keys import SESSION_KEY

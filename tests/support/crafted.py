@@ -27,8 +27,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from iepnode.archive.ingest import file_meta_bytes
 from iepnode.errors import BadDataset, DatasetMismatch
-from iepnode.ingest import file_meta_bytes
 
 ELE, ILE, EBE = ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
 _LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iepnode.ingest import parse_file_meta
+from iepnode.archive.ingest import parse_file_meta
 from iepnode.node import Node
 
 

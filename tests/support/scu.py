@@ -11,7 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE, _config, build_context
 
-from iepnode.ingest import parse_file_meta
+from iepnode.archive.ingest import parse_file_meta
 from tests.support.node import RunningNode, peer_env, wait_for
 from tests.support.tools import dcmtk
 

@@ -1,0 +1,1 @@
+"""people: see docs/architecture.md."""

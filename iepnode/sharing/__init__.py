@@ -1,0 +1,1 @@
+"""sharing: see docs/architecture.md."""

@@ -1,0 +1,190 @@
+"""Recipients: found or created by email, and their passcode channel, which only staff change.
+
+A recipient is identified by their email; their passcodes go to a second channel,
+a mobile number (SMS) or a second email address. Whoever creates a share, request
+or forward for someone who already has an account gives a channel too, but it is
+used only for a new account (:func:`find_or_create`): an existing recipient's
+channel never changes that way, or anyone able to share could redirect a stranger's
+passcodes to themselves. Changing it is a separate staff action
+(:func:`change_channel`, audited and announced on the old channel by
+:meth:`iepnode.people.admin.AdminService.change_passcode_channel`, allowed as
+:meth:`~iepnode.people.admin.AdminService.may_change_channel` says).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from iepnode.errors import InvalidRequest
+from storage.db import is_sqlite, write_transaction
+from storage.models import LoginAttempt, Recipient, WebSession, database_proxy
+
+SMS, EMAIL = "sms", "email"
+_EMAIL = re.compile(r"^[^@\s\r\n]{1,64}@[^@\s\r\n]{1,190}\.[^@\s\r\n]{2,}$")
+_MOBILE = re.compile(r"^\+?[0-9]{7,15}$")
+
+
+def normalize_email(value: str) -> str:
+    """Return a lower-cased email address, or raise :class:`InvalidRequest`."""
+    email = value.strip().lower()
+    if not _EMAIL.match(email):
+        raise InvalidRequest(f"not an email address: {value!r}")
+    return email
+
+
+def normalize_mobile(value: str) -> str:
+    """Return a mobile number as ``+digits``/``digits``, or raise :class:`InvalidRequest`."""
+    number = re.sub(r"[\s\-().]", "", value)
+    if not _MOBILE.match(number):
+        raise InvalidRequest(f"not a mobile number: {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where passcodes go: ``sms`` to a number or ``email`` to an address."""
+
+    kind: str
+    destination: str
+
+    @property
+    def masked(self) -> str:
+        """The channel without giving it away: ``mobile •••23``, ``email a•••@example.org``."""
+        if self.kind == SMS:
+            return f"mobile {mask(SMS, self.destination)}"
+        return f"email {mask(EMAIL, self.destination)}"
+
+
+@dataclass(frozen=True)
+class Found:
+    """The recipient of a share: ``created`` (new account) or found; ``channel_kept``: the
+    channel given differs from theirs and was not used."""
+
+    recipient: Recipient
+    created: bool
+    channel_kept: bool
+
+
+def mask(kind: str, destination: str) -> str:
+    """Show a passcode destination without giving it away.
+
+    ``+447700900123`` -> ``•••23``; ``anna@example.org`` -> ``a•••@example.org``.
+    """
+    if kind == SMS:
+        return f"•••{destination[-2:]}"
+    local, _, domain = destination.partition("@")
+    return f"{local[:1]}•••@{domain}"
+
+
+def channel_of(recipient: Recipient) -> Channel:
+    """The recipient's passcode channel."""
+    if recipient.otp_mobile:
+        return Channel(SMS, recipient.otp_mobile)
+    return Channel(EMAIL, recipient.otp_email)
+
+
+def check_channel(email: str, otp_mobile: str, otp_email: str) -> Channel:
+    """The one passcode channel given for the recipient ``email``, normalised.
+
+    Raises
+    ------
+    InvalidRequest
+        None or both given, a bad number or address, or the recipient's own email.
+    """
+    if bool(otp_mobile.strip()) == bool(otp_email.strip()):
+        raise InvalidRequest("give exactly one passcode channel: a mobile number or an email")
+    if otp_mobile.strip():
+        return Channel(SMS, normalize_mobile(otp_mobile))
+    address = normalize_email(otp_email)
+    if address == email:
+        raise InvalidRequest("the passcode email must differ from the recipient's email")
+    return Channel(EMAIL, address)
+
+
+def kept_instead(recipient: Recipient, otp_mobile: str, otp_email: str) -> Channel | None:
+    """The recipient's own channel if a share gave another one (not used), else ``None``.
+
+    For telling staff after :func:`find_or_create` kept an existing recipient's channel.
+    """
+    own = channel_of(recipient)
+    return own if own != check_channel(recipient.email, otp_mobile, otp_email) else None
+
+
+def find_or_create(email: str, channel: Channel, *, name: str = "", address: str = "",
+                   phone: str = "", update_name: bool = True,
+                   now: float | None = None) -> Found:
+    """The recipient with ``email``, created with ``channel`` if new (in the caller's transaction).
+
+    An existing recipient keeps their channel whatever was given; with
+    ``update_name`` a non-empty ``name`` replaces theirs (staff shares), otherwise
+    nothing of theirs changes (forwards). Two creations of one new email at once
+    make one row (``INSERT ... ON CONFLICT DO NOTHING``; PostgreSQL's second insert
+    waits for the first, then does nothing).
+
+    Parameters
+    ----------
+    email : str
+        Normalised (lower-cased) email of the recipient.
+    channel : Channel
+        The passcode channel given (see :func:`check_channel`).
+    """
+    now = time.time() if now is None else now
+    name = name.strip()[:128]
+    existing = Recipient.get_or_none(Recipient.email == email)
+    created = False
+    if existing is None:
+        query = Recipient.insert(
+            email=email, name=name, address=address, phone=phone,
+            otp_mobile=channel.destination if channel.kind == SMS else "",
+            otp_email=channel.destination if channel.kind == EMAIL else "",
+            created_at=now).on_conflict_ignore()
+        created = database_proxy.obj.execute(query).rowcount == 1
+    recipient = Recipient.get(Recipient.email == email)
+    if not created and update_name and name and recipient.name != name:
+        Recipient.update(name=name).where(Recipient.id == recipient.id).execute()
+        recipient.name = name
+    return Found(recipient, created, channel_of(recipient) != channel)
+
+
+@dataclass(frozen=True)
+class ChannelChange:
+    """A recipient's passcode channel before and after a staff change."""
+
+    recipient: Recipient
+    old: Channel
+    new: Channel
+
+
+def change_channel(recipient_id: int, channel: Channel) -> ChannelChange:
+    """Give the recipient a new passcode channel; end their sessions and unused passcodes.
+
+    The passcode already on its way (or sitting) on the old channel cannot sign in
+    any more, and the next one may be asked for at once (to the new channel).
+
+    Raises
+    ------
+    InvalidRequest
+        ``channel`` is the recipient's channel already.
+    """
+    with write_transaction():
+        # Attempts first, then the recipient row (locked while its old channel is read):
+        # the order verify_passcode locks them in on PostgreSQL, so the two never wait
+        # for each other in a circle. SQLite's writers are serialised anyway.
+        LoginAttempt.update(dead=True).where(
+            (LoginAttempt.recipient == recipient_id) & LoginAttempt.used_at.is_null()
+            & (LoginAttempt.dead == False)).execute()  # noqa: E712
+        query = Recipient.select().where(Recipient.id == recipient_id)
+        recipient = (query if is_sqlite(database_proxy.obj) else query.for_update()).get()
+        old = channel_of(recipient)
+        if old == channel:  # raised inside: the attempts stay alive
+            what = "number" if channel.kind == SMS else "address"
+            raise InvalidRequest(f"passcodes go to that {what} already")
+        Recipient.update(otp_mobile=channel.destination if channel.kind == SMS else "",
+                         otp_email=channel.destination if channel.kind == EMAIL else "",
+                         last_passcode_at=0.0).where(Recipient.id == recipient_id).execute()
+        WebSession.update(ended=True).where(
+            (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
+        ).execute()
+    return ChannelChange(Recipient.get_by_id(recipient_id), old, channel)

@@ -1,0 +1,1 @@
+"""uploads: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""viewing: see docs/architecture.md."""
