@@ -20,7 +20,6 @@ from web import (
     download,
     forward,
     middlewares,
-    proxies,
     recipient,
     uploads_admin,  # staff review of patient uploads (issue 7)
     viewer,
@@ -54,10 +53,10 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         The domain façade the views call.
     """
     chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
-             report_views.upload_limit,  # issue 4: attachment uploads (before csrf reads them)
+             middlewares.upload_limit,  # issue 4: attachment uploads (before csrf reads them)
              middlewares.csrf]
     if settings.trusted_proxies:  # first: everything after it sees the client's address
-        chain.insert(0, proxies.middleware(settings.trusted_proxies))
+        chain.insert(0, middlewares.trusted_proxies(settings.trusted_proxies))
     app = web.Application(middlewares=chain, client_max_size=1 << 20)
     app[SETTINGS_KEY] = settings
     app[NODE_KEY] = node
