@@ -49,7 +49,6 @@ from iepnode.sharing import recipients
 from iepnode.sharing.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
 from storage.models import Recipient, WebSession
 from web import forward, middlewares
-from web.admin import qr_svg
 from web.common import (
     client_ip,
     format_pn,
@@ -60,6 +59,7 @@ from web.common import (
     see_other,
 )
 from web.keys import SESSION_KEY, SETTINGS_KEY
+from web.staff_pages import qr_svg
 
 STATIC = Path(__file__).resolve().parent / "static"
 TABS = ("home", "action", "all")

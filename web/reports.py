@@ -42,10 +42,10 @@ from aiohttp import web
 from iepnode.errors import InvalidRequest
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from iepnode.viewing.reports import safe_filename
-from web.admin import Staff, staff_view
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SESSION_KEY
 from web.middlewares import SECURITY_HEADERS
+from web.staff_pages import Staff, staff_view
 
 #: The PDF's own policy: a sandboxed document (unique origin, no scripts, no forms).
 PDF_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
