@@ -31,7 +31,6 @@ import asyncio
 import re
 from typing import Any
 
-import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.errors import Busy, InvalidRequest, LoginRefused
@@ -43,16 +42,15 @@ from iepnode.people.admin import (
     LoginThrottled,
 )
 from storage.models import StaffUser
-from web import admin_aes, admin_audit, admin_transactions, admin_users, middlewares
+from web import middlewares
 from web.common import client_ip, node_of, see_other
-from web.keys import SESSION_KEY, SETTINGS_KEY
+from web.keys import SESSION_KEY
 from web.staff_pages import (
     STEP_PAGES,
     Staff,
     field,
     qr_svg,
     render,
-    staff_filters,
     staff_view,
 )
 from web.staff_pages import admin_service as _admin  # the name the views call it by
@@ -259,56 +257,3 @@ async def setup_password(request: web.Request, staff: Staff) -> web.StreamRespon
                       status=400)
     user = await asyncio.to_thread(StaffUser.get_by_id, staff.user.id)
     return _after_setup(user)
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the /admin routes and the template filters they use.
-
-    Parameters
-    ----------
-    app : web.Application
-        The application, with aiohttp-jinja2 already set up.
-    """
-    env = aiohttp_jinja2.get_env(app)
-    zone = app[SETTINGS_KEY].zone
-    env.filters.update(staff_filters(zone))
-    router = app.router
-    router.add_get("/admin/login", login_form)
-    router.add_post("/admin/login", login)
-    router.add_post("/admin/logout", logout)
-    router.add_get("/admin", admin_transactions.home)
-    router.add_get("/admin/studies", admin_transactions.studies)
-    router.add_post("/admin/transfers", admin_transactions.create_transfer)
-    router.add_get("/admin/transactions/{public_id}", admin_transactions.transaction)
-    router.add_post("/admin/transactions/{public_id}/messages", admin_transactions.reply)
-    router.add_post("/admin/transactions/{public_id}/unlock", admin_transactions.unlock)
-    router.add_post("/admin/transactions/{public_id}/authenticator/remove",
-                    admin_transactions.remove_recipient_app)
-    router.add_post("/admin/transactions/{public_id}/passcode-channel",
-                    admin_transactions.change_channel)
-    router.add_get("/admin/audit", admin_audit.audit_log)
-    router.add_get("/admin/aes", admin_aes.aes)
-    router.add_post("/admin/aes", admin_aes.add_ae)
-    router.add_post("/admin/aes/remove", admin_aes.remove_ae)
-    router.add_get("/admin/users", admin_users.users)
-    router.add_post("/admin/users", admin_users.add_user)
-    router.add_post("/admin/users/{user_id}/disable", admin_users.disable_user)
-    router.add_post("/admin/users/{user_id}/enable", admin_users.enable_user)
-    router.add_post("/admin/users/{user_id}/password-reset", admin_users.reset_password)
-    router.add_post("/admin/users/{user_id}/totp-reset", admin_users.reset_totp)
-    router.add_post("/admin/transactions/{public_id}/send", admin_transactions.send_transaction)
-    router.add_post("/admin/transactions/{public_id}/recipient-send",
-                    admin_transactions.recipient_send)
-    router.add_get("/admin/sends", admin_aes.sends)
-    router.add_get("/admin/sends.json", admin_aes.sends_json)
-    router.add_get("/admin/routes", admin_aes.routes)
-    router.add_post("/admin/routes", admin_aes.add_route)
-    router.add_post("/admin/routes/{rule_id}/remove", admin_aes.remove_route)
-    router.add_get("/admin/account", account)
-    router.add_post("/admin/account/password", change_password)
-    router.add_get("/admin/account/totp", totp_form)
-    router.add_post("/admin/account/totp", totp_confirm)
-    router.add_get("/admin/setup/totp", setup_totp_form)
-    router.add_post("/admin/setup/totp", setup_totp)
-    router.add_get("/admin/setup/password", setup_password_form)
-    router.add_post("/admin/setup/password", setup_password)

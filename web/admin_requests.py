@@ -81,9 +81,3 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
     kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     done = "created-channel-kept" if kept else "created"
     return see_other(f"/admin/transactions/{created.public_id}?done={done}")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the staff request routes."""
-    app.router.add_get("/admin/requests/new", new_request)
-    app.router.add_post("/admin/requests", create_request)

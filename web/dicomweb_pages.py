@@ -87,12 +87,3 @@ async def staff_revoke(request: web.Request, staff: Staff) -> web.Response:
     """``POST /admin/dicomweb/revoke``: end the staff member's tokens."""
     await asyncio.to_thread(dwa.revoke_tokens, staff_id=staff.user.id)
     return see_other("/admin/dicomweb")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the token pages."""
-    app.router.add_post("/transactions/{public_id}/dicomweb-token", recipient_token)
-    app.router.add_post("/transactions/{public_id}/dicomweb-token/revoke", recipient_revoke)
-    app.router.add_get("/admin/dicomweb", staff_page)
-    app.router.add_post("/admin/dicomweb/token", staff_token)
-    app.router.add_post("/admin/dicomweb/revoke", staff_revoke)

@@ -247,20 +247,3 @@ async def staff_file_attachment(request: web.Request, staff: Staff) -> web.Strea
 async def staff_remove_attachment(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/attachments/{attachment_id}/remove``."""
     return await _staff_decides(request, staff, "remove")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the report and attachment routes (recipient and staff)."""
-    router = app.router
-    router.add_get("/transactions/{public_id}/reports", recipient_reports)
-    router.add_get("/transactions/{public_id}/reports/{sop_uid}", recipient_report)
-    router.add_get("/transactions/{public_id}/attachments", recipient_attachments)
-    router.add_post("/transactions/{public_id}/attachments", recipient_attach)
-    router.add_get("/admin/transactions/{public_id}/reports", staff_reports)
-    router.add_get("/admin/transactions/{public_id}/reports/{sop_uid}", staff_report)
-    router.add_get("/admin/transactions/{public_id}/attachments", staff_attachments)
-    router.add_post("/admin/transactions/{public_id}/attachments", staff_attach)
-    router.add_post("/admin/transactions/{public_id}/attachments/{attachment_id}/file",
-                    staff_file_attachment)
-    router.add_post("/admin/transactions/{public_id}/attachments/{attachment_id}/remove",
-                    staff_remove_attachment)

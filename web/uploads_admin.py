@@ -105,13 +105,3 @@ async def reject(request: web.Request, staff: Staff) -> web.StreamResponse:
     work = functools.partial(node_of(request).reject_upload, _upload_id(request),
                              staff_actor(staff), field(form, "reason", 1000))
     return await _act(request, staff, work, "rejected")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the /admin/uploads routes."""
-    router = app.router
-    router.add_get("/admin/uploads", uploads)
-    router.add_get("/admin/uploads/{upload_id}", upload)
-    router.add_post("/admin/uploads/{upload_id}/recheck", recheck)
-    router.add_post("/admin/uploads/{upload_id}/release", release)
-    router.add_post("/admin/uploads/{upload_id}/reject", reject)
