@@ -13,7 +13,7 @@ spelled out once by :func:`_viewer` and :func:`_dicomweb` below.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,7 @@ from web import (
     uploads_admin,
     viewer,
 )
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from web.middlewares import Handler
 
 #: The static files: served under ``/static/`` from ``web/static``, resource ``static``.
 STATIC_PREFIX = "/static"
