@@ -19,7 +19,7 @@ from config import ConfigError, load_settings
 from iepnode.node import Node
 from storage.models import AuditEvent
 from tests.test_admin_web import Browser, field
-from web import proxies
+from web import middlewares, proxies
 from web.app import create_app
 
 NETS = [ipaddress.ip_network(n) for n in ("127.0.0.1/32", "10.0.0.0/8", "fd00::/8")]
@@ -94,7 +94,7 @@ async def test_the_middleware_sets_remote_and_scheme_for_later_handlers(
                                   "secure": request.secure})
 
     def app(trusted: list[str]) -> web.Application:
-        application = web.Application(middlewares=[proxies.middleware(trusted)])
+        application = web.Application(middlewares=[middlewares.trusted_proxies(trusted)])
         application.router.add_get("/", echo)
         return application
 

@@ -36,7 +36,7 @@ from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import field, log_in, make_settings, share
-from web import reports as report_views
+from web import middlewares
 from web.app import create_app
 
 XSS = '<script>alert("sr")</script><img src=x onerror=alert(1)>'
@@ -334,7 +334,7 @@ async def test_bad_files_are_refused_and_nothing_is_stored(
         "wrong", factory.minimal_pdf(), "a.pdf", "application/pdf"))
     assert no_token.status == 403
 
-    monkeypatch.setattr(report_views, "MAX_UPLOAD_BYTES", 100_000)
+    monkeypatch.setattr(middlewares, "MAX_UPLOAD_BYTES", 100_000)  # the limit upload_limit sets
     big = factory.minimal_pdf() + b"%" * 300_000
     too_big = await browser.post(f"{base}/attachments",
                                  data=upload_form(csrf, big, "big.pdf", "application/pdf"))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+from aiohttp import web
 
 from config import load_settings
 from iepnode.node import Node
 from tests import data_factory as factory
 from tests.support.ingest import store_files
 from web.app import create_app
+from web.connections import GuardedAppRunner, HttpLimits
 
 
 async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_path: Path) -> None:
@@ -40,3 +44,27 @@ def test_orphan_fileset_folders_are_removed(tmp_path: Path) -> None:
     staging.mkdir()
     assert node.remove_orphan_filesets() == 1
     assert not orphan.exists() and kept.is_dir() and staging.is_dir()
+
+
+async def test_resources_go_in_cleanup_ctx_and_the_guarded_runner_runs_it(
+        tmp_path: Path) -> None:
+    # create_app registers no startup/shutdown/cleanup hook of its own (a resource the app
+    # holds belongs in app.cleanup_ctx); the guarded runner of `iepnode serve` enters a
+    # cleanup context at setup() and leaves it at cleanup(), as aiohttp's AppRunner does.
+    settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
+    app = create_app(settings, Node(settings))
+    assert list(app.cleanup_ctx) == [] and list(app.on_shutdown) == []
+    assert len(app.on_startup) == 1 and len(app.on_cleanup) == 1  # cleanup_ctx's own
+    events: list[str] = []
+
+    async def resource(app: web.Application) -> AsyncIterator[None]:
+        events.append("opened")
+        yield
+        events.append("closed")
+
+    app.cleanup_ctx.append(resource)
+    runner = GuardedAppRunner(app, limits=HttpLimits(4, 2, 1.0))
+    await runner.setup()
+    assert events == ["opened"]
+    await runner.cleanup()
+    assert events == ["opened", "closed"]

@@ -16,12 +16,11 @@ from aiohttp import web
 
 from iepnode.errors import InvalidRequest
 from iepnode.outbound.messaging import DeliveryError
-from iepnode.people.audit import Actor
 from iepnode.sharing import recipients
 from iepnode.sharing.transactions import PRIORITIES
 from iepnode.uploads.image_requests import NewRequest
-from web.admin import Staff, _render, _text, staff_view
 from web.common import node_of, see_other
+from web.staff_pages import Staff, field, render, staff_actor, staff_view
 
 FIELDS = ("recipient_email", "recipient_name", "channel", "otp_mobile", "otp_email",
           "family_name", "given_name", "birth_date", "sex", "patient_id", "issuer",
@@ -35,7 +34,7 @@ def _defaults(request: web.Request) -> dict[str, str]:
 
 def _form_page(request: web.Request, staff: Staff, values: dict[str, str], *,
                error: str = "", status: int = 200) -> web.Response:
-    return _render(request, staff, "request_new.html", {
+    return render(request, staff, "request_new.html", {
         "form": values, "error": error, "priorities": PRIORITIES,
     }, section="transactions", status=status)
 
@@ -50,7 +49,7 @@ async def new_request(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def create_request(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/requests``: create the request, email its link, show it."""
     form = await request.post()
-    values: dict[str, Any] = {name: _text(form, name, 4000) for name in FIELDS}
+    values: dict[str, Any] = {name: field(form, name, 4000) for name in FIELDS}
     node = node_of(request)
     try:
         try:
@@ -70,7 +69,7 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
             nhs_number=values["nhs_number"], reason=values["reason"],
             message=values["message"], priority=values["priority"], expiry_days=expiry)
         created = await node.create_request(
-            new, actor=Actor("staff", staff.user.username, staff.ip), user=staff.user)
+            new, actor=staff_actor(staff), user=staff.user)
     except (InvalidRequest, DeliveryError) as exc:
         message = str(exc)
         if isinstance(exc, DeliveryError):
@@ -82,9 +81,3 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
     kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     done = "created-channel-kept" if kept else "created"
     return see_other(f"/admin/transactions/{created.public_id}?done={done}")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the staff request routes."""
-    app.router.add_get("/admin/requests/new", new_request)
-    app.router.add_post("/admin/requests", create_request)

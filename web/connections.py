@@ -135,6 +135,9 @@ class GuardedServer(web.Server):
 class GuardedAppRunner(web.AppRunner):
     """:class:`aiohttp.web.AppRunner` serving through a :class:`GuardedServer`.
 
+    Start-up and clean-up are AppRunner's: ``setup()`` runs the application's start-up
+    (its ``cleanup_ctx`` generators up to their ``yield``), ``cleanup()`` unwinds them.
+
     Parameters
     ----------
     app : aiohttp.web.Application

@@ -402,7 +402,7 @@ def _close(iterator: Iterator) -> None:
 # -- QIDO-RS -----------------------------------------------------------------------------
 
 
-def _search_view(level: Level) -> Handler:
+def search_view(level: Level) -> Handler:
     async def view(request: web.Request, call: Call) -> web.StreamResponse:
         _accepts_json(request)
         fixed = {}
@@ -676,37 +676,3 @@ async def preflight(request: web.Request) -> web.Response:
     if not headers:
         return web.Response(status=403, text="origin not allowed\n", content_type="text/plain")
     return web.Response(status=204, headers=headers)
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the DICOMweb routes under both base URLs."""
-    study, series, instance = "/studies/{study}", "/series/{series}", "/instances/{instance}"
-    routes: list[tuple[str, Handler]] = [
-        ("/studies", _search_view(Level.STUDY)),
-        ("/series", _search_view(Level.SERIES)),
-        ("/instances", _search_view(Level.IMAGE)),
-        (f"{study}/series", _search_view(Level.SERIES)),
-        (f"{study}/instances", _search_view(Level.IMAGE)),
-        (f"{study}{series}/instances", _search_view(Level.IMAGE)),
-        (study, retrieve),
-        (f"{study}{series}", retrieve),
-        (f"{study}{series}{instance}", retrieve),
-        (f"{study}/metadata", metadata),
-        (f"{study}{series}/metadata", metadata),
-        (f"{study}{series}{instance}/metadata", metadata),
-        (f"{study}{series}{instance}/frames/{{frames}}", frames),
-        (f"{study}{series}{instance}/bulkdata/{{tag}}", bulkdata),
-        (f"{study}/rendered", rendered),
-        (f"{study}{series}/rendered", rendered),
-        (f"{study}{series}{instance}/rendered", rendered),
-        (f"{study}{series}{instance}/frames/{{frames}}/rendered", rendered),
-        (f"{study}/thumbnail", thumbnail),
-        (f"{study}{series}/thumbnail", thumbnail),
-        (f"{study}{series}{instance}/thumbnail", thumbnail),
-        (f"{study}{series}{instance}/frames/{{frames}}/thumbnail", thumbnail),
-    ]
-    for base in ("/dicomweb", "/dicomweb/t/{public_id}"):
-        for path, view in routes:
-            app.router.add_get(base + path, dicomweb_view(view))
-    app.router.add_get("/dicomweb/ohif/{token}.json", ohif_data_source)
-    app.router.add_route("OPTIONS", "/dicomweb/{tail:.*}", preflight)

@@ -23,9 +23,9 @@ from aiohttp import web
 
 from iepnode.viewing import dicomweb_access as dwa
 from storage.models import Recipient
-from web import admin
 from web.common import client_ip, public_id_of, recipient_session, see_other
 from web.keys import SETTINGS_KEY
+from web.staff_pages import Staff, render, staff_view
 
 
 def _recipient_access(recipient_id: int, public_id: str, ip: str, node_url: str,
@@ -59,17 +59,17 @@ async def recipient_revoke(request: web.Request) -> web.Response:
     return see_other(f"/transactions/{public_id}")
 
 
-@admin.staff_view()
-async def staff_page(request: web.Request, staff: admin.Staff) -> web.Response:
+@staff_view()
+async def staff_page(request: web.Request, staff: Staff) -> web.Response:
     """``GET /admin/dicomweb``: the staff DICOMweb address and a button for a token."""
     settings = request.app[SETTINGS_KEY]
-    return admin._render(request, staff, "dicomweb.html", {
+    return render(request, staff, "dicomweb.html", {
         "base_url": f"{settings.public_url}/dicomweb", "access": None,
         "minutes": int(dwa.TOKEN_TTL // 60)}, section="dicomweb")
 
 
-@admin.staff_view()
-async def staff_token(request: web.Request, staff: admin.Staff) -> web.Response:
+@staff_view()
+async def staff_token(request: web.Request, staff: Staff) -> web.Response:
     """``POST /admin/dicomweb/token``: a token over every study, shown once."""
     settings = request.app[SETTINGS_KEY]
     form = await request.post()
@@ -77,22 +77,13 @@ async def staff_token(request: web.Request, staff: admin.Staff) -> web.Response:
     issued = await asyncio.to_thread(dwa.issue_staff_token, staff.user, source_ip=staff.ip)
     links = dwa.viewer_access(issued, settings.public_url, "", uids,
                               settings.dicomweb_ohif_url)
-    return admin._render(request, staff, "dicomweb.html", {
+    return render(request, staff, "dicomweb.html", {
         "base_url": links.base_url, "access": links,
         "minutes": int(dwa.TOKEN_TTL // 60)}, section="dicomweb")
 
 
-@admin.staff_view()
-async def staff_revoke(request: web.Request, staff: admin.Staff) -> web.Response:
+@staff_view()
+async def staff_revoke(request: web.Request, staff: Staff) -> web.Response:
     """``POST /admin/dicomweb/revoke``: end the staff member's tokens."""
     await asyncio.to_thread(dwa.revoke_tokens, staff_id=staff.user.id)
     return see_other("/admin/dicomweb")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the token pages."""
-    app.router.add_post("/transactions/{public_id}/dicomweb-token", recipient_token)
-    app.router.add_post("/transactions/{public_id}/dicomweb-token/revoke", recipient_revoke)
-    app.router.add_get("/admin/dicomweb", staff_page)
-    app.router.add_post("/admin/dicomweb/token", staff_token)
-    app.router.add_post("/admin/dicomweb/revoke", staff_revoke)

@@ -253,11 +253,3 @@ async def protected_file(request: web.Request) -> web.FileResponse:
 def downloadable(view: Any) -> bool:
     """Jinja2 test: may the recipient download this transaction (``RecipientView``) now?"""
     return is_downloadable(view.transaction, time.time())
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the download routes and the ``downloadable`` template test."""
-    aiohttp_jinja2.get_env(app).tests["downloadable"] = downloadable
-    app.router.add_get("/transactions/{public_id}/download", download)
-    app.router.add_post("/transactions/{public_id}/download-protected", protect)
-    app.router.add_get("/downloads/{token}", protected_file)

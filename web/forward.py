@@ -34,7 +34,6 @@ from iepnode.sharing.forwarding import (
 )
 from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
-from web.keys import SETTINGS_KEY
 
 #: The fields of the dialog, with the most characters kept of each.
 FIELDS = {"email": 254, "email_confirm": 254, "first_name": 64, "last_name": 64,
@@ -133,17 +132,3 @@ async def states_for(request: web.Request, views: list[Any]) -> dict[str, Forwar
 def _sentence(exc: Exception) -> str:
     text = str(exc)
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the forward routes.
-
-    Parameters
-    ----------
-    app : web.Application
-        The application, with aiohttp-jinja2 and the recipient filters set up.
-    """
-    aiohttp_jinja2.get_env(app).globals["max_forwards"] = app[SETTINGS_KEY].max_forwards
-    app.router.add_get("/transactions/{public_id}/forward", dialog)
-    app.router.add_post("/transactions/{public_id}/forward", forward)
-    app.router.add_get("/transactions/{public_id}/forwards", forwards)

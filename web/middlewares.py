@@ -1,15 +1,27 @@
-"""Middlewares: security headers, sessions, CSRF, and domain errors as HTTP errors."""
+"""Every middleware of the application, and the session and CSRF cookies they read.
+
+In the order :func:`web.app.create_app` chains them (the first sees the request first):
+
+- :func:`trusted_proxies` (only with ``[http] trusted_proxies``): the client's address
+  and scheme from a trusted reverse proxy's headers (the rule: :mod:`web.proxies`);
+- :func:`security_headers`: the headers every response carries, errors included;
+- :func:`domain_errors`: domain errors that reach the edge become HTTP error pages;
+- :func:`sessions`: the live session of the session cookie, as ``request[SESSION_KEY]``;
+- :func:`upload_limit`: attachment-sized bodies for the attachment POSTs of a session;
+- :func:`csrf`: every POST's form is read (:func:`read_form`) and its token checked.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp_jinja2
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader
 from multidict import MultiDictProxy
@@ -24,11 +36,14 @@ from iepnode.errors import (
     NotAuthorized,
     NotFound,
 )
+from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
+from web import proxies
 from web.keys import NODE_KEY, SESSION_KEY
 
 log = logging.getLogger("iepnode.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 SESSION_COOKIE = "__Host-iepnode"
 #: Seconds a ``503 Busy`` answer asks the client to wait (``Retry-After``).
@@ -44,6 +59,40 @@ SECURITY_HEADERS = {
     ),
     "Cache-Control": "no-store",
 }
+#: The attachment POSTs (recipient and staff) that may carry a file bigger than 1 MiB.
+_ATTACH_POST = re.compile(r"(/admin)?/transactions/IEP[0-9]{8}/attachments")
+#: Room for the form's other fields and the multipart framing.
+_FORM_MARGIN = 64 * 1024
+
+
+def trusted_proxies(trusted: Iterable[str]) -> Middleware:
+    """A middleware that sets ``request.remote`` and ``request.scheme`` from trusted proxies.
+
+    Install it first, so every later middleware and view (the audit trail through
+    :func:`web.common.client_ip`, the CSRF log lines) sees the client's address.
+    Headers from any other peer are ignored (:func:`web.proxies.forwarded`).
+
+    Parameters
+    ----------
+    trusted : iterable of str
+        Addresses or networks (``10.0.0.5``, ``10.0.0.0/8``), as in the settings.
+    """
+    networks = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+
+    @web.middleware
+    async def trusted_proxies(request: web.Request, handler: Handler) -> web.StreamResponse:
+        peer = request.remote or ""
+        found = proxies.forwarded(peer, request.headers.getall(hdrs.X_FORWARDED_FOR, []),
+                                  request.headers.getall(hdrs.X_FORWARDED_PROTO, []),
+                                  networks)
+        overrides: dict[str, str] = {}
+        if found.remote != peer:
+            overrides["remote"] = found.remote
+        if found.scheme is not None and found.scheme != request.scheme:
+            overrides["scheme"] = found.scheme
+        return await handler(request.clone(**overrides) if overrides else request)
+
+    return trusted_proxies
 
 
 @web.middleware
@@ -103,6 +152,30 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
             request[SESSION_KEY] = await asyncio.to_thread(node.resume_session, token)
         except NotFound:
             request[SESSION_KEY] = None
+    return await handler(request)
+
+
+@web.middleware
+async def upload_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Allow attachment-sized bodies on the attachment POSTs of a logged-in session.
+
+    Must run after the sessions middleware and before the CSRF one (which reads the form).
+    The limit is :data:`~iepnode.viewing.attachments.MAX_UPLOAD_BYTES` (and room for the
+    form around the file); beyond it the answer is a 413 page (:mod:`web.reports`).
+    """
+    if (request.method == "POST" and request.get(SESSION_KEY) is not None
+            and _ATTACH_POST.fullmatch(request.path)):
+        request = request.clone(client_max_size=MAX_UPLOAD_BYTES + _FORM_MARGIN)
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return aiohttp_jinja2.render_template("error.html", request, {
+                "title": "File too large",
+                "text": f"The largest file you can attach is "
+                        f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB. Nothing was stored."},
+                status=413)
+        finally:
+            close_form_files(request)
     return await handler(request)
 
 

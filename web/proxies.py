@@ -12,19 +12,19 @@ choose the address the audit trail records.
 aiohttp-remotes was considered: its ``XForwardedStrict`` wants a fixed number of
 proxy hops and answers 400 to direct clients, and its ``XForwardedFiltered``
 believes the headers whatever the TCP peer is; neither is the rule above.
+
+The middleware applying the rule to each request is
+:func:`web.middlewares.trusted_proxies`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from aiohttp import hdrs, web
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SCHEMES = ("http", "https")
 
 
@@ -98,31 +98,3 @@ def forwarded(peer: str, forwarded_for: Iterable[str], forwarded_proto: Iterable
     scheme = protos[-1] if protos and protos[-1] in _SCHEMES else None
     return Forwarded(str(hop), scheme)
 
-
-def middleware(trusted: Iterable[str]) -> Callable[[web.Request, Handler],
-                                                    Awaitable[web.StreamResponse]]:
-    """A middleware that sets ``request.remote`` and ``request.scheme`` from trusted proxies.
-
-    Install it first, so every later middleware and view (the audit trail through
-    :func:`web.common.client_ip`, the CSRF log lines) sees the client's address.
-
-    Parameters
-    ----------
-    trusted : iterable of str
-        Addresses or networks (``10.0.0.5``, ``10.0.0.0/8``), as in the settings.
-    """
-    networks = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
-
-    @web.middleware
-    async def trusted_proxies(request: web.Request, handler: Handler) -> web.StreamResponse:
-        peer = request.remote or ""
-        found = forwarded(peer, request.headers.getall(hdrs.X_FORWARDED_FOR, []),
-                          request.headers.getall(hdrs.X_FORWARDED_PROTO, []), networks)
-        overrides: dict[str, str] = {}
-        if found.remote != peer:
-            overrides["remote"] = found.remote
-        if found.scheme is not None and found.scheme != request.scheme:
-            overrides["scheme"] = found.scheme
-        return await handler(request.clone(**overrides) if overrides else request)
-
-    return trusted_proxies

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from collections.abc import Callable
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,6 @@ from iepnode.sharing import recipients
 from iepnode.sharing.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
 from storage.models import Recipient, WebSession
 from web import forward, middlewares
-from web.admin import qr_svg
 from web.common import (
     client_ip,
     format_pn,
@@ -59,7 +59,8 @@ from web.common import (
     recipient_session,
     see_other,
 )
-from web.keys import SESSION_KEY, SETTINGS_KEY
+from web.keys import SESSION_KEY
+from web.staff_pages import qr_svg
 
 STATIC = Path(__file__).resolve().parent / "static"
 TABS = ("home", "action", "all")
@@ -426,32 +427,14 @@ async def favicon(request: web.Request) -> web.FileResponse:
                             headers={"Cache-Control": "public, max-age=86400"})
 
 
-def setup_routes(app: web.Application) -> None:
-    """Register the recipient routes and the template filters they use.
+def recipient_filters(zone: tzinfo) -> dict[str, Callable[..., Any]]:
+    """The Jinja2 filters of the recipient templates, times shown in ``zone``.
 
     Parameters
     ----------
-    app : web.Application
-        The application, with aiohttp-jinja2 already set up.
+    zone : tzinfo
+        The node's time zone (``Settings.zone``).
     """
-    env = aiohttp_jinja2.get_env(app)
-    zone = app[SETTINGS_KEY].zone
-    env.filters.update(epoch=functools.partial(format_epoch, zone=zone),
-                       epoch_time=functools.partial(format_epoch_time, zone=zone),
-                       da=format_da, pn=format_pn, sex=format_sex, status=format_status)
-    # No HEAD: link scanners probing with HEAD must not send passcodes.
-    app.router.add_get("/t/{token}", link, allow_head=False)
-    app.router.add_post("/t/{token}/resend", resend)
-    app.router.add_post("/t/{token}/login", login)
-    app.router.add_post("/t/{token}/login-app", login_app)
-    app.router.add_get("/signin", signin)
-    app.router.add_get("/dashboard", dashboard)
-    app.router.add_get("/transactions/{public_id}", transaction)
-    app.router.add_post("/transactions/{public_id}/messages", post_message)
-    app.router.add_post("/transactions/{public_id}/decline", decline)
-    app.router.add_post("/transactions/{public_id}/send", send_to_pacs)
-    app.router.add_get("/account/authenticator", authenticator)
-    app.router.add_post("/account/authenticator", enrol_authenticator)
-    app.router.add_post("/account/authenticator/remove", remove_authenticator)
-    app.router.add_post("/logout", logout)
-    app.router.add_get("/favicon.ico", favicon)
+    return {"epoch": functools.partial(format_epoch, zone=zone),
+            "epoch_time": functools.partial(format_epoch_time, zone=zone),
+            "da": format_da, "pn": format_pn, "sex": format_sex, "status": format_status}

@@ -24,8 +24,8 @@ A PDF goes out as ``application/pdf`` with ``Content-Disposition: inline`` and a
 made here, ``nosniff``, and a ``sandbox`` CSP (no script of the document runs with the
 site's origin). An SR is printed from text through autoescaped templates.
 
-Upload size: the app's body limit is 1 MiB; :func:`upload_limit` raises it for the two
-attachment POSTs of a logged-in session only, to
+Upload size: the app's body limit is 1 MiB; :func:`web.middlewares.upload_limit` raises it
+for the two attachment POSTs of a logged-in session only, to
 :data:`~iepnode.viewing.attachments.MAX_UPLOAD_BYTES`
 (aiohttp spools file fields to a temporary file, not memory).
 """
@@ -33,7 +33,6 @@ attachment POSTs of a logged-in session only, to
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 from urllib.parse import unquote
 
@@ -43,14 +42,11 @@ from aiohttp import web
 from iepnode.errors import InvalidRequest
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from iepnode.viewing.reports import safe_filename
-from web.admin import Staff, staff_view
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SESSION_KEY
-from web.middlewares import SECURITY_HEADERS, Handler
+from web.middlewares import SECURITY_HEADERS
+from web.staff_pages import Staff, staff_view
 
-_ATTACH_POST = re.compile(r"(/admin)?/transactions/IEP[0-9]{8}/attachments")
-#: Room for the form's other fields and the multipart framing.
-_FORM_MARGIN = 64 * 1024
 #: The PDF's own policy: a sandboxed document (unique origin, no scripts, no forms).
 PDF_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 _NOTICES = {"added": "The file is attached to this transaction, marked as added by you, and "
@@ -59,40 +55,6 @@ _NOTICES = {"added": "The file is attached to this transaction, marked as added 
 
 RECIPIENT_LAYOUT = "reports/_recipient_layout.html"
 STAFF_LAYOUT = "reports/_staff_layout.html"
-
-
-@web.middleware
-async def upload_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Allow attachment-sized bodies on the attachment POSTs of a logged-in session.
-
-    Must run after the sessions middleware and before the CSRF one (which reads the form).
-    """
-    if (request.method == "POST" and request.get(SESSION_KEY) is not None
-            and _ATTACH_POST.fullmatch(request.path)):
-        request = request.clone(client_max_size=MAX_UPLOAD_BYTES + _FORM_MARGIN)
-        try:
-            return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            return aiohttp_jinja2.render_template("error.html", request, {
-                "title": "File too large",
-                "text": f"The largest file you can attach is "
-                        f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB. Nothing was stored."},
-                status=413)
-        finally:
-            _close_files(request)
-    return await handler(request)
-
-
-def _close_files(request: web.Request) -> None:
-    """Close the temporary files aiohttp spooled the form's file fields into.
-
-    aiohttp leaves them open; the parsed form is cached on the request (``_post``,
-    also when the CSRF check refused the request).
-    """
-    form = getattr(request, "_post", None) or {}
-    for value in form.values():
-        if isinstance(value, web.FileField):
-            value.file.close()
 
 
 def _document_response(entry: Any, data: bytes) -> web.Response:
@@ -285,20 +247,3 @@ async def staff_file_attachment(request: web.Request, staff: Staff) -> web.Strea
 async def staff_remove_attachment(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/attachments/{attachment_id}/remove``."""
     return await _staff_decides(request, staff, "remove")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the report and attachment routes (recipient and staff)."""
-    router = app.router
-    router.add_get("/transactions/{public_id}/reports", recipient_reports)
-    router.add_get("/transactions/{public_id}/reports/{sop_uid}", recipient_report)
-    router.add_get("/transactions/{public_id}/attachments", recipient_attachments)
-    router.add_post("/transactions/{public_id}/attachments", recipient_attach)
-    router.add_get("/admin/transactions/{public_id}/reports", staff_reports)
-    router.add_get("/admin/transactions/{public_id}/reports/{sop_uid}", staff_report)
-    router.add_get("/admin/transactions/{public_id}/attachments", staff_attachments)
-    router.add_post("/admin/transactions/{public_id}/attachments", staff_attach)
-    router.add_post("/admin/transactions/{public_id}/attachments/{attachment_id}/file",
-                    staff_file_attachment)
-    router.add_post("/admin/transactions/{public_id}/attachments/{attachment_id}/remove",
-                    staff_remove_attachment)

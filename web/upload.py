@@ -249,16 +249,3 @@ async def cancel(request: web.Request) -> web.Response:
     if request.headers.get("Accept", "").startswith("application/json"):
         return web.json_response({"ok": True})
     return see_other(f"/transactions/{public_id}/upload")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the upload routes."""
-    base = "/transactions/{public_id}/upload"
-    app.router.add_get(base, page)
-    app.router.add_post(f"{base}/files", add_file)
-    app.router.add_get(f"{base}/files/{{file_id}}", get_file, allow_head=False)
-    app.router.add_route("HEAD", f"{base}/files/{{file_id}}", head_file)
-    app.router.add_route("PATCH", f"{base}/files/{{file_id}}", patch_file)
-    app.router.add_route("DELETE", f"{base}/files/{{file_id}}", delete_file)
-    app.router.add_post(f"{base}/send", send)
-    app.router.add_post(f"{base}/cancel", cancel)

@@ -23,9 +23,8 @@ import functools
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest, NotFound
-from iepnode.people.audit import Actor
-from web.admin import Staff, _render, _text, staff_view
 from web.common import node_of, see_other
+from web.staff_pages import Staff, field, render, staff_actor, staff_view
 
 _NOTICES = {
     "released": "The upload is released: its images are reconciled and stored.",
@@ -41,15 +40,11 @@ def _upload_id(request: web.Request) -> int:
     return int(text)
 
 
-def _actor(staff: Staff) -> Actor:
-    return Actor("staff", staff.user.username, staff.ip)
-
-
 @staff_view()
 async def uploads(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/uploads``: every upload, those waiting for review first."""
     rows = await asyncio.to_thread(node_of(request).upload_rows)
-    return _render(request, staff, "uploads.html", {"rows": rows}, section="uploads")
+    return render(request, staff, "uploads.html", {"rows": rows}, section="uploads")
 
 
 async def _page(request: web.Request, staff: Staff, upload_id: int, *, error: str = "",
@@ -59,7 +54,7 @@ async def _page(request: web.Request, staff: Staff, upload_id: int, *, error: st
     except NotFound:
         raise web.HTTPNotFound() from None
     notice = _NOTICES.get(request.query.get("did", ""), "")
-    return _render(request, staff, "upload.html", {
+    return render(request, staff, "upload.html", {
         "d": detail, "review": detail.review, "error": error, "did": notice,
         "pacs_ae": node_of(request).settings.upload_pacs_ae,
         "pacs_problem": await asyncio.to_thread(node_of(request).upload_pacs_problem),
@@ -89,7 +84,7 @@ async def recheck(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/uploads/{upload_id}/recheck``: inspect the files again."""
     await request.post()
     work = functools.partial(node_of(request).intake_upload, _upload_id(request),
-                             _actor(staff), fresh=True)
+                             staff_actor(staff), fresh=True)
     return await _act(request, staff, work, "rechecked")
 
 
@@ -99,7 +94,7 @@ async def release(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     exclude = frozenset(v for v in form.getall("exclude", []) if isinstance(v, str))
     work = functools.partial(node_of(request).release_upload, _upload_id(request),
-                             _actor(staff), exclude)
+                             staff_actor(staff), exclude)
     return await _act(request, staff, work, "released")
 
 
@@ -108,15 +103,5 @@ async def reject(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/uploads/{upload_id}/reject``: delete the staged files."""
     form = await request.post()
     work = functools.partial(node_of(request).reject_upload, _upload_id(request),
-                             _actor(staff), _text(form, "reason", 1000))
+                             staff_actor(staff), field(form, "reason", 1000))
     return await _act(request, staff, work, "rejected")
-
-
-def setup_routes(app: web.Application) -> None:
-    """Register the /admin/uploads routes."""
-    router = app.router
-    router.add_get("/admin/uploads", uploads)
-    router.add_get("/admin/uploads/{upload_id}", upload)
-    router.add_post("/admin/uploads/{upload_id}/recheck", recheck)
-    router.add_post("/admin/uploads/{upload_id}/release", release)
-    router.add_post("/admin/uploads/{upload_id}/reject", reject)

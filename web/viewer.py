@@ -107,7 +107,7 @@ def _immutable(request: web.Request, etag: str, body: bytes, content_type: str,
     return web.Response(body=body, content_type=content_type, headers=common)
 
 
-def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
+def _views(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
     async def page(request: web.Request) -> web.Response:
         transaction, _ = await resolve(request)
         prefix = "/admin/transactions" if staff else "/transactions"
@@ -204,16 +204,8 @@ def _routes(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
             "rendered": rendered, "thumbnail": thumbnail}
 
 
-def setup_routes(app: web.Application) -> None:
-    """Register the viewer's routes for recipients and for staff."""
-    for prefix, resolve, staff in (("/transactions/{public_id}", _as_recipient, False),
-                                   ("/admin/transactions/{public_id}", _as_staff, True)):
-        views: dict[str, Any] = _routes(resolve, staff=staff)
-        base = f"{prefix}/view"
-        app.router.add_get(base, views["page"])
-        app.router.add_get(f"{base}/manifest.json", views["manifest"])
-        app.router.add_get(f"{base}/opened", views["opened"])
-        app.router.add_get(base + "/instances/{sop}/frames/{frame}.raw", views["raw"])
-        app.router.add_get(base + "/instances/{sop}/frames/{frame}.{fmt:png|jpg}",
-                           views["rendered"])
-        app.router.add_get(base + "/instances/{sop}/thumbnail.jpg", views["thumbnail"])
+#: The viewer's views for a recipient (their session, their transactions) and for staff
+#: (a staff session, any transaction), by name; :mod:`web.routes` mounts them under
+#: ``/transactions/{public_id}/view`` and ``/admin/transactions/{public_id}/view``.
+RECIPIENT_VIEWS: dict[str, Any] = _views(_as_recipient, staff=False)
+STAFF_VIEWS: dict[str, Any] = _views(_as_staff, staff=True)
