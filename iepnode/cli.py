@@ -474,7 +474,7 @@ def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
-    changed = asyncio.run(node.admin.change_passcode_channel(
+    changed = asyncio.run(node.admin.channels.change_passcode_channel(
         args.email, args.otp_mobile or "", args.otp_email or "", user,
         source_ip=f"cli:{getpass.getuser()}"))
     print(f"passcodes of {changed.email} now go to their {changed.new.masked}; their open "

@@ -29,11 +29,12 @@ token, checked in :mod:`web.middlewares`)::
 
 Pages other than the login need a staff session (a recipient session is not
 enough: such requests go to the login page); AE and user pages need an admin.
-A user with a pending step after a reset (``AdminService.pending_step``) is sent
+A user with a pending step after a reset (``StaffLogins.pending_step``) is sent
 to that step's page from every other page: a session opened with the password
 alone (no TOTP secret) reaches nothing but the enrolment page.
-Blocking work runs in a thread through :class:`iepnode.people.admin.AdminService`; work that
-hashes or checks a password runs on the bounded ``AdminService.password_work`` pool
+Blocking work runs in a thread through the staff services (:mod:`iepnode.staff_side`);
+work that hashes or checks a password runs on the bounded
+``StaffLogins.password_work`` pool
 (a login beyond its queue gets 503 at once), never in the threads page views share.
 """
 
@@ -58,16 +59,17 @@ from qrcode.image.svg import SvgPathImage
 from iepnode import timefmt
 from iepnode.errors import Busy, InvalidRequest, LoginRefused, UnknownDestination
 from iepnode.outbound.messaging import DeliveryError
-from iepnode.people.admin import (
+from iepnode.people.audit import Actor
+from iepnode.people.staff_logins import (
     LOGIN_REFUSED,
     STEP_PASSWORD,
     STEP_TOTP,
-    AdminService,
     LoginThrottled,
+    StaffLogins,
 )
-from iepnode.people.audit import Actor
 from iepnode.sharing import recipients
 from iepnode.sharing.transactions import PRIORITIES, NewTransfer
+from iepnode.staff_side import StaffSide
 from storage.models import StaffUser, Transaction, WebSession
 from storage.registry import SERVICES
 from web import middlewares
@@ -211,7 +213,7 @@ def qr_svg(data: str) -> Markup:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _admin(request: web.Request) -> AdminService:
+def _admin(request: web.Request) -> StaffSide:
     return request.app[NODE_KEY].admin
 
 
@@ -230,7 +232,7 @@ def _render(request: web.Request, staff: Staff | None, template: str,
             context: dict[str, Any], *, section: str = "", status: int = 200) -> web.Response:
     done = request.query.get("done", "")
     base = {"me": staff.user if staff else None,
-            "setup": bool(staff and AdminService.pending_step(staff.user)),
+            "setup": bool(staff and StaffLogins.pending_step(staff.user)),
             "csrf": staff.session.csrf_token if staff else "",
             "section": section, "notice": _NOTICES.get(done, ""),
             "notice_class": "error" if done in _WARNINGS else "info"}
@@ -253,11 +255,11 @@ def staff_view(*, admin_only: bool = False,
         async def handler(request: web.Request) -> web.StreamResponse:
             session = request[SESSION_KEY]
             service = _admin(request)
-            user = await asyncio.to_thread(service.staff_for_session, session)
+            user = await asyncio.to_thread(service.logins.staff_for_session, session)
             if user is None or session is None:
                 target = request.path_qs if request.method == "GET" else "/admin"
                 raise web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='/')}")
-            pending = service.pending_step(user)
+            pending = service.logins.pending_step(user)
             if pending != step:
                 raise web.HTTPSeeOther(STEP_PAGES[pending] if pending else "/admin")
             staff = Staff(user, session, client_ip(request))
@@ -290,7 +292,7 @@ def _login_page(request: web.Request, *, error: str = "", username: str = "",
 
 async def login_form(request: web.Request) -> web.StreamResponse:
     """``GET /admin/login``: the staff login form (or home when already logged in)."""
-    user = await asyncio.to_thread(_admin(request).staff_for_session, request[SESSION_KEY])
+    user = await asyncio.to_thread(_admin(request).logins.staff_for_session, request[SESSION_KEY])
     next_url = _safe_next(request.query.get("next"))
     if user is not None:
         return see_other(next_url)
@@ -305,7 +307,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     next_url = _safe_next(form.get("next"))
     service = _admin(request)
     try:
-        opened = await service.log_in_bounded(username, _text(form, "password", 1024), code,
+        opened = await service.logins.log_in_bounded(username, _text(form, "password", 1024), code,
                                               client_ip(request))
     except Busy as exc:  # too many password checks under way in this process: no wait
         response = _login_page(request, error=str(exc), username=username, next_url=next_url,
@@ -313,11 +315,11 @@ async def login(request: web.Request) -> web.StreamResponse:
         response.headers["Retry-After"] = str(middlewares.RETRY_AFTER)
         return response
     except LoginThrottled as exc:
-        await asyncio.sleep(service.failure_delay)
+        await asyncio.sleep(service.logins.failure_delay)
         return _login_page(request, error=str(exc), username=username, next_url=next_url,
                            status=429)
     except LoginRefused:
-        await asyncio.sleep(service.failure_delay)
+        await asyncio.sleep(service.logins.failure_delay)
         return _login_page(request, error=LOGIN_REFUSED, username=username, next_url=next_url,
                            status=403)
     old = request.cookies.get(middlewares.SESSION_COOKIE)
@@ -335,8 +337,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     token = request.cookies.get(middlewares.SESSION_COOKIE)
     if token:
         service = _admin(request)
-        user = await asyncio.to_thread(service.staff_for_session, request[SESSION_KEY])
-        await asyncio.to_thread(service.log_out, token, user, client_ip(request))
+        user = await asyncio.to_thread(service.logins.staff_for_session, request[SESSION_KEY])
+        await asyncio.to_thread(service.logins.log_out, token, user, client_ip(request))
     response = see_other("/admin/login?out=1")
     middlewares.clear_session_cookie(response)
     return response
@@ -349,7 +351,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin?q=``: recent transactions, newest first."""
     q = request.query.get("q", "")[:200]
-    rows = await asyncio.to_thread(_admin(request).recent_transactions, q)
+    rows = await asyncio.to_thread(_admin(request).transactions.recent_transactions, q)
     return _render(request, staff, "home.html", {"rows": rows, "q": q},
                    section="transactions")
 
@@ -357,8 +359,8 @@ async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def _transaction_page(request: web.Request, staff: Staff, public_id: str, *,
                             error: str = "", body: str = "", send_error: str = "",
                             channel_error: str = "", status: int = 200) -> web.Response:
-    view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
-                                   staff.ip)
+    view = await asyncio.to_thread(_admin(request).transactions.transaction_view, public_id,
+                                   staff.user, staff.ip)
     node = node_of(request)
 
     def sending() -> dict[str, Any]:
@@ -388,7 +390,7 @@ async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     body = _text(form, "body", 8000)
     try:
-        outcome = await _admin(request).reply(public_id, staff.user, body, staff.ip)
+        outcome = await _admin(request).transactions.reply(public_id, staff.user, body, staff.ip)
     except InvalidRequest as exc:
         return await _transaction_page(request, staff, public_id, error=str(exc), body=body,
                                        status=400)
@@ -400,7 +402,8 @@ async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/unlock``: unlock the recipient."""
     public_id = public_id_of(request)
-    await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
+    await asyncio.to_thread(_admin(request).transactions.unlock_recipient, public_id, staff.user,
+                            staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=unlocked")
 
 
@@ -409,17 +412,17 @@ async def change_channel(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/transactions/{public_id}/passcode-channel``: passcodes go elsewhere now.
 
     For administrators and the recipient's established contacts (others get 403, see
-    ``AdminService.may_change_channel``); the recipient is told on the old channel.
+    ``PasscodeChannels.may_change_channel``); the recipient is told on the old channel.
     """
     public_id = public_id_of(request)
     form = await request.post()
     channel = _text(form, "channel", 8)
     service = _admin(request)
-    email = await asyncio.to_thread(service.recipient_email_of, public_id)
+    email = await asyncio.to_thread(service.transactions.recipient_email_of, public_id)
     try:
         if channel not in ("sms", "email"):
             raise InvalidRequest("choose where the passcodes go: a mobile number or an email")
-        changed = await service.change_passcode_channel(
+        changed = await service.channels.change_passcode_channel(
             email, _text(form, "otp_mobile", 64) if channel == "sms" else "",
             _text(form, "otp_email", 254) if channel == "email" else "", staff.user, staff.ip,
             public_id=public_id)
@@ -434,7 +437,7 @@ async def change_channel(request: web.Request, staff: Staff) -> web.StreamRespon
 async def remove_recipient_app(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/authenticator/remove``: the recipient lost it."""
     public_id = public_id_of(request)
-    await asyncio.to_thread(_admin(request).remove_recipient_authenticator, public_id,
+    await asyncio.to_thread(_admin(request).transactions.remove_recipient_authenticator, public_id,
                             staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=app-removed")
 # -- sends to DICOM nodes (issue 6) ---------------------------------------------------------
@@ -547,8 +550,8 @@ async def studies(request: web.Request, staff: Staff) -> web.StreamResponse:
     q, date_from, date_to = (request.query.get(k, "")[:64] for k in ("q", "from", "to"))
     error, status, hits = "", 200, []
     try:
-        hits = await asyncio.to_thread(_admin(request).search_studies, q, date_from, date_to,
-                                       staff.user, staff.ip)
+        hits = await asyncio.to_thread(_admin(request).studies.search_studies, q, date_from,
+                                       date_to, staff.user, staff.ip)
     except InvalidRequest as exc:
         error, status = str(exc), 400
     return _render(request, staff, "studies.html", {
@@ -583,7 +586,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             recipient_name=values["recipient_name"], message=values["message"],
             priority=values["priority"], expiry_days=expiry, nhs_number=values["nhs_number"],
         )
-        created = await service.share(new, staff.user, staff.ip)
+        created = await node_of(request).share(new, actor=_staff_actor(staff), user=staff.user)
         kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     except (InvalidRequest, ValueError, DeliveryError) as exc:
         if isinstance(exc, DeliveryError):
@@ -591,7 +594,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
                        f"sent ({exc}). It is listed under Transactions; do not share again.")
         else:
             message = str(exc)
-        hits = await asyncio.to_thread(service.studies_by_uid, uids)
+        hits = await asyncio.to_thread(service.studies.studies_by_uid, uids)
         return _render(request, staff, "studies.html", {
             "hits": hits, "q": "", "date_from": "", "date_to": "", "search_error": "",
             "share": {**_share_defaults(request), **{k: v for k, v in values.items() if v}},
@@ -612,7 +615,7 @@ async def audit_log(request: web.Request, staff: Staff) -> web.StreamResponse:
         page_number = int(request.query.get("page", "1"))
     except ValueError:
         page_number = 1
-    page = await asyncio.to_thread(_admin(request).audit_log, filters["actor"],
+    page = await asyncio.to_thread(_admin(request).audit_trail.audit_log, filters["actor"],
                                    filters["action"], filters["patient"], page_number)
     query = {k: v for k, v in filters.items() if v}
     links = {
@@ -630,7 +633,7 @@ async def audit_log(request: web.Request, staff: Staff) -> web.StreamResponse:
 
 async def _aes_page(request: web.Request, staff: Staff, *, error: str = "",
                     values: dict[str, Any] | None = None, status: int = 200) -> web.Response:
-    aes = await asyncio.to_thread(_admin(request).remote_aes)
+    aes = await asyncio.to_thread(_admin(request).peers.remote_aes)
     return _render(request, staff, "aes.html", {
         "aes": aes, "error": error, "services": SERVICES,
         "values": values or {"allow": ["store"]},
@@ -652,7 +655,7 @@ async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
     values["send_to"] = form.get("send_to") == "1"
     try:
         await asyncio.to_thread(functools.partial(
-            _admin(request).add_remote_ae, values["ae_title"], values["host"], values["port"],
+            _admin(request).peers.add_remote_ae, values["ae_title"], values["host"], values["port"],
             values["allow"], staff.user, staff.ip, send_to=values["send_to"]))
     except InvalidRequest as exc:
         return await _aes_page(request, staff, error=str(exc), values=values, status=400)
@@ -663,7 +666,7 @@ async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def remove_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/aes/remove``: unregister a remote AE."""
     form = await request.post()
-    await asyncio.to_thread(_admin(request).remove_remote_ae, _text(form, "ae_title", 64),
+    await asyncio.to_thread(_admin(request).peers.remove_remote_ae, _text(form, "ae_title", 64),
                             staff.user, staff.ip)
     return see_other("/admin/aes?done=ae-removed")
 
@@ -674,7 +677,7 @@ async def remove_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def _users_page(request: web.Request, staff: Staff, *, error: str = "",
                       values: dict[str, str] | None = None, created: Any = None,
                       status: int = 200) -> web.Response:
-    users = await asyncio.to_thread(_admin(request).staff_users)
+    users = await asyncio.to_thread(_admin(request).accounts.staff_users)
     return _render(request, staff, "users.html", {
         "users": users, "error": error, "values": values or {}, "created": created,
     }, section="users", status=status)
@@ -693,8 +696,8 @@ async def add_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     values = {k: _text(form, k, 254) for k in ("username", "display_name", "email",
                                                "department", "phone")}
     try:
-        new, uri = await _admin(request).password_work.run(
-            functools.partial(_admin(request).add_user, values["username"],
+        new, uri = await _admin(request).logins.password_work.run(
+            functools.partial(_admin(request).accounts.add_user, values["username"],
                               _text(form, "password", 1024), is_admin=form.get("is_admin") == "1",
                               display_name=values["display_name"], email=values["email"],
                               department=values["department"], phone=values["phone"],
@@ -717,7 +720,7 @@ def _user_id(request: web.Request) -> int:
 async def disable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/disable``: disable a user and end their sessions."""
     try:
-        await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), True,
+        await asyncio.to_thread(_admin(request).accounts.set_disabled, _user_id(request), True,
                                 staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
@@ -727,7 +730,7 @@ async def disable_user(request: web.Request, staff: Staff) -> web.StreamResponse
 @staff_view(admin_only=True)
 async def enable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/enable``: enable a user again."""
-    await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), False,
+    await asyncio.to_thread(_admin(request).accounts.set_disabled, _user_id(request), False,
                             staff.user, staff.ip)
     return see_other("/admin/users?done=user-enabled")
 
@@ -740,12 +743,12 @@ async def reset_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """
     form = await request.post()
     try:
-        done = await _admin(request).password_work.run(
-            _admin(request).reset_password, _user_id(request), _text(form, "password", 1024),
-            staff.user, staff.ip)
+        done = await _admin(request).logins.password_work.run(
+            _admin(request).accounts.reset_password, _user_id(request),
+            _text(form, "password", 1024), staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
-    users = await asyncio.to_thread(_admin(request).staff_users)
+    users = await asyncio.to_thread(_admin(request).accounts.staff_users)
     return _render(request, staff, "users.html", {
         "users": users, "error": "", "values": {}, "created": None, "reset": done,
     }, section="users")
@@ -755,7 +758,7 @@ async def reset_password(request: web.Request, staff: Staff) -> web.StreamRespon
 async def reset_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/totp-reset``: the user enrols anew at next login."""
     try:
-        await asyncio.to_thread(_admin(request).reset_totp, _user_id(request), staff.user,
+        await asyncio.to_thread(_admin(request).accounts.reset_totp, _user_id(request), staff.user,
                                 staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
@@ -776,8 +779,8 @@ async def change_password(request: web.Request, staff: Staff) -> web.StreamRespo
     """``POST /admin/account/password``: change own password."""
     form = await request.post()
     try:
-        await _admin(request).password_work.run(
-            _admin(request).change_password, staff.user, staff.session.id,
+        await _admin(request).logins.password_work.run(
+            _admin(request).accounts.change_password, staff.user, staff.session.id,
             _text(form, "current", 1024), _text(form, "new", 1024), _text(form, "repeat", 1024),
             staff.ip)
     except InvalidRequest as exc:
@@ -796,7 +799,7 @@ def _totp_page(request: web.Request, staff: Staff, enrolment: Any, *, error: str
 @staff_view()
 async def totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/account/totp``: a new TOTP secret as a QR code, to confirm."""
-    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+    enrolment = await asyncio.to_thread(_admin(request).accounts.totp_enrolment, staff.user,
                                         staff.session.id)
     return _totp_page(request, staff, enrolment)
 
@@ -807,14 +810,16 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
     form = await request.post()
     service = _admin(request)
     try:
-        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+        enrolment = await asyncio.to_thread(service.accounts.check_enrolment, staff.user,
                                             staff.session.id, _text(form, "secret", 64),
                                             _text(form, "signature", 128))
     except InvalidRequest as exc:
-        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        fresh = await asyncio.to_thread(service.accounts.totp_enrolment, staff.user,
+                                        staff.session.id)
         return _totp_page(request, staff, fresh, error=str(exc), status=400)
     try:
-        await service.password_work.run(service.confirm_totp, staff.user, staff.session.id,
+        await service.logins.password_work.run(service.accounts.confirm_totp, staff.user,
+                                               staff.session.id,
                                         enrolment, _text(form, "password", 1024),
                                         _text(form, "code", 16), staff.ip)
     except InvalidRequest as exc:
@@ -833,14 +838,14 @@ def _setup_totp_page(request: web.Request, staff: Staff, enrolment: Any, *, erro
 
 
 def _after_setup(user: StaffUser) -> web.Response:
-    pending = AdminService.pending_step(user)
+    pending = StaffLogins.pending_step(user)
     return see_other(STEP_PAGES[pending] if pending else "/admin?done=welcome")
 
 
 @staff_view(step=STEP_TOTP)
 async def setup_totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/setup/totp``: enrol an authenticator (the only page until done)."""
-    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+    enrolment = await asyncio.to_thread(_admin(request).accounts.totp_enrolment, staff.user,
                                         staff.session.id)
     return _setup_totp_page(request, staff, enrolment)
 
@@ -851,14 +856,15 @@ async def setup_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     service = _admin(request)
     try:
-        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+        enrolment = await asyncio.to_thread(service.accounts.check_enrolment, staff.user,
                                             staff.session.id, _text(form, "secret", 64),
                                             _text(form, "signature", 128))
     except InvalidRequest as exc:
-        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        fresh = await asyncio.to_thread(service.accounts.totp_enrolment, staff.user,
+                                        staff.session.id)
         return _setup_totp_page(request, staff, fresh, error=str(exc), status=400)
     try:
-        await asyncio.to_thread(service.enrol_first_totp, staff.user, staff.session.id,
+        await asyncio.to_thread(service.logins.enrol_first_totp, staff.user, staff.session.id,
                                 enrolment, _text(form, "code", 16), staff.ip)
     except InvalidRequest as exc:
         return _setup_totp_page(request, staff, enrolment, error=str(exc), status=400)
@@ -877,8 +883,8 @@ async def setup_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/setup/password``: replace the temporary password."""
     form = await request.post()
     try:
-        await _admin(request).password_work.run(
-            _admin(request).set_required_password, staff.user, staff.session.id,
+        await _admin(request).logins.password_work.run(
+            _admin(request).logins.set_required_password, staff.user, staff.session.id,
             _text(form, "new", 1024), _text(form, "repeat", 1024), staff.ip)
     except InvalidRequest as exc:
         return _render(request, staff, "setup_password.html", {"error": str(exc)},
