@@ -368,7 +368,8 @@ class Node:
     def admin(self) -> StaffSide:
         """Staff-side services for the /admin pages and the CLI's admin commands."""
         if self._admin is None:
-            self._admin = build_staff_side(self.settings, self.secret, self.messenger)
+            self._admin = build_staff_side(self.settings, lambda: self.secret,
+                                           self.messenger)
         return self._admin
 
     @property

@@ -7,6 +7,7 @@ only (today ``Node.admin``; the wiring module once the ``Node`` façade is gone)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,15 +45,17 @@ class StaffSide:
     channels: PasscodeChannels
 
 
-def build_staff_side(settings: Settings, secret: bytes, messenger: Messenger) -> StaffSide:
+def build_staff_side(settings: Settings, secret: Callable[[], bytes],
+                     messenger: Messenger) -> StaffSide:
     """Build the staff services of one process (the composition root calls this).
 
     Parameters
     ----------
     settings : Settings
         The node's settings (password-hash pool size, public URL, institution, zone).
-    secret : bytes
-        The node's secret key (signs staff TOTP enrolments).
+    secret : callable
+        Returns the node's secret key (signs staff TOTP enrolments), read or created
+        on first use (e.g. ``SecretKey.get``).
     messenger : Messenger
         Outgoing mail and SMS (replies' notices, passcode-channel notices).
     """

@@ -253,7 +253,7 @@ async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
 def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Node) -> None:
     """Each HTTP process has its own staff services: the counts and used codes are in the DB."""
     _, secret = make_user("alice")
-    other_process = build_staff_side(node.settings, node.secret, node.messenger)
+    other_process = build_staff_side(node.settings, lambda: node.secret, node.messenger)
     code = pyotp.TOTP(secret).now()
     node.admin.logins.log_in("alice", PASSWORD, code)
     with pytest.raises(LoginRefused):

@@ -41,6 +41,7 @@ def test_ae_add_with_a_bad_ae_title_exits_2_and_writes_nothing(tmp_path: Path,
     assert bad.stderr.strip() == ("iepnode: ae add: an AE title has 1 to 16 characters, no "
                                   "backslash or control characters")
     assert bad.stdout == ""
+    assert not (data / "secret.key").exists()  # the staff services read it only when needed
     _open_index(data)
     assert not RemoteAE.select().exists()
     assert not AuditEvent.select().exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyotp
@@ -43,13 +44,14 @@ class StaffAccounts:
 
     Parameters
     ----------
-    secret : bytes
-        The node's secret key: signs TOTP enrolments for a session.
+    secret : callable
+        Returns the node's secret key (signs TOTP enrolments for a session); called
+        when an enrolment is signed, so the key is read or created on first use.
     throttle : LoginThrottle
         The login throttle, whose lockout of a user a password reset clears.
     """
 
-    def __init__(self, secret: bytes, throttle: LoginThrottle) -> None:
+    def __init__(self, secret: Callable[[], bytes], throttle: LoginThrottle) -> None:
         self.secret = secret
         self.throttle = throttle
 
@@ -57,7 +59,7 @@ class StaffAccounts:
 
     def _signature(self, session_id: int, user_id: int, secret: str) -> str:
         message = f"totp-enrol:{session_id}:{user_id}:{secret}".encode()
-        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
+        return hmac.new(self.secret(), message, hashlib.sha256).hexdigest()
 
     def totp_enrolment(self, user: StaffUser, session_id: int,
                        secret: str | None = None) -> TotpEnrolment:
