@@ -38,9 +38,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds without new instances before a study's DICOMDIR is built")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
-    ae = sub.add_parser("ae", help="manage the remote AEs allowed to connect")
+    ae = sub.add_parser(
+        "ae", help="manage the remote AEs allowed to connect",
+        description="Manage the remote AEs allowed to connect, with the checks of the staff "
+                    "page. Changes are audited (admin-change) with the operating-system user "
+                    "as the actor (kind cli). A rejected value exits with status 2.")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
-    add = ae_sub.add_parser("add", help="register (or update) a remote AE")
+    add = ae_sub.add_parser(
+        "add", help="register (or update) a remote AE",
+        description="Register (or update) a remote AE, checked as on the staff page (an AE "
+                    "title of 1 to 16 characters without backslash or control characters, a "
+                    "host, a port; port 0 for an AE that never listens). Audited as "
+                    "admin-change by the operating-system user (actor kind cli); a rejected "
+                    "value exits with status 2 and changes nothing.")
     _common(add)
     add.add_argument("name", help="the remote AE title")
     add.add_argument("host", help="its address (* accepts any address)")
@@ -98,9 +108,16 @@ def _parser() -> argparse.ArgumentParser:
     studies = sub.add_parser("studies", help="list indexed studies")
     _common(studies)
 
-    user = sub.add_parser("user", help="manage staff users and recipients")
+    user = sub.add_parser(
+        "user", help="manage staff users and recipients",
+        description="Manage staff users and recipients, with the checks of the staff pages. "
+                    "Changes are audited with the operating-system user as the actor (kind "
+                    "cli).")
     user_sub = user.add_subparsers(dest="user_command", required=True)
-    uadd = user_sub.add_parser("add", help="create a staff user (prints the TOTP enrolment URI)")
+    uadd = user_sub.add_parser(
+        "add", help="create a staff user (prints the TOTP enrolment URI)",
+        description="Create a staff user, checked as on the staff page; audited as "
+                    "admin-change by the operating-system user (actor kind cli).")
     _common(uadd)
     uadd.add_argument("username")
     uadd.add_argument("--admin", action="store_true", help="may manage users and AEs")
@@ -194,13 +211,20 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
-def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
-    from storage import registry
-    from storage.db import open_database
+def _cli_actor() -> Any:  # -> iepnode.people.audit.Actor
+    """Who the audit trail names for an admin command: the operating-system user."""
+    from iepnode.people.audit import Actor
 
-    open_database(settings.resolved_database_url)
+    return Actor("cli", getpass.getuser())
+
+
+def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
+    from iepnode.errors import InvalidRequest, NotFound
+    from iepnode.node import Node
+    from storage import registry
+
+    peers = Node(settings).admin.peers
     if args.ae_command == "add":
-        allow = {s.strip().lower() for s in args.allow.split(",") if s.strip()}
         tls: registry.TlsFiles | bool | None = False
         if args.tls:
             for path in (args.tls_ca, args.tls_cert, args.tls_key):
@@ -212,18 +236,25 @@ def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
                                       (args.tls_ca, args.tls_cert, args.tls_key)))
         elif args.tls is False:
             tls = None
-        ae = registry.add_remote_ae(args.name, args.host, args.port, allow,
-                                    send_to=args.send_to, tls=tls)
+        try:
+            ae, _ = peers.add_remote_ae(args.name, args.host, str(args.port),
+                                        args.allow.split(","), _cli_actor(),
+                                        send_to=args.send_to, tls=tls, port_zero=True)
+        except InvalidRequest as exc:
+            print(f"iepnode: ae add: {exc}", file=sys.stderr)
+            return 2
         print(f"registered {ae.ae_title} {ae.host}:{ae.port} allow=echo"
               f"{',' + ae.allow if ae.allow else ''}"
               f"{' send-to' if ae.send_to else ''}{' tls' if ae.tls else ''}")
     elif args.ae_command == "remove":
-        if not registry.remove_remote_ae(args.name):
+        try:
+            peers.remove_remote_ae(args.name, _cli_actor())
+        except NotFound:
             print(f"iepnode: no remote AE named {args.name!r}", file=sys.stderr)
             return 1
         print(f"removed {args.name}")
     else:
-        rows = registry.list_remote_aes()
+        rows = peers.remote_aes()
         print(f"{'AE TITLE':<16}  {'HOST':<24}  {'PORT':>5}  ALLOW  [SENDS]")
         for ae in rows:
             send = f"  send-to{' tls' if ae.tls else ''}" if ae.send_to else ""
@@ -381,21 +412,12 @@ def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
-    from iepnode.people import audit, staff
-    from iepnode.sharing import logins
-    from storage.db import open_database
-    from storage.models import Recipient
+    from iepnode.node import Node
 
-    open_database(settings.resolved_database_url)
-    actor = audit.Actor("cli", getpass.getuser())
+    staff_side = Node(settings).admin
     if args.user_command == "unlock":
-        recipient = Recipient.get_or_none(Recipient.email == args.email.strip().lower())
-        if recipient is None:
-            print(f"iepnode: no recipient {args.email}", file=sys.stderr)
-            return 1
-        logins.unlock(recipient)
-        audit.record(audit.SECURITY_ALERT, "recipient-unlock", actor, detail=recipient.email)
-        print(f"unlocked {recipient.email}")
+        email = staff_side.transactions.unlock_recipient_email(args.email, _cli_actor())
+        print(f"unlocked {email}")
         return 0
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -404,10 +426,9 @@ def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
         if getpass.getpass("Again: ") != password:
             print("iepnode: the passwords differ", file=sys.stderr)
             return 1
-    user, uri = staff.create_user(args.username, password, is_admin=args.admin,
-                                  display_name=args.name, email=args.email,
-                                  department=args.department, phone=args.phone)
-    audit.record(audit.SECURITY_ALERT, "staff-user-add", actor, detail=user.username)
+    user, uri = staff_side.accounts.add_user(
+        args.username, password, is_admin=args.admin, display_name=args.name,
+        email=args.email, department=args.department, phone=args.phone, user=_cli_actor())
     print(f"created {'admin' if user.is_admin else 'staff user'} {user.username}")
     print("Add this to an authenticator app (it is shown only now):")
     print(uri)
@@ -474,7 +495,7 @@ def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
-    changed = asyncio.run(node.admin.change_passcode_channel(
+    changed = asyncio.run(node.admin.channels.change_passcode_channel(
         args.email, args.otp_mobile or "", args.otp_email or "", user,
         source_ip=f"cli:{getpass.getuser()}"))
     print(f"passcodes of {changed.email} now go to their {changed.new.masked}; their open "

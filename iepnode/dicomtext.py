@@ -1,7 +1,8 @@
-"""DICOM values as people read them: person names and dates (pages, PDI overviews)."""
+"""DICOM values as people read them (person names and dates) and as staff type them."""
 
 from __future__ import annotations
 
+import re
 from datetime import date
 
 
@@ -31,3 +32,15 @@ def dicom_date(value: str, empty: str = "—") -> str:
             return text
         return f"{day.day} {day:%b %Y}"
     return text or empty
+
+
+_TYPED_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def typed_text(value: str, limit: int = 64) -> str:
+    """What staff typed into a search or form field, safe to match or store.
+
+    Strips, drops control characters and backslashes (the DICOM value separator), and
+    cuts to ``limit`` characters.
+    """
+    return _TYPED_CONTROL.sub("", value).strip()[:limit]

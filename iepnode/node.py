@@ -38,7 +38,6 @@ from iepnode.errors import (
 from iepnode.outbound import notifications, routing, sending
 from iepnode.outbound.messaging import DeliveryError, Messenger
 from iepnode.people import audit
-from iepnode.people.admin import AdminService
 from iepnode.people.audit import Actor
 from iepnode.security import load_or_create_secret
 from iepnode.sharing import (
@@ -53,6 +52,7 @@ from iepnode.sharing import (
 )
 from iepnode.sharing.logins import NewSession, PasscodeToSend
 from iepnode.sharing.transactions import Contact, NewTransfer, StudyRow
+from iepnode.staff_side import StaffSide, build_staff_side
 from iepnode.uploads import image_requests
 from iepnode.uploads import review as upload_review
 from iepnode.uploads import staging as uploads
@@ -157,7 +157,7 @@ class Node:
         # in memory while it is rendered).
         rendering.set_concurrency(settings.render_concurrency)
         self._secret: bytes | None = None
-        self._admin: AdminService | None = None
+        self._admin: StaffSide | None = None
         self._messenger: Messenger | None = None
 
     def close(self) -> None:
@@ -365,10 +365,11 @@ class Node:
     # -- transactions and recipient login (issue 3) ---------------------------------------
 
     @property
-    def admin(self) -> AdminService:
-        """Staff-side services for the /admin pages."""
+    def admin(self) -> StaffSide:
+        """Staff-side services for the /admin pages and the CLI's admin commands."""
         if self._admin is None:
-            self._admin = AdminService(self)
+            self._admin = build_staff_side(self.settings, lambda: self.secret,
+                                           self.messenger)
         return self._admin
 
     @property

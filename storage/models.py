@@ -119,7 +119,7 @@ class StaffUser(BaseModel):
     #: argon2id hash (argon2-cffi's encoded form).
     password_hash = peewee.CharField(max_length=255)
     #: Base32 TOTP secret once enrolled. ``None`` after an admin reset it: the password
-    #: alone then opens only the enrolment page (iepnode.people.admin.AdminService.pending_step).
+    #: alone then opens only the enrolment page (StaffLogins.pending_step).
     totp_secret = peewee.CharField(max_length=64, null=True)
     #: Set when an admin gave a temporary password: the next login must choose a new one.
     must_change_password = peewee.BooleanField(default=False)

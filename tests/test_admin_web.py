@@ -25,9 +25,10 @@ from config import Settings, load_settings
 from iepnode.errors import LoginRefused
 from iepnode.node import Node
 from iepnode.people import audit, staff
-from iepnode.people.admin import LOGIN_REFUSED, AdminService, LoginThrottle, LoginThrottled
+from iepnode.people.staff_logins import LOGIN_REFUSED, LoginThrottle, LoginThrottled
 from iepnode.sharing import logins
 from iepnode.sharing.transactions import NewTransfer
+from iepnode.staff_side import build_staff_side
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory
@@ -67,7 +68,7 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def node(settings: Settings) -> Node:
     node = Node(settings)
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     return node
 
 
@@ -229,7 +230,7 @@ async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
                                                            node: Node) -> None:
     _, secret = make_user("alice")
     _, bob_secret = make_user("bob")
-    node.admin.throttle = LoginThrottle(max_failures=5, lockout=0.5)
+    node.admin.logins.throttle = LoginThrottle(max_failures=5, lockout=0.5)
     for _ in range(5):
         response = await log_in(browser, "alice", secret, password="guess guess guess")
         assert response.status == 403
@@ -250,23 +251,23 @@ async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
 
 
 def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Node) -> None:
-    """Each HTTP process has its own AdminService: the counts and used codes are in the DB."""
+    """Each HTTP process has its own staff services: the counts and used codes are in the DB."""
     _, secret = make_user("alice")
-    other_process = AdminService(node)
+    other_process = build_staff_side(node.settings, lambda: node.secret, node.messenger)
     code = pyotp.TOTP(secret).now()
-    node.admin.log_in("alice", PASSWORD, code)
+    node.admin.logins.log_in("alice", PASSWORD, code)
     with pytest.raises(LoginRefused):
-        other_process.log_in("alice", PASSWORD, code)
+        other_process.logins.log_in("alice", PASSWORD, code)
     for service in [node.admin, other_process] * 2 + [node.admin]:
         with pytest.raises(LoginRefused):
-            service.log_in("carol", "wrong password", "000000")
+            service.logins.log_in("carol", "wrong password", "000000")
     with pytest.raises(LoginThrottled):
-        other_process.log_in("carol", "wrong password", "000000")
+        other_process.logins.log_in("carol", "wrong password", "000000")
 
 
 async def test_failed_logins_are_answered_slowly(browser: Browser, node: Node) -> None:
     _, secret = make_user("alice")
-    node.admin.failure_delay = 0.3
+    node.admin.logins.failure_delay = 0.3
     started = time.monotonic()
     response = await log_in(browser, "alice", secret, password="not the password")
     assert response.status == 403 and time.monotonic() - started >= 0.3

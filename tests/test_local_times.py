@@ -103,7 +103,7 @@ async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
         aiohttp_client: Any, tmp_path: Path, zone: str, created: tuple[str, str],
         message: tuple[str, str], expires: str) -> None:
     node = Node(make_settings(tmp_path, timezone=zone))
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane"))
     transaction, token = share([study])
     client = await aiohttp_client(create_app(node.settings, node),

@@ -59,7 +59,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 @pytest.fixture
 def node(settings: Settings) -> Iterator[Node]:
     node = Node(settings)
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     yield node
     node.group_commit.close()
     node.close()

@@ -31,7 +31,7 @@ async def audited_ip_of_a_login(aiohttp_client: Any, tmp_path: Path, trusted: li
     settings = load_settings(overrides={"data_dir": tmp_path / "data",
                                         "trusted_proxies": trusted}, environ={})
     node = Node(settings)
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     browser = Browser(await aiohttp_client(create_app(settings, node),
                                            cookie_jar=aiohttp.DummyCookieJar()))
     form = await browser.page("/admin/login")

@@ -35,7 +35,7 @@ PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     node = Node(make_settings(tmp_path))
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     return node
 
 

@@ -60,7 +60,7 @@ def closed_port() -> int:
 
 
 async def staff_client(aiohttp_client: Any, node: Node) -> tuple[Any, StaffBrowser]:
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     client = await aiohttp_client(create_app(node.settings, node),
                                   cookie_jar=aiohttp.DummyCookieJar())
     staff = StaffBrowser(client)

@@ -45,7 +45,7 @@ XSS = '<script>alert("sr")</script><img src=x onerror=alert(1)>'
 @pytest.fixture
 def node(tmp_path: Path) -> Node:
     node = Node(make_settings(tmp_path))
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     return node
 
 

@@ -90,7 +90,7 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def node(settings: Settings) -> Node:
     node = Node(settings)
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     return node
 
 
@@ -169,7 +169,7 @@ async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
     user, secret = make_user("kim")
     for _ in range(5):
         await log_in(Browser(admin.client), "kim", secret, password="guess guess guess")
-    assert node.admin.throttle.locked_for("kim", time.time()) > 0
+    assert node.admin.logins.throttle.locked_for("kim", time.time()) > 0
     response = await admin.form(f"/admin/users/{user.id}/password-reset",
                                 {"password": "short"})
     assert response.status == 400 and "at least 12 characters" in await response.text()
@@ -177,7 +177,7 @@ async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
     response = await admin.form(f"/admin/users/{user.id}/password-reset",
                                 {"password": "tell-kim-this-1"})
     assert response.status == 200 and "shown only once" not in await response.text()
-    assert node.admin.throttle.locked_for("kim", time.time()) == 0
+    assert node.admin.logins.throttle.locked_for("kim", time.time()) == 0
     assert changes() == ["password-reset kim (temporary password typed by the admin; "
                          "sessions ended)"]
     kims = Browser(admin.client)
@@ -277,9 +277,9 @@ async def test_resets_are_for_admins_only_and_not_for_oneself(admin: Browser,
     assert (kim().totp_secret, kim().must_change_password) == (user.totp_secret, False)
     assert changes() == []
     with pytest.raises(NotAuthorized):
-        node.admin.reset_totp(user.id, nurse)
+        node.admin.accounts.reset_totp(user.id, nurse)
     with pytest.raises(NotAuthorized):
-        node.admin.reset_password(user.id, "", nurse)
+        node.admin.accounts.reset_password(user.id, "", nurse)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

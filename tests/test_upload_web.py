@@ -268,7 +268,7 @@ async def test_admin_request_form(aiohttp_client: Any, node: Node) -> None:
 
     staff = adm.Browser(await aiohttp_client(create_app(node.settings, node),
                                              cookie_jar=aiohttp.DummyCookieJar()))
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     _, secret = adm.make_user("nicky", display_name="Ms Nicky Humphries",
                               email="ni-hum@hospital.example", phone="+441473350314")
     assert (await adm.log_in(staff, "nicky", secret)).status == 303

@@ -48,7 +48,7 @@ def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
 @pytest.fixture
 def viewer_node(tmp_path: Path) -> Node:
     node = Node(make_settings(tmp_path))
-    node.admin.failure_delay = 0.0
+    node.admin.logins.failure_delay = 0.0
     return node
 
 

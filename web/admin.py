@@ -17,11 +17,12 @@ they share (the staff session check, rendering, forms) is :mod:`web.staff_pages`
 
 Pages other than the login need a staff session (a recipient session is not
 enough: such requests go to the login page); AE and user pages need an admin.
-A user with a pending step after a reset (``AdminService.pending_step``) is sent
+A user with a pending step after a reset (``StaffLogins.pending_step``) is sent
 to that step's page from every other page: a session opened with the password
 alone (no TOTP secret) reaches nothing but the enrolment page.
-Blocking work runs in a thread through :class:`iepnode.people.admin.AdminService`; work that
-hashes or checks a password runs on the bounded ``AdminService.password_work`` pool
+Blocking work runs in a thread through the staff services (:mod:`iepnode.staff_side`);
+work that hashes or checks a password runs on the bounded
+``StaffLogins.password_work`` pool
 (a login beyond its queue gets 503 at once), never in the threads page views share.
 """
 
@@ -34,12 +35,12 @@ from typing import Any
 from aiohttp import web
 
 from iepnode.errors import Busy, InvalidRequest, LoginRefused
-from iepnode.people.admin import (
+from iepnode.people.staff_logins import (
     LOGIN_REFUSED,
     STEP_PASSWORD,
     STEP_TOTP,
-    AdminService,
     LoginThrottled,
+    StaffLogins,
 )
 from storage.models import StaffUser
 from web import middlewares
@@ -82,7 +83,7 @@ def _login_page(request: web.Request, *, error: str = "", username: str = "",
 
 async def login_form(request: web.Request) -> web.StreamResponse:
     """``GET /admin/login``: the staff login form (or home when already logged in)."""
-    user = await asyncio.to_thread(_admin(request).staff_for_session, request[SESSION_KEY])
+    user = await asyncio.to_thread(_admin(request).logins.staff_for_session, request[SESSION_KEY])
     next_url = _safe_next(request.query.get("next"))
     if user is not None:
         return see_other(next_url)
@@ -97,7 +98,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     next_url = _safe_next(form.get("next"))
     service = _admin(request)
     try:
-        opened = await service.log_in_bounded(username, field(form, "password", 1024), code,
+        opened = await service.logins.log_in_bounded(username, field(form, "password", 1024), code,
                                               client_ip(request))
     except Busy as exc:  # too many password checks under way in this process: no wait
         response = _login_page(request, error=str(exc), username=username, next_url=next_url,
@@ -105,11 +106,11 @@ async def login(request: web.Request) -> web.StreamResponse:
         response.headers["Retry-After"] = str(middlewares.RETRY_AFTER)
         return response
     except LoginThrottled as exc:
-        await asyncio.sleep(service.failure_delay)
+        await asyncio.sleep(service.logins.failure_delay)
         return _login_page(request, error=str(exc), username=username, next_url=next_url,
                            status=429)
     except LoginRefused:
-        await asyncio.sleep(service.failure_delay)
+        await asyncio.sleep(service.logins.failure_delay)
         return _login_page(request, error=LOGIN_REFUSED, username=username, next_url=next_url,
                            status=403)
     old = request.cookies.get(middlewares.SESSION_COOKIE)
@@ -127,8 +128,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     token = request.cookies.get(middlewares.SESSION_COOKIE)
     if token:
         service = _admin(request)
-        user = await asyncio.to_thread(service.staff_for_session, request[SESSION_KEY])
-        await asyncio.to_thread(service.log_out, token, user, client_ip(request))
+        user = await asyncio.to_thread(service.logins.staff_for_session, request[SESSION_KEY])
+        await asyncio.to_thread(service.logins.log_out, token, user, client_ip(request))
     response = see_other("/admin/login?out=1")
     middlewares.clear_session_cookie(response)
     return response
@@ -148,8 +149,8 @@ async def change_password(request: web.Request, staff: Staff) -> web.StreamRespo
     """``POST /admin/account/password``: change own password."""
     form = await request.post()
     try:
-        await _admin(request).password_work.run(
-            _admin(request).change_password, staff.user, staff.session.id,
+        await _admin(request).logins.password_work.run(
+            _admin(request).accounts.change_password, staff.user, staff.session.id,
             field(form, "current", 1024), field(form, "new", 1024), field(form, "repeat", 1024),
             staff.ip)
     except InvalidRequest as exc:
@@ -168,7 +169,7 @@ def _totp_page(request: web.Request, staff: Staff, enrolment: Any, *, error: str
 @staff_view()
 async def totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/account/totp``: a new TOTP secret as a QR code, to confirm."""
-    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+    enrolment = await asyncio.to_thread(_admin(request).accounts.totp_enrolment, staff.user,
                                         staff.session.id)
     return _totp_page(request, staff, enrolment)
 
@@ -179,14 +180,16 @@ async def totp_confirm(request: web.Request, staff: Staff) -> web.StreamResponse
     form = await request.post()
     service = _admin(request)
     try:
-        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+        enrolment = await asyncio.to_thread(service.accounts.check_enrolment, staff.user,
                                             staff.session.id, field(form, "secret", 64),
                                             field(form, "signature", 128))
     except InvalidRequest as exc:
-        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        fresh = await asyncio.to_thread(service.accounts.totp_enrolment, staff.user,
+                                        staff.session.id)
         return _totp_page(request, staff, fresh, error=str(exc), status=400)
     try:
-        await service.password_work.run(service.confirm_totp, staff.user, staff.session.id,
+        await service.logins.password_work.run(service.accounts.confirm_totp, staff.user,
+                                               staff.session.id,
                                         enrolment, field(form, "password", 1024),
                                         field(form, "code", 16), staff.ip)
     except InvalidRequest as exc:
@@ -205,14 +208,14 @@ def _setup_totp_page(request: web.Request, staff: Staff, enrolment: Any, *, erro
 
 
 def _after_setup(user: StaffUser) -> web.Response:
-    pending = AdminService.pending_step(user)
+    pending = StaffLogins.pending_step(user)
     return see_other(STEP_PAGES[pending] if pending else "/admin?done=welcome")
 
 
 @staff_view(step=STEP_TOTP)
 async def setup_totp_form(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/setup/totp``: enrol an authenticator (the only page until done)."""
-    enrolment = await asyncio.to_thread(_admin(request).totp_enrolment, staff.user,
+    enrolment = await asyncio.to_thread(_admin(request).accounts.totp_enrolment, staff.user,
                                         staff.session.id)
     return _setup_totp_page(request, staff, enrolment)
 
@@ -223,14 +226,15 @@ async def setup_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     service = _admin(request)
     try:
-        enrolment = await asyncio.to_thread(service.check_enrolment, staff.user,
+        enrolment = await asyncio.to_thread(service.accounts.check_enrolment, staff.user,
                                             staff.session.id, field(form, "secret", 64),
                                             field(form, "signature", 128))
     except InvalidRequest as exc:
-        fresh = await asyncio.to_thread(service.totp_enrolment, staff.user, staff.session.id)
+        fresh = await asyncio.to_thread(service.accounts.totp_enrolment, staff.user,
+                                        staff.session.id)
         return _setup_totp_page(request, staff, fresh, error=str(exc), status=400)
     try:
-        await asyncio.to_thread(service.enrol_first_totp, staff.user, staff.session.id,
+        await asyncio.to_thread(service.logins.enrol_first_totp, staff.user, staff.session.id,
                                 enrolment, field(form, "code", 16), staff.ip)
     except InvalidRequest as exc:
         return _setup_totp_page(request, staff, enrolment, error=str(exc), status=400)
@@ -249,8 +253,8 @@ async def setup_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/setup/password``: replace the temporary password."""
     form = await request.post()
     try:
-        await _admin(request).password_work.run(
-            _admin(request).set_required_password, staff.user, staff.session.id,
+        await _admin(request).logins.password_work.run(
+            _admin(request).logins.set_required_password, staff.user, staff.session.id,
             field(form, "new", 1024), field(form, "repeat", 1024), staff.ip)
     except InvalidRequest as exc:
         return render(request, staff, "setup_password.html", {"error": str(exc)},

@@ -34,7 +34,7 @@ from web.staff_pages import admin_service as _admin  # the name the views call i
 
 async def _aes_page(request: web.Request, staff: Staff, *, error: str = "",
                     values: dict[str, Any] | None = None, status: int = 200) -> web.Response:
-    aes = await asyncio.to_thread(_admin(request).remote_aes)
+    aes = await asyncio.to_thread(_admin(request).peers.remote_aes)
     return render(request, staff, "aes.html", {
         "aes": aes, "error": error, "services": SERVICES,
         "values": values or {"allow": ["store"]},
@@ -56,7 +56,7 @@ async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
     values["send_to"] = form.get("send_to") == "1"
     try:
         await asyncio.to_thread(functools.partial(
-            _admin(request).add_remote_ae, values["ae_title"], values["host"], values["port"],
+            _admin(request).peers.add_remote_ae, values["ae_title"], values["host"], values["port"],
             values["allow"], staff.user, staff.ip, send_to=values["send_to"]))
     except InvalidRequest as exc:
         return await _aes_page(request, staff, error=str(exc), values=values, status=400)
@@ -67,7 +67,7 @@ async def add_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def remove_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/aes/remove``: unregister a remote AE."""
     form = await request.post()
-    await asyncio.to_thread(_admin(request).remove_remote_ae, field(form, "ae_title", 64),
+    await asyncio.to_thread(_admin(request).peers.remove_remote_ae, field(form, "ae_title", 64),
                             staff.user, staff.ip)
     return see_other("/admin/aes?done=ae-removed")
 

@@ -30,7 +30,7 @@ async def audit_log(request: web.Request, staff: Staff) -> web.StreamResponse:
         page_number = int(request.query.get("page", "1"))
     except ValueError:
         page_number = 1
-    page = await asyncio.to_thread(_admin(request).audit_log, filters["actor"],
+    page = await asyncio.to_thread(_admin(request).audit_trail.audit_log, filters["actor"],
                                    filters["action"], filters["patient"], page_number)
     query = {k: v for k, v in filters.items() if v}
     links = {

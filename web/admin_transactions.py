@@ -44,7 +44,7 @@ from web.staff_pages import admin_service as _admin  # the name the views call i
 async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin?q=``: recent transactions, newest first."""
     q = request.query.get("q", "")[:200]
-    rows = await asyncio.to_thread(_admin(request).recent_transactions, q)
+    rows = await asyncio.to_thread(_admin(request).transactions.recent_transactions, q)
     return render(request, staff, "home.html", {"rows": rows, "q": q},
                   section="transactions")
 
@@ -52,8 +52,8 @@ async def home(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def _transaction_page(request: web.Request, staff: Staff, public_id: str, *,
                             error: str = "", body: str = "", send_error: str = "",
                             channel_error: str = "", status: int = 200) -> web.Response:
-    view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
-                                   staff.ip)
+    view = await asyncio.to_thread(_admin(request).transactions.transaction_view, public_id,
+                                   staff.user, staff.ip)
     node = node_of(request)
 
     def sending() -> dict[str, Any]:
@@ -83,7 +83,7 @@ async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
     form = await request.post()
     body = field(form, "body", 8000)
     try:
-        outcome = await _admin(request).reply(public_id, staff.user, body, staff.ip)
+        outcome = await _admin(request).transactions.reply(public_id, staff.user, body, staff.ip)
     except InvalidRequest as exc:
         return await _transaction_page(request, staff, public_id, error=str(exc), body=body,
                                        status=400)
@@ -95,7 +95,8 @@ async def reply(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def unlock(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/unlock``: unlock the recipient."""
     public_id = public_id_of(request)
-    await asyncio.to_thread(_admin(request).unlock_recipient, public_id, staff.user, staff.ip)
+    await asyncio.to_thread(_admin(request).transactions.unlock_recipient, public_id, staff.user,
+                            staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=unlocked")
 
 
@@ -104,17 +105,17 @@ async def change_channel(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/transactions/{public_id}/passcode-channel``: passcodes go elsewhere now.
 
     For administrators and the recipient's established contacts (others get 403, see
-    ``AdminService.may_change_channel``); the recipient is told on the old channel.
+    ``PasscodeChannels.may_change_channel``); the recipient is told on the old channel.
     """
     public_id = public_id_of(request)
     form = await request.post()
     channel = field(form, "channel", 8)
     service = _admin(request)
-    email = await asyncio.to_thread(service.recipient_email_of, public_id)
+    email = await asyncio.to_thread(service.transactions.recipient_email_of, public_id)
     try:
         if channel not in ("sms", "email"):
             raise InvalidRequest("choose where the passcodes go: a mobile number or an email")
-        changed = await service.change_passcode_channel(
+        changed = await service.channels.change_passcode_channel(
             email, field(form, "otp_mobile", 64) if channel == "sms" else "",
             field(form, "otp_email", 254) if channel == "email" else "", staff.user, staff.ip,
             public_id=public_id)
@@ -129,7 +130,7 @@ async def change_channel(request: web.Request, staff: Staff) -> web.StreamRespon
 async def remove_recipient_app(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/transactions/{public_id}/authenticator/remove``: the recipient lost it."""
     public_id = public_id_of(request)
-    await asyncio.to_thread(_admin(request).remove_recipient_authenticator, public_id,
+    await asyncio.to_thread(_admin(request).transactions.remove_recipient_authenticator, public_id,
                             staff.user, staff.ip)
     return see_other(f"/admin/transactions/{public_id}?done=app-removed")
 
@@ -180,8 +181,8 @@ async def studies(request: web.Request, staff: Staff) -> web.StreamResponse:
     q, date_from, date_to = (request.query.get(k, "")[:64] for k in ("q", "from", "to"))
     error, status, hits = "", 200, []
     try:
-        hits = await asyncio.to_thread(_admin(request).search_studies, q, date_from, date_to,
-                                       staff.user, staff.ip)
+        hits = await asyncio.to_thread(_admin(request).studies.search_studies, q, date_from,
+                                       date_to, staff.user, staff.ip)
     except InvalidRequest as exc:
         error, status = str(exc), 400
     return render(request, staff, "studies.html", {
@@ -216,7 +217,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             recipient_name=values["recipient_name"], message=values["message"],
             priority=values["priority"], expiry_days=expiry, nhs_number=values["nhs_number"],
         )
-        created = await service.share(new, staff.user, staff.ip)
+        created = await node_of(request).share(new, actor=staff_actor(staff), user=staff.user)
         kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     except (InvalidRequest, ValueError, DeliveryError) as exc:
         if isinstance(exc, DeliveryError):
@@ -224,7 +225,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
                        f"sent ({exc}). It is listed under Transactions; do not share again.")
         else:
             message = str(exc)
-        hits = await asyncio.to_thread(service.studies_by_uid, uids)
+        hits = await asyncio.to_thread(service.studies.studies_by_uid, uids)
         return render(request, staff, "studies.html", {
             "hits": hits, "q": "", "date_from": "", "date_to": "", "search_error": "",
             "share": {**_share_defaults(request), **{k: v for k, v in values.items() if v}},

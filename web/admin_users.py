@@ -34,7 +34,7 @@ from web.staff_pages import admin_service as _admin  # the name the views call i
 async def _users_page(request: web.Request, staff: Staff, *, error: str = "",
                       values: dict[str, str] | None = None, created: Any = None,
                       status: int = 200) -> web.Response:
-    users = await asyncio.to_thread(_admin(request).staff_users)
+    users = await asyncio.to_thread(_admin(request).accounts.staff_users)
     return render(request, staff, "users.html", {
         "users": users, "error": error, "values": values or {}, "created": created,
     }, section="users", status=status)
@@ -53,8 +53,8 @@ async def add_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     values = {k: field(form, k, 254) for k in ("username", "display_name", "email",
                                                 "department", "phone")}
     try:
-        new, uri = await _admin(request).password_work.run(
-            functools.partial(_admin(request).add_user, values["username"],
+        new, uri = await _admin(request).logins.password_work.run(
+            functools.partial(_admin(request).accounts.add_user, values["username"],
                               field(form, "password", 1024), is_admin=form.get("is_admin") == "1",
                               display_name=values["display_name"], email=values["email"],
                               department=values["department"], phone=values["phone"],
@@ -77,7 +77,7 @@ def _user_id(request: web.Request) -> int:
 async def disable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/disable``: disable a user and end their sessions."""
     try:
-        await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), True,
+        await asyncio.to_thread(_admin(request).accounts.set_disabled, _user_id(request), True,
                                 staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
@@ -87,7 +87,7 @@ async def disable_user(request: web.Request, staff: Staff) -> web.StreamResponse
 @staff_view(admin_only=True)
 async def enable_user(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/enable``: enable a user again."""
-    await asyncio.to_thread(_admin(request).set_disabled, _user_id(request), False,
+    await asyncio.to_thread(_admin(request).accounts.set_disabled, _user_id(request), False,
                             staff.user, staff.ip)
     return see_other("/admin/users?done=user-enabled")
 
@@ -100,12 +100,12 @@ async def reset_password(request: web.Request, staff: Staff) -> web.StreamRespon
     """
     form = await request.post()
     try:
-        done = await _admin(request).password_work.run(
-            _admin(request).reset_password, _user_id(request), field(form, "password", 1024),
-            staff.user, staff.ip)
+        done = await _admin(request).logins.password_work.run(
+            _admin(request).accounts.reset_password, _user_id(request),
+            field(form, "password", 1024), staff.user, staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)
-    users = await asyncio.to_thread(_admin(request).staff_users)
+    users = await asyncio.to_thread(_admin(request).accounts.staff_users)
     return render(request, staff, "users.html", {
         "users": users, "error": "", "values": {}, "created": None, "reset": done,
     }, section="users")
@@ -115,7 +115,7 @@ async def reset_password(request: web.Request, staff: Staff) -> web.StreamRespon
 async def reset_totp(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/users/{user_id}/totp-reset``: the user enrols anew at next login."""
     try:
-        await asyncio.to_thread(_admin(request).reset_totp, _user_id(request), staff.user,
+        await asyncio.to_thread(_admin(request).accounts.reset_totp, _user_id(request), staff.user,
                                 staff.ip)
     except InvalidRequest as exc:
         return await _users_page(request, staff, error=str(exc), status=400)

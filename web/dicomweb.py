@@ -142,8 +142,8 @@ def _scope(request: web.Request) -> access.Scope:
         if not public_id:
             raise NotFound("recipients use their transaction's base URL")
         return access.recipient_scope(session.recipient_id, public_id, ip)
-    user = node.admin.staff_for_session(session)
-    if user is not None and node.admin.pending_step(user) is None:
+    user = node.admin.logins.staff_for_session(session)
+    if user is not None and node.admin.logins.pending_step(user) is None:
         return access.staff_scope(user, public_id, ip)
     raise access.TokenRefused("sign in, or send a bearer token")
 

@@ -35,8 +35,9 @@ from markupsafe import Markup
 from qrcode.image.svg import SvgPathImage
 
 from iepnode import timefmt
-from iepnode.people.admin import STEP_PASSWORD, STEP_TOTP, AdminService
 from iepnode.people.audit import Actor
+from iepnode.people.staff_logins import STEP_PASSWORD, STEP_TOTP, StaffLogins
+from iepnode.staff_side import StaffSide
 from storage.models import StaffUser, Transaction, WebSession
 from web.common import client_ip, format_pn, format_sex
 from web.keys import NODE_KEY, SESSION_KEY
@@ -187,7 +188,7 @@ def staff_filters(zone: tzinfo) -> dict[str, Callable[..., Any]]:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def admin_service(request: web.Request) -> AdminService:
+def admin_service(request: web.Request) -> StaffSide:
     """The staff side of the domain the staff pages call (``node.admin``)."""
     return request.app[NODE_KEY].admin
 
@@ -225,7 +226,7 @@ def render(request: web.Request, staff: Staff | None, template: str,
     """
     done = request.query.get("done", "")
     base = {"me": staff.user if staff else None,
-            "setup": bool(staff and AdminService.pending_step(staff.user)),
+            "setup": bool(staff and StaffLogins.pending_step(staff.user)),
             "csrf": staff.session.csrf_token if staff else "",
             "section": section, "notice": NOTICES.get(done, ""),
             "notice_class": "error" if done in WARNINGS else "info"}
@@ -255,11 +256,11 @@ def staff_view(*, admin_only: bool = False,
         async def handler(request: web.Request) -> web.StreamResponse:
             session = request[SESSION_KEY]
             service = admin_service(request)
-            user = await asyncio.to_thread(service.staff_for_session, session)
+            user = await asyncio.to_thread(service.logins.staff_for_session, session)
             if user is None or session is None:
                 target = request.path_qs if request.method == "GET" else "/admin"
                 raise web.HTTPSeeOther(f"/admin/login?next={quote(target, safe='/')}")
-            pending = service.pending_step(user)
+            pending = service.logins.pending_step(user)
             if pending != step:
                 raise web.HTTPSeeOther(STEP_PAGES[pending] if pending else "/admin")
             staff = Staff(user, session, client_ip(request))

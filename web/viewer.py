@@ -62,8 +62,8 @@ async def _as_staff(request: web.Request) -> tuple[Transaction, ActorOf]:
     session = request[SESSION_KEY]
     node = node_of(request)
     admin = node.admin
-    user = await asyncio.to_thread(admin.staff_for_session, session)
-    if user is None or session is None or admin.pending_step(user):
+    user = await asyncio.to_thread(admin.logins.staff_for_session, session)
+    if user is None or session is None or admin.logins.pending_step(user):
         raise web.HTTPSeeOther("/admin/login")
     transaction = await asyncio.to_thread(node.viewing.for_staff, public_id_of(request))
     actor = audit.Actor("staff", user.username, client_ip(request))

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from storage import hot_queries
-from storage.models import AuditEvent
+from storage.models import AuditEvent, StaffUser
 
 #: EventID codes (DCM) used by the node, with their meanings.
 USER_AUTHENTICATION = ("110114", "User Authentication")
@@ -19,8 +19,14 @@ INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 EXPORT = ("110106", "Export")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 SECURITY_ALERT = ("110113", "Security Alert")
+PATIENT_RECORD = ("110110", "Patient Record")
+QUERY = ("110112", "Query")
 
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
+
+#: The action of a change to the node's set-up (remote AEs, staff users, own TOTP or
+#: password, an admin's resets), recorded as a :data:`SECURITY_ALERT`.
+ADMIN_CHANGE = "admin-change"
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,17 @@ class Actor:
     kind: str
     name: str
     source_ip: str = ""
+
+
+def actor_of(who: StaffUser | Actor, source_ip: str = "") -> Actor:
+    """The actor of a staff user acting from ``source_ip``; an :class:`Actor` as it is.
+
+    Services that anyone allowed may call (the web pages as a staff user, the CLI as
+    the operating-system user, ``Actor("cli", ...)``) take either.
+    """
+    if isinstance(who, Actor):
+        return who
+    return Actor("staff", who.username, source_ip)
 
 
 def record(

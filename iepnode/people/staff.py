@@ -110,7 +110,8 @@ def authenticate(username: str, password: str, totp_code: str,
     allow_enrolment : bool
         Accept the password alone of a user who has no TOTP secret (an admin reset
         it). The caller must then let that session do nothing but enrol a new
-        authenticator (see :meth:`iepnode.people.admin.AdminService.pending_step`).
+        authenticator (see
+        :meth:`iepnode.people.staff_logins.StaffLogins.pending_step`).
 
     Raises
     ------

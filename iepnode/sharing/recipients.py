@@ -7,8 +7,8 @@ used only for a new account (:func:`find_or_create`): an existing recipient's
 channel never changes that way, or anyone able to share could redirect a stranger's
 passcodes to themselves. Changing it is a separate staff action
 (:func:`change_channel`, audited and announced on the old channel by
-:meth:`iepnode.people.admin.AdminService.change_passcode_channel`, allowed as
-:meth:`~iepnode.people.admin.AdminService.may_change_channel` says).
+:meth:`iepnode.sharing.passcode_channels.PasscodeChannels.change_passcode_channel`, allowed as
+:meth:`~iepnode.sharing.passcode_channels.PasscodeChannels.may_change_channel` says).
 """
 
 from __future__ import annotations
