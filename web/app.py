@@ -12,6 +12,7 @@ from aiohttp import web
 from config import Settings
 from iepnode import __version__
 from iepnode.node import Node
+from iepnode.people import passwords
 from web import (
     admin,
     admin_requests,
@@ -69,6 +70,7 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         auto_reload=False,
     )
     env.globals["institution"] = settings.institution
+    env.globals["password_min_length"] = passwords.MIN_LENGTH
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static", HERE / "static", name="static")
     recipient.setup_routes(app)
