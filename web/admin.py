@@ -66,8 +66,9 @@ from iepnode.people.admin import (
     LoginThrottled,
 )
 from iepnode.people.audit import Actor
+from iepnode.rules.identifiers import is_public_id
 from iepnode.sharing import recipients
-from iepnode.sharing.transactions import PRIORITIES, NewTransfer
+from iepnode.sharing.transactions import NEW, PRIORITIES, NewTransfer, is_expired
 from storage.models import StaffUser, Transaction, WebSession
 from storage.registry import SERVICES
 from web import middlewares
@@ -191,7 +192,7 @@ def format_modalities(value: str) -> str:
 
 def transaction_status(transaction: Transaction) -> str:
     """The status staff see: a NEW transaction past its expiry shows as EXPIRED."""
-    if transaction.status == "NEW" and transaction.expires_at <= time.time():
+    if transaction.status == NEW and is_expired(transaction, time.time()):
         return "EXPIRED"
     return transaction.status
 
@@ -484,7 +485,7 @@ async def sends(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def sends_json(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/sends.json?transaction=``: send jobs' progress for the pages' script."""
     transaction = request.query.get("transaction") or None
-    if transaction is not None and not re.fullmatch(r"IEP[0-9]{8}", transaction):
+    if transaction is not None and not is_public_id(transaction):
         raise web.HTTPNotFound()
     jobs = await asyncio.to_thread(node_of(request).send_jobs, transaction)
     return web.json_response({"jobs": [job.as_json() for job in jobs]})

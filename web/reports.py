@@ -41,6 +41,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest
+from iepnode.rules.identifiers import PUBLIC_ID_PATTERN
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from iepnode.viewing.reports import safe_filename
 from web.admin import Staff, staff_view
@@ -48,7 +49,7 @@ from web.common import client_ip, node_of, public_id_of, recipient_session, see_
 from web.keys import SESSION_KEY
 from web.middlewares import SECURITY_HEADERS, Handler
 
-_ATTACH_POST = re.compile(r"(/admin)?/transactions/IEP[0-9]{8}/attachments")
+_ATTACH_POST = re.compile(rf"(/admin)?/transactions/{PUBLIC_ID_PATTERN}/attachments")
 #: Room for the form's other fields and the multipart framing.
 _FORM_MARGIN = 64 * 1024
 #: The PDF's own policy: a sandboxed document (unique origin, no scripts, no forms).

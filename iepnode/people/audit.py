@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from storage import hot_queries
 from storage.models import AuditEvent
 
-#: EventID codes (DCM) used by the node, with their meanings.
+#: EventID codes (DCM) used by the node, with their meanings: the only place they are
+#: written (``event[0]`` is stored as the event code, ``event[1]`` as its name).
 USER_AUTHENTICATION = ("110114", "User Authentication")
 INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 EXPORT = ("110106", "Export")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 SECURITY_ALERT = ("110113", "Security Alert")
+PATIENT_RECORD = ("110110", "Patient Record")
+QUERY = ("110112", "Query")
 
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
 
