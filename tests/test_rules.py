@@ -249,3 +249,57 @@ def test_the_secret_and_staging_folders_follow_the_layout(tmp_path) -> None:
     assert Layout(tmp_path).secret_file.read_bytes() == secret
     assert (Layout(tmp_path).secret_file.stat().st_mode & 0o777) == 0o600
     assert staging_root(tmp_path) == Layout(tmp_path).staging
+
+
+# -- each rule is written once ---------------------------------------------------------------
+
+#: A rule's fingerprint (as its copies were written) -> the files that may hold it.
+_HOMES = {
+    r"IEP\[0-9\]\{8\}|randbelow\(10\*\*8\)": {"iepnode/rules/identifiers.py"},
+    r"token_urlsafe\(24\)|A-Za-z0-9_-\]\{32\}": {"iepnode/rules/identifiers.py"},
+    r"\\x20-\\x5b": {"iepnode/rules/identifiers.py", "config/settings.py"},
+    r"\\x00-\\x(1f|08|09)": {"iepnode/rules/text.py", "config/settings.py"},
+    r"\[\^@|\{7,15\}": {"iepnode/rules/text.py"},
+    r"PasswordHasher\(": {"iepnode/people/passwords.py"},
+    r'minlength="\d': set(),
+    r'\("1101\d\d"': {"iepnode/people/audit.py"},
+    r'status == EXPIRED or|== "EXPIRED" or': {"iepnode/sharing/transactions.py"},
+    r'/ "(objects|filesets|tmp|staging|downloads|logs|outbox|secret\.key|index\.sqlite3'
+    r'|iepnode\.log)"': {"config/settings.py"},
+}
+
+#: Copies left in files other helpers of issue 14 rewrite (they were not to be edited
+#: on this branch): the integrator replaces them, then empties this table. Each entry
+#: must still hold its copy, so the table cannot go stale either.
+_LEFT_FOR_THE_INTEGRATOR = {
+    r"IEP\[0-9\]\{8\}|randbelow\(10\*\*8\)": {"iepnode/cli.py"},
+    r"\\x20-\\x5b": {"iepnode/people/admin.py"},
+    r"\\x00-\\x(1f|08|09)": {"iepnode/people/admin.py"},
+    r'\("1101\d\d"': {"iepnode/node.py", "iepnode/people/admin.py"},
+    r'/ "(objects|filesets|tmp|staging|downloads|logs|outbox|secret\.key|index\.sqlite3'
+    r'|iepnode\.log)"': {"iepnode/node.py"},
+}
+
+
+def _sources() -> dict[str, str]:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = {}
+    for package in ("iepnode", "web", "scp", "storage", "config"):
+        for path in (root / package).rglob("*"):
+            if path.suffix in (".py", ".html", ".js") and path.is_file():
+                found[path.relative_to(root).as_posix()] = path.read_text(encoding="utf-8")
+    return found
+
+
+@pytest.mark.parametrize("fingerprint", sorted(_HOMES))
+def test_each_rule_is_written_once(fingerprint: str) -> None:
+    import re
+
+    pattern = re.compile(fingerprint)
+    holders = {name for name, source in _sources().items() if pattern.search(source)}
+    allowed = _HOMES[fingerprint] | _LEFT_FOR_THE_INTEGRATOR.get(fingerprint, set())
+    assert sorted(holders - allowed) == [], "a copied rule: use its home instead"
+    assert sorted(_LEFT_FOR_THE_INTEGRATOR.get(fingerprint, set()) - holders) == [], (
+        "a copy left for the integrator is gone: drop it from _LEFT_FOR_THE_INTEGRATOR")
