@@ -303,3 +303,11 @@ def test_each_rule_is_written_once(fingerprint: str) -> None:
     assert sorted(holders - allowed) == [], "a copied rule: use its home instead"
     assert sorted(_LEFT_FOR_THE_INTEGRATOR.get(fingerprint, set()) - holders) == [], (
         "a copy left for the integrator is gone: drop it from _LEFT_FOR_THE_INTEGRATOR")
+
+
+def test_conformant_uids() -> None:
+    from iepnode.archive.uids import is_conformant_uid
+
+    assert is_conformant_uid("1.2.840.10008.1.2.1") and is_conformant_uid("0.0")
+    for loose in ("1.02.3", "1..2", "1.2.", ".1", "", "1.2\n"):
+        assert not is_conformant_uid(loose)
