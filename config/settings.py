@@ -19,8 +19,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import tzlocal
 
-#: AE titles: 1-16 characters of the default character repertoire, no backslash.
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+#: AE titles: 1-16 characters of the default character repertoire, no backslash. A
+#: mirror of :data:`iepnode.rules.identifiers.AE_TITLE` (config imports nothing of the
+#: project; tests/test_rules.py checks the two are the same).
+_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 DUPLICATE_POLICIES = ("keep", "replace")
 #: Bounds of ``max_pdu`` (bytes): PS3.8 lets a peer send PDUs up to the announced size.
 MIN_PDU = 4096
@@ -30,8 +32,75 @@ SMS_GATEWAYS = ("outbox", "email", "http")
 #: A DNS host name (for email-to-SMS domains): dot-separated labels.
 _HOST_NAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
-#: Characters never allowed in values that end up in mail headers or URLs.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Characters never allowed in values that end up in mail headers or URLs: C0 and C1
+#: controls, DEL. A mirror of :data:`iepnode.rules.text.CONTROL` (checked by a test).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The data directory's layout: the one place that names what lies under it.
+
+    Everyone else asks :class:`Settings` (``settings.store_dir``, ...) or, holding only
+    the data directory, ``Layout(data_dir)``.
+
+    Attributes
+    ----------
+    root : Path
+        The data directory (``data_dir``).
+    """
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        """Received instances, by generated key."""
+        return self.root / "objects"
+
+    @property
+    def filesets(self) -> Path:
+        """Per-study DICOMDIR file-sets."""
+        return self.root / "filesets"
+
+    @property
+    def tmp(self) -> Path:
+        """Staging area on the same file system as the store (atomic renames)."""
+        return self.root / "tmp"
+
+    @property
+    def staging(self) -> Path:
+        """Uploads on request: one folder per upload, named by its random key."""
+        return self.root / "staging"
+
+    @property
+    def downloads(self) -> Path:
+        """Password-protected copies of packages, while they last."""
+        return self.root / "downloads"
+
+    @property
+    def logs(self) -> Path:
+        """The node's log files."""
+        return self.root / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        """The node's log file."""
+        return self.logs / "iepnode.log"
+
+    @property
+    def outbox(self) -> Path:
+        """Outgoing mail and SMS written as files when no server/gateway is set."""
+        return self.root / "outbox"
+
+    @property
+    def secret_file(self) -> Path:
+        """The node's 32-byte secret (passcode hashes), created once, mode 0600."""
+        return self.root / "secret.key"
+
+    @property
+    def database_file(self) -> Path:
+        """The SQLite index, unless ``database_url`` names another database."""
+        return self.root / "index.sqlite3"
 
 
 class ConfigError(ValueError):
@@ -270,34 +339,54 @@ class Settings:
     config_file: Path | None = field(default=None, compare=False)
 
     @property
+    def layout(self) -> Layout:
+        """What lies where under :attr:`data_dir`."""
+        return Layout(self.data_dir)
+
+    @property
     def store_dir(self) -> Path:
         """Where received instances are kept, by generated key."""
-        return self.data_dir / "objects"
+        return self.layout.store
 
     @property
     def fileset_dir(self) -> Path:
         """Where per-study DICOMDIR file-sets are built."""
-        return self.data_dir / "filesets"
+        return self.layout.filesets
 
     @property
     def tmp_dir(self) -> Path:
         """Staging area on the same file system as the store (atomic renames)."""
-        return self.data_dir / "tmp"
+        return self.layout.tmp
 
     @property
     def staging_dir(self) -> Path:
         """Uploads on request: one folder per upload, named by its random key."""
-        return self.data_dir / "staging"
+        return self.layout.staging
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Where password-protected copies of packages are written."""
+        return self.layout.downloads
 
     @property
     def log_dir(self) -> Path:
         """Where the node's log file lives."""
-        return self.data_dir / "logs"
+        return self.layout.logs
+
+    @property
+    def log_file(self) -> Path:
+        """The node's log file."""
+        return self.layout.log_file
 
     @property
     def outbox_dir(self) -> Path:
         """Where outgoing mail and SMS are written when no server/gateway is set."""
-        return self.data_dir / "outbox"
+        return self.layout.outbox
+
+    @property
+    def secret_file(self) -> Path:
+        """The node's secret key file."""
+        return self.layout.secret_file
 
     @property
     def zone(self) -> ZoneInfo:
@@ -322,7 +411,7 @@ class Settings:
         """The database URL, defaulting to SQLite inside ``data_dir``."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+        return f"sqlite:///{self.layout.database_file.resolve()}"
 
 
 # TOML layout: section -> {toml key: Settings attribute}
@@ -599,7 +688,7 @@ def _validate_amplification(s: Settings) -> None:
 
 
 def _validate(s: Settings) -> Settings:
-    if not _AE_TITLE.match(s.ae_title) or not s.ae_title.strip():
+    if not _AE_TITLE.fullmatch(s.ae_title) or not s.ae_title.strip():
         raise ConfigError(f"ae_title {s.ae_title!r}: 1-16 printable characters, no backslash")
     for name in ("dicom_port", "http_port"):
         port = getattr(s, name)
@@ -661,7 +750,7 @@ def _validate(s: Settings) -> Settings:
     if not 1 <= s.max_inflated_mb <= 16384:
         raise ConfigError(f"max_inflated_mb {s.max_inflated_mb}: must be 1-16384")
     # uploads: review and release (issue 7, reconcile)
-    if s.upload_pacs_ae.strip() and not _AE_TITLE.match(s.upload_pacs_ae.strip()):
+    if s.upload_pacs_ae.strip() and not _AE_TITLE.fullmatch(s.upload_pacs_ae.strip()):
         raise ConfigError(f"upload_pacs_ae {s.upload_pacs_ae!r}: an AE title (1-16 "
                           "printable characters, no backslash) or empty")
     if _CONTROL.search(s.upload_issuer) or len(s.upload_issuer) > 64:

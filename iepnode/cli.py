@@ -12,6 +12,8 @@ from typing import Any
 
 from config import ConfigError, Settings, load_settings
 from iepnode.errors import NodeError
+from iepnode.people import passwords
+from iepnode.rules.identifiers import is_public_id
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -422,7 +424,7 @@ def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = getpass.getpass("Password (12+ characters): ")
+        password = getpass.getpass(f"Password ({passwords.MIN_LENGTH}+ characters): ")
         if getpass.getpass("Again: ") != password:
             print("iepnode: the passwords differ", file=sys.stderr)
             return 1
@@ -536,7 +538,6 @@ def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     import os
-    import re
 
     from tqdm import tqdm
 
@@ -547,7 +548,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
     setup_logging(settings, process_name="export", to_stderr=False)
     node = Node(settings)
-    is_transaction = re.fullmatch(r"IEP[0-9]{8}", args.what) is not None
+    is_transaction = is_public_id(args.what)
     pkg = (node.transaction_package(args.what) if is_transaction
            else node.study_package(args.what))
     out = args.out

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from datetime import date
+
+from iepnode.rules.text import without_control
 
 
 def person_name(value: str, empty: str = "—") -> str:
@@ -34,7 +35,6 @@ def dicom_date(value: str, empty: str = "—") -> str:
     return text or empty
 
 
-_TYPED_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def typed_text(value: str, limit: int = 64) -> str:
@@ -43,4 +43,4 @@ def typed_text(value: str, limit: int = 64) -> str:
     Strips, drops control characters and backslashes (the DICOM value separator), and
     cuts to ``limit`` characters.
     """
-    return _TYPED_CONTROL.sub("", value).strip()[:limit]
+    return without_control(value).replace("\\", "").strip()[:limit]

@@ -13,15 +13,32 @@
     ├── NotFound              no such transaction/study for this user     -> HTTP 404
     ├── Gone                  the user's package, no longer available      -> HTTP 410
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
-    │   └── InProgress        the same work is being done already (one at a time) -> HTTP 409
+    │   ├── InProgress        the same work is being done already (one at a time) -> HTTP 409
+    │   ├── OffsetMismatch    an upload chunk does not start where the file ends -> HTTP 409
+    │   │                     (iepnode.uploads.staging, as are the next two)
+    │   ├── TooLarge          an upload over its limits, or a chunk overrunning its file
+    │   ├── FileBusy          another request is writing this upload file -> HTTP 409
+    │   ├── AttachmentRefused a file that cannot be wrapped as a document (iepnode.viewing.wrapping)
+    │   ├── ForwardInvalid    a forward dialog field is wrong; ``step`` says where
+    │   │                     (iepnode.sharing.forwarding, as is the next one)
+    │   └── ForwardRefused    the rules do not allow forwarding this package
     ├── Busy                  a bounded resource is full right now: try again shortly -> HTTP 503
     ├── DeliveryError         mail/SMS not sent (iepnode.outbound.messaging) -> CLI/HTTP error
     ├── PeerUnavailable       a send's remote AE cannot be reached or dropped the association
     │                         -> the send job is retried with back-off (iepnode.outbound.sending)
+    ├── NotAcceptableMedia    a DICOMweb client accepts no media type the node gives -> HTTP 406
+    │                         (iepnode.viewing.dicomweb)
+    ├── TokenRefused          a DICOMweb bearer token unknown, expired or revoked -> HTTP 401
+    │                         (iepnode.viewing.dicomweb_access)
     └── LoginRefused          passcode login failed                       -> HTTP 403
         ├── PasscodeRejected  wrong, expired, reused or dead passcode
         ├── RecipientLocked   too many consecutive failures: staff must unlock
-        └── RateLimited       a passcode was sent moments ago
+        ├── RateLimited       a passcode was sent moments ago
+        └── LoginThrottled    too many failed logins for a username (iepnode.people.staff_logins)
+
+Classes drawn without a module live here; the others live beside the code that raises
+them (the module is named). ``tests/test_errors_tree.py`` checks that every subclass of
+:class:`NodeError` in the package is drawn, under its real parent.
 """
 
 from __future__ import annotations

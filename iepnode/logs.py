@@ -36,7 +36,7 @@ def setup_logging(settings: Settings, *, process_name: str | None = None,
     for handler in list(root.handlers):
         root.removeHandler(handler)
     formatter = logging.Formatter(FORMAT)
-    file_handler = logging.handlers.WatchedFileHandler(settings.log_dir / "iepnode.log")
+    file_handler = logging.handlers.WatchedFileHandler(settings.log_file)
     file_handler.setFormatter(formatter)
     root.addHandler(file_handler)
     if to_stderr:

@@ -15,15 +15,18 @@ import os
 import secrets
 from pathlib import Path
 
-#: Bytes of randomness in link tokens and session cookies (192 bits).
-TOKEN_BYTES = 24
+from config.settings import Layout
+from iepnode.rules.identifiers import TOKEN_BYTES, new_token
+
+__all__ = ["TOKEN_BYTES", "load_or_create_secret", "new_passcode", "new_token",
+           "passcode_hash", "passcode_matches", "token_hash"]
+
 PASSCODE_DIGITS = 6
-SECRET_FILE = "secret.key"
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
     """Return the node's 32-byte secret, creating ``DATA_DIR/secret.key`` (0600) once."""
-    path = data_dir / SECRET_FILE
+    path = Layout(data_dir).secret_file
     try:
         secret = path.read_bytes()
     except FileNotFoundError:
@@ -39,11 +42,6 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     if len(secret) != 32:
         raise ValueError(f"{path} is damaged (expected 32 bytes)")
     return secret
-
-
-def new_token() -> str:
-    """Return a URL-safe random token (192 bits)."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def token_hash(token: str) -> str:

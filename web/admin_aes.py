@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 from typing import Any
 
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest, UnknownDestination
+from iepnode.rules.identifiers import is_public_id
 from storage.registry import SERVICES
 from web.common import node_of, see_other
 from web.staff_pages import (
@@ -86,7 +86,7 @@ async def sends(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def sends_json(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/sends.json?transaction=``: send jobs' progress for the pages' script."""
     transaction = request.query.get("transaction") or None
-    if transaction is not None and not re.fullmatch(r"IEP[0-9]{8}", transaction):
+    if transaction is not None and not is_public_id(transaction):
         raise web.HTTPNotFound()
     jobs = await asyncio.to_thread(node_of(request).send_jobs, transaction)
     return web.json_response({"jobs": [job.as_json() for job in jobs]})

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 from aiohttp import web
 
 from iepnode import dicomtext
 from iepnode.errors import NotFound
 from iepnode.node import Node
+from iepnode.rules.identifiers import is_public_id
 from storage.models import WebSession
 from web.keys import NODE_KEY, SESSION_KEY
 
-_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
 _SEXES = {"F": "Female", "M": "Male", "O": "Other"}
 
 
@@ -47,7 +45,7 @@ def recipient_session(request: web.Request) -> WebSession:
 def public_id_of(request: web.Request) -> str:
     """The ``{public_id}`` of the URL; anything not shaped like an ID is a 404."""
     public_id = request.match_info["public_id"]
-    if not _PUBLIC_ID.fullmatch(public_id):
+    if not is_public_id(public_id):
         raise NotFound(f"no transaction {public_id!r}")
     return public_id
 

@@ -49,6 +49,7 @@ from aiohttp import web
 from iepnode.archive.query import Level
 from iepnode.errors import BadQuery, Gone, NotFound
 from iepnode.people import audit
+from iepnode.rules.identifiers import is_public_id, is_uid_like
 from iepnode.viewing import dicomweb as dw
 from iepnode.viewing import dicomweb_access as access
 from web.common import client_ip, node_of
@@ -57,8 +58,6 @@ from web.middlewares import SECURITY_HEADERS
 
 log = logging.getLogger("iepnode.web.dicomweb")
 
-_PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 DICOM_JSON = "application/dicom+json"
 _CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
@@ -101,7 +100,7 @@ def _error(request: web.Request, status: int, text: str,
 
 def _uid(request: web.Request, name: str) -> str:
     value = request.match_info.get(name, "")
-    if value and (len(value) > 64 or not _UID.fullmatch(value)):
+    if value and not is_uid_like(value):
         raise NotFound(f"not a UID: {value!r}")
     return value
 
@@ -131,7 +130,7 @@ def _scope(request: web.Request) -> access.Scope:
     """
     node = node_of(request)
     public_id = request.match_info.get("public_id", "")
-    if public_id and not _PUBLIC_ID.fullmatch(public_id):
+    if public_id and not is_public_id(public_id):
         raise NotFound("no such transaction")
     ip = client_ip(request)
     authorization = request.headers.get("Authorization", "")
@@ -414,7 +413,7 @@ def search_view(level: Level) -> Handler:
 
         def run() -> list:
             rows = dw.search(call.scope, query, call.base_url)
-            _record(request, call, dw.QUERY, "qido", list(fixed.values())[:1],
+            _record(request, call, audit.QUERY, "qido", list(fixed.values())[:1],
                       f"QIDO-RS {request.path_qs[:300]}: {len(rows)} results")
             return rows
 

@@ -32,6 +32,7 @@ from iepnode.sharing.forwarding import (
     ForwardRequest,
     ForwardState,
 )
+from iepnode.sharing.transactions import is_expired
 from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 
@@ -117,7 +118,7 @@ async def forwards(request: web.Request) -> web.Response:
     return aiohttp_jinja2.render_template("recipient/forwards.html", request, {
         "history": history, "t": history.transaction, "recipient": history.forwarder,
         "csrf": session.csrf_token, "notice": _DONE.get(request.query.get("done", ""), ""),
-        "now": time.time(),
+        "now": time.time(), "is_expired": is_expired,
     })
 
 

@@ -36,6 +36,8 @@ from iepnode.errors import (
     NotAuthorized,
     NotFound,
 )
+from iepnode.rules.identifiers import PUBLIC_ID_PATTERN, new_token
+from iepnode.rules.text import UNSAFE_NAME
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from web import proxies
 from web.keys import NODE_KEY, SESSION_KEY
@@ -60,7 +62,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 #: The attachment POSTs (recipient and staff) that may carry a file bigger than 1 MiB.
-_ATTACH_POST = re.compile(r"(/admin)?/transactions/IEP[0-9]{8}/attachments")
+_ATTACH_POST = re.compile(rf"(/admin)?/transactions/{PUBLIC_ID_PATTERN}/attachments")
 #: Room for the form's other fields and the multipart framing.
 _FORM_MARGIN = 64 * 1024
 
@@ -179,9 +181,6 @@ async def upload_limit(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-#: Characters never allowed in a form field's name or a file's name: C0 controls (CR,
-#: LF, NUL, ...), DEL, and lone surrogates (bytes that were not UTF-8).
-_BAD_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 #: What aiohttp raises for a body that is not the form its Content-Type says: a part
 #: header broken by CR/LF/NUL, a missing boundary or name, an unknown charset or
 #: transfer encoding, a truncated body (the warning is raised where warnings are errors).
@@ -216,7 +215,7 @@ async def read_form(request: web.Request) -> MultiDictProxy:
                  "(a part header broken by a line break or control character?).") from None
     for name, value in form.items():
         filename = value.filename if isinstance(value, web.FileField) else ""
-        if _BAD_NAME.search(name) or _BAD_NAME.search(filename or ""):
+        if UNSAFE_NAME.search(name) or UNSAFE_NAME.search(filename or ""):
             log.warning("form with a control character in a name: %s %s from %s",
                         request.method, request.path, request.remote)
             raise web.HTTPBadRequest(
@@ -275,7 +274,7 @@ def clear_session_cookie(response: web.StreamResponse) -> None:
 
 def prelogin_csrf(request: web.Request) -> str:
     """Return the pre-login CSRF value for a form, reusing the browser's cookie if set."""
-    return request.cookies.get(PRELOGIN_COOKIE) or secrets.token_urlsafe(24)
+    return request.cookies.get(PRELOGIN_COOKIE) or new_token()
 
 
 def set_prelogin_cookie(response: web.StreamResponse, value: str) -> None:

@@ -37,6 +37,7 @@ from qrcode.image.svg import SvgPathImage
 from iepnode import timefmt
 from iepnode.people.audit import Actor
 from iepnode.people.staff_logins import STEP_PASSWORD, STEP_TOTP, StaffLogins
+from iepnode.sharing.transactions import NEW, is_expired
 from iepnode.staff_side import StaffSide
 from storage.models import StaffUser, Transaction, WebSession
 from web.common import client_ip, format_pn, format_sex
@@ -150,7 +151,7 @@ def format_modalities(value: str) -> str:
 
 def transaction_status(transaction: Transaction) -> str:
     """The status staff see: a NEW transaction past its expiry shows as EXPIRED."""
-    if transaction.status == "NEW" and transaction.expires_at <= time.time():
+    if transaction.status == NEW and is_expired(transaction, time.time()):
         return "EXPIRED"
     return transaction.status
 

@@ -14,6 +14,7 @@ import jinja2
 from aiohttp import web
 
 from config import Settings
+from iepnode.people import passwords
 from web import download, recipient, staff_pages
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -43,6 +44,7 @@ def setup_templates(app: web.Application, settings: Settings) -> jinja2.Environm
     )
     env.globals["institution"] = settings.institution
     env.globals["max_forwards"] = settings.max_forwards
+    env.globals["password_min_length"] = passwords.MIN_LENGTH
     env.filters.update(recipient.recipient_filters(settings.zone))
     env.filters.update(staff_pages.staff_filters(settings.zone))
     env.tests["downloadable"] = download.downloadable

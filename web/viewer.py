@@ -31,13 +31,13 @@ from aiohttp import web
 
 from iepnode.errors import NotFound
 from iepnode.people import audit
+from iepnode.rules.identifiers import is_uid_like
 from iepnode.sharing.previews import placeholder_jpeg
 from iepnode.viewing.rendering import RenderError
 from storage.models import Transaction
 from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.keys import SESSION_KEY
 
-_UID = re.compile(r"[0-9.]{1,64}")
 _NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _IMMUTABLE = "private, max-age=31536000, immutable"
 _FORMATS = {"png": "image/png", "jpg": "image/jpeg"}
@@ -72,7 +72,7 @@ async def _as_staff(request: web.Request) -> tuple[Transaction, ActorOf]:
 
 def _uid(request: web.Request, name: str = "sop") -> str:
     value = request.match_info.get(name) or request.query.get(name, "")
-    if not _UID.fullmatch(value):
+    if not is_uid_like(value):
         raise NotFound(f"no such UID {value!r}")
     return value
 

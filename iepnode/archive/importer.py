@@ -71,20 +71,23 @@ from iepnode.archive.dataset_check import (
     check_dataset,
 )
 from iepnode.archive.ingest import FileMeta, Ingester, parse_file_meta
+from iepnode.archive.limits import IMPORT_LIMITS, inflates_too_far
 from iepnode.errors import BadDataset, DatasetMismatch, NodeError, OutOfResources
 from storage.index import Outcome
 
 log = logging.getLogger("iepnode.import")
 
+# The limits are those of iepnode.archive.limits (one set for imports and uploads);
+# these names say them in the messages below.
 #: A zip entry above 1 MiB expanding more than this many times its compressed size
 #: is refused as a zip bomb.
-MAX_COMPRESSION_RATIO = 200
+MAX_COMPRESSION_RATIO = IMPORT_LIMITS.max_entry_ratio
 #: No single object above this size is imported (bytes).
-MAX_OBJECT_SIZE = 4 << 30
+MAX_OBJECT_SIZE = IMPORT_LIMITS.max_entry
 #: A zip whose entries add up to more than this is refused as a whole (bytes).
-MAX_ZIP_TOTAL = 64 << 30
+MAX_ZIP_TOTAL = IMPORT_LIMITS.max_total
 #: A DICOMDIR larger than this is not read (bytes).
-MAX_DICOMDIR_SIZE = 64 << 20
+MAX_DICOMDIR_SIZE = IMPORT_LIMITS.max_dicomdir
 #: Zip entries are copied out in blocks of this size.
 READ_BLOCK = 1 << 20
 #: While an object is checked, the pages behind the check are let go every this many bytes.
@@ -414,9 +417,7 @@ def _entry_problem(info: zipfile.ZipInfo) -> str | None:
         return f"unsupported compression method {method}"
     if info.file_size > MAX_OBJECT_SIZE:
         return f"entry of {info.file_size} bytes exceeds the {MAX_OBJECT_SIZE}-byte limit"
-    if info.file_size > (1 << 20) and (
-        info.compress_size == 0 or info.file_size / info.compress_size > MAX_COMPRESSION_RATIO
-    ):
+    if inflates_too_far(info.file_size, info.compress_size):
         ratio = info.file_size // max(info.compress_size, 1)
         return (f"compression ratio {ratio}:1 (over {MAX_COMPRESSION_RATIO}:1) "
                 "looks like a zip bomb")
@@ -687,8 +688,7 @@ def _spool(handle: BinaryIO, head: bytes, source: Source, directory: Path | None
             if total > MAX_OBJECT_SIZE:
                 raise BadDataset(f"larger than the {MAX_OBJECT_SIZE}-byte limit")
             packed = source.compressed_size
-            if packed is not None and total > (1 << 20) and (
-                    packed == 0 or total / packed > MAX_COMPRESSION_RATIO):
+            if inflates_too_far(total, packed):
                 raise BadDataset(f"expands over {MAX_COMPRESSION_RATIO} times its compressed "
                                  "size: looks like a zip bomb")
             spool.write(block)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -28,14 +27,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, DeflatedExplicitVRLittl
 
 from iepnode import __version__
 from iepnode.archive.dataset_check import DEFAULT_MAX_INFLATED, check_dataset
-from iepnode.archive.uids import is_uid_like
+from iepnode.archive.uids import is_conformant_uid, is_uid_like
 from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, Outcome, instance_exists, record_instance
 
 log = logging.getLogger("iepnode.ingest")
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 IMPLEMENTATION_VERSION = f"IEPNODE_{__version__}"[:16]
 
@@ -206,7 +204,7 @@ def _uid(ds: Dataset, keyword: str) -> str:
         raise BadDataset(f"missing {keyword}")
     if not is_uid_like(value):
         raise BadDataset(f"malformed {keyword} {value!r}")
-    if not _UID.match(value):
+    if not is_conformant_uid(value):
         log.warning("non-conformant %s %r accepted", keyword, value)
     return value
 

@@ -12,11 +12,10 @@ import re
 from iepnode.errors import InvalidRequest, NotFound
 from iepnode.people import audit
 from iepnode.people.audit import ADMIN_CHANGE, Actor, actor_of
+from iepnode.rules.identifiers import is_ae_title
 from storage import registry
 from storage.models import RemoteAE, StaffUser
 
-#: A DICOM AE title: 1 to 16 characters of the default repertoire, no backslash.
-AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 #: Where a peer connects from: an IP address, a host name, or ``*`` for any address.
 HOST = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9.:-]{0,254})$")
 
@@ -57,7 +56,7 @@ class RemotePeers:
             A bad AE title, host, port or service.
         """
         title = ae_title.strip()
-        if not AE_TITLE.match(title):
+        if not is_ae_title(title):
             raise InvalidRequest("an AE title has 1 to 16 characters, no backslash or "
                                  "control characters")
         host = host.strip()

@@ -37,17 +37,13 @@ import aiosmtplib
 
 from config import Settings
 from iepnode.errors import NodeError
+from iepnode.rules.text import has_control, is_email, is_phone
 
 log = logging.getLogger("iepnode.messaging")
 
 #: Seconds allowed for the whole HTTP SMS gateway request.
 SMS_HTTP_TIMEOUT = 10.0
 
-#: Phone numbers after removing spaces and dashes: optional ``+``, 7-15 digits.
-_PHONE = re.compile(r"\+?[0-9]{7,15}")
-#: A deliberately simple address check: one ``@``, no spaces, quotes, brackets,
-#: separators or control characters (so one header value is one recipient).
-_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f<>()\[\],;:\"\\]+@[^@\s\x00-\x1f\x7f<>()\[\],;:\"\\]+")
 _KIND = re.compile(r"[A-Za-z0-9._-]{1,40}")
 #: A gateway's message id is logged only if it looks like one.
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,100}")
@@ -105,7 +101,7 @@ def normalize_phone(number: str) -> str:
         If the number has other characters or the wrong length.
     """
     compact = re.sub(r"[ \-]", "", number.strip())
-    if not _PHONE.fullmatch(compact):
+    if not is_phone(compact):
         raise ValueError(f"phone number {number!r}: expected an optional + and 7-15 digits "
                          "(spaces and dashes allowed)")
     return compact
@@ -133,7 +129,7 @@ def check_email(address: str) -> str:
     if "\r" in address or "\n" in address:
         raise ValueError("email address must not contain line breaks")
     stripped = address.strip()
-    if not _EMAIL.fullmatch(stripped):
+    if not is_email(stripped):
         raise ValueError(f"email address {address!r}: expected one address like name@example.org")
     return stripped
 
@@ -141,7 +137,7 @@ def check_email(address: str) -> str:
 def _check_header(name: str, value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError(f"{name} must not contain line breaks")
-    if re.search(r"[\x00-\x08\x0b-\x1f\x7f]", value):
+    if has_control(value):
         raise ValueError(f"{name} must not contain control characters")
     return value
 

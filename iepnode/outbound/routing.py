@@ -21,12 +21,12 @@ from iepnode.errors import InvalidRequest, NodeError, NotFound
 from iepnode.outbound import sending
 from iepnode.people import audit
 from iepnode.people.audit import Actor
+from iepnode.rules.identifiers import AE_TITLE
 from storage.db import write_transaction
 from storage.models import Instance, RoutedStudy, RouteRule, Series, Study
 
 log = logging.getLogger("iepnode.routing")
 
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _CODE = re.compile(r"^[A-Za-z0-9 ._-]{0,16}$")
 #: Studies looked at per rule and pass (the rest wait for the next pass).
 BATCH = 100
@@ -34,7 +34,7 @@ BATCH = 100
 
 def _checked(value: str, what: str, pattern: re.Pattern[str] = _CODE) -> str:
     value = value.strip()
-    if value and not pattern.match(value):
+    if value and not pattern.fullmatch(value):
         raise InvalidRequest(f"{what} {value!r}: up to 16 letters, digits, spaces, . _ -")
     return value
 
@@ -50,7 +50,7 @@ def add_rule(destination: str, actor: Actor, *, calling_ae: str = "",
     UnknownDestination
         ``destination`` is not a registered send destination.
     """
-    calling_ae = _checked(calling_ae, "calling AE", _AE_TITLE) if calling_ae.strip() else ""
+    calling_ae = _checked(calling_ae, "calling AE", AE_TITLE) if calling_ae.strip() else ""
     accession_prefix = _checked(accession_prefix, "accession prefix")
     modality = _checked(modality, "modality").upper()
     ae = sending.destination_ae(destination)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from storage import hot_queries
 from storage.models import AuditEvent, StaffUser
 
-#: EventID codes (DCM) used by the node, with their meanings.
+#: EventID codes (DCM) used by the node, with their meanings: the only place they are
+#: written (``event[0]`` is stored as the event code, ``event[1]`` as its name).
 USER_AUTHENTICATION = ("110114", "User Authentication")
 INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 EXPORT = ("110106", "Export")

@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -50,6 +49,7 @@ from typing import BinaryIO
 import peewee
 
 from iepnode.errors import Gone, InProgress, InvalidRequest, NotFound
+from iepnode.rules.identifiers import is_token, new_token
 from iepnode.sharing import transactions
 from iepnode.sharing.package import AttachedFile, Package, PackageSource
 from iepnode.sharing.zipstream import Member, ZipLayout, iter_batches, read_slice
@@ -64,7 +64,6 @@ PROTECTED_TTL = 6 * 3600.0
 PASSWORD_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 #: Free space kept beyond a protected copy's size when deciding whether to build it.
 SPACE_MARGIN = 1 << 30
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 #: Seconds a build's claim lasts unless renewed; the builder renews it as it writes.
 BUILD_LEASE = 120.0
 
@@ -331,7 +330,7 @@ class ProtectedStore:
             raise InvalidRequest("There is not enough room on the server to prepare a "
                                  "password-protected copy just now. Please use the plain "
                                  "download, or try again later.")
-        token = secrets.token_urlsafe(24)
+        token = new_token()
         base = self.folder / self._name(token)
         password = new_password()
         size = write_protected(package, base.with_suffix(".zip"), password,
@@ -352,7 +351,7 @@ class ProtectedStore:
             Unknown, expired or someone else's token.
         """
         now = time.time() if now is None else now
-        if not _TOKEN.fullmatch(token):
+        if not is_token(token):
             raise NotFound("no such download")
         base = self.folder / self._name(token)
         try:

@@ -26,13 +26,13 @@ trail.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from iepnode.errors import InvalidRequest
 from iepnode.people import audit
+from iepnode.rules.text import has_control
 from iepnode.security import new_token, token_hash
 from iepnode.sharing import recipients
 from iepnode.sharing.recipients import normalize_email, normalize_mobile
@@ -71,8 +71,6 @@ FORWARDER = "forwarder"
 MAX_NAME = 64
 MAX_ADDRESS = 500
 MAX_ORGANISATION = 128
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
 
 
 class ForwardInvalid(InvalidRequest):
@@ -238,7 +236,7 @@ def _line(value: str, label: str, limit: int, *, step: int, required: bool) -> s
     text = " ".join(value.split())
     if required and not text:
         raise ForwardInvalid(f"give the {label}", step)
-    if len(text) > limit or _CONTROL.search(text):
+    if len(text) > limit or has_control(text):
         raise ForwardInvalid(f"the {label} has at most {limit} characters", step)
     return text
 
@@ -283,7 +281,7 @@ def check_request(request: ForwardRequest, *, forwarder_email: str,
                             if line.strip())
         if not address:
             raise ForwardInvalid("give the recipient's address", DESTINATION)
-        if len(address) > MAX_ADDRESS or _CONTROL_BUT_NEWLINE.search(address):
+        if len(address) > MAX_ADDRESS or has_control(address, multiline=True):
             raise ForwardInvalid(f"the address has at most {MAX_ADDRESS} characters",
                                  DESTINATION)
         try:

@@ -18,18 +18,17 @@ import time
 from dataclasses import dataclass
 
 from iepnode.errors import InvalidRequest
+from iepnode.rules.text import is_email, is_phone
 from storage.db import is_sqlite, write_transaction
 from storage.models import LoginAttempt, Recipient, WebSession, database_proxy
 
 SMS, EMAIL = "sms", "email"
-_EMAIL = re.compile(r"^[^@\s\r\n]{1,64}@[^@\s\r\n]{1,190}\.[^@\s\r\n]{2,}$")
-_MOBILE = re.compile(r"^\+?[0-9]{7,15}$")
 
 
 def normalize_email(value: str) -> str:
     """Return a lower-cased email address, or raise :class:`InvalidRequest`."""
     email = value.strip().lower()
-    if not _EMAIL.match(email):
+    if not is_email(email):
         raise InvalidRequest(f"not an email address: {value!r}")
     return email
 
@@ -37,7 +36,7 @@ def normalize_email(value: str) -> str:
 def normalize_mobile(value: str) -> str:
     """Return a mobile number as ``+digits``/``digits``, or raise :class:`InvalidRequest`."""
     number = re.sub(r"[\s\-().]", "", value)
-    if not _MOBILE.match(number):
+    if not is_phone(number):
         raise InvalidRequest(f"not a mobile number: {value!r}")
     return number
 

@@ -8,11 +8,11 @@ files of expired packages while a study still shared elsewhere stays.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 
 from iepnode.errors import InvalidRequest, NotFound
+from iepnode.rules.identifiers import new_public_id
 from iepnode.security import new_token, token_hash
 from iepnode.sharing import recipients
 from iepnode.sharing.recipients import normalize_email
@@ -70,7 +70,7 @@ class NewTransfer:
 
 def _new_public_id() -> str:
     for _ in range(20):
-        candidate = f"IEP{secrets.randbelow(10**8):08d}"
+        candidate = new_public_id()
         if not Transaction.select().where(Transaction.public_id == candidate).exists():
             return candidate
     raise RuntimeError("could not find a free transaction ID")
@@ -225,7 +225,7 @@ def newest_for(recipient_id: int) -> Transaction | None:
 def decline(transaction: Transaction, reason: str, now: float | None = None) -> None:
     """Decline a transaction with a reason (kept in its thread)."""
     now = time.time() if now is None else now
-    if transaction.status in (DECLINED, EXPIRED) or transaction.expires_at <= now:
+    if transaction.status == DECLINED or is_expired(transaction, now):
         raise InvalidRequest(f"transaction {transaction.public_id} can no longer be declined")
     reason = reason.strip()
     if not reason:

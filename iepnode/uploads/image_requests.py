@@ -17,6 +17,7 @@ from datetime import tzinfo
 
 from iepnode import timefmt
 from iepnode.errors import InvalidRequest
+from iepnode.rules.text import has_control
 from iepnode.security import new_token, token_hash
 from iepnode.sharing.transactions import (
     DAY,
@@ -35,7 +36,6 @@ from storage.models import Transaction, TransactionMessage
 
 SEXES = ("F", "M", "O", "")
 _DA = re.compile(r"^[0-9]{8}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def person_name(family: str, given: str) -> str:
     if not family:
         raise InvalidRequest("give the patient's last name")
     for part in (family, given):
-        if _CONTROL.search(part) or any(c in part for c in "^=\\"):
+        if has_control(part) or any(c in part for c in "^=\\"):
             raise InvalidRequest(f"the name {part!r} has characters a name cannot have")
         if len(part) > 64:
             raise InvalidRequest("names are limited to 64 characters")
@@ -113,7 +113,7 @@ def person_name(family: str, given: str) -> str:
 
 def _clean(value: str, limit: int, what: str) -> str:
     value = value.strip()
-    if _CONTROL.search(value) or len(value) > limit:
+    if has_control(value) or len(value) > limit:
         raise InvalidRequest(f"{what}: at most {limit} characters, no line breaks")
     return value
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from iepnode.archive import importer
 from iepnode.archive.ingest import parse_header, record_from_header
+from iepnode.archive.limits import DEFAULT_LIMITS, ZipLimits, archive_problem
 from iepnode.archive.reconciliation import PatientIdentity
 from iepnode.errors import BadDataset, NodeError, OutOfResources
 from storage.index import InstanceRecord
@@ -51,35 +52,6 @@ SKIPPED = "skipped"
 DOCUMENT_KINDS = (PDF, JPEG, PNG)
 _MAGIC = ((b"%PDF-", PDF), (b"\xff\xd8\xff", JPEG), (b"\x89PNG\r\n\x1a\n", PNG))
 _MAX_REASON = 300
-
-
-@dataclass(frozen=True)
-class ZipLimits:
-    """What a zip may hold before it is refused as a whole (zip bombs, runaway archives).
-
-    Attributes
-    ----------
-    max_entries : int
-        Entries (files and folders) in the archive.
-    max_total : int
-        Sum of the entries' expanded sizes (bytes), as the archive declares them.
-    max_ratio : float
-        Expanded total over archive size, for archives expanding beyond ``ratio_floor``.
-    ratio_floor : int
-        Below this expanded total (bytes) the overall ratio is not checked.
-    max_entry : int
-        Largest single entry (bytes). Each entry above 1 MiB is also refused beyond
-        :data:`iepnode.archive.importer.MAX_COMPRESSION_RATIO` (checked by the importer).
-    """
-
-    max_entries: int = 50_000
-    max_total: int = 16 << 30
-    max_ratio: float = 100.0
-    ratio_floor: int = 64 << 20
-    max_entry: int = 4 << 30
-
-
-DEFAULT_LIMITS = ZipLimits()
 
 
 @dataclass(frozen=True)
@@ -211,21 +183,7 @@ def _document_kind(head: bytes) -> str | None:
 
 def _zip_problem(path: Path, archive: zipfile.ZipFile, limits: ZipLimits) -> str | None:
     """Why a whole zip is refused before any entry is read, or ``None``."""
-    infos = archive.infolist()
-    if len(infos) > limits.max_entries:
-        return f"zip has {len(infos)} entries, more than the limit of {limits.max_entries}"
-    total = sum(i.file_size for i in infos)
-    if total > limits.max_total:
-        return (f"zip expands to {total} bytes, more than the limit of {limits.max_total} "
-                "(zip bomb?)")
-    size = max(path.stat().st_size, 1)
-    if total > limits.ratio_floor and total / size > limits.max_ratio:
-        return (f"zip expands {total // size} times its size (over {limits.max_ratio:g}:1): "
-                "looks like a zip bomb")
-    big = [i for i in infos if i.file_size > limits.max_entry]
-    if big:
-        return f"zip entry of {big[0].file_size} bytes exceeds the {limits.max_entry}-byte limit"
-    return None
+    return archive_problem(archive.infolist(), path.stat().st_size, limits)
 
 
 class _Scan:

@@ -35,6 +35,7 @@ from typing import Any
 
 import peewee
 
+from config.settings import Layout
 from iepnode.archive import importer
 from iepnode.archive.ingest import Ingester
 from iepnode.archive.reconciliation import PatientIdentity, reconcile_stream
@@ -143,7 +144,7 @@ class ReleaseResult:
 
 def staging_root(data_dir: Path) -> Path:
     """``DATA_DIR/staging``: where uploads are staged, one folder per upload key."""
-    return data_dir / "staging"
+    return Layout(data_dir).staging
 
 
 def staging_folder(data_dir: Path, upload: Upload) -> Path:

@@ -32,7 +32,14 @@ from pathlib import Path
 
 from iepnode.errors import Gone, InvalidRequest, NotFound
 from iepnode.people import audit
-from iepnode.sharing.transactions import COMPLETE, DECLINED, EXPIRED, REQUEST, get_for_recipient
+from iepnode.rules.text import without_control
+from iepnode.sharing.transactions import (
+    COMPLETE,
+    DECLINED,
+    REQUEST,
+    get_for_recipient,
+    is_expired,
+)
 from iepnode.uploads.intake import inspect_staged_file
 from storage.db import write_transaction
 from storage.models import Recipient, Transaction, TransactionMessage, Upload, UploadFile
@@ -47,7 +54,6 @@ CHECKING = "checking"
 #: Most files one upload may hold (a CD of single-frame images has a few thousand).
 MAX_FILES = 20_000
 MAX_MESSAGE = 4000
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MIB = 1 << 20
 
 
@@ -107,7 +113,7 @@ class UploadPage:
 def clean_name(value: str) -> str:
     """A browser's file name for display: last path part, no control characters."""
     name = re.split(r"[/\\]", value)[-1]
-    name = _CONTROL.sub("", name).strip()
+    name = without_control(name).strip()
     return name[:255] or "unnamed"
 
 
@@ -117,7 +123,7 @@ def clean_relpath(value: str) -> str:
     Separators become ``/``; empty, ``.`` and ``..`` parts are dropped, so the path
     never climbs out of the upload (it is never used as a path on disk anyway).
     """
-    parts = [_CONTROL.sub("", p) for p in re.split(r"[/\\]", value)]
+    parts = [without_control(p) for p in re.split(r"[/\\]", value)]
     return "/".join(p for p in parts if p not in ("", ".", ".."))[:1024]
 
 
@@ -126,7 +132,7 @@ def check_open(transaction: Transaction, now: float | None = None) -> None:
     now = time.time() if now is None else now
     if transaction.status == DECLINED:
         raise Gone("This request was declined: it no longer takes uploads.")
-    if transaction.status == EXPIRED or transaction.expires_at <= now:
+    if is_expired(transaction, now):
         raise Gone("This request has expired: it no longer takes uploads. Please contact "
                    "the hospital.")
     if transaction.status == COMPLETE:
@@ -251,7 +257,7 @@ class UploadService:
                     .order_by(Upload.id))
         messages = list(transaction.messages.order_by(TransactionMessage.created_at,
                                                       TransactionMessage.id))
-        audit.record(("110110", "Patient Record"), "view-transaction",
+        audit.record(audit.PATIENT_RECORD, "view-transaction",
                      audit.Actor("recipient", transaction.recipient.email, source_ip),
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail="upload page")

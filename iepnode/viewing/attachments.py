@@ -64,8 +64,6 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_ATTACHMENTS = 20
 #: Source AE recorded in the index and File Meta for attached files.
 SOURCE_AE = "IEPNODE-ATTACH"[:16]
-#: Audit EventID (DCM 110110) as for other changes to a transaction's record.
-PATIENT_RECORD = ("110110", "Patient Record")
 
 #: Where an attachment is: held by its transaction, filed into the study by staff, or
 #: added before issue 13 (then ingested into the study at once).
@@ -572,7 +570,7 @@ def remove(
             transaction=transaction.id, author_kind="staff",
             author=(user.display_name or user.username)[:128],
             body=f"Removed the attachment \u201c{row.title}\u201d.", created_at=now)
-        audit.record(PATIENT_RECORD, "attachment-remove", actor,
+        audit.record(audit.PATIENT_RECORD, "attachment-remove", actor,
                      patient_id=transaction.patient_id, study_uid=row.study_uid,
                      transaction=transaction.public_id,
                      detail=(f"{row.sop_uid} ({row.media_type}) added by {row.author_kind} "

@@ -57,8 +57,6 @@ from storage.models import Instance, Patient, Series, Study
 BULK_THRESHOLD = 1024
 #: Largest ``limit`` of a search (and the default when none is given).
 MAX_RESULTS = 10_000
-#: PS3.15 EventID of a query (DCM 110112).
-QUERY = ("110112", "Query")
 
 PIXEL_DATA = 0x7FE00010
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -831,7 +829,6 @@ __all__ = [
     "FRAME_MEDIA_TYPES",
     "MAX_FRAMES",
     "METADATA",
-    "QUERY",
     "READ_BLOCK",
     "MetadataCache",
     "NotAcceptableMedia",
