@@ -24,11 +24,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from tests import data_factory as factory
 from tests.conftest import SCU_AE
 from tests.support.node import RunningNode, running_node, wait_for
+from tests.support.peers import storescp_on
 from tests.support.scu import (
     associate,
     dataset_bytes,
     dcmtk_run,
-    dcmtk_storescp,
     send_raw,
     storescu,
 )
@@ -362,9 +362,9 @@ def test_movescu_sends_study_byte_identical(tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 4)
     files.append(factory.copy_bundled("MR_small_RLE.dcm", tmp_path / "in2"))
     received = tmp_path / "received"
-    with dcmtk_storescp(received, "DEST") as dest_port, running_node(
+    with storescp_on(0, received, "DEST") as dest, running_node(
         tmp_path / "n",
-        register=[(SCU_AE, "127.0.0.1", 0, "store,move"), ("DEST", "127.0.0.1", dest_port, "")],
+        register=[(SCU_AE, "127.0.0.1", 0, "store,move"), ("DEST", "127.0.0.1", dest.port, "")],
     ) as n:
         assert storescu(n, files[:4]).returncode == 0
         assert storescu(n, files[4:], extra=("-xr",)).returncode == 0
@@ -498,10 +498,10 @@ def test_node_on_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
 def test_retrieve_without_unique_key_is_refused(tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 2)
     received = tmp_path / "received"
-    with dcmtk_storescp(received, "DEST") as dest_port, running_node(
+    with storescp_on(0, received, "DEST") as dest, running_node(
         tmp_path / "n",
         register=[(SCU_AE, "127.0.0.1", 0, "store,move,get"),
-                  ("DEST", "127.0.0.1", dest_port, "")],
+                  ("DEST", "127.0.0.1", dest.port, "")],
     ) as n:
         assert storescu(n, files).returncode == 0
         move = dcmtk_run("movescu", "-aet", SCU_AE, "-aec", n.ae_title, "-aem", "DEST", "-S",
