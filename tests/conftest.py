@@ -29,7 +29,7 @@ def _close_the_database() -> Iterator[None]:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[RunningNode]:
+def served_node(tmp_path: Path) -> Iterator[RunningNode]:
     """A running node that accepts store/find/move/get from ``TESTSCU`` at 127.0.0.1."""
     with running_node(tmp_path / "node", register=[(SCU_AE, "127.0.0.1", 0,
                                                      "store,find,move,get")]) as running:
