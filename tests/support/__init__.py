@@ -1,1 +1,6 @@
-"""Helpers for iepnode's tests: real peers (PostgreSQL, dcmtk, dicom3tools)."""
+"""Helpers for iepnode's tests and benches: the served node and real peers.
+
+``node`` (``iepnode serve`` as a subprocess), ``peers`` (dcmtk storescp, Orthanc,
+free ports; also imported by ``bench/``), ``mail`` (aiosmtpd), ``postgres``,
+``tools`` (absolute paths of dcmtk and dicom3tools), ``scu`` (dcmtk/pynetdicom senders).
+"""
