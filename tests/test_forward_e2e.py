@@ -32,15 +32,11 @@ from pydicom import dcmread
 
 from tests import data_factory as factory
 from tests.support.browser import Browser as CookieBrowser
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.support.mail import Inbox, wait_for_mail
-from tests.support.node import run_cli, running_node
+from tests.support.node import add_staff_user, run_cli, running_node
 from tests.support.peers import free_port
 from tests.support.scu import storescu
-from tests.test_portal_e2e import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    add_staff_user,
-)
 from tests.test_recipient_web import field, read_eml
 
 INSTITUTION = "St Elsewhere NHS Trust"

@@ -10,34 +10,20 @@ transaction with the right details. Screenshots are written to ``tmp_path``.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 from pydicom import dcmread
 
 from tests import data_factory as factory
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem
 from tests.support.mail import Inbox, wait_for_mail
-from tests.support.node import REPO, run_cli, running_node
+from tests.support.node import add_staff_user, run_cli, running_node
 from tests.support.peers import free_port
 from tests.support.scu import storescu
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 INSTITUTION = "St Elsewhere NHS Trust"
-
-
-def add_staff_user(data_dir: Path, username: str, *args: str) -> None:
-    """``iepnode user add`` with the password on standard input (the contact of transfers)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "iepnode.cli", "user", "add", username, *args,
-         "--password-stdin", "--data-dir", str(data_dir)],
-        input="correct horse battery staple\n", capture_output=True, text=True, timeout=60,
-        cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
 
 
 def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
@@ -81,7 +67,7 @@ def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
                 context = browser.new_context(viewport={"width": 1280, "height": 900})
                 page = context.new_page()
                 problems: list[str] = []
-                page.on("console", lambda m: _console(m, problems))
+                page.on("console", lambda m: console_problem(m, problems))
                 page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
                 page.on("response", lambda r: r.status >= 400 and problems.append(
                     f"HTTP {r.status} for {r.url}"))
@@ -94,11 +80,6 @@ def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
                 assert problems == []
             finally:
                 browser.close()
-
-
-def _console(message: ConsoleMessage, problems: list[str]) -> None:
-    if message.type in ("error", "warning"):
-        problems.append(f"console {message.type}: {message.text}")
 
 
 def _walk_through(page: Page, link: str, inbox: Inbox, public_id: str, shots: Path) -> None:

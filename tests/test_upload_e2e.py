@@ -27,15 +27,11 @@ import pytest
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from tests import data_factory as factory
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.support.mail import Inbox, wait_for_mail
-from tests.support.node import RunningNode, run_cli, running_node, wait_for
+from tests.support.node import RunningNode, add_staff_user, run_cli, running_node, wait_for
 from tests.support.peers import free_port
 from tests.test_forward_e2e import _base, _watch, link_in, sign_in
-from tests.test_portal_e2e import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    add_staff_user,
-)
 
 INSTITUTION = "North Tees Hospital"
 PATIENT = "pat@example.org"

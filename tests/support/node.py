@@ -33,6 +33,16 @@ def run_cli(data_dir: Path, *args: str, check: bool = True, extra: list[str] | N
     return proc
 
 
+def add_staff_user(data_dir: Path, username: str, *args: str) -> None:
+    """``iepnode user add`` with the password on standard input (the contact of transfers)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "iepnode.cli", "user", "add", username, *args,
+         "--password-stdin", "--data-dir", str(data_dir)],
+        input="correct horse battery staple\n", capture_output=True, text=True, timeout=60,
+        cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
              what: str = "condition", *, max_interval: float | None = None) -> object:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
