@@ -14,12 +14,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.peers import PeerError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAKE_CT = REPO_ROOT.parent / "shared" / "bench" / "make_ct.py"
 
 
-class BenchError(RuntimeError):
-    """A bench step failed (peer did not start, send failed, counts differ...)."""
+#: A bench step failed (peer did not start, send failed, counts differ...): the peer
+#: harness's own error, so one ``except BenchError`` catches both.
+BenchError = PeerError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ study shared in a transaction. The peers are dcmtk's converters doing the wrappi
 alone (``pdf2dcm`` -> Encapsulated PDF, ``img2dcm`` -> Secondary Capture keeping the JPEG
 bitstream), writing a file and nothing else (no fsync, no index).
 
-    flock /tmp/iepnode-bench.lock python bench/attachments.py [--repeat 5] [--json PATH]
+    flock /tmp/iepnode-bench.lock python -m bench.attachments [--repeat 5] [--json PATH]
 
 Prints one line per file: medians in ms and the ratio iepnode / dcmtk.
 """
@@ -30,15 +30,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from config import load_settings  # noqa: E402
-from iepnode.node import Node  # noqa: E402
-from iepnode.people import audit  # noqa: E402
-from iepnode.sharing import transactions as tx  # noqa: E402
-from iepnode.viewing import attachments  # noqa: E402
-from storage.models import Transaction  # noqa: E402
+from config import load_settings
+from iepnode.node import Node
+from iepnode.people import audit
+from iepnode.sharing import transactions as tx
+from iepnode.viewing import attachments
+from storage.models import Transaction
 
 PDF2DCM = "/usr/bin/pdf2dcm"
 IMG2DCM = "/usr/bin/img2dcm"

@@ -16,9 +16,9 @@ expected number of matches. Target: p95 under 50 ms.
 
 Usage (from the repository root)::
 
-    python bench/cfind.py                          # 1,000,000 rows via the bulk-fill hook
-    python bench/cfind.py --data-dir DIR           # reuse a data dir filled earlier
-    python bench/cfind.py --fill store --instances 2000 --peer orthanc   # harness smoke test
+    python -m bench.cfind                          # 1,000,000 rows via the bulk-fill hook
+    python -m bench.cfind --data-dir DIR           # reuse a data dir filled earlier
+    python -m bench.cfind --fill store --instances 2000 --peer orthanc   # harness smoke test
 
 ``--fill store`` sends small spec-conformant instances through the real
 C-STORE path instead (slow: only for checking the harness; it also works
@@ -42,10 +42,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError
+from bench import peers as bp
+from bench._ct import BenchError
 
 
 @dataclass(frozen=True)
@@ -491,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     base = Path(tempfile.mkdtemp(prefix="iepnode-bench-cfind-", dir=args.tmp_dir))
     report: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, *sys.orig_argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "peer": args.peer,
         "fill": "existing" if args.data_dir else args.fill,

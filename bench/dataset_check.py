@@ -11,7 +11,7 @@ every received instance (:func:`iepnode.archive.ingest.parse_header`), on:
 * ``jpeg-400``: 400 encapsulated frames of 20 KB (synthetic fragments), explicit VR LE;
 * ``deflated-sr``: a deflated structured report with 2,000 content items.
 
-    python bench/dataset_check.py [--repeat 2000] [--json PATH]
+    python -m bench.dataset_check [--repeat 2000] [--json PATH]
 
 Prints one line per dataset: median microseconds of the check, the header parse,
 and the check's share of both.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import zlib
@@ -42,14 +41,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from _ct import make_study  # noqa: E402
-
-from iepnode.archive.dataset_check import check_dataset  # noqa: E402
-from iepnode.archive.ingest import parse_file_meta, parse_header  # noqa: E402
+from bench._ct import make_study
+from iepnode.archive.dataset_check import check_dataset
+from iepnode.archive.ingest import parse_file_meta, parse_header
 
 
 def encode(ds: Dataset) -> bytes:

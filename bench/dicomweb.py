@@ -21,8 +21,8 @@ each request ``--repeat`` times (medians, order rotated):
 
 Usage (from the repository root; never beside another bench)::
 
-    flock /tmp/iepnode-bench.lock python bench/dicomweb.py
-    flock /tmp/iepnode-bench.lock python bench/dicomweb.py --slices 300 --repeat 5
+    flock /tmp/iepnode-bench.lock python -m bench.dicomweb
+    flock /tmp/iepnode-bench.lock python -m bench.dicomweb --slices 300 --repeat 5
 
 Prints one line, e.g.::
 
@@ -43,11 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError, make_study
-from download import recipient_session, request
+from bench import peers as bp
+from bench._ct import BenchError, make_study
+from bench.download import recipient_session, request
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'

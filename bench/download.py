@@ -21,9 +21,9 @@ during the downloads; the growth over its RSS just before is reported.
 Usage (from the repository root; never beside another bench: the machine has
 two cores)::
 
-    flock /tmp/iepnode-bench.lock python bench/download.py
-    flock /tmp/iepnode-bench.lock python bench/download.py --slices 300 --repeat 5
-    python bench/download.py --drop-caches     # cold page cache before each timing (root)
+    flock /tmp/iepnode-bench.lock python -m bench.download
+    flock /tmp/iepnode-bench.lock python -m bench.download --slices 300 --repeat 5
+    python -m bench.download --drop-caches     # cold page cache before each timing (root)
 
 Prints one line, e.g.::
 
@@ -51,10 +51,8 @@ import zipfile
 from email import policy
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError, make_study
+from bench import peers as bp
+from bench._ct import BenchError, make_study
 
 MB = 1e6
 CURL = "/usr/bin/curl"

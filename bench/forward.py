@@ -20,8 +20,8 @@ Every receiver must hold warm-up + study afterwards.
 
 Usage (from the repository root)::
 
-    python bench/forward.py                      # 1000 slices, once
-    python bench/forward.py --repeat 3 --json /tmp/forward.json
+    python -m bench.forward                      # 1000 slices, once
+    python -m bench.forward --repeat 3 --json /tmp/forward.json
 
 Prints one line, e.g.::
 
@@ -45,10 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError, Study, make_study
+from bench import peers as bp
+from bench._ct import BenchError, Study, make_study
 
 SENDERS = ("iepnode", "storescu", "orthanc")
 
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not senders or set(senders) - set(SENDERS):
         ap.error(f"--senders: choose from {','.join(SENDERS)}")
     base = Path(tempfile.mkdtemp(prefix="iepnode-bench-forward-", dir=args.tmp_dir))
-    report: dict = {"command": shlex.join([sys.executable, *sys.argv]),
+    report: dict = {"command": shlex.join([sys.executable, *sys.orig_argv[1:]]),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                 "dcmtk": bp.dcmtk_version(), "orthanc": bp.orthanc_version(),

@@ -24,8 +24,8 @@ saw (connections, rejections, aborts, bytes written before the node hung up).
 
 Usage (from the repository root)::
 
-    python bench/hostile.py
-    python bench/hostile.py --repeat 3 --json /tmp/hostile.json
+    python -m bench.hostile
+    python -m bench.hostile --repeat 3 --json /tmp/hostile.json
 
 One line of results goes to stdout; details to stderr.
 """
@@ -46,10 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError, make_study
+from bench import peers as bp
+from bench._ct import BenchError, make_study
 
 ATTACKER = "127.0.0.2"
 PDU_HEADER = b"\x01\x00\xff\xff\xff\xf0"

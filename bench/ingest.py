@@ -13,9 +13,9 @@ bleed into it.
 
 Usage (from the repository root)::
 
-    python bench/ingest.py                         # 300,1000 x 1,4 x all peers
-    python bench/ingest.py --sizes 300 --assocs 1,4 --peers storescp,orthanc
-    python bench/ingest.py --repeat 3 --json /tmp/ingest.json
+    python -m bench.ingest                         # 300,1000 x 1,4 x all peers
+    python -m bench.ingest --sizes 300 --assocs 1,4 --peers storescp,orthanc
+    python -m bench.ingest --repeat 3 --json /tmp/ingest.json
 
 Prints one line per scenario (medians over --repeat), e.g.::
 
@@ -40,10 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError, make_study
+from bench import peers as bp
+from bench._ct import BenchError, make_study
 
 ALL_PEERS = ("storescp", "orthanc", "iepnode")
 MB = 1024 * 1024
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped["iepnode"] = why
     base = Path(tempfile.mkdtemp(prefix="iepnode-bench-ingest-", dir=args.tmp_dir))
     report: dict = {
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, *sys.orig_argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {
             "host": platform.node(),

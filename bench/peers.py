@@ -1,8 +1,12 @@
-"""DICOM receivers for the bench: dcmtk ``storescp``, Orthanc and iepnode.
+"""The bench's receivers and senders: dcmtk ``storescp``, Orthanc and ``iepnode serve``.
 
-Each peer is started on an ephemeral loopback port, stores into its own fresh
-temporary directory, is polled with dcmtk ``echoscu`` until it answers (no fixed
-sleeps) and is stopped with SIGTERM. Use them as context managers::
+``storescp`` and Orthanc are the shared peer harness (:mod:`tests.support.peers`,
+also used by the tests); this module adds ``iepnode serve`` as a receiver, a
+process-tree RSS/CPU sampler, concurrent ``storescu`` sends and the head of a
+bench's JSON report. Each peer is started on an ephemeral loopback port, stores
+into its own fresh temporary directory, is polled with dcmtk ``echoscu`` until it
+answers (no fixed sleeps) and is stopped with SIGTERM. Use them as context
+managers::
 
     with make_peer("orthanc", base_dir) as peer:
         send_storescu(peer, files, groups=4)
@@ -10,9 +14,8 @@ sleeps) and is stopped with SIGTERM. Use them as context managers::
 
 Notes that matter for fair numbers:
 
-* Debian builds dcmtk (and so Orthanc's DICOM layer) with Nagle's algorithm on;
-  every dcmtk/Orthanc process gets ``TCP_NODELAY=1`` in its environment
-  (:func:`dcmtk_env`), otherwise they run at ~20 images/s.
+* Every dcmtk/Orthanc process gets ``TCP_NODELAY=1`` in its environment
+  (:func:`tests.support.peers.peer_env`), otherwise they run at ~20 images/s.
 * dcmtk tools are always called by absolute path: pynetdicom installs Python
   scripts named ``storescu``/``storescp``/``echoscu`` that shadow them on PATH.
 * All receivers accept the same maximum PDU (``max_pdu``, default 131072, the
@@ -24,76 +27,37 @@ Notes that matter for fair numbers:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from _ct import REPO_ROOT, BenchError
+from bench._ct import REPO_ROOT, BenchError, split
+from tests.support.node import READY
+from tests.support.peers import (
+    DEFAULT_MAX_PDU,
+    HOST,
+    SENDER_AET,
+    OrthancPeer,
+    Peer,
+    StorescpPeer,
+    count_files,
+    dcmtk_version,
+    orthanc_version,
+    peer_env,
+    wait_for,
+)
+from tests.support.tools import dcmtk
 
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-ECHOSCU = "/usr/bin/echoscu"
-ORTHANC = "/usr/sbin/Orthanc"
-
-HOST = "127.0.0.1"
-SENDER_AET = "BENCHSCU"
-DEFAULT_MAX_PDU = 131072  # dcmtk's upper limit for -pdu / --max-pdu
-
-
-def dcmtk_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for any dcmtk or Orthanc process: Nagle off."""
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    if extra:
-        env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    """A currently free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def echo(port: int, called_aet: str, calling_aet: str = SENDER_AET, host: str = HOST) -> bool:
-    """One C-ECHO with dcmtk echoscu; True if it succeeded."""
-    try:
-        res = subprocess.run(
-            [
-                ECHOSCU,
-                "-aet",
-                calling_aet,
-                "-aec",
-                called_aet,
-                "-to",
-                "2",
-                "-ta",
-                "5",
-                "-ts",
-                "5",
-                host,
-                str(port),
-            ],
-            env=dcmtk_env(),
-            capture_output=True,
-            timeout=15,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    return res.returncode == 0
+__all__ = [
+    "DEFAULT_MAX_PDU", "HOST", "SENDER_AET", "IepnodePeer", "OrthancPeer", "Peer",
+    "RssSampler", "StorescpPeer", "dcmtk_version", "iepnode_available", "iepnode_cmd",
+    "iepnode_env", "make_peer", "orthanc_version", "repo_state", "run_report", "send_storescu",
+]
 
 
 # --------------------------------------------------------------------------- process trees
@@ -176,233 +140,7 @@ class RssSampler:
             self.sample()
 
 
-# --------------------------------------------------------------------------- peers
-
-
-class Peer:
-    """A receiver process storing into its own temporary directory."""
-
-    name = "peer"
-    aet = "PEER"
-
-    def __init__(
-        self,
-        base_dir: Path | None = None,
-        *,
-        max_pdu: int = DEFAULT_MAX_PDU,
-        sender_aet: str = SENDER_AET,
-        start_timeout: float = 60.0,
-        keep: bool = False,
-    ) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-", dir=base_dir))
-        self.max_pdu = max_pdu
-        self.sender_aet = sender_aet
-        self.start_timeout = start_timeout
-        self.keep = keep
-        self.host = HOST
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.workdir / f"{self.name}.log"
-        self._log = None
-        self.warnings: list[str] = []
-
-    # -- to be provided by subclasses
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def env(self) -> dict[str, str]:
-        return dcmtk_env()
-
-    def prepare(self) -> None:
-        """Create directories/config before the process starts."""
-
-    def count_instances(self) -> int:
-        raise NotImplementedError
-
-    def _wait_listening(self, deadline: float) -> None:
-        """Wait until the process says or shows it listens (default: nothing to wait for)."""
-
-    # -- lifecycle
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> Peer:
-        self.prepare()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env(),
-            cwd=self.workdir,
-            start_new_session=True,  # own process group: leftovers can be found and ended
-        )
-        deadline = time.monotonic() + self.start_timeout
-        self._wait_listening(deadline)
-        delay = 0.02
-        while True:
-            self._check_alive()
-            if self.port and echo(self.port, self.aet, self.sender_aet, self.host):
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(
-                    f"{self.name} did not answer C-ECHO within {self.start_timeout:.0f} s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
-
-    def _check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            tail = self.log_tail()
-            self._close_log()
-            raise BenchError(f"{self.name} exited early with code {self.proc.returncode}:\n{tail}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> None:
-        proc = self.proc
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.warnings.append(f"did not exit {timeout:.0f} s after SIGTERM; killed")
-                    _killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-            # Anything left in the process group we created (e.g. orphaned workers)?
-            if _group_alive(proc.pid):
-                self.warnings.append("processes left in its group after the main process exited")
-                _killpg(proc.pid, signal.SIGKILL)
-            self.proc = None
-        self._close_log()
-        if not self.keep:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> Peer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def describe(self) -> dict:
-        return {"name": self.name, "aet": self.aet, "port": self.port, "max_pdu": self.max_pdu}
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _count_files(root: Path) -> int:
-    return sum(1 for p in root.rglob("*") if p.is_file()) if root.exists() else 0
-
-
-class StorescpPeer(Peer):
-    """dcmtk storescp, bit-preserving (``+B``), one forked child per association."""
-
-    name = "storescp"
-    aet = "STORESCP"
-
-    def prepare(self) -> None:
-        self.out_dir = self.workdir / "out"
-        self.out_dir.mkdir()
-        self.port = free_port()
-
-    def command(self) -> list[str]:
-        # NB: in dcmtk 3.6 "-B" is --normal (the default); bit-preserving is "+B".
-        # --fork: without it storescp serves one association at a time and the
-        # "4 parallel associations" case would be serialised.
-        return [
-            STORESCP, "--fork", "+B",
-            "-aet", self.aet, "-pdu", str(self.max_pdu),
-            "-od", str(self.out_dir), str(self.port),
-        ]  # fmt: skip
-
-    def count_instances(self) -> int:
-        return _count_files(self.out_dir)
-
-
-class OrthancPeer(Peer):
-    """Orthanc from Debian with a generated configuration (defaults otherwise)."""
-
-    name = "orthanc"
-    aet = "ORTHANC"
-
-    def __init__(self, *args, overrides: dict | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.overrides = dict(overrides or {})
-
-    def prepare(self) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
-        while self.http_port == self.port:
-            self.http_port = free_port()
-        cfg = {
-            "Name": "bench-orthanc",
-            "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"),
-            # Orthanc defaults kept on purpose: durable and fully indexed.
-            "StorageCompression": False,
-            "SyncStorageArea": True,
-            "DicomAet": self.aet,
-            "DicomPort": self.port,
-            "DicomCheckCalledAet": True,
-            "DicomModalities": {"bench": [self.sender_aet, HOST, 104]},
-            "MaximumPduLength": self.max_pdu,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "RegisteredUsers": {},
-            "Plugins": [],
-        }
-        cfg.update(self.overrides)  # only for experiments (ingest.py --orthanc-set)
-        self.config_path = self.workdir / "orthanc.json"
-        self.config_path.write_text(json.dumps(cfg, indent=2))
-
-    def command(self) -> list[str]:
-        return [ORTHANC, str(self.config_path)]
-
-    def statistics(self) -> dict:
-        url = f"http://{HOST}:{self.http_port}/statistics"
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return json.load(r)
-
-    def count_instances(self) -> int:
-        return int(self.statistics()["CountInstances"])
-
-    def describe(self) -> dict:
-        return {
-            **super().describe(),
-            "http_port": self.http_port,
-            "version": orthanc_version(),
-            "overrides": self.overrides,
-        }
-
-
-READY_RE = re.compile(rb"READY dicom=([0-9.]+):(\d+) http=([0-9.]+):(\d+)")
+# --------------------------------------------------------------------------- iepnode
 
 
 def iepnode_cmd() -> list[str]:
@@ -495,22 +233,23 @@ class IepnodePeer(Peer):
         return cmd
 
     def _wait_listening(self, deadline: float) -> None:
-        delay = 0.02
-        while True:
-            m = READY_RE.search(self.log_path.read_bytes())
-            if m:
-                self.port = int(m.group(2))
-                self.http_port = int(m.group(4))
-                return
-            self._check_alive()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"iepnode printed no READY line within {self.start_timeout:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+        def listening() -> object:
+            match = READY.search(self.log_path.read_text(errors="replace"))
+            if match is None:
+                self._check_alive()
+            return match
+
+        try:
+            match = wait_for(listening, timeout=max(0.0, deadline - time.monotonic()),
+                             interval=0.02, max_interval=0.25, what="iepnode's READY line")
+        except AssertionError:
+            raise BenchError(
+                f"iepnode printed no READY line within {self.start_timeout:.0f} s") from None
+        self.port = int(match["dport"])  # type: ignore[index]
+        self.http_port = int(match["hport"])  # type: ignore[index]
 
     def count_instances(self) -> int:
-        return _count_files(self.data_dir / "objects")
+        return count_files(self.data_dir / "objects")
 
     def stop(self, timeout: float = 30.0) -> None:
         if not self._own_data:
@@ -557,8 +296,6 @@ def send_storescu(
     last one exiting. Raises :class:`BenchError` if any exits non-zero or the
     send exceeds ``timeout``.
     """
-    from _ct import split
-
     parts = split(files, groups)
     if timeout is None:
         timeout = 60 + 0.25 * len(files)
@@ -566,11 +303,11 @@ def send_storescu(
     logs = [open(log_dir / f"storescu-{i}.log", "w+b") for i in range(len(parts))]  # noqa: SIM115
     procs: list[subprocess.Popen] = []
     try:
-        env = dcmtk_env()
+        env = peer_env()
         t0 = time.perf_counter()
         for part, log in zip(parts, logs, strict=True):
             procs.append(subprocess.Popen(
-                [STORESCU, "-aet", peer.sender_aet, "-aec", peer.aet,
+                [dcmtk("storescu"), "-aet", peer.sender_aet, "-aec", peer.aet,
                  "-xe",           # propose explicit VR little endian (what the files are) first
                  "-R",            # propose only the presentation contexts the files need
                  "-pdu", str(max_pdu), "--max-send-pdu", str(max_pdu),
@@ -604,24 +341,7 @@ def send_storescu(
     return elapsed
 
 
-# --------------------------------------------------------------------------- versions
-
-
-def _first_line(args: list[str]) -> str:
-    try:
-        res = subprocess.run(args, capture_output=True, text=True, timeout=10, env=dcmtk_env())
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    out = (res.stdout or res.stderr).strip().splitlines()
-    return out[0] if out else "?"
-
-
-def dcmtk_version() -> str:
-    return _first_line([STORESCU, "--version"]).strip("$ ")
-
-
-def orthanc_version() -> str:
-    return _first_line([ORTHANC, "--version"])
+# --------------------------------------------------------------------------- reports
 
 
 def repo_state() -> dict:
@@ -654,7 +374,7 @@ def run_report(args, base: Path, **machine: str) -> dict:
     import shlex
 
     return {
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join([sys.executable, *sys.orig_argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"host": platform.node(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "orthanc": orthanc_version(),

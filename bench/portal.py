@@ -12,7 +12,7 @@ cookies, or ``--client aiohttp`` (50 Python coroutines, one session each).
 
 Usage (from the repository root)::
 
-    python bench/portal.py [--transactions 10000] [--sessions 50] [--seconds 20]
+    python -m bench.portal [--transactions 10000] [--sessions 50] [--seconds 20]
                            [--client wrk|aiohttp] [--paced SECONDS]
 """
 
@@ -33,8 +33,7 @@ from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench._ct import REPO_ROOT
 
 
 def fill(data_dir: Path, transactions: int, sessions: int) -> list[str]:
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "iepnode.cli", "serve", "--data-dir", str(data), "--bind",
              "127.0.0.1", "--dicom-port", "0", "--http-port", "0", "--dicom-workers", "1",
              "--http-workers", str(args.http_workers)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
         line = proc.stdout.readline()
         match = re.search(r"http=([^:]+):(\d+)", line)
         if not match:

@@ -7,8 +7,8 @@ ingest through the node's ingest path with fsync as configured). Prints instance
 and the process peak RSS. For comparison, the same files are imported unchanged with
 ``iepnode.archive.importer.import_path`` into a second node (same ingest path, no reconciliation).
 
-    python bench/release.py                 # 1000 slices, fsync on
-    python bench/release.py --slices 300 --no-fsync
+    python -m bench.release                 # 1000 slices, fsync on
+    python -m bench.release --slices 300 --no-fsync
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import argparse
 import json
 import resource
 import secrets
-import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._ct import make_study
 from config import load_settings

@@ -15,7 +15,7 @@ in 1 MiB blocks). Targets: >= 100 MB/s and a peak within 64 MiB of the baseline.
 
 Usage (from the repository root)::
 
-    python bench/upload.py [--slices 1000] [--chunk-mb 16] [--keep DIR]
+    python -m bench.upload [--slices 1000] [--chunk-mb 16] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -34,11 +34,8 @@ from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench._ct import make_study  # noqa: E402
-from bench.peers import RssSampler  # noqa: E402
+from bench._ct import REPO_ROOT, make_study
+from bench.peers import RssSampler
 
 SESSION_COOKIE = "__Host-iepnode"
 
@@ -125,7 +122,7 @@ def main() -> int:
         proc = subprocess.Popen(
             [sys.executable, "-m", "iepnode.cli", "serve", "--data-dir", str(data), "--bind",
              "127.0.0.1", "--dicom-port", "0", "--http-port", "0", "--dicom-workers", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
         assert proc.stdout is not None
         line = proc.stdout.readline()
         match = re.search(r"http=([^:]+):(\d+)", line)

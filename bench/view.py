@@ -27,8 +27,8 @@ pixel) and PNG decoding for Orthanc are not included.
 Usage (from the repository root; never beside another bench: the machine has
 two cores)::
 
-    flock /tmp/iepnode-bench.lock .venv/bin/python bench/view.py
-    flock /tmp/iepnode-bench.lock .venv/bin/python bench/view.py --slices 300 --frames 30
+    flock /tmp/iepnode-bench.lock .venv/bin/python -m bench.view
+    flock /tmp/iepnode-bench.lock .venv/bin/python -m bench.view --slices 300 --frames 30
 
 Prints one line, e.g.::
 
@@ -52,11 +52,9 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import peers as bp
-from _ct import BenchError, make_study
-from download import cookies, newest_mail, request
+from bench import peers as bp
+from bench._ct import BenchError, make_study
+from bench.download import cookies, newest_mail, request
 
 MB = 1e6
 #: The ``max`` the viewer asks for first on a 1920x1080 screen (a power of two).

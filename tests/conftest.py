@@ -1,4 +1,4 @@
-"""Shared fixtures: a running node, real peers, PostgreSQL."""
+"""Shared fixtures: a served node (``iepnode serve``), real peers (SMTP, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from storage.db import close_database
+from tests.support.mail import Inbox, running_smtp
 from tests.support.node import RunningNode, running_node
 from tests.support.postgres import create_database, drop_database, running_postgres
 
@@ -29,11 +30,18 @@ def _close_the_database() -> Iterator[None]:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[RunningNode]:
+def served_node(tmp_path: Path) -> Iterator[RunningNode]:
     """A running node that accepts store/find/move/get from ``TESTSCU`` at 127.0.0.1."""
     with running_node(tmp_path / "node", register=[(SCU_AE, "127.0.0.1", 0,
                                                      "store,find,move,get")]) as running:
         yield running
+
+
+@pytest.fixture
+def smtp() -> Iterator[Inbox]:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1: its inbox, with the ephemeral ``port``."""
+    with running_smtp(Inbox()) as (inbox, _port):
+        yield inbox
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,8 @@ from pydicom import dcmread
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.node import REPO, RunningNode, run_cli, running_node, wait_for
-from tests.support.peers import received, storescp_on
-from tests.support.scu import dcmtk_run, free_port, storescu
+from tests.support.peers import free_port, received, storescp_on
+from tests.support.scu import dcmtk_run, storescu
 from tests.test_download import outbox_text
 from tests.test_forward_web import form as forward_form
 from tests.test_recipient_web import field

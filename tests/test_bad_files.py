@@ -38,8 +38,8 @@ from tests import data_factory as factory
 from tests.support.damage import DAMAGES, REASONS, damage, without_permission_override
 from tests.support.ingest import store_files
 from tests.support.node import RunningNode, run_cli, running_node, wait_for
-from tests.support.peers import received, storescp_on
-from tests.support.scu import free_port, storescu
+from tests.support.peers import free_port, received, storescp_on
+from tests.support.scu import storescu
 from tests.test_download import (
     PATIENT,
     check_archive_tools,

@@ -46,32 +46,32 @@ def good_instance(ts: str = crafted.ELE) -> Crafted:
 
 
 def test_every_corruption_is_refused_and_the_association_goes_on(
-        node: RunningNode, tmp_path: Path) -> None:
+        served_node: RunningNode, tmp_path: Path) -> None:
     cases = {name: corruption(name) for name in crafted.CORRUPTIONS}
     good = good_instance()
     paths = {name: case.write(tmp_path / "out") for name, case in cases.items()}
     contexts = [build_context(CTImageStorage, [ts]) for ts in SYNTAXES]
     statuses = {}
     with raw_sending():
-        assoc = associate(node, contexts=contexts)
+        assoc = associate(served_node, contexts=contexts)
         try:
             for name, path in paths.items():
                 statuses[name] = assoc.send_c_store(path).Status
-            assert_nothing_stored(node)
+            assert_nothing_stored(served_node)
             good_status = assoc.send_c_store(good.write(tmp_path / "good")).Status
         finally:
             assoc.release()
     assert statuses == {name: case.status for name, case in cases.items()}
     assert good_status == 0x0000
-    assert index_rows(node) == 1 and len(node.object_files()) == 1
-    assert node.staging_files() == []
+    assert index_rows(served_node) == 1 and len(served_node.object_files()) == 1
+    assert served_node.staging_files() == []
     # The log says why, for each: the status, the SOP Instance UID and the check's message.
-    wait_for(lambda: "association released: TESTSCU" in node.log_text, what="release log")
+    wait_for(lambda: "association released: TESTSCU" in served_node.log_text, what="release log")
     for case in cases.values():
-        line = next(line for line in node.log_text.splitlines() if case.sop_uid in line)
+        line = next(line for line in served_node.log_text.splitlines() if case.sop_uid in line)
         assert f"C-STORE failed (0x{case.status:04X})" in line
         assert re.search(case.message.lstrip("^"), line), line
-    assert "Traceback" not in node.log_text
+    assert "Traceback" not in served_node.log_text
 
 
 def test_deflate_bomb_is_refused_within_max_inflated_mb(
@@ -96,7 +96,7 @@ def test_deflate_bomb_is_refused_within_max_inflated_mb(
         wait_for(lambda: "inflates to more than 1048576 bytes" in n.log_text, what="log line")
 
 
-def test_dcmtk_storescu_sends_pixel_data_one_frame_short(node: RunningNode,
+def test_dcmtk_storescu_sends_pixel_data_one_frame_short(served_node: RunningNode,
                                                          tmp_path: Path) -> None:
     """dcmtk reads the file (its lengths are consistent) and sends it as it is: 0xA900.
 
@@ -105,15 +105,15 @@ def test_dcmtk_storescu_sends_pixel_data_one_frame_short(node: RunningNode,
     repairs them when it reads (it sorts tags, pads odd fragments).
     """
     short = corruption("native-pixels-one-frame-short")
-    result = storescu(node, [short.write(tmp_path / "short")], extra=("-v",))
+    result = storescu(served_node, [short.write(tmp_path / "short")], extra=("-v",))
     assert result.returncode != 0
     assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in result.stdout \
         + result.stderr
-    assert_nothing_stored(node)
+    assert_nothing_stored(served_node)
     good = good_instance()
-    assert storescu(node, [good.write(tmp_path / "good")]).returncode == 0
-    assert index_rows(node) == 1
+    assert storescu(served_node, [good.write(tmp_path / "good")]).returncode == 0
+    assert index_rows(served_node) == 1
     unreadable = corruption("pixels-128-declared-10-sent").write(tmp_path / "cut")
-    refused = storescu(node, [unreadable])
+    refused = storescu(served_node, [unreadable])
     assert "larger (128) than remaining bytes" in refused.stderr + refused.stdout
-    assert index_rows(node) == 1
+    assert index_rows(served_node) == 1

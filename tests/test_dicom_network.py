@@ -24,11 +24,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from tests import data_factory as factory
 from tests.conftest import SCU_AE
 from tests.support.node import RunningNode, running_node, wait_for
+from tests.support.peers import storescp_on
 from tests.support.scu import (
     associate,
     dataset_bytes,
     dcmtk_run,
-    dcmtk_storescp,
     send_raw,
     storescu,
 )
@@ -65,24 +65,24 @@ def stored_by_uid(node: RunningNode) -> dict[str, Path]:
 # -- association control ---------------------------------------------------------------
 
 
-def test_echo_from_registered_ae(node: RunningNode) -> None:
-    result = dcmtk_run("echoscu", "-aet", SCU_AE, "-aec", node.ae_title, node.host,
-                       str(node.dicom_port))
+def test_echo_from_registered_ae(served_node: RunningNode) -> None:
+    result = dcmtk_run("echoscu", "-aet", SCU_AE, "-aec", served_node.ae_title, served_node.host,
+                       str(served_node.dicom_port))
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: "association released: TESTSCU" in node.log_text, what="log line")
+    wait_for(lambda: "association released: TESTSCU" in served_node.log_text, what="log line")
 
 
-def test_unregistered_calling_ae_is_rejected(node: RunningNode) -> None:
-    result = dcmtk_run("echoscu", "-aet", "STRANGER", "-aec", node.ae_title, node.host,
-                       str(node.dicom_port))
+def test_unregistered_calling_ae_is_rejected(served_node: RunningNode) -> None:
+    result = dcmtk_run("echoscu", "-aet", "STRANGER", "-aec", served_node.ae_title,
+                       served_node.host, str(served_node.dicom_port))
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
-    wait_for(lambda: "'STRANGER' is not registered" in node.log_text, what="rejection log")
+    wait_for(lambda: "'STRANGER' is not registered" in served_node.log_text, what="rejection log")
 
 
-def test_wrong_called_ae_is_rejected(node: RunningNode) -> None:
-    result = dcmtk_run("echoscu", "-aet", SCU_AE, "-aec", "NOTME", node.host,
-                       str(node.dicom_port))
+def test_wrong_called_ae_is_rejected(served_node: RunningNode) -> None:
+    result = dcmtk_run("echoscu", "-aet", SCU_AE, "-aec", "NOTME", served_node.host,
+                       str(served_node.dicom_port))
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr + result.stdout
 
@@ -129,12 +129,12 @@ def test_ae_registry_cli(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", TRANSFER_SYNTAX_FILES.values(), ids=TRANSFER_SYNTAX_FILES)
-def test_store_each_transfer_syntax_byte_identical(node: RunningNode, tmp_path: Path,
+def test_store_each_transfer_syntax_byte_identical(served_node: RunningNode, tmp_path: Path,
                                                    name: str) -> None:
     source = factory.copy_bundled(name, tmp_path / "in")
     uid = dcmread(source, stop_before_pixels=True).SOPInstanceUID
-    assert send_raw(node, source) == 0x0000
-    stored = stored_by_uid(node)[uid]
+    assert send_raw(served_node, source) == 0x0000
+    stored = stored_by_uid(served_node)[uid]
     assert dataset_bytes(stored) == dataset_bytes(source)
     meta = dcmread(stored, stop_before_pixels=True).file_meta
     sent = dcmread(source, stop_before_pixels=True).file_meta
@@ -143,18 +143,18 @@ def test_store_each_transfer_syntax_byte_identical(node: RunningNode, tmp_path: 
     assert re.fullmatch(r"[0-9A-Z]{16}", stored.name)
 
 
-def test_storescu_study_is_stored_and_indexed(node: RunningNode, tmp_path: Path) -> None:
+def test_storescu_study_is_stored_and_indexed(served_node: RunningNode, tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 5)
-    result = storescu(node, files, extra=("-R",))
+    result = storescu(served_node, files, extra=("-R",))
     assert result.returncode == 0, result.stderr
     # storescu proposes a compressed syntax only when told which one.
     for name, flag in (("MR_small_RLE.dcm", "-xr"), ("JPEG2000.dcm", "-xw"),
                        ("MR_small_jpeg_ls_lossless.dcm", "-xt")):
         # pydicom ships MR_small in several syntaxes under one SOP Instance UID.
         files.append(factory.copy_bundled(name, tmp_path / "in", SOPInstanceUID=generate_uid()))
-        result = storescu(node, files[-1:], extra=(flag,))
+        result = storescu(served_node, files[-1:], extra=(flag,))
         assert result.returncode == 0, result.stderr
-    stored = stored_by_uid(node)
+    stored = stored_by_uid(served_node)
     for path in files[:5]:
         uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(stored[uid]) == dataset_bytes(path)
@@ -166,35 +166,35 @@ def test_storescu_study_is_stored_and_indexed(node: RunningNode, tmp_path: Path)
         frames = int(source.get("NumberOfFrames", 1))
         assert list(generate_frames(kept.PixelData, number_of_frames=frames)) == list(
             generate_frames(source.PixelData, number_of_frames=frames))
-    assert index_rows(node) == len(files)
+    assert index_rows(served_node) == len(files)
 
 
-def test_duplicate_sop_instance_keeps_first_copy(node: RunningNode, tmp_path: Path) -> None:
+def test_duplicate_sop_instance_keeps_first_copy(served_node: RunningNode, tmp_path: Path) -> None:
     first = factory.make_ct_series(tmp_path / "a", 1, PatientName="First^Copy")[0]
     second = factory.rewrite(first, tmp_path / "b", PatientName="Second^Copy")
-    assert storescu(node, [first]).returncode == 0
-    assert storescu(node, [second]).returncode == 0  # acknowledged, not stored
-    assert index_rows(node) == 1
-    (stored,) = stored_by_uid(node).values()
+    assert storescu(served_node, [first]).returncode == 0
+    assert storescu(served_node, [second]).returncode == 0  # acknowledged, not stored
+    assert index_rows(served_node) == 1
+    (stored,) = stored_by_uid(served_node).values()
     assert dataset_bytes(stored) == dataset_bytes(first)
-    assert len(node.object_files()) == 1
-    wait_for(lambda: "first copy kept" in node.log_text, what="duplicate log line")
+    assert len(served_node.object_files()) == 1
+    wait_for(lambda: "first copy kept" in served_node.log_text, what="duplicate log line")
 
 
-def test_sop_instance_uid_mismatch_is_refused(node: RunningNode, tmp_path: Path) -> None:
+def test_sop_instance_uid_mismatch_is_refused(served_node: RunningNode, tmp_path: Path) -> None:
     good = factory.make_ct_series(tmp_path / "in", 1)[0]
     ds = dcmread(good)
     ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"  # the request's UID
     lying = tmp_path / "lying.dcm"
     ds.save_as(lying, enforce_file_format=False)
     assert dcmread(lying).file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
-    assert send_raw(node, lying) == 0xA900
-    assert index_rows(node) == 0
-    assert node.object_files() == [] and node.staging_files() == []
-    wait_for(lambda: "differs from the request" in node.log_text, what="failure log line")
+    assert send_raw(served_node, lying) == 0xA900
+    assert index_rows(served_node) == 0
+    assert served_node.object_files() == [] and served_node.staging_files() == []
+    wait_for(lambda: "differs from the request" in served_node.log_text, what="failure log line")
 
 
-def test_unparseable_dataset_is_refused(node: RunningNode, tmp_path: Path) -> None:
+def test_unparseable_dataset_is_refused(served_node: RunningNode, tmp_path: Path) -> None:
     good = factory.make_ct_series(tmp_path / "in", 1)[0]
     data = bytearray(good.read_bytes())
     _, offset = __import__("iepnode.archive.ingest", fromlist=["x"]).parse_file_meta(bytes(data))
@@ -202,14 +202,14 @@ def test_unparseable_dataset_is_refused(node: RunningNode, tmp_path: Path) -> No
     data[offset + 6: offset + 8] = b"\xff\xff"
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(bytes(data))
-    assert send_raw(node, broken, propose=good) in (0xC000, 0xA900)
-    assert index_rows(node) == 0 and node.object_files() == []
+    assert send_raw(served_node, broken, propose=good) in (0xC000, 0xA900)
+    assert index_rows(served_node) == 0 and served_node.object_files() == []
 
 
-def test_aborted_association_leaves_nothing(node: RunningNode, tmp_path: Path) -> None:
+def test_aborted_association_leaves_nothing(served_node: RunningNode, tmp_path: Path) -> None:
     source = factory.make_ct_series(tmp_path / "in", 1, rows=512, columns=512)[0]
     ds = dcmread(source)
-    assoc = associate(node, [source])
+    assoc = associate(served_node, [source])
     context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
     request = C_STORE()
     request.MessageID = 1
@@ -226,22 +226,23 @@ def test_aborted_association_leaves_nothing(node: RunningNode, tmp_path: Path) -
     for pdu in fragments[:-2]:  # the command and most, but not all, of the dataset
         assoc.dul.send_pdu(pdu)
     assoc.abort()
-    wait_for(lambda: "association aborted: TESTSCU" in node.log_text, what="abort log line")
-    assert index_rows(node) == 0
-    assert node.object_files() == [] and node.staging_files() == []
+    wait_for(lambda: "association aborted: TESTSCU" in served_node.log_text, what="abort log line")
+    assert index_rows(served_node) == 0
+    assert served_node.object_files() == [] and served_node.staging_files() == []
     # The node still works afterwards.
-    assert storescu(node, [source]).returncode == 0
-    assert index_rows(node) == 1
+    assert storescu(served_node, [source]).returncode == 0
+    assert index_rows(served_node) == 1
 
 
-def test_concurrent_associations(node: RunningNode, tmp_path: Path) -> None:
+def test_concurrent_associations(served_node: RunningNode, tmp_path: Path) -> None:
     first = factory.make_ct_series(tmp_path / "s0", 10)
     series = [first] + [factory.make_ct_series(tmp_path / f"s{i}", 10, like=first[0])
                         for i in range(1, 4)]
     procs = [
         subprocess.Popen(
-            [shutil.which("storescu", path="/usr/bin"), "-aet", SCU_AE, "-aec", node.ae_title,
-             node.host, str(node.dicom_port), *map(str, files)],
+            [shutil.which("storescu", path="/usr/bin"), "-aet", SCU_AE, "-aec",
+             served_node.ae_title, served_node.host, str(served_node.dicom_port),
+             *map(str, files)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ,
                                                                  "TCP_NODELAY": "1"})
         for files in series
@@ -249,9 +250,9 @@ def test_concurrent_associations(node: RunningNode, tmp_path: Path) -> None:
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-    assert index_rows(node) == 40
-    assert index_rows(node, "study") == 1 and index_rows(node, "series") == 4
-    with sqlite3.connect(node.data_dir / "index.sqlite3") as db:
+    assert index_rows(served_node) == 40
+    assert index_rows(served_node, "study") == 1 and index_rows(served_node, "series") == 4
+    with sqlite3.connect(served_node.data_dir / "index.sqlite3") as db:
         assert db.execute("SELECT num_instances, num_series FROM study").fetchone() == (40, 4)
 
 
@@ -285,7 +286,7 @@ def test_disk_full_gives_out_of_resources(tmp_path: Path) -> None:
 # -- C-FIND ----------------------------------------------------------------------------
 
 
-def test_findscu_non_ascii_names_round_trip(node: RunningNode, tmp_path: Path) -> None:
+def test_findscu_non_ascii_names_round_trip(served_node: RunningNode, tmp_path: Path) -> None:
     names = {
         "ISO_IR 100": "Müller^Jürgen",
         "ISO_IR 192": "Ñúñez^José=山田^太郎",
@@ -295,12 +296,12 @@ def test_findscu_non_ascii_names_round_trip(node: RunningNode, tmp_path: Path) -
     for i, (charset, name) in enumerate(names.items()):
         files += factory.make_ct_series(tmp_path / f"p{i}", 1, PatientName=name,
                                         PatientID=f"NA{i}", SpecificCharacterSet=charset)
-    assert storescu(node, files).returncode == 0
+    assert storescu(served_node, files).returncode == 0
     out = tmp_path / "responses"
     out.mkdir()
-    result = dcmtk_run("findscu", "-aet", SCU_AE, "-aec", node.ae_title, "-P", "-X",
+    result = dcmtk_run("findscu", "-aet", SCU_AE, "-aec", served_node.ae_title, "-P", "-X",
                        "-od", str(out), "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientName",
-                       "-k", "PatientID", node.host, str(node.dicom_port))
+                       "-k", "PatientID", served_node.host, str(served_node.dicom_port))
     assert result.returncode == 0, result.stderr
     found = {}
     for path in out.iterdir():
@@ -309,12 +310,12 @@ def test_findscu_non_ascii_names_round_trip(node: RunningNode, tmp_path: Path) -
     assert found == {f"NA{i}": name for i, name in enumerate(names.values())}
 
 
-def test_findscu_levels_and_matching(node: RunningNode, tmp_path: Path) -> None:
+def test_findscu_levels_and_matching(served_node: RunningNode, tmp_path: Path) -> None:
     a = factory.make_ct_series(tmp_path / "a", 3, PatientName="Smith^John", PatientID="P1",
                                StudyDate="20240105", AccessionNumber="ACC1")
     b = factory.make_ct_series(tmp_path / "b", 2, PatientName="Smythe^Ann", PatientID="P2",
                                StudyDate="20230301", AccessionNumber="ACC2")
-    assert storescu(node, a + b).returncode == 0
+    assert storescu(served_node, a + b).returncode == 0
 
     def find(*keys: str, model: str = "-S") -> list[dict[str, str]]:
         out = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
@@ -322,8 +323,8 @@ def test_findscu_levels_and_matching(node: RunningNode, tmp_path: Path) -> None:
         args = [model, "-X", "-od", str(out)]
         for key in keys:
             args += ["-k", key]
-        result = dcmtk_run("findscu", "-aet", SCU_AE, "-aec", node.ae_title, *args,
-                           node.host, str(node.dicom_port))
+        result = dcmtk_run("findscu", "-aet", SCU_AE, "-aec", served_node.ae_title, *args,
+                           served_node.host, str(served_node.dicom_port))
         assert result.returncode == 0, result.stderr
         rows = []
         for path in sorted(out.iterdir()):
@@ -362,9 +363,9 @@ def test_movescu_sends_study_byte_identical(tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 4)
     files.append(factory.copy_bundled("MR_small_RLE.dcm", tmp_path / "in2"))
     received = tmp_path / "received"
-    with dcmtk_storescp(received, "DEST") as dest_port, running_node(
+    with storescp_on(0, received, "DEST") as dest, running_node(
         tmp_path / "n",
-        register=[(SCU_AE, "127.0.0.1", 0, "store,move"), ("DEST", "127.0.0.1", dest_port, "")],
+        register=[(SCU_AE, "127.0.0.1", 0, "store,move"), ("DEST", "127.0.0.1", dest.port, "")],
     ) as n:
         assert storescu(n, files[:4]).returncode == 0
         assert storescu(n, files[4:], extra=("-xr",)).returncode == 0
@@ -385,15 +386,15 @@ def test_movescu_sends_study_byte_identical(tmp_path: Path) -> None:
         wait_for(lambda: "'NOBODY' is not registered" in n.log_text, what="log line")
 
 
-def test_getscu_retrieves_byte_identical(node: RunningNode, tmp_path: Path) -> None:
+def test_getscu_retrieves_byte_identical(served_node: RunningNode, tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 3)
-    assert storescu(node, files).returncode == 0
+    assert storescu(served_node, files).returncode == 0
     out = tmp_path / "got"
     out.mkdir()
     study_uid = dcmread(files[0]).StudyInstanceUID
-    get = dcmtk_run("getscu", "-aet", SCU_AE, "-aec", node.ae_title, "-S", "-od", str(out),
+    get = dcmtk_run("getscu", "-aet", SCU_AE, "-aec", served_node.ae_title, "-S", "-od", str(out),
                     "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
-                    node.host, str(node.dicom_port))
+                    served_node.host, str(served_node.dicom_port))
     assert get.returncode == 0, get.stderr
     got = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
     assert len(got) == 3
@@ -432,17 +433,18 @@ def test_stable_study_gets_a_valid_dicomdir(tmp_path: Path) -> None:
                 if ln.startswith("Error")], entity.stderr
 
 
-def test_fileset_cli_builds_on_demand(node: RunningNode, tmp_path: Path) -> None:
+def test_fileset_cli_builds_on_demand(served_node: RunningNode, tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 2)
-    assert storescu(node, files).returncode == 0
+    assert storescu(served_node, files).returncode == 0
     study_uid = str(dcmread(files[0]).StudyInstanceUID)
-    out = node.cli("fileset", study_uid).stdout.strip()
+    out = served_node.cli("fileset", study_uid).stdout.strip()
     assert out.endswith("DICOMDIR") and Path(out).is_file()
-    assert node.cli("fileset", "1.2.3.999", check=False).returncode == 1
+    assert served_node.cli("fileset", "1.2.3.999", check=False).returncode == 1
 
 
-def test_context_proposal_without_store_keeps_move(node: RunningNode) -> None:
-    assoc = associate(node, contexts=[build_context(CTImageStorage, [ExplicitVRLittleEndian])])
+def test_context_proposal_without_store_keeps_move(served_node: RunningNode) -> None:
+    assoc = associate(served_node,
+                      contexts=[build_context(CTImageStorage, [ExplicitVRLittleEndian])])
     assert any(cx.abstract_syntax == CTImageStorage for cx in assoc.accepted_contexts)
     assoc.release()
 
@@ -498,10 +500,10 @@ def test_node_on_postgresql(tmp_path: Path, fresh_postgres_url: str) -> None:
 def test_retrieve_without_unique_key_is_refused(tmp_path: Path) -> None:
     files = factory.make_ct_series(tmp_path / "in", 2)
     received = tmp_path / "received"
-    with dcmtk_storescp(received, "DEST") as dest_port, running_node(
+    with storescp_on(0, received, "DEST") as dest, running_node(
         tmp_path / "n",
         register=[(SCU_AE, "127.0.0.1", 0, "store,move,get"),
-                  ("DEST", "127.0.0.1", dest_port, "")],
+                  ("DEST", "127.0.0.1", dest.port, "")],
     ) as n:
         assert storescu(n, files).returncode == 0
         move = dcmtk_run("movescu", "-aet", SCU_AE, "-aec", n.ae_title, "-aem", "DEST", "-S",

@@ -48,7 +48,7 @@ from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.support.node import running_node
-from tests.support.orthanc import ORTHANC, running_orthanc
+from tests.support.peers import ORTHANC, running_orthanc
 from tests.support.scu import storescu
 from tests.support.tools import dcmtk
 from tests.test_fileset import dcentvfy_errors, dciodvfy_errors

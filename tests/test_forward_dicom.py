@@ -21,8 +21,15 @@ from pydicom.uid import generate_uid
 from tests import data_factory as factory
 from tests.conftest import SCU_AE
 from tests.support.node import RunningNode, run_cli, running_node, wait_for
-from tests.support.peers import ORTHANC, make_pki, orthanc, received, storescp_on
-from tests.support.scu import dataset_bytes, free_port, storescu
+from tests.support.peers import (
+    ORTHANC,
+    free_port,
+    make_pki,
+    received,
+    running_orthanc,
+    storescp_on,
+)
+from tests.support.scu import dataset_bytes, storescu
 
 #: Bundled files in syntaxes the node must send as stored (deflate: deflated anew).
 AS_STORED = ["MR_small_implicit.dcm", "MR_small_RLE.dcm", "image_dfl.dcm",
@@ -274,11 +281,11 @@ def test_send_to_orthanc_byte_identical(tmp_path: Path) -> None:
     source = tmp_path / "in"
     files = factory.make_ct_series(source, 4)
     files += bundled_copies(source)
-    with running_node(tmp_path / "n") as n, orthanc(
+    with running_node(tmp_path / "n") as n, running_orthanc(
             tmp_path / "orthanc", {"node": [n.ae_title, "127.0.0.1", n.dicom_port]}) as peer:
-        add_destination(n.data_dir, peer.ae_title, peer.port)
+        add_destination(n.data_dir, peer.aet, peer.port)
         n.cli("import", str(source), "--no-progress")
-        result = n.cli("send", *study_uids(files), "--to", peer.ae_title, "--no-progress")
+        result = n.cli("send", *study_uids(files), "--to", peer.aet, "--no-progress")
         assert f"done: {len(files)} of {len(files)} sent" in result.stdout
         instances = peer.get("/instances")
         assert isinstance(instances, list) and len(instances) == len(files)

@@ -22,8 +22,7 @@ from iepnode.sharing.transactions import Contact, NewTransfer
 from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, RemoteAE, RouteRule, SendJob, TransactionSendAE
-from tests.support.peers import received, storescp_on
-from tests.support.scu import free_port
+from tests.support.peers import free_port, received, storescp_on
 from tests.test_admin_web import (  # noqa: F401 - fixtures
     Browser,
     admin,

@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 from playwright.sync_api import (
     Browser,
     BrowserContext,
@@ -34,34 +32,17 @@ from pydicom import dcmread
 
 from tests import data_factory as factory
 from tests.support.browser import Browser as CookieBrowser
-from tests.support.node import run_cli, running_node
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
+from tests.support.mail import Inbox, wait_for_mail
+from tests.support.node import add_staff_user, run_cli, running_node
+from tests.support.peers import free_port
 from tests.support.scu import storescu
-from tests.test_portal_e2e import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    Inbox,
-    PortZeroController,
-    add_staff_user,
-    free_port,
-    wait_for_mail,
-)
 from tests.test_recipient_web import field, read_eml
 
 INSTITUTION = "St Elsewhere NHS Trust"
 HOSPITAL = "radiology@hospital.example"
 SOLICITOR = "solicitor@law.example"
 SOLICITOR_CODES = "sol-codes@law.example"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    controller: Controller = PortZeroController(inbox, hostname="127.0.0.1", port=0)
-    controller.start()
-    try:
-        yield inbox, controller.port
-    finally:
-        controller.stop()
 
 
 def passcode(inbox: Inbox, address: str, count: int) -> str:
@@ -98,11 +79,11 @@ def forward_copies(data_dir: Path, public_id: str) -> list[str]:
 
 
 def test_forward_dialog_limits_and_the_forwarded_recipient_in_chromium(
-    tmp_path: Path, smtp: tuple[Inbox, int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, smtp: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
-    inbox, smtp_port = smtp
+    inbox, smtp_port = smtp, smtp.port
     http_port = free_port()
     for name, value in {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port),
                         "SMTP_TLS": "none", "PUBLIC_URL": f"http://127.0.0.1:{http_port}",

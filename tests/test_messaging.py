@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from config import ConfigError, Settings, load_settings
@@ -33,6 +32,7 @@ from iepnode.outbound.messaging import (
     check_email,
     normalize_phone,
 )
+from tests.support.mail import PortZeroController
 
 #: Secret-looking content that must never reach a log line or an error text.
 PASSCODE = "731942"
@@ -82,15 +82,6 @@ def authenticate(server: SMTP, session: Session, envelope: Envelope, mechanism: 
           and auth_data.password == PASSWORD.encode())
     # handled=False: aiosmtpd answers "535" itself on failure.
     return AuthResult(success=ok, handled=False, auth_data=auth_data.login if ok else None)
-
-
-class PortZeroController(Controller):
-    """A Controller bound to port 0: learn the port before the start-up self-test."""
-
-    def _trigger_server(self) -> None:
-        assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @dataclasses.dataclass

@@ -10,97 +10,28 @@ transaction with the right details. Screenshots are written to ``tmp_path``.
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
-from playwright.sync_api import ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 from pydicom import dcmread
 
 from tests import data_factory as factory
-from tests.support.node import REPO, run_cli, running_node, wait_for
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem
+from tests.support.mail import Inbox, wait_for_mail
+from tests.support.node import add_staff_user, run_cli, running_node
+from tests.support.peers import free_port
 from tests.support.scu import storescu
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 INSTITUTION = "St Elsewhere NHS Trust"
 
 
-class Inbox:
-    """aiosmtpd handler keeping every message it accepts."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
-                          envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
-        self.messages.append(BytesParser(policy=policy.default).parsebytes(raw))  # type: ignore[arg-type]
-        return "250 OK"
-
-    def to(self, address: str) -> list[EmailMessage]:
-        """Messages sent to ``address``, oldest first."""
-        return [m for m in self.messages if str(m["To"]) == address]
-
-
-class PortZeroController(Controller):
-    """A Controller bound to port 0: learn the port before the start-up self-test."""
-
-    def _trigger_server(self) -> None:
-        assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    controller = PortZeroController(inbox, hostname="127.0.0.1", port=0)
-    controller.start()
-    try:
-        yield inbox, controller.port
-    finally:
-        controller.stop()
-
-
-def free_port() -> int:
-    """A loopback port free right now (the node binds it moments later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def add_staff_user(data_dir: Path, username: str, *args: str) -> None:
-    """``iepnode user add`` with the password on standard input (the contact of transfers)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "iepnode.cli", "user", "add", username, *args,
-         "--password-stdin", "--data-dir", str(data_dir)],
-        input="correct horse battery staple\n", capture_output=True, text=True, timeout=60,
-        cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-
-
-def wait_for_mail(inbox: Inbox, address: str, count: int = 1) -> EmailMessage:
-    messages = wait_for(lambda: inbox.to(address)[count - 1:], timeout=30,
-                        what=f"mail number {count} to {address}")
-    return messages[0]  # type: ignore[index]
-
-
 def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
-    tmp_path: Path, smtp: tuple[Inbox, int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, smtp: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
-    inbox, smtp_port = smtp
+    inbox, smtp_port = smtp, smtp.port
     http_port = free_port()
     for name, value in {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port),
                         "SMTP_TLS": "none", "PUBLIC_URL": f"http://127.0.0.1:{http_port}",
@@ -136,7 +67,7 @@ def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
                 context = browser.new_context(viewport={"width": 1280, "height": 900})
                 page = context.new_page()
                 problems: list[str] = []
-                page.on("console", lambda m: _console(m, problems))
+                page.on("console", lambda m: console_problem(m, problems))
                 page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
                 page.on("response", lambda r: r.status >= 400 and problems.append(
                     f"HTTP {r.status} for {r.url}"))
@@ -149,11 +80,6 @@ def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
                 assert problems == []
             finally:
                 browser.close()
-
-
-def _console(message: ConsoleMessage, problems: list[str]) -> None:
-    if message.type in ("error", "warning"):
-        problems.append(f"console {message.type}: {message.text}")
 
 
 def _walk_through(page: Page, link: str, inbox: Inbox, public_id: str, shots: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
@@ -24,8 +23,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from config import Settings, load_settings
 from iepnode.node import Node
@@ -36,6 +33,7 @@ from storage.models import LoginAttempt, Recipient, Transaction, TransactionMess
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files as store
+from tests.support.mail import Inbox
 from web import recipient as pages
 from web.app import create_app
 
@@ -235,9 +233,9 @@ async def test_transaction_page(browser: Browser, node: Node, study: str) -> Non
 
 
 async def test_passcode_by_email_through_a_real_smtp_server(
-    aiohttp_client: Any, tmp_path: Path, smtp_server: Inbox
+    aiohttp_client: Any, tmp_path: Path, smtp: Inbox
 ) -> None:
-    settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp_server.port,
+    settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
                              smtp_tls="none")
     node = Node(settings)
     uid = store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Roe^Rick"))
@@ -246,7 +244,7 @@ async def test_passcode_by_email_through_a_real_smtp_server(
                                            cookie_jar=aiohttp.DummyCookieJar()))
     page = await open_link(browser, token)
     assert "email <strong>c•••@example.org</strong>" in page.html
-    (mail,) = smtp_server.messages
+    (mail,) = smtp.messages
     assert mail["To"] == "code@example.org" and outbox(node) == []
     code = re.search(r"\b(\d{6})\b", mail.get_content()).group(1)  # type: ignore[union-attr]
     response = await submit(browser, token, page, code)
@@ -585,42 +583,3 @@ def test_formatting() -> None:
     assert pages.format_epoch(None, UTC) == "—"
     assert pages.mask_destination("sms", "+447700900123") == "•••23"
     assert pages.mask_destination("email", "anna@example.org") == "a•••@example.org"
-
-
-# -- a real SMTP server ---------------------------------------------------------------------
-
-
-class Inbox:
-    """aiosmtpd handler keeping every message it accepts."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-        self.port = 0
-
-    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
-                          envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
-        self.messages.append(BytesParser(policy=policy.default).parsebytes(raw))  # type: ignore[arg-type]
-        return "250 OK"
-
-
-class PortZeroController(Controller):
-    """A Controller bound to port 0: learn the port before the start-up self-test."""
-
-    def _trigger_server(self) -> None:
-        assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[Inbox]:
-    inbox = Inbox()
-    controller = PortZeroController(inbox, hostname="127.0.0.1", port=0)
-    controller.start()
-    inbox.port = controller.port
-    try:
-        yield inbox
-    finally:
-        controller.stop()
-

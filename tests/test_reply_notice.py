@@ -11,25 +11,22 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from iepnode.node import Node
 from iepnode.people import audit
 from iepnode.sharing.transactions import NewTransfer
 from storage.models import AuditEvent, Transaction, TransactionMessage
 from tests import data_factory as factory
+from tests.support.mail import Inbox
 from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import (
     Browser,
-    Inbox,
-    PortZeroController,
     log_in,
     make_settings,
     outbox,
@@ -39,18 +36,6 @@ from tests.test_recipient_web import (
 from web.app import create_app
 
 SECRET_NEWS = "Your biopsy result is benign."
-
-
-@pytest.fixture
-def smtp() -> Iterator[Inbox]:
-    inbox = Inbox()
-    controller = PortZeroController(inbox, hostname="127.0.0.1", port=0)
-    controller.start()
-    inbox.port = controller.port
-    try:
-        yield inbox
-    finally:
-        controller.stop()
 
 
 def closed_port() -> int:

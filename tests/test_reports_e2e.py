@@ -21,10 +21,10 @@ from playwright.sync_api import Frame, Page, expect, sync_playwright
 from pydicom import dcmread
 
 from tests import data_factory as factory
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.support.node import running_node
 from tests.support.scu import storescu
 from tests.test_download import outbox_text
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS
 
 #: Chromium's built-in PDF viewer extension.
 PDF_VIEWER = "chrome-extension://mhjfbmdgcfjbbpaeojofohoefgiehjai/"

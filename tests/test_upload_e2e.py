@@ -21,42 +21,23 @@ import io
 import socket
 import urllib.parse
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from tests import data_factory as factory
-from tests.support.node import RunningNode, run_cli, running_node, wait_for
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
+from tests.support.mail import Inbox, wait_for_mail
+from tests.support.node import RunningNode, add_staff_user, run_cli, running_node, wait_for
+from tests.support.peers import free_port
 from tests.test_forward_e2e import _base, _watch, link_in, sign_in
-from tests.test_portal_e2e import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    Inbox,
-    PortZeroController,
-    add_staff_user,
-    free_port,
-    wait_for_mail,
-)
 
 INSTITUTION = "North Tees Hospital"
 PATIENT = "pat@example.org"
 CODES = "pat-codes@example.org"
 XSS_NAME = "<img src=x onerror=alert(1)>.dcm"
 UNICODE_NAME = "Ünïcødé 検査 слой.dcm"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    controller: Controller = PortZeroController(inbox, hostname="127.0.0.1", port=0)
-    controller.start()
-    try:
-        yield inbox, controller.port
-    finally:
-        controller.stop()
 
 
 def staged(data_dir: Path) -> dict[str, str]:
@@ -134,11 +115,11 @@ def wait_all_done(page: Page, count: int) -> None:
         arg=count, timeout=120_000)
 
 
-def test_request_upload_in_chromium(tmp_path: Path, smtp: tuple[Inbox, int],
+def test_request_upload_in_chromium(tmp_path: Path, smtp: Inbox,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
-    inbox, smtp_port = smtp
+    inbox, smtp_port = smtp, smtp.port
     http_port = free_port()
     for name, value in {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port),
                         "SMTP_TLS": "none", "PUBLIC_URL": f"http://127.0.0.1:{http_port}",

@@ -26,8 +26,7 @@ from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, Instance, Patient, Recipient, Transaction, Upload, UploadFile
 from tests.data_factory import make_ct_series, minimal_pdf
-from tests.support.peers import received, storescp_on
-from tests.support.scu import free_port
+from tests.support.peers import free_port, received, storescp_on
 
 STAFF = audit.Actor("staff", "radiographer", "10.0.0.9")
 

@@ -20,10 +20,10 @@ from playwright.sync_api import Page, expect, sync_playwright
 from pydicom import dcmread
 
 from iepnode.viewing.rendering import decode_frame, window_linear
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem
 from tests.support.node import running_node
 from tests.support.scu import storescu
 from tests.test_download import outbox_text
-from tests.test_portal_e2e import CHROMIUM, CHROMIUM_ARGS, _console
 from tests.test_viewer_web import distinct_ct
 
 SIZE = 32
@@ -75,7 +75,7 @@ def test_recipient_views_a_ct_in_chromium(tmp_path: Path,
             try:
                 page = browser.new_context(viewport={"width": 1100, "height": 800}).new_page()
                 problems: list[str] = []
-                page.on("console", lambda m: _console(m, problems))
+                page.on("console", lambda m: console_problem(m, problems))
                 page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
                 page.on("response", lambda r: r.status >= 400 and problems.append(
                     f"HTTP {r.status} for {r.url}"))

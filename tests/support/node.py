@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import selectors
 import signal
@@ -20,11 +19,6 @@ READY = re.compile(
 REPO = Path(__file__).resolve().parents[2]
 
 
-def peer_env() -> dict[str, str]:
-    """Environment for dcmtk/Orthanc peers: Debian leaves Nagle on unless told."""
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
 def run_cli(data_dir: Path, *args: str, check: bool = True, extra: list[str] | None = None,
             timeout: float = 120, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Run ``iepnode ARGS --data-dir DATA_DIR`` and return the finished process.
@@ -39,9 +33,34 @@ def run_cli(data_dir: Path, *args: str, check: bool = True, extra: list[str] | N
     return proc
 
 
+def add_staff_user(data_dir: Path, username: str, *args: str) -> None:
+    """``iepnode user add`` with the password on standard input (the contact of transfers)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "iepnode.cli", "user", "add", username, *args,
+         "--password-stdin", "--data-dir", str(data_dir)],
+        input="correct horse battery staple\n", capture_output=True, text=True, timeout=60,
+        cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
-             what: str = "condition") -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+             what: str = "condition", *, max_interval: float | None = None) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``.
+
+    Parameters
+    ----------
+    predicate : callable
+        Called without arguments; its first truthy answer is returned.
+    interval : float
+        Seconds between calls.
+    max_interval : float, optional
+        Double the interval after every call, up to this (default: a fixed interval).
+
+    Raises
+    ------
+    AssertionError
+        ``predicate`` stayed falsy for ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -50,6 +69,8 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+        if max_interval is not None:
+            interval = min(interval * 2, max_interval)
 
 
 @dataclass

@@ -26,7 +26,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from tests.support.peers import free_port
 
 SUPERUSER = "postgres"
 DEFAULT_DBNAME = "iepnode_test"
@@ -64,12 +65,6 @@ def find_bindir() -> Path:
         f"PostgreSQL server binaries (initdb, postgres) not found in {where}: install the "
         "Debian package 'postgresql' (run scripts/install-system-deps)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_as() -> tuple[dict[str, Any], tuple[int, int] | None]:
@@ -226,7 +221,7 @@ class PostgresServer:
     def _launch(self, bindir: Path, common: dict[str, Any]) -> None:
         assert self.base_dir is not None
         for _attempt in range(_PORT_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             log_start = self._log.tell()
             cmd = [
                 str(bindir / "postgres"),

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE, _config, build_context
 
 from iepnode.archive.ingest import parse_file_meta
-from tests.support.node import RunningNode, peer_env, wait_for
+from tests.support.node import RunningNode
+from tests.support.peers import peer_env
 from tests.support.tools import dcmtk
 
 
@@ -35,44 +34,6 @@ def storescu(node: RunningNode, files: list[Path], *, aet: str = "TESTSCU",
     """Send ``files`` to the node with dcmtk's storescu."""
     return dcmtk_run("storescu", "-aet", aet, "-aec", aec or node.ae_title, *extra,
                      node.host, str(node.dicom_port), *map(str, files))
-
-
-def free_port() -> int:
-    """Return a currently free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def dcmtk_storescp(out_dir: Path, ae_title: str = "DEST") -> Iterator[int]:
-    """Run dcmtk's storescp (bit-preserving, all transfer syntaxes) on a free port."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for _ in range(5):
-        port = free_port()
-        proc = subprocess.Popen(
-            [dcmtk("storescp"), "--aetitle", ae_title, "--output-directory", str(out_dir),
-             "--bit-preserving", "+xa", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=peer_env(),
-        )
-        try:
-            def answers(port: int = port, proc: subprocess.Popen = proc) -> bool:
-                if proc.poll() is not None:
-                    return True
-                echo = dcmtk_run("echoscu", "-aet", "PROBE", "-aec", ae_title,
-                                 "127.0.0.1", str(port), timeout=10)
-                return echo.returncode == 0
-            wait_for(answers, timeout=20, what="storescp")
-            if proc.poll() is None:
-                yield port
-                return
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(10)
-            if proc.stderr:
-                proc.stderr.close()
-    raise AssertionError("could not start storescp")
 
 
 @contextlib.contextmanager
