@@ -66,10 +66,9 @@ from iepnode.people.admin import (
     LoginThrottled,
 )
 from iepnode.people.audit import Actor
+from iepnode.records import SERVICES, StaffUser, Transaction, WebSession
 from iepnode.sharing import recipients
 from iepnode.sharing.transactions import PRIORITIES, NewTransfer
-from storage.models import StaffUser, Transaction, WebSession
-from storage.registry import SERVICES
 from web import middlewares
 from web.common import (
     client_ip,

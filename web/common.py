@@ -9,7 +9,7 @@ from aiohttp import web
 from iepnode import dicomtext
 from iepnode.errors import NotFound
 from iepnode.node import Node
-from storage.models import WebSession
+from iepnode.records import WebSession
 from web.keys import NODE_KEY, SESSION_KEY
 
 _PUBLIC_ID = re.compile(r"IEP[0-9]{8}")

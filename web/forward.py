@@ -25,6 +25,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.outbound.messaging import DeliveryError
+from iepnode.records import WebSession
 from iepnode.sharing.forwarding import (
     PURPOSES,
     RETENTION,
@@ -32,7 +33,6 @@ from iepnode.sharing.forwarding import (
     ForwardRequest,
     ForwardState,
 )
-from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SETTINGS_KEY
 

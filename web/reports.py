@@ -41,6 +41,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest
+from iepnode.sharing.recipients import recipient_by_id
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from iepnode.viewing.reports import safe_filename
 from web.admin import Staff, staff_view
@@ -189,9 +190,7 @@ def _recipient(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 async def _with_recipient(request: web.Request, context: dict[str, Any]) -> dict[str, Any]:
-    from storage.models import Recipient
-
-    recipient = await asyncio.to_thread(Recipient.get_by_id,
+    recipient = await asyncio.to_thread(recipient_by_id,
                                         request[SESSION_KEY].recipient_id)
     return {**context, "recipient": recipient}
 
