@@ -139,9 +139,13 @@ class FileStore:
 
     def path(self, key: str) -> Path:
         """Return the path of the object stored under ``key``."""
+        return Path(self._file(key))
+
+    def _file(self, key: str) -> str:
+        """The object's file name as a plain string (no pathlib: once per member read)."""
         if not key or not key.isalnum() or not key.isascii():
             raise ValueError(f"malformed store key {key!r}")
-        return self.root / key[:2] / key
+        return os.path.join(self._root, key[:2], key)
 
     def open(self, key: str) -> BinaryIO:
         """Open the object under ``key`` for reading (a binary file object; close it).
@@ -153,11 +157,11 @@ class FileStore:
         OSError
             If there is no such object or it cannot be read.
         """
-        return open(self.path(key), "rb")
+        return open(self._file(key), "rb")
 
     def size(self, key: str) -> int:
         """Return the size in bytes of the object under ``key`` (``OSError`` if none)."""
-        return os.stat(self.path(key)).st_size
+        return os.stat(self._file(key)).st_size
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         """Return ``length`` bytes of the object under ``key`` from ``offset``.
@@ -208,7 +212,7 @@ class FileStore:
         OSError
             If there is no such object or it cannot be opened.
         """
-        return RangeReader(os.fspath(self.path(key)))
+        return RangeReader(self._file(key))
 
     def put(self, chunks: Iterable[bytes | memoryview]) -> tuple[str, int]:
         """Write ``chunks`` as one new object.
