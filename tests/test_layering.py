@@ -4,6 +4,8 @@
 (``iepnode``): they never import ``storage`` or ``peewee``, and never each other.
 Every module is read with :mod:`ast` (imports inside functions count too, and so do
 ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name).
+Nor do they reach for the file store (an attribute named ``store``, e.g.
+``node.store.path``): stored files are read by the domain, which hands out bytes.
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ def violations(package: str) -> list[str]:
 def test_edges_import_neither_storage_nor_peewee_nor_each_other(package: str) -> None:
     assert list((ROOT / package).rglob("*.py")), f"no modules found under {package}/"
     assert violations(package) == []
+
+
+def store_attributes(package: str) -> list[str]:
+    """Every ``<something>.store`` in the modules of ``package`` (``file:line``)."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "store":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: .store")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_edges_never_reach_for_the_file_store(package: str) -> None:
+    assert store_attributes(package) == []
 
 
 def test_the_check_sees_every_form_of_import() -> None:
