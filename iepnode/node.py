@@ -8,7 +8,7 @@ import functools
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from iepnode.people.audit import Actor
 from iepnode.security import load_or_create_secret
 from iepnode.sharing import (
     checksums,
+    download_stream,
     downloads,
     forward_mail,
     forwarding,
@@ -57,6 +58,7 @@ from iepnode.uploads import image_requests
 from iepnode.uploads import review as upload_review
 from iepnode.uploads import staging as uploads
 from iepnode.viewing import attachments, rendering, reports
+from iepnode.viewing.dicomweb import DicomWebService
 from iepnode.viewing.service import ViewingService
 from storage import hot_queries, index, registry
 from storage.db import open_database
@@ -86,9 +88,9 @@ PATIENT_RECORD = ("110110", "Patient Record")
 
 @dataclass(frozen=True)
 class RetrieveItem:
-    """One stored instance selected for C-MOVE / C-GET / export."""
+    """One stored instance selected for C-MOVE / C-GET / export (``key``: its store key)."""
 
-    path: Path
+    key: str
     sop_class: str
     sop_uid: str
     transfer_syntax: str
@@ -259,7 +261,7 @@ class Node:
         """
         query = parse_retrieve_identifier(identifier, root)
         return [
-            RetrieveItem(self.store.path(key), sop_class, sop_uid, ts)
+            RetrieveItem(key, sop_class, sop_uid, ts)
             for key, sop_class, sop_uid, ts in iter_instance_keys(query)
         ]
 
@@ -276,10 +278,11 @@ class Node:
 
         from storage.stored_file import unreadable_reason
 
-        reason = unreadable_reason(item.path)
+        path = self.store.path(item.key)
+        reason = unreadable_reason(path)
         if reason is not None:
             raise BadDataset(reason)
-        return dcmread(item.path)
+        return dcmread(path)
 
     def counts(self) -> dict[str, int]:
         """Return how many patients, studies and instances are indexed."""
@@ -1621,6 +1624,19 @@ class Node:
                                                     source_ip=source_ip)
         return attachments.remove(self.store, transaction, attachment_id, user=staff,
                                   actor=actor)
+
+    # -- boundary (issue 14) ------------------------------------------------------------
+    # Entry points that keep the file store behind the domain (web/ never sees a path).
+
+    def package_bytes(self, planned: package.Package, start: int,
+                      stop: int) -> AsyncIterator[bytearray]:
+        """Bytes ``start``-``stop`` of a planned package (see :mod:`.download_stream`)."""
+        return download_stream.package_bytes(self.store, planned, start, stop)
+
+    @functools.cached_property
+    def dicomweb(self) -> DicomWebService:
+        """DICOMweb's selection of stored instances, over this node's file store."""
+        return DicomWebService(self.store)
 
 
 def _channel_note(recipient: Recipient, otp_mobile: str, otp_email: str) -> str:

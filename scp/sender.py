@@ -190,15 +190,16 @@ def _response(assoc, timeout: float):
 def _dataset_stream(item: Outgoing, target: str) -> bytes:
     """The encoded dataset to send: the stored bytes, or the dataset encoded anew."""
     if target == item.transfer_syntax and target != uids.DeflatedExplicitVRLittleEndian:
-        with open(item.path, "rb") as fh:
+        with item.open() as fh:
             data = fh.read()
         _, offset = parse_file_meta(data)
         return data[offset:]
     # Deflated data is deflated anew (a stored deflate stream may have an odd length,
     # which a PDV may not); uncompressed data is converted to the accepted syntax.
     ts = uids.UID(target)
-    encoded = encode(dcmread(item.path), ts.is_implicit_VR, ts.is_little_endian,
-                     ts.is_deflated)
+    with item.open() as fh:
+        dataset = dcmread(fh)
+    encoded = encode(dataset, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
     if encoded is None:
         raise ValueError(f"cannot encode the dataset as {ts.name}")
     return encoded

@@ -524,8 +524,9 @@ def test_names_are_stored_decoded(node: Node) -> None:
 def _retrieved(node: Node, root: Root, level: str, **keys: Any) -> list[str]:
     items = node.retrieve(ident(level, **keys), root)
     for item in items:
-        assert item.path.is_file()
-        header = dcmread(item.path, stop_before_pixels=True)
+        assert node.store.exists(item.key)
+        with node.store.open(item.key) as fh:
+            header = dcmread(fh, stop_before_pixels=True)
         assert header.SOPInstanceUID == item.sop_uid
         assert header.SOPClassUID == item.sop_class
         assert header.file_meta.TransferSyntaxUID == item.transfer_syntax

@@ -42,7 +42,7 @@ from iepnode.people.staff_logins import (
     LoginThrottled,
     StaffLogins,
 )
-from storage.models import StaffUser
+from iepnode.records import StaffUser
 from web import middlewares
 from web.common import client_ip, node_of, see_other
 from web.keys import SESSION_KEY

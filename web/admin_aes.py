@@ -17,8 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest, UnknownDestination
+from iepnode.records import SERVICES
 from iepnode.rules.identifiers import is_public_id
-from storage.registry import SERVICES
 from web.common import node_of, see_other
 from web.staff_pages import (
     Staff,

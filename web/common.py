@@ -7,8 +7,8 @@ from aiohttp import web
 from iepnode import dicomtext
 from iepnode.errors import NotFound
 from iepnode.node import Node
+from iepnode.records import WebSession
 from iepnode.rules.identifiers import is_public_id
-from storage.models import WebSession
 from web.keys import NODE_KEY, SESSION_KEY
 
 _SEXES = {"F": "Female", "M": "Male", "O": "Other"}

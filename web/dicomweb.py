@@ -432,15 +432,16 @@ def search_view(level: Level) -> Handler:
 # -- WADO-RS -----------------------------------------------------------------------------
 
 
-def _selected(request: web.Request, call: Call, paths) -> list[dw.StoredInstance]:
-    return dw.select_instances(call.scope, paths, _uid(request, "study"),
-                               _uid(request, "series"), _uid(request, "instance"))
+def _selected(request: web.Request, call: Call,
+              dicomweb: dw.DicomWebService) -> list[dw.StoredInstance]:
+    return dicomweb.select(call.scope, _uid(request, "study"), _uid(request, "series"),
+                           _uid(request, "instance"))
 
 
 async def retrieve(request: web.Request, call: Call) -> web.StreamResponse:
     """WADO-RS retrieve of a study, series or instance: the stored files, multipart."""
     node = node_of(request)
-    items = await asyncio.to_thread(_selected, request, call, node.store.path)
+    items = await asyncio.to_thread(_selected, request, call, node.dicomweb)
     _accepts(request, "application/dicom", {i.transfer_syntax for i in items})
     multipart = Multipart("application/dicom")
     if request.method == "HEAD":
@@ -470,7 +471,7 @@ async def metadata(request: web.Request, call: Call) -> web.StreamResponse:
     node = node_of(request)
 
     def run() -> list[dw.StoredInstance]:
-        items = _selected(request, call, node.store.path)
+        items = _selected(request, call, node.dicomweb)
         _record(request, call, audit.INSTANCES_ACCESSED, "wado-metadata",
                 [i.study_uid for i in items],
                 f"WADO-RS {request.path[:300]}: {len(items)} instances")
@@ -513,7 +514,7 @@ async def frames(request: web.Request, call: Call) -> web.StreamResponse:
     numbers = dw.parse_frame_list(request.match_info["frames"], _max_frames(request))
 
     def run() -> tuple[dw.StoredInstance, dw.PixelData]:
-        item = _selected(request, call, node.store.path)[0]
+        item = _selected(request, call, node.dicomweb)[0]
         pixels = dw.PixelData(item)
         try:
             pixels.check(numbers)
@@ -546,7 +547,7 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
     """
     node = node_of(request)
     tag = dw.bulk_tag(request.match_info["tag"])
-    item = (await asyncio.to_thread(_selected, request, call, node.store.path))[0]
+    item = (await asyncio.to_thread(_selected, request, call, node.dicomweb))[0]
     if tag == dw.PIXEL_DATA:
         pixels = await asyncio.to_thread(dw.PixelData, item)
         try:
@@ -612,7 +613,7 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
     one_instance = bool(request.match_info.get("instance"))
 
     def select() -> list[dw.StoredInstance]:
-        items = _selected(request, call, node.store.path)[:1000]
+        items = _selected(request, call, node.dicomweb)[:1000]
         if one_instance and dw.frame_count(items[0]) < max(numbers):
             raise NotFound("no such frame")
         return items
@@ -660,7 +661,7 @@ async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
     frame = dw.parse_frame_list(frame_text, _max_frames(request))[0] if frame_text else 1
 
     def run() -> bytes:
-        items = _selected(request, call, node.store.path)
+        items = _selected(request, call, node.dicomweb)
         image = dw.render_image(items[len(items) // 2], frame, how)
         _record(request, call, audit.INSTANCES_ACCESSED, "wado-thumbnail",
                   [items[0].study_uid], f"WADO-RS {request.path[:300]}")

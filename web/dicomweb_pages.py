@@ -21,8 +21,9 @@ import asyncio
 import aiohttp_jinja2
 from aiohttp import web
 
+from iepnode.records import Recipient
+from iepnode.sharing.recipients import recipient_by_id
 from iepnode.viewing import dicomweb_access as dwa
-from storage.models import Recipient
 from web.common import client_ip, public_id_of, recipient_session, see_other
 from web.keys import SETTINGS_KEY
 from web.staff_pages import Staff, render, staff_view
@@ -33,7 +34,7 @@ def _recipient_access(recipient_id: int, public_id: str, ip: str, node_url: str,
     issued = dwa.issue_recipient_token(recipient_id, public_id, source_ip=ip)
     uids = sorted(dwa.recipient_scope(recipient_id, public_id).study_uids or ())
     return (dwa.viewer_access(issued, node_url, public_id, uids, ohif_url),
-            Recipient.get_by_id(recipient_id))
+            recipient_by_id(recipient_id))
 
 
 async def recipient_token(request: web.Request) -> web.Response:

@@ -12,21 +12,20 @@ The zip is planned before the first byte (:mod:`iepnode.sharing.package`), so th
 has its exact ``Content-Length`` and a strong ``ETag``, and any single byte range
 can be served (``206``; ``416`` beyond the end). A stored file that cannot be read
 when its turn comes (cut short or removed since the plan) ends the response early:
-the client sees a broken download, never wrong bytes. The bytes go out in ~1 MiB writes,
-read inline when the page cache holds them and by worker threads otherwise (one
-buffer per download in memory). Each request is audited when it ends, with the
+the client sees a broken download, never wrong bytes. The bytes come from the
+domain's async iterator (:mod:`iepnode.sharing.download_stream`) in ~1 MiB buffers,
+each written before the next is read (one buffer per download in memory); ``write``
+waits while the client is slower. Each request is audited when it ends, with the
 bytes sent and whether it completed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import logging
-import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp_jinja2
@@ -34,9 +33,7 @@ from aiohttp import web
 
 from iepnode.people import audit
 from iepnode.sharing.downloads import PROTECTED_TTL, is_downloadable
-from iepnode.sharing.package import Package
 from iepnode.sharing.pdi import size_text
-from iepnode.sharing.zipstream import CHUNK as BATCH
 from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.middlewares import SECURITY_HEADERS
 
@@ -85,88 +82,6 @@ def _attachment(filename: str) -> str:
     return f'attachment; filename="{filename}"'
 
 
-def _readers() -> ThreadPoolExecutor:
-    """Threads for reads that must wait for the disk (never on the event loop)."""
-    global _READERS
-    if _READERS is None:
-        _READERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="download-read")
-    return _READERS
-
-
-_READERS: ThreadPoolExecutor | None = None
-#: ``preadv(RWF_NOWAIT)``: read only what the page cache holds, never wait for the disk.
-_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-
-
-def _read_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``fd`` at ``offset`` (blocking; in a reader thread)."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise OSError("a stored file is shorter than planned")
-        done += got
-
-
-async def _fill(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view``: inline from the page cache when it has the data, else in a thread."""
-    global _NOWAIT
-    got = 0
-    if _NOWAIT is not None:
-        try:
-            got = os.preadv(fd, [view], offset, _NOWAIT)
-        except BlockingIOError:
-            got = 0
-        except OSError as exc:  # RWF_NOWAIT unsupported here: always use threads
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-            _NOWAIT = None
-    if got < len(view):
-        await asyncio.get_running_loop().run_in_executor(_readers(), _read_into, fd,
-                                                         view[got:], offset + got)
-
-
-async def _send(response: web.StreamResponse, package: Package, start: int, stop: int,
-                sent: list[int]) -> None:
-    """Write bytes ``start``-``stop`` of the package, counting them in ``sent[0]``.
-
-    Writes of ~1 MiB: headers and small members are joined to the following file
-    data (read straight into the same buffer), so a member costs one write. File
-    data already in the page cache is read inline (``RWF_NOWAIT``: never blocks);
-    anything that must come from the disk is read in a worker thread, so a cold
-    study never stalls the event loop. ``write`` waits while the client is slower:
-    one buffer per download is in memory. Measured against ``sendfile`` per member
-    and always-threaded reads in docs/benchmarks.md; it also works behind TLS.
-    """
-    pending = bytearray()  # small pieces that go out with the next file data
-    for piece in package.layout.pieces(start, stop):
-        if isinstance(piece, bytes):
-            pending += piece
-            if len(pending) >= BATCH:
-                await response.write(pending)
-                sent[0] += len(pending)
-                pending = bytearray()
-            continue
-        fd = os.open(piece.path, os.O_RDONLY)
-        try:
-            offset, left = piece.offset, piece.size
-            while left:
-                size = min(BATCH, left)
-                buffer = bytearray(len(pending) + size)
-                buffer[:len(pending)] = pending
-                await _fill(fd, memoryview(buffer)[len(pending):], offset)
-                await response.write(buffer)
-                sent[0] += len(buffer)
-                pending = bytearray()
-                offset += size
-                left -= size
-        finally:
-            os.close(fd)
-    if pending:
-        await response.write(pending)
-        sent[0] += len(pending)
-
-
 async def download(request: web.Request) -> web.StreamResponse:
     """``GET /transactions/{public_id}/download``: the transaction's zip (resumable)."""
     session = recipient_session(request)
@@ -196,7 +111,10 @@ async def download(request: web.Request) -> web.StreamResponse:
         return response
     sent, outcome, note = [0], audit.SERIOUS_FAILURE, "failed"
     try:
-        await _send(response, package, start, stop, sent)
+        async with contextlib.aclosing(node.package_bytes(package, start, stop)) as chunks:
+            async for chunk in chunks:
+                await response.write(chunk)
+                sent[0] += len(chunk)
         await response.write_eof()
         outcome, note = audit.SUCCESS, "complete"
     except (ConnectionError, asyncio.CancelledError):

@@ -25,6 +25,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.outbound.messaging import DeliveryError
+from iepnode.records import WebSession
 from iepnode.sharing.forwarding import (
     PURPOSES,
     RETENTION,
@@ -33,7 +34,6 @@ from iepnode.sharing.forwarding import (
     ForwardState,
 )
 from iepnode.sharing.transactions import is_expired
-from storage.models import WebSession
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 
 #: The fields of the dialog, with the most characters kept of each.

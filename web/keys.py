@@ -6,7 +6,7 @@ from aiohttp import web
 
 from config import Settings
 from iepnode.node import Node
-from storage.models import WebSession
+from iepnode.records import WebSession
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 NODE_KEY = web.AppKey("node", Node)

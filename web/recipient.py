@@ -46,9 +46,9 @@ from iepnode.errors import (
     RecipientLocked,
 )
 from iepnode.outbound.messaging import DeliveryError
+from iepnode.records import Recipient, WebSession
 from iepnode.sharing import recipients
 from iepnode.sharing.logins import RESEND_INTERVAL, NewSession, TotpEnrolment
-from storage.models import Recipient, WebSession
 from web import forward, middlewares
 from web.common import (
     client_ip,

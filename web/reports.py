@@ -40,6 +40,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest
+from iepnode.sharing.recipients import recipient_by_id
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from iepnode.viewing.reports import safe_filename
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
@@ -151,9 +152,7 @@ def _recipient(request: web.Request) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 async def _with_recipient(request: web.Request, context: dict[str, Any]) -> dict[str, Any]:
-    from storage.models import Recipient
-
-    recipient = await asyncio.to_thread(Recipient.get_by_id,
+    recipient = await asyncio.to_thread(recipient_by_id,
                                         request[SESSION_KEY].recipient_id)
     return {**context, "recipient": recipient}
 

@@ -37,9 +37,9 @@ from qrcode.image.svg import SvgPathImage
 from iepnode import timefmt
 from iepnode.people.audit import Actor
 from iepnode.people.staff_logins import STEP_PASSWORD, STEP_TOTP, StaffLogins
+from iepnode.records import StaffUser, Transaction, WebSession
 from iepnode.sharing.transactions import NEW, is_expired
 from iepnode.staff_side import StaffSide
-from storage.models import StaffUser, Transaction, WebSession
 from web.common import client_ip, format_pn, format_sex
 from web.keys import NODE_KEY, SESSION_KEY
 from web.middlewares import Handler

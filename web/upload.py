@@ -35,6 +35,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from iepnode.errors import Gone, InvalidRequest, NotFound
+from iepnode.records import UploadFile, WebSession
 from iepnode.sharing.transactions import COMPLETE
 from iepnode.uploads.staging import (
     ConfirmedPatient,
@@ -43,7 +44,6 @@ from iepnode.uploads.staging import (
     TooLarge,
     check_open,
 )
-from storage.models import UploadFile, WebSession
 from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
 from web.keys import SESSION_KEY
 

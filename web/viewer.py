@@ -31,10 +31,10 @@ from aiohttp import web
 
 from iepnode.errors import NotFound
 from iepnode.people import audit
+from iepnode.records import Transaction
 from iepnode.rules.identifiers import is_uid_like
 from iepnode.sharing.previews import placeholder_jpeg
 from iepnode.viewing.rendering import RenderError
-from storage.models import Transaction
 from web.common import client_ip, node_of, public_id_of, recipient_session
 from web.keys import SESSION_KEY
 

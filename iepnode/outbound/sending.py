@@ -28,6 +28,7 @@ the ``iepnode serve`` main process, or of ``iepnode send`` when no node runs):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -35,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from peewee import JOIN, chunked, fn
 
@@ -99,13 +101,18 @@ class Destination:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One stored instance to send."""
+    """One stored instance to send.
+
+    ``open`` opens the stored file for reading (the file store's
+    :meth:`~storage.filestore.FileStore.open` of its key): the transport reads it
+    through that, never by path.
+    """
 
     item_id: int
     sop_uid: str
     sop_class: str
     transfer_syntax: str
-    path: str
+    open: Callable[[], BinaryIO]
 
 
 @dataclass(frozen=True)
@@ -497,7 +504,8 @@ class JobRunner:
                             sop_uid, key, reason)
                 batch.results.append(ItemResult(item_id, False, None, reason, True))
                 continue
-            items.append(Outgoing(item_id, sop_uid, sop_class, ts, str(path)))
+            items.append(Outgoing(item_id, sop_uid, sop_class, ts,
+                                  functools.partial(self.store.open, key)))
         return items
 
     def _attempt(self, job: SendJob, stop: threading.Event) -> tuple[str, bool]:

@@ -290,11 +290,12 @@ def fingerprint(source: PackageSource, files: Sequence[StoredFile]) -> str:
 # -- building ---------------------------------------------------------------------------
 
 
-def _document_slice(path: Path) -> tuple[bytes | FileSlice, str] | None:
+def _document_slice(path: Path, key: str) -> tuple[bytes | FileSlice, str] | None:
     """Where the PDF of an Encapsulated PDF instance lies in its file, and its title.
 
-    The document is not copied: the package reads it from the stored file. Only a
-    deflated file (whose offsets are those of the inflated stream) is read into memory.
+    The document is not copied: the package reads it from the stored file (``key``,
+    at ``path``). Only a deflated file (whose offsets are those of the inflated
+    stream) is read into memory.
     """
     ds = dcmread(path, defer_size=1024)
     title = str(ds.get("DocumentTitle", "") or "")
@@ -317,7 +318,7 @@ def _document_slice(path: Path) -> tuple[bytes | FileSlice, str] | None:
             fh.seek(raw.value_tell + length - 1)
             if fh.read(1) == b"\0":
                 length -= 1
-    return FileSlice(path, raw.value_tell, length), title
+    return FileSlice(path, raw.value_tell, length, key), title
 
 
 def _series_rows(uids: set[str]) -> dict[str, Series]:
@@ -343,7 +344,7 @@ def _attached_members(attached: Sequence[AttachedFile], path_of: Callable[[str],
         try:
             path = path_of(item.key)
             if item.media_type == "application/pdf":
-                found = _document_slice(path)
+                found = _document_slice(path, item.key)
                 if found is None:
                     raise ValueError("no encapsulated document")
                 doc = found[0]
@@ -418,7 +419,7 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: C
     for planned in plan.files:
         by_series.setdefault(planned.series_uid, []).append(planned)
         if planned.sop_class == EncapsulatedPDFStorage:
-            found = _document_slice(planned.path)
+            found = _document_slice(planned.path, by_path[planned.path].key)
             if found is not None:
                 doc, title = found
                 name = f"REPORTS/RPT{len(reports) + 1:05d}.PDF"
@@ -476,7 +477,8 @@ def build_package(source: PackageSource, files: Sequence[StoredFile], crcs_of: C
     generated += [Member.of_bytes(s.page, pdi.study_htm(contents, s)) for s in studies]
     generated += previews
     dicom = [
-        Member("/".join(p.file_id), FileSlice(p.path, 0, by_path[p.path].size),
+        Member("/".join(p.file_id), FileSlice(p.path, 0, by_path[p.path].size,
+                                              by_path[p.path].key),
                crcs[by_path[p.path].key])
         for p in plan.files
     ]

@@ -187,3 +187,14 @@ def change_channel(recipient_id: int, channel: Channel) -> ChannelChange:
             (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
         ).execute()
     return ChannelChange(Recipient.get_by_id(recipient_id), old, channel)
+
+
+def recipient_by_id(recipient_id: int) -> Recipient:
+    """Return the recipient with the id ``recipient_id`` (e.g. a session's recipient).
+
+    Raises
+    ------
+    Recipient.DoesNotExist
+        If there is no such recipient.
+    """
+    return Recipient.get_by_id(recipient_id)

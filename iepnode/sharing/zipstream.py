@@ -51,11 +51,17 @@ _UTF8_NAMES = 1 << 11
 
 @dataclass(frozen=True)
 class FileSlice:
-    """``size`` bytes of the file at ``path`` starting at ``offset``."""
+    """``size`` bytes of the file at ``path`` starting at ``offset``.
+
+    ``key`` is the file-store key of that file when it is a stored object (every
+    slice of a download package): the download streams it through the store's read
+    verbs (:mod:`iepnode.sharing.download_stream`), never by path.
+    """
 
     path: Path
     offset: int
     size: int
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,7 @@ class ZipLayout:
                 if isinstance(piece, bytes):
                     yield piece[lo:hi]
                 else:
-                    yield FileSlice(piece.path, piece.offset + lo, hi - lo)
+                    yield FileSlice(piece.path, piece.offset + lo, hi - lo, piece.key)
             index += 1
 
 

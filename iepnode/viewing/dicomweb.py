@@ -51,6 +51,7 @@ from iepnode.archive.query import ATTRIBUTES, Level, Query, condition_for, selec
 from iepnode.errors import BadDataset, BadQuery, NodeError, NotFound
 from iepnode.people import audit
 from iepnode.viewing.dicomweb_access import Scope
+from storage.filestore import FileStore
 from storage.models import Instance, Patient, Series, Study
 
 #: Binary values longer than this (bytes) are sent as BulkDataURI links in metadata.
@@ -336,6 +337,30 @@ def select_instances(scope: Scope, paths: Callable[[str], Path], study_uid: str,
     if not rows:
         raise NotFound("no such study, series or instance")
     return rows
+
+
+class DicomWebService:
+    """DICOMweb's way to the stored files: the web asks it, never the file store.
+
+    Parameters
+    ----------
+    store : FileStore
+        The node's file store.
+    """
+
+    def __init__(self, store: FileStore) -> None:
+        self._store = store
+
+    def select(self, scope: Scope, study_uid: str, series_uid: str = "",
+               sop_uid: str = "") -> list[StoredInstance]:
+        """The stored instances of a study, series or instance inside ``scope``.
+
+        Raises
+        ------
+        NotFound
+            Outside the scope, or not stored (see :func:`select_instances`).
+        """
+        return select_instances(scope, self._store.path, study_uid, series_uid, sop_uid)
 
 
 def record(scope: Scope, event: tuple[str, str], action: str, study_uids: Sequence[str],

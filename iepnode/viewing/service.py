@@ -39,7 +39,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from iepnode import dicomtext
@@ -94,9 +93,12 @@ class FrameCache:
 
 @dataclass(frozen=True)
 class Located:
-    """A stored instance the viewer may show: its file, its key, its study."""
+    """A stored instance the viewer may show: its file-store key and its study.
 
-    path: Path
+    The web holds it between :meth:`ViewingService.locate` and the pixel calls; the
+    file is found from the key inside the service (no path leaves the domain).
+    """
+
     key: str
     study_uid: str
 
@@ -234,7 +236,7 @@ class ViewingService:
         if row is None:
             raise NotFound(f"no instance {sop_uid!r} in {transaction.public_id}")
         key, study_uid = row
-        return Located(self.store.path(key), key, study_uid)
+        return Located(key, study_uid)
 
     # -- pixels ----------------------------------------------------------------------
 
@@ -252,7 +254,7 @@ class ViewingService:
             Undecodable object or frame out of range.
         """
         def make() -> tuple[bytes, dict[str, Any]]:
-            return rendering.raw_frame(located.path, frame, max_size)
+            return rendering.raw_frame(self.store.path(located.key), frame, max_size)
 
         return self.cache.get_or_make(("raw", located.key, frame, max_size), make)
 
@@ -261,8 +263,9 @@ class ViewingService:
                  size: int | None = None) -> bytes:
         """A rendered frame (cached when it uses the file's own window)."""
         def make() -> tuple[bytes, dict[str, Any]]:
-            return rendering.render_bytes(located.path, frame, media_type=media_type,
-                                          center=center, width=width, size=size), {}
+            return rendering.render_bytes(self.store.path(located.key), frame,
+                                          media_type=media_type, center=center, width=width,
+                                          size=size), {}
 
         if center is None and width is None:
             return self.cache.get_or_make(("img", located.key, frame, media_type, size), make)[0]
