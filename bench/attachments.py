@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from config import load_settings  # noqa: E402
-from iepnode.node import Node  # noqa: E402
 from iepnode.people import audit  # noqa: E402
+from iepnode.services import Services  # noqa: E402
 from iepnode.sharing import transactions as tx  # noqa: E402
 from iepnode.viewing import attachments  # noqa: E402
+from iepnode.wiring import build_services  # noqa: E402
 from storage.models import Transaction  # noqa: E402
 
 PDF2DCM = "/usr/bin/pdf2dcm"
@@ -77,7 +78,7 @@ def photo_jpeg(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def one_image_study(node: Node) -> str:
+def one_image_study(node: Services) -> str:
     """Store one small CT image; return its Study Instance UID."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -104,7 +105,7 @@ def one_image_study(node: Node) -> str:
     return node.ingester.ingest(fp.getvalue(), ExplicitVRLittleEndian, source_ae="BENCH").study_uid
 
 
-def time_iepnode(node: Node, transaction: Transaction, data: bytes, name: str) -> float:
+def time_iepnode(node: Services, transaction: Transaction, data: bytes, name: str) -> float:
     actor = audit.Actor("staff", "bench")
     start = time.perf_counter()
     attachments.add(node.store, transaction, data=data, original_name=name, title="",
@@ -128,7 +129,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="iepnode-bench-attach-") as tmp:
         work = Path(tmp)
         settings = load_settings(overrides={"data_dir": work / "node"}, environ={})
-        node = Node(settings)
+        node = build_services(settings)
         study = one_image_study(node)
         transaction, _ = tx.create_transfer(
             tx.NewTransfer((study,), "bench@example.org", otp_mobile="+447700900123"),

@@ -22,7 +22,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="iepnode", description="DICOM image exchange node."
+        prog="iepnode", description="DICOM image exchange services."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -195,10 +195,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
+    from iepnode.wiring import build_services
     from storage import registry
-    from storage.db import open_database
 
-    open_database(settings.resolved_database_url)
+    build_services(settings)  # opens the database
     if args.ae_command == "add":
         allow = {s.strip().lower() for s in args.allow.split(",") if s.strip()}
         tls: registry.TlsFiles | bool | None = False
@@ -237,11 +237,11 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
     from iepnode.archive.importer import import_path
     from iepnode.logs import setup_logging
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
 
     # Refusals are printed in the summary below; the log file keeps the details.
     setup_logging(settings, process_name="import", to_stderr=False)
-    node = Node(settings)
+    services = build_services(settings)
     bar = tqdm(unit="obj", desc="import", disable=args.no_progress, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
@@ -249,7 +249,7 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         bar.update(done - bar.n)
 
     try:
-        report = import_path(node.ingester, args.path, progress=progress)
+        report = import_path(services.ingester, args.path, progress=progress)
     finally:
         bar.close()
     print(f"imported {report.stored}, duplicates {report.duplicates}, "
@@ -259,18 +259,18 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if not report.rejected else 2
 
 
-def _run_local_job(node: Any, runner: Any, job_id: int, stop: threading.Event) -> None:
+def _run_local_job(services: Any, runner: Any, job_id: int, stop: threading.Event) -> None:
     """Work on one job in this process until it is finished (retries included)."""
     try:
         while not stop.is_set():
             runner.run_one(stop, job_id=job_id)
-            if node.send_progress(job_id).finished:
+            if services.sends.send_progress(job_id).finished:
                 return
             stop.wait(0.25)
     except Exception as exc:
         print(f"iepnode: sending failed: {exc}", file=sys.stderr)
     finally:
-        node.close()
+        services.close()
 
 
 def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
@@ -278,13 +278,13 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from iepnode.logs import setup_logging
-    from iepnode.node import Node
     from iepnode.outbound import sending
     from iepnode.people import audit
+    from iepnode.wiring import build_services
 
     setup_logging(settings, process_name="send", to_stderr=False)
-    node = Node(settings)
-    job = node.queue_send(args.study_uids, args.to, audit.Actor("cli", getpass.getuser()))
+    services = build_services(settings)
+    job = sending.queue_job(args.study_uids, args.to, audit.Actor("cli", getpass.getuser()))
     if args.no_wait:
         print(job.id)
         return 0
@@ -295,8 +295,8 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         # Should one start meanwhile, the job's lease keeps the two from both sending.
         from scp.sender import make_transport
 
-        runner = node.job_runner(make_transport(settings))
-        local = threading.Thread(target=_run_local_job, args=(node, runner, job.id, stop),
+        runner = services.sends.job_runner(make_transport(settings))
+        local = threading.Thread(target=_run_local_job, args=(services, runner, job.id, stop),
                                  name="send-local", daemon=True)
         local.start()
     where = "from this process" if local else "by the running node"
@@ -306,7 +306,7 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                disable=args.no_progress, file=sys.stderr)
     try:
         while True:
-            progress = node.send_progress(job.id)
+            progress = services.sends.send_progress(job.id)
             bar.update(progress.sent + progress.failed - bar.n)
             if progress.state == sending.QUEUED and progress.attempts:
                 bar.set_postfix_str("waiting to retry", refresh=False)
@@ -331,9 +331,9 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
     from iepnode.outbound import routing
     from iepnode.people import audit
-    from storage.db import open_database
+    from iepnode.wiring import build_services
 
-    open_database(settings.resolved_database_url)
+    build_services(settings)  # opens the database
     actor = audit.Actor("cli", getpass.getuser())
     if args.route_command == "add":
         rule = routing.add_rule(args.to, actor, calling_ae=args.calling_ae,
@@ -350,12 +350,12 @@ def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
     from storage.fileset import FilesetError
 
-    node = Node(settings)
+    services = build_services(settings)
     try:
-        path = node.build_fileset(args.study_uid)
+        path = services.filesets.build_fileset(args.study_uid)
     except KeyError:
         print(f"iepnode: no study {args.study_uid}", file=sys.stderr)
         return 1
@@ -368,10 +368,10 @@ def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.db import open_database
+    from iepnode.wiring import build_services
     from storage.models import Patient, Study
 
-    open_database(settings.resolved_database_url)
+    build_services(settings)  # opens the database
     query = Study.select(Study, Patient).join(Patient).order_by(Study.last_received.desc())
     for study in query:
         print(f"{study.study_uid}  {study.patient.patient_id:<16} {study.patient.name:<30} "
@@ -383,10 +383,10 @@ def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
     from iepnode.people import audit, staff
     from iepnode.sharing import logins
-    from storage.db import open_database
+    from iepnode.wiring import build_services
     from storage.models import Recipient
 
-    open_database(settings.resolved_database_url)
+    build_services(settings)  # opens the database
     actor = audit.Actor("cli", getpass.getuser())
     if args.user_command == "unlock":
         recipient = Recipient.get_or_none(Recipient.email == args.email.strip().lower())
@@ -429,11 +429,11 @@ def _acting_user(username: str | None):  # -> tuple[StaffUser | None, bool]
 def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode.node import Node
     from iepnode.people import audit
     from iepnode.sharing.transactions import NewTransfer
+    from iepnode.wiring import build_services
 
-    node = Node(settings)
+    services = build_services(settings)
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
@@ -445,7 +445,7 @@ def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
         nhs_number=args.nhs_number,
     )
     actor = audit.Actor("cli", user.username if user else getpass.getuser())
-    transaction = asyncio.run(node.share(request, actor=actor, user=user))
+    transaction = asyncio.run(services.sharing.share(request, actor=actor, user=user))
     _warn_if_channel_kept(transaction, request.otp_mobile, request.otp_email)
     print(transaction.public_id)
     return 0
@@ -468,13 +468,13 @@ def _warn_if_channel_kept(transaction: Any, otp_mobile: str, otp_email: str) -> 
 def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
 
-    node = Node(settings)
+    services = build_services(settings)
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
-    changed = asyncio.run(node.admin.change_passcode_channel(
+    changed = asyncio.run(services.admin.change_passcode_channel(
         args.email, args.otp_mobile or "", args.otp_email or "", user,
         source_ip=f"cli:{getpass.getuser()}"))
     print(f"passcodes of {changed.email} now go to their {changed.new.masked}; their open "
@@ -489,11 +489,11 @@ def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode.node import Node
     from iepnode.people import audit
     from iepnode.uploads.image_requests import NewRequest
+    from iepnode.wiring import build_services
 
-    node = Node(settings)
+    services = build_services(settings)
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
@@ -507,7 +507,7 @@ def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
         expiry_days=args.expiry_days or settings.transaction_expiry_days,
     )
     actor = audit.Actor("cli", user.username if user else getpass.getuser())
-    transaction = asyncio.run(node.create_request(request, actor=actor, user=user))
+    transaction = asyncio.run(services.requests.create_request(request, actor=actor, user=user))
     _warn_if_channel_kept(transaction, request.otp_mobile, request.otp_email)
     print(transaction.public_id)
     return 0
@@ -520,15 +520,15 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from iepnode.logs import setup_logging
-    from iepnode.node import Node
     from iepnode.people import audit
     from iepnode.sharing import downloads
+    from iepnode.wiring import build_services
 
     setup_logging(settings, process_name="export", to_stderr=False)
-    node = Node(settings)
+    services = build_services(settings)
     is_transaction = re.fullmatch(r"IEP[0-9]{8}", args.what) is not None
-    pkg = (node.transaction_package(args.what) if is_transaction
-           else node.study_package(args.what))
+    pkg = (services.downloads.transaction_package(args.what) if is_transaction
+           else services.downloads.study_package(args.what))
     out = args.out
     partial = out.with_name(out.name + ".part")
     password = downloads.new_password() if args.password else ""
@@ -544,7 +544,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:  # e.g. a stored file cut short while copied: no broken zip
         partial.unlink(missing_ok=True)
         bar.close()
-        node.record_download(audit.Actor("cli", getpass.getuser()), pkg,
+        services.downloads.record_download(audit.Actor("cli", getpass.getuser()), pkg,
                              action="export-protected" if password else "export",
                              transaction=args.what if is_transaction else "",
                              outcome=audit.SERIOUS_FAILURE, detail=f"failed: {exc}")
@@ -555,7 +555,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         raise
     finally:
         bar.close()
-    node.record_download(audit.Actor("cli", getpass.getuser()), pkg,
+    services.downloads.record_download(audit.Actor("cli", getpass.getuser()), pkg,
                          action="export-protected" if password else "export",
                          transaction=args.what if is_transaction else "",
                          detail=f"{out.stat().st_size} bytes written")

@@ -75,11 +75,11 @@ from web.common import (
     client_ip,
     format_pn,
     format_sex,
-    node_of,
     public_id_of,
     see_other,
+    services_of,
 )
-from web.keys import NODE_KEY, SESSION_KEY, SETTINGS_KEY
+from web.keys import SERVICES_KEY, SESSION_KEY, SETTINGS_KEY
 
 _NEXT = re.compile(r"/admin(/[A-Za-z0-9/_.-]*)?(\?[A-Za-z0-9_.=&%-]*)?")
 _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
@@ -212,7 +212,7 @@ def qr_svg(data: str) -> Markup:
 
 
 def _admin(request: web.Request) -> AdminService:
-    return request.app[NODE_KEY].admin
+    return request.app[SERVICES_KEY].admin
 
 
 def _safe_next(value: object) -> str:
@@ -322,7 +322,7 @@ async def login(request: web.Request) -> web.StreamResponse:
                            status=403)
     old = request.cookies.get(middlewares.SESSION_COOKIE)
     if old:
-        await asyncio.to_thread(node_of(request).end_session, old)
+        await asyncio.to_thread(services_of(request).logins.end_session, old)
     response = see_other(next_url)
     middlewares.set_session_cookie(response, opened.session.token)
     response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
@@ -359,12 +359,12 @@ async def _transaction_page(request: web.Request, staff: Staff, public_id: str, 
                             channel_error: str = "", status: int = 200) -> web.Response:
     view = await asyncio.to_thread(_admin(request).transaction_view, public_id, staff.user,
                                    staff.ip)
-    node = node_of(request)
+    services = services_of(request)
 
     def sending() -> dict[str, Any]:
-        return {"destinations": node.send_destinations(),
-                "sends": node.send_jobs(transaction=public_id),
-                "recipient_aes": set(node.recipient_send_aes(public_id))}
+        return {"destinations": services.sends.send_destinations(),
+                "sends": services.sends.send_jobs(transaction=public_id),
+                "recipient_aes": set(services.sends.recipient_send_aes(public_id))}
 
     return _render(request, staff, "transaction.html",
                    {"view": view, "error": error, "body": body, "send_error": send_error,
@@ -450,7 +450,7 @@ async def send_transaction(request: web.Request, staff: Staff) -> web.StreamResp
     public_id = public_id_of(request)
     form = await request.post()
     try:
-        await asyncio.to_thread(node_of(request).send_transaction, public_id,
+        await asyncio.to_thread(services_of(request).sends.send_transaction, public_id,
                                 _text(form, "ae_title", 16), _staff_actor(staff))
     except (InvalidRequest, UnknownDestination) as exc:
         return await _transaction_page(request, staff, public_id, send_error=str(exc),
@@ -465,8 +465,8 @@ async def recipient_send(request: web.Request, staff: Staff) -> web.StreamRespon
     form = await request.post()
     titles = [t[:16] for t in form.getall("ae_title", []) if isinstance(t, str)][:50]
     try:
-        await asyncio.to_thread(node_of(request).set_recipient_send_aes, public_id, titles,
-                                _staff_actor(staff))
+        await asyncio.to_thread(services_of(request).sends.set_recipient_send_aes, public_id,
+                                titles, _staff_actor(staff))
     except UnknownDestination as exc:
         return await _transaction_page(request, staff, public_id, send_error=str(exc),
                                        status=400)
@@ -476,7 +476,7 @@ async def recipient_send(request: web.Request, staff: Staff) -> web.StreamRespon
 @staff_view()
 async def sends(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/sends``: the latest send jobs with live progress."""
-    jobs = await asyncio.to_thread(node_of(request).send_jobs)
+    jobs = await asyncio.to_thread(services_of(request).sends.send_jobs)
     return _render(request, staff, "sends.html", {"jobs": jobs}, section="sends")
 
 
@@ -486,15 +486,15 @@ async def sends_json(request: web.Request, staff: Staff) -> web.StreamResponse:
     transaction = request.query.get("transaction") or None
     if transaction is not None and not re.fullmatch(r"IEP[0-9]{8}", transaction):
         raise web.HTTPNotFound()
-    jobs = await asyncio.to_thread(node_of(request).send_jobs, transaction)
+    jobs = await asyncio.to_thread(services_of(request).sends.send_jobs, transaction)
     return web.json_response({"jobs": [job.as_json() for job in jobs]})
 
 
 async def _routes_page(request: web.Request, staff: Staff, *, error: str = "",
                        values: dict[str, str] | None = None, status: int = 200) -> web.Response:
-    node = node_of(request)
+    services = services_of(request)
     rules, destinations = await asyncio.to_thread(
-        lambda: (node.route_rules(), node.send_destinations()))
+        lambda: (services.sends.route_rules(), services.sends.send_destinations()))
     return _render(request, staff, "routes.html", {
         "rules": rules, "destinations": destinations, "error": error, "values": values or {},
     }, section="routes", status=status)
@@ -514,7 +514,7 @@ async def add_route(request: web.Request, staff: Staff) -> web.StreamResponse:
                                               "destination")}
     try:
         await asyncio.to_thread(functools.partial(
-            node_of(request).add_route, values["destination"], _staff_actor(staff),
+            services_of(request).sends.add_route, values["destination"], _staff_actor(staff),
             calling_ae=values["calling_ae"], accession_prefix=values["accession_prefix"],
             modality=values["modality"]))
     except (InvalidRequest, UnknownDestination) as exc:
@@ -529,7 +529,7 @@ async def remove_route(request: web.Request, staff: Staff) -> web.StreamResponse
         rule_id = int(request.match_info["rule_id"])
     except ValueError:
         raise web.HTTPNotFound() from None
-    await asyncio.to_thread(node_of(request).remove_route, rule_id, _staff_actor(staff))
+    await asyncio.to_thread(services_of(request).sends.remove_route, rule_id, _staff_actor(staff))
     return see_other("/admin/routes?done=route-removed")
 
 
@@ -538,7 +538,7 @@ async def remove_route(request: web.Request, staff: Staff) -> web.StreamResponse
 
 def _share_defaults(request: web.Request) -> dict[str, str]:
     return {"channel": "sms", "priority": "NORMAL",
-            "expiry_days": str(node_of(request).settings.transaction_expiry_days)}
+            "expiry_days": str(services_of(request).settings.transaction_expiry_days)}
 
 
 @staff_view()
@@ -570,7 +570,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
     try:
         try:
             expiry = int(values["expiry_days"].strip() or
-                         node_of(request).settings.transaction_expiry_days)
+                         services_of(request).settings.transaction_expiry_days)
         except ValueError:
             raise InvalidRequest("expiry: give a whole number of days") from None
         channel = values["channel"]

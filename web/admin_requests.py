@@ -21,7 +21,7 @@ from iepnode.sharing import recipients
 from iepnode.sharing.transactions import PRIORITIES
 from iepnode.uploads.image_requests import NewRequest
 from web.admin import Staff, _render, _text, staff_view
-from web.common import node_of, see_other
+from web.common import see_other, services_of
 
 FIELDS = ("recipient_email", "recipient_name", "channel", "otp_mobile", "otp_email",
           "family_name", "given_name", "birth_date", "sex", "patient_id", "issuer",
@@ -30,7 +30,7 @@ FIELDS = ("recipient_email", "recipient_name", "channel", "otp_mobile", "otp_ema
 
 def _defaults(request: web.Request) -> dict[str, str]:
     return {"channel": "sms", "priority": "NORMAL",
-            "expiry_days": str(node_of(request).settings.transaction_expiry_days)}
+            "expiry_days": str(services_of(request).settings.transaction_expiry_days)}
 
 
 def _form_page(request: web.Request, staff: Staff, values: dict[str, str], *,
@@ -51,10 +51,10 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/requests``: create the request, email its link, show it."""
     form = await request.post()
     values: dict[str, Any] = {name: _text(form, name, 4000) for name in FIELDS}
-    node = node_of(request)
+    services = services_of(request)
     try:
         try:
-            expiry = int(values["expiry_days"].strip() or node.settings.transaction_expiry_days)
+            expiry = int(values["expiry_days"].strip() or services.settings.transaction_expiry_days)
         except ValueError:
             raise InvalidRequest("expiry: give a whole number of days") from None
         channel = values["channel"]
@@ -69,7 +69,7 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
             patient_id=values["patient_id"], patient_id_issuer=values["issuer"],
             nhs_number=values["nhs_number"], reason=values["reason"],
             message=values["message"], priority=values["priority"], expiry_days=expiry)
-        created = await node.create_request(
+        created = await services.requests.create_request(
             new, actor=Actor("staff", staff.user.username, staff.ip), user=staff.user)
     except (InvalidRequest, DeliveryError) as exc:
         message = str(exc)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from config import Settings
 from iepnode import __version__
-from iepnode.node import Node
+from iepnode.services import Services
 from web import (
     admin,
     admin_requests,
@@ -27,31 +27,31 @@ from web import (
 )
 from web import reports as report_views
 from web import upload as upload_views
-from web.keys import NODE_KEY, SETTINGS_KEY
+from web.keys import SERVICES_KEY, SETTINGS_KEY
 
 HERE = Path(__file__).resolve().parent
 
-__all__ = ["NODE_KEY", "SETTINGS_KEY", "create_app"]
+__all__ = ["SERVICES_KEY", "SETTINGS_KEY", "create_app"]
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Report that the node is up, with its AE title and index counts."""
-    node = request.app[NODE_KEY]
-    counts = await asyncio.to_thread(node.counts)
+    services = request.app[SERVICES_KEY]
+    counts = await asyncio.to_thread(services.archive.counts)
     return web.json_response(
-        {"status": "ok", "version": __version__, "ae_title": node.settings.ae_title, **counts}
+        {"status": "ok", "version": __version__, "ae_title": services.settings.ae_title, **counts}
     )
 
 
-def create_app(settings: Settings, node: Node) -> web.Application:
+def create_app(settings: Settings, services: Services) -> web.Application:
     """Build the aiohttp application.
 
     Parameters
     ----------
     settings : Settings
         Node settings.
-    node : Node
-        The domain façade the views call.
+    services : Services
+        The services the views call.
     """
     chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
              report_views.upload_limit,  # issue 4: attachment uploads (before csrf reads them)
@@ -60,7 +60,7 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         chain.insert(0, proxies.middleware(settings.trusted_proxies))
     app = web.Application(middlewares=chain, client_max_size=1 << 20)
     app[SETTINGS_KEY] = settings
-    app[NODE_KEY] = node
+    app[SERVICES_KEY] = services
     env = aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(HERE / "templates"),

@@ -8,17 +8,17 @@ from aiohttp import web
 
 from iepnode import dicomtext
 from iepnode.errors import NotFound
-from iepnode.node import Node
+from iepnode.services import Services
 from storage.models import WebSession
-from web.keys import NODE_KEY, SESSION_KEY
+from web.keys import SERVICES_KEY, SESSION_KEY
 
 _PUBLIC_ID = re.compile(r"IEP[0-9]{8}")
 _SEXES = {"F": "Female", "M": "Male", "O": "Other"}
 
 
-def node_of(request: web.Request) -> Node:
-    """The node façade the views call."""
-    return request.app[NODE_KEY]
+def services_of(request: web.Request) -> Services:
+    """The services the views call."""
+    return request.app[SERVICES_KEY]
 
 
 def client_ip(request: web.Request) -> str:

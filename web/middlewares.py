@@ -24,7 +24,7 @@ from iepnode.errors import (
     NotAuthorized,
     NotFound,
 )
-from web.keys import NODE_KEY, SESSION_KEY
+from web.keys import SERVICES_KEY, SESSION_KEY
 
 log = logging.getLogger("iepnode.web")
 
@@ -98,9 +98,9 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
     request[SESSION_KEY] = None
     token = request.cookies.get(SESSION_COOKIE)
     if token:
-        node = request.app[NODE_KEY]
+        services = request.app[SERVICES_KEY]
         try:
-            request[SESSION_KEY] = await asyncio.to_thread(node.resume_session, token)
+            request[SESSION_KEY] = await asyncio.to_thread(services.logins.resume_session, token)
         except NotFound:
             request[SESSION_KEY] = None
     return await handler(request)
