@@ -37,11 +37,10 @@ ACTOR = Actor("recipient", "pat@example.org", "127.0.0.1")
 
 
 def make_node(tmp_path: Path, url: str = "", **overrides: Any) -> Services:
-    return build_services(load_settings(overrides={"data_dir": tmp_path / "data",
-                                                   "database_url": url,
-                                         "fsync": False, "institution": "St Elsewhere",
-                                         "public_url": "https://portal.example", **overrides},
-                              environ={}))
+    return build_services(load_settings(overrides={
+        "data_dir": tmp_path / "data", "database_url": url, "fsync": False,
+        "institution": "St Elsewhere", "public_url": "https://portal.example", **overrides},
+        environ={}))
 
 
 @pytest.fixture

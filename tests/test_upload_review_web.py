@@ -10,6 +10,8 @@ import html
 import re
 from pathlib import Path
 
+import pytest
+
 from iepnode.services import Services
 from storage import registry
 from storage.models import AuditEvent, Instance, Upload
@@ -98,11 +100,9 @@ async def test_staff_login_required(browser: Browser, node: Services,  # noqa: F
     assert response.status == 303 and "/admin/login" in response.headers["Location"]
 
 
+@pytest.mark.parametrize("settings", [{"upload_pacs_ae": "PACS"}], indirect=True)
 async def test_unknown_pacs_destination_is_pointed_out(admin: Browser, node: Services,  # noqa: F811
                                                        tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    node.settings = replace(node.settings, upload_pacs_ae="PACS")
     upload = sent_upload(node, tmp_path)
     page = await admin.page(f"/admin/uploads/{upload.id}")
     assert "not a registered send destination" in page
