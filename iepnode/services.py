@@ -18,6 +18,7 @@ from iepnode.archive.service import ArchiveService
 from iepnode.outbound.messaging import Messenger
 from iepnode.outbound.service import SendService
 from iepnode.people.admin import AdminService
+from iepnode.security import SecretKey
 from iepnode.sharing.download_service import DownloadService
 from iepnode.sharing.forward_service import ForwardService
 from iepnode.sharing.login_service import RecipientLogins
@@ -43,8 +44,8 @@ class Services:
     ingester: Ingester
     #: Outgoing mail and SMS (SMTP / gateway, or the outbox folder).
     messenger: Messenger
-    #: The node's secret key (``DATA_DIR/secret.key``).
-    secret: bytes
+    #: The node's secret key (``DATA_DIR/secret.key``), read on first use.
+    secret_key: SecretKey
     #: Peers, ingest, query/retrieve (the SCP's service).
     archive: ArchiveService
     #: Per-study DICOMDIR file-sets.
@@ -69,6 +70,11 @@ class Services:
     reports: ReportService
     #: Staff-side services for the /admin pages.
     admin: AdminService
+
+    @property
+    def secret(self) -> bytes:
+        """The node's secret key (``DATA_DIR/secret.key``), created on first use."""
+        return self.secret_key.get()
 
     def close(self) -> None:
         """Return this thread's database connection to the pool (call when a thread is done)."""

@@ -19,7 +19,7 @@ from iepnode.archive.service import ArchiveService
 from iepnode.outbound.messaging import Messenger
 from iepnode.outbound.service import SendService
 from iepnode.people.admin import AdminService
-from iepnode.security import load_or_create_secret
+from iepnode.security import SecretKey
 from iepnode.services import Services
 from iepnode.sharing.download_service import DownloadService
 from iepnode.sharing.forward_service import ForwardService
@@ -47,9 +47,14 @@ class AdminNode:
 
     settings: Settings
     messenger: Messenger
-    secret: bytes
+    secret_key: SecretKey
     #: :meth:`SharingService.share`.
     share: Callable[..., Awaitable[Any]]
+
+    @property
+    def secret(self) -> bytes:
+        """The node's secret key, created on first use."""
+        return self.secret_key.get()
 
 
 def build_services(settings: Settings) -> Services:
@@ -58,8 +63,8 @@ def build_services(settings: Settings) -> Services:
     Parameters
     ----------
     settings : Settings
-        Validated settings; the data folder is created, the database opened (and
-        migrated), the secret key created on first use.
+        Validated settings; the data folder is created and the database opened (and
+        migrated); the secret key is read or created on first use.
 
     Returns
     -------
@@ -78,7 +83,7 @@ def build_services(settings: Settings) -> Services:
     # hardening (issue 13): frames decoded at once in this process (each is whole
     # in memory while it is rendered).
     rendering.set_concurrency(settings.render_concurrency)
-    secret = load_or_create_secret(settings.data_dir)
+    secret_key = SecretKey(settings.data_dir)
     messenger = Messenger(settings)
     mib = staging.MIB
     uploads = staging.UploadService(settings.staging_dir, staging.Limits(
@@ -88,11 +93,11 @@ def build_services(settings: Settings) -> Services:
     sharing = SharingService(settings, store, group_commit, messenger, downloads)
     return Services(
         settings=settings, database=database, store=store, group_commit=group_commit,
-        ingester=ingester, messenger=messenger, secret=secret,
+        ingester=ingester, messenger=messenger, secret_key=secret_key,
         archive=ArchiveService(settings, database, store, ingester),
         filesets=FilesetService(settings, store),
         sharing=sharing,
-        logins=RecipientLogins(settings, secret, messenger, group_commit),
+        logins=RecipientLogins(settings, secret_key, messenger, group_commit),
         forwards=ForwardService(settings, messenger),
         downloads=downloads,
         sends=SendService(settings, store),
@@ -100,5 +105,5 @@ def build_services(settings: Settings) -> Services:
         uploads=uploads,
         viewing=ViewingService(store),
         reports=ReportService(settings, store, ingester),
-        admin=AdminService(AdminNode(settings, messenger, secret, sharing.share)),  # type: ignore[arg-type]
+        admin=AdminService(AdminNode(settings, messenger, secret_key, sharing.share)),  # type: ignore[arg-type]
     )

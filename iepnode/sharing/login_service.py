@@ -11,6 +11,7 @@ from iepnode.errors import InvalidRequest, LoginRefused, PasscodeRejected
 from iepnode.outbound import notifications
 from iepnode.outbound.messaging import DeliveryError, Messenger
 from iepnode.people import audit
+from iepnode.security import SecretKey
 from iepnode.sharing import logins, recipients, transactions
 from iepnode.sharing.logins import NewSession, PasscodeToSend
 from iepnode.sharing.service import contact_of
@@ -39,20 +40,25 @@ class RecipientLogins:
     ----------
     settings : Settings
         Passcode lifetime, institution (the TOTP issuer).
-    secret : bytes
-        The node's secret key (passcode hashes, signed enrolments).
+    secret_key : SecretKey
+        The node's secret key (passcode hashes, signed enrolments), read on first use.
     messenger : Messenger
         Sends passcodes by SMS or email.
     group_commit : GroupCommitter
         A resumed session's activity is written through it.
     """
 
-    def __init__(self, settings: Settings, secret: bytes, messenger: Messenger,
+    def __init__(self, settings: Settings, secret_key: SecretKey, messenger: Messenger,
                  group_commit: GroupCommitter) -> None:
         self.settings = settings
-        self.secret = secret
+        self.secret_key = secret_key
         self.messenger = messenger
         self.group_commit = group_commit
+
+    @property
+    def secret(self) -> bytes:
+        """The node's secret key (``DATA_DIR/secret.key``), created on first use."""
+        return self.secret_key.get()
 
     async def send_passcode(self, token: str, source_ip: str = "") -> PasscodeToSend:
         """Start a login from an emailed link: send a passcode to the second channel.
