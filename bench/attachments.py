@@ -31,10 +31,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from config import load_settings
-from iepnode.node import Node
 from iepnode.people import audit
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.viewing import attachments
+from iepnode.wiring import build_services
 from storage.models import Transaction
 
 PDF2DCM = "/usr/bin/pdf2dcm"
@@ -74,7 +75,7 @@ def photo_jpeg(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def one_image_study(node: Node) -> str:
+def one_image_study(node: Services) -> str:
     """Store one small CT image; return its Study Instance UID."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -101,7 +102,7 @@ def one_image_study(node: Node) -> str:
     return node.ingester.ingest(fp.getvalue(), ExplicitVRLittleEndian, source_ae="BENCH").study_uid
 
 
-def time_iepnode(node: Node, transaction: Transaction, data: bytes, name: str) -> float:
+def time_iepnode(node: Services, transaction: Transaction, data: bytes, name: str) -> float:
     actor = audit.Actor("staff", "bench")
     start = time.perf_counter()
     attachments.add(node.store, transaction, data=data, original_name=name, title="",
@@ -125,7 +126,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="iepnode-bench-attach-") as tmp:
         work = Path(tmp)
         settings = load_settings(overrides={"data_dir": work / "node"}, environ={})
-        node = Node(settings)
+        node = build_services(settings)
         study = one_image_study(node)
         transaction, _ = tx.create_transfer(
             tx.NewTransfer((study,), "bench@example.org", otp_mobile="+447700900123"),

@@ -39,12 +39,12 @@ from bench._ct import REPO_ROOT
 def fill(data_dir: Path, transactions: int, sessions: int) -> list[str]:
     """Create ``transactions`` transactions and return ``sessions`` session tokens."""
     from config import load_settings
-    from iepnode.node import Node
     from iepnode.security import token_hash
     from iepnode.sharing import logins
+    from iepnode.wiring import build_services
     from storage.models import Patient, Recipient, Study, Transaction, TransactionStudy
 
-    node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))
+    node = build_services(load_settings(overrides={"data_dir": data_dir}, environ={}))
     now = time.time()
     patient = Patient.create(patient_id="BENCH", name="Bench^Patient", name_key="BENCH^PATIENT")
     study = Study.create(study_uid="1.2.826.0.1.3680043.10.1134.9", patient=patient,

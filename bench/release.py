@@ -25,9 +25,9 @@ from pathlib import Path
 from bench._ct import make_study
 from config import load_settings
 from iepnode.archive import importer
-from iepnode.node import Node
 from iepnode.people import audit
 from iepnode.uploads.intake import inspect_staged_file
+from iepnode.wiring import build_services
 from storage.models import Recipient, Transaction, Upload, UploadFile
 
 
@@ -45,7 +45,7 @@ def main() -> int:
                 zf.write(path, f"DICOM/ST0/IM{number:05d}")
         settings = load_settings(overrides={"data_dir": root / "data",
                                             "fsync": not args.no_fsync}, environ={})
-        node = Node(settings)
+        node = build_services(settings)
         now = time.time()
         recipient = Recipient.create(email="bench@example.org", created_at=now)
         request = Transaction.create(
@@ -66,14 +66,14 @@ def main() -> int:
                           size=staged.stat().st_size, received=staged.stat().st_size,
                           created_at=now, completed_at=now, detail=json.dumps(verdict.to_dict()))
         t0 = time.perf_counter()
-        review = node.intake_upload(upload.id)
+        review = node.requests.intake_upload(upload.id)
         t_intake = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = node.release_upload(upload.id, audit.Actor("staff", "bench"))
+        result = node.requests.release_upload(upload.id, audit.Actor("staff", "bench"))
         t_release = time.perf_counter() - t0
         assert result.stored == args.slices == verdict.objects == review.objects, result
 
-        other = Node(load_settings(overrides={"data_dir": root / "data2",
+        other = build_services(load_settings(overrides={"data_dir": root / "data2",
                                               "fsync": not args.no_fsync}, environ={}))
         t0 = time.perf_counter()
         report = importer.import_path(other.ingester, study.directory)

@@ -43,13 +43,13 @@ SESSION_COOKIE = "__Host-iepnode"
 def prepare(data_dir: Path) -> tuple[str, str, str]:
     """Create a request and a session for its recipient; return (public_id, cookie, csrf)."""
     from config import load_settings
-    from iepnode.node import Node
     from iepnode.sharing import logins
     from iepnode.sharing.transactions import Contact
     from iepnode.uploads import image_requests
+    from iepnode.wiring import build_services
     from storage.models import Recipient
 
-    node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))
+    node = build_services(load_settings(overrides={"data_dir": data_dir}, environ={}))
     request, _ = image_requests.create_request(
         image_requests.NewRequest("bench@example.org", "Bench", "Patient", "01/01/1970", "O",
                                   otp_mobile="+447700900000", patient_id="BENCH0001"),

@@ -222,10 +222,10 @@ def _cli_actor() -> Any:  # -> iepnode.people.audit.Actor
 
 def _cmd_ae(args: argparse.Namespace, settings: Settings) -> int:
     from iepnode.errors import InvalidRequest, NotFound
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
     from storage import registry
 
-    peers = Node(settings).admin.peers
+    peers = build_services(settings).admin.peers
     if args.ae_command == "add":
         tls: registry.TlsFiles | bool | None = False
         if args.tls:
@@ -270,11 +270,11 @@ def _cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
     from iepnode.archive.importer import import_path
     from iepnode.logs import setup_logging
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
 
     # Refusals are printed in the summary below; the log file keeps the details.
     setup_logging(settings, process_name="import", to_stderr=False)
-    node = Node(settings)
+    node = build_services(settings)
     bar = tqdm(unit="obj", desc="import", disable=args.no_progress, file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
@@ -297,7 +297,7 @@ def _run_local_job(node: Any, runner: Any, job_id: int, stop: threading.Event) -
     try:
         while not stop.is_set():
             runner.run_one(stop, job_id=job_id)
-            if node.send_progress(job_id).finished:
+            if node.sends.send_progress(job_id).finished:
                 return
             stop.wait(0.25)
     except Exception as exc:
@@ -311,13 +311,13 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from iepnode.logs import setup_logging
-    from iepnode.node import Node
     from iepnode.outbound import sending
     from iepnode.people import audit
+    from iepnode.wiring import build_services
 
     setup_logging(settings, process_name="send", to_stderr=False)
-    node = Node(settings)
-    job = node.queue_send(args.study_uids, args.to, audit.Actor("cli", getpass.getuser()))
+    node = build_services(settings)
+    job = sending.queue_job(args.study_uids, args.to, audit.Actor("cli", getpass.getuser()))
     if args.no_wait:
         print(job.id)
         return 0
@@ -328,7 +328,7 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         # Should one start meanwhile, the job's lease keeps the two from both sending.
         from scp.sender import make_transport
 
-        runner = node.job_runner(make_transport(settings))
+        runner = node.sends.job_runner(make_transport(settings))
         local = threading.Thread(target=_run_local_job, args=(node, runner, job.id, stop),
                                  name="send-local", daemon=True)
         local.start()
@@ -339,7 +339,7 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
                disable=args.no_progress, file=sys.stderr)
     try:
         while True:
-            progress = node.send_progress(job.id)
+            progress = node.sends.send_progress(job.id)
             bar.update(progress.sent + progress.failed - bar.n)
             if progress.state == sending.QUEUED and progress.attempts:
                 bar.set_postfix_str("waiting to retry", refresh=False)
@@ -364,9 +364,9 @@ def _cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
     from iepnode.outbound import routing
     from iepnode.people import audit
-    from storage.db import open_database
+    from iepnode.wiring import build_services
 
-    open_database(settings.resolved_database_url)
+    build_services(settings)  # opens the database
     actor = audit.Actor("cli", getpass.getuser())
     if args.route_command == "add":
         rule = routing.add_rule(args.to, actor, calling_ae=args.calling_ae,
@@ -383,12 +383,12 @@ def _cmd_route(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
     from storage.fileset import FilesetError
 
-    node = Node(settings)
+    node = build_services(settings)
     try:
-        path = node.build_fileset(args.study_uid)
+        path = node.filesets.build_fileset(args.study_uid)
     except KeyError:
         print(f"iepnode: no study {args.study_uid}", file=sys.stderr)
         return 1
@@ -401,10 +401,10 @@ def _cmd_fileset(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
-    from storage.db import open_database
+    from iepnode.wiring import build_services
     from storage.models import Patient, Study
 
-    open_database(settings.resolved_database_url)
+    build_services(settings)  # opens the database
     query = Study.select(Study, Patient).join(Patient).order_by(Study.last_received.desc())
     for study in query:
         print(f"{study.study_uid}  {study.patient.patient_id:<16} {study.patient.name:<30} "
@@ -414,9 +414,9 @@ def _cmd_studies(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_user(args: argparse.Namespace, settings: Settings) -> int:
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
 
-    staff_side = Node(settings).admin
+    staff_side = build_services(settings).admin
     if args.user_command == "unlock":
         email = staff_side.transactions.unlock_recipient_email(args.email, _cli_actor())
         print(f"unlocked {email}")
@@ -452,11 +452,11 @@ def _acting_user(username: str | None):  # -> tuple[StaffUser | None, bool]
 def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode.node import Node
     from iepnode.people import audit
     from iepnode.sharing.transactions import NewTransfer
+    from iepnode.wiring import build_services
 
-    node = Node(settings)
+    node = build_services(settings)
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
@@ -468,7 +468,7 @@ def _cmd_transfer(args: argparse.Namespace, settings: Settings) -> int:
         nhs_number=args.nhs_number,
     )
     actor = audit.Actor("cli", user.username if user else getpass.getuser())
-    transaction = asyncio.run(node.share(request, actor=actor, user=user))
+    transaction = asyncio.run(node.sharing.share(request, actor=actor, user=user))
     _warn_if_channel_kept(transaction, request.otp_mobile, request.otp_email)
     print(transaction.public_id)
     return 0
@@ -491,9 +491,9 @@ def _warn_if_channel_kept(transaction: Any, otp_mobile: str, otp_email: str) -> 
 def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
 
-    node = Node(settings)
+    node = build_services(settings)
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
@@ -512,11 +512,11 @@ def _cmd_recipient(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from iepnode.node import Node
     from iepnode.people import audit
     from iepnode.uploads.image_requests import NewRequest
+    from iepnode.wiring import build_services
 
-    node = Node(settings)
+    node = build_services(settings)
     user, known = _acting_user(args.as_user)
     if not known:
         return 1
@@ -530,7 +530,7 @@ def _cmd_request(args: argparse.Namespace, settings: Settings) -> int:
         expiry_days=args.expiry_days or settings.transaction_expiry_days,
     )
     actor = audit.Actor("cli", user.username if user else getpass.getuser())
-    transaction = asyncio.run(node.create_request(request, actor=actor, user=user))
+    transaction = asyncio.run(node.requests.create_request(request, actor=actor, user=user))
     _warn_if_channel_kept(transaction, request.otp_mobile, request.otp_email)
     print(transaction.public_id)
     return 0
@@ -542,15 +542,15 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from iepnode.logs import setup_logging
-    from iepnode.node import Node
     from iepnode.people import audit
     from iepnode.sharing import downloads
+    from iepnode.wiring import build_services
 
     setup_logging(settings, process_name="export", to_stderr=False)
-    node = Node(settings)
+    node = build_services(settings)
     is_transaction = is_public_id(args.what)
-    pkg = (node.transaction_package(args.what) if is_transaction
-           else node.study_package(args.what))
+    pkg = (node.downloads.transaction_package(args.what) if is_transaction
+           else node.downloads.study_package(args.what))
     out = args.out
     partial = out.with_name(out.name + ".part")
     password = downloads.new_password() if args.password else ""
@@ -566,7 +566,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:  # e.g. a stored file cut short while copied: no broken zip
         partial.unlink(missing_ok=True)
         bar.close()
-        node.record_download(audit.Actor("cli", getpass.getuser()), pkg,
+        node.downloads.record_download(audit.Actor("cli", getpass.getuser()), pkg,
                              action="export-protected" if password else "export",
                              transaction=args.what if is_transaction else "",
                              outcome=audit.SERIOUS_FAILURE, detail=f"failed: {exc}")
@@ -577,7 +577,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         raise
     finally:
         bar.close()
-    node.record_download(audit.Actor("cli", getpass.getuser()), pkg,
+    node.downloads.record_download(audit.Actor("cli", getpass.getuser()), pkg,
                          action="export-protected" if password else "export",
                          transaction=args.what if is_transaction else "",
                          detail=f"{out.stat().st_size} bytes written")

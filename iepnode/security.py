@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 from pathlib import Path
 
 from config.settings import Layout
@@ -42,6 +43,32 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     if len(secret) != 32:
         raise ValueError(f"{path} is damaged (expected 32 bytes)")
     return secret
+
+
+class SecretKey:
+    """The node's secret key, read (or created) from ``DATA_DIR/secret.key`` on first use.
+
+    A process that never needs it (``iepnode import``, ``iepnode ae``) leaves no key
+    file behind.
+
+    Parameters
+    ----------
+    data_dir : Path
+        The node's data folder.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._value: bytes | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> bytes:
+        """Return the 32-byte secret (see :func:`load_or_create_secret`)."""
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = load_or_create_secret(self.data_dir)
+        return self._value
 
 
 def token_hash(token: str) -> str:

@@ -1,4 +1,4 @@
-"""The composition root of ``iepnode serve``: settings -> storage -> Node -> SCP + web.
+"""The composition root of ``iepnode serve``: settings -> storage -> Services -> SCP + web.
 
 The main process is a supervisor: it holds the two ports, starts the SCP and HTTP
 worker processes (which share the ports with ``SO_REUSEPORT``), restarts any that
@@ -23,10 +23,15 @@ from aiohttp import web
 
 from config import Settings
 from iepnode.logs import setup_logging
-from iepnode.node import Node
-from iepnode.workers import WorkerPool, reserve_port
+from iepnode.outbound import routing
+from iepnode.services import Services
+from iepnode.uploads import review as upload_review
+from iepnode.viewing import dicomweb_access
+from iepnode.wiring import build_services
+from iepnode.workers import WorkerPool, reserve_port, stop_on_sigterm
 from scp.sender import make_transport
-from scp.server import scp_pool
+from scp.server import serve_associations
+from storage import registry
 from web.app import create_app
 from web.connections import GuardedAppRunner, HttpLimits
 
@@ -50,7 +55,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 ORPHAN_SWEEP_EVERY = 300
 
 
-async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
+async def _housekeeping(services: Services, pools: list[WorkerPool]) -> None:
     passes = 0
     while True:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL)
@@ -58,39 +63,39 @@ async def _housekeeping(node: Node, pools: list[WorkerPool]) -> None:
         try:
             for pool in pools:
                 await asyncio.to_thread(pool.restart_dead)
-            await asyncio.to_thread(node.build_stable_filesets)
-            await asyncio.to_thread(node.route_stable_studies)
+            await asyncio.to_thread(services.filesets.build_stable_filesets)
+            await asyncio.to_thread(routing.route_stable, services.settings.stable_age)
             if sweep:
-                await asyncio.to_thread(node.remove_orphan_filesets)
-                await asyncio.to_thread(node.purge_expired)
+                await asyncio.to_thread(services.filesets.remove_orphan_filesets)
+                await asyncio.to_thread(services.sharing.purge_expired)
         except Exception:
             log.exception("housekeeping failed")
         # Each sweep below in its own try: one failing does not stop the others.
         if sweep:
             try:  # uploads (issue 7)
-                await asyncio.to_thread(node.recover_upload_releases)
-                await asyncio.to_thread(node.purge_abandoned_uploads)
+                await asyncio.to_thread(upload_review.recover_releases)
+                await asyncio.to_thread(services.requests.purge_abandoned_uploads)
             except Exception:
                 log.exception("housekeeping of uploads failed")
             try:  # issue 4: DICOMweb
-                await asyncio.to_thread(node.purge_dicomweb_tokens)
+                await asyncio.to_thread(dicomweb_access.purge_tokens)
             except Exception:
                 log.exception("housekeeping of DICOMweb tokens failed")
         passes += 1
 
 
-async def _start_http(settings: Settings, node: Node, port: int) -> web.AppRunner:
+async def _start_http(settings: Settings, services: Services, port: int) -> web.AppRunner:
     """Start answering HTTP on ``port`` (shared with the other HTTP processes)."""
     limits = HttpLimits(settings.http_max_connections, settings.http_max_connections_per_address,
                         settings.http_head_timeout, settings.trusted_proxies)
-    runner = GuardedAppRunner(create_app(settings, node), limits=limits, access_log=None)
+    runner = GuardedAppRunner(create_app(settings, services), limits=limits, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.bind, port, reuse_address=True, reuse_port=True)
     await site.start()
     return runner
 
 
-async def _serve_async(settings: Settings, node: Node, pools: list[WorkerPool],
+async def _serve_async(settings: Settings, services: Services, pools: list[WorkerPool],
                        dicom_port: int, http_port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,7 +106,7 @@ async def _serve_async(settings: Settings, node: Node, pools: list[WorkerPool],
              settings.bind, http_port, settings.http_workers, settings.data_dir)
     print(f"READY dicom={settings.bind}:{dicom_port} http={settings.bind}:{http_port}",
           flush=True)
-    task = asyncio.create_task(_housekeeping(node, pools))
+    task = asyncio.create_task(_housekeeping(services, pools))
     await stop.wait()
     log.info("shutting down")
     task.cancel()
@@ -118,10 +123,10 @@ def run_http_worker(number: int, ready: EventType, settings: Settings, port: int
     """
     setup_logging(settings, process_name=f"http-{number}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    node = Node(settings)
+    services = build_services(settings)
 
     async def run() -> None:
-        runner = await _start_http(settings, node, port)
+        runner = await _start_http(settings, services, port)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         ready.set()
@@ -131,20 +136,40 @@ def run_http_worker(number: int, ready: EventType, settings: Settings, port: int
     try:
         run_loop(run())
     finally:
-        node.close()
+        services.close()
 
 
-def _start_send_runner(settings: Settings, node: Node) -> tuple[threading.Event,
+def run_scp_worker(number: int, ready: EventType, settings: Settings, port: int) -> None:
+    """Entry point of an SCP worker process: serve associations until SIGTERM.
+
+    Each worker builds its own services (its own database connections and file
+    store) and hands the SCP the archive service.
+    """
+    setup_logging(settings, process_name=f"scp-{number}")
+    stop = stop_on_sigterm()
+    services = build_services(settings)
+    try:
+        serve_associations(settings, services.archive, port, ready, stop)
+    finally:
+        services.close()
+
+
+def scp_pool(settings: Settings, port: int) -> WorkerPool:
+    """The SCP's worker processes (``settings.dicom_workers``) on the reserved ``port``."""
+    return WorkerPool("scp", run_scp_worker, settings.dicom_workers, (settings, port))
+
+
+def _start_send_runner(settings: Settings, services: Services) -> tuple[threading.Event,
                                                                 threading.Thread]:
     """Work on send jobs in a thread of the main process (not in HTTP or SCP workers)."""
-    runner = node.job_runner(make_transport(settings))
+    runner = services.sends.job_runner(make_transport(settings))
     stop = threading.Event()
 
     def run() -> None:
         try:
             runner.run_forever(stop)
         finally:
-            node.close()
+            services.close()
 
     thread = threading.Thread(target=run, name="send-runner", daemon=True)
     thread.start()
@@ -154,11 +179,11 @@ def _start_send_runner(settings: Settings, node: Node) -> tuple[threading.Event,
 def serve(settings: Settings) -> int:
     """Run the node until SIGTERM/SIGINT; return the process exit code."""
     setup_logging(settings, process_name="main")
-    node = Node(settings)
-    leftover = node.store.clear_staging()
+    services = build_services(settings)
+    leftover = services.store.clear_staging()
     if leftover:
         log.warning("removed %d partial files left by an earlier crash", leftover)
-    if not node.remote_aes():
+    if not registry.list_remote_aes():
         log.warning("no remote AE is registered: every association will be rejected until "
                     "one is added with `iepnode ae add NAME HOST PORT --allow store,...`")
     reserved: list[socket.socket] = []
@@ -173,8 +198,8 @@ def serve(settings: Settings) -> int:
                             (settings, http_port))]
         for pool in pools:
             pool.start()
-        sending = _start_send_runner(settings, node)
-        run_loop(_serve_async(settings, node, pools, dicom_port, http_port))
+        sending = _start_send_runner(settings, services)
+        run_loop(_serve_async(settings, services, pools, dicom_port, http_port))
     except OSError as exc:
         print(f"iepnode: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -187,5 +212,5 @@ def serve(settings: Settings) -> int:
             pool.stop()
         for sock in reserved:
             sock.close()
-        node.close()
+        services.close()
     return 0

@@ -1,7 +1,7 @@
-"""Thin pynetdicom event handlers: call the node, translate its errors to statuses.
+"""Thin pynetdicom event handlers: call the archive, translate its errors to statuses.
 
-Each handler takes the pynetdicom ``Event`` and the :class:`~iepnode.node.Node`
-(bound with ``(evt.EVT_X, handler, [node])``).
+Each handler takes the pynetdicom ``Event`` and the :class:`~iepnode.archive.service.ArchiveService`
+(bound with ``(evt.EVT_X, handler, [archive])``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from iepnode.archive.query import Root
+from iepnode.archive.service import ArchiveService
 from iepnode.errors import (
     BadDataset,
     BadQuery,
@@ -28,7 +29,6 @@ from iepnode.errors import (
     OutOfResources,
     UnknownDestination,
 )
-from iepnode.node import Node
 from scp.answers import error_comment
 from scp.contexts import PATIENT_ROOT_MODELS, allowed_contexts, sending_contexts
 
@@ -77,31 +77,32 @@ def _peer(event: Event) -> tuple[str, str]:
     return calling.strip(), f"{requestor.address}:{requestor.port}"
 
 
-def _reject(event: Event, node: Node, result: int, source: int, diagnostic: int) -> None:
+def _reject(event: Event, archive: ArchiveService, result: int, source: int,
+            diagnostic: int) -> None:
     """Send A-ASSOCIATE-RJ and wait until it is on the wire (as pynetdicom itself does)."""
-    node.close()
+    archive.close()
     event.assoc.acse.send_reject(result, source, diagnostic)
     event.assoc.kill()
 
 
-def handle_requested(event: Event, node: Node) -> None:
+def handle_requested(event: Event, archive: ArchiveService) -> None:
     """A-ASSOCIATE-RQ: reject unless the calling AE is registered for this address."""
     calling, peer = _peer(event)
     called = event.assoc.requestor.primitive.called_ae_title.strip()
-    if called != node.settings.ae_title:
+    if called != archive.settings.ae_title:
         log.warning("association rejected: called AE %r is not %r (from %s at %s)",
-                    called, node.settings.ae_title, calling, peer)
-        _reject(event, node, 0x01, 0x01, 0x07)
+                    called, archive.settings.ae_title, calling, peer)
+        _reject(event, archive, 0x01, 0x01, 0x07)
         return
     try:
-        ae = node.authorize(calling, event.assoc.requestor.address)
+        ae = archive.authorize(calling, event.assoc.requestor.address)
     except NotAuthorized as exc:
         log.warning("association rejected: %s (%s)", exc, peer)
-        _reject(event, node, 0x01, 0x01, 0x03)
+        _reject(event, archive, 0x01, 0x01, 0x03)
         return
     except Exception:
         log.exception("association rejected: registry unavailable (%s)", peer)
-        _reject(event, node, 0x02, 0x03, 0x01)
+        _reject(event, archive, 0x02, 0x03, 0x01)
         return
     _stats[event.assoc] = AssociationStats(calling, peer, ae.allowed)
     # Responses are small: send them at once instead of waiting on Nagle's algorithm.
@@ -111,9 +112,9 @@ def handle_requested(event: Event, node: Node) -> None:
     acceptor.supported_contexts = allowed_contexts(acceptor.supported_contexts, ae.allowed)
 
 
-def _log_end(event: Event, node: Node, how: str) -> None:
+def _log_end(event: Event, archive: ArchiveService, how: str) -> None:
     # Handlers run in the association's thread: hand its connection back to the pool.
-    node.close()
+    archive.close()
     stats = _stats.pop(event.assoc, None)
     if stats is None:
         return
@@ -130,14 +131,14 @@ def handle_established(event: Event) -> None:
         log.info("association accepted: %s at %s", stats.calling_ae, stats.peer)
 
 
-def handle_released(event: Event, node: Node) -> None:
+def handle_released(event: Event, archive: ArchiveService) -> None:
     """Log the association's end, with what it did."""
-    _log_end(event, node, "released")
+    _log_end(event, archive, "released")
 
 
-def handle_aborted(event: Event, node: Node) -> None:
+def handle_aborted(event: Event, archive: ArchiveService) -> None:
     """Log an aborted association."""
-    _log_end(event, node, "aborted")
+    _log_end(event, archive, "aborted")
 
 
 def _allowed(event: Event, service: str) -> bool:
@@ -145,12 +146,12 @@ def _allowed(event: Event, service: str) -> bool:
     return stats is not None and service in stats.allowed
 
 
-def handle_echo(event: Event, node: Node) -> int:
+def handle_echo(event: Event, archive: ArchiveService) -> int:
     """C-ECHO: always answered for an accepted association."""
     return SUCCESS
 
 
-def handle_store(event: Event, node: Node) -> int:
+def handle_store(event: Event, archive: ArchiveService) -> int:
     """C-STORE: succeed only once the file is durable and indexed."""
     request = event.request
     calling, peer = _peer(event)
@@ -160,7 +161,7 @@ def handle_store(event: Event, node: Node) -> int:
         return NOT_AUTHORIZED
     stream = request.DataSet.getvalue()
     try:
-        node.store_received(
+        archive.store_received(
             stream,
             event.context.transfer_syntax,
             calling_ae=calling,
@@ -204,7 +205,7 @@ def _root(event: Event) -> Root:
     return Root.PATIENT if sop_class in PATIENT_ROOT_MODELS else Root.STUDY
 
 
-def handle_find(event: Event, node: Node):
+def handle_find(event: Event, archive: ArchiveService):
     """C-FIND: yield one pending response per match."""
     calling, peer = _peer(event)
     if not _allowed(event, "find"):
@@ -212,7 +213,7 @@ def handle_find(event: Event, node: Node):
         yield NOT_AUTHORIZED, None
         return
     try:
-        for match in node.find(event.identifier, _root(event)):
+        for match in archive.find(event.identifier, _root(event)):
             if event.is_cancelled:
                 yield CANCEL, None
                 return
@@ -225,7 +226,7 @@ def handle_find(event: Event, node: Node):
         yield OUT_OF_RESOURCES, None
 
 
-def _send_items(event: Event, node: Node, items):
+def _send_items(event: Event, archive: ArchiveService, items):
     """Yield each stored instance for a sub-operation.
 
     pynetdicom's retrieve services take datasets, not files: the file is read
@@ -238,7 +239,7 @@ def _send_items(event: Event, node: Node, items):
             yield CANCEL, None
             return
         try:
-            dataset = node.retrieved_dataset(item)
+            dataset = archive.retrieved_dataset(item)
         except (OSError, InvalidDicomError, BadDataset) as exc:
             log.error("stored instance %s not sent: %s", item.sop_uid, exc)
             yield PENDING, UNSENDABLE
@@ -246,7 +247,7 @@ def _send_items(event: Event, node: Node, items):
         yield PENDING, dataset
 
 
-def handle_move(event: Event, node: Node):
+def handle_move(event: Event, archive: ArchiveService):
     """C-MOVE: send the selected instances, as stored, to a registered AE."""
     calling, peer = _peer(event)
     if not _allowed(event, "move"):
@@ -254,8 +255,8 @@ def handle_move(event: Event, node: Node):
         yield None, None
         return
     try:
-        destination = node.move_destination(event.move_destination)
-        items = node.retrieve(event.identifier, _root(event))
+        destination = archive.move_destination(event.move_destination)
+        items = archive.retrieve(event.identifier, _root(event))
     except UnknownDestination as exc:
         log.warning("C-MOVE from %s refused: %s", calling, exc)
         yield None, None
@@ -270,10 +271,10 @@ def handle_move(event: Event, node: Node):
     log.info("C-MOVE from %s: %d instances to %s", calling, len(items), destination.ae_title)
     yield destination.host, destination.port, {"contexts": contexts} if contexts else {}
     yield len(items)
-    yield from _send_items(event, node, items)
+    yield from _send_items(event, archive, items)
 
 
-def handle_get(event: Event, node: Node):
+def handle_get(event: Event, archive: ArchiveService):
     """C-GET: send the selected instances, as stored, over the same association."""
     calling, peer = _peer(event)
     if not _allowed(event, "get"):
@@ -281,7 +282,7 @@ def handle_get(event: Event, node: Node):
         yield 0
         return
     try:
-        items = node.retrieve(event.identifier, _root(event))
+        items = archive.retrieve(event.identifier, _root(event))
     except BadQuery as exc:
         # Raised before the first yield, pynetdicom answers with one failure
         # response (0xC413, unable to process) and nothing after it.
@@ -289,21 +290,21 @@ def handle_get(event: Event, node: Node):
         raise
     log.info("C-GET from %s: %d instances", calling, len(items))
     yield len(items)
-    yield from _send_items(event, node, items)
+    yield from _send_items(event, archive, items)
 
 
-def event_handlers(node: Node) -> list[tuple]:
+def event_handlers(archive: ArchiveService) -> list[tuple]:
     """Return the handler bindings for ``make_server``."""
     return [
-        (evt.EVT_REQUESTED, handle_requested, [node]),
+        (evt.EVT_REQUESTED, handle_requested, [archive]),
         (evt.EVT_ESTABLISHED, handle_established),
-        (evt.EVT_RELEASED, handle_released, [node]),
-        (evt.EVT_ABORTED, handle_aborted, [node]),
-        (evt.EVT_C_ECHO, handle_echo, [node]),
-        (evt.EVT_C_STORE, handle_store, [node]),
-        (evt.EVT_C_FIND, handle_find, [node]),
-        (evt.EVT_C_MOVE, handle_move, [node]),
-        (evt.EVT_C_GET, handle_get, [node]),
+        (evt.EVT_RELEASED, handle_released, [archive]),
+        (evt.EVT_ABORTED, handle_aborted, [archive]),
+        (evt.EVT_C_ECHO, handle_echo, [archive]),
+        (evt.EVT_C_STORE, handle_store, [archive]),
+        (evt.EVT_C_FIND, handle_find, [archive]),
+        (evt.EVT_C_MOVE, handle_move, [archive]),
+        (evt.EVT_C_GET, handle_get, [archive]),
     ]
 
 

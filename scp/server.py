@@ -2,7 +2,9 @@
 
 A Python process uses one core for Python code (the GIL), so ingest scales by
 processes: the kernel spreads incoming connections over the workers' listening
-sockets. Each worker opens its own database connection and file store.
+sockets. Each worker opens its own database connection and file store: the
+composition root (:func:`iepnode.serve.run_scp_worker`) builds them and hands
+:func:`serve_associations` the archive service.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
 
 from config import Settings
-from iepnode.logs import setup_logging
-from iepnode.node import Node
-from iepnode.workers import WorkerPool, stop_on_sigterm
+from iepnode.archive.service import ArchiveService
 from scp.admission import ConnectionGuard, ConnectionLimits
 from scp.contexts import supported_contexts
 from scp.guard import GuardedServer
@@ -65,13 +65,13 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def make_server(settings: Settings, node: Node, port: int) -> GuardedServer:
+def make_server(settings: Settings, archive: ArchiveService, port: int) -> GuardedServer:
     """Create (bound, listening) the association server of one worker."""
     ae = build_ae(settings)
     return ae.make_server(
         (settings.bind, port),
         contexts=supported_contexts(),
-        evt_handlers=event_handlers(node),
+        evt_handlers=event_handlers(archive),
         server_class=GuardedServer,
         guard=ConnectionGuard(connection_limits(settings)),
     )
@@ -89,26 +89,32 @@ def stop_server(server: GuardedServer, grace: float = SHUTDOWN_GRACE) -> None:
         assoc.abort()
 
 
-def run_worker(number: int, ready: EventType, settings: Settings, port: int) -> None:
-    """Entry point of an SCP worker process: serve associations until ``stop`` is set."""
-    setup_logging(settings, process_name=f"scp-{number}")
+def serve_associations(settings: Settings, archive: ArchiveService, port: int,
+                       ready: EventType, stop: threading.Event) -> None:
+    """Serve associations on ``port`` until ``stop`` is set (the body of a worker process).
+
+    Parameters
+    ----------
+    settings : Settings
+        The SCP's settings (AE title, limits, bind address).
+    archive : ArchiveService
+        What the handlers call.
+    port : int
+        The port shared with the other workers (``SO_REUSEPORT``).
+    ready : Event
+        Set once the server listens.
+    stop : threading.Event
+        Set to stop (on SIGTERM): running associations get :data:`SHUTDOWN_GRACE`.
+    """
     # pydicom validates every value it reads or sets (the response datasets
     # pynetdicom builds included): ~10% of a worker's CPU. The node checks what it
     # relies on (UIDs) itself and stores datasets as received.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    stop = stop_on_sigterm()
-    node = Node(settings)
-    server = make_server(settings, node, port)
+    server = make_server(settings, archive, port)
     thread = threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True)
     thread.start()
     ready.set()
     stop.wait()
     stop_server(server)
     thread.join(5)
-    node.close()
-
-
-def scp_pool(settings: Settings, port: int) -> WorkerPool:
-    """The SCP's worker processes (``settings.dicom_workers``) on the reserved ``port``."""
-    return WorkerPool("scp", run_worker, settings.dicom_workers, (settings, port))

@@ -24,12 +24,13 @@ import pytest
 
 from config import Settings, load_settings
 from iepnode.errors import LoginRefused
-from iepnode.node import Node
 from iepnode.people import audit, staff
 from iepnode.people.staff_logins import LOGIN_REFUSED, LoginThrottle, LoginThrottled
+from iepnode.services import Services
 from iepnode.sharing import logins
 from iepnode.sharing.transactions import NewTransfer
 from iepnode.staff_side import build_staff_side
+from iepnode.wiring import build_services
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory
@@ -67,14 +68,14 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Node:
-    node = Node(settings)
+def node(settings: Settings) -> Services:
+    node = build_services(settings)
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-def studies(node: Node, tmp_path: Path) -> dict[str, str]:
+def studies(node: Services, tmp_path: Path) -> dict[str, str]:
     """Three patients' studies: Jane (Jan 2024), John (Feb 2024), a hostile name (2023)."""
     return {
         "jane": store(node, factory.make_ct_series(
@@ -100,7 +101,7 @@ def make_user(username: str, *, is_admin: bool = False, **kw: Any) -> tuple[Staf
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings, node: Node) -> Any:
+async def client(aiohttp_client: Any, settings: Settings, node: Services) -> Any:
     return await aiohttp_client(create_app(settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -193,7 +194,7 @@ async def test_login_returns_to_the_page_asked_for_and_nowhere_else(browser: Bro
     assert response.headers["Location"] == "/admin"
 
 
-async def test_every_failed_login_gets_one_message(browser: Browser, node: Node) -> None:
+async def test_every_failed_login_gets_one_message(browser: Browser, node: Services) -> None:
     _, secret = make_user("alice")
     disabled, disabled_secret = make_user("carol")
     disabled.disabled = True
@@ -228,7 +229,7 @@ async def test_a_totp_code_works_once(browser: Browser) -> None:
 
 
 async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
-                                                           node: Node) -> None:
+                                                           node: Services) -> None:
     _, secret = make_user("alice")
     _, bob_secret = make_user("bob")
     # 3 s: long enough that the next request lands inside it even on a loaded machine
@@ -258,7 +259,7 @@ async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
     assert later.status == 303
 
 
-def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Node) -> None:
+def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Services) -> None:
     """Each HTTP process has its own staff services: the counts and used codes are in the DB."""
     _, secret = make_user("alice")
     other_process = build_staff_side(node.settings, lambda: node.secret, node.messenger)
@@ -273,7 +274,7 @@ def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Node) -> 
         other_process.logins.log_in("carol", "wrong password", "000000")
 
 
-async def test_failed_logins_are_answered_slowly(browser: Browser, node: Node) -> None:
+async def test_failed_logins_are_answered_slowly(browser: Browser, node: Services) -> None:
     _, secret = make_user("alice")
     node.admin.logins.failure_delay = 0.3
     started = time.monotonic()
@@ -295,9 +296,9 @@ async def test_logout_ends_the_session(admin: Browser) -> None:
 # -- who may see what ----------------------------------------------------------------------
 
 
-async def test_a_recipient_session_opens_no_staff_page(browser: Browser, node: Node,
+async def test_a_recipient_session_opens_no_staff_page(browser: Browser, node: Services,
                                                        studies: dict[str, str]) -> None:
-    await node.share(NewTransfer((studies["jane"],), "pat@example.org",
+    await node.sharing.share(NewTransfer((studies["jane"],), "pat@example.org",
                                  otp_mobile="+447700900123"), actor=audit.Actor("cli", "t"))
     recipient = Recipient.get(Recipient.email == "pat@example.org")
     opened = logins.open_session(recipient)
@@ -333,7 +334,7 @@ async def test_staff_who_are_not_admins_get_403_on_admin_pages(browser: Browser)
     assert not StaffUser.select().where(StaffUser.username == "mallory").exists()
 
 
-async def test_posts_without_the_csrf_token_are_refused(admin: Browser, node: Node,
+async def test_posts_without_the_csrf_token_are_refused(admin: Browser, node: Services,
                                                         studies: dict[str, str]) -> None:
     for token in (None, "forged"):
         data = {"ae_title": "PACS", "host": "10.0.0.5", "port": "104", "allow": "store"}
@@ -392,7 +393,7 @@ async def test_study_search_matches_like_c_find(admin: Browser,
 
 
 async def test_share_from_the_form_creates_a_transaction_and_emails_the_link(
-        admin: Browser, node: Node, studies: dict[str, str]) -> None:
+        admin: Browser, node: Services, studies: dict[str, str]) -> None:
     response = await admin.form("/admin/transfers", {
         "study": studies["jane"], "recipient_email": "Pat@Example.org",
         "recipient_name": "Pat Doe", "channel": "sms", "otp_mobile": "+44 7700 900123",
@@ -424,7 +425,7 @@ async def test_share_from_the_form_creates_a_transaction_and_emails_the_link(
     assert transaction.public_id not in await admin.page("/admin?q=nobody")
 
 
-async def test_the_default_expiry_comes_from_the_settings(admin: Browser, node: Node,
+async def test_the_default_expiry_comes_from_the_settings(admin: Browser, node: Services,
                                                           studies: dict[str, str]) -> None:
     page = await admin.page("/admin/studies")
     assert field(page, "expiry_days") == str(node.settings.transaction_expiry_days)
@@ -452,7 +453,7 @@ async def test_the_default_expiry_comes_from_the_settings(admin: Browser, node: 
     ({"study": ["1.2.3.4"]}, "unknown study"),
 ])
 async def test_bad_share_input_is_shown_on_the_form_and_creates_nothing(
-        admin: Browser, node: Node, studies: dict[str, str], change: dict[str, Any],
+        admin: Browser, node: Services, studies: dict[str, str], change: dict[str, Any],
         message: str) -> None:
     data: dict[str, Any] = {"study": ["jane"], "recipient_email": "pat@example.org",
                             "channel": "sms", "otp_mobile": "+447700900123",
@@ -474,9 +475,9 @@ async def test_bad_share_input_is_shown_on_the_form_and_creates_nothing(
 # -- transaction page --------------------------------------------------------------------------
 
 
-async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, node: Node,
+async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, node: Services,
                                                          studies: dict[str, str]) -> None:
-    created = await node.share(NewTransfer((studies["jane"],), "pat@example.org",
+    created = await node.sharing.share(NewTransfer((studies["jane"],), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
     url = f"/admin/transactions/{created.public_id}"
@@ -508,9 +509,9 @@ async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, node: N
     assert (await admin.get("/admin/transactions/../../etc")).status == 404
 
 
-async def test_pages_escape_hostile_names_and_messages(admin: Browser, node: Node,
+async def test_pages_escape_hostile_names_and_messages(admin: Browser, node: Services,
                                                        studies: dict[str, str]) -> None:
-    await node.share(NewTransfer((studies["evil"],), "pat@example.org",
+    await node.sharing.share(NewTransfer((studies["evil"],), "pat@example.org",
                                  otp_mobile="+447700900123", recipient_name="<i>Pat</i>",
                                  message="<script>alert('msg')</script>"),
                      actor=audit.Actor("cli", "t"))

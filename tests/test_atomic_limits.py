@@ -29,10 +29,11 @@ import pyotp
 import pytest
 
 from config import load_settings
-from iepnode.node import Node
 from iepnode.people import staff
+from iepnode.services import Services
 from iepnode.sharing import logins
 from iepnode.sharing import transactions as tx
+from iepnode.wiring import build_services
 from storage.models import (
     AuditEvent,
     LoginAttempt,
@@ -62,7 +63,7 @@ class Portal:
     """A running two-process node and an in-process view of its index and data folder."""
 
     running: RunningNode
-    local: Node
+    local: Services
     kind: str
 
     @property
@@ -82,7 +83,7 @@ def portal(request: pytest.FixtureRequest,
     if request.param == "postgresql":
         url = create_database(request.getfixturevalue("postgres_url"),
                               f"t_{uuid.uuid4().hex[:16]}")
-    local = Node(load_settings(overrides={
+    local = build_services(load_settings(overrides={
         "data_dir": root / "node", "database_url": url, "fsync": False,
         "institution": "St Elsewhere"}, environ={}))
     local.secret  # noqa: B018 - create DATA_DIR/secret.key before the node reads it

@@ -31,8 +31,9 @@ from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
 
 from iepnode.errors import InvalidRequest
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.viewing import attachments
+from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import (
     Attachment,
@@ -61,20 +62,20 @@ CONTACT_EMAIL = "radiology@hospital.example"
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    node = Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    node = build_services(make_settings(tmp_path))
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> dict[str, Any]:
+def study(node: Services, tmp_path: Path) -> dict[str, Any]:
     """A CT study of two slices with the hospital's own PDF report."""
     ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1",
                                 PatientBirthDate="19800214", PatientSex="F",
@@ -93,7 +94,7 @@ def zip_of(body: bytes) -> zipfile.ZipFile:
     return zipfile.ZipFile(io.BytesIO(body))
 
 
-async def forwarded_copy(client: Any, node: Node, uid: str,
+async def forwarded_copy(client: Any, node: Services, uid: str,
                          ) -> tuple[Transaction, Transaction, Browser, Browser]:
     """Share ``uid`` with the patient, who forwards it to the solicitor; both signed in."""
     source, token = share([uid])
@@ -124,7 +125,7 @@ async def staff(client: Any, username: str, **kw: Any) -> Browser:
 
 
 async def test_a_forwarded_copy_cannot_write_into_the_source(
-        client: Any, node: Node, study: dict[str, Any]) -> None:
+        client: Any, node: Services, study: dict[str, Any]) -> None:
     source, copy, patient, solicitor = await forwarded_copy(client, node, study["uid"])
     expected = {r.transaction_id: r.images_expected for r in TransactionStudy.select()}
     before_zip = await (await patient.get(f"/transactions/{source.public_id}/download")).read()
@@ -184,7 +185,7 @@ async def test_a_forwarded_copy_cannot_write_into_the_source(
 
 
 async def test_staff_file_it_into_the_study_once_and_a_recipient_cannot(
-        client: Any, node: Node, study: dict[str, Any]) -> None:
+        client: Any, node: Services, study: dict[str, Any]) -> None:
     source, copy, patient, solicitor = await forwarded_copy(client, node, study["uid"])
     await attach(solicitor, f"/transactions/{copy.public_id}", factory.minimal_pdf("x"))
     attachment = Attachment.get()
@@ -247,7 +248,7 @@ async def test_staff_file_it_into_the_study_once_and_a_recipient_cannot(
     assert removed.status == 400 and Attachment.get_or_none(id=attachment.id) is not None
 
 
-async def test_an_admin_removes_an_unfiled_attachment(client: Any, node: Node,
+async def test_an_admin_removes_an_unfiled_attachment(client: Any, node: Services,
                                                       study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     patient = Browser(client)
@@ -273,7 +274,7 @@ async def test_an_admin_removes_an_unfiled_attachment(client: Any, node: Node,
 
 
 async def test_attachments_from_before_are_listed_without_a_key(
-        client: Any, node: Node, study: dict[str, Any], tmp_path: Path) -> None:
+        client: Any, node: Services, study: dict[str, Any], tmp_path: Path) -> None:
     """Before issue 13 an attachment was ingested into the study and had no key."""
     old = factory.make_pdf(tmp_path / "old", like=next((tmp_path / "ct").iterdir()),
                            DocumentTitle="Old letter")
@@ -302,21 +303,21 @@ async def test_attachments_from_before_are_listed_without_a_key(
     assert response.status == 400 and "already part of the patient" in await response.text()
 
 
-def test_purge_removes_held_attachments_with_their_transaction(node: Node,
+def test_purge_removes_held_attachments_with_their_transaction(node: Services,
                                                                study: dict[str, Any]) -> None:
     transaction, _ = share([study["uid"]])
     user, _ = make_user("root", is_admin=True)
-    node.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
+    node.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
                         original_name="a.pdf", staff=user)
     held_file = node.store.path(Attachment.get().key)
     Transaction.update(expires_at=time.time() - 1).where(
         Transaction.id == transaction.id).execute()
-    node.purge_expired()
+    node.sharing.purge_expired()
     assert Attachment.select().count() == 0 and not held_file.exists()
 
 
 def test_old_databases_get_the_new_columns(tmp_path: Path) -> None:
-    node = Node(make_settings(tmp_path))
+    node = build_services(make_settings(tmp_path))
     path = node.settings.data_dir / "index.sqlite3"
     node.close()
     with sqlite3.connect(path) as db:
@@ -333,7 +334,7 @@ def test_old_databases_get_the_new_columns(tmp_path: Path) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
     node = make_node(tmp_path, url)
     yield node
@@ -341,11 +342,11 @@ def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     node.close()
 
 
-def test_filing_at_once_from_many_threads_files_once(any_node: Node, tmp_path: Path) -> None:
+def test_filing_at_once_from_many_threads_files_once(any_node: Services, tmp_path: Path) -> None:
     uid = store_files(any_node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([uid], now=1e10)  # far in the future: never expired
     admin, _ = make_user("root", is_admin=True)
-    row = any_node.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
+    row = any_node.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
                                   original_name="a.pdf", staff=admin)
     start = threading.Barrier(6)
     outcomes: list[str] = [""] * 6
@@ -353,7 +354,7 @@ def test_filing_at_once_from_many_threads_files_once(any_node: Node, tmp_path: P
     def one(n: int) -> None:
         start.wait()
         try:
-            any_node.file_attachment(transaction.public_id, row.id, staff=admin)
+            any_node.reports.file_attachment(transaction.public_id, row.id, staff=admin)
             outcomes[n] = "filed"
         except InvalidRequest:
             outcomes[n] = "refused"
@@ -373,7 +374,7 @@ def test_filing_at_once_from_many_threads_files_once(any_node: Node, tmp_path: P
     assert attachments.state_of(Attachment.get_by_id(row.id)) == attachments.FILED
 
 
-def test_simultaneous_uploads_stop_at_max_attachments(any_node: Node, tmp_path: Path) -> None:
+def test_simultaneous_uploads_stop_at_max_attachments(any_node: Services, tmp_path: Path) -> None:
     """``[portal] max_attachments`` is decided in the database: eight uploads at once, two
     allowed, two stored; nothing of the refused six is left in the file store."""
     import dataclasses
@@ -389,7 +390,7 @@ def test_simultaneous_uploads_stop_at_max_attachments(any_node: Node, tmp_path: 
     def one(n: int) -> None:
         start.wait()
         try:
-            any_node.add_attachment(transaction.public_id, data=factory.minimal_pdf(str(n)),
+            any_node.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(str(n)),
                                     original_name=f"{n}.pdf", staff=admin)
             outcomes[n] = "added"
         except InvalidRequest as exc:
@@ -408,5 +409,5 @@ def test_simultaneous_uploads_stop_at_max_attachments(any_node: Node, tmp_path: 
     held = Attachment.select().where(Attachment.transaction == transaction.id)
     assert held.count() == 2
     assert sorted(any_node.store.keys()) == sorted([*stored_before, *(a.key for a in held)])
-    view = any_node.attachments_view(transaction.public_id, staff=admin)
+    view = any_node.reports.attachments_view(transaction.public_id, staff=admin)
     assert view.limit_reason.startswith("This transaction has 2 attachments already")

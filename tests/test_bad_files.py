@@ -31,7 +31,8 @@ import pytest
 from pydicom import dcmread
 
 from config import load_settings
-from iepnode.node import Node
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from storage import index
 from storage.models import Study
 from tests import data_factory as factory
@@ -254,14 +255,14 @@ def test_a_send_fails_each_damaged_instance_alone(tmp_path: Path) -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def index_node(request: pytest.FixtureRequest, tmp_path: Path) -> Node:
+def index_node(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     values: dict[str, object] = {"data_dir": tmp_path / "data", "fsync": False}
     if request.param == "postgres":
         values["database_url"] = request.getfixturevalue("fresh_postgres_url")
-    return Node(load_settings(overrides=values, environ={}))
+    return build_services(load_settings(overrides=values, environ={}))
 
 
-def test_only_one_process_gets_a_build_attempt(index_node: Node, tmp_path: Path) -> None:
+def test_only_one_process_gets_a_build_attempt(index_node: Services, tmp_path: Path) -> None:
     """The claim is one conditional UPDATE: of two racing claimers one wins, and the
     study is not due again before its retry time (SQLite and PostgreSQL alike)."""
     uid = store_files(index_node, factory.make_ct_series(tmp_path / "ct", 1))
@@ -285,7 +286,7 @@ def test_only_one_process_gets_a_build_attempt(index_node: Node, tmp_path: Path)
     (again,) = index.studies_due_for_fileset(0, now + 60)
     assert index.claim_fileset_build(again, now + 60, 120.0) == 2
     assert index.claim_fileset_build(again, now + 60, 120.0) is None  # a stale row loses
-    index_node.build_fileset(uid)  # a success clears the back-off
+    index_node.filesets.build_fileset(uid)  # a success clears the back-off
     row = Study.get(Study.study_uid == uid)
     assert (row.fileset_attempts, row.fileset_retry_at, row.fileset_error) == (0, None, "")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyotp
 
 from config import load_settings
-from iepnode.node import Node
 from iepnode.sharing import transactions as tx
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction
 from tests import data_factory as factory
 from tests.support.ingest import store_files
@@ -21,7 +21,7 @@ from tests.support.node import REPO, run_cli
 
 
 def _stored_study(data: Path, tmp_path: Path) -> str:
-    node = Node(load_settings(overrides={"data_dir": data}, environ={}))
+    node = build_services(load_settings(overrides={"data_dir": data}, environ={}))
     study_uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 2,
                                                          PatientName="Doe^Jane"))
     node.close()
@@ -51,7 +51,7 @@ def test_transfer_create_emails_a_link_to_the_outbox(tmp_path: Path) -> None:
     assert mail["To"] == "pat@example.org"
     body = mail.get_body(preferencelist=("plain",)).get_content()
     token = re.search(r"/t/([A-Za-z0-9_-]{32,})", body).group(1)
-    Node(load_settings(overrides={"data_dir": data}, environ={}))
+    build_services(load_settings(overrides={"data_dir": data}, environ={}))
     assert tx.by_link_token(token).public_id == out
     transaction = Transaction.get(Transaction.public_id == out)
     assert (transaction.contact_name, transaction.contact_department) == ("Dr Who", "Radiology")
@@ -80,7 +80,7 @@ def test_user_add_prints_totp_uri_and_unlock(tmp_path: Path) -> None:
     )
     uri = next(line for line in proc.stdout.splitlines() if line.startswith("otpauth://"))
     secret = pyotp.parse_uri(uri).secret
-    Node(load_settings(overrides={"data_dir": data}, environ={}))
+    build_services(load_settings(overrides={"data_dir": data}, environ={}))
     user = StaffUser.get(StaffUser.username == "radadmin")
     assert user.is_admin and user.totp_secret == secret
     assert "correct horse" not in user.password_hash

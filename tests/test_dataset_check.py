@@ -28,7 +28,8 @@ from config import load_settings
 from iepnode.archive.dataset_check import MAX_DEPTH, check_dataset, inflate
 from iepnode.archive.ingest import parse_file_meta
 from iepnode.errors import BadDataset, DatasetMismatch
-from iepnode.node import Node
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from tests.support import crafted
 from tests.support.crafted import (
     EBE,
@@ -288,34 +289,34 @@ def test_bytes_after_the_deflate_stream() -> None:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     """One node for the module (its index is set up once), deflate capped at 1 MiB."""
     settings = load_settings(overrides={"data_dir": tmp_path_factory.mktemp("node"),
                                         "fsync": False, "max_inflated_mb": 1}, environ={})
-    node = Node(settings)
+    node = build_services(settings)
     yield node
     node.close()
 
 
-def stored(node: Node) -> tuple[list[Path], list[Path], dict[str, int]]:
+def stored(node: Services) -> tuple[list[Path], list[Path], dict[str, int]]:
     """Files in the store and in staging, and the index counts."""
     files = sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
-    return files, sorted(node.settings.tmp_dir.iterdir()), node.counts()
+    return files, sorted(node.settings.tmp_dir.iterdir()), node.archive.counts()
 
 
 @pytest.mark.parametrize("name", crafted.CORRUPTIONS)
-def test_ingest_refuses_the_corruption_and_stores_nothing(node: Node, name: str) -> None:
+def test_ingest_refuses_the_corruption_and_stores_nothing(node: Services, name: str) -> None:
     case = corruption(name)
     before = stored(node)
     with pytest.raises(BadDataset) as info:
-        node.store_received(case.stream, case.transfer_syntax, calling_ae="TESTSCU",
+        node.archive.store_received(case.stream, case.transfer_syntax, calling_ae="TESTSCU",
                             sop_class=crafted.CTImageStorage, sop_uid=case.sop_uid)
     assert type(info.value) is case.error
     assert re.search(case.message, str(info.value)), str(info.value)
     assert stored(node) == before
 
 
-def test_ingest_refuses_a_deflate_bomb_beyond_max_inflated_mb(node: Node) -> None:
+def test_ingest_refuses_a_deflate_bomb_beyond_max_inflated_mb(node: Services) -> None:
     before = stored(node)
     bomb = crafted.deflate_bomb("1.2.3", 4 << 20)
     with pytest.raises(BadDataset, match=r"inflates to more than 1048576 bytes"):

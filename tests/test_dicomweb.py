@@ -31,9 +31,11 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 
 from config import Settings
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
+from iepnode.viewing import dicomweb_access
 from iepnode.viewing import dicomweb_access as access
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, Instance, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -52,16 +54,16 @@ PATIENT = {"PatientName": "Doe^Jane", "PatientID": "P1", "PatientBirthDate": "19
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node(make_settings(tmp_path, dicomweb_cors_origins=(VIEWER,)))
+def node(tmp_path: Path) -> Services:
+    return build_services(make_settings(tmp_path, dicomweb_cors_origins=(VIEWER,)))
 
 
 @pytest.fixture
-def studies(node: Node, tmp_path: Path) -> dict[str, str]:
+def studies(node: Services, tmp_path: Path) -> dict[str, str]:
     return make_studies(node, tmp_path)
 
 
-def make_studies(node: Node, tmp_path: Path) -> dict[str, str]:
+def make_studies(node: Services, tmp_path: Path) -> dict[str, str]:
     """A CT study and a compressed (RLE, 2 frames) study of P1; a CT study of P2."""
     ct = store_files(node, factory.make_ct_series(
         tmp_path / "ct", 3, StudyDate="20240105", StudyDescription="CT HEAD",
@@ -76,7 +78,7 @@ def make_studies(node: Node, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -122,7 +124,7 @@ def reached(uri: str, public_url: str, served: str) -> str:
     return served.rstrip("/") + uri[len(public_url):]
 
 
-def stored(sop_uid: str, node: Node) -> Path:
+def stored(sop_uid: str, node: Services) -> Path:
     return node.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
 
 
@@ -134,7 +136,7 @@ def events(action: str) -> list[AuditEvent]:
 
 
 async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
-        client: Any, node: Node, studies: dict[str, str],
+        client: Any, node: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
     base = f"/dicomweb/t/{transaction.public_id}"
@@ -187,7 +189,7 @@ async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
     assert [e.event_code for e in events("wado-metadata")] == ["110103"]
 
 
-async def test_compressed_frames_come_as_stored(client: Any, node: Node,
+async def test_compressed_frames_come_as_stored(client: Any, node: Services,
                                                studies: dict[str, str],
                                                shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -222,7 +224,7 @@ async def test_compressed_frames_come_as_stored(client: Any, node: Node,
 
 
 async def test_frame_requests_are_audited_through_the_group_committer(
-        client: Any, node: Node, studies: dict[str, str],
+        client: Any, node: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     # A viewer fetches frames many at a time: each request keeps its own audit event,
     # but the events share commits (storage/group_commit.py) instead of one each.
@@ -251,7 +253,7 @@ async def test_frame_requests_are_audited_through_the_group_committer(
 # -- media types and multipart, raw ----------------------------------------------------
 
 
-async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Node,
+async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Services,
                                                         studies: dict[str, str],
                                                         shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -291,7 +293,7 @@ async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Node,
     assert search.headers["Cache-Control"] == "no-store"
 
 
-async def test_qido_matching_paging_and_warnings(client: Any, node: Node,
+async def test_qido_matching_paging_and_warnings(client: Any, node: Services,
                                                  studies: dict[str, str]) -> None:
     await check_qido(client, studies)
 
@@ -299,7 +301,7 @@ async def test_qido_matching_paging_and_warnings(client: Any, node: Node,
 @pytest.mark.postgres
 async def test_qido_matching_on_postgresql(aiohttp_client: Any, tmp_path: Path,
                                            fresh_postgres_url: str) -> None:
-    node = Node(make_settings(tmp_path, database_url=fresh_postgres_url))
+    node = build_services(make_settings(tmp_path, database_url=fresh_postgres_url))
     try:
         studies = make_studies(node, tmp_path)
         client = await aiohttp_client(create_app(node.settings, node))
@@ -355,7 +357,7 @@ async def check_qido(client: Any, studies: dict[str, str]) -> None:
 
 
 async def test_a_recipient_cannot_read_outside_their_transaction(
-        client: Any, browser: Browser, node: Node, studies: dict[str, str],
+        client: Any, browser: Browser, node: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     transaction, link = shared
     other_transaction, _ = share([studies["other"]], email="someone@example.org")
@@ -383,7 +385,7 @@ async def test_a_recipient_cannot_read_outside_their_transaction(
             ).status == 404
 
 
-async def test_tokens_expire_and_can_be_revoked(client: Any, node: Node,
+async def test_tokens_expire_and_can_be_revoked(client: Any, node: Services,
                                                 studies: dict[str, str],
                                                 shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -401,11 +403,11 @@ async def test_tokens_expire_and_can_be_revoked(client: Any, node: Node,
                             public_id=transaction.public_id) == 1
     assert (await client.get(base, headers=bearer(token))).status == 401
     # Housekeeping deletes them a day later.
-    assert node.purge_dicomweb_tokens() == 0
+    assert dicomweb_access.purge_tokens() == 0
     assert access.purge_tokens(now=time.time() + 2 * 86400) == 2
 
 
-async def test_a_declined_transaction_is_gone(client: Any, node: Node,
+async def test_a_declined_transaction_is_gone(client: Any, node: Services,
                                               studies: dict[str, str],
                                               shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -416,7 +418,7 @@ async def test_a_declined_transaction_is_gone(client: Any, node: Node,
     assert response.status == 410
 
 
-async def test_staff_session_sees_every_study(client: Any, browser: Browser, node: Node,
+async def test_staff_session_sees_every_study(client: Any, browser: Browser, node: Services,
                                               studies: dict[str, str]) -> None:
     _, secret = make_user("radiographer")
     await staff_log_in(browser, "radiographer", secret)
@@ -465,7 +467,7 @@ def shown(html: str, element: str) -> str:
 
 
 async def test_open_in_another_viewer_gives_a_token_for_that_transaction(
-        client: Any, browser: Browser, node: Node, studies: dict[str, str],
+        client: Any, browser: Browser, node: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     transaction, link = shared
     await log_in(browser, node, link)
@@ -505,7 +507,7 @@ async def test_open_in_another_viewer_gives_a_token_for_that_transaction(
     assert (await client.get(f"/dicomweb/ohif/{token}.json")).status == 404
 
 
-async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser, node: Node,
+async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser, node: Services,
                                                   studies: dict[str, str]) -> None:
     _, secret = make_user("radiographer")
     await staff_log_in(browser, "radiographer", secret)
@@ -526,7 +528,7 @@ async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser,
 # -- rendered ------------------------------------------------------------------------------
 
 
-async def test_rendered_images(client: Any, node: Node, studies: dict[str, str],
+async def test_rendered_images(client: Any, node: Services, studies: dict[str, str],
                                shared: tuple[Transaction, str]) -> None:
     import numpy as np
     from PIL import Image
@@ -628,7 +630,7 @@ async def test_a_viewer_opens_a_package_from_iepnode_serve(tmp_path: Path,
 
 
 async def test_an_encapsulated_pdf_report_through_its_bulkdata_uri(
-        client: Any, node: Node, tmp_path: Path, studies: dict[str, str]) -> None:
+        client: Any, node: Services, tmp_path: Path, studies: dict[str, str]) -> None:
     pdf = factory.minimal_pdf("report " + "x" * 3000)
     like = stored(Instance.get(Instance.transfer_syntax == "1.2.840.10008.1.2.1").sop_uid, node)
     store_files(node, [factory.make_pdf(tmp_path / "pdf", pdf=pdf, like=like)])

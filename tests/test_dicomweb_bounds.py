@@ -19,7 +19,8 @@ from pydicom import dcmread
 from pydicom.encaps import get_frame
 
 from iepnode.errors import NotFound
-from iepnode.node import Node
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from storage.models import Instance
 from tests.test_dicomweb import bearer, make_studies, parts, recipient_token, stored
 from tests.test_recipient_web import make_settings, share
@@ -32,13 +33,13 @@ _URL = re.compile(rb"[a-z][a-z0-9+.-]*://[^\s\"<>]+", re.IGNORECASE)
 
 
 @pytest.fixture(params=["direct", "behind-a-trusted-proxy"])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Node:
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     proxies = ("127.0.0.1",) if request.param == "behind-a-trusted-proxy" else ()
-    return Node(make_settings(tmp_path, public_url=PUBLIC + "/", trusted_proxies=proxies))
+    return build_services(make_settings(tmp_path, public_url=PUBLIC + "/", trusted_proxies=proxies))
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -48,7 +49,7 @@ def urls(body: bytes) -> list[str]:
 
 
 async def test_links_use_the_public_url_whatever_host_the_request_names(
-        client: Any, node: Node, tmp_path: Path) -> None:
+        client: Any, node: Services, tmp_path: Path) -> None:
     studies = make_studies(node, tmp_path)
     transaction, _ = share([studies["ct"], studies["rle"]])
     headers = {**bearer(recipient_token(transaction)), **FORGED}
@@ -88,7 +89,7 @@ async def test_links_use_the_public_url_whatever_host_the_request_names(
         assert all(u.startswith(PUBLIC + "/") for u in urls(data)), urls(data)
 
 
-async def test_staff_links_use_the_public_url_too(client: Any, node: Node,
+async def test_staff_links_use_the_public_url_too(client: Any, node: Services,
                                                   tmp_path: Path) -> None:
     from iepnode.viewing import dicomweb_access as access
     from tests.test_admin_web import make_user
@@ -114,7 +115,7 @@ ANY_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-synta
 
 
 async def test_a_frame_list_beyond_the_cap_is_a_400_and_duplicates_count(
-        client: Any, node: Node, tmp_path: Path) -> None:
+        client: Any, node: Services, tmp_path: Path) -> None:
     studies = make_studies(node, tmp_path)
     transaction, _ = share([studies["ct"], studies["rle"]])
     headers = {**bearer(recipient_token(transaction)), "Accept": ANY_FRAMES}
@@ -145,7 +146,7 @@ async def test_a_frame_list_beyond_the_cap_is_a_400_and_duplicates_count(
 
 
 async def test_the_frame_cap_is_a_setting(aiohttp_client: Any, tmp_path: Path) -> None:
-    node = Node(make_settings(tmp_path, dicomweb_max_frames=3))
+    node = build_services(make_settings(tmp_path, dicomweb_max_frames=3))
     client = await aiohttp_client(create_app(node.settings, node),
                                   cookie_jar=aiohttp.DummyCookieJar())
     studies = make_studies(node, tmp_path)
@@ -178,7 +179,7 @@ def test_frame_cap_settings_are_checked(tmp_path: Path) -> None:
 
 
 async def test_multipart_and_metadata_responses_are_streamed(
-        client: Any, node: Node, tmp_path: Path) -> None:
+        client: Any, node: Services, tmp_path: Path) -> None:
     """Every multipart body (and metadata) goes out chunked as it is read, never joined
     in memory first (the memory itself is measured in tests/test_memory_bounds.py)."""
     studies = make_studies(node, tmp_path)
@@ -222,7 +223,7 @@ async def test_multipart_and_metadata_responses_are_streamed(
 
 
 async def test_a_study_rendered_passes_over_instances_without_an_image(
-        client: Any, node: Node, tmp_path: Path) -> None:
+        client: Any, node: Services, tmp_path: Path) -> None:
     from tests import data_factory as factory
     from tests.support.ingest import store_files
 
@@ -310,7 +311,7 @@ def test_pixel_data_that_cannot_be_cut_into_frames(name: str) -> None:
 
 
 async def test_a_client_leaving_mid_stream_is_audited_and_the_node_goes_on(
-        client: Any, node: Node, tmp_path: Path) -> None:
+        client: Any, node: Services, tmp_path: Path) -> None:
     """aiohttp cancels the handler of a client that went away: the audit event of the
     retrieve must still be written (a queued thread job would be dropped), each time."""
     import asyncio

@@ -40,9 +40,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from config import load_settings
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.sharing.zipstream import iter_bytes
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, Instance, InstanceChecksum, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -228,7 +229,7 @@ async def test_recipient_downloads_a_pdi_zip_over_http(
         stored = stored_by_uid(data_dir)
     check_package(archive, tmp_path / "x", stored, a_files, b_files, pdf_bytes)
 
-    audit_node = Node(load_settings(overrides={"data_dir": data_dir}, environ={}))
+    audit_node = build_services(load_settings(overrides={"data_dir": data_dir}, environ={}))
     events = list(AuditEvent.select().where(AuditEvent.event_code == "110106")
                   .order_by(AuditEvent.id))
     downloads_ = [e for e in events if e.action == "download"]
@@ -348,25 +349,25 @@ def check_package(archive: Path, folder: Path, stored: dict[str, bytes],
 
 
 @pytest.fixture
-def portal_node(tmp_path: Path) -> Node:
-    return Node(make_settings(tmp_path))
+def portal_node(tmp_path: Path) -> Services:
+    return build_services(make_settings(tmp_path))
 
 
 @pytest.fixture
-async def portal(aiohttp_client: Any, portal_node: Node) -> Browser:
+async def portal(aiohttp_client: Any, portal_node: Services) -> Browser:
     client = await aiohttp_client(create_app(portal_node.settings, portal_node),
                                   cookie_jar=aiohttp.DummyCookieJar())
     return Browser(client)
 
 
 @pytest.fixture
-def ct_study(portal_node: Node, tmp_path: Path) -> str:
+def ct_study(portal_node: Services, tmp_path: Path) -> str:
     return store_files(portal_node, factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", StudyDate="20240105",
         StudyDescription="CT HEAD", AccessionNumber="ACC1"))
 
 
-async def test_someone_elses_package_is_not_found(portal: Browser, portal_node: Node,
+async def test_someone_elses_package_is_not_found(portal: Browser, portal_node: Services,
                                                   ct_study: str) -> None:
     browser, node, study = portal, portal_node, ct_study
     mine, token = share([study], "me@example.org")
@@ -389,7 +390,7 @@ async def test_someone_elses_package_is_not_found(portal: Browser, portal_node: 
 
 
 async def test_declined_expired_and_purged_packages_are_gone(
-    portal: Browser, portal_node: Node, ct_study: str, tmp_path: Path
+    portal: Browser, portal_node: Services, ct_study: str, tmp_path: Path
 ) -> None:
     browser, node, study = portal, portal_node, ct_study
     live, token = share([study])
@@ -414,15 +415,15 @@ async def test_declined_expired_and_purged_packages_are_gone(
                                       data={"csrf": csrf})
         assert response.status == 410
 
-    assert node.purge_expired() == 2  # the old study's files go; the shared one stays
+    assert node.sharing.purge_expired() == 2  # the old study's files go; the shared one stays
     response = await browser.get(f"/transactions/{purged.public_id}/download")
     assert response.status == 410 and "removed" in await response.text()
     assert (await browser.get(f"/transactions/{live.public_id}/download")).status == 200
     with pytest.raises(Exception, match="purged"):
-        node.transaction_package(purged.public_id)
+        node.downloads.transaction_package(purged.public_id)
 
 
-async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_node: Node,
+async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_node: Services,
                                                       tmp_path: Path) -> None:
     uid = store_files(portal_node, factory.make_ct_series(tmp_path / "big", 48, rows=512,
                                                           columns=512))  # ~25 MB
@@ -444,7 +445,7 @@ async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_n
 
 
 async def test_a_file_cut_short_while_streaming_breaks_the_download_not_the_bytes(
-    portal: Browser, portal_node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    portal: Browser, portal_node: Services, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stored file truncated after the plan, mid-stream: the client sees a broken
     download (never a zip of wrong bytes), the audit says so, and the next request
@@ -502,7 +503,7 @@ def test_range_header_parsing() -> None:
 # -- password-protected copies --------------------------------------------------------------
 
 
-async def test_password_protected_download(portal: Browser, portal_node: Node,
+async def test_password_protected_download(portal: Browser, portal_node: Services,
                                            ct_study: str) -> None:
     browser, node, study = portal, portal_node, ct_study
     transaction, token = share([study])
@@ -525,7 +526,7 @@ async def test_password_protected_download(portal: Browser, portal_node: Node,
     resumed = await browser.get(link, headers={"Range": "bytes=100-"})
     assert resumed.status == 206 and await resumed.read() == encrypted[100:]
 
-    plain = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    plain = node.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
     with zipfile.ZipFile(io.BytesIO(b"".join(iter_bytes(plain.layout)))) as zf:
         expected = {n: zf.read(n) for n in zf.namelist()}
     with pyzipper.AESZipFile(io.BytesIO(encrypted)) as zf:
@@ -559,11 +560,11 @@ async def test_password_protected_download(portal: Browser, portal_node: Node,
     Transaction.update(expires_at=time.time() - 1).where(
         Transaction.id == transaction.id).execute()
     assert (await browser.get(new_link)).status == 410
-    assert node.sweep_protected_downloads() == 1
+    assert node.downloads.sweep_protected_downloads() == 1
     assert list(folder.glob("*")) == []
 
 
-def write_tmp(owner: Node, data: bytes) -> Path:
+def write_tmp(owner: Services, data: bytes) -> Path:
     path = owner.settings.data_dir / "check.bin"
     path.write_bytes(data)
     return path
@@ -610,7 +611,7 @@ def one_frame(directory: Path, study_uid: str, number: int) -> Path:
 
 @pytest.mark.slow
 async def test_package_over_4_gib_downloads_and_resumes(
-    portal: Browser, portal_node: Node, tmp_path: Path
+    portal: Browser, portal_node: Services, tmp_path: Path
 ) -> None:
     """ZIP64 offsets for real: two 2.2 GB instances (sparse files in the store) and a
     small one after them."""

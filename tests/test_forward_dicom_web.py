@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from config import Settings
-from iepnode.node import Node
+from iepnode.outbound import sending
+from iepnode.services import Services
 from iepnode.sharing import transactions
 from iepnode.sharing.transactions import Contact, NewTransfer
 from scp.sender import make_transport
@@ -53,7 +54,7 @@ def destinations() -> None:
 
 
 async def test_staff_send_from_the_transaction_page_with_live_progress(
-        admin: Browser, node: Node, studies: dict[str, str], destinations: None,
+        admin: Browser, node: Services, studies: dict[str, str], destinations: None,
         tmp_path: Path) -> None:
     public_id, _ = share(studies["jane"])
     page = await admin.page(f"/admin/transactions/{public_id}")
@@ -89,7 +90,7 @@ async def test_staff_send_from_the_transaction_page_with_live_progress(
     port = free_port()
     RemoteAE.update(port=port).where(RemoteAE.ae_title == "DEST").execute()
     with storescp_on(port, tmp_path / "got"):
-        ran = node.job_runner(make_transport(node.settings)).run_one()
+        ran = node.sends.job_runner(make_transport(node.settings)).run_one()
     assert ran is not None and ran.state == "done"
     assert len(received(tmp_path / "got")) == 3
     (shown,) = (await (await admin.get(url)).json())["jobs"]
@@ -104,7 +105,7 @@ async def test_staff_send_from_the_transaction_page_with_live_progress(
 
 
 async def test_recipient_sends_only_where_staff_allowed(
-        admin: Browser, node: Node, studies: dict[str, str], destinations: None,
+        admin: Browser, node: Services, studies: dict[str, str], destinations: None,
         client: Any) -> None:
     public_id, token = share(studies["jane"])
     other_id, _ = share(studies["john"], "someone@example.org")
@@ -180,13 +181,13 @@ async def test_admins_manage_routing_rules_and_destinations(
     assert (await clerk.get("/admin/sends")).status == 200
 
 
-def test_nothing_to_send_is_refused(node: Node, destinations: None, settings: Settings) -> None:
+def test_nothing_to_send_is_refused(node: Services, destinations: None, settings: Settings) -> None:
     from iepnode.errors import InvalidRequest, UnknownDestination
     from iepnode.people.audit import Actor
 
     with pytest.raises(InvalidRequest, match="none of these studies"):
-        node.queue_send(["1.2.3.4"], "DEST", Actor("cli", "t"))
+        sending.queue_job(["1.2.3.4"], "DEST", Actor("cli", "t"))
     with pytest.raises(UnknownDestination, match="not registered"):
-        node.queue_send(["1.2.3.4"], "NOBODY", Actor("cli", "t"))
+        sending.queue_job(["1.2.3.4"], "NOBODY", Actor("cli", "t"))
     assert AuditEvent.select().count() == 0
     assert isinstance(aiohttp.__version__, str)

@@ -12,9 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode.node import Node
 from iepnode.people.audit import events_for_transaction
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
+from iepnode.wiring import build_services
 from storage.models import Recipient, Transaction
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -26,19 +27,19 @@ from web.app import create_app
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    return build_services(make_settings(tmp_path))
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> str:
+def study(node: Services, tmp_path: Path) -> str:
     return store(node, factory.make_ct_series(
         tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",
         PatientSex="F", StudyDate="20240105", StudyDescription="CT HEAD"))
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -65,14 +66,14 @@ def copies_of(source: Transaction) -> list[Transaction]:
                 .order_by(Transaction.id))
 
 
-def link_token(node: Node, email: str) -> str:
+def link_token(node: Services, email: str) -> str:
     mails = [m for m in map(read_eml, outbox(node)) if str(m["To"]) == email]
     match = re.search(r"https://portal\.example/t/([A-Za-z0-9_-]+)", mails[-1].get_content())
     assert match, mails[-1].get_content()
     return match.group(1)
 
 
-async def test_the_dialog_has_four_steps_and_the_disclaimer(browser: Browser, node: Node,
+async def test_the_dialog_has_four_steps_and_the_disclaimer(browser: Browser, node: Services,
                                                             study: str) -> None:
     source, token = share([study])
     await log_in(browser, node, token)
@@ -96,7 +97,7 @@ async def test_the_dialog_has_four_steps_and_the_disclaimer(browser: Browser, no
 
 
 async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
-        client: Any, browser: Browser, node: Node, study: str) -> None:
+        client: Any, browser: Browser, node: Services, study: str) -> None:
     source, token = share([study])
     await log_in(browser, node, token)
     csrf = await dialog_csrf(browser, source.public_id)
@@ -145,7 +146,7 @@ async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
     assert (await other.get(f"/transactions/{source.public_id}/forwards")).status == 404
 
 
-async def test_the_fourth_forward_is_refused(browser: Browser, node: Node, study: str) -> None:
+async def test_the_fourth_forward_is_refused(browser: Browser, node: Services, study: str) -> None:
     source, token = share([study])
     await log_in(browser, node, token)
     for n in range(3):
@@ -167,7 +168,7 @@ async def test_the_fourth_forward_is_refused(browser: Browser, node: Node, study
     assert all(f"p{n}@law.example" in listing for n in range(3))
 
 
-async def test_ten_concurrent_posts_create_exactly_three(browser: Browser, node: Node,
+async def test_ten_concurrent_posts_create_exactly_three(browser: Browser, node: Services,
                                                          study: str) -> None:
     source, token = share([study])
     await log_in(browser, node, token)
@@ -179,7 +180,7 @@ async def test_ten_concurrent_posts_create_exactly_three(browser: Browser, node:
     assert len(copies_of(source)) == 3
 
 
-async def test_mistakes_come_back_with_the_values_and_the_step(browser: Browser, node: Node,
+async def test_mistakes_come_back_with_the_values_and_the_step(browser: Browser, node: Services,
                                                                study: str) -> None:
     source, token = share([study])
     await log_in(browser, node, token)
@@ -205,7 +206,7 @@ async def test_mistakes_come_back_with_the_values_and_the_step(browser: Browser,
     assert copies_of(source) == []
 
 
-async def test_someone_forwarded_to_before_needs_only_the_email(browser: Browser, node: Node,
+async def test_someone_forwarded_to_before_needs_only_the_email(browser: Browser, node: Services,
                                                                 study: str) -> None:
     first, token = share([study])
     second, _ = share([study])
@@ -229,7 +230,7 @@ async def test_someone_forwarded_to_before_needs_only_the_email(browser: Browser
     assert response.status == 400 and "Give the first name" in await response.text()
 
 
-async def test_declined_and_expired_packages_cannot_be_forwarded(browser: Browser, node: Node,
+async def test_declined_and_expired_packages_cannot_be_forwarded(browser: Browser, node: Services,
                                                                  study: str) -> None:
     declined, token = share([study])
     expired, _ = share([study])
@@ -248,7 +249,7 @@ async def test_declined_and_expired_packages_cannot_be_forwarded(browser: Browse
 
 
 async def test_other_peoples_packages_are_404_and_every_post_needs_csrf(
-        browser: Browser, node: Node, study: str) -> None:
+        browser: Browser, node: Services, study: str) -> None:
     mine, token = share([study])
     theirs, _ = share([study], "someone@example.org", otp_mobile="+447700900999")
     assert (await browser.get(f"/transactions/{mine.public_id}/forward")).status == 303
@@ -269,7 +270,7 @@ async def test_other_peoples_packages_are_404_and_every_post_needs_csrf(
 
 
 async def test_staff_see_the_forward_in_both_audit_trails(client: Any, browser: Browser,
-                                                          node: Node, study: str) -> None:
+                                                          node: Services, study: str) -> None:
     source, token = share([study])
     await log_in(browser, node, token)
     csrf = await dialog_csrf(browser, source.public_id)
@@ -288,7 +289,7 @@ async def test_staff_see_the_forward_in_both_audit_trails(client: Any, browser: 
 
 
 async def test_max_forwards_zero_turns_forwarding_off(aiohttp_client: Any, tmp_path: Path) -> None:
-    node = Node(make_settings(tmp_path, max_forwards=0))
+    node = build_services(make_settings(tmp_path, max_forwards=0))
     uid = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Roe^Rick"))
     source, token = share([uid])
     browser = Browser(await aiohttp_client(create_app(node.settings, node),

@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from config import load_settings
-from iepnode.node import Node
 from iepnode.outbound.messaging import DeliveryError
 from iepnode.people.audit import Actor, events_for_transaction
+from iepnode.services import Services
 from iepnode.sharing import forwarding as fw
 from iepnode.sharing import transactions as tx
 from iepnode.sharing.forwarding import ForwardInvalid, ForwardRefused, ForwardRequest
+from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import Recipient, Transaction, TransactionMessage, TransactionStudy
 from tests import data_factory as factory
@@ -35,15 +36,15 @@ CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+4412
 ACTOR = Actor("recipient", "pat@example.org", "127.0.0.1")
 
 
-def make_node(tmp_path: Path, url: str = "", **overrides: Any) -> Node:
-    return Node(load_settings(overrides={"data_dir": tmp_path / "data", "database_url": url,
-                                         "fsync": False, "institution": "St Elsewhere",
-                                         "public_url": "https://portal.example", **overrides},
-                              environ={}))
+def make_node(tmp_path: Path, url: str = "", **overrides: Any) -> Services:
+    return build_services(load_settings(overrides={
+        "data_dir": tmp_path / "data", "database_url": url, "fsync": False,
+        "institution": "St Elsewhere", "public_url": "https://portal.example", **overrides},
+        environ={}))
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
+def node(tmp_path: Path) -> Iterator[Services]:
     node = make_node(tmp_path)
     yield node
     node.group_commit.close()
@@ -51,7 +52,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
     node = make_node(tmp_path, url)
     yield node
@@ -59,7 +60,7 @@ def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     node.close()
 
 
-def stored_study(node: Node, folder: Path, count: int = 2, **tags: str) -> str:
+def stored_study(node: Services, folder: Path, count: int = 2, **tags: str) -> str:
     tags = {"PatientName": "Doe^Jane", "PatientID": "PAT4711", "StudyDate": "20240105", **tags}
     return store(node, factory.make_ct_series(folder, count, **tags))
 
@@ -166,7 +167,7 @@ def test_check_request_normalises_and_says_which_step_to_fix() -> None:
 # -- the copy ------------------------------------------------------------------------------
 
 
-def test_forwarded_copy_shares_the_studies_and_is_audited(node: Node, tmp_path: Path) -> None:
+def test_forwarded_copy_shares_the_studies_and_is_audited(node: Services, tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     source = share([uid])
     files_before = sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
@@ -200,7 +201,8 @@ def test_forwarded_copy_shares_the_studies_and_is_audited(node: Node, tmp_path: 
     assert fw.known_recipients(recipient.id) == []
 
 
-def test_an_existing_recipient_is_never_changed_by_a_forward(node: Node, tmp_path: Path) -> None:
+def test_an_existing_recipient_is_never_changed_by_a_forward(node: Services,
+                                                             tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     source = share([uid])
     share([uid], "gp@example.org")  # staff know gp@ with passcodes to +447700900123
@@ -211,7 +213,7 @@ def test_an_existing_recipient_is_never_changed_by_a_forward(node: Node, tmp_pat
     assert (gp.name, gp.otp_mobile, gp.address) == ("", "+447700900123", "")
 
 
-def test_limit_copies_declined_and_expired(node: Node, tmp_path: Path) -> None:
+def test_limit_copies_declined_and_expired(node: Services, tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     source = share([uid])
     copies = [forward(source, person(f"p{n}@law.example")).copy for n in range(3)]
@@ -234,7 +236,7 @@ def test_limit_copies_declined_and_expired(node: Node, tmp_path: Path) -> None:
     assert fw.forward_counts([source.id, short.id]) == {source.id: 4}
 
 
-def test_states_for_the_dashboard(node: Node, tmp_path: Path) -> None:
+def test_states_for_the_dashboard(node: Services, tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     source = share([uid])
     copy = forward(source).copy
@@ -246,7 +248,8 @@ def test_states_for_the_dashboard(node: Node, tmp_path: Path) -> None:
     assert "again" in states[copy.public_id].reason
 
 
-def test_purge_keeps_shared_files_until_every_holder_expired(node: Node, tmp_path: Path) -> None:
+def test_purge_keeps_shared_files_until_every_holder_expired(node: Services,
+                                                             tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     now = time.time()
     source = share([uid], now=now - 5 * tx.DAY, expiry_days=10)
@@ -255,13 +258,13 @@ def test_purge_keeps_shared_files_until_every_holder_expired(node: Node, tmp_pat
     files = sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
     assert len(files) == 2
     # The copy has expired, its source has not: the shared files stay.
-    assert node.purge_expired() == 0
+    assert node.sharing.purge_expired() == 0
     assert all(p.exists() for p in files)
     assert Transaction.get_by_id(copy.id).purged_at is not None
     assert Transaction.get_by_id(source.id).purged_at is None
     # Once the source has expired too, the files go.
     Transaction.update(expires_at=now - 1).where(Transaction.id == source.id).execute()
-    assert node.purge_expired() == 2
+    assert node.sharing.purge_expired() == 2
     assert not any(p.exists() for p in files)
     assert Transaction.get_by_id(source.id).purged_at is not None
 
@@ -269,7 +272,7 @@ def test_purge_keeps_shared_files_until_every_holder_expired(node: Node, tmp_pat
 # -- concurrency --------------------------------------------------------------------------
 
 
-def _race(node: Node, sources: list[Transaction], emails: list[str]) -> list[str]:
+def _race(node: Services, sources: list[Transaction], emails: list[str]) -> list[str]:
     """Forward ``sources[i]`` to ``emails[i]`` from one thread each, all at once."""
     start = threading.Barrier(len(emails))
     outcomes: list[str] = [""] * len(emails)
@@ -298,7 +301,7 @@ def _race(node: Node, sources: list[Transaction], emails: list[str]) -> list[str
     return outcomes
 
 
-def test_ten_simultaneous_forwards_create_exactly_the_limit(any_node: Node,
+def test_ten_simultaneous_forwards_create_exactly_the_limit(any_node: Services,
                                                             tmp_path: Path) -> None:
     uid = stored_study(any_node, tmp_path / "ct")
     source = share([uid], now=1e10)  # far in the future: not expired whatever the clock
@@ -313,7 +316,7 @@ def test_ten_simultaneous_forwards_create_exactly_the_limit(any_node: Node,
     assert len(forwards) == 3
 
 
-def test_simultaneous_forwards_of_two_packages_to_one_new_person(any_node: Node,
+def test_simultaneous_forwards_of_two_packages_to_one_new_person(any_node: Services,
                                                                  tmp_path: Path) -> None:
     uid = stored_study(any_node, tmp_path / "ct")
     sources = [share([uid], f"pat{n}@example.org", now=1e10) for n in range(6)]
@@ -360,12 +363,13 @@ def test_open_database_adds_the_forward_columns_to_old_tables(tmp_path: Path,
 # -- the node: mail to the new recipient and the hospital ----------------------------------
 
 
-async def test_node_forward_mails_the_recipient_and_tells_the_hospital(node: Node,
+async def test_node_forward_mails_the_recipient_and_tells_the_hospital(node: Services,
                                                                        tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     source = share([uid], now=1e10)
     forwarder = Recipient.get_by_id(source.recipient_id)
-    done = await node.forward_to_person(forwarder.id, source.public_id, person(), "10.0.0.9")
+    done = await node.forwards.forward_to_person(forwarder.id, source.public_id, person(),
+                                                 "10.0.0.9")
     mails = {str(m["To"]): m for m in map(read_eml, outbox(node))}
     link_mail = mails["solicitor@law.example"]
     assert link_mail["X-Iepnode-Kind"] == "forward-link"
@@ -396,7 +400,7 @@ async def test_link_mail_failure_undoes_the_forward(tmp_path: Path) -> None:
         uid = stored_study(node, tmp_path / "ct")
         source = share([uid], now=1e10)
         with pytest.raises(DeliveryError):
-            await node.forward_to_person(source.recipient_id, source.public_id, person())
+            await node.forwards.forward_to_person(source.recipient_id, source.public_id, person())
         assert Transaction.select().where(Transaction.forwarded_from == source.id).count() == 0
         assert Recipient.get_or_none(Recipient.email == "solicitor@law.example") is None
         events = {e.action: e for e in events_for_transaction(source.public_id)}
@@ -408,12 +412,12 @@ async def test_link_mail_failure_undoes_the_forward(tmp_path: Path) -> None:
 
 
 async def test_a_package_without_hospital_email_is_forwarded_and_that_is_audited(
-        node: Node, tmp_path: Path) -> None:
+        node: Services, tmp_path: Path) -> None:
     uid = stored_study(node, tmp_path / "ct")
     request = tx.NewTransfer((uid,), "pat@example.org", otp_mobile="+447700900123")
     source, _ = tx.create_transfer(request, contact=tx.Contact(), institution="St Elsewhere",
                                    created_by="cli", now=1e10)
-    done = await node.forward_to_person(source.recipient_id, source.public_id, person())
+    done = await node.forwards.forward_to_person(source.recipient_id, source.public_id, person())
     assert [str(read_eml(p)["To"]) for p in outbox(node)] == ["solicitor@law.example"]
     (notice,) = [e for e in events_for_transaction(source.public_id)
                  if e.action == "forward-notice"]

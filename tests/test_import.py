@@ -583,13 +583,13 @@ def test_truncated_zip_is_a_clear_error(tmp_path: Path) -> None:
 def test_import_path_reports_progress(tmp_path: Path) -> None:
     from config import load_settings
     from iepnode.archive.importer import import_path
-    from iepnode.node import Node
+    from iepnode.wiring import build_services
 
     src = tmp_path / "src"
     make_ct_series(src / "a", 3)
     make_ct_series(src / "b" / "c", 2)
     (src / "README.TXT").write_text("readme")
-    node = Node(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
+    node = build_services(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
     calls: list[tuple[int, int]] = []
     try:
         report = import_path(node.ingester, src, progress=lambda d, t: calls.append((d, t)))

@@ -1,4 +1,4 @@
-"""Index verbs through ``Node.store_received`` on SQLite and PostgreSQL.
+"""Index verbs through ``ArchiveService.store_received`` on SQLite and PostgreSQL.
 
 Duplicate policies, study/series counters, concurrent stores into one new series,
 a failing index, malformed input, and the file store's generated names.
@@ -24,7 +24,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from config import Settings, load_settings
 from iepnode.archive.ingest import StoreResult, parse_file_meta
 from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
-from iepnode.node import Node
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from storage import index
 from storage.db import is_sqlite
 from storage.index import Outcome
@@ -52,13 +53,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Set
 
 
 @pytest.fixture
-def make_node(backend: Callable[..., Settings]) -> Iterator[Callable[..., Node]]:
+def make_node(backend: Callable[..., Settings]) -> Iterator[Callable[..., Services]]:
     """One Node per test (the model proxy is module-global), closed afterwards."""
-    nodes: list[Node] = []
+    nodes: list[Services] = []
 
-    def make(**overrides: Any) -> Node:
+    def make(**overrides: Any) -> Services:
         assert not nodes, "one Node per test"
-        nodes.append(Node(backend(**overrides)))
+        nodes.append(build_services(backend(**overrides)))
         return nodes[0]
 
     yield make
@@ -67,7 +68,7 @@ def make_node(backend: Callable[..., Settings]) -> Iterator[Callable[..., Node]]
 
 
 @pytest.fixture
-def node(make_node: Callable[..., Node]) -> Node:
+def node(make_node: Callable[..., Services]) -> Services:
     return make_node()
 
 
@@ -78,21 +79,21 @@ def split(path: Path) -> tuple[bytes, str, str, str]:
     return data[offset:], meta.transfer_syntax, meta.sop_class, meta.sop_uid
 
 
-def store(node: Node, path: Path) -> StoreResult:
+def store(node: Services, path: Path) -> StoreResult:
     stream, ts, sop_class, sop_uid = split(path)
-    return node.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+    return node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
                                sop_uid=sop_uid)
 
 
-def object_files(node: Node) -> list[Path]:
+def object_files(node: Services) -> list[Path]:
     return sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
 
 
-def staging_files(node: Node) -> list[Path]:
+def staging_files(node: Services) -> list[Path]:
     return sorted(node.settings.tmp_dir.iterdir())
 
 
-def stored_file(node: Node, sop_uid: str) -> Path:
+def stored_file(node: Services, sop_uid: str) -> Path:
     return node.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
 
 
@@ -104,16 +105,17 @@ def encode(ds: Dataset) -> bytes:
     return fp.getvalue()
 
 
-def assert_nothing_stored(node: Node) -> None:
+def assert_nothing_stored(node: Services) -> None:
     assert object_files(node) == []
     assert staging_files(node) == []
-    assert node.counts() == {"patients": 0, "studies": 0, "instances": 0}
+    assert node.archive.counts() == {"patients": 0, "studies": 0, "instances": 0}
 
 
 # -- duplicate policies ------------------------------------------------------------------
 
 
-def test_keep_policy_keeps_the_first_copy(make_node: Callable[..., Node], tmp_path: Path) -> None:
+def test_keep_policy_keeps_the_first_copy(make_node: Callable[..., Services],
+                                          tmp_path: Path) -> None:
     node = make_node(duplicate_policy="keep")
     first = make_ct_series(tmp_path / "in", 1)[0]
     second = rewrite(first, tmp_path / "again", SeriesDescription="Changed", InstanceNumber=7)
@@ -135,7 +137,8 @@ def test_keep_policy_keeps_the_first_copy(make_node: Callable[..., Node], tmp_pa
     assert Study.get().num_instances == 1
 
 
-def test_replace_policy_replaces_the_file(make_node: Callable[..., Node], tmp_path: Path) -> None:
+def test_replace_policy_replaces_the_file(make_node: Callable[..., Services],
+                                          tmp_path: Path) -> None:
     node = make_node(duplicate_policy="replace")
     paths = make_ct_series(tmp_path / "in", 2)
     for path in paths:
@@ -164,7 +167,7 @@ def test_replace_policy_replaces_the_file(make_node: Callable[..., Node], tmp_pa
     assert Instance.select().count() == 2
 
 
-def test_replace_the_only_instance(make_node: Callable[..., Node], tmp_path: Path) -> None:
+def test_replace_the_only_instance(make_node: Callable[..., Services], tmp_path: Path) -> None:
     node = make_node(duplicate_policy="replace")
     path = make_ct_series(tmp_path / "in", 1)[0]
     store(node, path)
@@ -181,7 +184,7 @@ def test_replace_the_only_instance(make_node: Callable[..., Node], tmp_path: Pat
 # -- counters ----------------------------------------------------------------------------
 
 
-def test_counters_after_several_series(node: Node, tmp_path: Path) -> None:
+def test_counters_after_several_series(node: Services, tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", 3)
     mr = make_ct_series(tmp_path / "mr", 2, like=ct[0], Modality="MR", SeriesNumber=2)
     other = make_ct_series(tmp_path / "other", 1, PatientID=dcmread(ct[0]).PatientID)
@@ -200,11 +203,11 @@ def test_counters_after_several_series(node: Node, tmp_path: Path) -> None:
         assert series.size_bytes == sum(files[k] for k in keys)
     assert study.size_bytes == sum(s.size_bytes for s in study.series)
     assert Patient.get().num_studies == 2
-    assert node.counts() == {"patients": 1, "studies": 2, "instances": 6}
+    assert node.archive.counts() == {"patients": 1, "studies": 2, "instances": 6}
 
 
 def test_replace_moves_an_instance_to_another_series(
-    make_node: Callable[..., Node], tmp_path: Path
+    make_node: Callable[..., Services], tmp_path: Path
 ) -> None:
     node = make_node(duplicate_policy="replace")
     a = make_ct_series(tmp_path / "a", 3)
@@ -241,7 +244,7 @@ def test_replace_moves_an_instance_to_another_series(
 
 
 def test_replace_recomputes_modalities_when_a_series_goes(
-    make_node: Callable[..., Node], tmp_path: Path
+    make_node: Callable[..., Services], tmp_path: Path
 ) -> None:
     node = make_node(duplicate_policy="replace")
     ct = make_ct_series(tmp_path / "ct", 2)
@@ -256,7 +259,7 @@ def test_replace_recomputes_modalities_when_a_series_goes(
     assert (study.num_series, study.num_instances, study.modalities) == (1, 3, "CT")
 
 
-def test_delete_instance_removes_empty_parents(node: Node, tmp_path: Path) -> None:
+def test_delete_instance_removes_empty_parents(node: Services, tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", 2)
     mr = make_ct_series(tmp_path / "mr", 1, like=ct[0], Modality="MR", SeriesNumber=2)
     other = make_ct_series(tmp_path / "other", 1, PatientID="OTHER")
@@ -279,7 +282,7 @@ def test_delete_instance_removes_empty_parents(node: Node, tmp_path: Path) -> No
     # The patient without studies is gone; the other patient stays.
     assert [p.patient_id for p in Patient.select()] == ["OTHER"]
     assert Patient.get().num_studies == 1
-    assert node.counts() == {"patients": 1, "studies": 1, "instances": 1}
+    assert node.archive.counts() == {"patients": 1, "studies": 1, "instances": 1}
 
 
 # -- concurrency -------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def hundred_slices(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[bytes
 
 
 def test_concurrent_stores_into_one_new_series(
-    node: Node, hundred_slices: list[tuple[bytes, str, str, str]]
+    node: Services, hundred_slices: list[tuple[bytes, str, str, str]]
 ) -> None:
     threads_n, per_thread = 4, 25
     barrier = threading.Barrier(threads_n)
@@ -305,7 +308,7 @@ def test_concurrent_stores_into_one_new_series(
         try:
             barrier.wait(timeout=30)
             for stream, ts, sop_class, sop_uid in chunk:
-                result = node.store_received(stream, ts, calling_ae="TESTSCU",
+                result = node.archive.store_received(stream, ts, calling_ae="TESTSCU",
                                              sop_class=sop_class, sop_uid=sop_uid)
                 with lock:
                     results.append(result)
@@ -341,7 +344,7 @@ def test_concurrent_stores_into_one_new_series(
 
 
 def test_concurrent_duplicates_are_kept_once(
-    node: Node, hundred_slices: list[tuple[bytes, str, str, str]]
+    node: Services, hundred_slices: list[tuple[bytes, str, str, str]]
 ) -> None:
     """Four threads send the same 10 instances: each is stored exactly once."""
     barrier = threading.Barrier(4)
@@ -353,7 +356,7 @@ def test_concurrent_duplicates_are_kept_once(
         try:
             barrier.wait(timeout=30)
             for stream, ts, sop_class, sop_uid in hundred_slices[:10]:
-                result = node.store_received(stream, ts, calling_ae="TESTSCU",
+                result = node.archive.store_received(stream, ts, calling_ae="TESTSCU",
                                              sop_class=sop_class, sop_uid=sop_uid)
                 with lock:
                     outcomes.append(result.outcome)
@@ -383,7 +386,7 @@ def test_concurrent_duplicates_are_kept_once(
 @pytest.mark.parametrize("policy", ["keep", "replace"])
 @pytest.mark.parametrize("table", ["instance", "series"])
 def test_failing_index_is_out_of_resources_and_leaves_no_file(
-    make_node: Callable[..., Node], tmp_path: Path, policy: str, table: str
+    make_node: Callable[..., Services], tmp_path: Path, policy: str, table: str
 ) -> None:
     node = make_node(duplicate_policy=policy)
     first, second = make_ct_series(tmp_path / "in", 2)
@@ -399,7 +402,7 @@ def test_failing_index_is_out_of_resources_and_leaves_no_file(
     assert staging_files(node) == []
 
 
-def test_failing_index_on_a_new_study(make_node: Callable[..., Node], tmp_path: Path) -> None:
+def test_failing_index_on_a_new_study(make_node: Callable[..., Services], tmp_path: Path) -> None:
     node = make_node()
     path = make_ct_series(tmp_path / "in", 1)[0]
     node.database.execute_sql("DROP TABLE patient" + (
@@ -496,24 +499,24 @@ MALFORMED = {
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
 @pytest.mark.parametrize("case", MALFORMED)
-def test_malformed_input_is_a_bad_dataset(node: Node, tmp_path: Path, case: str) -> None:
+def test_malformed_input_is_a_bad_dataset(node: Services, tmp_path: Path, case: str) -> None:
     stream, ts, sop_uid = MALFORMED[case](tmp_path)
     with pytest.raises(BadDataset) as info:
-        node.store_received(stream, ts, calling_ae="TESTSCU", sop_class=CTImageStorage,
+        node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=CTImageStorage,
                             sop_uid=sop_uid)
     assert type(info.value) is BadDataset
     assert_nothing_stored(node)
 
 
 @pytest.mark.filterwarnings("ignore:The value length:UserWarning")
-def test_over_long_uid_is_rejected_not_truncated(node: Node, tmp_path: Path) -> None:
+def test_over_long_uid_is_rejected_not_truncated(node: Services, tmp_path: Path) -> None:
     long_uid = "1.2.345" + ".6" * 40  # 87 characters; UIDs have at most 64
     stream = set_sop_uid(encode(_ct(tmp_path)), long_uid)
     # Without an expected UID (bulk import): the UID itself must be refused.
     with pytest.raises(BadDataset, match="malformed SOPInstanceUID"):
         node.ingester.ingest(stream, ExplicitVRLittleEndian)
     with pytest.raises(BadDataset):
-        node.store_received(stream, ExplicitVRLittleEndian, calling_ae="TESTSCU",
+        node.archive.store_received(stream, ExplicitVRLittleEndian, calling_ae="TESTSCU",
                             sop_class=CTImageStorage, sop_uid=long_uid)
     assert_nothing_stored(node)
 
@@ -521,25 +524,26 @@ def test_over_long_uid_is_rejected_not_truncated(node: Node, tmp_path: Path) -> 
 # -- request / dataset mismatch ----------------------------------------------------------
 
 
-def test_sop_instance_uid_mismatch(node: Node, tmp_path: Path) -> None:
+def test_sop_instance_uid_mismatch(node: Services, tmp_path: Path) -> None:
     stream, ts, sop_class, sop_uid = split(make_ct_series(tmp_path / "in", 1)[0])
     with pytest.raises(DatasetMismatch, match=re.escape(sop_uid)):
-        node.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+        node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
                             sop_uid=sop_uid + ".1")
     assert_nothing_stored(node)
 
 
-def test_sop_class_uid_mismatch(node: Node, tmp_path: Path) -> None:
+def test_sop_class_uid_mismatch(node: Services, tmp_path: Path) -> None:
     stream, ts, _, sop_uid = split(make_ct_series(tmp_path / "in", 1)[0])
     with pytest.raises(DatasetMismatch, match="SOP Class"):
-        node.store_received(stream, ts, calling_ae="TESTSCU",
+        node.archive.store_received(stream, ts, calling_ae="TESTSCU",
                             sop_class="1.2.840.10008.5.1.4.1.1.4", sop_uid=sop_uid)
     assert_nothing_stored(node)
 
 
-def test_request_uids_with_padding_match(node: Node, tmp_path: Path) -> None:
+def test_request_uids_with_padding_match(node: Services, tmp_path: Path) -> None:
     stream, ts, sop_class, sop_uid = split(make_ct_series(tmp_path / "in", 1)[0])
-    result = node.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class + "\x00",
+    result = node.archive.store_received(stream, ts, calling_ae="TESTSCU",
+                                         sop_class=sop_class + "\x00",
                                  sop_uid=sop_uid + "\x00")
     assert result.outcome is Outcome.STORED
 
@@ -547,7 +551,7 @@ def test_request_uids_with_padding_match(node: Node, tmp_path: Path) -> None:
 # -- the file store ----------------------------------------------------------------------
 
 
-def test_store_names_never_contain_dicom_values(node: Node, tmp_path: Path) -> None:
+def test_store_names_never_contain_dicom_values(node: Services, tmp_path: Path) -> None:
     paths = [
         *make_ct_series(tmp_path / "a", 2, PatientID="../../etc/passwd",
                         PatientName="Müller^Jürgen", SpecificCharacterSet="ISO_IR 100"),
@@ -572,11 +576,12 @@ def test_store_names_never_contain_dicom_values(node: Node, tmp_path: Path) -> N
 
 
 def test_stored_file_is_the_received_stream_behind_new_file_meta(
-    node: Node, tmp_path: Path
+    node: Services, tmp_path: Path
 ) -> None:
     path = copy_bundled("CT_small.dcm", tmp_path / "in")
     stream, ts, sop_class, sop_uid = split(path)
-    node.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class, sop_uid=sop_uid)
+    node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+                                sop_uid=sop_uid)
     stored = stored_file(node, sop_uid)
     data = stored.read_bytes()
     meta, offset = parse_file_meta(data)

@@ -17,8 +17,8 @@ import pytest
 from config import ConfigError, load_settings
 from config import settings as settings_module
 from iepnode import timefmt
-from iepnode.node import Node
 from iepnode.outbound import notifications
+from iepnode.wiring import build_services
 from storage.models import Transaction, TransactionMessage
 from tests import data_factory as factory
 from tests.test_admin_web import Browser as StaffBrowser
@@ -102,7 +102,7 @@ def test_the_transfer_email_gives_the_expiry_day_in_the_hospitals_zone() -> None
 async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
         aiohttp_client: Any, tmp_path: Path, zone: str, created: tuple[str, str],
         message: tuple[str, str], expires: str) -> None:
-    node = Node(make_settings(tmp_path, timezone=zone))
+    node = build_services(make_settings(tmp_path, timezone=zone))
     node.admin.logins.failure_delay = 0.0
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane"))
     transaction, token = share([study])
@@ -134,9 +134,9 @@ async def test_the_transfer_email_of_a_share_uses_the_configured_zone(tmp_path: 
     from iepnode.people.audit import Actor
     from iepnode.sharing.transactions import NewTransfer
 
-    node = Node(make_settings(tmp_path, timezone="Pacific/Auckland"))
+    node = build_services(make_settings(tmp_path, timezone="Pacific/Auckland"))
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
-    shared = await node.share(NewTransfer((study,), "pat@example.org",
+    shared = await node.sharing.share(NewTransfer((study,), "pat@example.org",
                                           otp_mobile="+447700900123"), actor=Actor("cli", "t"))
     text = read_eml(outbox(node)[-1]).get_content()
     assert timefmt.long_day(shared.expires_at, ZoneInfo("Pacific/Auckland")) in text

@@ -12,8 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.sharing import logins
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, Recipient, WebSession
 from tests import data_factory as factory
 from tests.test_admin_web import Browser as StaffBrowser
@@ -42,25 +43,25 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    node = Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    node = build_services(make_settings(tmp_path))
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> str:
+def study(node: Services, tmp_path: Path) -> str:
     return store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
 
 
 async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
-        client: Any, node: Node, study: str, clock: Clock) -> None:
+        client: Any, node: Services, study: str, clock: Clock) -> None:
     transaction, token = share([study])
     phone = Browser(client)  # the recipient's browser on the lost phone
     await log_in(phone, node, token)
@@ -108,7 +109,7 @@ async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
 
 
 async def test_the_authenticator_page_says_whom_to_contact_after_losing_the_phone(
-        client: Any, node: Node, study: str) -> None:
+        client: Any, node: Services, study: str) -> None:
     _, token = share([study])
     browser = Browser(client)
     await log_in(browser, node, token)

@@ -28,11 +28,12 @@ import aiohttp
 import pytest
 
 from config import Settings, load_settings
-from iepnode.node import Node
 from iepnode.people.audit import Actor
+from iepnode.services import Services
 from iepnode.sharing import logins
 from iepnode.sharing import transactions as tx
 from iepnode.uploads.image_requests import NewRequest
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, LoginAttempt, Recipient, Transaction, WebSession
 from tests import data_factory as factory
 from tests.support.ingest import store_files
@@ -57,8 +58,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Iterator[Node]:
-    node = Node(settings)
+def node(settings: Settings) -> Iterator[Services]:
+    node = build_services(settings)
     node.admin.logins.failure_delay = 0.0
     yield node
     node.group_commit.close()
@@ -66,13 +67,13 @@ def node(settings: Settings) -> Iterator[Node]:
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> str:
+def study(node: Services, tmp_path: Path) -> str:
     return store_files(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Carol",
                                                     PatientID="P7"))
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -94,12 +95,12 @@ def carol() -> Recipient:
     return Recipient.get(Recipient.email == CAROL)
 
 
-def messages(node: Node) -> list[EmailMessage]:
+def messages(node: Services) -> list[EmailMessage]:
     folder = node.settings.outbox_dir
     return [read_eml(p) for p in sorted(folder.glob("*.eml"))] if folder.exists() else []
 
 
-def sent_to(node: Node, address: str) -> list[str]:
+def sent_to(node: Services, address: str) -> list[str]:
     return [m.get_content() for m in messages(node) if address in str(m["To"])]
 
 
@@ -112,7 +113,7 @@ def details(action: str) -> list[str]:
 
 
 async def test_a_staff_share_cannot_take_over_an_existing_recipients_passcodes(
-        client: Any, node: Node, study: str) -> None:
+        client: Any, node: Services, study: str) -> None:
     first, _ = carols_transfer(study)
     mallory = await staff_browser(client, "mallory")
     response = await mallory.form("/admin/transfers", {
@@ -129,13 +130,13 @@ async def test_a_staff_share_cannot_take_over_an_existing_recipients_passcodes(
 
     # The new transaction's link sends its passcode to Carol's phone, not to the attacker.
     public_id = location.split("/")[-1].split("?")[0]
-    sent = await node.send_passcode(_token_of(node, public_id))
+    sent = await node.logins.send_passcode(_token_of(node, public_id))
     assert (sent.channel, sent.destination) == ("sms", CAROL_MOBILE)
     assert sent_to(node, ATTACKER) == []
     assert Transaction.get_by_id(first.id).recipient_id == carol().id
 
 
-def _token_of(node: Node, public_id: str) -> str:
+def _token_of(node: Services, public_id: str) -> str:
     """The link token of a transaction, from the email the share sent."""
     for message in reversed(messages(node)):
         if public_id in str(message["Subject"]):
@@ -143,10 +144,10 @@ def _token_of(node: Node, public_id: str) -> str:
     raise AssertionError(f"no link email for {public_id}")
 
 
-async def test_a_request_keeps_the_channel_too(node: Node, study: str) -> None:
+async def test_a_request_keeps_the_channel_too(node: Services, study: str) -> None:
     carols_transfer(study)
     request = NewRequest(CAROL, "Doe", otp_email=ATTACKER, patient_id="P7")
-    created = await node.create_request(request, actor=Actor("staff", "mallory"))
+    created = await node.requests.create_request(request, actor=Actor("staff", "mallory"))
     assert created.recipient_id == carol().id
     assert (carol().otp_mobile, carol().otp_email) == (CAROL_MOBILE, "")
     assert any("kept (the one given was not used)" in d for d in details("request-create"))
@@ -156,7 +157,7 @@ async def test_a_request_keeps_the_channel_too(node: Node, study: str) -> None:
 
 
 async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
-        client: Any, node: Node, study: str) -> None:
+        client: Any, node: Services, study: str) -> None:
     transaction, token = carols_transfer(study, created_by="drwho")  # her account's first
     url = f"/admin/transactions/{transaction.public_id}/passcode-channel"
     change = {"channel": "email", "otp_email": NEW_ADDRESS}
@@ -199,7 +200,7 @@ async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
     assert details("recipient-channel-notice") == [f"{CAROL}: told on the old mobile •••23"]
 
     # The next passcode goes to the new address, at once (the resend limit starts again).
-    sent = await node.send_passcode(token)
+    sent = await node.logins.send_passcode(token)
     assert (sent.channel, sent.destination) == ("email", NEW_ADDRESS)
     assert sent.code in sent_to(node, NEW_ADDRESS)[-1]
 
@@ -210,8 +211,8 @@ async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
     assert sent_to(node, NEW_ADDRESS)[-1].startswith("St Elsewhere: on ")
 
     # And so may Mallory once Carol has signed in through Mallory's transaction.
-    sent = await node.send_passcode(her_token)
-    node.log_in(her_token, sent.attempt_id, sent.code)
+    sent = await node.logins.send_passcode(her_token)
+    node.logins.log_in(her_token, sent.attempt_id, sent.code)
     again = await mallory.form(hers_url, {"channel": "sms", "otp_mobile": "+447700900888"})
     assert again.status == 303 and carol().otp_mobile == "+447700900888"
 
@@ -219,7 +220,7 @@ async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
 # -- the command line ------------------------------------------------------------------------
 
 
-def add_staff(node: Node, username: str, *flags: str) -> None:
+def add_staff(node: Services, username: str, *flags: str) -> None:
     """``iepnode user add`` with the password on standard input."""
     proc = subprocess.run(
         [sys.executable, "-m", "iepnode.cli", "user", "add", username, *flags,
@@ -229,14 +230,14 @@ def add_staff(node: Node, username: str, *flags: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def database(node: Node) -> list[str]:
+def database(node: Services) -> list[str]:
     """The ``--database-url`` flag the CLI needs to use the node's index."""
     url = node.settings.database_url
     return ["--database-url", url] if url else []
 
 
 def test_the_cli_keeps_the_channel_and_changes_it_only_for_admins(
-        node: Node, study: str) -> None:
+        node: Services, study: str) -> None:
     data = node.settings.data_dir
     carols_transfer(study, created_by="drwho")
     add_staff(node, "mallory")

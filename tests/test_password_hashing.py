@@ -27,9 +27,9 @@ import pytest
 
 from config import load_settings
 from iepnode.errors import Busy
-from iepnode.node import Node
 from iepnode.people import passwords, staff
 from iepnode.sharing import logins
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, StaffLoginFailures
 from tests.support.node import RunningNode, running_node
 from tests.test_worker_processes import _listeners
@@ -47,7 +47,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def portal(tmp_path: Path) -> Iterator[tuple[RunningNode, str]]:
-    local = Node(load_settings(overrides={"data_dir": tmp_path / "node", "fsync": False},
+    local = build_services(load_settings(overrides={"data_dir": tmp_path / "node", "fsync": False},
                                environ={}))
     try:
         user, _ = staff.create_user("drwho", "correct horse battery staple")
@@ -191,7 +191,7 @@ async def test_password_work_runs_one_at_a_time_and_refuses_beyond_its_queue() -
 
 async def test_a_login_beyond_the_queue_gets_503_and_costs_no_check(
         aiohttp_client: Any, tmp_path: Path) -> None:
-    node = Node(load_settings(overrides={"data_dir": tmp_path / "data"}, environ={}))
+    node = build_services(load_settings(overrides={"data_dir": tmp_path / "data"}, environ={}))
     node.admin.logins.failure_delay = 0.0
     node.admin.logins.password_work = passwords.PasswordWork(concurrency=1, queue=0)
     staff.create_user("drwho", "correct horse battery staple")

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from config import ConfigError, load_settings
-from iepnode.node import Node
+from iepnode.wiring import build_services
 from storage.models import AuditEvent
 from tests.test_admin_web import Browser, field
 from web import middlewares, proxies
@@ -30,7 +30,7 @@ async def audited_ip_of_a_login(aiohttp_client: Any, tmp_path: Path, trusted: li
     """Fail a staff login with ``headers``; return the source IP the audit event got."""
     settings = load_settings(overrides={"data_dir": tmp_path / "data",
                                         "trusted_proxies": trusted}, environ={})
-    node = Node(settings)
+    node = build_services(settings)
     node.admin.logins.failure_delay = 0.0
     browser = Browser(await aiohttp_client(create_app(settings, node),
                                            cookie_jar=aiohttp.DummyCookieJar()))

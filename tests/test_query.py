@@ -1,8 +1,8 @@
-"""C-FIND / retrieve semantics of ``Node.find`` and ``Node.retrieve`` on SQLite and PostgreSQL.
+"""C-FIND / retrieve semantics of ``ArchiveService.find`` and ``.retrieve``, SQLite and PostgreSQL.
 
 A small known corpus (five patients, six studies, seven series, eleven instances,
 names in ISO_IR 100, ISO_IR 192 and GB18030) is ingested through
-``Node.store_received`` into a fresh database, then queried. Queries do not
+``ArchiveService.store_received`` into a fresh database, then queried. Queries do not
 change the index, so each backend's node is built once per module.
 """
 
@@ -30,7 +30,8 @@ from config import Settings, load_settings
 from iepnode.archive.ingest import parse_file_meta
 from iepnode.archive.query import Root
 from iepnode.errors import BadQuery
-from iepnode.node import Node
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from storage.index import Outcome
 from storage.models import database_proxy
 from tests.data_factory import make_ct_series
@@ -150,10 +151,10 @@ def backend(
 
 
 @pytest.fixture(scope="module")
-def populated(backend: Settings, corpus: Corpus) -> Iterator[Node]:
-    n = Node(backend)
+def populated(backend: Settings, corpus: Corpus) -> Iterator[Services]:
+    n = build_services(backend)
     for stream, ts, sop_class, sop_uid in corpus.items:
-        result = n.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+        result = n.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
                                   sop_uid=sop_uid)
         assert result.outcome is Outcome.STORED
     yield n
@@ -161,7 +162,7 @@ def populated(backend: Settings, corpus: Corpus) -> Iterator[Node]:
 
 
 @pytest.fixture
-def node(populated: Node) -> Node:
+def node(populated: Services) -> Services:
     """The populated node, its database bound to the (module-global) model proxy."""
     database_proxy.initialize(populated.database)
     return populated
@@ -178,22 +179,22 @@ def ident(level: str, **keys: Any) -> Dataset:
     return ds
 
 
-def find(node: Node, level: str, root: Root = Root.PATIENT, **keys: Any) -> list[Dataset]:
-    return list(node.find(ident(level, **keys), root))
+def find(node: Services, level: str, root: Root = Root.PATIENT, **keys: Any) -> list[Dataset]:
+    return list(node.archive.find(ident(level, **keys), root))
 
 
 def values(results: list[Dataset], keyword: str) -> set[Any]:
     return {str(r[keyword].value) if keyword in r else None for r in results}
 
 
-def studies(node: Node, corpus: Corpus, **keys: Any) -> set[str]:
+def studies(node: Services, corpus: Corpus, **keys: Any) -> set[str]:
     """Names (S1..S6) of the studies a Study Root STUDY query matches."""
     by_uid = {uid: name for name, uid in corpus.study.items()}
     results = find(node, "STUDY", Root.STUDY, **{"StudyInstanceUID": "", **keys})
     return {by_uid[str(r.StudyInstanceUID)] for r in results}
 
 
-def patients(node: Node, **keys: Any) -> set[str]:
+def patients(node: Services, **keys: Any) -> set[str]:
     """PatientIDs a Patient Root PATIENT query matches."""
     return values(find(node, "PATIENT", **{"PatientID": "", **keys}), "PatientID")
 
@@ -210,7 +211,7 @@ def round_trip(ds: Dataset) -> tuple[bytes, Dataset]:
 # -- levels and roots --------------------------------------------------------------------
 
 
-def test_patient_root_patient_level(node: Node, corpus: Corpus) -> None:
+def test_patient_root_patient_level(node: Services, corpus: Corpus) -> None:
     results = find(node, "PATIENT", PatientID="", PatientName="",
                    NumberOfPatientRelatedStudies="")
     assert len(results) == 5
@@ -223,7 +224,7 @@ def test_patient_root_patient_level(node: Node, corpus: Corpus) -> None:
         assert r.QueryRetrieveLevel == "PATIENT"
 
 
-def test_patient_root_study_level(node: Node, corpus: Corpus) -> None:
+def test_patient_root_study_level(node: Services, corpus: Corpus) -> None:
     results = find(node, "STUDY", PatientID="PID-001", StudyInstanceUID="", StudyDate="",
                    NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")
     by_uid = {r.StudyInstanceUID: r for r in results}
@@ -237,7 +238,7 @@ def test_patient_root_study_level(node: Node, corpus: Corpus) -> None:
 
 
 @pytest.mark.parametrize("root", [Root.PATIENT, Root.STUDY])
-def test_series_level(node: Node, corpus: Corpus, root: Root) -> None:
+def test_series_level(node: Services, corpus: Corpus, root: Root) -> None:
     results = find(node, "SERIES", root, StudyInstanceUID=corpus.study["S1"],
                    SeriesInstanceUID="", Modality="", SeriesNumber="",
                    NumberOfSeriesRelatedInstances="")
@@ -250,7 +251,7 @@ def test_series_level(node: Node, corpus: Corpus, root: Root) -> None:
 
 
 @pytest.mark.parametrize("root", [Root.PATIENT, Root.STUDY])
-def test_image_level(node: Node, corpus: Corpus, root: Root) -> None:
+def test_image_level(node: Services, corpus: Corpus, root: Root) -> None:
     results = find(node, "IMAGE", root, StudyInstanceUID=corpus.study["S1"],
                    SeriesInstanceUID=corpus.series["S1-CT"], SOPInstanceUID="",
                    SOPClassUID="", InstanceNumber="")
@@ -260,7 +261,7 @@ def test_image_level(node: Node, corpus: Corpus, root: Root) -> None:
     assert {r.SOPClassUID for r in results} == {"1.2.840.10008.5.1.4.1.1.2"}
 
 
-def test_study_root_study_level_with_patient_keys(node: Node, corpus: Corpus) -> None:
+def test_study_root_study_level_with_patient_keys(node: Services, corpus: Corpus) -> None:
     results = find(node, "STUDY", Root.STUDY, StudyInstanceUID="", PatientName="",
                    PatientID="", ModalitiesInStudy="")
     assert len(results) == 6
@@ -271,30 +272,30 @@ def test_study_root_study_level_with_patient_keys(node: Node, corpus: Corpus) ->
     assert by_uid[corpus.study["S4"]].ModalitiesInStudy == "DX"
 
 
-def test_study_root_has_no_patient_level(node: Node) -> None:
+def test_study_root_has_no_patient_level(node: Services) -> None:
     with pytest.raises(BadQuery, match="PATIENT"):
         find(node, "PATIENT", Root.STUDY, PatientID="")
     with pytest.raises(BadQuery):
-        node.retrieve(ident("PATIENT", PatientID="PID-001"), Root.STUDY)
+        node.archive.retrieve(ident("PATIENT", PatientID="PID-001"), Root.STUDY)
 
 
 @pytest.mark.parametrize("level", ["", "SERIESX", "INSTANCE"])
-def test_invalid_level(node: Node, level: str) -> None:
+def test_invalid_level(node: Services, level: str) -> None:
     with pytest.raises(BadQuery):
         find(node, level, PatientID="")
 
 
-def test_missing_level(node: Node) -> None:
+def test_missing_level(node: Services) -> None:
     identifier = Dataset()
     identifier.PatientID = ""
     with pytest.raises(BadQuery):
-        list(node.find(identifier, Root.PATIENT))
+        list(node.archive.find(identifier, Root.PATIENT))
 
 
 # -- matching ----------------------------------------------------------------------------
 
 
-def test_universal_matching_returns_all_with_values(node: Node, corpus: Corpus) -> None:
+def test_universal_matching_returns_all_with_values(node: Services, corpus: Corpus) -> None:
     results = find(node, "STUDY", Root.STUDY, StudyInstanceUID="", StudyDate="",
                    StudyDescription="", AccessionNumber="")
     assert len(results) == 6
@@ -306,13 +307,13 @@ def test_universal_matching_returns_all_with_values(node: Node, corpus: Corpus) 
     assert "ACC-1" in values(results, "AccessionNumber")
 
 
-def test_lone_asterisk_is_universal(node: Node) -> None:
+def test_lone_asterisk_is_universal(node: Services) -> None:
     assert len(patients(node, PatientName="*")) == 5
     # ...even for a key with an empty value (P5 has no birth date).
     assert len(patients(node, PatientName="*", PatientBirthDate="")) == 5
 
 
-def test_single_value_matching(node: Node, corpus: Corpus) -> None:
+def test_single_value_matching(node: Services, corpus: Corpus) -> None:
     assert patients(node, PatientID="PID-002") == {"PID-002"}
     assert patients(node, PatientSex="F") == {"PID-002", "A%1"}
     assert studies(node, corpus, AccessionNumber="ACC-2") == {"S2"}
@@ -320,13 +321,13 @@ def test_single_value_matching(node: Node, corpus: Corpus) -> None:
     assert studies(node, corpus, StudyInstanceUID=corpus.study["S3"]) == {"S3"}
 
 
-def test_single_value_text_matching_is_case_sensitive(node: Node, corpus: Corpus) -> None:
+def test_single_value_text_matching_is_case_sensitive(node: Services, corpus: Corpus) -> None:
     assert studies(node, corpus, StudyDescription="Head") == {"S1"}
     assert studies(node, corpus, StudyDescription="HEAD") == {"S5"}
     assert studies(node, corpus, StudyDescription="head") == set()
 
 
-def test_wildcard_text_matching_is_case_sensitive(node: Node, corpus: Corpus) -> None:
+def test_wildcard_text_matching_is_case_sensitive(node: Services, corpus: Corpus) -> None:
     assert studies(node, corpus, StudyDescription="H*") == {"S1", "S4", "S5"}
     assert studies(node, corpus, StudyDescription="*ead") == {"S1"}
     assert studies(node, corpus, StudyDescription="*EAD") == {"S5"}
@@ -352,18 +353,18 @@ def test_wildcard_text_matching_is_case_sensitive(node: Node, corpus: Corpus) ->
     ("Mueller*", set()),
 ])
 def test_person_name_matching_is_case_insensitive(
-    node: Node, pattern: str, expected: set[str]
+    node: Services, pattern: str, expected: set[str]
 ) -> None:
     assert patients(node, SpecificCharacterSet="ISO_IR 192", PatientName=pattern) == expected
 
 
-def test_name_query_encoded_in_latin1_matches(node: Node) -> None:
+def test_name_query_encoded_in_latin1_matches(node: Services) -> None:
     """An identifier received in ISO_IR 100 is decoded before matching."""
     query = ident("PATIENT", SpecificCharacterSet="ISO_IR 100", PatientName="müll*",
                   PatientID="")
     raw, decoded = round_trip(query)
     assert "müll*".encode("latin-1") in raw
-    results = list(node.find(decoded, Root.PATIENT))
+    results = list(node.archive.find(decoded, Root.PATIENT))
     assert [r.PatientID for r in results] == ["PID-001"]
     assert str(results[0].PatientName) == MULLER
 
@@ -376,27 +377,27 @@ def test_name_query_encoded_in_latin1_matches(node: Node) -> None:
     ("19000101-", {"S1", "S2", "S3", "S4", "S6"}),
     ("20250101-", set()),
 ])
-def test_study_date_ranges(node: Node, corpus: Corpus, value: str, expected: set[str]) -> None:
+def test_study_date_ranges(node: Services, corpus: Corpus, value: str, expected: set[str]) -> None:
     assert studies(node, corpus, StudyDate=value) == expected
 
 
-def test_other_ranges(node: Node, corpus: Corpus) -> None:
+def test_other_ranges(node: Services, corpus: Corpus) -> None:
     assert patients(node, PatientBirthDate="19700101-19891231") == {"PID-002", "A_1"}
     assert patients(node, PatientBirthDate="-19700101") == {"PID-001"}
     assert studies(node, corpus, StudyTime="1000-1100") == {"S1"}
     assert studies(node, corpus, StudyTime="-0959") == {"S2", "S3", "S4", "S5", "S6"}
 
 
-def test_empty_range_is_a_bad_query(node: Node) -> None:
+def test_empty_range_is_a_bad_query(node: Services) -> None:
     identifier = ident("STUDY", StudyInstanceUID="")
     # "-" is no valid DA value: pydicom would warn if it were set the usual way.
     identifier[Tag("StudyDate")] = DataElement(Tag("StudyDate"), "DA", "-",
                                                validation_mode=config.IGNORE)
     with pytest.raises(BadQuery):
-        list(node.find(identifier, Root.STUDY))
+        list(node.archive.find(identifier, Root.STUDY))
 
 
-def test_uid_list_matching(node: Node, corpus: Corpus) -> None:
+def test_uid_list_matching(node: Services, corpus: Corpus) -> None:
     uids = [corpus.study["S1"], corpus.study["S3"]]
     assert studies(node, corpus, StudyInstanceUID=uids) == {"S1", "S3"}
     # A list given as one backslash-joined string is the same query.
@@ -409,7 +410,7 @@ def test_uid_list_matching(node: Node, corpus: Corpus) -> None:
     assert values(results, "Modality") == {"MR", "DX"}
 
 
-def test_modalities_in_study(node: Node, corpus: Corpus) -> None:
+def test_modalities_in_study(node: Services, corpus: Corpus) -> None:
     assert studies(node, corpus, ModalitiesInStudy=["CT", "MR"]) == {"S1", "S2", "S3", "S5",
                                                                      "S6"}
     assert studies(node, corpus, ModalitiesInStudy="CT\\MR") == {"S1", "S2", "S3", "S5", "S6"}
@@ -422,14 +423,14 @@ def test_modalities_in_study(node: Node, corpus: Corpus) -> None:
     assert list(results[0].ModalitiesInStudy) == ["CT", "MR"]
 
 
-def test_modalities_in_study_at_series_level(node: Node, corpus: Corpus) -> None:
+def test_modalities_in_study_at_series_level(node: Services, corpus: Corpus) -> None:
     results = find(node, "SERIES", Root.STUDY, ModalitiesInStudy="MR", SeriesInstanceUID="",
                    Modality="")
     assert {r.SeriesInstanceUID for r in results} == {
         corpus.series["S1-CT"], corpus.series["S1-MR"], corpus.series["S3-MR"]}
 
 
-def test_combined_keys_are_anded(node: Node, corpus: Corpus) -> None:
+def test_combined_keys_are_anded(node: Services, corpus: Corpus) -> None:
     assert studies(node, corpus, PatientID="PID-001", StudyDate="20240201-") == {"S2"}
     assert studies(node, corpus, PatientName="müll*", ModalitiesInStudy="MR") == {"S1"}
     assert studies(node, corpus, PatientID="PID-002", StudyDescription="Head") == set()
@@ -448,19 +449,19 @@ def test_combined_keys_are_anded(node: Node, corpus: Corpus) -> None:
     ("%", set()),
     ("_*", set()),
 ])
-def test_like_metacharacters_are_literal(node: Node, pattern: str, expected: set[str]) -> None:
+def test_like_metacharacters_are_literal(node: Services, pattern: str, expected: set[str]) -> None:
     assert patients(node, PatientID=pattern) == expected
 
 
 @pytest.mark.parametrize("pattern", ["Scan [1]", "*[1]", "Scan [?]", "Scan ?1]", "*[*"])
-def test_brackets_are_literal(node: Node, corpus: Corpus, pattern: str) -> None:
+def test_brackets_are_literal(node: Services, corpus: Corpus, pattern: str) -> None:
     assert studies(node, corpus, StudyDescription=pattern) == {"S6"}
 
 
 # -- return keys -------------------------------------------------------------------------
 
 
-def test_only_requested_keys_are_returned(node: Node, corpus: Corpus) -> None:
+def test_only_requested_keys_are_returned(node: Services, corpus: Corpus) -> None:
     results = find(node, "STUDY", StudyInstanceUID=corpus.study["S1"], PatientID="")
     assert len(results) == 1
     assert {e.keyword for e in results[0]} == {"QueryRetrieveLevel", "RetrieveAETitle",
@@ -469,7 +470,7 @@ def test_only_requested_keys_are_returned(node: Node, corpus: Corpus) -> None:
     assert results[0].PatientID == "PID-001"
 
 
-def test_unsupported_keys_come_back_empty(node: Node, corpus: Corpus) -> None:
+def test_unsupported_keys_come_back_empty(node: Services, corpus: Corpus) -> None:
     results = find(node, "STUDY", StudyInstanceUID=corpus.study["S1"], PatientWeight="70",
                    OtherPatientIDs="", SOPInstanceUID="", SeriesDescription="T1")
     # Unsupported keys and keys below the level do not restrict the match...
@@ -482,7 +483,7 @@ def test_unsupported_keys_come_back_empty(node: Node, corpus: Corpus) -> None:
     assert r.StudyInstanceUID == corpus.study["S1"]
 
 
-def test_counters_are_returned_never_matched(node: Node, corpus: Corpus) -> None:
+def test_counters_are_returned_never_matched(node: Services, corpus: Corpus) -> None:
     results = find(node, "STUDY", Root.STUDY, StudyInstanceUID="",
                    NumberOfStudyRelatedInstances="99")
     assert len(results) == 6
@@ -494,7 +495,7 @@ def test_counters_are_returned_never_matched(node: Node, corpus: Corpus) -> None
 
 
 @pytest.mark.parametrize("name", [MULLER, NUNEZ, WANG])
-def test_non_ascii_names_round_trip(node: Node, name: str) -> None:
+def test_non_ascii_names_round_trip(node: Services, name: str) -> None:
     results = find(node, "PATIENT", PatientName=name, PatientID="")
     assert len(results) == 1
     response = results[0]
@@ -506,13 +507,13 @@ def test_non_ascii_names_round_trip(node: Node, name: str) -> None:
     assert str(decoded.PatientName) == name
 
 
-def test_ascii_response_needs_no_character_set(node: Node) -> None:
+def test_ascii_response_needs_no_character_set(node: Services) -> None:
     results = find(node, "PATIENT", PatientID="AB1", PatientName="")
     assert str(results[0].PatientName) == "Smith^John"
     assert results[0].get("SpecificCharacterSet") in (None, "", "ISO_IR 6", "ISO_IR 192")
 
 
-def test_names_are_stored_decoded(node: Node) -> None:
+def test_names_are_stored_decoded(node: Services) -> None:
     results = find(node, "PATIENT", PatientID="", PatientName="")
     assert {str(r.PatientName) for r in results} == {MULLER, NUNEZ, WANG, "Smith^John",
                                                      "O'Brien^Pat"}
@@ -521,8 +522,8 @@ def test_names_are_stored_decoded(node: Node) -> None:
 # -- retrieve ----------------------------------------------------------------------------
 
 
-def _retrieved(node: Node, root: Root, level: str, **keys: Any) -> list[str]:
-    items = node.retrieve(ident(level, **keys), root)
+def _retrieved(node: Services, root: Root, level: str, **keys: Any) -> list[str]:
+    items = node.archive.retrieve(ident(level, **keys), root)
     for item in items:
         assert node.store.exists(item.key)
         with node.store.open(item.key) as fh:
@@ -534,7 +535,7 @@ def _retrieved(node: Node, root: Root, level: str, **keys: Any) -> list[str]:
 
 
 @pytest.mark.parametrize("root", [Root.PATIENT, Root.STUDY])
-def test_retrieve_study(node: Node, corpus: Corpus, root: Root) -> None:
+def test_retrieve_study(node: Services, corpus: Corpus, root: Root) -> None:
     sops = _retrieved(node, root, "STUDY", StudyInstanceUID=corpus.study["S1"])
     assert len(sops) == 5
     assert set(sops) == corpus.study_sops["S1"]
@@ -543,25 +544,25 @@ def test_retrieve_study(node: Node, corpus: Corpus, root: Root) -> None:
     assert sorted(sops) == sorted(corpus.study_sops["S3"] | corpus.study_sops["S4"])
 
 
-def test_retrieve_series(node: Node, corpus: Corpus) -> None:
+def test_retrieve_series(node: Services, corpus: Corpus) -> None:
     sops = _retrieved(node, Root.STUDY, "SERIES", StudyInstanceUID=corpus.study["S1"],
                       SeriesInstanceUID=corpus.series["S1-MR"])
     assert sorted(sops) == sorted(corpus.sops["S1-MR"])
 
 
-def test_retrieve_images(node: Node, corpus: Corpus) -> None:
+def test_retrieve_images(node: Services, corpus: Corpus) -> None:
     wanted = [corpus.sops["S1-CT"][1], corpus.sops["S2-CT"][0]]
     sops = _retrieved(node, Root.STUDY, "IMAGE", SOPInstanceUID=wanted)
     assert sorted(sops) == sorted(wanted)
     assert _retrieved(node, Root.STUDY, "IMAGE", SOPInstanceUID="1.2.3.999") == []
 
 
-def test_retrieve_patient(node: Node, corpus: Corpus) -> None:
+def test_retrieve_patient(node: Services, corpus: Corpus) -> None:
     sops = _retrieved(node, Root.PATIENT, "PATIENT", PatientID="PID-001")
     assert len(sops) == 7
     assert set(sops) == corpus.patient_sops["P1"]
 
 
-def test_retrieve_is_in_series_then_instance_order(node: Node, corpus: Corpus) -> None:
+def test_retrieve_is_in_series_then_instance_order(node: Services, corpus: Corpus) -> None:
     sops = _retrieved(node, Root.STUDY, "STUDY", StudyInstanceUID=corpus.study["S1"])
     assert sops == corpus.sops["S1-CT"] + corpus.sops["S1-MR"]

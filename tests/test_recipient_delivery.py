@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from iepnode.node import Node
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, LoginAttempt
 from tests import data_factory as factory
 from tests.support.ingest import store_files as store
@@ -26,7 +26,7 @@ async def test_undeliverable_passcode_is_explained_and_not_rate_limited(
         aiohttp_client: Any, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=_closed_port(),
                              smtp_tls="none", smtp_timeout=2.0)
-    node = Node(settings)
+    node = build_services(settings)
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
     _, token = share([study], otp_email="second@example.org", otp_mobile="")
     client = await aiohttp_client(create_app(settings, node),

@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from iepnode.node import Node
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
@@ -33,21 +34,21 @@ PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    node = Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    node = build_services(make_settings(tmp_path))
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, node: Node) -> Browser:
+async def browser(aiohttp_client: Any, node: Services) -> Browser:
     client = await aiohttp_client(create_app(node.settings, node),
                                   cookie_jar=aiohttp.DummyCookieJar())
     return Browser(client)
 
 
 @pytest.fixture
-def public_id(node: Node, tmp_path: Path) -> str:
+def public_id(node: Services, tmp_path: Path) -> str:
     study = store_files(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([study], "me@example.org")
     return transaction.public_id
@@ -65,7 +66,7 @@ async def test_no_session_is_sent_to_signin(browser: Browser, public_id: str) ->
     await check_every_page_sends_to_signin(browser, public_id)
 
 
-async def test_a_staff_session_is_no_recipient_session(browser: Browser, node: Node,
+async def test_a_staff_session_is_no_recipient_session(browser: Browser, node: Services,
                                                        public_id: str) -> None:
     _, secret = make_user("alice")
     signed_in = await staff_log_in(browser, "alice", secret)

@@ -16,9 +16,10 @@ import pyotp
 import pytest
 
 from iepnode.errors import InvalidRequest, PasscodeRejected, RecipientLocked
-from iepnode.node import Node
 from iepnode.people.audit import events_for_transaction
+from iepnode.services import Services
 from iepnode.sharing import logins
+from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import AuditEvent, LoginAttempt, Recipient, WebSession
 from tests import data_factory as factory
@@ -51,18 +52,18 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    return build_services(make_settings(tmp_path))
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> str:
+def study(node: Services, tmp_path: Path) -> str:
     return store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
                                               PatientID="P1"))
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -114,7 +115,7 @@ async def account_page(browser: Browser) -> str:
 
 
 async def test_enrol_then_log_in_with_the_app_and_no_passcode_is_sent(
-    client: Any, node: Node, study: str, clock: Clock
+    client: Any, node: Services, study: str, clock: Clock
 ) -> None:
     transaction, token = share([study])
     browser = Browser(client)
@@ -173,7 +174,7 @@ async def test_enrol_then_log_in_with_the_app_and_no_passcode_is_sent(
     assert recipient().totp_last_step == int(clock.now // 30)
 
 
-async def test_each_app_code_is_accepted_once(client: Any, node: Node, study: str,
+async def test_each_app_code_is_accepted_once(client: Any, node: Services, study: str,
                                               clock: Clock) -> None:
     _, token = share([study])
     browser = Browser(client)
@@ -207,7 +208,7 @@ async def test_each_app_code_is_accepted_once(client: Any, node: Node, study: st
     assert [e.detail for e in failed] == ["totp PasscodeRejected"] * 3
 
 
-async def test_wrong_app_codes_count_towards_the_lockout(browser: Browser, node: Node,
+async def test_wrong_app_codes_count_towards_the_lockout(browser: Browser, node: Services,
                                                          study: str, clock: Clock) -> None:
     _, token = share([study])
     secret = enrol_directly()
@@ -232,7 +233,7 @@ async def test_wrong_app_codes_count_towards_the_lockout(browser: Browser, node:
     assert recipient().consecutive_failures == 0
 
 
-async def test_passcode_instead_still_works(browser: Browser, node: Node, study: str,
+async def test_passcode_instead_still_works(browser: Browser, node: Services, study: str,
                                             clock: Clock) -> None:
     _, token = share([study])
     enrol_directly()
@@ -252,7 +253,7 @@ async def test_passcode_instead_still_works(browser: Browser, node: Node, study:
 # -- removal --------------------------------------------------------------------------------
 
 
-async def test_removal_needs_a_current_code(browser: Browser, node: Node, study: str,
+async def test_removal_needs_a_current_code(browser: Browser, node: Services, study: str,
                                             clock: Clock) -> None:
     _, token = share([study])
     await log_in(browser, node, token)
@@ -289,7 +290,7 @@ async def test_removal_needs_a_current_code(browser: Browser, node: Node, study:
 # -- refusals -------------------------------------------------------------------------------
 
 
-async def test_missing_csrf_is_refused(client: Any, node: Node, study: str,
+async def test_missing_csrf_is_refused(client: Any, node: Services, study: str,
                                        clock: Clock) -> None:
     _, token = share([study])
     secret = enrol_directly()
@@ -312,7 +313,7 @@ async def test_missing_csrf_is_refused(client: Any, node: Node, study: str,
     assert recipient().totp_secret is None
 
 
-async def test_enrolment_form_is_bound_to_the_session(client: Any, node: Node, study: str,
+async def test_enrolment_form_is_bound_to_the_session(client: Any, node: Services, study: str,
                                                       clock: Clock) -> None:
     _, token = share([study])
     one, two = Browser(client), Browser(client)
@@ -334,7 +335,7 @@ async def test_enrolment_form_is_bound_to_the_session(client: Any, node: Node, s
     assert recipient().totp_secret is None
 
 
-async def test_without_an_app_the_passcode_flow_is_unchanged(browser: Browser, node: Node,
+async def test_without_an_app_the_passcode_flow_is_unchanged(browser: Browser, node: Services,
                                                              study: str) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
@@ -349,7 +350,7 @@ async def test_without_an_app_the_passcode_flow_is_unchanged(browser: Browser, n
     assert response.status == 303 and SESSION in browser.cookies
 
 
-async def test_account_page_needs_a_recipient_session(browser: Browser, node: Node,
+async def test_account_page_needs_a_recipient_session(browser: Browser, node: Services,
                                                       study: str) -> None:
     response = await browser.get("/account/authenticator")
     assert response.status == 303 and response.headers["Location"] == "/signin"
@@ -366,7 +367,7 @@ async def test_account_page_needs_a_recipient_session(browser: Browser, node: No
 # -- domain rules ---------------------------------------------------------------------------
 
 
-def test_codes_are_checked_within_one_step_either_side(node: Node, study: str) -> None:
+def test_codes_are_checked_within_one_step_either_side(node: Services, study: str) -> None:
     transaction, _ = share([study])
     secret = pyotp.random_base32()
     totp = pyotp.TOTP(secret)

@@ -25,10 +25,11 @@ import aiohttp
 import pytest
 
 from config import Settings, load_settings
-from iepnode.node import Node
 from iepnode.people.audit import events_for_transaction
+from iepnode.services import Services
 from iepnode.sharing import logins
 from iepnode.sharing import transactions as tx
+from iepnode.wiring import build_services
 from storage.models import LoginAttempt, Recipient, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -72,12 +73,12 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    return build_services(make_settings(tmp_path))
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> str:
+def study(node: Services, tmp_path: Path) -> str:
     return store(node, factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",
         PatientSex="F", StudyDate="20240105", StudyDescription="CT HEAD", AccessionNumber="ACC1"))
@@ -94,7 +95,7 @@ def share(study_uids: list[str], email: str = "pat@example.org", *, now: float |
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -110,7 +111,7 @@ def field(html: str, name: str) -> str:
     return match.group(1)
 
 
-def outbox(node: Node) -> list[Path]:
+def outbox(node: Services) -> list[Path]:
     folder = node.settings.outbox_dir
     return sorted(folder.glob("*.eml")) if folder.exists() else []
 
@@ -120,7 +121,7 @@ def read_eml(path: Path) -> EmailMessage:
         return BytesParser(policy=policy.default).parse(handle)  # type: ignore[return-value]
 
 
-def latest_code(node: Node) -> str:
+def latest_code(node: Services) -> str:
     """The passcode of the newest message in the outbox."""
     message = read_eml(outbox(node)[-1])
     match = re.search(r"\b(\d{6})\b", message.get_content())
@@ -152,7 +153,7 @@ async def submit(browser: Browser, token: str, page: LoginPage, code: str,
     return await browser.post(f"/t/{token}/login", data=data)
 
 
-async def log_in(browser: Browser, node: Node, token: str) -> str:
+async def log_in(browser: Browser, node: Services, token: str) -> str:
     """Follow the link, type the passcode; return the session cookie value."""
     page = await open_link(browser, token)
     response = await submit(browser, token, page, latest_code(node))
@@ -177,7 +178,8 @@ def cells(html: str) -> list[str]:
 # -- the happy path -----------------------------------------------------------------------
 
 
-async def test_link_passcode_session_dashboard(browser: Browser, node: Node, study: str) -> None:
+async def test_link_passcode_session_dashboard(browser: Browser, node: Services,
+                                               study: str) -> None:
     transaction, token = share([study], message="Your CT from Monday.", nhs_number="9434765919")
     page = await open_link(browser, token)
     assert "A passcode has been sent to your" in page.html
@@ -222,7 +224,7 @@ async def test_link_passcode_session_dashboard(browser: Browser, node: Node, stu
     assert actions.count(("110110", "view-transaction", 0)) == 2
 
 
-async def test_transaction_page(browser: Browser, node: Node, study: str) -> None:
+async def test_transaction_page(browser: Browser, node: Services, study: str) -> None:
     transaction, token = share([study])
     await log_in(browser, node, token)
     response = await browser.get(f"/transactions/{transaction.public_id}")
@@ -237,7 +239,7 @@ async def test_passcode_by_email_through_a_real_smtp_server(
 ) -> None:
     settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
                              smtp_tls="none")
-    node = Node(settings)
+    node = build_services(settings)
     uid = store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Roe^Rick"))
     transaction, token = share([uid], otp_email="code@example.org")
     browser = Browser(await aiohttp_client(create_app(settings, node),
@@ -256,7 +258,7 @@ async def test_passcode_by_email_through_a_real_smtp_server(
 # -- login refused --------------------------------------------------------------------------
 
 
-async def test_unknown_link_is_404(browser: Browser, node: Node, study: str) -> None:
+async def test_unknown_link_is_404(browser: Browser, node: Services, study: str) -> None:
     response = await browser.get("/t/" + "x" * 32)
     assert response.status == 404
     assert "This link is not valid" in await response.text()
@@ -264,14 +266,14 @@ async def test_unknown_link_is_404(browser: Browser, node: Node, study: str) -> 
     assert outbox(node) == []
 
 
-async def test_head_on_a_link_sends_no_passcode(browser: Browser, node: Node,
+async def test_head_on_a_link_sends_no_passcode(browser: Browser, node: Services,
                                                 study: str) -> None:
     _, token = share([study])
     response = await browser.request("HEAD", f"/t/{token}")
     assert response.status == 405 and outbox(node) == []
 
 
-async def test_link_token_alone_gives_no_access(browser: Browser, node: Node,
+async def test_link_token_alone_gives_no_access(browser: Browser, node: Services,
                                                 study: str) -> None:
     _, token = share([study])
     await open_link(browser, token)
@@ -286,7 +288,7 @@ async def test_link_token_alone_gives_no_access(browser: Browser, node: Node,
     assert response.status == 403 and SESSION not in browser.cookies
 
 
-async def test_reused_passcode_is_refused(client: Any, node: Node, study: str) -> None:
+async def test_reused_passcode_is_refused(client: Any, node: Services, study: str) -> None:
     _, token = share([study])
     first = Browser(client)
     page = await open_link(first, token)
@@ -300,7 +302,7 @@ async def test_reused_passcode_is_refused(client: Any, node: Node, study: str) -
     assert SESSION not in second.cookies
 
 
-async def test_expired_passcode_is_refused(browser: Browser, node: Node, study: str,
+async def test_expired_passcode_is_refused(browser: Browser, node: Services, study: str,
                                            clock: Clock) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
@@ -310,7 +312,7 @@ async def test_expired_passcode_is_refused(browser: Browser, node: Node, study: 
     assert SESSION not in browser.cookies
 
 
-async def test_sixth_try_is_refused_even_with_the_right_code(browser: Browser, node: Node,
+async def test_sixth_try_is_refused_even_with_the_right_code(browser: Browser, node: Services,
                                                              study: str) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
@@ -327,7 +329,7 @@ async def test_sixth_try_is_refused_even_with_the_right_code(browser: Browser, n
     assert LoginAttempt.get_by_id(int(page.attempt)).dead
 
 
-async def test_resend_is_rate_limited(browser: Browser, node: Node, study: str,
+async def test_resend_is_rate_limited(browser: Browser, node: Services, study: str,
                                       clock: Clock) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
@@ -344,7 +346,7 @@ async def test_resend_is_rate_limited(browser: Browser, node: Node, study: str,
     assert (await submit(browser, token, newer, latest_code(node))).status == 303
 
 
-async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, node: Node,
+async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, node: Services,
                                                              study: str, clock: Clock) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
@@ -374,7 +376,7 @@ async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, n
 # -- sessions and cookies -------------------------------------------------------------------
 
 
-async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node: Node,
+async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node: Services,
                                                           study: str, clock: Clock) -> None:
     _, token = share([study])
     first = await log_in(browser, node, token)
@@ -393,7 +395,7 @@ async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node
     assert response.status == 303
 
 
-async def test_session_idle_and_absolute_expiry(client: Any, node: Node, study: str,
+async def test_session_idle_and_absolute_expiry(client: Any, node: Services, study: str,
                                                 clock: Clock) -> None:
     _, token = share([study])
     idle = Browser(client)
@@ -415,7 +417,7 @@ async def test_session_idle_and_absolute_expiry(client: Any, node: Node, study: 
     assert response.status == 303 and response.headers["Location"] == "/signin"
 
 
-async def test_logout_kills_the_cookie(browser: Browser, node: Node, study: str) -> None:
+async def test_logout_kills_the_cookie(browser: Browser, node: Services, study: str) -> None:
     _, token = share([study])
     value = await log_in(browser, node, token)
     csrf = await page_csrf(browser)
@@ -429,7 +431,7 @@ async def test_logout_kills_the_cookie(browser: Browser, node: Node, study: str)
     assert WebSession.get(WebSession.csrf_token == csrf).ended
 
 
-async def test_security_headers_on_every_page(browser: Browser, node: Node, study: str) -> None:
+async def test_security_headers_on_every_page(browser: Browser, node: Services, study: str) -> None:
     _, token = share([study])
     pages_seen = [await browser.get(f"/t/{token}"), await browser.get("/signin"),
                   await browser.get("/t/unknown-token-0000000000000")]
@@ -449,7 +451,7 @@ async def test_security_headers_on_every_page(browser: Browser, node: Node, stud
 # -- authorisation and CSRF -----------------------------------------------------------------
 
 
-async def test_another_recipients_transaction_is_404(browser: Browser, node: Node,
+async def test_another_recipients_transaction_is_404(browser: Browser, node: Services,
                                                      study: str) -> None:
     mine, token = share([study])
     theirs, _ = share([study], "someone@example.org", otp_mobile="+447700900999")
@@ -470,7 +472,7 @@ async def test_another_recipients_transaction_is_404(browser: Browser, node: Nod
     assert after == before
 
 
-async def test_missing_or_wrong_csrf_token_is_refused(browser: Browser, node: Node,
+async def test_missing_or_wrong_csrf_token_is_refused(browser: Browser, node: Services,
                                                       study: str) -> None:
     transaction, token = share([study])
     page = await open_link(browser, token)
@@ -491,7 +493,7 @@ async def test_missing_or_wrong_csrf_token_is_refused(browser: Browser, node: No
     assert (await browser.get("/dashboard")).status == 200
 
 
-async def log_in_with(browser: Browser, token: str, page: LoginPage, node: Node) -> None:
+async def log_in_with(browser: Browser, token: str, page: LoginPage, node: Services) -> None:
     response = await submit(browser, token, page, latest_code(node))
     assert response.status == 303
 
@@ -499,7 +501,7 @@ async def log_in_with(browser: Browser, token: str, page: LoginPage, node: Node)
 # -- what a recipient can do ----------------------------------------------------------------
 
 
-async def test_messages_are_escaped_and_threaded(browser: Browser, node: Node,
+async def test_messages_are_escaped_and_threaded(browser: Browser, node: Services,
                                                  study: str) -> None:
     transaction, token = share([study], message="Hello from radiology")
     Transaction.update(patient_name="<script>alert(1)</script>^Jane").where(
@@ -528,7 +530,7 @@ async def test_messages_are_escaped_and_threaded(browser: Browser, node: Node,
     assert [e.action for e in events_for_transaction(transaction.public_id)].count("message") == 1
 
 
-async def test_decline_with_a_reason(browser: Browser, node: Node, study: str) -> None:
+async def test_decline_with_a_reason(browser: Browser, node: Services, study: str) -> None:
     transaction, token = share([study])
     await log_in(browser, node, token)
     csrf = await page_csrf(browser)
@@ -552,7 +554,7 @@ async def test_decline_with_a_reason(browser: Browser, node: Node, study: str) -
 
 
 async def test_purge_after_expiry_keeps_studies_shared_elsewhere(
-    browser: Browser, node: Node, study: str, tmp_path: Path
+    browser: Browser, node: Services, study: str, tmp_path: Path
 ) -> None:
     only_here = store(node, factory.make_ct_series(tmp_path / "b", 2, PatientID="P1",
                                                    PatientName="Doe^Jane"))
@@ -560,10 +562,10 @@ async def test_purge_after_expiry_keeps_studies_shared_elsewhere(
     assert len([p for p in objects.rglob("*") if p.is_file()]) == 5
     expired, old_token = share([study, only_here], now=time.time() - 2 * tx.DAY, expiry_days=1)
     _, token = share([study], "gp@example.org", otp_mobile="+447700900999")
-    assert node.purge_expired() == 2
+    assert node.sharing.purge_expired() == 2
     files = [p for p in objects.rglob("*") if p.is_file()]
     assert len(files) == 3
-    assert node.study(only_here) is None and node.study(study).num_instances == 3
+    assert node.archive.study(only_here) is None and node.archive.study(study).num_instances == 3
     assert Transaction.get_by_id(expired.id).status == tx.EXPIRED
     assert (await browser.get(f"/t/{old_token}")).status == 404
     await log_in(browser, node, token)

@@ -16,9 +16,10 @@ from typing import Any
 
 import aiohttp
 
-from iepnode.node import Node
 from iepnode.people import audit
+from iepnode.services import Services
 from iepnode.sharing.transactions import NewTransfer
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, Transaction, TransactionMessage
 from tests import data_factory as factory
 from tests.support.mail import Inbox
@@ -44,7 +45,7 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def staff_client(aiohttp_client: Any, node: Node) -> tuple[Any, StaffBrowser]:
+async def staff_client(aiohttp_client: Any, node: Services) -> tuple[Any, StaffBrowser]:
     node.admin.logins.failure_delay = 0.0
     client = await aiohttp_client(create_app(node.settings, node),
                                   cookie_jar=aiohttp.DummyCookieJar())
@@ -61,11 +62,11 @@ def notify_events() -> list[AuditEvent]:
 
 async def test_a_staff_reply_emails_the_recipient_to_sign_in_and_not_the_message(
         aiohttp_client: Any, tmp_path: Path, smtp: Inbox) -> None:
-    node = Node(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
+    node = build_services(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
                               smtp_tls="none"))
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane",
                                                PatientID="MRN4711"))
-    created = await node.share(NewTransfer((study,), "pat@example.org",
+    created = await node.sharing.share(NewTransfer((study,), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
     client, staff = await staff_client(aiohttp_client, node)
@@ -104,7 +105,7 @@ async def test_a_staff_reply_emails_the_recipient_to_sign_in_and_not_the_message
 
 async def test_a_reply_whose_email_fails_is_kept_and_staff_are_told(
         aiohttp_client: Any, tmp_path: Path) -> None:
-    node = Node(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=closed_port(),
+    node = build_services(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=closed_port(),
                               smtp_tls="none", smtp_timeout=2.0))
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
     transaction, _ = share([study])
@@ -130,7 +131,7 @@ async def test_a_reply_whose_email_fails_is_kept_and_staff_are_told(
 
 async def test_no_email_for_a_reply_on_an_expired_transaction(aiohttp_client: Any,
                                                               tmp_path: Path) -> None:
-    node = Node(make_settings(tmp_path))
+    node = build_services(make_settings(tmp_path))
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
     transaction, _ = share([study])
     before = outbox(node)

@@ -20,8 +20,9 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
+from iepnode.wiring import build_services
 from storage.models import (
     Attachment,
     AuditEvent,
@@ -43,14 +44,14 @@ XSS = '<script>alert("sr")</script><img src=x onerror=alert(1)>'
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    node = Node(make_settings(tmp_path))
+def node(tmp_path: Path) -> Services:
+    node = build_services(make_settings(tmp_path))
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Node) -> Any:
+async def client(aiohttp_client: Any, node: Services) -> Any:
     return await aiohttp_client(create_app(node.settings, node),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
@@ -70,7 +71,7 @@ async def staff_browser(client: Any) -> Browser:
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> dict[str, Any]:
+def study(node: Services, tmp_path: Path) -> dict[str, Any]:
     """A CT study with an Encapsulated PDF report and a Basic Text SR (XSS in its text)."""
     ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1",
                                 PatientBirthDate="19800214", PatientSex="F",
@@ -114,7 +115,7 @@ async def attachments_csrf(browser: Browser, base: str) -> str:
 
 
 async def test_recipient_lists_reports_opens_pdf_and_readable_sr(
-        browser: Browser, node: Node, study: dict[str, Any]) -> None:
+        browser: Browser, node: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     await log_in(browser, node, token)
     base = f"/transactions/{transaction.public_id}"
@@ -153,7 +154,7 @@ async def test_recipient_lists_reports_opens_pdf_and_readable_sr(
 
 
 async def test_reports_of_others_are_404_and_closed_ones_410(
-        browser: Browser, node: Node, study: dict[str, Any], tmp_path: Path) -> None:
+        browser: Browser, node: Services, study: dict[str, Any], tmp_path: Path) -> None:
     mine, token = share([study["uid"]], "me@example.org")
     theirs, _ = share([study["uid"]], "them@example.org")
     expired, _ = share([study["uid"]], "me@example.org", now=time.time() - 20 * tx.DAY)
@@ -185,7 +186,7 @@ async def test_reports_of_others_are_404_and_closed_ones_410(
 
 
 async def test_tid_1500_measurements_are_read_with_highdicom(
-        staff_browser: Browser, node: Node, tmp_path: Path) -> None:
+        staff_browser: Browser, node: Services, tmp_path: Path) -> None:
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -228,11 +229,11 @@ async def test_tid_1500_measurements_are_read_with_highdicom(
 
 
 async def test_recipient_attaches_a_pdf_held_by_the_transaction(
-        browser: Browser, node: Node, study: dict[str, Any]) -> None:
+        browser: Browser, node: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     await log_in(browser, node, token)
     base = f"/transactions/{transaction.public_id}"
-    before = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    before = node.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
     instances = Instance.select().count()
     pdf = factory.minimal_pdf("GP letter")
     response = await browser.post(f"{base}/attachments", data=upload_form(
@@ -268,7 +269,7 @@ async def test_recipient_attaches_a_pdf_held_by_the_transaction(
     opened = await browser.get(f"{base}/reports/{attachment.sop_uid}")
     assert opened.content_type == "application/pdf" and await opened.read() == pdf
     assert opened.headers["Content-Disposition"] == 'inline; filename="Attached_GP_letter.pdf"'
-    after = node.recipient_package(transaction.recipient_id, transaction.public_id)
+    after = node.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
     assert after.instances == before.instances  # no DICOM file more in the package
     assert after.etag != before.etag  # but ATTACHED/ is new
     row = TransactionStudy.get(TransactionStudy.transaction == transaction.id)
@@ -282,7 +283,7 @@ async def test_recipient_attaches_a_pdf_held_by_the_transaction(
 
 
 async def test_staff_attach_an_image_and_the_recipient_is_told(
-        browser: Browser, staff_browser: Browser, node: Node, study: dict[str, Any]) -> None:
+        browser: Browser, staff_browser: Browser, node: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     base = f"/admin/transactions/{transaction.public_id}"
     assert f'href="{base}/attachments">View/Add Attachments</a>' in await staff_browser.page(base)
@@ -311,7 +312,7 @@ async def test_staff_attach_an_image_and_the_recipient_is_told(
 
 
 async def test_bad_files_are_refused_and_nothing_is_stored(
-        browser: Browser, node: Node, study: dict[str, Any],
+        browser: Browser, node: Services, study: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
     transaction, token = share([study["uid"]])
     await log_in(browser, node, token)
@@ -348,7 +349,7 @@ async def test_bad_files_are_refused_and_nothing_is_stored(
 
 
 async def test_several_studies_the_study_must_be_chosen(
-        browser: Browser, node: Node, study: dict[str, Any], tmp_path: Path) -> None:
+        browser: Browser, node: Services, study: dict[str, Any], tmp_path: Path) -> None:
     second = store_files(node, factory.make_ct_series(
         tmp_path / "mr", 1, PatientName="Doe^Jane", PatientID="P1", StudyDescription="MR KNEE"))
     transaction, token = share([study["uid"], second])
@@ -372,7 +373,7 @@ async def test_several_studies_the_study_must_be_chosen(
 
 
 async def test_nothing_can_be_attached_to_a_declined_transaction(
-        browser: Browser, node: Node, study: dict[str, Any]) -> None:
+        browser: Browser, node: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     await log_in(browser, node, token)
     base = f"/transactions/{transaction.public_id}"
@@ -387,7 +388,7 @@ async def test_nothing_can_be_attached_to_a_declined_transaction(
 
 
 async def test_staff_reach_any_transaction_but_not_unknown_or_purged_ones(
-        browser: Browser, staff_browser: Browser, node: Node, study: dict[str, Any],
+        browser: Browser, staff_browser: Browser, node: Services, study: dict[str, Any],
         tmp_path: Path) -> None:
     declined, token = share([study["uid"]])
     tx.decline(Transaction.get_by_id(declined.id), "not mine")
@@ -398,7 +399,7 @@ async def test_staff_reach_any_transaction_but_not_unknown_or_purged_ones(
     assert (await staff_browser.get("/admin/transactions/IEP00000000/reports")).status == 404
     old = store_files(node, factory.make_ct_series(tmp_path / "old", 1, PatientID="P1"))
     purged, _ = share([old], now=time.time() - 20 * tx.DAY)
-    node.purge_expired()
+    node.sharing.purge_expired()
     gone = await staff_browser.get(f"/admin/transactions/{purged.public_id}/attachments")
     assert gone.status == 410
     # A recipient session opens no staff page: it is sent to the staff login.

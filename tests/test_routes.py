@@ -12,7 +12,7 @@ from aiohttp import hdrs, web
 from aiohttp.test_utils import make_mocked_request
 
 from config import load_settings
-from iepnode.node import Node
+from iepnode.wiring import build_services
 from web.app import create_app
 from web.routes import ROUTES, STATIC_NAME, STATIC_PREFIX, Route, add_routes, get
 
@@ -100,7 +100,7 @@ def test_add_routes_refuses_two_names_for_one_path() -> None:
 
 def test_create_app_serves_exactly_the_table(tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
-    app = create_app(settings, Node(settings))
+    app = create_app(settings, build_services(settings))
     served = {(route.method, route.resource.canonical) for route in app.router.routes()
               if route.resource is not None and route.resource.name != STATIC_NAME}
     table = {(entry.method, app.router[entry.name].canonical) for entry in ROUTES}

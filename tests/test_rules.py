@@ -275,11 +275,8 @@ _HOMES = {
 #: Copies left in files other helpers of issue 14 rewrite (they were not to be edited
 #: on this branch): the integrator replaces them, then empties this table. Each entry
 #: must still hold its copy, so the table cannot go stale either.
-_LEFT_FOR_THE_INTEGRATOR = {
-    r'\("1101\d\d"': {"iepnode/node.py"},
-    r'/ "(objects|filesets|tmp|staging|downloads|logs|outbox|secret\.key|index\.sqlite3'
-    r'|iepnode\.log)"': {"iepnode/node.py"},
-}
+_LEFT_FOR_THE_INTEGRATOR: dict[str, set[str]] = {}
+
 
 def _sources() -> dict[str, str]:
     from pathlib import Path

@@ -24,10 +24,11 @@ from pydicom.uid import (
 
 from config import load_settings
 from iepnode.errors import PeerUnavailable
-from iepnode.node import Node
 from iepnode.outbound import sending
 from iepnode.outbound.sending import Destination, ItemResult, Outgoing, RetryPolicy
 from iepnode.people import audit
+from iepnode.services import Services
+from iepnode.wiring import build_services
 from scp.sender import propose
 from storage import registry
 from storage.models import AuditEvent, SendItem, SendJob
@@ -37,21 +38,21 @@ from tests.support.ingest import store_files
 ACTOR = audit.Actor("cli", "tester")
 
 
-def make_node(tmp_path: Path, database_url: str = "") -> Node:
+def make_node(tmp_path: Path, database_url: str = "") -> Services:
     values = {"data_dir": tmp_path / "data", "fsync": False}
     if database_url:
         values["database_url"] = database_url
-    return Node(load_settings(overrides=values, environ={}))
+    return build_services(load_settings(overrides=values, environ={}))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Node:
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     url = request.getfixturevalue("fresh_postgres_url") if request.param == "postgres" else ""
     return make_node(tmp_path, url)
 
 
 @pytest.fixture
-def study(node: Node, tmp_path: Path) -> str:
+def study(node: Services, tmp_path: Path) -> str:
     registry.add_remote_ae("DEST", "127.0.0.1", 104, set(), send_to=True)
     return store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
 
@@ -71,12 +72,12 @@ def scripted(answers: Script) -> sending.Transport:
     return transport
 
 
-def runner(node: Node, transport: sending.Transport, attempts: int = 5) -> sending.JobRunner:
+def runner(node: Services, transport: sending.Transport, attempts: int = 5) -> sending.JobRunner:
     return sending.JobRunner(node.store, transport, RetryPolicy(5.0, 60.0, attempts))
 
 
-def test_only_one_of_two_runners_claims_a_job(node: Node, study: str) -> None:
-    job = node.queue_send([study], "DEST", ACTOR)
+def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> None:
+    job = sending.queue_job([study], "DEST", ACTOR)
     barrier = threading.Barrier(2)
     claims: list[object] = []
 
@@ -100,8 +101,8 @@ def test_only_one_of_two_runners_claims_a_job(node: Node, study: str) -> None:
     assert sending.claim_job("h/3/x").lease_owner == "h/3/x"
 
 
-def test_transient_failures_retry_refusals_do_not(node: Node, study: str) -> None:
-    job = node.queue_send([study], "DEST", ACTOR)
+def test_transient_failures_retry_refusals_do_not(node: Services, study: str) -> None:
+    job = sending.queue_job([study], "DEST", ACTOR)
     items = [i.id for i in SendItem.select().order_by(SendItem.id)]
     first = {items[0]: ItemResult(items[0], True, 0), items[1]: sending.failure_result(
         items[1], 0xA700, "disk full"), items[2]: sending.failure_result(items[2], 0xC000)}
@@ -131,8 +132,8 @@ def test_transient_failures_retry_refusals_do_not(node: Node, study: str) -> Non
         "110104", audit.MINOR_FAILURE, study)
 
 
-def test_unreachable_peer_gives_up_after_the_last_attempt(node: Node, study: str) -> None:
-    job = node.queue_send([study], "DEST", ACTOR)
+def test_unreachable_peer_gives_up_after_the_last_attempt(node: Services, study: str) -> None:
+    job = sending.queue_job([study], "DEST", ACTOR)
 
     def down(destination: Destination, items: Sequence[Outgoing],
              report: Callable[[ItemResult], bool]) -> None:
@@ -148,8 +149,8 @@ def test_unreachable_peer_gives_up_after_the_last_attempt(node: Node, study: str
     assert event.outcome == audit.SERIOUS_FAILURE
 
 
-def test_a_peer_that_drops_the_association_on_one_instance(node: Node, study: str) -> None:
-    job = node.queue_send([study], "DEST", ACTOR)
+def test_a_peer_that_drops_the_association_on_one_instance(node: Services, study: str) -> None:
+    job = sending.queue_job([study], "DEST", ACTOR)
     poison = SendItem.select().order_by(SendItem.id).first().id
 
     def transport(destination: Destination, items: Sequence[Outgoing],
@@ -171,8 +172,8 @@ def test_a_peer_that_drops_the_association_on_one_instance(node: Node, study: st
     assert "dropped the association 3 times" in row.error
 
 
-def test_stopping_hands_the_job_back(node: Node, study: str) -> None:
-    job = node.queue_send([study], "DEST", ACTOR)
+def test_stopping_hands_the_job_back(node: Services, study: str) -> None:
+    job = sending.queue_job([study], "DEST", ACTOR)
     stop = threading.Event()
 
     def first_then_stop(item: Outgoing) -> ItemResult:

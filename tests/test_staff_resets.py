@@ -20,9 +20,10 @@ import pytest
 
 from config import Settings, load_settings
 from iepnode.errors import NotAuthorized
-from iepnode.node import Node
 from iepnode.people import audit
+from iepnode.services import Services
 from iepnode.sharing.transactions import NewTransfer
+from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import AuditEvent, StaffUser, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
@@ -88,14 +89,14 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Node:
-    node = Node(settings)
+def node(settings: Settings) -> Services:
+    node = build_services(settings)
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, settings: Settings, node: Node) -> Browser:
+async def browser(aiohttp_client: Any, settings: Settings, node: Services) -> Browser:
     return Browser(await aiohttp_client(create_app(settings, node),
                                         cookie_jar=aiohttp.DummyCookieJar()))
 
@@ -108,9 +109,9 @@ async def admin(browser: Browser) -> Browser:
 
 
 @pytest.fixture
-async def public_id(node: Node, tmp_path: Path) -> str:
+async def public_id(node: Services, tmp_path: Path) -> str:
     study = store_files(node, factory.make_ct_series(tmp_path / "ct", 1))
-    created = await node.share(NewTransfer((study,), "pat@example.org",
+    created = await node.sharing.share(NewTransfer((study,), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
     return created.public_id
@@ -165,7 +166,7 @@ async def test_password_reset_with_a_generated_password_shown_once(
 
 
 async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
-                                                                 node: Node) -> None:
+                                                                 node: Services) -> None:
     user, secret = make_user("kim")
     for _ in range(5):
         await log_in(Browser(admin.client), "kim", secret, password="guess guess guess")
@@ -259,7 +260,7 @@ async def test_both_reset_enrol_first_then_the_password(admin: Browser) -> None:
 
 
 async def test_resets_are_for_admins_only_and_not_for_oneself(admin: Browser,
-                                                              node: Node) -> None:
+                                                              node: Services) -> None:
     user, _ = make_user("kim")
     nurse, nurse_secret = make_user("nurse")
     nurses = Browser(admin.client)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from iepnode.errors import Gone
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.uploads import review as upload_review
 from iepnode.uploads import staging as uploads
 from iepnode.uploads.intake import FileVerdict
@@ -22,7 +22,7 @@ from tests import data_factory as factory
 from tests.test_upload_web import make_request, node  # noqa: F401
 
 
-def upload_bytes(node: Node, request: Transaction, name: str,  # noqa: F811
+def upload_bytes(node: Services, request: Transaction, name: str,  # noqa: F811
                  data: bytes) -> UploadFile:
     """Announce a file and send all of it as one chunk, as the page does."""
     service = node.uploads
@@ -38,7 +38,7 @@ def ct_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def test_finish_keeps_the_inspection_verdict(node: Node, tmp_path: Path) -> None:  # noqa: F811
+def test_finish_keeps_the_inspection_verdict(node: Services, tmp_path: Path) -> None:  # noqa: F811
     request, _ = make_request()
     file = upload_bytes(node, request, "scan.dcm", ct_bytes(tmp_path))
     assert file.completed_at is not None and file.received == file.size
@@ -52,7 +52,7 @@ def test_finish_keeps_the_inspection_verdict(node: Node, tmp_path: Path) -> None
         assert getattr(upload_review, name) is getattr(uploads, name) == name
 
 
-def test_concurrent_finishes_inspect_once(node: Node, tmp_path: Path,  # noqa: F811
+def test_concurrent_finishes_inspect_once(node: Services, tmp_path: Path,  # noqa: F811
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A retried empty last PATCH while the first is being inspected starts no second scan."""
     request, _ = make_request()
@@ -88,7 +88,7 @@ def test_concurrent_finishes_inspect_once(node: Node, tmp_path: Path,  # noqa: F
     assert service.finish(file.id).verdict == "dicom" and scans == ["scan.dcm"]
 
 
-def test_failed_inspection_can_be_retried(node: Node, tmp_path: Path,  # noqa: F811
+def test_failed_inspection_can_be_retried(node: Services, tmp_path: Path,  # noqa: F811
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     request, _ = make_request()
     data = ct_bytes(tmp_path)
@@ -109,7 +109,7 @@ def test_failed_inspection_can_be_retried(node: Node, tmp_path: Path,  # noqa: F
     assert service.finish(file.id).verdict == "dicom"
 
 
-async def test_double_send_sends_once(node: Node, tmp_path: Path,  # noqa: F811
+async def test_double_send_sends_once(node: Services, tmp_path: Path,  # noqa: F811
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two Sends that both pass the checks (a double click): one audit, message, mail
     and intake; the other is refused."""
@@ -130,7 +130,7 @@ async def test_double_send_sends_once(node: Node, tmp_path: Path,  # noqa: F811
     monkeypatch.setattr(uploads, "write_transaction", together)
     patient = uploads.ConfirmedPatient("Test", "Patient", "01/01/2001", "F")
     results = await asyncio.gather(*(
-        node.send_upload(request.recipient_id, request.public_id, patient, "From my CD")
+        node.requests.send_upload(request.recipient_id, request.public_id, patient, "From my CD")
         for _ in range(2)), return_exceptions=True)
     sent = [r for r in results if isinstance(r, Upload)]
     refused = [r for r in results if isinstance(r, Gone)]

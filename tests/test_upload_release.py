@@ -19,9 +19,11 @@ from pydicom import dcmread
 
 from config import load_settings
 from iepnode.errors import InvalidRequest
-from iepnode.node import Node
 from iepnode.people import audit
+from iepnode.services import Services
+from iepnode.uploads import review as upload_review
 from iepnode.uploads.intake import inspect_staged_file, patient_key
+from iepnode.wiring import build_services
 from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, Instance, Patient, Recipient, Transaction, Upload, UploadFile
@@ -31,9 +33,9 @@ from tests.support.peers import free_port, received, storescp_on
 STAFF = audit.Actor("staff", "radiographer", "10.0.0.9")
 
 
-def make_node(tmp_path: Path, **settings: object) -> Node:
+def make_node(tmp_path: Path, **settings: object) -> Services:
     values = {"data_dir": tmp_path / "data", "fsync": False, **settings}
-    return Node(load_settings(overrides=values, environ={}))
+    return build_services(load_settings(overrides=values, environ={}))
 
 
 def make_request(patient_id: str = "H0012345", name: str = "Doe^Jane",
@@ -48,7 +50,7 @@ def make_request(patient_id: str = "H0012345", name: str = "Doe^Jane",
         link_token_hash=secrets.token_hex(32))
 
 
-def stage(node: Node, request: Transaction, files: dict[str, bytes], *,
+def stage(node: Services, request: Transaction, files: dict[str, bytes], *,
           status: str = "SENT", inspect: bool = True) -> Upload:
     """An upload holding ``files`` (display name -> bytes), staged as the page does."""
     now = time.time()
@@ -77,23 +79,23 @@ def zipped(paths: list[Path], tmp_path: Path) -> bytes:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
+def node(tmp_path: Path) -> Services:
     return make_node(tmp_path)
 
 
-def test_clean_upload_is_reconciled_on_release(node: Node, tmp_path: Path) -> None:
+def test_clean_upload_is_reconciled_on_release(node: Services, tmp_path: Path) -> None:
     request = make_request()
     series = make_ct_series(tmp_path / "cd", 3, PatientID="CD-99", PatientName="DOE^JANE",
                             PatientBirthDate="19800101")
     upload = stage(node, request, {"cd.zip": zipped(series, tmp_path),
                                    "letter.pdf": minimal_pdf()})
-    review = node.intake_upload(upload.id)
+    review = node.requests.intake_upload(upload.id)
     assert review.objects == 3 and review.documents == 1
     assert review.flags == []
     assert Upload.get_by_id(upload.id).status == "SENT"  # auto-release is off by default
     assert Instance.select().count() == 0  # nothing stored before release
 
-    result = node.release_upload(upload.id, STAFF)
+    result = node.requests.release_upload(upload.id, STAFF)
     assert (result.stored, result.documents, result.failed) == (4, 1, [])
     assert Upload.get_by_id(upload.id).status == "RELEASED"
     assert not (node.settings.data_dir / "staging" / upload.key).exists()
@@ -116,22 +118,22 @@ def test_clean_upload_is_reconciled_on_release(node: Node, tmp_path: Path) -> No
     assert {e.action for e in events} == {"upload-sent", "upload-release"}
     assert all(e.event_code == "110104" for e in events)
     with pytest.raises(InvalidRequest):
-        node.release_upload(upload.id, STAFF)  # only once
+        node.requests.release_upload(upload.id, STAFF)  # only once
 
 
-def test_second_patient_flagged_and_excluded(node: Node, tmp_path: Path) -> None:
+def test_second_patient_flagged_and_excluded(node: Services, tmp_path: Path) -> None:
     request = make_request()
     mine = make_ct_series(tmp_path / "a", 2, PatientID="CD-1", PatientName="Doe^Jane")
     other = make_ct_series(tmp_path / "b", 1, PatientID="CD-2", PatientName="Roe^Richard",
                            PatientBirthDate="19500505")
     upload = stage(node, request, {"a.zip": zipped(mine, tmp_path),
                                    "IM9": other[0].read_bytes()})
-    review = node.intake_upload(upload.id)
+    review = node.requests.intake_upload(upload.id)
     assert "2 different patients in one upload" in review.flags
     assert any("Roe^Richard" in flag for flag in review.flags)
     roe = next(p for p in review.patients if p.identity.patient_id == "CD-2")
     assert roe.mismatch == ["name", "birth date"]
-    result = node.release_upload(upload.id, STAFF, exclude=frozenset({roe.key}))
+    result = node.requests.release_upload(upload.id, STAFF, exclude=frozenset({roe.key}))
     assert (result.stored, result.excluded) == (2, 1)
     assert Instance.select().count() == 2
 
@@ -143,36 +145,36 @@ def test_auto_release_only_when_unflagged(tmp_path: Path) -> None:
                                                        PatientName="Doe^Jane",
                                                        PatientBirthDate="19800101",
                                                        )[0].read_bytes()})
-    node.intake_upload(good.id)
+    node.requests.intake_upload(good.id)
     assert Upload.get_by_id(good.id).status == "RELEASED"
     bad = stage(node, request, {"IM1": make_ct_series(tmp_path / "b", 1,
                                                       PatientName="Other^Ann")[0].read_bytes()})
-    node.intake_upload(bad.id)
+    node.requests.intake_upload(bad.id)
     assert Upload.get_by_id(bad.id).status == "SENT"
 
 
-def test_reject_deletes_staging_and_stores_nothing(node: Node, tmp_path: Path) -> None:
+def test_reject_deletes_staging_and_stores_nothing(node: Services, tmp_path: Path) -> None:
     request = make_request()
     upload = stage(node, request, {"IM1": make_ct_series(tmp_path / "a", 1)[0].read_bytes()})
-    node.intake_upload(upload.id)
-    node.reject_upload(upload.id, STAFF, "not the images we asked for")
+    node.requests.intake_upload(upload.id)
+    node.requests.reject_upload(upload.id, STAFF, "not the images we asked for")
     row = Upload.get_by_id(upload.id)
     assert row.status == "REJECTED" and row.released_by == "radiographer"
     assert not (node.settings.data_dir / "staging" / upload.key).exists()
     assert Instance.select().count() == 0
     with pytest.raises(InvalidRequest):
-        node.release_upload(upload.id, STAFF)
+        node.requests.release_upload(upload.id, STAFF)
 
 
-def test_uninspected_files_are_checked_at_intake(node: Node, tmp_path: Path) -> None:
+def test_uninspected_files_are_checked_at_intake(node: Services, tmp_path: Path) -> None:
     request = make_request()
     upload = stage(node, request, {"IM1": make_ct_series(tmp_path / "a", 1)[0].read_bytes(),
                                    "notes.dcm": b"plain text", "empty": b""}, inspect=False)
-    review = node.intake_upload(upload.id)
+    review = node.requests.intake_upload(upload.id)
     assert (review.accepted_files, review.skipped_files, review.objects) == (1, 2, 1)
 
 
-def test_abandoned_staging_is_purged(node: Node, tmp_path: Path) -> None:
+def test_abandoned_staging_is_purged(node: Services, tmp_path: Path) -> None:
     request = make_request()
     old = stage(node, request, {"IM1": b"x" * 10}, status="STAGING")
     fresh = stage(node, request, {"IM1": b"x" * 10}, status="STAGING")
@@ -182,7 +184,7 @@ def test_abandoned_staging_is_purged(node: Node, tmp_path: Path) -> None:
     import os
 
     os.utime(orphan, (time.time() - 3 * 86400,) * 2)
-    assert node.purge_abandoned_uploads() == 2
+    assert node.requests.purge_abandoned_uploads() == 2
     assert Upload.get_by_id(old.id).status == "CANCELLED"
     assert Upload.get_by_id(fresh.id).status == "STAGING"
     assert not (node.settings.data_dir / "staging" / old.key).exists()
@@ -198,11 +200,11 @@ def test_released_study_is_delivered_to_the_pacs(tmp_path: Path) -> None:
     request = make_request()
     series = make_ct_series(tmp_path / "cd", 2, PatientID="CD-5", PatientName="Doe^Jane")
     upload = stage(node, request, {"cd.zip": zipped(series, tmp_path)})
-    node.intake_upload(upload.id)
-    result = node.release_upload(upload.id, STAFF)
+    node.requests.intake_upload(upload.id)
+    result = node.requests.release_upload(upload.id, STAFF)
     assert result.send_job is not None and result.send_error == ""
     with storescp_on(port, out, "PACS"):
-        job = node.job_runner(make_transport(node.settings)).run_one(job_id=result.send_job)
+        job = node.sends.job_runner(make_transport(node.settings)).run_one(job_id=result.send_job)
         assert job is not None
     files = received(out)
     assert len(files) == 2
@@ -223,7 +225,7 @@ def test_patient_key_is_stable() -> None:
     assert patient_key(a) == patient_key(b)
 
 
-def test_dicomdir_listing_files_not_uploaded_is_flagged(node: Node, tmp_path: Path) -> None:
+def test_dicomdir_listing_files_not_uploaded_is_flagged(node: Services, tmp_path: Path) -> None:
     from pydicom.fileset import FileSet
 
     series = make_ct_series(tmp_path / "src", 3, PatientName="Doe^Jane",
@@ -245,7 +247,7 @@ def test_dicomdir_listing_files_not_uploaded_is_flagged(node: Node, tmp_path: Pa
         folder, _, name = ("CD/" + row.display_name).rpartition("/")
         row.relpath, row.display_name = folder, name
         row.save()
-    review = node.intake_upload(upload.id)
+    review = node.requests.intake_upload(upload.id)
     assert review.objects == 2
     assert "The DICOMDIR lists 1 file(s) that were not uploaded (part of the CD may be " \
         "missing)" in review.flags
@@ -256,17 +258,17 @@ def test_dicomdir_listing_files_not_uploaded_is_flagged(node: Node, tmp_path: Pa
         folder, _, name = ("CD/" + row.display_name).rpartition("/")
         row.relpath, row.display_name = folder, name
         row.save()
-    assert node.intake_upload(complete.id).flags == []
+    assert node.requests.intake_upload(complete.id).flags == []
 
 
-def test_release_stuck_in_releasing_is_recovered(node: Node, tmp_path: Path) -> None:
+def test_release_stuck_in_releasing_is_recovered(node: Services, tmp_path: Path) -> None:
     """A release whose process died leaves RELEASING; housekeeping puts it back to SENT
     after an hour, and releasing again stores what the first attempt did not."""
     request = make_request()
     series = make_ct_series(tmp_path / "cd", 2, PatientID="CD-7", PatientName="Doe^Jane")
     upload = stage(node, request, {"cd.zip": zipped(series, tmp_path)})
-    node.intake_upload(upload.id)
-    first = node.release_upload(upload.id, STAFF)
+    node.requests.intake_upload(upload.id)
+    first = node.requests.release_upload(upload.id, STAFF)
     assert first.stored == 2
     # The same objects again, in an upload whose release "died" 2 hours ago...
     stuck = stage(node, make_request(), {"cd.zip": zipped(series, tmp_path)},
@@ -278,13 +280,13 @@ def test_release_stuck_in_releasing_is_recovered(node: Node, tmp_path: Path) -> 
     Upload.update(updated_at=now - 2 * 3600).where(Upload.id == stuck.id).execute()
     Upload.update(updated_at=now - 30 * 60).where(Upload.id == recent.id).execute()
     with pytest.raises(InvalidRequest):
-        node.release_upload(stuck.id, STAFF)  # stuck: cannot be released
-    assert node.recover_upload_releases() == 1
+        node.requests.release_upload(stuck.id, STAFF)  # stuck: cannot be released
+    assert upload_review.recover_releases() == 1
     assert Upload.get_by_id(stuck.id).status == "SENT"
     assert Upload.get_by_id(recent.id).status == "RELEASING"  # may still be running
     events = AuditEvent.select().where(AuditEvent.action == "upload-release-interrupted")
     assert [e.transaction_public_id for e in events] == [stuck.transaction.public_id]
-    assert node.recover_upload_releases() == 0
-    again = node.release_upload(stuck.id, STAFF)
+    assert upload_review.recover_releases() == 0
+    again = node.requests.release_upload(stuck.id, STAFF)
     assert Upload.get_by_id(stuck.id).status == "RELEASED" and again.failed == []
     assert (again.stored, again.duplicates) == (0, 2)  # the first copies are kept

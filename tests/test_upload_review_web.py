@@ -10,7 +10,9 @@ import html
 import re
 from pathlib import Path
 
-from iepnode.node import Node
+import pytest
+
+from iepnode.services import Services
 from storage import registry
 from storage.models import AuditEvent, Instance, Upload
 from tests.data_factory import make_ct_series
@@ -29,7 +31,7 @@ OWN_SCRIPT = '<script src="/static/upload_review.js" defer></script>'
 XSS = '<script>alert("pwn")</script>^<img src=x onerror=alert(1)>'
 
 
-def sent_upload(node: Node, tmp_path: Path) -> Upload:  # noqa: F811
+def sent_upload(node: Services, tmp_path: Path) -> Upload:  # noqa: F811
     request = make_request()
     mine = make_ct_series(tmp_path / "a", 2, PatientID="CD-1", PatientName="Doe^Jane",
                           PatientBirthDate="19800101")
@@ -38,11 +40,11 @@ def sent_upload(node: Node, tmp_path: Path) -> Upload:  # noqa: F811
     upload = stage(node, request, {"cd.zip": zipped(mine, tmp_path),
                                    "<svg onload=alert(2)>.dcm": evil[0].read_bytes()})
     Upload.update(message="Hi <script>alert(3)</script>").where(Upload.id == upload.id).execute()
-    node.intake_upload(upload.id)
+    node.requests.intake_upload(upload.id)
     return upload
 
 
-async def test_review_page_escapes_values_from_files(admin: Browser, node: Node,  # noqa: F811
+async def test_review_page_escapes_values_from_files(admin: Browser, node: Services,  # noqa: F811
                                                      tmp_path: Path) -> None:
     upload = sent_upload(node, tmp_path)
     listing = await admin.page("/admin/uploads")
@@ -59,7 +61,7 @@ async def test_review_page_escapes_values_from_files(admin: Browser, node: Node,
 
 
 async def test_release_from_the_page_leaves_out_the_flagged_patient(
-        admin: Browser, node: Node, tmp_path: Path) -> None:  # noqa: F811
+        admin: Browser, node: Services, tmp_path: Path) -> None:  # noqa: F811
     upload = sent_upload(node, tmp_path)
     page = await admin.page(f"/admin/uploads/{upload.id}")
     checked = re.findall(r'name="exclude" value="([^"]+)" checked', page)
@@ -75,7 +77,7 @@ async def test_release_from_the_page_leaves_out_the_flagged_patient(
     assert release.actor == "boss" and release.event_code == "110104"
 
 
-async def test_reject_needs_csrf_and_unknown_ids_are_404(admin: Browser, node: Node,  # noqa: F811
+async def test_reject_needs_csrf_and_unknown_ids_are_404(admin: Browser, node: Services,  # noqa: F811
                                                          tmp_path: Path) -> None:
     upload = sent_upload(node, tmp_path)
     refused = await admin.post(f"/admin/uploads/{upload.id}/reject", data={"reason": "x"})
@@ -91,18 +93,16 @@ async def test_reject_needs_csrf_and_unknown_ids_are_404(admin: Browser, node: N
     assert (await admin.form(f"/admin/uploads/{upload.id + 100}/release", {})).status == 404
 
 
-async def test_staff_login_required(browser: Browser, node: Node,  # noqa: F811
+async def test_staff_login_required(browser: Browser, node: Services,  # noqa: F811
                                     tmp_path: Path) -> None:
     upload = sent_upload(node, tmp_path)
     response = await browser.get(f"/admin/uploads/{upload.id}")
     assert response.status == 303 and "/admin/login" in response.headers["Location"]
 
 
-async def test_unknown_pacs_destination_is_pointed_out(admin: Browser, node: Node,  # noqa: F811
+@pytest.mark.parametrize("settings", [{"upload_pacs_ae": "PACS"}], indirect=True)
+async def test_unknown_pacs_destination_is_pointed_out(admin: Browser, node: Services,  # noqa: F811
                                                        tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    node.settings = replace(node.settings, upload_pacs_ae="PACS")
     upload = sent_upload(node, tmp_path)
     page = await admin.page(f"/admin/uploads/{upload.id}")
     assert "not a registered send destination" in page

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.uploads.review import Review
 from storage.models import AuditEvent, Instance, Upload
 from tests import data_factory as factory
@@ -16,7 +16,7 @@ from tests.support.browser import Browser
 from tests.test_upload_web import announce, browser, node, patch, signed_in  # noqa: F401
 
 
-async def test_send_checks_the_upload_for_staff(browser: Browser, node: Node,  # noqa: F811
+async def test_send_checks_the_upload_for_staff(browser: Browser, node: Services,  # noqa: F811
                                                 tmp_path: Path) -> None:
     request, csrf = await signed_in(browser, node)
     mine = factory.make_ct_series(tmp_path / "a", 1, PatientName="TEST^PATIENT",

@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 
 from iepnode.errors import InvalidRequest
-from iepnode.node import Node
 from iepnode.people.audit import Actor
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.uploads import image_requests as rq
+from iepnode.wiring import build_services
 from storage.models import AuditEvent, Transaction, Upload, UploadFile
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -30,12 +31,12 @@ CONTACT = tx.Contact("Ms Nicky Humphries", "Medical Records", "records@hospital.
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Node:
-    return Node(make_settings(tmp_path, upload_max_file_mb=2, upload_max_total_mb=3))
+def node(tmp_path: Path) -> Services:
+    return build_services(make_settings(tmp_path, upload_max_file_mb=2, upload_max_total_mb=3))
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, node: Node) -> Browser:
+async def browser(aiohttp_client: Any, node: Services) -> Browser:
     client = await aiohttp_client(create_app(node.settings, node),
                                   cookie_jar=aiohttp.DummyCookieJar())
     return Browser(client)
@@ -50,7 +51,7 @@ def make_request(email: str = "pat@example.org", **kw: Any) -> tuple[Transaction
                              institution="North Tees Hospital", created_by="staff1")
 
 
-async def signed_in(browser: Browser, node: Node, **kw: Any) -> tuple[Transaction, str]:
+async def signed_in(browser: Browser, node: Services, **kw: Any) -> tuple[Transaction, str]:
     """Create a request, sign in through its link; return it and the page's CSRF token."""
     request, token = make_request(**kw)
     await log_in(browser, node, token)
@@ -78,7 +79,7 @@ async def patch(browser: Browser, url: str, csrf: str, offset: int, data: bytes,
     return body
 
 
-def staged(node: Node) -> list[Path]:
+def staged(node: Services) -> list[Path]:
     root = node.settings.staging_dir
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
@@ -86,7 +87,7 @@ def staged(node: Node) -> list[Path]:
 # -- requests -------------------------------------------------------------------------------
 
 
-def test_request_rules(node: Node) -> None:
+def test_request_rules(node: Services) -> None:
     request, _ = make_request()
     assert (request.kind, request.direction, request.status) == ("REQUEST", "OUT", "NEW")
     assert request.patient_name == "Test^Patient" and request.patient_birth_date == "20010101"
@@ -98,7 +99,7 @@ def test_request_rules(node: Node) -> None:
             make_request(**bad)
 
 
-def test_request_needs_a_patient_id(node: Node) -> None:
+def test_request_needs_a_patient_id(node: Services) -> None:
     """Release reconciles to the request's Patient ID, so a request cannot go without one."""
     for missing in ("", "   "):
         with pytest.raises(InvalidRequest, match="Patient ID"):
@@ -106,8 +107,8 @@ def test_request_needs_a_patient_id(node: Node) -> None:
     assert not Transaction.select().where(Transaction.kind == "REQUEST").exists()
 
 
-async def test_request_email_dashboard_row_and_page(browser: Browser, node: Node) -> None:
-    request = await node.create_request(
+async def test_request_email_dashboard_row_and_page(browser: Browser, node: Services) -> None:
+    request = await node.requests.create_request(
         rq.NewRequest("pat@example.org", "Aston", "Stephen", "16/10/1970", "M",
                       otp_email="second@example.org", reason="CD from the private clinic",
                       patient_id="NTEES000181"),
@@ -135,7 +136,7 @@ async def test_request_email_dashboard_row_and_page(browser: Browser, node: Node
 # -- the protocol ---------------------------------------------------------------------------
 
 
-async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Node,
+async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Services,
                                                    tmp_path: Path) -> None:
     request, csrf = await signed_in(browser, node)
     base = f"/transactions/{request.public_id}/upload"
@@ -194,7 +195,7 @@ async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Node,
     assert "Images sent" in await browser.page(base)
 
 
-async def test_zero_byte_names_limits_remove_and_cancel(browser: Browser, node: Node) -> None:
+async def test_zero_byte_names_limits_remove_and_cancel(browser: Browser, node: Services) -> None:
     request, csrf = await signed_in(browser, node)
     base = f"/transactions/{request.public_id}/upload"
     empty = await announce(browser, request.public_id, csrf, "empty.dcm", 0)
@@ -224,13 +225,13 @@ async def test_zero_byte_names_limits_remove_and_cancel(browser: Browser, node: 
     assert cancelled.status == 303
     assert staged(node) == [] and not any(node.settings.staging_dir.iterdir())
     assert Upload.get().status == "CANCELLED" and UploadFile.select().count() == 0
-    assert node.counts()["instances"] == 0
+    assert node.archive.counts()["instances"] == 0
     # The request is still open: a new upload starts.
     fresh = await announce(browser, request.public_id, csrf, "again.dcm", 5)
     assert fresh["id"] != odd["id"]
 
 
-async def test_other_recipients_and_closed_requests(browser: Browser, node: Node) -> None:
+async def test_other_recipients_and_closed_requests(browser: Browser, node: Services) -> None:
     mine, csrf = await signed_in(browser, node)
     file = await announce(browser, mine.public_id, csrf, "a.dcm", 4)
     theirs, _ = make_request("other@example.org")
@@ -263,7 +264,7 @@ async def test_other_recipients_and_closed_requests(browser: Browser, node: Node
 # -- staff: the request form and the CLI ------------------------------------------------------
 
 
-async def test_admin_request_form(aiohttp_client: Any, node: Node) -> None:
+async def test_admin_request_form(aiohttp_client: Any, node: Services) -> None:
     from tests import test_admin_web as adm
 
     staff = adm.Browser(await aiohttp_client(create_app(node.settings, node),
@@ -309,7 +310,7 @@ def test_cli_request_create(tmp_path: Path) -> None:
                   "--birth-date", "01/02/1990", "--sex", "F", "--patient-id", "P9",
                   "--reason", "Images from abroad").stdout.strip()
     assert re.fullmatch(r"IEP\d{8}", out)
-    Node(make_settings(tmp_path))
+    build_services(make_settings(tmp_path))
     request = Transaction.get(Transaction.public_id == out)
     assert request.patient_name == "Ünïcødé^Zoë" and request.patient_birth_date == "19900201"
     assert len(list((data / "outbox").glob("*.eml"))) == 1
@@ -323,7 +324,7 @@ def test_cli_request_create(tmp_path: Path) -> None:
     assert len(list((data / "outbox").glob("*.eml"))) == 1
 
 
-def test_file_removed_while_its_chunk_arrives(node: Node) -> None:
+def test_file_removed_while_its_chunk_arrives(node: Services) -> None:
     from iepnode.errors import NotFound
     from iepnode.uploads.staging import FileBusy
 

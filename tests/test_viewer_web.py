@@ -21,9 +21,10 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.viewing import rendering
+from iepnode.wiring import build_services
 from storage.models import AuditEvent
 from tests import data_factory as factory
 from tests.support.browser import Browser
@@ -46,21 +47,21 @@ def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
 
 
 @pytest.fixture
-def viewer_node(tmp_path: Path) -> Node:
-    node = Node(make_settings(tmp_path))
+def viewer_node(tmp_path: Path) -> Services:
+    node = build_services(make_settings(tmp_path))
     node.admin.logins.failure_delay = 0.0
     return node
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, viewer_node: Node) -> Browser:
+async def browser(aiohttp_client: Any, viewer_node: Services) -> Browser:
     client = await aiohttp_client(create_app(viewer_node.settings, viewer_node),
                                   cookie_jar=aiohttp.DummyCookieJar())
     return Browser(client)
 
 
 @pytest.fixture
-def two_studies(viewer_node: Node, tmp_path: Path) -> tuple[str, str, list[Path]]:
+def two_studies(viewer_node: Services, tmp_path: Path) -> tuple[str, str, list[Path]]:
     """A newer CT (4 slices, stored in reverse order) and an older MR study of patient P1."""
     ct = distinct_ct(tmp_path / "ct", 4, PatientName="Doe^Jane", PatientID="P1",
                      PatientBirthDate="19700101", StudyDate="20240105",
@@ -73,7 +74,7 @@ def two_studies(viewer_node: Node, tmp_path: Path) -> tuple[str, str, list[Path]
     return newer, older, ct
 
 
-async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer_node: Node,
+async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer_node: Services,
                                                          two_studies) -> None:
     newer, older, ct = two_studies
     mine, token = share([newer, older], "me@example.org")
@@ -132,7 +133,7 @@ async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer
 
 
 async def test_the_window_is_checked_and_names_the_etag_by_value(
-        browser: Browser, viewer_node: Node, two_studies) -> None:
+        browser: Browser, viewer_node: Services, two_studies) -> None:
     newer, _, _ = two_studies
     mine, token = share([newer], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
@@ -160,7 +161,7 @@ async def test_the_window_is_checked_and_names_the_etag_by_value(
     assert cached.status == 304, (cached.headers.get("ETag"), plain.headers["ETag"])
 
 
-async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: Node,
+async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: Services,
                                                 two_studies, caplog) -> None:
     # Hundreds of frames per series: the audit actor (the recipient's email) is built
     # only by /opened, so a frame reads the recipient row once (to check access).
@@ -188,7 +189,7 @@ async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: N
 
 
 async def test_others_ids_are_not_found_and_closed_transactions_gone(
-        browser: Browser, viewer_node: Node, two_studies, tmp_path: Path) -> None:
+        browser: Browser, viewer_node: Services, two_studies, tmp_path: Path) -> None:
     newer, older, _ = two_studies
     mine, token = share([newer], "me@example.org")
     theirs, _ = share([older], "them@example.org")
@@ -222,13 +223,13 @@ async def test_others_ids_are_not_found_and_closed_transactions_gone(
     assert dashboard.count("/view\"") == 1  # only the open transaction offers View
 
 
-async def _instance_uids(node: Node, study_uid: str) -> list[str]:
+async def _instance_uids(node: Services, study_uid: str) -> list[str]:
     from storage.models import Instance, Series, Study
     return [i.sop_uid for i in Instance.select().join(Series).join(Study)
             .where(Study.study_uid == study_uid)]
 
 
-async def test_staff_view_any_transaction(browser: Browser, viewer_node: Node,
+async def test_staff_view_any_transaction(browser: Browser, viewer_node: Services,
                                           two_studies) -> None:
     newer, older, _ = two_studies
     transaction, _ = share([newer, older], "me@example.org")
@@ -253,7 +254,7 @@ async def test_staff_view_any_transaction(browser: Browser, viewer_node: Node,
 
 
 async def test_multi_frame_colour_lists_frames_and_serves_rgb(browser: Browser,
-                                                              viewer_node: Node,
+                                                              viewer_node: Services,
                                                               tmp_path: Path) -> None:
     path = factory.copy_bundled("SC_rgb_rle_2frame.dcm", tmp_path / "mf", PatientID="P7",
                                 StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())

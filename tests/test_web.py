@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from config import load_settings
-from iepnode.node import Node
+from iepnode.wiring import build_services
 from tests import data_factory as factory
 from tests.support.ingest import store_files
 from web.app import create_app
@@ -17,7 +17,7 @@ from web.connections import GuardedAppRunner, HttpLimits
 
 async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
-    node = Node(settings)
+    node = build_services(settings)
     store_files(node, factory.make_ct_series(tmp_path / "in", 2))
     client = await aiohttp_client(create_app(settings, node))
     response = await client.get("/healthz")
@@ -35,14 +35,14 @@ async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_p
 
 def test_orphan_fileset_folders_are_removed(tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
-    node = Node(settings)
+    node = build_services(settings)
     study_uid = store_files(node, factory.make_ct_series(tmp_path / "in", 1))
-    kept = node.build_fileset(study_uid)
+    kept = node.filesets.build_fileset(study_uid)
     orphan = settings.fileset_dir / "ZZZZZZZZ"
     (orphan / "PT000000").mkdir(parents=True)
     staging = settings.fileset_dir / ".ABC.1234.staging"
     staging.mkdir()
-    assert node.remove_orphan_filesets() == 1
+    assert node.filesets.remove_orphan_filesets() == 1
     assert not orphan.exists() and kept.is_dir() and staging.is_dir()
 
 
@@ -52,7 +52,7 @@ async def test_resources_go_in_cleanup_ctx_and_the_guarded_runner_runs_it(
     # holds belongs in app.cleanup_ctx); the guarded runner of `iepnode serve` enters a
     # cleanup context at setup() and leaves it at cleanup(), as aiohttp's AppRunner does.
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
-    app = create_app(settings, Node(settings))
+    app = create_app(settings, build_services(settings))
     assert list(app.cleanup_ctx) == [] and list(app.on_shutdown) == []
     assert len(app.on_startup) == 1 and len(app.on_cleanup) == 1  # cleanup_ctx's own
     events: list[str] = []

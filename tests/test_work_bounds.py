@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from iepnode.node import Node
 from iepnode.uploads import staging as uploads
 from iepnode.viewing import rendering
+from iepnode.wiring import build_services
 from tests import data_factory as factory
 from tests.support.node import wait_for
 from tests.test_recipient_web import make_settings
@@ -79,7 +79,7 @@ def test_frames_are_decoded_a_few_at_a_time(tmp_path: Path, monkeypatch: pytest.
                                             turns: Any, allowed: int) -> None:
     import pydicom.pixels
 
-    Node(make_settings(tmp_path, render_concurrency=allowed))  # applies the setting
+    build_services(make_settings(tmp_path, render_concurrency=allowed))  # applies the setting
     path = factory.bundled("CT_small.dcm")
     gate = Gate(pydicom.pixels.pixel_array)  # the decode (imported by each call)
     monkeypatch.setattr(pydicom.pixels, "pixel_array", gate)
@@ -94,14 +94,14 @@ def test_frames_are_decoded_a_few_at_a_time(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_default_render_concurrency_is_two(tmp_path: Path, turns: Any) -> None:
-    assert Node(make_settings(tmp_path)).settings.render_concurrency == 2
+    assert build_services(make_settings(tmp_path)).settings.render_concurrency == 2
     assert rendering._TURNS.limit == 2
 
 
 @pytest.mark.parametrize("allowed", [1, 2])
 def test_upload_files_are_inspected_a_few_at_a_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allowed: int) -> None:
-    node = Node(make_settings(tmp_path, upload_inspections=allowed))
+    node = build_services(make_settings(tmp_path, upload_inspections=allowed))
     request, _ = make_request()
     service = node.uploads
     data = factory.make_ct_series(tmp_path / "ct", 1, PatientID="CD-1")[0].read_bytes()

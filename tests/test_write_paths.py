@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from config import load_settings
-from iepnode.node import Node
+from iepnode.services import Services
 from iepnode.sharing import transactions as tx
+from iepnode.wiring import build_services
 from storage import hot_queries
 from storage.db import open_database, write_transaction
 from storage.group_commit import GroupCommitter
@@ -26,9 +27,10 @@ CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+4412
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    node = Node(load_settings(overrides={"data_dir": tmp_path / "data", "database_url": url},
+    node = build_services(load_settings(overrides={"data_dir": tmp_path / "data",
+                                                   "database_url": url},
                               environ={}))
     yield node
     node.group_commit.close()
@@ -43,7 +45,7 @@ def _event(n: int) -> AuditEvent:
 # -- group commit -------------------------------------------------------------------------
 
 
-def test_group_commit_runs_every_job_once_and_commits_before_returning(node: Node) -> None:
+def test_group_commit_runs_every_job_once_and_commits_before_returning(node: Services) -> None:
     committer = node.group_commit
     results: dict[int, int] = {}
     start = threading.Barrier(24)
@@ -66,7 +68,7 @@ def test_group_commit_runs_every_job_once_and_commits_before_returning(node: Nod
     assert 1 <= committer.batches <= 24
 
 
-def test_a_failing_job_gets_its_error_and_leaves_the_others_committed(node: Node) -> None:
+def test_a_failing_job_gets_its_error_and_leaves_the_others_committed(node: Services) -> None:
     committer = node.group_commit
     gate = threading.Event()
     errors: list[BaseException] = []
@@ -98,7 +100,7 @@ def test_a_failing_job_gets_its_error_and_leaves_the_others_committed(node: Node
     assert actions == {"job-1", "job-2"}  # job-100 was rolled back with its savepoint
 
 
-def test_committer_restarts_after_close(node: Node) -> None:
+def test_committer_restarts_after_close(node: Services) -> None:
     node.group_commit.close()
     assert node.group_commit.run(lambda: 42) == 42
 
@@ -106,7 +108,7 @@ def test_committer_restarts_after_close(node: Node) -> None:
 # -- the dashboard's fixed SQL ----------------------------------------------------------
 
 
-def test_dashboard_statements_match_the_models(node: Node, tmp_path: Path) -> None:
+def test_dashboard_statements_match_the_models(node: Services, tmp_path: Path) -> None:
     study = store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
                                                PatientID="P1"))
     request = tx.NewTransfer((study,), "pat@example.org", otp_mobile="+447700900123")
@@ -138,24 +140,25 @@ def test_dashboard_statements_match_the_models(node: Node, tmp_path: Path) -> No
     assert hot_queries.recipient(10_000) is None
 
 
-def test_dashboard_audits_and_marks_read_through_group_commit(node: Node, tmp_path: Path) -> None:
+def test_dashboard_audits_and_marks_read_through_group_commit(node: Services,
+                                                              tmp_path: Path) -> None:
     study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     request = tx.NewTransfer((study,), "pat@example.org", otp_mobile="+447700900123")
     transaction, _ = tx.create_transfer(request, contact=CONTACT, institution="St Elsewhere",
                                         created_by="cli")
     tx.add_message(transaction, "staff", "radiology@hospital.example", "Hello")
     me = Recipient.get(Recipient.email == "pat@example.org")
-    board = node.recipient_dashboard(me.id, "all", "192.0.2.7")
+    board = node.sharing.recipient_dashboard(me.id, "all", "192.0.2.7")
     assert [v.transaction.public_id for v in board.transactions] == [transaction.public_id]
     assert board.transactions[0].unread == 1 and board.unread == 1
     event = AuditEvent.get(AuditEvent.transaction_public_id == transaction.public_id,
                            AuditEvent.action == "view-transaction")
     assert (event.source_ip, event.actor, event.patient_id) == ("192.0.2.7", me.email, "P1")
-    assert node.recipient_dashboard(me.id, "all").unread == 0
+    assert node.sharing.recipient_dashboard(me.id, "all").unread == 0
     assert node.group_commit.jobs == 2
 
 
-def test_session_activity_is_written_once_a_minute(node: Node) -> None:
+def test_session_activity_is_written_once_a_minute(node: Services) -> None:
     from iepnode.sharing import logins
     me = Recipient.create(email="a@example.org", created_at=T0)
     opened = logins.open_session(me, now=T0)

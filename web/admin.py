@@ -44,7 +44,7 @@ from iepnode.people.staff_logins import (
 )
 from iepnode.records import StaffUser
 from web import middlewares
-from web.common import client_ip, node_of, see_other
+from web.common import client_ip, see_other, services_of
 from web.keys import SESSION_KEY
 from web.staff_pages import (
     STEP_PAGES,
@@ -115,7 +115,7 @@ async def login(request: web.Request) -> web.StreamResponse:
                            status=403)
     old = request.cookies.get(middlewares.SESSION_COOKIE)
     if old:
-        await asyncio.to_thread(node_of(request).end_session, old)
+        await asyncio.to_thread(services_of(request).logins.end_session, old)
     response = see_other(next_url)
     middlewares.set_session_cookie(response, opened.session.token)
     response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,

@@ -19,7 +19,7 @@ from aiohttp import web
 from iepnode.errors import InvalidRequest, UnknownDestination
 from iepnode.records import SERVICES
 from iepnode.rules.identifiers import is_public_id
-from web.common import node_of, see_other
+from web.common import see_other, services_of
 from web.staff_pages import (
     Staff,
     field,
@@ -78,7 +78,7 @@ async def remove_ae(request: web.Request, staff: Staff) -> web.StreamResponse:
 @staff_view()
 async def sends(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/sends``: the latest send jobs with live progress."""
-    jobs = await asyncio.to_thread(node_of(request).send_jobs)
+    jobs = await asyncio.to_thread(services_of(request).sends.send_jobs)
     return render(request, staff, "sends.html", {"jobs": jobs}, section="sends")
 
 
@@ -88,15 +88,15 @@ async def sends_json(request: web.Request, staff: Staff) -> web.StreamResponse:
     transaction = request.query.get("transaction") or None
     if transaction is not None and not is_public_id(transaction):
         raise web.HTTPNotFound()
-    jobs = await asyncio.to_thread(node_of(request).send_jobs, transaction)
+    jobs = await asyncio.to_thread(services_of(request).sends.send_jobs, transaction)
     return web.json_response({"jobs": [job.as_json() for job in jobs]})
 
 
 async def _routes_page(request: web.Request, staff: Staff, *, error: str = "",
                        values: dict[str, str] | None = None, status: int = 200) -> web.Response:
-    node = node_of(request)
+    services = services_of(request)
     rules, destinations = await asyncio.to_thread(
-        lambda: (node.route_rules(), node.send_destinations()))
+        lambda: (services.sends.route_rules(), services.sends.send_destinations()))
     return render(request, staff, "routes.html", {
         "rules": rules, "destinations": destinations, "error": error, "values": values or {},
     }, section="routes", status=status)
@@ -116,7 +116,7 @@ async def add_route(request: web.Request, staff: Staff) -> web.StreamResponse:
                                                "destination")}
     try:
         await asyncio.to_thread(functools.partial(
-            node_of(request).add_route, values["destination"], staff_actor(staff),
+            services_of(request).sends.add_route, values["destination"], staff_actor(staff),
             calling_ae=values["calling_ae"], accession_prefix=values["accession_prefix"],
             modality=values["modality"]))
     except (InvalidRequest, UnknownDestination) as exc:
@@ -131,5 +131,5 @@ async def remove_route(request: web.Request, staff: Staff) -> web.StreamResponse
         rule_id = int(request.match_info["rule_id"])
     except ValueError:
         raise web.HTTPNotFound() from None
-    await asyncio.to_thread(node_of(request).remove_route, rule_id, staff_actor(staff))
+    await asyncio.to_thread(services_of(request).sends.remove_route, rule_id, staff_actor(staff))
     return see_other("/admin/routes?done=route-removed")

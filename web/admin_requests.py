@@ -19,7 +19,7 @@ from iepnode.outbound.messaging import DeliveryError
 from iepnode.sharing import recipients
 from iepnode.sharing.transactions import PRIORITIES
 from iepnode.uploads.image_requests import NewRequest
-from web.common import node_of, see_other
+from web.common import see_other, services_of
 from web.staff_pages import Staff, field, render, staff_actor, staff_view
 
 FIELDS = ("recipient_email", "recipient_name", "channel", "otp_mobile", "otp_email",
@@ -29,7 +29,7 @@ FIELDS = ("recipient_email", "recipient_name", "channel", "otp_mobile", "otp_ema
 
 def _defaults(request: web.Request) -> dict[str, str]:
     return {"channel": "sms", "priority": "NORMAL",
-            "expiry_days": str(node_of(request).settings.transaction_expiry_days)}
+            "expiry_days": str(services_of(request).settings.transaction_expiry_days)}
 
 
 def _form_page(request: web.Request, staff: Staff, values: dict[str, str], *,
@@ -50,10 +50,10 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
     """``POST /admin/requests``: create the request, email its link, show it."""
     form = await request.post()
     values: dict[str, Any] = {name: field(form, name, 4000) for name in FIELDS}
-    node = node_of(request)
+    services = services_of(request)
     try:
         try:
-            expiry = int(values["expiry_days"].strip() or node.settings.transaction_expiry_days)
+            expiry = int(values["expiry_days"].strip() or services.settings.transaction_expiry_days)
         except ValueError:
             raise InvalidRequest("expiry: give a whole number of days") from None
         channel = values["channel"]
@@ -68,7 +68,7 @@ async def create_request(request: web.Request, staff: Staff) -> web.StreamRespon
             patient_id=values["patient_id"], patient_id_issuer=values["issuer"],
             nhs_number=values["nhs_number"], reason=values["reason"],
             message=values["message"], priority=values["priority"], expiry_days=expiry)
-        created = await node.create_request(
+        created = await services.requests.create_request(
             new, actor=staff_actor(staff), user=staff.user)
     except (InvalidRequest, DeliveryError) as exc:
         message = str(exc)

@@ -27,7 +27,7 @@ from iepnode.errors import InvalidRequest, UnknownDestination
 from iepnode.outbound.messaging import DeliveryError
 from iepnode.sharing import recipients
 from iepnode.sharing.transactions import PRIORITIES, NewTransfer
-from web.common import node_of, public_id_of, see_other
+from web.common import public_id_of, see_other, services_of
 from web.staff_pages import (
     Staff,
     field,
@@ -54,12 +54,12 @@ async def _transaction_page(request: web.Request, staff: Staff, public_id: str, 
                             channel_error: str = "", status: int = 200) -> web.Response:
     view = await asyncio.to_thread(_admin(request).transactions.transaction_view, public_id,
                                    staff.user, staff.ip)
-    node = node_of(request)
+    services = services_of(request)
 
     def sending() -> dict[str, Any]:
-        return {"destinations": node.send_destinations(),
-                "sends": node.send_jobs(transaction=public_id),
-                "recipient_aes": set(node.recipient_send_aes(public_id))}
+        return {"destinations": services.sends.send_destinations(),
+                "sends": services.sends.send_jobs(transaction=public_id),
+                "recipient_aes": set(services.sends.recipient_send_aes(public_id))}
 
     return render(request, staff, "transaction.html",
                   {"view": view, "error": error, "body": body, "send_error": send_error,
@@ -144,7 +144,7 @@ async def send_transaction(request: web.Request, staff: Staff) -> web.StreamResp
     public_id = public_id_of(request)
     form = await request.post()
     try:
-        await asyncio.to_thread(node_of(request).send_transaction, public_id,
+        await asyncio.to_thread(services_of(request).sends.send_transaction, public_id,
                                 field(form, "ae_title", 16), staff_actor(staff))
     except (InvalidRequest, UnknownDestination) as exc:
         return await _transaction_page(request, staff, public_id, send_error=str(exc),
@@ -159,8 +159,8 @@ async def recipient_send(request: web.Request, staff: Staff) -> web.StreamRespon
     form = await request.post()
     titles = [t[:16] for t in form.getall("ae_title", []) if isinstance(t, str)][:50]
     try:
-        await asyncio.to_thread(node_of(request).set_recipient_send_aes, public_id, titles,
-                                staff_actor(staff))
+        await asyncio.to_thread(services_of(request).sends.set_recipient_send_aes, public_id,
+                                titles, staff_actor(staff))
     except UnknownDestination as exc:
         return await _transaction_page(request, staff, public_id, send_error=str(exc),
                                        status=400)
@@ -172,7 +172,7 @@ async def recipient_send(request: web.Request, staff: Staff) -> web.StreamRespon
 
 def _share_defaults(request: web.Request) -> dict[str, str]:
     return {"channel": "sms", "priority": "NORMAL",
-            "expiry_days": str(node_of(request).settings.transaction_expiry_days)}
+            "expiry_days": str(services_of(request).settings.transaction_expiry_days)}
 
 
 @staff_view()
@@ -204,7 +204,7 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
     try:
         try:
             expiry = int(values["expiry_days"].strip() or
-                         node_of(request).settings.transaction_expiry_days)
+                         services_of(request).settings.transaction_expiry_days)
         except ValueError:
             raise InvalidRequest("expiry: give a whole number of days") from None
         channel = values["channel"]
@@ -217,7 +217,8 @@ async def create_transfer(request: web.Request, staff: Staff) -> web.StreamRespo
             recipient_name=values["recipient_name"], message=values["message"],
             priority=values["priority"], expiry_days=expiry, nhs_number=values["nhs_number"],
         )
-        created = await node_of(request).share(new, actor=staff_actor(staff), user=staff.user)
+        created = await services_of(request).sharing.share(new, actor=staff_actor(staff),
+                                                           user=staff.user)
         kept = recipients.kept_instead(created.recipient, new.otp_mobile, new.otp_email)
     except (InvalidRequest, ValueError, DeliveryError) as exc:
         if isinstance(exc, DeliveryError):

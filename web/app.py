@@ -5,24 +5,24 @@ from __future__ import annotations
 from aiohttp import web
 
 from config import Settings
-from iepnode.node import Node
+from iepnode.services import Services
 from web import middlewares
-from web.keys import NODE_KEY, SETTINGS_KEY
+from web.keys import SERVICES_KEY, SETTINGS_KEY
 from web.routes import add_routes
 from web.templating import setup_templates
 
-__all__ = ["NODE_KEY", "SETTINGS_KEY", "create_app"]
+__all__ = ["SERVICES_KEY", "SETTINGS_KEY", "create_app"]
 
 
-def create_app(settings: Settings, node: Node) -> web.Application:
+def create_app(settings: Settings, services: Services) -> web.Application:
     """Build the aiohttp application.
 
     Parameters
     ----------
     settings : Settings
         Node settings.
-    node : Node
-        The domain façade the views call.
+    services : Services
+        The services the views call.
     """
     chain = [middlewares.security_headers, middlewares.domain_errors, middlewares.sessions,
              middlewares.upload_limit,  # issue 4: attachment uploads (before csrf reads them)
@@ -31,7 +31,7 @@ def create_app(settings: Settings, node: Node) -> web.Application:
         chain.insert(0, middlewares.trusted_proxies(settings.trusted_proxies))
     app = web.Application(middlewares=chain, client_max_size=1 << 20)
     app[SETTINGS_KEY] = settings
-    app[NODE_KEY] = node
+    app[SERVICES_KEY] = services
     setup_templates(app, settings)
     add_routes(app)
     return app

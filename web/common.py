@@ -6,17 +6,17 @@ from aiohttp import web
 
 from iepnode import dicomtext
 from iepnode.errors import NotFound
-from iepnode.node import Node
 from iepnode.records import WebSession
 from iepnode.rules.identifiers import is_public_id
-from web.keys import NODE_KEY, SESSION_KEY
+from iepnode.services import Services
+from web.keys import SERVICES_KEY, SESSION_KEY
 
 _SEXES = {"F": "Female", "M": "Male", "O": "Other"}
 
 
-def node_of(request: web.Request) -> Node:
-    """The node façade the views call."""
-    return request.app[NODE_KEY]
+def services_of(request: web.Request) -> Services:
+    """The services the views call."""
+    return request.app[SERVICES_KEY]
 
 
 def client_ip(request: web.Request) -> str:

@@ -52,7 +52,7 @@ from iepnode.people import audit
 from iepnode.rules.identifiers import is_public_id, is_uid_like
 from iepnode.viewing import dicomweb as dw
 from iepnode.viewing import dicomweb_access as access
-from web.common import client_ip, node_of
+from web.common import client_ip, services_of
 from web.keys import SESSION_KEY, SETTINGS_KEY
 from web.middlewares import SECURITY_HEADERS
 
@@ -128,7 +128,7 @@ def _scope(request: web.Request) -> access.Scope:
     NotFound, Gone
         As :func:`iepnode.viewing.dicomweb.token_scope` / :func:`recipient_scope`.
     """
-    node = node_of(request)
+    services = services_of(request)
     public_id = request.match_info.get("public_id", "")
     if public_id and not is_public_id(public_id):
         raise NotFound("no such transaction")
@@ -141,8 +141,8 @@ def _scope(request: web.Request) -> access.Scope:
         if not public_id:
             raise NotFound("recipients use their transaction's base URL")
         return access.recipient_scope(session.recipient_id, public_id, ip)
-    user = node.admin.logins.staff_for_session(session)
-    if user is not None and node.admin.logins.pending_step(user) is None:
+    user = services.admin.logins.staff_for_session(session)
+    if user is not None and services.admin.logins.pending_step(user) is None:
         return access.staff_scope(user, public_id, ip)
     raise access.TokenRefused("sign in, or send a bearer token")
 
@@ -181,7 +181,7 @@ def _record(request: web.Request, call: Call, event: tuple[str, str], action: st
     shares a commit with those of its neighbours instead of queueing alone for the
     database's single write lock.
     """
-    node_of(request).group_commit.run(functools.partial(
+    services_of(request).group_commit.run(functools.partial(
         dw.record, call.scope, event, action, study_uids, detail, outcome))
 
 
@@ -440,8 +440,8 @@ def _selected(request: web.Request, call: Call,
 
 async def retrieve(request: web.Request, call: Call) -> web.StreamResponse:
     """WADO-RS retrieve of a study, series or instance: the stored files, multipart."""
-    node = node_of(request)
-    items = await asyncio.to_thread(_selected, request, call, node.dicomweb)
+    services = services_of(request)
+    items = await asyncio.to_thread(_selected, request, call, services.dicomweb)
     _accepts(request, "application/dicom", {i.transfer_syntax for i in items})
     multipart = Multipart("application/dicom")
     if request.method == "HEAD":
@@ -468,10 +468,10 @@ async def metadata(request: web.Request, call: Call) -> web.StreamResponse:
     Written one instance at a time (a study's metadata can run to many megabytes).
     """
     _accepts_json(request)
-    node = node_of(request)
+    services = services_of(request)
 
     def run() -> list[dw.StoredInstance]:
-        items = _selected(request, call, node.dicomweb)
+        items = _selected(request, call, services.dicomweb)
         _record(request, call, audit.INSTANCES_ACCESSED, "wado-metadata",
                 [i.study_uid for i in items],
                 f"WADO-RS {request.path[:300]}: {len(items)} instances")
@@ -510,11 +510,11 @@ async def frames(request: web.Request, call: Call) -> web.StreamResponse:
 
     Each frame is read from the file when its part is written (one frame in memory).
     """
-    node = node_of(request)
+    services = services_of(request)
     numbers = dw.parse_frame_list(request.match_info["frames"], _max_frames(request))
 
     def run() -> tuple[dw.StoredInstance, dw.PixelData]:
-        item = _selected(request, call, node.dicomweb)[0]
+        item = _selected(request, call, services.dicomweb)[0]
         pixels = dw.PixelData(item)
         try:
             pixels.check(numbers)
@@ -545,9 +545,9 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
     ``singlepart`` option does, for PDFs). Pixel data is streamed (native: in blocks;
     compressed: a frame at a time); other values are one part.
     """
-    node = node_of(request)
+    services = services_of(request)
     tag = dw.bulk_tag(request.match_info["tag"])
-    item = (await asyncio.to_thread(_selected, request, call, node.dicomweb))[0]
+    item = (await asyncio.to_thread(_selected, request, call, services.dicomweb))[0]
     if tag == dw.PIXEL_DATA:
         pixels = await asyncio.to_thread(dw.PixelData, item)
         try:
@@ -599,7 +599,7 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
     first frame at study and series level; instances without an image are passed
     over), each rendered when its part is written: one image in memory at a time.
     """
-    node = node_of(request)
+    services = services_of(request)
     accept = [m.type for m in parse_accept(request.headers.get("Accept", ""))
               if m.type != "multipart/related"] + [
         m.params.get("type", "") for m in parse_accept(request.headers.get("Accept", ""))
@@ -613,7 +613,7 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
     one_instance = bool(request.match_info.get("instance"))
 
     def select() -> list[dw.StoredInstance]:
-        items = _selected(request, call, node.dicomweb)[:1000]
+        items = _selected(request, call, services.dicomweb)[:1000]
         if one_instance and dw.frame_count(items[0]) < max(numbers):
             raise NotFound("no such frame")
         return items
@@ -649,7 +649,7 @@ async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
     The middle instance of the selection (its first frame, or the first frame asked
     for), fitted in 128x128 unless ``viewport`` says otherwise.
     """
-    node = node_of(request)
+    services = services_of(request)
     try:
         how = dw.parse_rendering(request.query, [m.type for m in parse_accept(
             request.headers.get("Accept", ""))])
@@ -661,7 +661,7 @@ async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
     frame = dw.parse_frame_list(frame_text, _max_frames(request))[0] if frame_text else 1
 
     def run() -> bytes:
-        items = _selected(request, call, node.dicomweb)
+        items = _selected(request, call, services.dicomweb)
         image = dw.render_image(items[len(items) // 2], frame, how)
         _record(request, call, audit.INSTANCES_ACCESSED, "wado-thumbnail",
                   [items[0].study_uid], f"WADO-RS {request.path[:300]}")

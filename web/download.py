@@ -34,7 +34,7 @@ from aiohttp import web
 from iepnode.people import audit
 from iepnode.sharing.downloads import PROTECTED_TTL, is_downloadable
 from iepnode.sharing.pdi import size_text
-from web.common import client_ip, node_of, public_id_of, recipient_session
+from web.common import client_ip, public_id_of, recipient_session, services_of
 from web.middlewares import SECURITY_HEADERS
 
 log = logging.getLogger("iepnode.web.download")
@@ -86,8 +86,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     """``GET /transactions/{public_id}/download``: the transaction's zip (resumable)."""
     session = recipient_session(request)
     public_id = public_id_of(request)
-    node = node_of(request)
-    package = await asyncio.to_thread(node.recipient_package, session.recipient_id, public_id)
+    services = services_of(request)
+    package = await asyncio.to_thread(services.downloads.recipient_package, session.recipient_id,
+                                      public_id)
     etag = f'"{package.etag}"'
     wanted = parse_range(request.headers.get("Range"), package.size)
     if_range = request.headers.get("If-Range")
@@ -111,7 +112,8 @@ async def download(request: web.Request) -> web.StreamResponse:
         return response
     sent, outcome, note = [0], audit.SERIOUS_FAILURE, "failed"
     try:
-        async with contextlib.aclosing(node.package_bytes(package, start, stop)) as chunks:
+        async with contextlib.aclosing(services.downloads.package_bytes(package, start,
+                                                                        stop)) as chunks:
             async for chunk in chunks:
                 await response.write(chunk)
                 sent[0] += len(chunk)
@@ -131,8 +133,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     finally:
         detail = (f"bytes {start}-{stop - 1} of {package.size} ({note}"
                   f"{'' if note == 'complete' else f' after {sent[0]} bytes'})")
-        await asyncio.to_thread(node.record_recipient_download, session.recipient_id, package,
-                                public_id=public_id, source_ip=client_ip(request),
+        await asyncio.to_thread(services.downloads.record_recipient_download, session.recipient_id,
+                                package, public_id=public_id, source_ip=client_ip(request),
                                 outcome=outcome, detail=detail)
     return response
 
@@ -144,7 +146,7 @@ async def protect(request: web.Request) -> web.Response:
     """
     session = recipient_session(request)
     public_id = public_id_of(request)
-    copy, recipient = await asyncio.to_thread(node_of(request).protect_package,
+    copy, recipient = await asyncio.to_thread(services_of(request).downloads.protect_package,
                                               session.recipient_id, public_id,
                                               client_ip(request))
     return aiohttp_jinja2.render_template("recipient/protected.html", request, {
@@ -159,7 +161,7 @@ async def protected_file(request: web.Request) -> web.FileResponse:
     session = recipient_session(request)
     rng = request.headers.get("Range", "")
     path, filename = await asyncio.to_thread(
-        node_of(request).protected_download, session.recipient_id,
+        services_of(request).downloads.protected_download, session.recipient_id,
         request.match_info["token"], client_ip(request),
         f"range {rng}" if rng else "whole file")
     return web.FileResponse(path, headers={

@@ -34,7 +34,7 @@ from iepnode.sharing.forwarding import (
     ForwardState,
 )
 from iepnode.sharing.transactions import is_expired
-from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
+from web.common import client_ip, public_id_of, recipient_session, see_other, services_of
 
 #: The fields of the dialog, with the most characters kept of each.
 FIELDS = {"email": 254, "email_confirm": 254, "first_name": 64, "last_name": 64,
@@ -75,7 +75,8 @@ def _request(values: dict[str, str]) -> ForwardRequest:
 
 async def _dialog(request: web.Request, session: WebSession, *, values: dict[str, str],
                   error: str = "", step: int = 1, status: int = 200) -> web.Response:
-    dialog = await asyncio.to_thread(node_of(request).forward_dialog, session.recipient_id,
+    dialog = await asyncio.to_thread(services_of(request).forwards.forward_dialog,
+                                     session.recipient_id,
                                      public_id_of(request), client_ip(request))
     return aiohttp_jinja2.render_template("recipient/forward.html", request, {
         "dialog": dialog, "t": dialog.transaction, "recipient": dialog.forwarder,
@@ -96,7 +97,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     public_id = public_id_of(request)
     values = _values(await request.post())
     try:
-        await node_of(request).forward_to_person(session.recipient_id, public_id,
+        await services_of(request).forwards.forward_to_person(session.recipient_id, public_id,
                                                  _request(values), client_ip(request))
     except ForwardInvalid as exc:
         return await _dialog(request, session, values=values, error=_sentence(exc),
@@ -112,8 +113,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
 async def forwards(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}/forwards``: to whom the package was forwarded."""
     session = recipient_session(request)
-    node = node_of(request)
-    history = await asyncio.to_thread(node.forward_history, session.recipient_id,
+    services = services_of(request)
+    history = await asyncio.to_thread(services.forwards.forward_history, session.recipient_id,
                                       public_id_of(request))
     return aiohttp_jinja2.render_template("recipient/forwards.html", request, {
         "history": history, "t": history.transaction, "recipient": history.forwarder,
@@ -126,7 +127,7 @@ async def states_for(request: web.Request, views: list[Any]) -> dict[str, Forwar
     """Whether each shown transaction may be forwarded, for the Forward button."""
     if not views:
         return {}
-    return await asyncio.to_thread(node_of(request).forward_states,
+    return await asyncio.to_thread(services_of(request).forwards.forward_states,
                                    [v.transaction for v in views])
 
 

@@ -7,13 +7,13 @@ import asyncio
 from aiohttp import web
 
 from iepnode import __version__
-from web.keys import NODE_KEY
+from web.keys import SERVICES_KEY
 
 
 async def healthz(request: web.Request) -> web.Response:
     """Report that the node is up, with its AE title and index counts."""
-    node = request.app[NODE_KEY]
-    counts = await asyncio.to_thread(node.counts)
+    services = request.app[SERVICES_KEY]
+    counts = await asyncio.to_thread(services.archive.counts)
     return web.json_response(
-        {"status": "ok", "version": __version__, "ae_title": node.settings.ae_title, **counts}
+        {"status": "ok", "version": __version__, "ae_title": services.settings.ae_title, **counts}
     )

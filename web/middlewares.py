@@ -40,7 +40,7 @@ from iepnode.rules.identifiers import PUBLIC_ID_PATTERN, new_token
 from iepnode.rules.text import UNSAFE_NAME
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from web import proxies
-from web.keys import NODE_KEY, SESSION_KEY
+from web.keys import SERVICES_KEY, SESSION_KEY
 
 log = logging.getLogger("iepnode.web")
 
@@ -149,9 +149,9 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
     request[SESSION_KEY] = None
     token = request.cookies.get(SESSION_COOKIE)
     if token:
-        node = request.app[NODE_KEY]
+        services = request.app[SERVICES_KEY]
         try:
-            request[SESSION_KEY] = await asyncio.to_thread(node.resume_session, token)
+            request[SESSION_KEY] = await asyncio.to_thread(services.logins.resume_session, token)
         except NotFound:
             request[SESSION_KEY] = None
     return await handler(request)

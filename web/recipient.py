@@ -18,7 +18,7 @@ Routes (all server-rendered, no inline script or style)::
     POST /account/authenticator/remove       remove the app (needs a current code from it)
     POST /logout                             end the session
 
-Views are thin: blocking calls into the :class:`~iepnode.node.Node` façade run in
+Views are thin: blocking calls into the :class:`~iepnode.services.Services` run in
 a thread, domain errors become pages in :mod:`web.middlewares`, and CSRF is
 checked there for every POST.
 """
@@ -54,10 +54,10 @@ from web.common import (
     client_ip,
     format_pn,
     format_sex,
-    node_of,
     public_id_of,
     recipient_session,
     see_other,
+    services_of,
 )
 from web.keys import SESSION_KEY
 from web.staff_pages import qr_svg
@@ -131,8 +131,8 @@ async def _login_page(request: web.Request, token: str, *, sent: bool, notice: s
                       error: str = "", attempt_id: int | None = None,
                       status: int = 200) -> web.Response:
     """Render the passcode form of a link, with the CSRF value its forms must carry."""
-    node = node_of(request)
-    state = await asyncio.to_thread(node.link_login, token)
+    services = services_of(request)
+    state = await asyncio.to_thread(services.logins.link_login, token)
     # With a live session the CSRF middleware checks the session's token, so the
     # form must carry that one (e.g. a signed-in recipient opening a newer link).
     session = request[SESSION_KEY]
@@ -148,7 +148,7 @@ async def _login_page(request: web.Request, token: str, *, sent: bool, notice: s
         "error": error,
         "contact": state.contact,
         "csrf": csrf,
-        "minutes": node.settings.passcode_ttl_minutes,
+        "minutes": services.settings.passcode_ttl_minutes,
     }
     response = aiohttp_jinja2.render_template("recipient/login.html", request, context,
                                               status=status)
@@ -158,14 +158,14 @@ async def _login_page(request: web.Request, token: str, *, sent: bool, notice: s
 
 
 async def _locked_page(request: web.Request, token: str) -> web.Response:
-    state = await asyncio.to_thread(node_of(request).link_login, token)
+    state = await asyncio.to_thread(services_of(request).logins.link_login, token)
     return aiohttp_jinja2.render_template("recipient/locked.html", request,
                                           {"contact": state.contact}, status=403)
 
 
 async def _send_and_show(request: web.Request, token: str) -> web.Response:
     try:
-        await node_of(request).send_passcode(token, client_ip(request))
+        await services_of(request).logins.send_passcode(token, client_ip(request))
     except RateLimited:
         return await _login_page(
             request, token, sent=False,
@@ -189,7 +189,7 @@ async def link(request: web.Request) -> web.Response:
     """
     token = request.match_info["token"]
     try:
-        state = await asyncio.to_thread(node_of(request).link_login, token)
+        state = await asyncio.to_thread(services_of(request).logins.link_login, token)
         if not state.totp:
             return await _send_and_show(request, token)
         if state.locked:
@@ -214,9 +214,10 @@ async def login(request: web.Request) -> web.StreamResponse:
         attempt_id = int(str(form.get("attempt", "")))
     except ValueError:
         attempt_id = -1
-    node = node_of(request)
+    services = services_of(request)
     try:
-        opened = await asyncio.to_thread(node.log_in, token, attempt_id, code, client_ip(request))
+        opened = await asyncio.to_thread(services.logins.log_in, token, attempt_id, code,
+                                         client_ip(request))
     except RecipientLocked:
         return await _locked_page(request, token)
     except PasscodeRejected as exc:
@@ -231,9 +232,10 @@ async def login_app(request: web.Request) -> web.StreamResponse:
     """``POST /t/{token}/login-app``: check a code from the authenticator app; open a session."""
     token = request.match_info["token"]
     form = await request.post()
-    node = node_of(request)
+    services = services_of(request)
     try:
-        opened = await asyncio.to_thread(node.log_in_app, token, _code(form), client_ip(request))
+        opened = await asyncio.to_thread(services.logins.log_in_app, token, _code(form),
+                                         client_ip(request))
     except RecipientLocked:
         return await _locked_page(request, token)
     except PasscodeRejected as exc:
@@ -246,7 +248,7 @@ async def _logged_in(request: web.Request, opened: NewSession) -> web.Response:
     """End the browser's old session, set the new cookie, and go to the dashboard."""
     old = request.cookies.get(middlewares.SESSION_COOKIE)
     if old:
-        await asyncio.to_thread(node_of(request).end_session, old)
+        await asyncio.to_thread(services_of(request).logins.end_session, old)
     response = see_other("/dashboard")
     middlewares.set_session_cookie(response, opened.token)
     response.del_cookie(middlewares.PRELOGIN_COOKIE, path="/", secure=True, httponly=True,
@@ -267,8 +269,8 @@ async def dashboard(request: web.Request) -> web.Response:
     """``GET /dashboard?tab=home|action|all``: the recipient's transactions."""
     session = recipient_session(request)
     tab = _tab(request.query.get("tab"))
-    board = await asyncio.to_thread(node_of(request).recipient_dashboard, session.recipient_id,
-                                    tab, client_ip(request))
+    board = await asyncio.to_thread(services_of(request).sharing.recipient_dashboard,
+                                    session.recipient_id, tab, client_ip(request))
     sending = await _sending(request, session, [v.transaction.public_id
                                                 for v in board.transactions])
     return aiohttp_jinja2.render_template("recipient/dashboard.html", request, {
@@ -281,8 +283,8 @@ async def dashboard(request: web.Request) -> web.Response:
 async def transaction(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}``: one transaction with everything expanded."""
     session = recipient_session(request)
-    view = await asyncio.to_thread(node_of(request).recipient_transaction, session.recipient_id,
-                                   public_id_of(request), client_ip(request))
+    view = await asyncio.to_thread(services_of(request).sharing.recipient_transaction,
+                                   session.recipient_id, public_id_of(request), client_ip(request))
     sending = await _sending(request, session, [view.transaction.public_id])
     return aiohttp_jinja2.render_template("recipient/transaction.html", request, {
         "view": view, "csrf": session.csrf_token, "tab": "all", "recipient": view.recipient,
@@ -296,11 +298,12 @@ async def _sending(request: web.Request, session: WebSession,
     """Where the recipient may send these transactions, and the sends they asked for."""
     if not public_ids:
         return {"send_options": {}, "recipient_sends": {}}
-    node = node_of(request)
+    services = services_of(request)
 
     def load() -> dict[str, Any]:
-        return {"send_options": node.recipient_send_options(session.recipient_id, public_ids),
-                "recipient_sends": node.recipient_sends(session.recipient_id, public_ids)}
+        return {"send_options": services.sends.recipient_send_options(session.recipient_id,
+                                                                      public_ids),
+                "recipient_sends": services.sends.recipient_sends(session.recipient_id, public_ids)}
 
     return await asyncio.to_thread(load)
 
@@ -310,8 +313,8 @@ async def send_to_pacs(request: web.Request) -> web.StreamResponse:
     session = recipient_session(request)
     public_id = public_id_of(request)
     form = await request.post()
-    await asyncio.to_thread(node_of(request).recipient_send, session.recipient_id, public_id,
-                            _text(form, "ae_title", 16), client_ip(request))
+    await asyncio.to_thread(services_of(request).sends.recipient_send, session.recipient_id,
+                            public_id, _text(form, "ae_title", 16), client_ip(request))
     return _back(public_id, _tab(form.get("tab"), "all"))
 
 
@@ -324,8 +327,8 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     session = recipient_session(request)
     public_id = public_id_of(request)
     form = await request.post()
-    await asyncio.to_thread(node_of(request).post_message, session.recipient_id, public_id,
-                            str(form.get("body", "")), client_ip(request))
+    await asyncio.to_thread(services_of(request).sharing.post_message, session.recipient_id,
+                            public_id, str(form.get("body", "")), client_ip(request))
     return _back(public_id, _tab(form.get("tab"), "all"))
 
 
@@ -334,7 +337,7 @@ async def decline(request: web.Request) -> web.StreamResponse:
     session = recipient_session(request)
     public_id = public_id_of(request)
     form = await request.post()
-    await asyncio.to_thread(node_of(request).decline, session.recipient_id, public_id,
+    await asyncio.to_thread(services_of(request).sharing.decline, session.recipient_id, public_id,
                             str(form.get("reason", "")), client_ip(request))
     return _back(public_id, "all")
 
@@ -346,7 +349,7 @@ async def _authenticator_page(request: web.Request, session: WebSession,
                               recipient: Recipient, enrolment: TotpEnrolment | None, *,
                               error: str = "", notice: str = "",
                               status: int = 200) -> web.Response:
-    contact = await asyncio.to_thread(node_of(request).recipient_contact, recipient.id)
+    contact = await asyncio.to_thread(services_of(request).sharing.recipient_contact, recipient.id)
     return aiohttp_jinja2.render_template("recipient/authenticator.html", request, {
         "recipient": recipient, "csrf": session.csrf_token, "enrolment": enrolment,
         "qr": qr_svg(enrolment.uri) if enrolment else "", "error": error, "notice": notice,
@@ -363,7 +366,7 @@ async def authenticator(request: web.Request) -> web.Response:
     """``GET /account/authenticator``: a new secret as a QR code to enrol, or the app's status."""
     session = recipient_session(request)
     recipient, enrolment = await asyncio.to_thread(
-        node_of(request).recipient_authenticator, session.recipient_id, session.id)
+        services_of(request).logins.recipient_authenticator, session.recipient_id, session.id)
     notice = _NOTICES.get(request.query.get("done", ""), "")
     return await _authenticator_page(request, session, recipient, enrolment, notice=notice)
 
@@ -376,16 +379,16 @@ async def enrol_authenticator(request: web.Request) -> web.StreamResponse:
     """
     session = recipient_session(request)
     form = await request.post()
-    node = node_of(request)
+    services = services_of(request)
     enrolment: TotpEnrolment | None = None
     try:
         enrolment = await asyncio.to_thread(
-            node.check_totp_enrolment, session.recipient_id, session.id,
+            services.logins.check_totp_enrolment, session.recipient_id, session.id,
             _text(form, "secret", 64), _text(form, "signature", 128))
-        await asyncio.to_thread(node.enrol_totp, session.recipient_id, enrolment,
+        await asyncio.to_thread(services.logins.enrol_totp, session.recipient_id, enrolment,
                                 _code(form), client_ip(request))
     except InvalidRequest as exc:
-        recipient, fresh = await asyncio.to_thread(node.recipient_authenticator,
+        recipient, fresh = await asyncio.to_thread(services.logins.recipient_authenticator,
                                                    session.recipient_id, session.id)
         # After a wrong code the same secret again (the app has it already), a new one
         # after a bad signature, none once an app is enrolled.
@@ -399,12 +402,12 @@ async def remove_authenticator(request: web.Request) -> web.StreamResponse:
     """``POST /account/authenticator/remove``: remove the app; needs a current code from it."""
     session = recipient_session(request)
     form = await request.post()
-    node = node_of(request)
+    services = services_of(request)
     try:
-        await asyncio.to_thread(node.remove_totp, session.recipient_id, _code(form),
+        await asyncio.to_thread(services.logins.remove_totp, session.recipient_id, _code(form),
                                 client_ip(request))
     except LoginRefused as exc:
-        recipient, enrolment = await asyncio.to_thread(node.recipient_authenticator,
+        recipient, enrolment = await asyncio.to_thread(services.logins.recipient_authenticator,
                                                        session.recipient_id, session.id)
         return await _authenticator_page(request, session, recipient, enrolment,
                                          error=_sentence(exc), status=403)
@@ -415,7 +418,7 @@ async def logout(request: web.Request) -> web.Response:
     """``POST /logout``: end the session and forget the cookie."""
     token = request.cookies.get(middlewares.SESSION_COOKIE)
     if token:
-        await asyncio.to_thread(node_of(request).end_session, token)
+        await asyncio.to_thread(services_of(request).logins.end_session, token)
     response = aiohttp_jinja2.render_template("recipient/logged_out.html", request, {})
     middlewares.clear_session_cookie(response)
     return response

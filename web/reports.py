@@ -43,7 +43,7 @@ from iepnode.errors import InvalidRequest
 from iepnode.sharing.recipients import recipient_by_id
 from iepnode.viewing.attachments import MAX_UPLOAD_BYTES
 from iepnode.viewing.reports import safe_filename
-from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
+from web.common import client_ip, public_id_of, recipient_session, see_other, services_of
 from web.keys import SESSION_KEY
 from web.middlewares import SECURITY_HEADERS
 from web.staff_pages import Staff, staff_view
@@ -81,7 +81,8 @@ async def _reports_page(request: web.Request, who: dict[str, Any], context: dict
                         ) -> web.StreamResponse:
     public_id = public_id_of(request)
     transaction, entries, attached = await asyncio.to_thread(
-        node_of(request).transaction_reports, public_id, **who, source_ip=client_ip(request))
+        services_of(request).reports.transaction_reports, public_id, **who,
+        source_ip=client_ip(request))
     return aiohttp_jinja2.render_template("reports/list.html", request, {
         **context, "t": transaction, "entries": entries, "attached": attached,
         "base": _base(who, public_id)})
@@ -91,7 +92,7 @@ async def _report(request: web.Request, who: dict[str, Any], context: dict[str, 
                   ) -> web.StreamResponse:
     public_id = public_id_of(request)
     entry, content = await asyncio.to_thread(
-        node_of(request).open_report, public_id, request.match_info["sop_uid"], **who,
+        services_of(request).reports.open_report, public_id, request.match_info["sop_uid"], **who,
         source_ip=client_ip(request))
     if isinstance(content, bytes):
         return _document_response(entry, content)
@@ -104,7 +105,7 @@ async def _attachments_page(request: web.Request, who: dict[str, Any],
                             context: dict[str, Any], *, error: str = "",
                             status: int = 200) -> web.StreamResponse:
     public_id = public_id_of(request)
-    view = await asyncio.to_thread(node_of(request).attachments_view, public_id, **who,
+    view = await asyncio.to_thread(services_of(request).reports.attachments_view, public_id, **who,
                                    source_ip=client_ip(request))
     return aiohttp_jinja2.render_template("reports/attachments.html", request, {
         **context, "view": view, "t": view.transaction, "error": error,
@@ -131,7 +132,7 @@ async def _attach(request: web.Request, who: dict[str, Any],
     data = await asyncio.to_thread(read)
     try:
         await asyncio.to_thread(
-            node_of(request).add_attachment, public_id, data=data,
+            services_of(request).reports.add_attachment, public_id, data=data,
             # Browsers send the name as typed; some clients percent-encode it.
             original_name=unquote(upload.filename or ""),
             title=title if isinstance(title, str) else "",
@@ -228,8 +229,8 @@ async def _staff_decides(request: web.Request, staff: Staff, verb: str) -> web.S
     form = await request.post()
     if form.get("confirm") != "yes":
         raise InvalidRequest("Tick the box to confirm first: nothing was changed.")
-    node = node_of(request)
-    act = node.file_attachment if verb == "file" else node.remove_attachment
+    services = services_of(request)
+    act = services.reports.file_attachment if verb == "file" else services.reports.remove_attachment
     await asyncio.to_thread(act, public_id, attachment_id, staff=staff.user,
                             source_ip=client_ip(request))
     done = "attachment-filed" if verb == "file" else "attachment-removed"

@@ -41,7 +41,7 @@ from iepnode.records import StaffUser, Transaction, WebSession
 from iepnode.sharing.transactions import NEW, is_expired
 from iepnode.staff_side import StaffSide
 from web.common import client_ip, format_pn, format_sex
-from web.keys import NODE_KEY, SESSION_KEY
+from web.keys import SERVICES_KEY, SESSION_KEY
 from web.middlewares import Handler
 
 _OUTCOMES = {0: "Success", 4: "Minor failure", 8: "Serious failure", 12: "Major failure"}
@@ -190,8 +190,8 @@ def staff_filters(zone: tzinfo) -> dict[str, Callable[..., Any]]:
 
 
 def admin_service(request: web.Request) -> StaffSide:
-    """The staff side of the domain the staff pages call (``node.admin``)."""
-    return request.app[NODE_KEY].admin
+    """The staff side of the domain the staff pages call (``services.admin``)."""
+    return request.app[SERVICES_KEY].admin
 
 
 def field(form: Mapping[str, Any], name: str, limit: int = 4000) -> str:

@@ -44,7 +44,7 @@ from iepnode.uploads.staging import (
     TooLarge,
     check_open,
 )
-from web.common import client_ip, node_of, public_id_of, recipient_session, see_other
+from web.common import client_ip, public_id_of, recipient_session, see_other, services_of
 from web.keys import SESSION_KEY
 
 #: Bytes gathered from the socket before one write to the staged file.
@@ -120,8 +120,8 @@ def _json_errors(view: Callable[[web.Request], Awaitable[web.StreamResponse]],
 async def page(request: web.Request) -> web.Response:
     """``GET /transactions/{public_id}/upload``: the upload page of a request."""
     session = recipient_session(request)
-    node = node_of(request)
-    view = await asyncio.to_thread(node.uploads.page, session.recipient_id,
+    services = services_of(request)
+    view = await asyncio.to_thread(services.uploads.page, session.recipient_id,
                                    public_id_of(request), client_ip(request))
     if view.transaction.status != COMPLETE:
         check_open(view.transaction)  # declined or expired: 410
@@ -144,7 +144,7 @@ async def add_file(request: web.Request) -> web.Response:
     except ValueError:
         raise InvalidRequest("size: a number of bytes") from None
     file = await asyncio.to_thread(
-        node_of(request).uploads.add_file, session.recipient_id, public_id_of(request),
+        services_of(request).uploads.add_file, session.recipient_id, public_id_of(request),
         str(form.get("name", ""))[:1024], str(form.get("relpath", ""))[:4096], size)
     body = _file_json(file)
     body["url"] = f"/transactions/{public_id_of(request)}/upload/files/{file.id}"
@@ -155,7 +155,7 @@ async def add_file(request: web.Request) -> web.Response:
 async def get_file(request: web.Request) -> web.Response:
     """``GET .../upload/files/{id}``: the file's state (offset, verdict) as JSON."""
     session = _api_session(request)
-    file = await asyncio.to_thread(node_of(request).uploads.file, session.recipient_id,
+    file = await asyncio.to_thread(services_of(request).uploads.file, session.recipient_id,
                                    public_id_of(request), _file_id(request))
     return web.json_response(_file_json(file))
 
@@ -164,7 +164,7 @@ async def get_file(request: web.Request) -> web.Response:
 async def head_file(request: web.Request) -> web.Response:
     """``HEAD .../upload/files/{id}``: ``Upload-Offset`` and ``Upload-Length``."""
     session = _api_session(request)
-    offset, size = await asyncio.to_thread(node_of(request).uploads.offset,
+    offset, size = await asyncio.to_thread(services_of(request).uploads.offset,
                                            session.recipient_id, public_id_of(request),
                                            _file_id(request))
     return web.Response(status=200, headers={"Upload-Offset": str(offset),
@@ -179,7 +179,7 @@ async def patch_file(request: web.Request) -> web.Response:
         offset = int(request.headers.get("Upload-Offset", ""))
     except ValueError:
         raise InvalidRequest("Upload-Offset: a number of bytes") from None
-    uploads = node_of(request).uploads
+    uploads = services_of(request).uploads
     chunk = await asyncio.to_thread(uploads.open_chunk, session.recipient_id,
                                     public_id_of(request), _file_id(request), offset)
     block = bytearray()
@@ -217,7 +217,7 @@ async def patch_file(request: web.Request) -> web.Response:
 async def delete_file(request: web.Request) -> web.Response:
     """``DELETE .../upload/files/{id}``: remove a file and its staged bytes."""
     session = _api_session(request, csrf_header=True)
-    await asyncio.to_thread(node_of(request).uploads.remove_file, session.recipient_id,
+    await asyncio.to_thread(services_of(request).uploads.remove_file, session.recipient_id,
                             public_id_of(request), _file_id(request))
     return web.Response(status=204)
 
@@ -234,7 +234,7 @@ async def send(request: web.Request) -> web.Response:
     patient = ConfirmedPatient(text("family_name"), text("given_name"), text("birth_date"),
                                text("sex", 8))
     public_id = public_id_of(request)
-    await node_of(request).send_upload(session.recipient_id, public_id, patient,
+    await services_of(request).requests.send_upload(session.recipient_id, public_id, patient,
                                        text("message", 4001), client_ip(request))
     return web.json_response({"ok": True,
                               "location": f"/transactions/{public_id}/upload"})
@@ -244,7 +244,7 @@ async def cancel(request: web.Request) -> web.Response:
     """``POST .../upload/cancel``: delete every staged file of the current upload."""
     session = recipient_session(request)
     public_id = public_id_of(request)
-    await asyncio.to_thread(node_of(request).uploads.cancel, session.recipient_id, public_id,
+    await asyncio.to_thread(services_of(request).uploads.cancel, session.recipient_id, public_id,
                             client_ip(request))
     if request.headers.get("Accept", "").startswith("application/json"):
         return web.json_response({"ok": True})

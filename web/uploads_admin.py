@@ -12,7 +12,7 @@ Routes (every POST carries the CSRF token, checked in :mod:`web.middlewares`)::
 
 Everything taken from the uploaded files (names, patient values, file names) is
 rendered by autoescaped templates: never marked safe. Handlers are thin: the work is
-:mod:`iepnode.uploads.review` through the :class:`iepnode.node.Node` façade.
+:mod:`iepnode.uploads.review` through the :class:`iepnode.services.Services`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import functools
 from aiohttp import web
 
 from iepnode.errors import InvalidRequest, NotFound
-from web.common import node_of, see_other
+from web.common import see_other, services_of
 from web.staff_pages import Staff, field, render, staff_actor, staff_view
 
 _NOTICES = {
@@ -43,21 +43,21 @@ def _upload_id(request: web.Request) -> int:
 @staff_view()
 async def uploads(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``GET /admin/uploads``: every upload, those waiting for review first."""
-    rows = await asyncio.to_thread(node_of(request).upload_rows)
+    rows = await asyncio.to_thread(services_of(request).requests.upload_rows)
     return render(request, staff, "uploads.html", {"rows": rows}, section="uploads")
 
 
 async def _page(request: web.Request, staff: Staff, upload_id: int, *, error: str = "",
                 status: int = 200) -> web.Response:
     try:
-        detail = await asyncio.to_thread(node_of(request).upload_detail, upload_id)
+        detail = await asyncio.to_thread(services_of(request).requests.upload_detail, upload_id)
     except NotFound:
         raise web.HTTPNotFound() from None
     notice = _NOTICES.get(request.query.get("did", ""), "")
     return render(request, staff, "upload.html", {
         "d": detail, "review": detail.review, "error": error, "did": notice,
-        "pacs_ae": node_of(request).settings.upload_pacs_ae,
-        "pacs_problem": await asyncio.to_thread(node_of(request).upload_pacs_problem),
+        "pacs_ae": services_of(request).settings.upload_pacs_ae,
+        "pacs_problem": await asyncio.to_thread(services_of(request).requests.upload_pacs_problem),
     }, section="uploads", status=status)
 
 
@@ -83,7 +83,7 @@ async def _act(request: web.Request, staff: Staff, work: functools.partial,
 async def recheck(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/uploads/{upload_id}/recheck``: inspect the files again."""
     await request.post()
-    work = functools.partial(node_of(request).intake_upload, _upload_id(request),
+    work = functools.partial(services_of(request).requests.intake_upload, _upload_id(request),
                              staff_actor(staff), fresh=True)
     return await _act(request, staff, work, "rechecked")
 
@@ -93,7 +93,7 @@ async def release(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/uploads/{upload_id}/release``: reconcile and store."""
     form = await request.post()
     exclude = frozenset(v for v in form.getall("exclude", []) if isinstance(v, str))
-    work = functools.partial(node_of(request).release_upload, _upload_id(request),
+    work = functools.partial(services_of(request).requests.release_upload, _upload_id(request),
                              staff_actor(staff), exclude)
     return await _act(request, staff, work, "released")
 
@@ -102,6 +102,6 @@ async def release(request: web.Request, staff: Staff) -> web.StreamResponse:
 async def reject(request: web.Request, staff: Staff) -> web.StreamResponse:
     """``POST /admin/uploads/{upload_id}/reject``: delete the staged files."""
     form = await request.post()
-    work = functools.partial(node_of(request).reject_upload, _upload_id(request),
+    work = functools.partial(services_of(request).requests.reject_upload, _upload_id(request),
                              staff_actor(staff), field(form, "reason", 1000))
     return await _act(request, staff, work, "rejected")

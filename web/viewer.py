@@ -35,7 +35,7 @@ from iepnode.records import Transaction
 from iepnode.rules.identifiers import is_uid_like
 from iepnode.sharing.previews import placeholder_jpeg
 from iepnode.viewing.rendering import RenderError
-from web.common import client_ip, node_of, public_id_of, recipient_session
+from web.common import client_ip, public_id_of, recipient_session, services_of
 from web.keys import SESSION_KEY
 
 _NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
@@ -51,7 +51,7 @@ Resolver = Callable[[web.Request], Awaitable[tuple[Transaction, ActorOf]]]
 
 async def _as_recipient(request: web.Request) -> tuple[Transaction, ActorOf]:
     session = recipient_session(request)
-    transaction = await asyncio.to_thread(node_of(request).viewing.for_recipient,
+    transaction = await asyncio.to_thread(services_of(request).viewing.for_recipient,
                                           session.recipient_id, public_id_of(request))
     ip = client_ip(request)
     # Frames (hundreds per series) need no actor: its email is read only when audited.
@@ -60,12 +60,12 @@ async def _as_recipient(request: web.Request) -> tuple[Transaction, ActorOf]:
 
 async def _as_staff(request: web.Request) -> tuple[Transaction, ActorOf]:
     session = request[SESSION_KEY]
-    node = node_of(request)
-    admin = node.admin
+    services = services_of(request)
+    admin = services.admin
     user = await asyncio.to_thread(admin.logins.staff_for_session, session)
     if user is None or session is None or admin.logins.pending_step(user):
         raise web.HTTPSeeOther("/admin/login")
-    transaction = await asyncio.to_thread(node.viewing.for_staff, public_id_of(request))
+    transaction = await asyncio.to_thread(services.viewing.for_staff, public_id_of(request))
     actor = audit.Actor("staff", user.username, client_ip(request))
     return transaction, lambda: actor
 
@@ -120,7 +120,7 @@ def _views(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
 
     async def manifest(request: web.Request) -> web.Response:
         transaction, _ = await resolve(request)
-        data = await asyncio.to_thread(node_of(request).viewing.manifest, transaction)
+        data = await asyncio.to_thread(services_of(request).viewing.manifest, transaction)
         return web.json_response(data, dumps=lambda v: json.dumps(v, separators=(",", ":")))
 
     async def opened(request: web.Request) -> web.Response:
@@ -128,14 +128,14 @@ def _views(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
         study = _uid(request, "study")
 
         def record() -> None:
-            node_of(request).viewing.record_view(transaction, study, actor_of())
+            services_of(request).viewing.record_view(transaction, study, actor_of())
 
         await asyncio.to_thread(record)
         return web.Response(status=204)
 
     async def raw(request: web.Request) -> web.Response:
         transaction, _ = await resolve(request)
-        service = node_of(request).viewing
+        service = services_of(request).viewing
         index = _frame_index(request)
         text = request.query.get("max", "")
         if text and not (text.isdigit() and 64 <= int(text) <= 16384):
@@ -155,7 +155,7 @@ def _views(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
 
     async def rendered(request: web.Request) -> web.Response:
         transaction, _ = await resolve(request)
-        service = node_of(request).viewing
+        service = services_of(request).viewing
         index = _frame_index(request)
         media_type = _FORMATS[request.match_info["fmt"]]
         center = width = None
@@ -187,7 +187,7 @@ def _views(resolve: Resolver, *, staff: bool) -> dict[str, Callable]:
 
     async def thumbnail(request: web.Request) -> web.Response:
         transaction, _ = await resolve(request)
-        service = node_of(request).viewing
+        service = services_of(request).viewing
         located = await asyncio.to_thread(service.locate, transaction, _uid(request))
         frames = int(request.query.get("frames", "1")) if request.query.get(
             "frames", "1").isdigit() else 1

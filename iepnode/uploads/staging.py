@@ -11,9 +11,9 @@ the browser asks for the offset (``HEAD``) and goes on from there.
 Each file is inspected when its last byte arrives
 (:func:`iepnode.uploads.intake.inspect_staged_file`); the verdict is shown on the page.
 Nothing reaches the store from here. Send (the uploader's confirmation) marks the
-upload ``SENT``; :meth:`iepnode.node.Node.send_upload` then has it checked for staff
-(:func:`iepnode.upload_review.intake`), who release or reject it. Cancel, or removing a
-file, deletes its staged bytes at once.
+upload ``SENT``; :meth:`iepnode.uploads.service.RequestService.send_upload` then has it
+checked for staff (:func:`iepnode.upload_review.intake`), who release or reject it.
+Cancel, or removing a file, deletes its staged bytes at once.
 """
 
 from __future__ import annotations
