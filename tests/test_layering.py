@@ -97,3 +97,71 @@ def late():
     names = sorted(name for _, name in imported_modules(source, "web.download"))
     assert names == sorted(["peewee", "storage.models", "storage", "scp.handlers", "web",
                             "storage", "storage.filestore", "storage.index", "peewee"])
+
+
+# -- the whole contract: every layer, not only the edges ------------------------------------
+
+#: The project's packages, innermost first.
+LAYERS = ("config", "storage", "iepnode", "web", "scp")
+#: Layer -> the project packages it may import (besides itself).
+MAY_IMPORT = {
+    "config": set(),
+    "storage": {"config"},
+    "iepnode": {"config", "storage"},
+    "web": {"config", "iepnode"},
+    "scp": {"config", "iepnode"},
+}
+#: The composition root: the only modules that import web/ and scp/ (and build things).
+COMPOSITION_ROOT = ("iepnode.cli", "iepnode.serve", "iepnode.wiring")
+
+
+def _in_root(module: str) -> bool:
+    return any(module == root or module.startswith(root + ".") for root in COMPOSITION_ROOT)
+
+
+def layer_violations(layer: str) -> list[str]:
+    """Imports of ``layer``'s modules that break :data:`MAY_IMPORT` (``file:line: name``).
+
+    The composition root may also import web and scp; web and scp may not import the
+    composition root (they are handed what they need).
+    """
+    bad = []
+    for path in sorted((ROOT / layer).rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        allowed = MAY_IMPORT[layer] | {layer}
+        if _in_root(module):
+            allowed |= {"web", "scp"}
+        source = path.read_text(encoding="utf-8")
+        for line, name in imported_modules(source, module) + _names_imported_from(source):
+            top = name.split(".")[0]
+            if (top in LAYERS and top not in allowed) or (
+                    layer in ("web", "scp") and _in_root(name)):
+                bad.append(f"{path.relative_to(ROOT)}:{line}: imports {name}")
+    return sorted(set(bad))
+
+
+def _names_imported_from(source: str) -> list[tuple[int, str]]:
+    """``(line, "package.name")`` of each ``from package import name`` (a submodule?)."""
+    return [(node.lineno, f"{node.module}.{alias.name}")
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level
+            for alias in node.names]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
+    assert list((ROOT / layer).rglob("*.py")), f"no modules found under {layer}/"
+    assert layer_violations(layer) == []
+
+
+def test_the_layer_check_can_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A domain module importing the web app, and web importing the root, are reported."""
+    for layer in ("iepnode", "web"):
+        (tmp_path / layer).mkdir()
+    (tmp_path / "iepnode" / "sharing.py").write_text("from web.app import create_app\n")
+    (tmp_path / "iepnode" / "wiring.py").write_text("import web.app\nimport scp.server\n")
+    (tmp_path / "web" / "views.py").write_text("def f():\n    from iepnode import wiring\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert layer_violations("iepnode") == ["iepnode/sharing.py:1: imports web.app",
+                                           "iepnode/sharing.py:1: imports web.app.create_app"]
+    assert layer_violations("web") == ["web/views.py:2: imports iepnode.wiring"]

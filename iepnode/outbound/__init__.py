@@ -1,1 +1,7 @@
-"""outbound: see docs/architecture.md."""
+"""Outbound: studies sent to DICOM nodes, routing rules, mail and SMS.
+
+:class:`~.service.SendService` (send jobs of :mod:`.sending`, routing rules of
+:mod:`.routing`) and :class:`~.messaging.Messenger` (SMTP, SMS gateways or the outbox
+folder; texts in :mod:`.notifications`). The DICOM transport itself is the SCP
+package's (``scp.sender``), handed in by the composition root. See docs/architecture.md.
+"""
