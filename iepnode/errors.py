@@ -27,7 +27,7 @@
     ├── PeerUnavailable       a send's remote AE cannot be reached or dropped the association
     │                         -> the send job is retried with back-off (iepnode.outbound.sending)
     ├── NotAcceptableMedia    a DICOMweb client accepts no media type the node gives -> HTTP 406
-    │                         (iepnode.viewing.dicomweb)
+    │                         (iepnode.viewing.dicomweb_rendered)
     ├── TokenRefused          a DICOMweb bearer token unknown, expired or revoked -> HTTP 401
     │                         (iepnode.viewing.dicomweb_access)
     └── LoginRefused          passcode login failed                       -> HTTP 403
