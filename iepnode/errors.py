@@ -18,7 +18,8 @@
     │   │                     (iepnode.uploads.staging, as are the next two)
     │   ├── TooLarge          an upload over its limits, or a chunk overrunning its file
     │   ├── FileBusy          another request is writing this upload file -> HTTP 409
-    │   ├── AttachmentRefused a file that cannot be wrapped as a document (iepnode.viewing.wrapping)
+    │   ├── AttachmentRefused a file that cannot be wrapped as a document
+    │   │                     (iepnode.viewing.wrapped_object)
     │   ├── ForwardInvalid    a forward dialog field is wrong; ``step`` says where
     │   │                     (iepnode.sharing.forwarding, as is the next one)
     │   └── ForwardRefused    the rules do not allow forwarding this package

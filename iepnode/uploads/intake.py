@@ -332,9 +332,9 @@ def _dicomdir_verdict(path: Path) -> FileVerdict:
 
 def _scan_document(fh: Any, display_name: str, kind: str, size: int,
                    scan: _Scan) -> FileVerdict:
-    from iepnode.viewing import wrapping  # the limits of what release can wrap
+    from iepnode.viewing import image_wrapping, wrapping  # the limits of what release can wrap
 
-    limit = wrapping.MAX_PDF_BYTES if kind == PDF else wrapping.MAX_IMAGE_BYTES
+    limit = wrapping.MAX_PDF_BYTES if kind == PDF else image_wrapping.MAX_IMAGE_BYTES
     if size > limit:
         return FileVerdict(SKIPPED, f"{kind.upper()} of {size} bytes is larger than the "
                                     f"{limit}-byte limit for documents")
@@ -344,7 +344,7 @@ def _scan_document(fh: Any, display_name: str, kind: str, size: int,
             return FileVerdict(SKIPPED, "PDF is truncated (no %%EOF marker)")
     else:
         fh.seek(0)
-        problem = _image_problem(fh, wrapping.MAX_IMAGE_PIXELS)
+        problem = _image_problem(fh, image_wrapping.MAX_IMAGE_PIXELS)
         if problem:
             return FileVerdict(SKIPPED, f"{kind.upper()} cannot be read: {problem}")
     # Only a release needs the bytes (to wrap them): an inspection reads the tail of a
