@@ -1,6 +1,6 @@
 """Attachments: wrap + store a 5 MB PDF and a 12 MP JPEG, against dcmtk's pdf2dcm / img2dcm.
 
-iepnode's number is the whole attach step of :func:`iepnode.viewing.attachments.add` (check the
+iepnode's number is the whole attach step of :func:`iepnode.viewing.attaching.add` (check the
 content, wrap as DICOM, encode, check the header as ingest would, write durably to the
 file store, record the attachment, message and audit event; since issue 13 it is held by
 the transaction, not indexed into the study) on a Node in a temporary folder with a one-image
@@ -34,7 +34,7 @@ from config import load_settings
 from iepnode.people import audit
 from iepnode.services import Services
 from iepnode.sharing import transactions as tx
-from iepnode.viewing import attachments
+from iepnode.viewing import attaching
 from iepnode.wiring import build_services
 from storage.models import Transaction
 
@@ -105,7 +105,7 @@ def one_image_study(node: Services) -> str:
 def time_iepnode(node: Services, transaction: Transaction, data: bytes, name: str) -> float:
     actor = audit.Actor("staff", "bench")
     start = time.perf_counter()
-    attachments.add(node.store, transaction, data=data, original_name=name, title="",
+    attaching.add(node.store, transaction, data=data, original_name=name, title="",
                     study_uid="", actor=actor, author_label="bench", max_attachments=1000)
     return time.perf_counter() - start
 

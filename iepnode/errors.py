@@ -18,7 +18,8 @@
     │   │                     (iepnode.uploads.staging, as are the next two)
     │   ├── TooLarge          an upload over its limits, or a chunk overrunning its file
     │   ├── FileBusy          another request is writing this upload file -> HTTP 409
-    │   ├── AttachmentRefused a file that cannot be wrapped as a document (iepnode.viewing.wrapping)
+    │   ├── AttachmentRefused a file that cannot be wrapped as a document
+    │   │                     (iepnode.viewing.wrapped_object)
     │   ├── ForwardInvalid    a forward dialog field is wrong; ``step`` says where
     │   │                     (iepnode.sharing.forwarding, as is the next one)
     │   └── ForwardRefused    the rules do not allow forwarding this package
@@ -27,7 +28,7 @@
     ├── PeerUnavailable       a send's remote AE cannot be reached or dropped the association
     │                         -> the send job is retried with back-off (iepnode.outbound.sending)
     ├── NotAcceptableMedia    a DICOMweb client accepts no media type the node gives -> HTTP 406
-    │                         (iepnode.viewing.dicomweb)
+    │                         (iepnode.viewing.dicomweb_rendered)
     ├── TokenRefused          a DICOMweb bearer token unknown, expired or revoked -> HTTP 401
     │                         (iepnode.viewing.dicomweb_access)
     └── LoginRefused          passcode login failed                       -> HTTP 403

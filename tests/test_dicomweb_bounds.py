@@ -251,19 +251,20 @@ async def test_a_study_rendered_passes_over_instances_without_an_image(
     "SC_rgb_small_odd.dcm", "rtdose_rle.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_RLE.dcm",
     "JPEG2000.dcm", "SC_rgb_dcmtk_+eb+cr.dcm", "JPEGLSNearLossless_08.dcm", "image_dfl.dcm"])
 def test_pixel_data_frames_equal_those_of_the_whole_value(name: str) -> None:
-    from iepnode.viewing import dicomweb as dw
+    from iepnode.viewing.dicomweb import StoredInstance
+    from iepnode.viewing.dicomweb_frames import NATIVE, PixelData
     from tests.data_factory import bundled
 
     path = bundled(name)
     full = dcmread(path)
     ts = str(full.file_meta.TransferSyntaxUID)
     count = int(full.get("NumberOfFrames") or 1)
-    item = dw.StoredInstance(path, "", "", "", "", ts, "", path.stat().st_size)
-    with dw.PixelData(item) as pixels:
+    item = StoredInstance(path, "", "", "", "", ts, "", path.stat().st_size)
+    with PixelData(item) as pixels:
         assert pixels.frames == count
         numbers = [count, 1, *range(1, count + 1)]
         got = [b"".join(p.blocks) for p in pixels.frame_parts(numbers)]
-        if ts in dw.NATIVE:
+        if ts in NATIVE:
             size = (int(full.Rows) * int(full.Columns) * int(full.get("SamplesPerPixel") or 1)
                     * int(full.BitsAllocated) // 8)
             want = [full.PixelData[(n - 1) * size:n * size] for n in numbers]
@@ -280,7 +281,8 @@ def test_pixel_data_with_an_extended_offset_table(tmp_path: Path) -> None:
     from pydicom.encaps import encapsulate_extended
     from pydicom.uid import RLELossless
 
-    from iepnode.viewing import dicomweb as dw
+    from iepnode.viewing.dicomweb import StoredInstance
+    from iepnode.viewing.dicomweb_frames import PixelData
     from tests.data_factory import bundled
 
     source = dcmread(bundled("rtdose_rle.dcm"))
@@ -291,8 +293,8 @@ def test_pixel_data_with_an_extended_offset_table(tmp_path: Path) -> None:
     source["PixelData"].VR = "OB"
     path = tmp_path / "eot.dcm"
     source.save_as(path, enforce_file_format=True)
-    item = dw.StoredInstance(path, "", "", "", "", RLELossless, "", path.stat().st_size)
-    with dw.PixelData(item) as pixels:
+    item = StoredInstance(path, "", "", "", "", RLELossless, "", path.stat().st_size)
+    with PixelData(item) as pixels:
         assert [b"".join(p.blocks) for p in pixels.frame_parts([15, 3, 3])] == [
             frames[14], frames[2], frames[2]]
 
@@ -300,14 +302,15 @@ def test_pixel_data_with_an_extended_offset_table(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "reportsi.dcm"])
 def test_pixel_data_that_cannot_be_cut_into_frames(name: str) -> None:
     from iepnode.errors import BadQuery
-    from iepnode.viewing import dicomweb as dw
+    from iepnode.viewing.dicomweb import StoredInstance
+    from iepnode.viewing.dicomweb_frames import PixelData
     from tests.data_factory import bundled
 
     path = bundled(name)
     ts = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    item = dw.StoredInstance(path, "", "", "", "", ts, "", path.stat().st_size)
+    item = StoredInstance(path, "", "", "", "", ts, "", path.stat().st_size)
     with pytest.raises(BadQuery if "bigendian" in name else NotFound):
-        dw.PixelData(item)
+        PixelData(item)
 
 
 async def test_a_client_leaving_mid_stream_is_audited_and_the_node_goes_on(

@@ -541,7 +541,7 @@ def test_zip_entry_lying_about_its_size_is_refused(tmp_path: Path) -> None:
 
 
 def test_zip_declaring_more_than_the_total_limit_is_refused_as_a_whole(tmp_path: Path) -> None:
-    from iepnode.archive.importer import MAX_ZIP_TOTAL
+    from iepnode.archive.import_sources import MAX_ZIP_TOTAL
 
     data = tmp_path / "data"
     good = make_ct_series(tmp_path / "gen", 1)[0]
@@ -606,7 +606,7 @@ def test_import_path_reports_progress(tmp_path: Path) -> None:
                                   "image_dfl.dcm", "SC_rgb_rle_2frame.dcm", "UN_sequence.dcm",
                                   "rtplan.dcm", "test-SR.dcm", "chrX1.dcm"])
 def test_check_complete_accepts_whole_bundled_files(name: str) -> None:
-    from iepnode.archive.importer import check_complete
+    from iepnode.archive.object_check import check_complete
 
     data = bundled(name).read_bytes()
     meta, offset = parse_file_meta(data)
@@ -616,7 +616,7 @@ def test_check_complete_accepts_whole_bundled_files(name: str) -> None:
 
 def test_check_complete_refuses_pixel_data_without_image_attributes() -> None:
     """nested_priv_SQ.dcm (a parser test) has 2 bytes of Pixel Data and no Rows/Columns."""
-    from iepnode.archive.importer import check_complete
+    from iepnode.archive.object_check import check_complete
     from iepnode.errors import DatasetMismatch
 
     data = bundled("nested_priv_SQ.dcm").read_bytes()
@@ -627,7 +627,7 @@ def test_check_complete_refuses_pixel_data_without_image_attributes() -> None:
 
 @pytest.mark.parametrize("name", ["MR_truncated.dcm", "rtplan_truncated.dcm"])
 def test_check_complete_refuses_truncated_bundled_files(name: str) -> None:
-    from iepnode.archive.importer import check_complete
+    from iepnode.archive.object_check import check_complete
     from iepnode.errors import BadDataset
 
     data = bundled(name).read_bytes()
@@ -640,7 +640,7 @@ def test_check_complete_takes_a_mislabelled_vr_encoding_as_what_its_bytes_are() 
     """Old media: Implicit VR bytes labelled Explicit VR (and the reverse) are accepted under
     the syntax they are in, so the node's File Meta tells the truth; where no syntax fits
     (implicit VR bytes with encapsulated JPEG pixel data), the object is refused."""
-    from iepnode.archive.importer import check_complete
+    from iepnode.archive.object_check import check_complete
     from iepnode.errors import BadDataset
 
     for name, label, real in (("MR_small_implicit.dcm", ExplicitVRLittleEndian,

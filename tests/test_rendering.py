@@ -21,7 +21,8 @@ from pydicom.uid import JPEGLosslessSV1, RLELossless
 
 from iepnode.sharing import previews
 from iepnode.viewing import rendering
-from iepnode.viewing.rendering import RenderError, window_linear
+from iepnode.viewing.pixel_values import min_max_window, window_linear
+from iepnode.viewing.rendering import RenderError
 from tests.data_factory import bundled, rewrite
 from tests.support.tools import dcmtk
 
@@ -174,7 +175,7 @@ def test_raw_frame_int16_and_header() -> None:
     assert header["dtype"] == "int16" and (header["rows"], header["columns"]) == (128, 128)
     values = np.frombuffer(body, dtype="<i2").reshape(128, 128)
     np.testing.assert_array_equal(values, _expected_grey(path))
-    assert header["window"] == list(rendering.min_max_window(values))
+    assert header["window"] == list(min_max_window(values))
     body, header = rendering.raw_frame(bundled("SC_rgb_small_odd.dcm"))
     assert header["dtype"] == "rgb8" and len(body) == header["rows"] * header["columns"] * 3
 

@@ -175,12 +175,13 @@ def test_expiry() -> None:
 
 
 def test_one_set_of_archive_limits_for_imports_and_uploads() -> None:
-    from iepnode.archive import importer, limits
+    from iepnode.archive import import_sources, limits
     from iepnode.uploads import intake
 
     assert intake.ZipLimits is limits.ZipLimits and intake.DEFAULT_LIMITS is limits.DEFAULT_LIMITS
-    assert (importer.MAX_COMPRESSION_RATIO, importer.MAX_OBJECT_SIZE, importer.MAX_ZIP_TOTAL,
-            importer.MAX_DICOMDIR_SIZE) == (200, 4 << 30, 64 << 30, 64 << 20)
+    assert (import_sources.MAX_COMPRESSION_RATIO, import_sources.MAX_OBJECT_SIZE,
+            import_sources.MAX_ZIP_TOTAL, import_sources.MAX_DICOMDIR_SIZE
+            ) == (200, 4 << 30, 64 << 30, 64 << 20)
     expected = limits.ZipLimits(
         max_entries=50_000, max_total=16 << 30, max_ratio=100.0, ratio_floor=64 << 20,
         max_entry=4 << 30, max_entry_ratio=200, entry_ratio_floor=1 << 20,

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from iepnode.archive import importer
+from iepnode.archive import object_check
+from iepnode.archive.import_sources import ImportReport, Source
 from iepnode.errors import BadDataset
 from iepnode.uploads.intake import MAX_HEADER, SKIPPED, ZIP, inspect_staged_file
 from tests import data_factory as factory
@@ -28,23 +29,23 @@ def ct(tmp_path: Path, **overrides: object) -> Path:
 
 def test_bytes_beyond_the_declared_size_are_refused_as_they_come(tmp_path: Path) -> None:
     data = ct(tmp_path).read_bytes()
-    lying = importer.Source("IM1", 200, lambda: io.BytesIO(data))  # declares 200 bytes
+    lying = Source("IM1", 200, lambda: io.BytesIO(data))  # declares 200 bytes
     with pytest.raises(BadDataset, match="beyond its declared 200 bytes"), \
-            importer.open_object(lying, importer.ImportReport(), tmp_path):
+            object_check.open_object(lying, ImportReport(), tmp_path):
         pass
 
 
 def test_an_entry_expanding_too_much_is_refused_as_it_comes(tmp_path: Path) -> None:
     big = ct(tmp_path, Rows=1024, Columns=1024, PixelData=bytes(2 << 20))
     data = big.read_bytes()
-    bomb = importer.Source("IM1", len(data), lambda: io.BytesIO(data),
+    bomb = Source("IM1", len(data), lambda: io.BytesIO(data),
                            compressed_size=len(data) // 500)
     with pytest.raises(BadDataset, match="zip bomb"), \
-            importer.open_object(bomb, importer.ImportReport(), tmp_path):
+            object_check.open_object(bomb, ImportReport(), tmp_path):
         pass
-    honest = importer.Source("IM1", len(data), lambda: io.BytesIO(data),
+    honest = Source("IM1", len(data), lambda: io.BytesIO(data),
                              compressed_size=len(data) // 50)
-    with importer.open_object(honest, importer.ImportReport(), tmp_path) as loaded:
+    with object_check.open_object(honest, ImportReport(), tmp_path) as loaded:
         assert loaded is not None and loaded[1] == "1.2.840.10008.1.2.1"
         assert bytes(loaded[0][-16:]) == data[-16:]
 
@@ -72,25 +73,25 @@ def test_a_deflated_dataset_is_checked_whole(tmp_path: Path) -> None:
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     stream = packer.compress(body) + packer.flush()
     assert len(stream) < (1 << 20) < len(body)  # inflates from one block to forty
-    assert importer.check_complete(stream, DeflatedExplicitVRLittleEndian) == (
+    assert object_check.check_complete(stream, DeflatedExplicitVRLittleEndian) == (
         DeflatedExplicitVRLittleEndian, False)
     with pytest.raises(BadDataset, match="ends early"):
-        importer.check_complete(stream[: len(stream) // 2], DeflatedExplicitVRLittleEndian)
+        object_check.check_complete(stream[: len(stream) // 2], DeflatedExplicitVRLittleEndian)
 
 
 def test_the_check_lets_go_of_what_it_has_walked(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(importer, "FORGET_EVERY", 4096)
+    monkeypatch.setattr(object_check, "FORGET_EVERY", 4096)
     path = ct(tmp_path, Rows=256, Columns=256, PixelData=bytes(2 * 256 * 256),
               ImageComments="x" * 10_000, StudyDescription="y" * 60)
     stream = memoryview(path.read_bytes())
-    offset = importer._meta_at(stream, 132)[1]
+    offset = object_check._meta_at(stream, 132)[1]
     seen: list[int] = []
-    importer.check_complete(stream[offset:], "1.2.840.10008.1.2.1", progress=seen.append)
+    object_check.check_complete(stream[offset:], "1.2.840.10008.1.2.1", progress=seen.append)
     assert seen and seen == sorted(seen) and seen[0] >= 4096
     # Pages let go of are read again from the file: nothing is lost.
     with path.open("rb") as handle:
-        mapped = importer._Mapped(handle)
+        mapped = object_check._Mapped(handle)
     try:
         before = bytes(mapped.view)
         mapped.forget(len(before))

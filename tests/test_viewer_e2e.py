@@ -4,7 +4,7 @@ A CT series whose slices differ is sent with dcmtk's ``storescu``, shared with
 ``iepnode transfer create`` (link and passcode from the node's outbox), and the
 recipient signs in with Chromium (Playwright, ``/usr/bin/chromium``), clicks
 **View** and must see: the first image drawn with exactly DICOM's window of the
-stored values (canvas pixels compared with :func:`iepnode.viewing.rendering.window_linear`),
+stored values (canvas pixels compared with :func:`iepnode.viewing.pixel_values.window_linear`),
 the next slice after an arrow key and the wheel, other pixels after a preset and
 after a window/level drag. Screenshots go to ``tmp_path``.
 """
@@ -19,7 +19,8 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from pydicom import dcmread
 
-from iepnode.viewing.rendering import decode_frame, window_linear
+from iepnode.viewing.pixel_values import window_linear
+from iepnode.viewing.rendering import decode_frame
 from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem
 from tests.support.node import running_node
 from tests.support.scu import storescu

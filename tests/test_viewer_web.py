@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.viewing import rendering
+from iepnode.viewing.pixel_values import window_linear
 from iepnode.wiring import build_services
 from storage.models import AuditEvent
 from tests import data_factory as factory
@@ -115,7 +116,7 @@ async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer
     assert png.status == 200 and png.headers["Content-Type"] == "image/png"
     image = np.asarray(Image.open(io.BytesIO(await png.read())))
     np.testing.assert_array_equal(
-        image, rendering.window_linear(rendering.decode_frame(ct[2]).values, 40, 400))
+        image, window_linear(rendering.decode_frame(ct[2]).values, 40, 400))
     thumb = await browser.get(f"{base}/instances/{uid}/thumbnail.jpg")
     assert thumb.status == 200 and (await thumb.read())[:2] == b"\xff\xd8"
     assert (await browser.get(f"{base}/instances/{uid}/frames/2.raw")).status == 422

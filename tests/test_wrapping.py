@@ -23,17 +23,15 @@ from pydicom.uid import (
 )
 
 from iepnode.archive.ingest import parse_header, record_from_header
-from iepnode.viewing.wrapping import (
+from iepnode.viewing.image_wrapping import wrap_image
+from iepnode.viewing.wrapped_object import (
     AttachmentRefused,
     PatientInfo,
     StudyInfo,
-    encode_dataset,
     original_name_of,
     sniff,
-    wrap_file,
-    wrap_image,
-    wrap_pdf,
 )
+from iepnode.viewing.wrapping import encode_dataset, wrap_file, wrap_pdf
 from tests.data_factory import minimal_pdf
 from tests.support.tools import dicom3tools
 

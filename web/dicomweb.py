@@ -52,6 +52,22 @@ from iepnode.people import audit
 from iepnode.rules.identifiers import is_public_id, is_uid_like
 from iepnode.viewing import dicomweb as dw
 from iepnode.viewing import dicomweb_access as access
+from iepnode.viewing.dicomweb_frames import (
+    PIXEL_DATA,
+    Part,
+    PixelData,
+    instance_parts,
+    parse_frame_list,
+)
+from iepnode.viewing.dicomweb_metadata import METADATA, bulk_tag, read_bulk_value
+from iepnode.viewing.dicomweb_rendered import (
+    NotAcceptableMedia,
+    frame_count,
+    parse_rendering,
+    render_image,
+    rendered_frame_parts,
+    rendered_parts,
+)
 from web.common import client_ip, services_of
 from web.keys import SESSION_KEY, SETTINGS_KEY
 from web.middlewares import SECURITY_HEADERS
@@ -319,9 +335,9 @@ class Multipart:
         await response.prepare(request)
         return response
 
-    async def send(self, request: web.Request, parts: Iterator[dw.Part],
+    async def send(self, request: web.Request, parts: Iterator[Part],
                    headers: dict[str, str] | None = None,
-                   first: dw.Part | None = None) -> web.StreamResponse:
+                   first: Part | None = None) -> web.StreamResponse:
         """Start the response and write ``first`` (if given), then every part of ``parts``.
 
         A HEAD request gets the headers only (nothing is read).
@@ -448,7 +464,7 @@ async def retrieve(request: web.Request, call: Call) -> web.StreamResponse:
         return await multipart.start(request)
     outcome = audit.SERIOUS_FAILURE
     try:
-        response = await multipart.send(request, dw.instance_parts(items, call.base_url))
+        response = await multipart.send(request, instance_parts(items, call.base_url))
         outcome = audit.SUCCESS
     except (ConnectionError, asyncio.CancelledError):
         outcome = audit.MINOR_FAILURE
@@ -478,7 +494,7 @@ async def metadata(request: web.Request, call: Call) -> web.StreamResponse:
         return items
 
     items = await asyncio.to_thread(run)
-    blocks = dw.METADATA.blocks(items, call.base_url)
+    blocks = METADATA.blocks(items, call.base_url)
     response = web.StreamResponse(headers={**SECURITY_HEADERS, **_cors(request),
                                            "Content-Type": DICOM_JSON})
     try:
@@ -511,11 +527,11 @@ async def frames(request: web.Request, call: Call) -> web.StreamResponse:
     Each frame is read from the file when its part is written (one frame in memory).
     """
     services = services_of(request)
-    numbers = dw.parse_frame_list(request.match_info["frames"], _max_frames(request))
+    numbers = parse_frame_list(request.match_info["frames"], _max_frames(request))
 
-    def run() -> tuple[dw.StoredInstance, dw.PixelData]:
+    def run() -> tuple[dw.StoredInstance, PixelData]:
         item = _selected(request, call, services.dicomweb)[0]
-        pixels = dw.PixelData(item)
+        pixels = PixelData(item)
         try:
             pixels.check(numbers)
         except BaseException:
@@ -546,10 +562,10 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
     compressed: a frame at a time); other values are one part.
     """
     services = services_of(request)
-    tag = dw.bulk_tag(request.match_info["tag"])
+    tag = bulk_tag(request.match_info["tag"])
     item = (await asyncio.to_thread(_selected, request, call, services.dicomweb))[0]
-    if tag == dw.PIXEL_DATA:
-        pixels = await asyncio.to_thread(dw.PixelData, item)
+    if tag == PIXEL_DATA:
+        pixels = await asyncio.to_thread(PixelData, item)
         try:
             alternatives = () if pixels.media_type == "application/octet-stream" else (
                 "application/octet-stream",)
@@ -558,7 +574,7 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
             return await Multipart(pixels.media_type).send(request, pixels.value_parts())
         finally:
             pixels.close()
-    value, media = await asyncio.to_thread(dw.read_bulk_value, item, tag)
+    value, media = await asyncio.to_thread(read_bulk_value, item, tag)
     await _record_bulk(request, call, item)
     if any(m.type == media for m in parse_accept(request.headers.get("Accept", ""))):
         return web.Response(body=value, content_type=media)
@@ -567,7 +583,7 @@ async def bulkdata(request: web.Request, call: Call) -> web.StreamResponse:
     except NotAcceptable:
         media = "application/octet-stream"
         _accepts(request, media, {""})
-    return await Multipart(media).send(request, iter([dw.Part(media, (value,))]))
+    return await Multipart(media).send(request, iter([Part(media, (value,))]))
 
 
 async def _record_bulk(request: web.Request, call: Call, item: dw.StoredInstance) -> None:
@@ -605,22 +621,22 @@ async def rendered(request: web.Request, call: Call) -> web.StreamResponse:
         m.params.get("type", "") for m in parse_accept(request.headers.get("Accept", ""))
         if m.type == "multipart/related"]
     try:
-        how = dw.parse_rendering(request.query, [a for a in accept if a])
-    except dw.NotAcceptableMedia as exc:
+        how = parse_rendering(request.query, [a for a in accept if a])
+    except NotAcceptableMedia as exc:
         raise NotAcceptable(str(exc)) from None
     frame_text = request.match_info.get("frames", "")
-    numbers = dw.parse_frame_list(frame_text, _max_frames(request)) if frame_text else [1]
+    numbers = parse_frame_list(frame_text, _max_frames(request)) if frame_text else [1]
     one_instance = bool(request.match_info.get("instance"))
 
     def select() -> list[dw.StoredInstance]:
         items = _selected(request, call, services.dicomweb)[:1000]
-        if one_instance and dw.frame_count(items[0]) < max(numbers):
+        if one_instance and frame_count(items[0]) < max(numbers):
             raise NotFound("no such frame")
         return items
 
     items = await asyncio.to_thread(select)
-    parts = (dw.rendered_frame_parts(items[0], numbers, how) if one_instance
-             else dw.rendered_parts(items, how))
+    parts = (rendered_frame_parts(items[0], numbers, how) if one_instance
+             else rendered_parts(items, how))
     # The first image before any byte is sent: nothing to render is still a 404.
     first = await _advance(parts)
     if first is None:
@@ -651,18 +667,18 @@ async def thumbnail(request: web.Request, call: Call) -> web.StreamResponse:
     """
     services = services_of(request)
     try:
-        how = dw.parse_rendering(request.query, [m.type for m in parse_accept(
+        how = parse_rendering(request.query, [m.type for m in parse_accept(
             request.headers.get("Accept", ""))])
-    except dw.NotAcceptableMedia as exc:
+    except NotAcceptableMedia as exc:
         raise NotAcceptable(str(exc)) from None
     if how.size is None:
         how = dataclasses.replace(how, size=(128, 128))
     frame_text = request.match_info.get("frames", "")
-    frame = dw.parse_frame_list(frame_text, _max_frames(request))[0] if frame_text else 1
+    frame = parse_frame_list(frame_text, _max_frames(request))[0] if frame_text else 1
 
     def run() -> bytes:
         items = _selected(request, call, services.dicomweb)
-        image = dw.render_image(items[len(items) // 2], frame, how)
+        image = render_image(items[len(items) // 2], frame, how)
         _record(request, call, audit.INSTANCES_ACCESSED, "wado-thumbnail",
                   [items[0].study_uid], f"WADO-RS {request.path[:300]}")
         return image

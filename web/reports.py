@@ -16,7 +16,7 @@ An attachment belongs to the transaction that added it (issue 13): the reports p
 lists it apart from the hospital's reports, with who added it, and ``reports/{sop_uid}``
 serves it (a PDF as below, a picture as PNG) to that transaction only. Filing and
 removing need the ``confirm`` box ticked, and an administrator or the transaction's
-hospital contact (:func:`iepnode.viewing.attachments.may_file`).
+hospital contact (:func:`iepnode.viewing.attachment_filing.may_file`).
 
 Access is the download's: a recipient reaches only their own transactions (someone
 else's is a 404) while they are live (declined, expired, purged: 410); staff reach any.

@@ -16,7 +16,7 @@ from iepnode.people.audit import Actor
 from iepnode.sharing import recipients, transactions
 from iepnode.sharing.download_service import DownloadService
 from iepnode.sharing.transactions import Contact, NewTransfer, StudyRow
-from iepnode.viewing import attachments
+from iepnode.viewing import attachment_filing
 from storage import hot_queries, index
 from storage.filestore import FileStore
 from storage.group_commit import GroupCommitter
@@ -256,7 +256,7 @@ class SharingService:
                 removed += 1
             log.info("purged study %s: every transaction holding it has expired", uid)
         transactions.mark_purged(expired)
-        for key in attachments.purge_held(t.id for t in expired):
+        for key in attachment_filing.purge_held(t.id for t in expired):
             self.store.remove(key)
         self.downloads.sweep_protected_downloads()
         for transaction in expired:

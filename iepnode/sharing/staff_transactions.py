@@ -28,6 +28,7 @@ from iepnode.sharing import logins, transactions
 from iepnode.sharing.passcode_channels import PasscodeChannels
 from iepnode.sharing.transactions import StudyRow
 from iepnode.viewing import attachments
+from iepnode.viewing.attachment_filing import may_file
 from iepnode.viewing.attachments import AttachmentEntry
 from storage import hot_queries
 from storage.models import (
@@ -167,7 +168,7 @@ class StaffTransactions:
             transaction, transaction.recipient,
             [StudyRow(r, held.get(r.study_uid, 0)) for r in rows], messages,
             audit.events_for_transaction(public_id), expired,
-            tuple(attachments.entries_of(transaction)), attachments.may_file(user, transaction),
+            tuple(attachments.entries_of(transaction)), may_file(user, transaction),
             PasscodeChannels.may_change_channel(transaction.recipient, user),
         )
 

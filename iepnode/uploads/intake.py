@@ -10,7 +10,7 @@ What is accepted
 ----------------
 * a DICOM object (any SOP class, any transfer syntax; Part-10 or a raw dataset as old
   CDs hold), proved whole by walking every element
-  (:func:`iepnode.archive.importer.check_complete`);
+  (:func:`iepnode.archive.object_check.check_complete`);
 * a DICOMDIR (it lists the other files; it is no instance itself);
 * a zip of those, folders nested (read entry by entry, never extracted: each entry is
   copied in 1 MiB blocks to an unnamed temporary file in the upload's staging folder
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iepnode.archive import importer
+from iepnode.archive import dicomdir_refs, import_sources, object_check
 from iepnode.archive.ingest import parse_header, record_from_header
 from iepnode.archive.limits import DEFAULT_LIMITS, ZipLimits, archive_problem
 from iepnode.archive.reconciliation import PatientIdentity
@@ -248,11 +248,11 @@ def _dicom_object(name: str, stream: memoryview, syntax: str) -> FoundObject:
     raise AssertionError("unreachable")
 
 
-def _scan_sources(sources: list[importer.Source], scan: _Scan,
-                  report: importer.ImportReport, spool_dir: Path) -> None:
+def _scan_sources(sources: list[import_sources.Source], scan: _Scan,
+                  report: import_sources.ImportReport, spool_dir: Path) -> None:
     for source in sources:
         try:
-            with importer.open_object(source, report, spool_dir) as loaded:
+            with object_check.open_object(source, report, spool_dir) as loaded:
                 if loaded is not None:
                     stream, syntax = loaded
                     scan.found(_dicom_object(source.name, stream, syntax), stream, syntax)
@@ -280,9 +280,9 @@ def _scan_zip(path: Path, display_name: str, scan: _Scan, limits: ZipLimits) -> 
         problem = _zip_problem(path, archive, limits)
         if problem is not None:
             return FileVerdict(SKIPPED, problem)
-        report = importer.ImportReport()
+        report = import_sources.ImportReport()
         try:
-            sources = importer._zip_sources(archive, report)
+            sources = import_sources._zip_sources(archive, report)
         except BadDataset as exc:
             return FileVerdict(SKIPPED, _reason(str(exc)))
         for source in sources:
@@ -306,8 +306,9 @@ def _scan_single(path: Path, display_name: str, size: int, scan: _Scan) -> FileV
         kind = _document_kind(head)
         if kind is not None:
             return _scan_document(fh, display_name, kind, size, scan)
-    source = importer.Source(display_name, size, functools.partial(path.open, "rb"), path=path)
-    report = importer.ImportReport()
+    source = import_sources.Source(display_name, size, functools.partial(path.open, "rb"),
+                                   path=path)
+    report = import_sources.ImportReport()
     _scan_sources([source], scan, report, path.parent)
     if scan.objects:
         return scan.verdict(DICOM, [])
@@ -323,7 +324,7 @@ def _scan_single(path: Path, display_name: str, size: int, scan: _Scan) -> FileV
 
 def _dicomdir_verdict(path: Path) -> FileVerdict:
     try:
-        refs = importer.read_dicomdir(str(path))
+        refs = dicomdir_refs.read_dicomdir(str(path))
     except BadDataset as exc:
         return FileVerdict(SKIPPED, _reason(str(exc)))
     return FileVerdict(DICOMDIR, f"directory of {len(refs)} files")
@@ -331,9 +332,9 @@ def _dicomdir_verdict(path: Path) -> FileVerdict:
 
 def _scan_document(fh: Any, display_name: str, kind: str, size: int,
                    scan: _Scan) -> FileVerdict:
-    from iepnode.viewing import wrapping  # the limits of what release can wrap
+    from iepnode.viewing import image_wrapping, wrapping  # the limits of what release can wrap
 
-    limit = wrapping.MAX_PDF_BYTES if kind == PDF else wrapping.MAX_IMAGE_BYTES
+    limit = wrapping.MAX_PDF_BYTES if kind == PDF else image_wrapping.MAX_IMAGE_BYTES
     if size > limit:
         return FileVerdict(SKIPPED, f"{kind.upper()} of {size} bytes is larger than the "
                                     f"{limit}-byte limit for documents")
@@ -343,7 +344,7 @@ def _scan_document(fh: Any, display_name: str, kind: str, size: int,
             return FileVerdict(SKIPPED, "PDF is truncated (no %%EOF marker)")
     else:
         fh.seek(0)
-        problem = _image_problem(fh, wrapping.MAX_IMAGE_PIXELS)
+        problem = _image_problem(fh, image_wrapping.MAX_IMAGE_PIXELS)
         if problem:
             return FileVerdict(SKIPPED, f"{kind.upper()} cannot be read: {problem}")
     # Only a release needs the bytes (to wrap them): an inspection reads the tail of a

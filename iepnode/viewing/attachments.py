@@ -22,41 +22,29 @@ Staff decide
 Nothing is stored when the file is refused (wrong type, too large, damaged): the
 wrapping happens before anything is written. Rows from before issue 13 have no key:
 those files were ingested into the study when added and are left as they are.
+
+The parts: this module says what an attachment is and lists them;
+:mod:`iepnode.viewing.attaching` adds one (wrapped, kept, counted against the limit);
+:mod:`iepnode.viewing.attachment_filing` is what staff do with one (file it into the
+study, remove it) and forgets those of purged transactions.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from iepnode.archive.ingest import (
-    Ingester,
-    file_meta_bytes,
-    is_disk_full,
-    parse_file_meta,
-    parse_header,
-    record_from_header,
-)
-from iepnode.errors import Gone, InvalidRequest, NotAuthorized, NotFound, OutOfResources
-from iepnode.people import audit
-from iepnode.viewing import wrapping
-from storage.db import is_sqlite, write_transaction
+from iepnode.errors import NotFound
+from iepnode.viewing.wrapped_object import AttachmentRefused
 from storage.filestore import FileStore
 from storage.models import (
     Attachment,
-    Patient,
     StaffUser,
     Study,
     Transaction,
-    TransactionMessage,
     TransactionStudy,
-    database_proxy,
 )
-
-log = logging.getLogger("iepnode.attachments")
 
 #: Largest file accepted through the web form (the HTTP body limit of these routes).
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
@@ -243,358 +231,14 @@ def view(transaction: Transaction, closed_reason: str = "",
                            MAX_UPLOAD_BYTES, limit_reason)
 
 
-def _targets(transaction: Transaction, study_uid: str) -> tuple[wrapping.PatientInfo,
-                                                              wrapping.StudyInfo]:
-    """Patient and study attributes of the chosen study, from the index."""
-    choices = study_choices(transaction)
-    if not choices:
-        raise Gone("The images of this transaction are no longer stored.")
-    if not study_uid:
-        if len(choices) > 1:
-            raise InvalidRequest("This transaction has several studies: choose the study the "
-                                 "file belongs to.")
-        study_uid = choices[0].study_uid
-    if study_uid not in {c.study_uid for c in choices}:
-        raise NotFound("no such study in this transaction")
-    study = Study.select(Study, Patient).join(Patient).where(Study.study_uid == study_uid).get()
-    patient = study.patient
-    return (
-        wrapping.PatientInfo(patient.name, patient.patient_id, patient.issuer,
-                             patient.birth_date, patient.sex),
-        wrapping.StudyInfo(study.study_uid, study.study_date, study.study_time,
-                           study.accession, study.study_id, study.description,
-                           study.referring_physician),
-    )
-
-
-def _size(size: int) -> str:
-    if size >= 1024 * 1024:
-        return f"{size / (1024 * 1024):.1f} MB"
-    return f"{max(1, round(size / 1024))} KB"
-
-
-def _put(store: FileStore, header: bytes, stream: bytes) -> str:
-    try:
-        key, _ = store.put((header, stream))
-    except OSError as exc:
-        reason = "disk full" if is_disk_full(exc) else f"write failed: {exc}"
-        raise OutOfResources(reason) from exc
-    return key
-
-
 def _count(transaction: Transaction) -> int:
     return Attachment.select().where(Attachment.transaction == transaction.id).count()
 
 
-def _lock(transaction: Transaction) -> None:
-    """Lock the transaction's row until the database transaction ends (PostgreSQL).
-
-    SQLite needs nothing: its writers are serialised (``BEGIN IMMEDIATE``).
-    """
-    if not is_sqlite(database_proxy.obj):
-        Transaction.select(Transaction.id).where(Transaction.id == transaction.id) \
-            .for_update().get()
-
-
-def _too_many(limit: int) -> wrapping.AttachmentRefused:
-    return wrapping.AttachmentRefused(
+def _too_many(limit: int) -> AttachmentRefused:
+    return AttachmentRefused(
         f"This transaction has {limit} attachments already, the most allowed: nothing "
         "more can be attached.")
-
-
-def add(
-    store: FileStore,
-    transaction: Transaction,
-    *,
-    data: bytes,
-    original_name: str,
-    title: str,
-    study_uid: str,
-    actor: audit.Actor,
-    author_label: str,
-    max_attachments: int = DEFAULT_MAX_ATTACHMENTS,
-    now: float | None = None,
-) -> Attachment:
-    """Wrap one attached file, keep it in the file store for ``transaction``, record it.
-
-    The wrapped object is not indexed: it is no instance of the study until staff file
-    it (:func:`file_into_study`). The count against ``max_attachments`` is taken in
-    the transaction that inserts the row, with the transaction's row locked
-    (PostgreSQL ``FOR UPDATE``; SQLite writers are serialised), so simultaneous
-    uploads cannot pass it.
-
-    Parameters
-    ----------
-    store : FileStore
-        Where the wrapped object is kept (under a generated key).
-    transaction : Transaction
-        The transaction it is attached to (access already checked by the caller).
-    data : bytes
-        The uploaded file.
-    original_name, title : str
-        The uploader's file name and an optional title.
-    study_uid : str
-        The study it is about ('' when the transaction has one study).
-    actor : audit.Actor
-        Who attaches it: ``staff`` (username) or ``recipient`` (email).
-    author_label : str
-        The name shown in the message thread.
-    max_attachments : int, optional
-        Most attachments the transaction may have (``[portal] max_attachments``).
-    now : float, optional
-        The time (default now).
-
-    Returns
-    -------
-    Attachment
-        The new row.
-
-    Raises
-    ------
-    wrapping.AttachmentRefused
-        Not a PDF/JPEG/PNG, too large or damaged, or the transaction has
-        ``max_attachments`` already (nothing stored).
-    InvalidRequest
-        No study chosen when there are several.
-    NotFound
-        The study is not one of the transaction's.
-    Gone
-        The transaction's images are no longer stored.
-    OutOfResources
-        The file could not be written (nothing is left behind).
-    """
-    now = time.time() if now is None else now
-    if max_attachments <= 0:
-        raise wrapping.AttachmentRefused("Files cannot be attached on this server.")
-    if _count(transaction) >= max_attachments:  # early answer; decided again below
-        raise _too_many(max_attachments)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise wrapping.AttachmentRefused(
-            f"The file is {_size(len(data))}; the largest accepted is "
-            f"{_size(MAX_UPLOAD_BYTES)}.")
-    if not data:
-        raise wrapping.AttachmentRefused("The file is empty.")
-    patient, study = _targets(transaction, study_uid)
-    title = title.strip()[:64]
-    name = "".join(c for c in original_name if c.isprintable()).strip()[:255]
-    ds = wrapping.wrap_file(data, patient, study=study, title=title, original_name=name)
-    stream, transfer_syntax = wrapping.encode_dataset(ds)
-    # What filing will ingest later must be ingestible: check it now, not then.
-    record = record_from_header(parse_header(stream, transfer_syntax), transfer_syntax,
-                                SOURCE_AE)
-    key = _put(store, file_meta_bytes(record.sop_class, record.sop_uid, transfer_syntax,
-                                      SOURCE_AE), stream)
-    kind = wrapping.sniff(data) or ""
-    shown_title = str(ds.get("DocumentTitle", "") or ds.get("SeriesDescription", ""))
-    try:
-        with write_transaction():
-            _lock(transaction)
-            if _count(transaction) >= max_attachments:
-                raise _too_many(max_attachments)
-            row = Attachment.create(
-                transaction=transaction.id, study_uid=study.study_uid, sop_uid=record.sop_uid,
-                sop_class=record.sop_class, title=shown_title[:64], original_name=name,
-                media_type=wrapping.MEDIA_TYPES.get(kind, ""), size_bytes=len(data),
-                author_kind=actor.kind, author=actor.name[:254], created_at=now, key=key)
-            TransactionMessage.create(
-                transaction=transaction.id, author_kind=actor.kind, author=author_label[:128],
-                body=(f"Attached {'a document' if kind == 'pdf' else 'an image'}: "
-                      f"\u201c{shown_title}\u201d ({kind.upper()}, {_size(len(data))})."),
-                created_at=now, read_by_recipient=actor.kind == "recipient")
-            audit.record(audit.INSTANCES_TRANSFERRED, "attachment-add", actor,
-                         patient_id=patient.patient_id, study_uid=study.study_uid,
-                         transaction=transaction.public_id,
-                         detail=(f"{kind} {len(data)} bytes as {ds.SOPClassUID.name} "
-                                 f"{record.sop_uid}, held by the transaction (not filed)"),
-                         now=now)
-    except BaseException:
-        store.remove(key)
-        raise
-    log.info("attachment %s (%s, %d bytes) added to %s by %s %s (held, not filed)",
-             record.sop_uid, kind, len(data), transaction.public_id, actor.kind, actor.name)
-    return row
-
-
-def closed_for_recipient(transaction: Transaction, now: float | None = None) -> str:
-    """Why the recipient cannot attach files now ('' if they can)."""
-    from iepnode.sharing.downloads import unavailable_reason
-
-    return unavailable_reason(transaction, time.time() if now is None else now) or ""
-
-
-# -- staff: file into the study, or remove -----------------------------------------------
-
-
-def may_file(user: StaffUser, transaction: Transaction) -> bool:
-    """Whether ``user`` may file the transaction's attachments into the study (or remove them).
-
-    Administrators may; so may the hospital contact of the transaction: the staff user
-    who created it (``created_by``) or whose email is its contact email. For a
-    forwarded copy that is the contact of the package it was forwarded from (a copy's
-    ``created_by`` is the forwarder's email, not a staff user).
-    """
-    if user.is_admin:
-        return True
-    source = transaction.forwarded_from if transaction.forwarded_from_id else transaction
-    if source.created_by and source.created_by == user.username:
-        return True
-    email = (user.email or "").strip().lower()
-    return bool(email) and email == (source.contact_email or "").strip().lower()
-
-
-def _own_attachment(transaction: Transaction, attachment_id: int) -> Attachment:
-    row = Attachment.get_or_none((Attachment.id == attachment_id)
-                                 & (Attachment.transaction == transaction.id))
-    if row is None:
-        raise NotFound("no such attachment")
-    return row
-
-
-def _check_may_file(user: StaffUser, transaction: Transaction) -> None:
-    if not may_file(user, transaction):
-        raise NotAuthorized(
-            "Only an administrator or the hospital contact of this transaction "
-            f"({transaction.contact_name or 'not recorded'}) can file or remove attachments.")
-
-
-def _already(row: Attachment) -> InvalidRequest:
-    entry = describe([row])[0]
-    if entry.state == FILED:
-        return InvalidRequest(f"\u201c{row.title}\u201d is already filed into the patient's "
-                              f"study (by {entry.filed_by}): nothing was changed.")
-    return InvalidRequest(f"\u201c{row.title}\u201d is already part of the patient's study "
-                          "(it was added before attachments needed filing): nothing was "
-                          "changed.")
-
-
-def file_into_study(
-    ingester: Ingester,
-    transaction: Transaction,
-    attachment_id: int,
-    *,
-    user: StaffUser,
-    actor: audit.Actor,
-    now: float | None = None,
-) -> Attachment:
-    """Ingest a held attachment into the patient's study, once; audited (DCM 110104).
-
-    The claim (``UPDATE ... WHERE key IS NOT NULL``) and the ingest are one database
-    transaction: a failed ingest leaves it held, and a second request (even at the same
-    moment, from another process) finds it claimed and is refused.
-
-    Returns
-    -------
-    Attachment
-        The row, now filed.
-
-    Raises
-    ------
-    NotFound
-        No such attachment on this transaction.
-    NotAuthorized
-        ``user`` may not file (see :func:`may_file`).
-    InvalidRequest
-        It is already part of the study.
-    Gone
-        The study is no longer stored.
-    OutOfResources, BadDataset
-        The ingest failed (it stays held).
-    """
-    now = time.time() if now is None else now
-    row = _own_attachment(transaction, attachment_id)
-    _check_may_file(user, transaction)
-    if not row.key:
-        raise _already(row)
-    if not Study.select().where(Study.study_uid == row.study_uid).exists():
-        raise Gone("The study this attachment is about is no longer stored: it cannot be "
-                   "filed.")
-    key = row.key
-    store = ingester.store
-    with write_transaction():
-        claimed = (Attachment.update(key=None, filed_at=now, filed_by=user.username[:64])
-                   .where((Attachment.id == row.id) & Attachment.key.is_null(False))
-                   .execute())
-        if claimed != 1:
-            raise _already(Attachment.get_by_id(row.id))
-        data = store.path(key).read_bytes()
-        meta, offset = parse_file_meta(data)
-        stored = ingester.ingest(data[offset:], meta.transfer_syntax, source_ae=SOURCE_AE,
-                                 expected_sop_uid=row.sop_uid)
-        label = user.display_name or user.username
-        TransactionMessage.create(
-            transaction=transaction.id, author_kind="staff", author=label[:128],
-            body=(f"Filed \u201c{row.title}\u201d into the patient's study: it is now part of "
-                  "the hospital's record."), created_at=now)
-        audit.record(audit.INSTANCES_TRANSFERRED, "attachment-file", actor,
-                     patient_id=transaction.patient_id, study_uid=row.study_uid,
-                     transaction=transaction.public_id,
-                     detail=(f"{row.sop_uid} ({row.media_type}) added by {row.author_kind} "
-                             f"{row.author}, filed into the study "
-                             f"({stored.outcome.name.lower()})")[:500], now=now)
-    store.remove(key)  # the study's instance has its own copy now
-    log.info("attachment %s of %s filed into study %s by %s", row.sop_uid,
-             transaction.public_id, row.study_uid, user.username)
-    return Attachment.get_by_id(row.id)
-
-
-def remove(
-    store: FileStore,
-    transaction: Transaction,
-    attachment_id: int,
-    *,
-    user: StaffUser,
-    actor: audit.Actor,
-    now: float | None = None,
-) -> Attachment:
-    """Delete a held attachment (row and file); audited (DCM 110110). Filed ones stay.
-
-    Raises
-    ------
-    NotFound, NotAuthorized
-        As :func:`file_into_study`.
-    InvalidRequest
-        It is part of the study (filing cannot be undone here).
-    """
-    now = time.time() if now is None else now
-    row = _own_attachment(transaction, attachment_id)
-    _check_may_file(user, transaction)
-    if not row.key:
-        raise _already(row)
-    with write_transaction():
-        deleted = (Attachment.delete()
-                   .where((Attachment.id == row.id) & Attachment.key.is_null(False))
-                   .execute())
-        if deleted != 1:
-            raise _already(Attachment.get_by_id(row.id))
-        TransactionMessage.create(
-            transaction=transaction.id, author_kind="staff",
-            author=(user.display_name or user.username)[:128],
-            body=f"Removed the attachment \u201c{row.title}\u201d.", created_at=now)
-        audit.record(audit.PATIENT_RECORD, "attachment-remove", actor,
-                     patient_id=transaction.patient_id, study_uid=row.study_uid,
-                     transaction=transaction.public_id,
-                     detail=(f"{row.sop_uid} ({row.media_type}) added by {row.author_kind} "
-                             f"{row.author}, removed unfiled")[:500], now=now)
-    store.remove(row.key)
-    log.info("attachment %s of %s removed by %s", row.sop_uid, transaction.public_id,
-             user.username)
-    return row
-
-
-def purge_held(transaction_ids: Iterable[int]) -> list[str]:
-    """Forget the held attachments of purged transactions; return their file-store keys.
-
-    The caller removes the files (after this commits). Filed ones are the study's.
-    """
-    ids = sorted(set(transaction_ids))
-    if not ids:
-        return []
-    with write_transaction():
-        rows = list(Attachment.select(Attachment.id, Attachment.key).where(
-            Attachment.transaction.in_(ids) & Attachment.key.is_null(False)))
-        if rows:
-            Attachment.delete().where(Attachment.id.in_([r.id for r in rows])).execute()
-    return [r.key for r in rows]
 
 
 def path_of(store: FileStore, entry: AttachmentEntry) -> Path:
@@ -603,8 +247,21 @@ def path_of(store: FileStore, entry: AttachmentEntry) -> Path:
 
 
 __all__ = [
-    "FILED", "HELD", "LEGACY", "MAX_UPLOAD_BYTES", "AttachmentEntry", "AttachmentsView",
-    "StudyChoice", "add", "attachments_of", "closed_for_recipient", "describe", "entries_of",
-    "file_into_study", "held_by", "held_entry", "may_file", "path_of", "provenance",
-    "purge_held", "remove", "state_of", "study_choices", "view",
+    "FILED",
+    "HELD",
+    "LEGACY",
+    "MAX_UPLOAD_BYTES",
+    "AttachmentEntry",
+    "AttachmentsView",
+    "StudyChoice",
+    "attachments_of",
+    "describe",
+    "entries_of",
+    "held_by",
+    "held_entry",
+    "path_of",
+    "provenance",
+    "state_of",
+    "study_choices",
+    "view",
 ]

@@ -19,7 +19,7 @@ from iepnode.errors import BadDataset, Gone, NotFound
 from iepnode.people import audit
 from iepnode.people.audit import Actor
 from iepnode.sharing import downloads, transactions
-from iepnode.viewing import attachments, rendering, reports
+from iepnode.viewing import attaching, attachment_filing, attachments, rendering, reports
 from storage.filestore import FileStore
 from storage.models import Attachment, Recipient, StaffUser, Transaction, TransactionStudy
 
@@ -167,7 +167,7 @@ class ReportService:
         if recipient_id is not None:
             recipient = Recipient.get_by_id(recipient_id)
             transaction = transactions.get_for_recipient(recipient, public_id)
-            closed = attachments.closed_for_recipient(transaction)
+            closed = attaching.closed_for_recipient(transaction)
             actor = Actor("recipient", recipient.email, source_ip)
         else:
             transaction, actor, _ = self._report_access(public_id, staff=staff,
@@ -180,7 +180,7 @@ class ReportService:
     def add_attachment(self, public_id: str, *, data: bytes, original_name: str,
                        title: str = "", study_uid: str = "", recipient_id: int | None = None,
                        staff: StaffUser | None = None, source_ip: str = "") -> Attachment:
-        """Attach a PDF/JPEG/PNG to a transaction's study; see :func:`attachments.add`.
+        """Attach a PDF/JPEG/PNG to a transaction's study; see :func:`attaching.add`.
 
         Raises
         ------
@@ -191,7 +191,7 @@ class ReportService:
         """
         transaction, actor, label = self._report_access(
             public_id, recipient_id=recipient_id, staff=staff, source_ip=source_ip)
-        return attachments.add(self.store, transaction, data=data,
+        return attaching.add(self.store, transaction, data=data,
                                original_name=original_name, title=title, study_uid=study_uid,
                                actor=actor, author_label=label,
                                max_attachments=self.settings.max_attachments)
@@ -200,7 +200,7 @@ class ReportService:
                         source_ip: str = "") -> Attachment:
         """File an attachment the transaction holds into the patient's study (staff).
 
-        See :func:`attachments.file_into_study` (who may, once only, audited).
+        See :func:`attachment_filing.file_into_study` (who may, once only, audited).
 
         Raises
         ------
@@ -209,12 +209,13 @@ class ReportService:
         """
         transaction, actor, _ = self._report_access(public_id, staff=staff,
                                                     source_ip=source_ip)
-        return attachments.file_into_study(self.ingester, transaction, attachment_id,
+        return attachment_filing.file_into_study(self.ingester, transaction, attachment_id,
                                            user=staff, actor=actor)
 
     def remove_attachment(self, public_id: str, attachment_id: int, *, staff: StaffUser,
                           source_ip: str = "") -> Attachment:
-        """Delete an attachment the transaction holds (not filed); see :func:`attachments.remove`.
+        """Delete an attachment the transaction holds (not filed); see
+        :func:`attachment_filing.remove`.
 
         Raises
         ------
@@ -223,5 +224,5 @@ class ReportService:
         """
         transaction, actor, _ = self._report_access(public_id, staff=staff,
                                                     source_ip=source_ip)
-        return attachments.remove(self.store, transaction, attachment_id, user=staff,
+        return attachment_filing.remove(self.store, transaction, attachment_id, user=staff,
                                   actor=actor)
