@@ -15,7 +15,7 @@
     ├── InvalidRequest        a transfer or message that breaks a rule    -> HTTP 400
     │   ├── InProgress        the same work is being done already (one at a time) -> HTTP 409
     │   ├── OffsetMismatch    an upload chunk does not start where the file ends -> HTTP 409
-    │   │                     (iepnode.uploads.staging, as are the next two)
+    │   │                     (iepnode.uploads.chunks, as are the next two)
     │   ├── TooLarge          an upload over its limits, or a chunk overrunning its file
     │   ├── FileBusy          another request is writing this upload file -> HTTP 409
     │   ├── AttachmentRefused a file that cannot be wrapped as a document

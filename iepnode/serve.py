@@ -25,7 +25,7 @@ from config import Settings
 from iepnode.logs import setup_logging
 from iepnode.outbound import routing
 from iepnode.services import Services
-from iepnode.uploads import review as upload_review
+from iepnode.uploads import housekeeping as upload_housekeeping
 from iepnode.viewing import dicomweb_access
 from iepnode.wiring import build_services
 from iepnode.workers import WorkerPool, reserve_port, stop_on_sigterm
@@ -73,7 +73,7 @@ async def _housekeeping(services: Services, pools: list[WorkerPool]) -> None:
         # Each sweep below in its own try: one failing does not stop the others.
         if sweep:
             try:  # uploads (issue 7)
-                await asyncio.to_thread(upload_review.recover_releases)
+                await asyncio.to_thread(upload_housekeeping.recover_releases)
                 await asyncio.to_thread(services.requests.purge_abandoned_uploads)
             except Exception:
                 log.exception("housekeeping of uploads failed")

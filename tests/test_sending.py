@@ -24,7 +24,7 @@ from pydicom.uid import (
 
 from config import load_settings
 from iepnode.errors import PeerUnavailable
-from iepnode.outbound import sending
+from iepnode.outbound import send_runner, sending
 from iepnode.outbound.sending import Destination, ItemResult, Outgoing, RetryPolicy
 from iepnode.people import audit
 from iepnode.services import Services
@@ -72,8 +72,9 @@ def scripted(answers: Script) -> sending.Transport:
     return transport
 
 
-def runner(node: Services, transport: sending.Transport, attempts: int = 5) -> sending.JobRunner:
-    return sending.JobRunner(node.store, transport, RetryPolicy(5.0, 60.0, attempts))
+def runner(node: Services, transport: sending.Transport,
+           attempts: int = 5) -> send_runner.JobRunner:
+    return send_runner.JobRunner(node.store, transport, RetryPolicy(5.0, 60.0, attempts))
 
 
 def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> None:
@@ -83,7 +84,7 @@ def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> Non
 
     def claim(owner: str) -> None:
         barrier.wait()
-        claims.append(sending.claim_job(owner))
+        claims.append(send_runner.claim_job(owner))
         node.close()
 
     threads = [threading.Thread(target=claim, args=(f"h/{n}/x",)) for n in range(2)]
@@ -96,9 +97,9 @@ def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> Non
     row = SendJob.get_by_id(job.id)
     assert row.state == "running" and row.attempts == 1 and row.lease_owner == won[0].lease_owner
     # While the lease lasts nobody else gets it; once it has run out, someone does.
-    assert sending.claim_job("h/3/x") is None
+    assert send_runner.claim_job("h/3/x") is None
     SendJob.update(lease_until=time.time() - 1).execute()
-    assert sending.claim_job("h/3/x").lease_owner == "h/3/x"
+    assert send_runner.claim_job("h/3/x").lease_owner == "h/3/x"
 
 
 def test_transient_failures_retry_refusals_do_not(node: Services, study: str) -> None:

@@ -21,7 +21,7 @@ from config import load_settings
 from iepnode.errors import InvalidRequest
 from iepnode.people import audit
 from iepnode.services import Services
-from iepnode.uploads import review as upload_review
+from iepnode.uploads import housekeeping as upload_housekeeping
 from iepnode.uploads.intake import inspect_staged_file, patient_key
 from iepnode.wiring import build_services
 from scp.sender import make_transport
@@ -281,12 +281,12 @@ def test_release_stuck_in_releasing_is_recovered(node: Services, tmp_path: Path)
     Upload.update(updated_at=now - 30 * 60).where(Upload.id == recent.id).execute()
     with pytest.raises(InvalidRequest):
         node.requests.release_upload(stuck.id, STAFF)  # stuck: cannot be released
-    assert upload_review.recover_releases() == 1
+    assert upload_housekeeping.recover_releases() == 1
     assert Upload.get_by_id(stuck.id).status == "SENT"
     assert Upload.get_by_id(recent.id).status == "RELEASING"  # may still be running
     events = AuditEvent.select().where(AuditEvent.action == "upload-release-interrupted")
     assert [e.transaction_public_id for e in events] == [stuck.transaction.public_id]
-    assert upload_review.recover_releases() == 0
+    assert upload_housekeeping.recover_releases() == 0
     again = node.requests.release_upload(stuck.id, STAFF)
     assert Upload.get_by_id(stuck.id).status == "RELEASED" and again.failed == []
     assert (again.stored, again.duplicates) == (0, 2)  # the first copies are kept

@@ -326,7 +326,7 @@ def test_cli_request_create(tmp_path: Path) -> None:
 
 def test_file_removed_while_its_chunk_arrives(node: Services) -> None:
     from iepnode.errors import NotFound
-    from iepnode.uploads.staging import FileBusy
+    from iepnode.uploads.chunks import FileBusy
 
     request, _ = make_request()
     recipient = request.recipient_id

@@ -37,13 +37,8 @@ from aiohttp import web
 from iepnode.errors import Gone, InvalidRequest, NotFound
 from iepnode.records import UploadFile, WebSession
 from iepnode.sharing.transactions import COMPLETE
-from iepnode.uploads.staging import (
-    ConfirmedPatient,
-    FileBusy,
-    OffsetMismatch,
-    TooLarge,
-    check_open,
-)
+from iepnode.uploads.chunks import FileBusy, OffsetMismatch, TooLarge
+from iepnode.uploads.staging import ConfirmedPatient, check_open
 from web.common import client_ip, public_id_of, recipient_session, see_other, services_of
 from web.keys import SESSION_KEY
 

@@ -12,7 +12,7 @@ import time
 
 from config import Settings
 from iepnode.errors import InvalidRequest, NotFound
-from iepnode.outbound import routing, sending
+from iepnode.outbound import routing, send_runner, sending, transaction_sends
 from iepnode.people import audit
 from iepnode.people.audit import Actor
 from iepnode.sharing import transactions
@@ -55,12 +55,12 @@ class SendService:
         """Recent send jobs, newest first (only a transaction's when given)."""
         return [sending.progress_of(j) for j in sending.recent_jobs(transaction, limit)]
 
-    def job_runner(self, transport: sending.Transport) -> sending.JobRunner:
+    def job_runner(self, transport: sending.Transport) -> send_runner.JobRunner:
         """A runner for send jobs that sends through ``transport``."""
         retry = sending.RetryPolicy(self.settings.send_retry_seconds,
                                     self.settings.send_retry_max_seconds,
                                     self.settings.send_max_attempts)
-        return sending.JobRunner(self.store, transport, retry)
+        return send_runner.JobRunner(self.store, transport, retry)
 
     def send_transaction(self, public_id: str, ae_title: str, actor: Actor) -> SendJob:
         """Staff: send a transaction's studies to a remote AE.
@@ -85,7 +85,7 @@ class SendService:
         transaction = Transaction.get_or_none(Transaction.public_id == public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
-        return sending.transaction_send_aes(transaction.id)
+        return transaction_sends.transaction_send_aes(transaction.id)
 
     def set_recipient_send_aes(self, public_id: str, ae_titles: list[str],
                                actor: Actor) -> list[str]:
@@ -101,7 +101,7 @@ class SendService:
         transaction = Transaction.get_or_none(Transaction.public_id == public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
-        titles = sending.set_transaction_send_aes(transaction.id, ae_titles)
+        titles = transaction_sends.set_transaction_send_aes(transaction.id, ae_titles)
         audit.record(audit.SECURITY_ALERT, "admin-change", actor,
                      patient_id=transaction.patient_id, transaction=public_id,
                      detail=f"recipient may send to: {', '.join(titles) or 'none'}")
@@ -113,7 +113,7 @@ class SendService:
         rows = list(Transaction.select(Transaction.id, Transaction.public_id).where(
             (Transaction.recipient == recipient_id) & Transaction.public_id.in_(public_ids)
             & Transaction.purged_at.is_null() & (Transaction.expires_at > time.time())))
-        options = sending.send_options([t.id for t in rows])
+        options = transaction_sends.send_options([t.id for t in rows])
         return {t.public_id: options[t.id] for t in rows if t.id in options}
 
     def recipient_sends(self, recipient_id: int,

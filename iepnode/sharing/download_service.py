@@ -15,7 +15,14 @@ from config import Settings
 from iepnode.errors import Gone, NotFound
 from iepnode.people import audit
 from iepnode.people.audit import Actor
-from iepnode.sharing import checksums, download_stream, downloads, package, transactions
+from iepnode.sharing import (
+    checksums,
+    download_stream,
+    downloads,
+    package,
+    package_plan,
+    transactions,
+)
 from storage.filestore import FileStore
 from storage.models import Recipient, Transaction
 
@@ -56,8 +63,8 @@ class DownloadService:
         key = package.fingerprint(source, files)
 
         def build() -> package.Package:
-            return package.build_package(source, files, checksums.crcs_for, key,
-                                         self.store.path)
+            return package_plan.build_package(source, files, checksums.crcs_for, key,
+                                              self.store.path)
 
         try:
             return self._packages.get_or_build(key, build)

@@ -18,7 +18,10 @@ from iepnode.outbound.messaging import DeliveryError, Messenger
 from iepnode.people import audit
 from iepnode.people.audit import Actor
 from iepnode.sharing.service import SharingService, channel_note
+from iepnode.uploads import housekeeping as upload_housekeeping
 from iepnode.uploads import image_requests
+from iepnode.uploads import listing as upload_listing
+from iepnode.uploads import release as upload_release
 from iepnode.uploads import review as upload_review
 from iepnode.uploads import staging as uploads
 from storage import registry
@@ -134,25 +137,25 @@ class RequestService:
             log.exception("intake of upload %s failed: staff can check it again", upload_id)
 
     def release_upload(self, upload_id: int, actor: Actor,
-                       exclude: frozenset[str] = frozenset()) -> upload_review.ReleaseResult:
+                       exclude: frozenset[str] = frozenset()) -> upload_release.ReleaseResult:
         """Reconcile, store and (when configured) send a sent upload to the PACS."""
-        return upload_review.release(
+        return upload_release.release(
             upload_id, data_dir=self.settings.data_dir, ingester=self.ingester, actor=actor,
             exclude=exclude, modifying_system=self.settings.ae_title,
             default_issuer=self.settings.upload_issuer, pacs_ae=self.settings.upload_pacs_ae)
 
     def reject_upload(self, upload_id: int, actor: Actor, reason: str = "") -> None:
         """Refuse a sent upload; its staged files are deleted."""
-        upload_review.reject(upload_id, data_dir=self.settings.data_dir, actor=actor,
-                             reason=reason)
+        upload_release.reject(upload_id, data_dir=self.settings.data_dir, actor=actor,
+                              reason=reason)
 
-    def upload_rows(self) -> list[upload_review.UploadRow]:
+    def upload_rows(self) -> list[upload_listing.UploadRow]:
         """Uploads for the staff list, those waiting first."""
-        return upload_review.list_uploads()
+        return upload_listing.list_uploads()
 
-    def upload_detail(self, upload_id: int) -> upload_review.UploadDetail:
+    def upload_detail(self, upload_id: int) -> upload_listing.UploadDetail:
         """One upload for the staff review page."""
-        return upload_review.detail(upload_id)
+        return upload_listing.detail(upload_id)
 
     def upload_pacs_problem(self) -> str:
         """Why released uploads cannot reach ``[portal] upload_pacs_ae`` ('' when fine)."""
@@ -168,5 +171,5 @@ class RequestService:
 
     def purge_abandoned_uploads(self) -> int:
         """Delete staging of uploads never sent (housekeeping); return folders removed."""
-        return upload_review.purge_abandoned(self.settings.data_dir,
-                                             self.settings.upload_staging_hours * 3600)
+        return upload_housekeeping.purge_abandoned(self.settings.data_dir,
+                                                   self.settings.upload_staging_hours * 3600)

@@ -12,13 +12,15 @@ Each file is inspected when its last byte arrives
 (:func:`iepnode.uploads.intake.inspect_staged_file`); the verdict is shown on the page.
 Nothing reaches the store from here. Send (the uploader's confirmation) marks the
 upload ``SENT``; :meth:`iepnode.uploads.service.RequestService.send_upload` then has it
-checked for staff (:func:`iepnode.upload_review.intake`), who release or reject it.
+checked for staff (:func:`iepnode.uploads.review.intake`), who release or reject it.
 Cancel, or removing a file, deletes its staged bytes at once.
+
+This module holds the statuses, limits and :class:`UploadService`; one chunk is written
+by :class:`iepnode.uploads.chunks.ChunkWriter` (with the protocol's errors).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ from iepnode.sharing.transactions import (
     get_for_recipient,
     is_expired,
 )
+from iepnode.uploads.chunks import ChunkWriter, OffsetMismatch, TooLarge
 from iepnode.uploads.intake import inspect_staged_file
 from storage.db import write_transaction
 from storage.models import Recipient, Transaction, TransactionMessage, Upload, UploadFile
@@ -55,22 +58,6 @@ CHECKING = "checking"
 MAX_FILES = 20_000
 MAX_MESSAGE = 4000
 MIB = 1 << 20
-
-
-class OffsetMismatch(InvalidRequest):
-    """A chunk does not start where the staged file ends (HTTP 409); see ``offset``."""
-
-    def __init__(self, offset: int) -> None:
-        super().__init__(f"the file continues at byte {offset}")
-        self.offset = offset
-
-
-class TooLarge(InvalidRequest):
-    """A file or upload is over the configured limits, or a chunk overruns its file."""
-
-
-class FileBusy(InvalidRequest):
-    """Another request is writing this file right now (HTTP 409; try again)."""
 
 
 @dataclass(frozen=True)
@@ -137,63 +124,6 @@ def check_open(transaction: Transaction, now: float | None = None) -> None:
                    "the hospital.")
     if transaction.status == COMPLETE:
         raise Gone("The images for this request have been sent already.")
-
-
-class ChunkWriter:
-    """Appends one chunk to a staged file, holding an exclusive lock on it.
-
-    Parameters
-    ----------
-    path : Path
-        The staged file (created when the file was announced).
-    size : int
-        The file's announced size: writing past it raises :class:`TooLarge`.
-    offset : int
-        Where the client says its chunk starts; must equal the staged size.
-
-    Raises
-    ------
-    FileBusy
-        Another request holds the file's lock.
-    OffsetMismatch
-        ``offset`` is not the staged size (the client should ask for it and resume).
-    """
-
-    def __init__(self, path: Path, size: int, offset: int) -> None:
-        self.size = size
-        self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise FileBusy("this file is being written by another request") from None
-        current = os.fstat(self._fd).st_size
-        if current != offset:
-            os.close(self._fd)
-            raise OffsetMismatch(current)
-        os.lseek(self._fd, offset, os.SEEK_SET)
-        self.position = offset
-        self.file_id = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` (all of it, or :class:`TooLarge` and nothing)."""
-        if self.position + len(data) > self.size:
-            raise TooLarge(f"more bytes than the {self.size} announced for this file")
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-            self.position += written
-
-    def close(self) -> bool:
-        """Release the file; return whether it is complete (then it is fsynced first)."""
-        complete = self.position == self.size
-        try:
-            if complete:
-                os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-        return complete
 
 
 class UploadService:
