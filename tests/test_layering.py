@@ -165,3 +165,15 @@ def test_the_layer_check_can_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert layer_violations("iepnode") == ["iepnode/sharing.py:1: imports web.app",
                                            "iepnode/sharing.py:1: imports web.app.create_app"]
     assert layer_violations("web") == ["web/views.py:2: imports iepnode.wiring"]
+
+
+#: A domain module past this many lines holds more than one job: split it.
+MAX_DOMAIN_MODULE_LINES = 500
+
+
+def test_no_domain_module_is_over_the_size_budget() -> None:
+    """Every module of iepnode/ is small enough to read in one sitting (issue 14)."""
+    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+             for path in (ROOT / "iepnode").rglob("*.py")}
+    assert len(sizes) > 60
+    assert {name: n for name, n in sizes.items() if n > MAX_DOMAIN_MODULE_LINES} == {}

@@ -52,7 +52,6 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from iepnode.archive.dicomdir_refs import iso_name, read_dicomdir  # noqa: F401 - the upload review's names
 from iepnode.archive.import_sources import ImportReport, Source, discover
 from iepnode.archive.ingest import Ingester
 from iepnode.archive.object_check import open_object

@@ -32,7 +32,7 @@ from iepnode.uploads.review import (
     staging_folder,
 )
 from iepnode.uploads.staging import REJECTED, RELEASED, RELEASING, SENT
-from iepnode.viewing import wrapping
+from iepnode.viewing import wrapped_object, wrapping
 from storage.db import write_transaction
 from storage.index import Outcome
 from storage.models import Upload, UploadFile
@@ -82,7 +82,7 @@ class _Releaser:
         self.stored = self.duplicates = self.excluded = self.documents = 0
         self.failed: list[tuple[str, str]] = []
         self.studies: dict[str, None] = {}
-        self.documents_study = wrapping.StudyInfo(
+        self.documents_study = wrapped_object.StudyInfo(
             _new_uid(), date.today().strftime("%Y%m%d"), time.strftime("%H%M%S"),
             description="Documents uploaded by the patient")
 
@@ -98,7 +98,7 @@ class _Releaser:
             else:
                 ds = wrapping.wrap_file(
                     bytes(payload),
-                    wrapping.PatientInfo(self.target.name, self.target.patient_id,
+                    wrapped_object.PatientInfo(self.target.name, self.target.patient_id,
                                          self.target.issuer, self.target.birth_date,
                                          self.target.sex),
                     study=self.documents_study, original_name=obj.name)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Layout
-from iepnode.archive import importer
+from iepnode.archive import dicomdir_refs
 from iepnode.archive.reconciliation import PatientIdentity
 from iepnode.errors import BadDataset, Gone, InvalidRequest, NotFound
 from iepnode.people import audit
@@ -254,7 +254,7 @@ def check(upload: Upload, data_dir: Path, *, fresh: bool = False,
 
 def _path_key(relpath: str, name: str) -> tuple[str, ...]:
     parts = [p for p in relpath.replace("\\", "/").split("/") if p not in ("", ".")]
-    return tuple(importer.iso_name(p) for p in [*parts, name] if p)
+    return tuple(dicomdir_refs.iso_name(p) for p in [*parts, name] if p)
 
 
 def _missing_from_dicomdirs(upload: Upload, folder: Path) -> int:
@@ -276,11 +276,11 @@ def _missing_from_dicomdirs(upload: Upload, folder: Path) -> int:
         if path is None or not path.is_file():
             continue
         try:
-            refs = importer.read_dicomdir(str(path))
+            refs = dicomdir_refs.read_dicomdir(str(path))
         except BadDataset:
             continue
         base = _path_key(upload_file.relpath, "")
-        missing += sum((*base, *(importer.iso_name(p) for p in ref.file_id)) not in uploaded
+        missing += sum((*base, *(dicomdir_refs.iso_name(p) for p in ref.file_id)) not in uploaded
                        for ref in refs)
     return missing
 
