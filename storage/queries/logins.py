@@ -7,11 +7,7 @@ each is one statement, and its return value says whether this caller won.
 from __future__ import annotations
 
 from storage.models import LoginAttempt, Recipient, Transaction, WebSession
-
-
-def recipient_by_id(recipient_id: int) -> Recipient:
-    """The recipient with id ``recipient_id`` (``Recipient.DoesNotExist`` if none)."""
-    return Recipient.get_by_id(recipient_id)
+from storage.queries.recipients import recipient_by_id as recipient_by_id
 
 
 def claim_passcode_send(recipient_id: int, now: float, interval: float) -> bool:
@@ -186,3 +182,15 @@ def clear_totp_and_sessions(recipient_id: int) -> bool:
             (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
         ).execute()
     return bool(cleared)
+
+
+def latest_usable_attempt(transaction_id: int, now: float) -> LoginAttempt | None:
+    """The newest unused, live, unexpired login attempt of a link's transaction, or ``None``."""
+    return (
+        LoginAttempt.select()
+        .where((LoginAttempt.transaction == transaction_id)
+               & LoginAttempt.used_at.is_null() & (LoginAttempt.dead == False)  # noqa: E712
+               & (LoginAttempt.expires_at > now))
+        .order_by(LoginAttempt.created_at.desc(), LoginAttempt.id.desc())
+        .first()
+    )
