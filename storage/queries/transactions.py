@@ -153,3 +153,22 @@ def recent_transactions(terms: list[str], limit: int) -> list[Transaction]:
             | Recipient.name.contains(term))
     return list(query.order_by(Transaction.created_at.desc(), Transaction.id.desc())
                 .limit(limit))
+
+
+def study_uids_of(transaction_id: int, *, ordered: bool = False) -> list[str]:
+    """The study UIDs of a transaction (with ``ordered``, in the order they were shared)."""
+    query = (TransactionStudy.select(TransactionStudy.study_uid)
+             .where(TransactionStudy.transaction == transaction_id))
+    if ordered:
+        query = query.order_by(TransactionStudy.id)
+    return [ts.study_uid for ts in query]
+
+
+def transaction_by_id(transaction_id: int) -> Transaction:
+    """The transaction with row id ``transaction_id`` (``DoesNotExist`` if none)."""
+    return Transaction.get_by_id(transaction_id)
+
+
+def transaction_by_public_id(public_id: str) -> Transaction:
+    """The transaction with this public ID (``Transaction.DoesNotExist`` if none)."""
+    return Transaction.get(Transaction.public_id == public_id)
