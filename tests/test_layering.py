@@ -111,15 +111,12 @@ INSTANCE_VERBS = {"save", "delete_instance"}
 #: into ``storage/queries``). This list may only shrink: a module that no longer
 #: queries must leave it, and a module not on it must not start.
 QUERYING_MODULES = {
-    "iepnode.archive.filesets", "iepnode.archive.ingest", "iepnode.archive.query",
-    "iepnode.archive.service", "iepnode.archive.study_search",
+    "iepnode.archive.query",
     "iepnode.cli", "iepnode.services",
-    "iepnode.outbound.routing", "iepnode.outbound.sending", "iepnode.outbound.service",
+    "iepnode.outbound.sending",
     "iepnode.sharing.package",
-    "iepnode.uploads.image_requests", "iepnode.uploads.review", "iepnode.uploads.staging",
+    "iepnode.uploads.review", "iepnode.uploads.staging",
     "iepnode.viewing.attachments", "iepnode.viewing.dicomweb",
-    "iepnode.viewing.dicomweb_access", "iepnode.viewing.report_service",
-    "iepnode.viewing.reports", "iepnode.viewing.service",
 }
 
 
