@@ -6,6 +6,12 @@ Every module is read with :mod:`ast` (imports inside functions count too, and so
 ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name).
 Nor do they reach for the file store (an attribute named ``store``, e.g.
 ``node.store.path``): stored files are read by the domain, which hands out bytes.
+
+Inside ``iepnode`` the queries belong to ``storage/queries``: a module that imports
+peewee or calls a query verb on a model class (``Study.select``, ``Recipient.update``
+...) or ``.save()`` on a row must be on :data:`QUERYING_MODULES`, the list of modules
+not moved yet, and that list only shrinks. Transaction boundaries
+(``write_transaction``) stay in the domain: they say what commits together.
 """
 
 from __future__ import annotations
