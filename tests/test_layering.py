@@ -117,7 +117,6 @@ INSTANCE_VERBS = {"save", "delete_instance"}
 #: into ``storage/queries``). This list may only shrink: a module that no longer
 #: queries must leave it, and a module not on it must not start.
 QUERYING_MODULES = {
-    "iepnode.archive.query",
     "iepnode.cli", "iepnode.services",
     "iepnode.outbound.sending",
     "iepnode.sharing.package",
