@@ -6,6 +6,12 @@ Every module is read with :mod:`ast` (imports inside functions count too, and so
 ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name).
 Nor do they reach for the file store (an attribute named ``store``, e.g.
 ``node.store.path``): stored files are read by the domain, which hands out bytes.
+
+Inside ``iepnode`` the queries belong to ``storage/queries``: a module that imports
+peewee or calls a query verb on a model class (``Study.select``, ``Recipient.update``
+...) or ``.save()`` on a row must be on :data:`QUERYING_MODULES`, the list of modules
+not moved yet, and that list only shrinks. Transaction boundaries
+(``write_transaction``) stay in the domain: they say what commits together.
 """
 
 from __future__ import annotations
@@ -177,3 +183,93 @@ def test_no_domain_module_is_over_the_size_budget() -> None:
              for path in (ROOT / "iepnode").rglob("*.py")}
     assert len(sizes) > 60
     assert {name: n for name, n in sizes.items() if n > MAX_DOMAIN_MODULE_LINES} == {}
+
+# -- the storage boundary: queries live in storage/ -------------------------------------
+
+#: Query verbs of a peewee model class (``Model.select(...)``) and of an instance.
+MODEL_VERBS = {"select", "get", "get_or_none", "get_by_id", "get_or_create", "update",
+               "insert", "insert_many", "insert_from", "replace", "replace_many", "delete",
+               "delete_by_id", "create", "bulk_create", "bulk_update", "raw"}
+INSTANCE_VERBS = {"save", "delete_instance"}
+
+#: Modules of ``iepnode`` that still run queries themselves (issue 14: not yet moved
+#: into ``storage/queries``). This list may only shrink: a module that no longer
+#: queries must leave it, and a module not on it must not start.
+QUERYING_MODULES = {
+    "iepnode.cli.archive", "iepnode.cli.people", "iepnode.services",
+    "iepnode.outbound.sending", "iepnode.outbound.send_runner",
+    "iepnode.outbound.transaction_sends",
+    "iepnode.sharing.package", "iepnode.sharing.package_plan",
+    "iepnode.uploads.review", "iepnode.uploads.release", "iepnode.uploads.listing",
+    "iepnode.uploads.housekeeping", "iepnode.uploads.staging",
+    "iepnode.viewing.attachments", "iepnode.viewing.attaching",
+    "iepnode.viewing.attachment_filing", "iepnode.viewing.dicomweb",
+}
+
+
+def model_names(tree: ast.AST) -> set[str]:
+    """Names the module binds by importing from ``storage.models`` (its model classes)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "storage.models":
+            names |= {alias.asname or alias.name for alias in node.names}
+    return names
+
+
+def queries_in(source: str, module: str) -> list[str]:
+    """Every peewee import and model query of a module's source (``line: what``).
+
+    A query is ``<model>.<verb>(...)`` on a class imported from ``storage.models``
+    (``<verb>`` in :data:`MODEL_VERBS`), or ``<anything>.save()`` /
+    ``.delete_instance()`` on an instance.
+    """
+    tree = ast.parse(source)
+    models = model_names(tree)
+    found = [f"{line}: imports {name}" for line, name in imported_modules(source, module)
+             if name.split(".")[0] == "peewee"]
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner, verb = node.func.value, node.func.attr
+        if isinstance(owner, ast.Name) and owner.id in models and verb in MODEL_VERBS:
+            found.append(f"{node.lineno}: {owner.id}.{verb}")
+        elif verb in INSTANCE_VERBS and not node.args and not node.keywords:
+            found.append(f"{node.lineno}: .{verb}()")
+    return sorted(found)
+
+
+def querying_modules() -> dict[str, list[str]]:
+    """Module of ``iepnode`` -> the queries it runs itself (modules with none left out)."""
+    found = {}
+    for path in sorted((ROOT / "iepnode").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if hits := queries_in(path.read_text(encoding="utf-8"), module):
+            found[module] = hits
+    return found
+
+
+def test_new_queries_go_into_storage() -> None:
+    found = querying_modules()
+    new = {module: hits for module, hits in found.items() if module not in QUERYING_MODULES}
+    assert new == {}, "queries belong in storage/queries (or add a storage function)"
+
+
+def test_the_allow_list_of_querying_modules_only_shrinks() -> None:
+    done = sorted(QUERYING_MODULES - set(querying_modules()))
+    assert done == [], "these modules run no queries any more: take them off QUERYING_MODULES"
+
+
+def test_the_query_check_sees_model_verbs_and_peewee() -> None:
+    source = """
+import peewee
+from storage.models import Recipient as R, Study
+from storage import queries
+def f(row, image):
+    R.update(locked_at=None).where(R.id == 1).execute()
+    Study.get_or_none(Study.study_uid == "1")
+    row.save()
+    image.save("out.png")
+    queries.recipient_by_id(1)
+"""
+    assert queries_in(source, "iepnode.x") == sorted(
+        ["2: imports peewee", "6: R.update", "7: Study.get_or_none", "8: .save()"])

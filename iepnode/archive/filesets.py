@@ -15,6 +15,7 @@ from iepnode.sharing import checksums
 from storage import index
 from storage.filestore import FileStore
 from storage.models import Study
+from storage.queries import archive as queries
 
 log = logging.getLogger("iepnode.filesets")
 
@@ -65,7 +66,7 @@ class FilesetService:
         """
         from storage.fileset import NoUsableMember, write_fileset
 
-        study = Study.get_or_none(Study.study_uid == study_uid)
+        study = queries.study_with_uid(study_uid)
         if study is None:
             raise KeyError(study_uid)
         built_from = study.last_received
@@ -145,7 +146,7 @@ class FilesetService:
         names = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         if not names:
             return 0
-        known = {s.key for s in Study.select(Study.key).where(Study.key.in_(list(names)))}
+        known = queries.known_study_keys(list(names))
         removed = 0
         for name in sorted(names - known):
             shutil.rmtree(root / name, ignore_errors=True)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from io import BytesIO, RawIOBase
 from typing import Any
 
-import peewee
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -31,6 +30,7 @@ from iepnode.archive.uids import is_conformant_uid, is_uid_like
 from iepnode.errors import BadDataset, DatasetMismatch, OutOfResources
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, Outcome, instance_exists, record_instance
+from storage.queries import DatabaseError, OperationalError
 
 log = logging.getLogger("iepnode.ingest")
 
@@ -289,7 +289,7 @@ def is_disk_full(exc: BaseException) -> bool:
     """Return ``True`` when ``exc`` means the disk or quota is full."""
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return True
-    return isinstance(exc, peewee.OperationalError) and "full" in str(exc).lower()
+    return isinstance(exc, OperationalError) and "full" in str(exc).lower()
 
 
 class Ingester:
@@ -374,7 +374,7 @@ class Ingester:
             )
         try:
             duplicate = not self.replace_duplicates and instance_exists(rec.sop_uid)
-        except (peewee.DatabaseError, OSError) as exc:
+        except (DatabaseError, OSError) as exc:
             reason = "disk full" if is_disk_full(exc) else f"index failed: {exc}"
             raise OutOfResources(reason) from exc
         if duplicate:
@@ -389,7 +389,7 @@ class Ingester:
             raise OutOfResources(reason) from exc
         try:
             result = record_instance(rec, key, size, replace=self.replace_duplicates)
-        except (peewee.DatabaseError, OSError) as exc:
+        except (DatabaseError, OSError) as exc:
             self.store.remove(key)
             reason = "disk full" if is_disk_full(exc) else f"index failed: {exc}"
             raise OutOfResources(reason) from exc

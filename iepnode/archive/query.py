@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import peewee
 from pydicom.dataset import Dataset
 
 from iepnode.archive.uids import is_uid_like
 from iepnode.errors import BadQuery
-from storage.db import is_sqlite
 from storage.index import name_key
-from storage.models import Instance, Patient, Series, Study, database_proxy
+from storage.models import Instance, Patient, Series, Study
+from storage.queries import cfind
+from storage.queries.cfind import Column, Condition, RowSelect
 
 
 class Level(enum.IntEnum):
@@ -48,7 +48,7 @@ class Match(enum.Enum):
 @dataclass(frozen=True)
 class Attribute:
     level: Level
-    column: peewee.Field
+    column: Column
     match: Match
 
 
@@ -87,48 +87,14 @@ ATTRIBUTES: dict[str, Attribute] = {
     "InstanceNumber": Attribute(Level.IMAGE, Instance.instance_number, Match.TEXT),
 }
 
-_TABLES = (Patient, Study, Series, Instance)
 #: Keys the node handles itself rather than matching.
 _CONTROL_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
                  "InstanceAvailability", "TimezoneOffsetFromUTC"}
-_ESCAPE = "!"
 #: Most UIDs one key may list (PS3.4 C.2.2.2.2): more is refused, not matched.
 MAX_UID_LIST = 1000
-_HIGHEST = "\U0010ffff"
 
 
-def _like_pattern(value: str) -> str:
-    out = []
-    for ch in value:
-        if ch in (_ESCAPE, "%", "_"):
-            out.append(_ESCAPE + ch)
-        elif ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _wildcard_condition(column: peewee.Field, value: str) -> peewee.Expression:
-    prefix = value[: min((value.find(c) for c in "*?" if c in value), default=len(value))]
-    if not is_sqlite(database_proxy.obj):
-        # No prefix range on PostgreSQL: under most collations (en_US...) string order is
-        # not code-point order and ``prefix + U+10FFFF`` is no upper bound; under "C" the
-        # planner derives the same range from the LIKE itself.
-        return peewee.NodeList(
-            (column, peewee.SQL("LIKE"), _like_pattern(value), peewee.SQL(f"ESCAPE '{_ESCAPE}'"))
-        )
-    # SQLite's LIKE ignores ASCII case; GLOB is case-sensitive, as LIKE is elsewhere.
-    # DICOM's "*" and "?" are GLOB's own; "[" is the only other metacharacter.
-    condition = peewee.NodeList((column, peewee.SQL("GLOB"), value.replace("[", "[[]")))
-    if prefix:
-        condition = (column >= prefix) & (column < prefix + _HIGHEST) & condition
-    return condition
-
-
-def _range_condition(column: peewee.Field, value: str) -> peewee.Expression:
+def _range_condition(column: Column, value: str) -> Condition:
     low, _, high = value.partition("-")
     low, high = low.strip(), high.strip()
     if low and high:
@@ -140,7 +106,7 @@ def _range_condition(column: peewee.Field, value: str) -> peewee.Expression:
     raise BadQuery(f"empty range {value!r}")
 
 
-def _condition(keyword: str, attr: Attribute, value: str) -> peewee.Expression | None:
+def _condition(keyword: str, attr: Attribute, value: str) -> Condition | None:
     value = value.strip()
     if not value or value == "*" or attr.match is Match.RETURN_ONLY:
         return None
@@ -160,12 +126,12 @@ def _condition(keyword: str, attr: Attribute, value: str) -> peewee.Expression |
         return column == value
     if attr.match is Match.MODALITIES:
         modalities = [m.strip() for m in value.split("\\") if m.strip()]
-        return Study.id.in_(Series.select(Series.study).where(Series.modality.in_(modalities)))
+        return cfind.modalities_condition(modalities)
     if attr.match is Match.NAME:
         column = Patient.name_key if column is Patient.name else column
         value = name_key(value) if column is Patient.name_key else value
     if "*" in value or "?" in value:
-        return _wildcard_condition(column, value)
+        return cfind.wildcard_condition(column, value)
     return column == value
 
 
@@ -174,7 +140,7 @@ class Query:
     """A parsed identifier: the level, the match conditions and the return keys."""
 
     level: Level
-    conditions: tuple[peewee.Expression, ...]
+    conditions: tuple[Condition, ...]
     return_keys: tuple[str, ...]
     unsupported_keys: tuple[str, ...]
 
@@ -201,7 +167,7 @@ def parse_identifier(identifier: Dataset, root: Root) -> Query:
         raise BadQuery(f"invalid QueryRetrieveLevel {exc}") from None
     if root is Root.STUDY and level is Level.PATIENT:
         raise BadQuery("the Study Root model has no PATIENT level")
-    conditions: list[peewee.Expression] = []
+    conditions: list[Condition] = []
     return_keys: list[str] = []
     unsupported: list[str] = []
     for elem in identifier:
@@ -251,25 +217,15 @@ def parse_retrieve_identifier(identifier: Dataset, root: Root) -> Query:
     return query
 
 
-def select_rows(query: Query, *, columns: list[Any] | None = None) -> peewee.ModelSelect:
+def select_rows(query: Query, *, columns: list[Any] | None = None) -> RowSelect:
     """Build the SELECT over the tables down to the query level."""
-    tables = _TABLES[: query.level + 1]
-    target = tables[-1]
-    selected = columns if columns is not None else list(tables)
-    select = target.select(*selected)
-    # Join upwards from the target table: Instance -> Series -> Study -> Patient.
-    for child, parent in zip(reversed(tables[1:]), reversed(tables[:-1]), strict=True):
-        select = select.join(parent, on=(getattr(child, parent.__name__.lower()) == parent.id))
-    for condition in query.conditions:
-        select = select.where(condition)
-    return select
+    return cfind.select_rows(query.level, query.conditions, columns=columns)
 
 
 def iter_matches(query: Query) -> Iterator[dict[str, Any]]:
     """Yield one dict of return-key values per matching entity."""
     columns = [ATTRIBUTES[k].column for k in query.return_keys]
-    select = select_rows(query, columns=columns or [_TABLES[query.level].id]).tuples()
-    for row in select.iterator():
+    for row in cfind.iter_rows(query.level, query.conditions, columns):
         yield dict(zip(query.return_keys, row, strict=False))
 
 
@@ -279,15 +235,10 @@ def iter_instance_keys(query: Query) -> Iterator[tuple[str, str, str, str]]:
     The query may be at any level; every instance below the matched entities is
     returned, in series / instance order.
     """
-    image_level = Query(Level.IMAGE, query.conditions, (), ())
-    select = select_rows(
-        image_level,
-        columns=[Instance.key, Instance.sop_class, Instance.sop_uid, Instance.transfer_syntax],
-    ).order_by(Instance.series, Instance.id)
-    yield from select.tuples().iterator()
+    yield from cfind.iter_instance_files(Level.IMAGE, query.conditions)
 
 
-def condition_for(keyword: str, value: str) -> peewee.Expression | None:
+def condition_for(keyword: str, value: str) -> Condition | None:
     """The match condition of one attribute (``None``: universal match or return-only).
 
     For query interfaces other than C-FIND (DICOMweb QIDO-RS), which get keys and

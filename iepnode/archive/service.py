@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import peewee
 from pydicom.dataset import Dataset
 
 from config import Settings
@@ -22,6 +21,8 @@ from iepnode.errors import BadDataset, NotAuthorized, UnknownDestination
 from storage import registry
 from storage.filestore import FileStore
 from storage.models import RemoteAE, Study
+from storage.queries import Database
+from storage.queries import archive as queries
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ArchiveService:
     ----------
     settings : Settings
         Validated settings (the node's AE title answers C-FIND).
-    database : peewee.Database
+    database : storage.queries.Database
         The opened index database (its connection is returned by :meth:`close`).
     store : FileStore
         Where stored instances are read from.
@@ -49,7 +50,7 @@ class ArchiveService:
         Stores received datasets.
     """
 
-    def __init__(self, settings: Settings, database: peewee.Database, store: FileStore,
+    def __init__(self, settings: Settings, database: Database, store: FileStore,
                  ingester: Ingester) -> None:
         self.settings = settings
         self.database = database
@@ -168,18 +169,12 @@ class ArchiveService:
 
     def counts(self) -> dict[str, int]:
         """Return how many patients, studies and instances are indexed."""
-        from storage.models import Instance, Patient
-
         with self.database.connection_context():
-            return {
-                "patients": Patient.select().count(),
-                "studies": Study.select().count(),
-                "instances": Instance.select().count(),
-            }
+            return queries.index_counts()
 
     def study(self, study_uid: str) -> Study | None:
         """Return the indexed study with this Study Instance UID, or ``None``."""
-        return Study.get_or_none(Study.study_uid == study_uid)
+        return queries.study_with_uid(study_uid)
 
 
 def _same_host(registered: str, peer: str) -> bool:

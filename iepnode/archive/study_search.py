@@ -21,6 +21,7 @@ from iepnode.errors import InvalidRequest
 from iepnode.people import audit
 from iepnode.people.audit import actor_of
 from storage.models import Patient, StaffUser, Study
+from storage.queries import archive as queries
 
 #: The most studies one search shows.
 STUDY_LIMIT = 200
@@ -163,6 +164,4 @@ class StudySearch:
         uids = [u for u in study_uids if u][:STUDY_LIMIT]
         if not uids:
             return []
-        rows = (Study.select(*_STUDY_COLUMNS).join(Patient)
-                .where(Study.study_uid.in_(uids)).tuples())
-        return [StudyHit(*row) for row in rows]
+        return [StudyHit(*row) for row in queries.study_rows(uids, _STUDY_COLUMNS)]

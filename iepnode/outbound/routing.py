@@ -15,15 +15,15 @@ import logging
 import re
 import time
 
-import peewee
-
 from iepnode.errors import InvalidRequest, NodeError, NotFound
 from iepnode.outbound import sending
 from iepnode.people import audit
 from iepnode.people.audit import Actor
 from iepnode.rules.identifiers import AE_TITLE
 from storage.db import write_transaction
-from storage.models import Instance, RoutedStudy, RouteRule, Series, Study
+from storage.models import RouteRule, Study
+from storage.queries import Conflict
+from storage.queries import outbound as queries
 
 log = logging.getLogger("iepnode.routing")
 
@@ -54,9 +54,8 @@ def add_rule(destination: str, actor: Actor, *, calling_ae: str = "",
     accession_prefix = _checked(accession_prefix, "accession prefix")
     modality = _checked(modality, "modality").upper()
     ae = sending.destination_ae(destination)
-    rule = RouteRule.create(calling_ae=calling_ae, accession_prefix=accession_prefix,
-                            modality=modality, destination=ae.ae_title,
-                            created_by=actor.name[:254], created_at=time.time())
+    rule = queries.create_rule(calling_ae, accession_prefix, modality, ae.ae_title,
+                               actor.name[:254])
     audit.record(audit.SECURITY_ALERT, "admin-change", actor,
                  detail=f"route-add {rule.id}: {describe(rule)}")
     return rule
@@ -70,17 +69,17 @@ def remove_rule(rule_id: int, actor: Actor) -> None:
     NotFound
         No such rule.
     """
-    rule = RouteRule.get_or_none(RouteRule.id == rule_id)
+    rule = queries.rule_or_none(rule_id)
     if rule is None:
         raise NotFound(f"no routing rule {rule_id}")
-    rule.delete_instance()
+    queries.delete_rule(rule)
     audit.record(audit.SECURITY_ALERT, "admin-change", actor,
                  detail=f"route-remove {rule_id}: {describe(rule)}")
 
 
 def list_rules() -> list[RouteRule]:
     """Every routing rule, oldest first."""
-    return list(RouteRule.select().order_by(RouteRule.id))
+    return queries.rules()
 
 
 def describe(rule: RouteRule) -> str:
@@ -97,51 +96,33 @@ def _has_modality(modalities: str, modality: str) -> bool:
 
 def due_studies(rule: RouteRule, stable_age: float, now: float) -> list[Study]:
     """Stable studies the rule matches and has not routed yet."""
-    routed = RoutedStudy.select(RoutedStudy.id).where(
-        (RoutedStudy.rule == rule.id) & (RoutedStudy.study_uid == Study.study_uid))
-    query = Study.select().where(
-        (Study.last_received <= now - stable_age) & (Study.last_received >= rule.created_at)
-        & ~fn_exists(routed))
-    if rule.accession_prefix:
-        query = query.where(Study.accession.startswith(rule.accession_prefix))
-    if rule.calling_ae:
-        sent_by = (Instance.select(Instance.id).join(Series)
-                   .where((Series.study == Study.id) & (Instance.source_ae == rule.calling_ae)))
-        query = query.where(fn_exists(sent_by))
-    studies = list(query.order_by(Study.last_received).limit(BATCH))
+    studies = queries.unrouted_studies(rule, now - stable_age, BATCH)
     if rule.modality:
         studies = [s for s in studies if _has_modality(s.modalities, rule.modality)]
     return studies
-
-
-def fn_exists(query: peewee.SelectQuery) -> peewee.Expression:
-    """``EXISTS (query)`` as a peewee expression."""
-    return peewee.fn.EXISTS(query)
 
 
 def route_stable(stable_age: float, now: float | None = None) -> int:
     """Queue a send for every stable study a rule matches; return how many were queued."""
     now = time.time() if now is None else now
     queued = 0
-    for rule in RouteRule.select().where(RouteRule.enabled == True):  # noqa: E712
+    for rule in queries.enabled_rules():
         for study in due_studies(rule, stable_age, now):
             actor = Actor("system", f"routing rule {rule.id}")
             try:
                 with write_transaction():
                     job = sending.queue_job([study.study_uid], rule.destination, actor,
                                             route_id=rule.id, now=now)
-                    RoutedStudy.create(rule=rule.id, study_uid=study.study_uid,
-                                       job_id=job.id, routed_at=now)
+                    queries.note_routed(rule.id, study.study_uid, job.id, now)
                 queued += 1
                 log.info("routing rule %d (%s): study %s queued as send job %d", rule.id,
                          describe(rule), study.study_uid, job.id)
-            except peewee.IntegrityError:
+            except Conflict:
                 continue  # another node sharing the database routed it just now
             except NodeError as exc:
                 # Remember the study so that the failure is reported once, not every pass.
                 with write_transaction():
-                    RoutedStudy.create(rule=rule.id, study_uid=study.study_uid, job_id=None,
-                                       routed_at=now)
+                    queries.note_routed(rule.id, study.study_uid, None, now)
                 log.error("routing rule %d: study %s not routed: %s", rule.id,
                           study.study_uid, exc)
                 audit.record(audit.EXPORT, "dicom-send-queued", actor,

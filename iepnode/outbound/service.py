@@ -18,7 +18,10 @@ from iepnode.people.audit import Actor
 from iepnode.sharing import transactions
 from storage import registry
 from storage.filestore import FileStore
-from storage.models import Recipient, RemoteAE, RouteRule, SendJob, Transaction, TransactionStudy
+from storage.models import RemoteAE, RouteRule, SendJob
+from storage.queries import outbound as queries
+from storage.queries import recipients as recipients_q
+from storage.queries import transactions as transactions_q
 
 
 class SendService:
@@ -72,17 +75,17 @@ class SendService:
         InvalidRequest, UnknownDestination
             Its images are gone, or the AE is not a send destination.
         """
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        transaction = transactions_q.transaction_with_public_id(public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
         if transaction.purged_at:
             raise InvalidRequest("the images of this transaction have been removed")
-        uids = [s.study_uid for s in transaction.studies.order_by(TransactionStudy.id)]
+        uids = transactions_q.study_uids_of(transaction.id, ordered=True)
         return sending.queue_job(uids, ae_title, actor, transaction=public_id)
 
     def recipient_send_aes(self, public_id: str) -> list[str]:
         """The AEs staff let the recipient of a transaction send to."""
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        transaction = transactions_q.transaction_with_public_id(public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
         return transaction_sends.transaction_send_aes(transaction.id)
@@ -98,7 +101,7 @@ class SendService:
         UnknownDestination
             A title that is not a send destination.
         """
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        transaction = transactions_q.transaction_with_public_id(public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
         titles = transaction_sends.set_transaction_send_aes(transaction.id, ae_titles)
@@ -110,9 +113,7 @@ class SendService:
     def recipient_send_options(self, recipient_id: int,
                                public_ids: list[str]) -> dict[str, list[str]]:
         """For the recipient's transactions among ``public_ids``: where they may send."""
-        rows = list(Transaction.select(Transaction.id, Transaction.public_id).where(
-            (Transaction.recipient == recipient_id) & Transaction.public_id.in_(public_ids)
-            & Transaction.purged_at.is_null() & (Transaction.expires_at > time.time())))
+        rows = queries.live_transactions_of(recipient_id, public_ids, time.time())
         options = transaction_sends.send_options([t.id for t in rows])
         return {t.public_id: options[t.id] for t in rows if t.id in options}
 
@@ -120,11 +121,8 @@ class SendService:
                         public_ids: list[str]) -> dict[str, list[sending.JobProgress]]:
         """The sends the recipient asked for, by transaction."""
         found: dict[str, list[sending.JobProgress]] = {}
-        recipient = Recipient.get_by_id(recipient_id)
-        for job in (SendJob.select().where(SendJob.transaction_public_id.in_(public_ids)
-                                           & (SendJob.requester_kind == "recipient")
-                                           & (SendJob.requested_by == recipient.email))
-                    .order_by(SendJob.id.desc()).limit(100)):
+        recipient = recipients_q.recipient_by_id(recipient_id)
+        for job in queries.recipient_send_jobs(recipient.email, public_ids, 100):
             found.setdefault(job.transaction_public_id, []).append(sending.progress_of(job))
         return found
 
@@ -139,12 +137,12 @@ class SendService:
         InvalidRequest
             The AE is not allowed for this transaction, or the images are gone.
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         allowed = self.recipient_send_options(recipient_id, [public_id]).get(public_id, [])
         if ae_title.strip() not in allowed:
             raise InvalidRequest("choose one of the destinations offered for this transaction")
-        uids = [s.study_uid for s in transaction.studies.order_by(TransactionStudy.id)]
+        uids = transactions_q.study_uids_of(transaction.id, ordered=True)
         return sending.queue_job(uids, ae_title, audit.Actor("recipient", recipient.email,
                                                              source_ip),
                                  transaction=public_id)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from storage import hot_queries
 from storage.models import AuditEvent, StaffUser
+from storage.queries import people as queries
 
 #: EventID codes (DCM) used by the node, with their meanings: the only place they are
 #: written (``event[0]`` is stored as the event code, ``event[1]`` as its name).
@@ -81,7 +82,7 @@ def record(
     now : float, optional
         Event time (default: the current time).
     """
-    return AuditEvent.create(
+    return queries.add_audit_event(
         at=time.time() if now is None else now,
         event_code=event[0],
         event_name=event[1],
@@ -165,8 +166,4 @@ def record_export(
 
 def events_for_transaction(public_id: str) -> list[AuditEvent]:
     """Return a transaction's audit trail, oldest first."""
-    return list(
-        AuditEvent.select()
-        .where(AuditEvent.transaction_public_id == public_id)
-        .order_by(AuditEvent.at, AuditEvent.id)
-    )
+    return queries.audit_events_of_transaction(public_id)

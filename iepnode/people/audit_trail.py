@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from iepnode.dicomtext import typed_text
 from storage.models import AuditEvent
+from storage.queries import people as queries
 
 AUDIT_PAGE_SIZE = 50
 
@@ -32,19 +33,13 @@ class AuditTrail:
         ``actor`` matches part of the actor's name (case-insensitive), ``action``
         the action exactly, ``patient`` the patient ID exactly.
         """
-        query = AuditEvent.select()
-        if actor.strip():
-            query = query.where(AuditEvent.actor.contains(typed_text(actor, 254)))
-        if action.strip():
-            query = query.where(AuditEvent.action == action.strip()[:32])
-        if patient.strip():
-            query = query.where(AuditEvent.patient_id == patient.strip()[:64])
-        total = query.count()
+        actor = typed_text(actor, 254) if actor.strip() else ""
+        action = action.strip()[:32]
+        patient = patient.strip()[:64]
+        total = queries.count_audit_events(actor, action, patient)
         pages = max(1, math.ceil(total / per_page))
         page = min(max(1, page), pages)
-        events = list(query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
-                      .paginate(page, per_page))
-        actions = [a for (a,) in AuditEvent.select(AuditEvent.action).distinct()
-                   .order_by(AuditEvent.action).tuples()]
+        events = queries.audit_events_page(actor, action, patient, page, per_page)
+        actions = queries.audit_actions()
         return AuditPage(events, page, pages, total, actions)
 

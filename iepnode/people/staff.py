@@ -11,6 +11,7 @@ import pyotp
 from iepnode.errors import InvalidRequest, LoginRefused
 from iepnode.people import passwords
 from storage.models import StaffUser
+from storage.queries import people as queries
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 ISSUER = "iepnode"
@@ -37,10 +38,10 @@ def create_user(username: str, password: str, *, is_admin: bool = False, display
     if not _USERNAME.match(username):
         raise InvalidRequest("usernames are 2-64 characters: a-z, 0-9, '.', '_', '-'")
     passwords.check_policy(password)
-    if StaffUser.select().where(StaffUser.username == username).exists():
+    if queries.username_taken(username):
         raise InvalidRequest(f"user {username} exists already")
     secret = pyotp.random_base32()
-    user = StaffUser.create(
+    user = queries.create_staff_user(
         username=username, display_name=display_name.strip()[:128], email=email.strip()[:254],
         department=department.strip()[:128], phone=phone.strip()[:32],
         password_hash=passwords.hash_password(password), totp_secret=secret, is_admin=is_admin,
@@ -56,7 +57,7 @@ def temporary_password() -> str:
 
 def find_user(username: str) -> StaffUser | None:
     """The staff user of a typed username (any case, spaces around ignored), or ``None``."""
-    return StaffUser.get_or_none(StaffUser.username == username.strip().lower())
+    return queries.staff_user_named(username.strip().lower())
 
 
 def check_password(user: StaffUser | None, password: str) -> str | None:
@@ -97,7 +98,7 @@ def admit(user: StaffUser | None, kept_hash: str | None, totp_code: str,
             raise refused
     if kept_hash != user.password_hash:
         user.password_hash = kept_hash
-        user.save()
+        queries.save_staff_user(user)
     return user
 
 

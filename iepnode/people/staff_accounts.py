@@ -24,7 +24,8 @@ from iepnode.people.audit import ADMIN_CHANGE, Actor, actor_of
 from iepnode.people.staff_logins import LoginThrottle, TotpEnrolment
 from iepnode.sharing import recipients
 from storage.db import write_transaction
-from storage.models import StaffUser, UsedStaffCode, WebSession
+from storage.models import StaffUser
+from storage.queries import people as queries
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,8 @@ class StaffAccounts:
         if not pyotp.TOTP(enrolment.secret).verify(re.sub(r"\s", "", code), valid_window=1):
             raise InvalidRequest("that code does not match the new secret: check the "
                                  "authenticator app's clock and try the next code")
-        StaffUser.update(totp_secret=enrolment.secret).where(StaffUser.id == user.id).execute()
-        WebSession.update(ended=True).where(
-            (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        queries.set_totp_secret(user.id, enrolment.secret)
+        queries.end_staff_sessions(user.id, keep_session_id=session_id)
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor,
                      detail=f"totp-reenrol {user.username}")
 
@@ -124,10 +124,8 @@ class StaffAccounts:
         passwords.check_policy(new)
         if new != repeat:
             raise InvalidRequest("the new passwords differ")
-        StaffUser.update(password_hash=passwords.hash_password(new)).where(
-            StaffUser.id == user.id).execute()
-        WebSession.update(ended=True).where(
-            (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+        queries.set_password_hash(user.id, passwords.hash_password(new))
+        queries.end_staff_sessions(user.id, keep_session_id=session_id)
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor,
                      detail=f"password-change {user.username}")
 
@@ -135,7 +133,7 @@ class StaffAccounts:
 
     def staff_users(self) -> list[StaffUser]:
         """Every staff user, by username."""
-        return list(StaffUser.select().order_by(StaffUser.username))
+        return queries.staff_users()
 
     def add_user(self, username: str, password: str, *, is_admin: bool, display_name: str,
                  email: str, department: str, phone: str, user: StaffUser | Actor,
@@ -170,15 +168,15 @@ class StaffAccounts:
         InvalidRequest
             Staff cannot disable themselves.
         """
-        target = StaffUser.get_or_none(StaffUser.id == user_id)
+        target = queries.staff_user_or_none(user_id)
         if target is None:
             raise NotFound(f"no staff user {user_id}")
         if target.id == user.id and disabled:
             raise InvalidRequest("you cannot disable your own account")
         target.disabled = disabled
-        target.save()
+        queries.save_staff_user(target)
         if disabled:
-            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+            queries.end_staff_sessions(target.id)
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor_of(user, source_ip),
                      detail=f"user-{'disable' if disabled else 'enable'} {target.username}")
         return target
@@ -187,7 +185,7 @@ class StaffAccounts:
     def _other_user(user_id: int, admin: StaffUser, what: str) -> StaffUser:
         if not admin.is_admin:
             raise NotAuthorized("only administrators reset other users")
-        target = StaffUser.get_or_none(StaffUser.id == user_id)
+        target = queries.staff_user_or_none(user_id)
         if target is None:
             raise NotFound(f"no staff user {user_id}")
         if target.id == admin.id:
@@ -215,16 +213,15 @@ class StaffAccounts:
         password = temporary or generated
         passwords.check_policy(password)
         with write_transaction():
-            StaffUser.update(password_hash=passwords.hash_password(password),
-                             must_change_password=True).where(
-                StaffUser.id == target.id).execute()
-            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+            queries.set_password_hash(target.id, passwords.hash_password(password),
+                                      must_change=True)
+            queries.end_staff_sessions(target.id)
         self.throttle.succeeded(target.username)
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor_of(user, source_ip),
                      detail=f"password-reset {target.username} (temporary password "
                             f"{'generated' if generated else 'typed by the admin'}; "
                             f"sessions ended)")
-        return PasswordReset(StaffUser.get_by_id(target.id), generated)
+        return PasswordReset(queries.staff_user_by_id(target.id), generated)
 
     def reset_totp(self, user_id: int, user: StaffUser, source_ip: str = "") -> StaffUser:
         """Clear another staff user's TOTP secret: they enrol a new one at next login.
@@ -243,13 +240,12 @@ class StaffAccounts:
         """
         target = self._other_user(user_id, user, "authenticator")
         with write_transaction():
-            StaffUser.update(totp_secret=None).where(StaffUser.id == target.id).execute()
-            UsedStaffCode.delete().where(UsedStaffCode.staff == target.id).execute()
-            WebSession.update(ended=True).where(WebSession.staff == target.id).execute()
+            queries.clear_totp_secret(target.id)
+            queries.end_staff_sessions(target.id)
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor_of(user, source_ip),
                      detail=f"totp-reset {target.username} (must enrol at next login; "
                             f"sessions ended)")
-        return StaffUser.get_by_id(target.id)
+        return queries.staff_user_by_id(target.id)
 
     # -- own account -------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import peewee
 import pyotp
 
 from iepnode.dicomtext import typed_text
@@ -43,7 +42,8 @@ from iepnode.people import audit, passwords, staff
 from iepnode.people.audit import ADMIN_CHANGE, Actor, actor_of
 from iepnode.sharing import logins
 from storage.db import write_transaction
-from storage.models import StaffLoginFailures, StaffUser, UsedStaffCode, WebSession
+from storage.models import StaffUser, WebSession
+from storage.queries import people as queries
 
 if TYPE_CHECKING:
     from iepnode.sharing.logins import NewSession
@@ -119,52 +119,29 @@ class LoginThrottle:
 
     def locked_for(self, username: str, now: float) -> float:
         """Seconds ``username`` stays locked (0 when it is not)."""
-        row = StaffLoginFailures.get_or_none(StaffLoginFailures.username == username)
-        return max(0.0, row.locked_until - now) if row is not None else 0.0
+        until = queries.locked_until(username)
+        return max(0.0, until - now) if until is not None else 0.0
 
     def begin(self, username: str, now: float) -> bool:
         """Claim one password check for ``username``; ``False``: locked, check nothing.
 
         A window that is over, or a lockout that has ended, starts a new count.
         """
-        rows = StaffLoginFailures
-        over = (rows.window_start < now - self.window) | (
-            (rows.locked_until > 0) & (rows.locked_until <= now))
-        with write_transaction():
-            rows.insert(username=username, failures=0, window_start=now,
-                        locked_until=0.0).on_conflict_ignore().execute()
-            won = rows.update(
-                failures=peewee.Case(None, [(over, 1)], rows.failures + 1),
-                window_start=peewee.Case(None, [(over, now)], rows.window_start),
-                locked_until=peewee.Case(None, [(over, 0.0)], rows.locked_until),
-            ).where((rows.username == username) & (rows.locked_until <= now)
-                    & (over | (rows.failures < self.max_failures))).execute()
-        return bool(won)
+        return queries.claim_login_check(username, now, self.window, self.max_failures)
 
     def give_back(self, username: str) -> None:
         """Return a claimed check that was never made (the server was too busy)."""
-        rows = StaffLoginFailures
-        with write_transaction():
-            rows.update(failures=rows.failures - 1).where(
-                (rows.username == username) & (rows.failures > 0)).execute()
+        queries.give_back_login_check(username)
 
     def failed(self, username: str, now: float) -> bool:
         """Note that a claimed check failed; return ``True`` when it starts a lockout."""
-        rows = StaffLoginFailures
-        with write_transaction():
-            locked = rows.update(locked_until=now + self.lockout).where(
-                (rows.username == username) & (rows.failures >= self.max_failures)
-                & (rows.locked_until <= now)).execute()
-            # Keep the table small: rows of usernames with nothing left to remember.
-            rows.delete().where((rows.window_start < now - self.window)
-                                & (rows.locked_until < now)).execute()
-        return bool(locked)
+        # Also keeps the table small: rows of usernames with nothing left to remember go.
+        return queries.lock_failed_logins(username, now, self.lockout, self.window,
+                                          self.max_failures)
 
     def succeeded(self, username: str) -> None:
         """Forget the failures of a username that has just logged in."""
-        with write_transaction():
-            StaffLoginFailures.delete().where(
-                StaffLoginFailures.username == username).execute()
+        queries.forget_login_failures(username)
 
 
 def username_key(username: str) -> str:
@@ -180,13 +157,8 @@ def use_code(user_id: int, code: str, now: float) -> None:
     LoginRefused
         The code was used already (within :data:`TOTP_REPLAY_WINDOW`).
     """
-    try:
-        with write_transaction():
-            UsedStaffCode.delete().where(UsedStaffCode.expires_at <= now).execute()
-            UsedStaffCode.create(staff=user_id, code=code,
-                                 expires_at=now + TOTP_REPLAY_WINDOW)
-    except peewee.IntegrityError:
-        raise LoginRefused("code used already") from None
+    if not queries.use_staff_code(user_id, code, now, now + TOTP_REPLAY_WINDOW):
+        raise LoginRefused("code used already")
 
 
 class StaffLogins:
@@ -309,7 +281,7 @@ class StaffLogins:
 
     @staticmethod
     def _failure_reason(username: str) -> str:
-        user = StaffUser.get_or_none(StaffUser.username == username)
+        user = queries.staff_user_named(username)
         if user is None:
             return "unknown user"
         if user.disabled:
@@ -320,7 +292,7 @@ class StaffLogins:
         """The enabled staff user of a session, or ``None`` (none, recipient, disabled)."""
         if session is None or session.staff_id is None:
             return None
-        user = StaffUser.get_or_none(StaffUser.id == session.staff_id)
+        user = queries.staff_user_or_none(session.staff_id)
         if user is None or user.disabled:
             return None
         return user
@@ -355,10 +327,8 @@ class StaffLogins:
             raise InvalidRequest("that code does not match: check the authenticator app's "
                                  "clock and type the code it shows now")
         with write_transaction():
-            saved = StaffUser.update(totp_secret=enrolment.secret).where(
-                (StaffUser.id == user.id) & StaffUser.totp_secret.is_null()).execute()
-            WebSession.update(ended=True).where(
-                (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+            saved = queries.enrol_first_totp_secret(user.id, enrolment.secret)
+            queries.end_staff_sessions(user.id, keep_session_id=session_id)
         if not saved:
             raise InvalidRequest("an authenticator is enrolled already")
         use_code(user.id, code, now)
@@ -385,10 +355,7 @@ class StaffLogins:
         if passwords.verify_password(user.password_hash, new):
             raise InvalidRequest("choose a password of your own, not the temporary one")
         with write_transaction():
-            StaffUser.update(password_hash=passwords.hash_password(new),
-                             must_change_password=False).where(
-                StaffUser.id == user.id).execute()
-            WebSession.update(ended=True).where(
-                (WebSession.staff == user.id) & (WebSession.id != session_id)).execute()
+            queries.set_password_hash(user.id, passwords.hash_password(new), must_change=False)
+            queries.end_staff_sessions(user.id, keep_session_id=session_id)
         audit.record(audit.SECURITY_ALERT, ADMIN_CHANGE, actor_of(user, source_ip),
                      detail=f"password-change {user.username} (after a reset)")

@@ -15,11 +15,8 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-import peewee
-
 from iepnode.sharing.zipstream import file_crc32
-from storage.db import write_transaction
-from storage.models import Instance, InstanceChecksum, Series, Study
+from storage.queries import downloads as queries
 
 log = logging.getLogger("iepnode.checksums")
 
@@ -31,11 +28,7 @@ def known_crcs(keys: Sequence[str]) -> dict[str, int]:
     """Return the cached CRC-32 of each of ``keys`` that has one."""
     found: dict[str, int] = {}
     for i in range(0, len(keys), _BATCH):
-        batch = list(keys[i:i + _BATCH])
-        query = InstanceChecksum.select(InstanceChecksum.instance, InstanceChecksum.crc32).where(
-            InstanceChecksum.instance.in_(batch))
-        for row in query.tuples():
-            found[row[0]] = int(row[1])
+        found.update(queries.cached_crcs(keys[i:i + _BATCH]))
     return found
 
 
@@ -72,10 +65,7 @@ def crcs_for(files: Sequence[tuple[str, Path]],
 def _remember(crcs: dict[str, int]) -> None:
     rows = [{"instance": key, "crc32": crc} for key, crc in crcs.items()]
     for i in range(0, len(rows), _BATCH):
-        try:
-            with write_transaction():
-                InstanceChecksum.insert_many(rows[i:i + _BATCH]).on_conflict_ignore().execute()
-        except peewee.IntegrityError:
+        if not queries.cache_crcs(rows[i:i + _BATCH]):
             # An instance was deleted meanwhile (its key no longer exists): nothing to keep.
             log.info("some checksummed files were deleted meanwhile; not cached")
 
@@ -96,8 +86,7 @@ def cache_study(study_uid: str, path_of: Callable[[str], Path], *,
     exclude : collection of str, optional
         Store keys not to checksum (files already known to be unusable).
     """
-    keys = [row[0] for row in Instance.select(Instance.key).join(Series).join(Study)
-            .where(Study.study_uid == study_uid).tuples() if row[0] not in exclude]
+    keys = [key for key in queries.instance_keys_of_study(study_uid) if key not in exclude]
     known = known_crcs(keys)
     fresh: dict[str, int] = {}
     for key in keys:

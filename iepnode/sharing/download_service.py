@@ -25,6 +25,8 @@ from iepnode.sharing import (
 )
 from storage.filestore import FileStore
 from storage.models import Recipient, Transaction
+from storage.queries import recipients as recipients_q
+from storage.queries import transactions as transactions_q
 
 log = logging.getLogger("iepnode.downloads")
 
@@ -89,7 +91,7 @@ class DownloadService:
 
     def _recipient_download(self, recipient_id: int,
                             public_id: str) -> tuple[Transaction, package.Package]:
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         downloads.check_downloadable(transaction)
         return transaction, self._package_of(downloads.source_for_transaction(
@@ -105,7 +107,7 @@ class DownloadService:
         Gone
             Its files were purged.
         """
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        transaction = transactions_q.transaction_with_public_id(public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
         if transaction.purged_at:
@@ -144,7 +146,7 @@ class DownloadService:
                                   public_id: str, source_ip: str = "",
                                   outcome: int = audit.SUCCESS, detail: str = "") -> None:
         """Audit one download request of a recipient (when it ended, with its outcome)."""
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
                              action="download", transaction=public_id, outcome=outcome,
                              detail=detail)
@@ -167,7 +169,7 @@ class DownloadService:
         transaction, pkg = self._recipient_download(recipient_id, public_id)
         copy = self._protected.create(pkg, recipient_id=recipient_id,
                                       transaction_id=transaction.id, public_id=public_id)
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         self.record_download(audit.Actor("recipient", recipient.email, source_ip), pkg,
                              action="encrypt", transaction=public_id,
                              detail=f"AES-256 copy of {copy.size} bytes prepared")
@@ -185,7 +187,7 @@ class DownloadService:
             The transaction is no longer downloadable.
         """
         path, meta = self._protected.find(token, recipient_id)
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, meta["public_id"])
         downloads.check_downloadable(transaction)
         audit.record_export("download-protected", audit.Actor("recipient", recipient.email,
@@ -200,7 +202,7 @@ class DownloadService:
         """Delete protected copies that expired or whose transaction is no longer live."""
 
         def keep(meta: dict) -> bool:
-            transaction = Transaction.get_or_none(Transaction.public_id == meta.get("public_id"))
+            transaction = transactions_q.transaction_with_public_id(meta.get("public_id"))
             return transaction is not None and downloads.is_downloadable(transaction)
 
         return self._protected.sweep(keep)

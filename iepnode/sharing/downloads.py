@@ -46,15 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import peewee
-
 from iepnode.errors import Gone, InProgress, InvalidRequest, NotFound
 from iepnode.rules.identifiers import is_token, new_token
 from iepnode.sharing import transactions
 from iepnode.sharing.package import AttachedFile, Package, PackageSource
 from iepnode.sharing.zipstream import Member, ZipLayout, iter_batches, read_slice
-from storage.db import write_transaction
-from storage.models import ProtectedCopyBuild, Transaction, TransactionStudy
+from storage.models import Transaction
+from storage.queries import downloads as queries
 
 log = logging.getLogger("iepnode.downloads")
 
@@ -102,9 +100,7 @@ def source_for_transaction(transaction: Transaction, institution: str) -> Packag
     """
     from iepnode.viewing import attachments
 
-    uids = tuple(ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
-                 .where(TransactionStudy.transaction == transaction.id)
-                 .order_by(TransactionStudy.id))
+    uids = queries.study_uids_of(transaction.id)
     attached = tuple(
         AttachedFile(e.row.key, e.row.title, e.row.media_type, e.added_by, e.row.created_at)
         for e in attachments.describe(attachments.held_by(transaction)))
@@ -209,25 +205,17 @@ class BuildClaim:
         self.owner = owner
         self.lease_until = lease_until
 
-    def _mine(self) -> peewee.Expression:
-        return ((ProtectedCopyBuild.recipient == self.recipient_id)
-                & (ProtectedCopyBuild.transaction == self.transaction_id)
-                & (ProtectedCopyBuild.owner == self.owner))
-
     def renew(self, now: float | None = None) -> None:
         """Extend the lease once half of it has passed (cheap to call for every chunk)."""
         now = time.time() if now is None else now
         if now < self.lease_until - BUILD_LEASE / 2:
             return
         self.lease_until = now + BUILD_LEASE
-        with write_transaction():
-            ProtectedCopyBuild.update(lease_until=self.lease_until).where(self._mine()).execute()
+        queries.renew_build(self.recipient_id, self.transaction_id, self.owner, self.lease_until)
 
     def release(self) -> None:
         """End the build (finished or failed): the next request may build again."""
-        with write_transaction():
-            ProtectedCopyBuild.update(state="idle", lease_until=0.0, owner="").where(
-                self._mine()).execute()
+        queries.release_build(self.recipient_id, self.transaction_id, self.owner)
 
 
 def claim_build(recipient_id: int, transaction_id: int, now: float | None = None) -> BuildClaim:
@@ -245,14 +233,7 @@ def claim_build(recipient_id: int, transaction_id: int, now: float | None = None
     """
     now = time.time() if now is None else now
     owner = secrets.token_hex(16)
-    builds = ProtectedCopyBuild
-    with write_transaction():
-        builds.insert(recipient=recipient_id, transaction=transaction_id, state="idle",
-                      lease_until=0.0, owner="").on_conflict_ignore().execute()
-        won = builds.update(state="building", lease_until=now + BUILD_LEASE, owner=owner).where(
-            (builds.recipient == recipient_id) & (builds.transaction == transaction_id)
-            & ((builds.state != "building") | (builds.lease_until < now))).execute()
-    if not won:
+    if not queries.claim_build(recipient_id, transaction_id, owner, now, now + BUILD_LEASE):
         raise InProgress("A password-protected copy of this transaction is being made for "
                          "you already (its password is shown on the page that asked for "
                          "it). Please wait a minute, then ask again if you need a new one.")

@@ -12,6 +12,7 @@ from iepnode.people import audit
 from iepnode.people.audit import Actor
 from iepnode.sharing import forward_mail, forwarding, transactions
 from storage.models import Recipient, Transaction
+from storage.queries import recipients as recipients_q
 
 
 class ForwardService:
@@ -37,7 +38,7 @@ class ForwardService:
     def _forwardable(self, recipient_id: int, public_id: str,
                      source_ip: str) -> tuple[Recipient, Transaction, forwarding.ForwardState]:
         """The recipient's package and its forward state; refusals are audited and raised."""
-        forwarder = Recipient.get_by_id(recipient_id)
+        forwarder = recipients_q.recipient_by_id(recipient_id)
         source = transactions.get_for_recipient(forwarder, public_id)
         state = self.forward_states([source])[public_id]
         if not state.allowed:
@@ -77,7 +78,7 @@ class ForwardService:
         NotFound
             No such transaction, or it is someone else's.
         """
-        forwarder = Recipient.get_by_id(recipient_id)
+        forwarder = recipients_q.recipient_by_id(recipient_id)
         source = transactions.get_for_recipient(forwarder, public_id)
         return forwarding.ForwardHistory(source, forwarder,
                                          self.forward_states([source])[public_id],

@@ -46,15 +46,9 @@ from iepnode.sharing.transactions import (
     _new_public_id,  # one ID scheme for every transaction
     is_expired,
 )
-from storage import rawsql
-from storage.db import is_sqlite, write_transaction
-from storage.models import (
-    Recipient,
-    Transaction,
-    TransactionMessage,
-    TransactionStudy,
-    database_proxy,
-)
+from storage.db import write_transaction
+from storage.models import Recipient, Transaction
+from storage.queries import forwarding as queries
 
 #: Why the recipient forwards (step 2 of the dialog), shown to the hospital.
 PURPOSES = {
@@ -324,16 +318,9 @@ def check_request(request: ForwardRequest, *, forwarder_email: str,
 
 # -- reading ------------------------------------------------------------------------------
 
-_COUNTS = ('SELECT "forwarded_from_id", COUNT(*) FROM "transaction" '
-           'WHERE "forwarded_from_id" IN ({}) GROUP BY "forwarded_from_id"')
-
-
 def forward_counts(transaction_ids: list[int]) -> dict[int, int]:
     """How many forwarded copies each of these transactions has (missing: none)."""
-    if not transaction_ids:
-        return {}
-    sql = _COUNTS.format(rawsql.placeholders(len(transaction_ids)))
-    return {source: count for source, count in rawsql.execute(sql, transaction_ids).fetchall()}
+    return queries.forward_counts(transaction_ids)
 
 
 def states(rows: list[Any], *, max_forwards: int, now: float) -> dict[str, ForwardState]:
@@ -357,20 +344,12 @@ def known_recipients(forwarder_id: int) -> list[str]:
 
     Only their own forwards: whether someone else has an account is never revealed.
     """
-    source = Transaction.alias()
-    query = (Recipient.select(Recipient.email).distinct()
-             .join(Transaction, on=Transaction.recipient == Recipient.id)
-             .join(source, on=Transaction.forwarded_from == source.id)
-             .where(source.recipient == forwarder_id)
-             .order_by(Recipient.email))
-    return [r.email for r in query]
+    return queries.forwarded_to_emails(forwarder_id)
 
 
 def forwards_of(source_id: int) -> list[Transaction]:
     """The forwarded copies of a transaction (recipient loaded), oldest first."""
-    return list(Transaction.select(Transaction, Recipient).join(Recipient)
-                .where(Transaction.forwarded_from == source_id)
-                .order_by(Transaction.created_at, Transaction.id))
+    return queries.copies_of(source_id)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -420,18 +399,15 @@ def create_copy(source_id: int, forwarder: Recipient, checked: CheckedForward, *
     now = time.time() if now is None else now
     token = new_token()
     with write_transaction():
-        query = Transaction.select().where(Transaction.id == source_id)
-        if not is_sqlite(database_proxy.obj):
-            query = query.for_update()
-        source = query.get()
-        copies = Transaction.select().where(Transaction.forwarded_from == source.id).count()
+        source = queries.source_for_update(source_id)
+        copies = queries.count_copies(source.id)
         reason = refusal(source, copies, max_forwards=max_forwards, now=now)
         if reason:
             raise ForwardRefused(reason)
         recipient, created = _recipient_for(checked, now)
         if recipient.id == forwarder.id:
             raise ForwardInvalid("you cannot forward a package to yourself", DESTINATION)
-        copy = Transaction.create(
+        copy = queries.create_copy(
             public_id=_new_public_id(), kind=TRANSFER, direction=IN, recipient=recipient,
             status=NEW, priority="NORMAL", created_at=now,
             expires_at=copy_expiry(source.expires_at, now, days=checked.days,
@@ -444,19 +420,14 @@ def create_copy(source_id: int, forwarder: Recipient, checked: CheckedForward, *
             created_by=forwarder.email[:64], link_token_hash=token_hash(token),
             forwarded_from=source.id,
         )
-        studies = list(source.studies.order_by(TransactionStudy.id))
+        studies = queries.studies_of(source)
         if not studies:
             raise ForwardRefused("This package holds no studies.")
-        TransactionStudy.insert_many([
-            {"transaction": copy.id, "study_uid": s.study_uid, "modality": s.modality,
-             "exam_date": s.exam_date, "description": s.description, "accession": s.accession,
-             "images_expected": s.images_expected}
-            for s in studies
-        ]).execute()
+        queries.copy_studies(copy.id, studies)
         if checked.message:
-            TransactionMessage.create(transaction=copy, author_kind=FORWARDER,
-                                      author=(forwarder.name or forwarder.email)[:128],
-                                      body=checked.message, created_at=now)
+            queries.add_message(transaction=copy, author_kind=FORWARDER,
+                                author=(forwarder.name or forwarder.email)[:128],
+                                body=checked.message, created_at=now)
         _audit_forward(source, copy, recipient, checked, [s.study_uid for s in studies],
                        actor, now)
     return Forwarded(source, copy, recipient, token, created)
@@ -484,7 +455,5 @@ def undo(forwarded: Forwarded) -> None:
     The forward then does not count; the audit events stay.
     """
     with write_transaction():
-        Transaction.delete().where(Transaction.id == forwarded.copy.id).execute()
-        if forwarded.recipient_created and not Transaction.select().where(
-                Transaction.recipient == forwarded.recipient.id).exists():
-            Recipient.delete().where(Recipient.id == forwarded.recipient.id).execute()
+        queries.delete_copy(forwarded.copy.id, forwarded.recipient.id,
+                            recipient_too=forwarded.recipient_created)

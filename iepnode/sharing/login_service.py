@@ -17,7 +17,9 @@ from iepnode.sharing.logins import NewSession, PasscodeToSend
 from iepnode.sharing.service import contact_of
 from iepnode.sharing.transactions import Contact
 from storage.group_commit import GroupCommitter
-from storage.models import LoginAttempt, Recipient, Transaction, WebSession
+from storage.models import Recipient, Transaction, WebSession
+from storage.queries import logins as logins_q
+from storage.queries import recipients as recipients_q
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class RecipientLogins:
             Wrong/expired/reused passcode, dead attempt or locked recipient (audited).
         """
         transaction = transactions.by_link_token(token)
-        attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
+        attempt = logins_q.attempt_or_none(attempt_id)
         actor = audit.Actor("recipient", transaction.recipient.email, source_ip)
         if attempt is None or attempt.transaction_id != transaction.id:
             audit.record(audit.USER_AUTHENTICATION, "login-failed", actor,
@@ -139,15 +141,8 @@ class RecipientLogins:
             The link is unknown or expired.
         """
         transaction = transactions.by_link_token(token)
-        recipient = Recipient.get_by_id(transaction.recipient_id)
-        attempt = (
-            LoginAttempt.select()
-            .where((LoginAttempt.transaction == transaction.id)
-                   & LoginAttempt.used_at.is_null() & (LoginAttempt.dead == False)  # noqa: E712
-                   & (LoginAttempt.expires_at > time.time()))
-            .order_by(LoginAttempt.created_at.desc(), LoginAttempt.id.desc())
-            .first()
-        )
+        recipient = recipients_q.recipient_by_id(transaction.recipient_id)
+        attempt = logins_q.latest_usable_attempt(transaction.id, time.time())
         channel = recipients.channel_of(recipient)
         return LinkLogin(attempt.id if attempt else None, channel.kind, channel.destination,
                          contact_of(transaction), totp=bool(recipient.totp_secret),
@@ -164,7 +159,7 @@ class RecipientLogins:
     def recipient_authenticator(self, recipient_id: int, session_id: int,
                                 ) -> tuple[Recipient, logins.TotpEnrolment | None]:
         """The recipient and, unless an app is enrolled, a new secret to enrol."""
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         if recipient.totp_secret:
             return recipient, None
         return recipient, logins.totp_enrolment(recipient, session_id, self.secret,
@@ -179,7 +174,7 @@ class RecipientLogins:
         InvalidRequest
             The secret or its signature was changed, or belongs to another session.
         """
-        return logins.check_totp_enrolment(Recipient.get_by_id(recipient_id), session_id,
+        return logins.check_totp_enrolment(recipients_q.recipient_by_id(recipient_id), session_id,
                                            self.secret, self._totp_issuer, totp_secret,
                                            signature)
 
@@ -192,7 +187,7 @@ class RecipientLogins:
         InvalidRequest
             A wrong code, or an app is enrolled already.
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         actor = audit.Actor("recipient", recipient.email, source_ip)
         try:
             logins.enrol_totp(recipient_id, enrolment, code)
@@ -210,7 +205,7 @@ class RecipientLogins:
         PasscodeRejected, RecipientLocked
             A wrong or reused code (it counts towards the lockout), or a locked recipient.
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         actor = audit.Actor("recipient", recipient.email, source_ip)
         try:
             logins.remove_totp(recipient_id, code)

@@ -54,7 +54,8 @@ from iepnode.security import new_passcode, new_token, passcode_hash, passcode_ma
 from iepnode.sharing import recipients
 from storage import hot_queries
 from storage.db import write_transaction
-from storage.models import LoginAttempt, Recipient, Transaction, WebSession, database_proxy
+from storage.models import LoginAttempt, Recipient, Transaction, WebSession
+from storage.queries import logins as queries
 
 MAX_TRIES = 5
 LOCK_AFTER = 100
@@ -129,20 +130,16 @@ def start_attempt(transaction: Transaction, secret: bytes, ttl: float,
     now = time.time() if now is None else now
     code = new_passcode()
     with write_transaction():
-        won = Recipient.update(last_passcode_at=now).where(
-            (Recipient.id == transaction.recipient_id) & Recipient.locked_at.is_null()
-            & (Recipient.last_passcode_at <= now - RESEND_INTERVAL)).execute()
-        recipient = Recipient.get_by_id(transaction.recipient_id)
+        won = queries.claim_passcode_send(transaction.recipient_id, now, RESEND_INTERVAL)
+        recipient = queries.recipient_by_id(transaction.recipient_id)
         if not won:
             if recipient.locked_at is not None:
                 raise RecipientLocked("this account is locked: please contact the hospital")
             raise RateLimited(f"a passcode was sent less than {RESEND_INTERVAL:.0f} s ago")
         channel = recipients.channel_of(recipient)
-        attempt = LoginAttempt.create(transaction=transaction, recipient=recipient,
-                                      code_hash="", channel=channel.kind, created_at=now,
-                                      expires_at=now + ttl)
-        attempt.code_hash = passcode_hash(secret, _attempt_key(attempt), code)
-        attempt.save()
+        attempt = queries.create_attempt(transaction, recipient, channel.kind, now, ttl)
+        queries.set_attempt_code_hash(attempt,
+                                      passcode_hash(secret, _attempt_key(attempt), code))
     return PasscodeToSend(attempt.id, code, channel.kind, channel.destination, recipient.id,
                           now)
 
@@ -154,10 +151,7 @@ def discard_attempt(sent: PasscodeToSend) -> None:
     :data:`RESEND_INTERVAL`); a newer claim is left alone.
     """
     with write_transaction():
-        LoginAttempt.delete().where(LoginAttempt.id == sent.attempt_id).execute()
-        Recipient.update(last_passcode_at=0.0).where(
-            (Recipient.id == sent.recipient_id)
-            & (Recipient.last_passcode_at == sent.claimed_at)).execute()
+        queries.discard_attempt(sent.attempt_id, sent.recipient_id, sent.claimed_at)
 
 
 def _claim_check(recipient_id: int) -> bool:
@@ -169,30 +163,25 @@ def _claim_check(recipient_id: int) -> bool:
     row stays locked until the caller's transaction ends (PostgreSQL); SQLite's
     writers are serialised anyway. A right code resets the count (:func:`_check_passed`).
     """
-    return bool(Recipient.update(consecutive_failures=Recipient.consecutive_failures + 1).where(
-        (Recipient.id == recipient_id) & Recipient.locked_at.is_null()
-        & (Recipient.consecutive_failures < LOCK_AFTER)).execute())
+    return queries.claim_check(recipient_id, LOCK_AFTER)
 
 
 def _check_passed(recipient_id: int) -> None:
     """A claimed check found the right code: the consecutive failures start again."""
-    Recipient.update(consecutive_failures=0).where(Recipient.id == recipient_id).execute()
+    queries.reset_failures(recipient_id)
 
 
 def _check_failed(recipient_id: int, now: float) -> Recipient:
     """A claimed check failed: lock the recipient at :data:`LOCK_AFTER` failures."""
-    Recipient.update(locked_at=now).where(
-        (Recipient.id == recipient_id) & Recipient.locked_at.is_null()
-        & (Recipient.consecutive_failures >= LOCK_AFTER)).execute()
-    return Recipient.get_by_id(recipient_id)
+    return queries.lock_if_failed(recipient_id, now, LOCK_AFTER)
 
 
 def _refusal(attempt_id: int) -> LoginRefused:
     """Why a passcode for ``attempt_id`` cannot be checked (it won no try)."""
-    attempt = LoginAttempt.get_or_none(LoginAttempt.id == attempt_id)
+    attempt = queries.attempt_or_none(attempt_id)
     if attempt is None:
         return PasscodeRejected("this login has expired: ask for a new passcode")
-    if Recipient.get_by_id(attempt.recipient_id).locked_at is not None:
+    if queries.recipient_by_id(attempt.recipient_id).locked_at is not None:
         return RecipientLocked("this account is locked: please contact the hospital")
     if attempt.used_at is not None:
         return PasscodeRejected("this passcode has been used: ask for a new one")
@@ -223,24 +212,19 @@ def verify_passcode(attempt_id: int, code: str, secret: bytes,
     """
     now = time.time() if now is None else now
     with write_transaction():
-        won = LoginAttempt.update(tries=LoginAttempt.tries + 1).where(
-            (LoginAttempt.id == attempt_id) & LoginAttempt.used_at.is_null()
-            & (LoginAttempt.dead == False)  # noqa: E712
-            & (LoginAttempt.tries < MAX_TRIES) & (LoginAttempt.expires_at > now)).execute()
-        if not won:
+        if not queries.claim_try(attempt_id, now, MAX_TRIES):
             raise _refusal(attempt_id)
-        attempt = LoginAttempt.get_by_id(attempt_id)
+        attempt = queries.attempt_by_id(attempt_id)
         if not _claim_check(attempt.recipient_id):
             # Raised inside the transaction: the try taken above is given back.
             raise RecipientLocked("this account is locked: please contact the hospital")
         if passcode_matches(secret, _attempt_key(attempt), code, attempt.code_hash):
-            LoginAttempt.update(used_at=now, tries=LoginAttempt.tries - 1).where(
-                LoginAttempt.id == attempt_id).execute()
+            queries.use_attempt(attempt_id, now)
             _check_passed(attempt.recipient_id)
-            return Recipient.get_by_id(attempt.recipient_id)
+            return queries.recipient_by_id(attempt.recipient_id)
         dead = attempt.tries >= MAX_TRIES
         if dead:
-            LoginAttempt.update(dead=True).where(LoginAttempt.id == attempt_id).execute()
+            queries.kill_attempt(attempt_id)
         recipient = _check_failed(attempt.recipient_id, now)
     if recipient.locked_at is not None:
         raise RecipientLocked("too many failed passcodes: the hospital must unlock this account")
@@ -251,9 +235,7 @@ def verify_passcode(attempt_id: int, code: str, secret: bytes,
 
 def unlock(recipient: Recipient) -> None:
     """Clear a recipient's lock and failure count (a staff action)."""
-    recipient.locked_at = None
-    recipient.consecutive_failures = 0
-    recipient.save()
+    queries.unlock_recipient(recipient)
 
 
 def open_session(recipient: Recipient | None = None, staff_id: int | None = None,
@@ -261,9 +243,8 @@ def open_session(recipient: Recipient | None = None, staff_id: int | None = None
     """Create a session with a fresh random token (never reuse one from before login)."""
     now = time.time() if now is None else now
     token, csrf = new_token(), new_token()
-    session = WebSession.create(token_hash=token_hash(token),
-                                recipient=recipient.id if recipient else None, staff=staff_id,
-                                csrf_token=csrf, created_at=now, last_seen=now)
+    session = queries.create_session(token_hash(token), recipient.id if recipient else None,
+                                     staff_id, csrf, now)
     return NewSession(token, csrf, session)
 
 
@@ -309,7 +290,7 @@ def _own_transaction(job: Callable[[], None]) -> None:
 
 def end_session(token: str) -> None:
     """Log out: the cookie value is dead from now on."""
-    WebSession.update(ended=True).where(WebSession.token_hash == token_hash(token)).execute()
+    queries.end_sessions_with_token_hash(token_hash(token))
 
 
 # -- authenticator app (TOTP) -------------------------------------------------------------
@@ -377,8 +358,8 @@ def verify_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
         The recipient is (or has just become) locked.
     """
     now = time.time() if now is None else now
-    with write_transaction(database_proxy.obj):
-        recipient = Recipient.get_by_id(recipient_id)
+    with write_transaction():
+        recipient = queries.recipient_by_id(recipient_id)
         if recipient.locked_at is not None:
             raise RecipientLocked("this account is locked: please contact the hospital")
         if not recipient.totp_secret:
@@ -386,14 +367,9 @@ def verify_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
         if not _claim_check(recipient_id):
             raise RecipientLocked("this account is locked: please contact the hospital")
         step = _totp_step(recipient.totp_secret, code, now)
-        if step is not None:
-            # Conditional update: of two requests with the same code, one wins.
-            won = Recipient.update(totp_last_step=step, consecutive_failures=0).where(
-                (Recipient.id == recipient_id)
-                & (Recipient.totp_last_step.is_null() | (Recipient.totp_last_step < step))
-            ).execute()
-            if won:
-                return Recipient.get_by_id(recipient_id)
+        # Conditional update: of two requests with the same code, one wins.
+        if step is not None and queries.accept_totp_step(recipient_id, step):
+            return queries.recipient_by_id(recipient_id)
         recipient = _check_failed(recipient_id, now)
     if recipient.locked_at is not None:
         raise RecipientLocked("too many failed codes: the hospital must unlock this account")
@@ -418,12 +394,11 @@ def enrol_totp(recipient_id: int, enrolment: TotpEnrolment, code: str,
     if step is None:
         raise InvalidRequest("that code does not match: check that the app's clock is right "
                              "and type the code it shows now")
-    with write_transaction(database_proxy.obj):
-        saved = Recipient.update(totp_secret=enrolment.secret, totp_last_step=step).where(
-            (Recipient.id == recipient_id) & Recipient.totp_secret.is_null()).execute()
+    with write_transaction():
+        saved = queries.enrol_totp(recipient_id, enrolment.secret, step)
     if not saved:
         raise InvalidRequest("an authenticator app is set up already: remove it first")
-    return Recipient.get_by_id(recipient_id)
+    return queries.recipient_by_id(recipient_id)
 
 
 def remove_totp(recipient_id: int, code: str, now: float | None = None) -> Recipient:
@@ -435,9 +410,8 @@ def remove_totp(recipient_id: int, code: str, now: float | None = None) -> Recip
         As :func:`verify_totp` (a wrong code counts towards the lockout).
     """
     verify_totp(recipient_id, code, now)
-    Recipient.update(totp_secret=None, totp_last_step=None).where(
-        Recipient.id == recipient_id).execute()
-    return Recipient.get_by_id(recipient_id)
+    queries.remove_totp(recipient_id)
+    return queries.recipient_by_id(recipient_id)
 
 
 def clear_totp(recipient_id: int) -> bool:
@@ -451,12 +425,6 @@ def clear_totp(recipient_id: int) -> bool:
     bool
         Whether an app was set up.
     """
-    with write_transaction(database_proxy.obj):
-        cleared = Recipient.update(totp_secret=None, totp_last_step=None).where(
-            (Recipient.id == recipient_id) & Recipient.totp_secret.is_null(False)).execute()
-        if cleared:
-            WebSession.update(ended=True).where(
-                (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
-            ).execute()
-    return bool(cleared)
+    with write_transaction():
+        return queries.clear_totp_and_sessions(recipient_id)
 

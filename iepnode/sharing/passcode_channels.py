@@ -20,7 +20,9 @@ from iepnode.outbound.messaging import DeliveryError
 from iepnode.people import audit
 from iepnode.people.audit import actor_of
 from iepnode.sharing import recipients, transactions
-from storage.models import AuditEvent, Recipient, StaffUser, Transaction
+from storage.models import Recipient, StaffUser
+from storage.queries import recipients as recipients_q
+from storage.queries import transactions as transactions_q
 
 if TYPE_CHECKING:
     from config import Settings
@@ -65,18 +67,12 @@ class PasscodeChannels:
         """
         if user.is_admin:
             return True
-        mine = {t.id: t.public_id for t in Transaction.select(
-            Transaction.id, Transaction.public_id).where(
-            (Transaction.recipient == recipient.id)
-            & (Transaction.created_by == user.username))}
+        mine = transactions_q.public_ids_created_by(recipient.id, user.username)
         if not mine:
             return False
-        first = (Transaction.select(Transaction.id).where(Transaction.recipient == recipient.id)
-                 .order_by(Transaction.created_at, Transaction.id).scalar())
-        return first in mine or AuditEvent.select().where(
-            (AuditEvent.action == "login") & (AuditEvent.actor_kind == "recipient")
-            & (AuditEvent.actor == recipient.email)
-            & AuditEvent.transaction_public_id.in_(list(mine.values()))).exists()
+        first = transactions_q.first_transaction_id(recipient.id)
+        return first in mine or transactions_q.signed_in_through(recipient.email,
+                                                                 list(mine.values()))
 
     async def change_passcode_channel(self, email: str, otp_mobile: str, otp_email: str,
                                       user: StaffUser, source_ip: str = "", *,
@@ -136,7 +132,7 @@ class PasscodeChannels:
     def _change_channel(self, email: str, otp_mobile: str, otp_email: str, user: StaffUser,
                         source_ip: str, public_id: str,
                         ) -> tuple[recipients.ChannelChange, str, str]:
-        recipient = Recipient.get_or_none(Recipient.email == email.strip().lower())
+        recipient = recipients_q.recipient_with_email(email.strip().lower())
         if recipient is None:
             raise NotFound(f"no recipient {email}")
         if not self.may_change_channel(recipient, user):
@@ -146,7 +142,7 @@ class PasscodeChannels:
                                 "passcodes go")
         channel = recipients.check_channel(recipient.email, otp_mobile, otp_email)
         change = recipients.change_channel(recipient.id, channel)
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id) \
+        transaction = transactions_q.transaction_with_public_id(public_id) \
             if public_id else None
         patient_id = transaction.patient_id if transaction is not None else ""
         audit.record(audit.SECURITY_ALERT, "recipient-channel-change", actor_of(user, source_ip),

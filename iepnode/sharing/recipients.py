@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from iepnode.errors import InvalidRequest
 from iepnode.rules.text import is_email, is_phone
-from storage.db import is_sqlite, write_transaction
-from storage.models import LoginAttempt, Recipient, WebSession, database_proxy
+from storage.db import write_transaction
+from storage.models import Recipient
+from storage.queries import recipients as queries
 
 SMS, EMAIL = "sms", "email"
 
@@ -131,18 +132,17 @@ def find_or_create(email: str, channel: Channel, *, name: str = "", address: str
     """
     now = time.time() if now is None else now
     name = name.strip()[:128]
-    existing = Recipient.get_or_none(Recipient.email == email)
+    existing = queries.recipient_with_email(email)
     created = False
     if existing is None:
-        query = Recipient.insert(
+        created = queries.insert_recipient_if_new(
             email=email, name=name, address=address, phone=phone,
             otp_mobile=channel.destination if channel.kind == SMS else "",
             otp_email=channel.destination if channel.kind == EMAIL else "",
-            created_at=now).on_conflict_ignore()
-        created = database_proxy.obj.execute(query).rowcount == 1
-    recipient = Recipient.get(Recipient.email == email)
+            created_at=now)
+    recipient = queries.recipient_by_email(email)
     if not created and update_name and name and recipient.name != name:
-        Recipient.update(name=name).where(Recipient.id == recipient.id).execute()
+        queries.rename_recipient(recipient.id, name)
         recipient.name = name
     return Found(recipient, created, channel_of(recipient) != channel)
 
@@ -171,22 +171,17 @@ def change_channel(recipient_id: int, channel: Channel) -> ChannelChange:
         # Attempts first, then the recipient row (locked while its old channel is read):
         # the order verify_passcode locks them in on PostgreSQL, so the two never wait
         # for each other in a circle. SQLite's writers are serialised anyway.
-        LoginAttempt.update(dead=True).where(
-            (LoginAttempt.recipient == recipient_id) & LoginAttempt.used_at.is_null()
-            & (LoginAttempt.dead == False)).execute()  # noqa: E712
-        query = Recipient.select().where(Recipient.id == recipient_id)
-        recipient = (query if is_sqlite(database_proxy.obj) else query.for_update()).get()
+        queries.kill_unused_attempts(recipient_id)
+        recipient = queries.recipient_for_update(recipient_id)
         old = channel_of(recipient)
         if old == channel:  # raised inside: the attempts stay alive
             what = "number" if channel.kind == SMS else "address"
             raise InvalidRequest(f"passcodes go to that {what} already")
-        Recipient.update(otp_mobile=channel.destination if channel.kind == SMS else "",
-                         otp_email=channel.destination if channel.kind == EMAIL else "",
-                         last_passcode_at=0.0).where(Recipient.id == recipient_id).execute()
-        WebSession.update(ended=True).where(
-            (WebSession.recipient == recipient_id) & (WebSession.ended == False)  # noqa: E712
-        ).execute()
-    return ChannelChange(Recipient.get_by_id(recipient_id), old, channel)
+        queries.set_channel(recipient_id,
+                            channel.destination if channel.kind == SMS else "",
+                            channel.destination if channel.kind == EMAIL else "")
+        queries.end_recipient_sessions(recipient_id)
+    return ChannelChange(queries.recipient_by_id(recipient_id), old, channel)
 
 
 def recipient_by_id(recipient_id: int) -> Recipient:
@@ -197,4 +192,4 @@ def recipient_by_id(recipient_id: int) -> Recipient:
     Recipient.DoesNotExist
         If there is no such recipient.
     """
-    return Recipient.get_by_id(recipient_id)
+    return queries.recipient_by_id(recipient_id)

@@ -27,6 +27,7 @@ from storage.models import (
     TransactionMessage,
     TransactionStudy,
 )
+from storage.queries import recipients as recipients_q
 
 log = logging.getLogger("iepnode.sharing")
 
@@ -149,7 +150,7 @@ class SharingService:
         NotFound
             No such transaction, or it is someone else's.
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         return self._views([transaction], recipient, source_ip, "transaction page")[0]
 
@@ -164,7 +165,7 @@ class SharingService:
         InvalidRequest
             No reason, or the transaction can no longer be declined.
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         transactions.decline(transaction, reason)
         audit.record(audit.PATIENT_RECORD, "decline", audit.Actor("recipient", recipient.email,
@@ -182,7 +183,7 @@ class SharingService:
         InvalidRequest
             An empty or too long message.
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         transactions.add_message(transaction, "recipient", recipient.email, body)
         audit.record(audit.PATIENT_RECORD, "message", audit.Actor("recipient", recipient.email,

@@ -39,6 +39,8 @@ from storage.models import (
     TransactionMessage,
     TransactionStudy,
 )
+from storage.queries import recipients as recipients_q
+from storage.queries import transactions as transactions_q
 
 if TYPE_CHECKING:
     from config import Settings
@@ -92,8 +94,7 @@ class ReplyOutcome:
 
 
 def _get_transaction(public_id: str) -> Transaction:
-    transaction = (Transaction.select(Transaction, Recipient).join(Recipient)
-                   .where(Transaction.public_id == public_id).first())
+    transaction = transactions_q.transaction_with_recipient(public_id)
     if transaction is None:
         raise NotFound(f"no transaction {public_id}")
     return transaction
@@ -135,15 +136,8 @@ class StaffTransactions:
         Every word of ``search`` must occur (case-insensitively) in the transaction
         ID, patient name or ID, or the recipient's email or name.
         """
-        query = Transaction.select(Transaction, Recipient).join(Recipient)
-        for term in re.split(r"[\s,^]+", typed_text(search, 200)):
-            if term:
-                query = query.where(
-                    Transaction.public_id.contains(term) | Transaction.patient_name.contains(term)
-                    | Transaction.patient_id.contains(term) | Recipient.email.contains(term)
-                    | Recipient.name.contains(term))
-        return list(query.order_by(Transaction.created_at.desc(), Transaction.id.desc())
-                    .limit(limit))
+        terms = [term for term in re.split(r"[\s,^]+", typed_text(search, 200)) if term]
+        return transactions_q.recent_transactions(terms, limit)
 
     def transaction_view(self, public_id: str, user: StaffUser,
                          source_ip: str = "") -> StaffTransactionView:
@@ -252,7 +246,7 @@ class StaffTransactions:
         InvalidRequest
             The recipient is not locked.
         """
-        recipient = Recipient.get_or_none(Recipient.email == email.strip().lower())
+        recipient = recipients_q.recipient_with_email(email.strip().lower())
         if recipient is None:
             raise NotFound(f"no recipient {email}")
         return _unlock(recipient, actor_of(user, source_ip))

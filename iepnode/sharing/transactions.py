@@ -18,14 +18,8 @@ from iepnode.sharing import recipients
 from iepnode.sharing.recipients import normalize_email
 from storage import hot_queries
 from storage.db import write_transaction
-from storage.models import (
-    Patient,
-    Recipient,
-    Study,
-    Transaction,
-    TransactionMessage,
-    TransactionStudy,
-)
+from storage.models import Recipient, Transaction, TransactionMessage, TransactionStudy
+from storage.queries import transactions as queries
 
 TRANSFER, REQUEST = "TRANSFER", "REQUEST"
 IN, OUT = "IN", "OUT"
@@ -71,7 +65,7 @@ class NewTransfer:
 def _new_public_id() -> str:
     for _ in range(20):
         candidate = new_public_id()
-        if not Transaction.select().where(Transaction.public_id == candidate).exists():
+        if not queries.public_id_taken(candidate):
             return candidate
     raise RuntimeError("could not find a free transaction ID")
 
@@ -126,7 +120,7 @@ def create_transfer(
         raise InvalidRequest("expiry must be 1 to 3650 days")
     if len(request.message) > MAX_MESSAGE:
         raise InvalidRequest(f"messages are limited to {MAX_MESSAGE} characters")
-    studies = list(Study.select(Study, Patient).join(Patient).where(Study.study_uid.in_(uids)))
+    studies = queries.studies_with_patients(uids)
     missing = set(uids) - {s.study_uid for s in studies}
     if missing:
         raise InvalidRequest(f"unknown study {sorted(missing)[0]}")
@@ -136,7 +130,7 @@ def create_transfer(
     token = new_token()
     with write_transaction():
         recipient = _recipient(request, now).recipient
-        transaction = Transaction.create(
+        transaction = queries.create_transaction(
             public_id=_new_public_id(), kind=TRANSFER, direction=IN, recipient=recipient,
             status=NEW, priority=request.priority, created_at=now,
             expires_at=now + request.expiry_days * DAY,
@@ -149,16 +143,16 @@ def create_transfer(
             link_token_hash=token_hash(token),
         )
         for study in sorted(studies, key=lambda s: (s.study_date, s.study_time)):
-            TransactionStudy.create(
+            queries.add_transaction_study(
                 transaction=transaction, study_uid=study.study_uid,
                 modality=study.modalities.replace("\\", ", "), exam_date=study.study_date,
                 description=study.description, accession=study.accession,
                 images_expected=study.num_instances,
             )
         if request.message.strip():
-            TransactionMessage.create(transaction=transaction, author_kind="staff",
-                                      author=contact.name or created_by,
-                                      body=request.message.strip(), created_at=now)
+            queries.add_transaction_message(transaction=transaction, author_kind="staff",
+                                            author=contact.name or created_by,
+                                            body=request.message.strip(), created_at=now)
     return transaction, token
 
 
@@ -172,7 +166,7 @@ def by_link_token(token: str, now: float | None = None) -> Transaction:
         housekeeping has marked it expired yet) or purged.
     """
     now = time.time() if now is None else now
-    transaction = Transaction.get_or_none(Transaction.link_token_hash == token_hash(token))
+    transaction = queries.transaction_by_link_hash(token_hash(token))
     if transaction is None or transaction.purged_at or is_expired(transaction, now):
         raise NotFound("this link is not valid (any more)")
     return transaction
@@ -208,9 +202,7 @@ def get_for_recipient(recipient: Recipient, public_id: str) -> Transaction:
     NotFound
         No such transaction, or it belongs to someone else (indistinguishable).
     """
-    transaction = Transaction.get_or_none(
-        (Transaction.public_id == public_id) & (Transaction.recipient == recipient.id)
-    )
+    transaction = queries.transaction_of_recipient(public_id, recipient.id)
     if transaction is None:
         raise NotFound(f"no transaction {public_id}")
     return transaction
@@ -218,8 +210,7 @@ def get_for_recipient(recipient: Recipient, public_id: str) -> Transaction:
 
 def newest_for(recipient_id: int) -> Transaction | None:
     """The recipient's most recent transaction (any status), or ``None``."""
-    return (Transaction.select().where(Transaction.recipient == recipient_id)
-            .order_by(Transaction.created_at.desc(), Transaction.id.desc()).first())
+    return queries.newest_transaction_of(recipient_id)
 
 
 def decline(transaction: Transaction, reason: str, now: float | None = None) -> None:
@@ -233,11 +224,11 @@ def decline(transaction: Transaction, reason: str, now: float | None = None) -> 
     with write_transaction():
         transaction.status = DECLINED
         transaction.decline_reason = reason[:MAX_MESSAGE]
-        transaction.save()
-        TransactionMessage.create(transaction=transaction, author_kind="recipient",
-                                  author=transaction.recipient.email,
-                                  body=f"Declined: {reason[:MAX_MESSAGE]}", created_at=now,
-                                  read_by_recipient=True)
+        queries.save_transaction(transaction)
+        queries.add_transaction_message(transaction=transaction, author_kind="recipient",
+                                        author=transaction.recipient.email,
+                                        body=f"Declined: {reason[:MAX_MESSAGE]}",
+                                        created_at=now, read_by_recipient=True)
 
 
 def add_message(transaction: Transaction, author_kind: str, author: str, body: str,
@@ -246,7 +237,7 @@ def add_message(transaction: Transaction, author_kind: str, author: str, body: s
     body = body.strip()
     if not body or len(body) > MAX_MESSAGE:
         raise InvalidRequest(f"a message has 1 to {MAX_MESSAGE} characters")
-    return TransactionMessage.create(
+    return queries.add_transaction_message(
         transaction=transaction, author_kind=author_kind, author=author[:128], body=body,
         created_at=time.time() if now is None else now,
         read_by_recipient=author_kind == "recipient",
@@ -256,11 +247,7 @@ def add_message(transaction: Transaction, author_kind: str, author: str, body: s
 def expire_due(now: float | None = None) -> int:
     """Mark transactions past their expiry as EXPIRED; return how many."""
     now = time.time() if now is None else now
-    return (
-        Transaction.update(status=EXPIRED)
-        .where((Transaction.expires_at <= now) & (Transaction.status != EXPIRED))
-        .execute()
-    )
+    return queries.mark_expired(EXPIRED, now)
 
 
 def studies_to_purge(now: float | None = None) -> tuple[list[str], list[Transaction]]:
@@ -270,25 +257,11 @@ def studies_to_purge(now: float | None = None) -> tuple[list[str], list[Transact
     shared in another, still live, transaction stays.
     """
     now = time.time() if now is None else now
-    expired = list(
-        Transaction.select().where(
-            (Transaction.expires_at <= now) & Transaction.purged_at.is_null()
-        )
-    )
+    expired = queries.expired_unpurged(now)
     if not expired:
         return [], []
-    candidate_uids = {
-        ts.study_uid
-        for ts in TransactionStudy.select(TransactionStudy.study_uid).where(
-            TransactionStudy.transaction.in_([t.id for t in expired])
-        )
-    }
-    live = {
-        ts.study_uid
-        for ts in TransactionStudy.select(TransactionStudy.study_uid)
-        .join(Transaction)
-        .where((Transaction.expires_at > now) & TransactionStudy.study_uid.in_(candidate_uids))
-    }
+    candidate_uids = queries.study_uids_of_transactions([t.id for t in expired])
+    live = queries.study_uids_still_shared(candidate_uids, now)
     return sorted(candidate_uids - live), expired
 
 
@@ -296,9 +269,7 @@ def mark_purged(transactions: list[Transaction], now: float | None = None) -> No
     """Record that expired transactions' files are gone."""
     now = time.time() if now is None else now
     if transactions:
-        Transaction.update(purged_at=now).where(
-            Transaction.id.in_([t.id for t in transactions])
-        ).execute()
+        queries.mark_purged([t.id for t in transactions], now)
 
 
 

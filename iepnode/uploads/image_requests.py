@@ -32,7 +32,8 @@ from iepnode.sharing.transactions import (
     _recipient,
 )
 from storage.db import write_transaction
-from storage.models import Transaction, TransactionMessage
+from storage.models import Transaction
+from storage.queries import transactions as transactions_q
 
 SEXES = ("F", "M", "O", "")
 _DA = re.compile(r"^[0-9]{8}$")
@@ -174,7 +175,7 @@ def create_request(
         recipient_name=request.recipient_name)
     with write_transaction():
         recipient = _recipient(recipient_fields, now).recipient
-        transaction = Transaction.create(
+        transaction = transactions_q.create_transaction(
             public_id=_new_public_id(), kind=REQUEST, direction=OUT, recipient=recipient,
             status=NEW, priority=request.priority, created_at=now,
             expires_at=now + request.expiry_days * DAY,
@@ -187,9 +188,9 @@ def create_request(
             link_token_hash=token_hash(token),
         )
         if request.message.strip():
-            TransactionMessage.create(transaction=transaction, author_kind="staff",
-                                      author=contact.name or created_by,
-                                      body=request.message.strip(), created_at=now)
+            transactions_q.add_transaction_message(transaction=transaction, author_kind="staff",
+                                                   author=contact.name or created_by,
+                                                   body=request.message.strip(), created_at=now)
     return transaction, token
 
 

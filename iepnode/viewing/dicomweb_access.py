@@ -32,7 +32,10 @@ from iepnode.errors import NodeError, NotFound
 from iepnode.people import audit
 from iepnode.sharing import downloads
 from storage.db import write_transaction
-from storage.models import DicomwebToken, Recipient, StaffUser, Transaction, TransactionStudy
+from storage.models import DicomwebToken, StaffUser, Transaction
+from storage.queries import people as people_q
+from storage.queries import transactions as transactions_q
+from storage.queries import viewing as queries
 
 #: Seconds a DICOMweb bearer token is valid.
 TOKEN_TTL = 3600.0
@@ -63,8 +66,7 @@ class Scope:
 
 
 def _transaction_uids(transaction: Transaction) -> frozenset[str]:
-    return frozenset(ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
-                     .where(TransactionStudy.transaction == transaction.id))
+    return frozenset(transactions_q.study_uids_of(transaction.id))
 
 
 def recipient_scope(recipient_id: int, public_id: str, source_ip: str = "") -> Scope:
@@ -77,9 +79,7 @@ def recipient_scope(recipient_id: int, public_id: str, source_ip: str = "") -> S
     Gone
         Declined, expired or purged (as for the download).
     """
-    transaction = (Transaction.select(Transaction, Recipient).join(Recipient)
-                   .where((Transaction.public_id == public_id)
-                          & (Transaction.recipient == recipient_id)).get_or_none())
+    transaction = queries.recipient_transaction(public_id, recipient_id)
     if transaction is None:
         raise NotFound(f"no transaction {public_id}")
     downloads.check_downloadable(transaction)
@@ -99,7 +99,7 @@ def staff_scope(user: StaffUser, public_id: str = "", source_ip: str = "") -> Sc
     actor = audit.Actor("staff", user.username, source_ip)
     if not public_id:
         return Scope(actor, None)
-    transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+    transaction = transactions_q.transaction_with_public_id(public_id)
     if transaction is None:
         raise NotFound(f"no transaction {public_id}")
     return Scope(actor, _transaction_uids(transaction), public_id, transaction.patient_id)
@@ -131,10 +131,10 @@ def issue_recipient_token(recipient_id: int, public_id: str, *, source_ip: str =
     """
     now = time.time() if now is None else now
     scope = recipient_scope(recipient_id, public_id, source_ip)
-    transaction = Transaction.get(Transaction.public_id == public_id)
+    transaction = transactions_q.transaction_by_public_id(public_id)
     token = secrets.token_urlsafe(32)
     with write_transaction():
-        DicomwebToken.create(token_hash=_hash(token), recipient=recipient_id,
+        queries.create_token(token_hash=_hash(token), recipient=recipient_id,
                              transaction=transaction.id, created_at=now,
                              expires_at=now + ttl)
         audit.record(audit.USER_AUTHENTICATION, "dicomweb-token", scope.actor,
@@ -149,7 +149,7 @@ def issue_staff_token(user: StaffUser, *, source_ip: str = "", ttl: float = TOKE
     now = time.time() if now is None else now
     token = secrets.token_urlsafe(32)
     with write_transaction():
-        DicomwebToken.create(token_hash=_hash(token), staff=user.id, created_at=now,
+        queries.create_token(token_hash=_hash(token), staff=user.id, created_at=now,
                              expires_at=now + ttl)
         audit.record(audit.USER_AUTHENTICATION, "dicomweb-token",
                      audit.Actor("staff", user.username, source_ip),
@@ -164,20 +164,17 @@ def revoke_tokens(*, recipient_id: int | None = None, public_id: str = "",
     Returns how many were revoked.
     """
     now = time.time() if now is None else now
-    live = DicomwebToken.revoked_at.is_null() & (DicomwebToken.expires_at > now)
     if recipient_id is not None:
-        transaction = Transaction.get_or_none((Transaction.public_id == public_id)
-                                              & (Transaction.recipient == recipient_id))
+        transaction = transactions_q.transaction_of_recipient(public_id, recipient_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
-        where = live & (DicomwebToken.recipient == recipient_id) & (
-            DicomwebToken.transaction == transaction.id)
+        whose = {"recipient_id": recipient_id, "transaction_id": transaction.id}
     elif staff_id is not None:
-        where = live & (DicomwebToken.staff == staff_id)
+        whose = {"staff_id": staff_id}
     else:
         raise ValueError("revoke whose tokens?")
     with write_transaction():
-        return DicomwebToken.update(revoked_at=now).where(where).execute()
+        return queries.revoke_live_tokens(now, **whose)
 
 
 def resolve_token(token: str, now: float | None = None) -> DicomwebToken:
@@ -191,7 +188,7 @@ def resolve_token(token: str, now: float | None = None) -> DicomwebToken:
     now = time.time() if now is None else now
     if not 20 <= len(token) <= 128:
         raise TokenRefused("malformed token")
-    row = DicomwebToken.get_or_none(DicomwebToken.token_hash == _hash(token))
+    row = queries.token_with_hash(_hash(token))
     if row is None or row.revoked_at is not None or row.expires_at <= now:
         raise TokenRefused("unknown, expired or revoked token")
     return row
@@ -208,7 +205,7 @@ def token_scope(row: DicomwebToken, public_id: str, source_ip: str = "") -> Scop
         The recipient's transaction is no longer available.
     """
     if row.staff_id is not None:
-        user = StaffUser.get_or_none(StaffUser.id == row.staff_id)
+        user = people_q.staff_user_or_none(row.staff_id)
         if user is None or user.disabled:
             raise TokenRefused("staff user disabled")
         return staff_scope(user, public_id, source_ip)
@@ -280,7 +277,8 @@ def ohif_config(token: str, node_url: str, now: float | None = None) -> dict[str
         Unknown, expired or revoked token.
     """
     row = resolve_token(token, now)
-    public_id = Transaction.get_by_id(row.transaction_id).public_id if row.transaction_id else ""
+    public_id = (transactions_q.transaction_by_id(row.transaction_id).public_id
+                 if row.transaction_id else "")
     base = f"{node_url.rstrip('/')}/dicomweb" + (f"/t/{public_id}" if public_id else "")
     return {"servers": {"dicomWeb": [{
         "name": "iepnode", "wadoUriRoot": base, "qidoRoot": base, "wadoRoot": base,
@@ -297,9 +295,7 @@ def purge_tokens(now: float | None = None) -> int:
     """Delete tokens that expired or were revoked more than a day ago (housekeeping)."""
     now = time.time() if now is None else now
     with write_transaction():
-        return DicomwebToken.delete().where(
-            (DicomwebToken.expires_at < now - 86400)
-            | (DicomwebToken.revoked_at < now - 86400)).execute()
+        return queries.delete_tokens_older_than(now - 86400)
 
 
 __all__ = [

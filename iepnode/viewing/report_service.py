@@ -21,7 +21,9 @@ from iepnode.people.audit import Actor
 from iepnode.sharing import downloads, transactions
 from iepnode.viewing import attaching, attachment_filing, attachments, rendering, reports
 from storage.filestore import FileStore
-from storage.models import Attachment, Recipient, StaffUser, Transaction, TransactionStudy
+from storage.models import Attachment, StaffUser, Transaction
+from storage.queries import recipients as recipients_q
+from storage.queries import transactions as transactions_q
 
 
 class ReportService:
@@ -47,14 +49,14 @@ class ReportService:
                        source_ip: str = "") -> tuple[Transaction, Actor, str]:
         """The transaction, the audit actor and the name shown in the thread."""
         if recipient_id is not None:
-            recipient = Recipient.get_by_id(recipient_id)
+            recipient = recipients_q.recipient_by_id(recipient_id)
             transaction = transactions.get_for_recipient(recipient, public_id)
             downloads.check_downloadable(transaction)
             return (transaction, Actor("recipient", recipient.email, source_ip),
                     recipient.name or recipient.email)
         if staff is None:
             raise NotFound("no one asked")
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        transaction = transactions_q.transaction_with_public_id(public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
         if transaction.purged_at:
@@ -64,9 +66,7 @@ class ReportService:
 
     @staticmethod
     def _study_uids_of(transaction: Transaction) -> list[str]:
-        return [ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
-                .where(TransactionStudy.transaction == transaction.id)
-                .order_by(TransactionStudy.id)]
+        return transactions_q.study_uids_of(transaction.id, ordered=True)
 
     def transaction_reports(self, public_id: str, *, recipient_id: int | None = None,
                             staff: StaffUser | None = None, source_ip: str = "",
@@ -165,7 +165,7 @@ class ReportService:
         can be attached to it); the files themselves are then Gone like the download.
         """
         if recipient_id is not None:
-            recipient = Recipient.get_by_id(recipient_id)
+            recipient = recipients_q.recipient_by_id(recipient_id)
             transaction = transactions.get_for_recipient(recipient, public_id)
             closed = attaching.closed_for_recipient(transaction)
             actor = Actor("recipient", recipient.email, source_ip)

@@ -38,6 +38,7 @@ from iepnode import dicomtext
 from iepnode.archive.uids import is_uid_like
 from iepnode.errors import BadDataset
 from storage.models import Instance, Series, Study
+from storage.queries import viewing as queries
 
 #: SOP Classes of Structured Reports (every "... SR Storage" class pydicom knows).
 SR_CLASSES = frozenset(
@@ -123,14 +124,7 @@ def report_rows(study_uids: Iterable[str], sop_uid: str | None = None,
     uids = list(study_uids)
     if not uids:
         return []
-    query = (Instance.select(Instance, Series, Study).join(Series).join(Study)
-             .where(Study.study_uid.in_(uids) & Instance.sop_class.in_(sorted(REPORT_CLASSES))))
-    if sop_uid is not None:
-        query = query.where(Instance.sop_uid == sop_uid)
-    rows = []
-    for instance in query.order_by(Study.id, Series.id, Instance.id):
-        rows.append((instance, instance.series, instance.series.study))
-    return rows
+    return queries.report_rows(uids, sorted(REPORT_CLASSES), sop_uid)
 
 
 def list_reports(study_uids: Iterable[str], path_of: Callable[[str], Path],

@@ -47,7 +47,10 @@ from iepnode.people import audit
 from iepnode.sharing import downloads, transactions
 from iepnode.viewing import rendering
 from storage.filestore import FileStore
-from storage.models import Instance, Recipient, Series, Study, Transaction, TransactionStudy
+from storage.models import Transaction
+from storage.queries import recipients as recipients_q
+from storage.queries import transactions as transactions_q
+from storage.queries import viewing as queries
 
 #: Series with at most this many instances have their headers read (frame counts).
 HEADER_SERIES_LIMIT = 64
@@ -130,7 +133,7 @@ class ViewingService:
         Gone
             Declined, expired or purged (the reason is the message).
         """
-        recipient = Recipient.get_by_id(recipient_id)
+        recipient = recipients_q.recipient_by_id(recipient_id)
         transaction = transactions.get_for_recipient(recipient, public_id)
         reason = downloads.unavailable_reason(transaction, time.time())
         if reason is not None:
@@ -148,7 +151,7 @@ class ViewingService:
         Gone
             Its images were purged.
         """
-        transaction = Transaction.get_or_none(Transaction.public_id == public_id)
+        transaction = transactions_q.transaction_with_public_id(public_id)
         if transaction is None:
             raise NotFound(f"no transaction {public_id}")
         if transaction.purged_at:
@@ -159,8 +162,7 @@ class ViewingService:
 
     @staticmethod
     def _study_uids(transaction: Transaction) -> list[str]:
-        return [ts.study_uid for ts in TransactionStudy.select(TransactionStudy.study_uid)
-                .where(TransactionStudy.transaction == transaction.id)]
+        return transactions_q.study_uids_of(transaction.id)
 
     def manifest(self, transaction: Transaction) -> dict[str, Any]:
         """The transaction's patient, studies, series and instances in display order.
@@ -172,17 +174,14 @@ class ViewingService:
             ``studies`` (oldest first), each with ``series`` and their ``instances``
             (``uid``, ``number``, ``frames``).
         """
-        studies = list(Study.select().where(Study.study_uid.in_(self._study_uids(transaction)))
-                       .order_by(Study.study_date, Study.study_time, Study.id))
+        studies = queries.studies_in_order(self._study_uids(transaction))
         out = []
         for study in studies:
-            series_rows = sorted(Series.select().where(Series.study == study.id),
+            series_rows = sorted(queries.series_of_study(study.id),
                                  key=lambda s: (_number(s.series_number), s.id))
             series_out = []
             for series in series_rows:
-                rows = sorted(Instance.select(Instance.sop_uid, Instance.instance_number,
-                                              Instance.key, Instance.sop_class)
-                              .where(Instance.series == series.id),
+                rows = sorted(queries.instance_summaries(series.id),
                               key=lambda i: (_number(i.instance_number), i.sop_uid))
                 read = len(rows) <= HEADER_SERIES_LIMIT
                 instances = []
@@ -229,10 +228,7 @@ class ViewingService:
         NotFound
             No such instance in this transaction.
         """
-        row = (Instance.select(Instance.key, Study.study_uid).join(Series).join(Study)
-               .where((Instance.sop_uid == sop_uid)
-                      & (Study.study_uid.in_(self._study_uids(transaction))))
-               .tuples().first())
+        row = queries.locate_instance(sop_uid, self._study_uids(transaction))
         if row is None:
             raise NotFound(f"no instance {sop_uid!r} in {transaction.public_id}")
         key, study_uid = row
