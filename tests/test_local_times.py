@@ -102,14 +102,14 @@ def test_the_transfer_email_gives_the_expiry_day_in_the_hospitals_zone() -> None
 async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
         aiohttp_client: Any, tmp_path: Path, zone: str, created: tuple[str, str],
         message: tuple[str, str], expires: str) -> None:
-    node = build_services(make_settings(tmp_path, timezone=zone))
-    node.admin.logins.failure_delay = 0.0
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane"))
+    services = build_services(make_settings(tmp_path, timezone=zone))
+    services.admin.logins.failure_delay = 0.0
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane"))
     transaction, token = share([study])
-    client = await aiohttp_client(create_app(node.settings, node),
+    client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
     recipient = Browser(client)
-    await log_in(recipient, node, token)
+    await log_in(recipient, services, token)
     Transaction.update(created_at=WINTER_EVENING, expires_at=WINTER_EVENING + 14 * 86400).where(
         Transaction.id == transaction.id).execute()
     TransactionMessage.create(transaction=transaction, author_kind="staff", author="Dr Who",
@@ -134,9 +134,9 @@ async def test_the_transfer_email_of_a_share_uses_the_configured_zone(tmp_path: 
     from iepnode.people.audit import Actor
     from iepnode.sharing.transactions import NewTransfer
 
-    node = build_services(make_settings(tmp_path, timezone="Pacific/Auckland"))
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
-    shared = await node.sharing.share(NewTransfer((study,), "pat@example.org",
+    services = build_services(make_settings(tmp_path, timezone="Pacific/Auckland"))
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1))
+    shared = await services.sharing.share(NewTransfer((study,), "pat@example.org",
                                           otp_mobile="+447700900123"), actor=Actor("cli", "t"))
-    text = read_eml(outbox(node)[-1]).get_content()
+    text = read_eml(outbox(services)[-1]).get_content()
     assert timefmt.long_day(shared.expires_at, ZoneInfo("Pacific/Auckland")) in text

@@ -43,28 +43,28 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
+def services(tmp_path: Path) -> Services:
+    services = build_services(make_settings(tmp_path))
+    services.admin.logins.failure_delay = 0.0
+    return services
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
+async def client(aiohttp_client: Any, services: Services) -> Any:
+    return await aiohttp_client(create_app(services.settings, services),
                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 @pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+def study(services: Services, tmp_path: Path) -> str:
+    return store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
 
 
 async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
-        client: Any, node: Services, study: str, clock: Clock) -> None:
+        client: Any, services: Services, study: str, clock: Clock) -> None:
     transaction, token = share([study])
     phone = Browser(client)  # the recipient's browser on the lost phone
-    await log_in(phone, node, token)
+    await log_in(phone, services, token)
     secret = enrol_directly()
 
     staff = StaffBrowser(client)
@@ -94,11 +94,11 @@ async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
     assert response.status == 303 and response.headers["Location"] == "/signin"
     assert not WebSession.select().where((WebSession.recipient.is_null(False))
                                          & (WebSession.ended == False)).exists()  # noqa: E712
-    sent = len(outbox(node))
+    sent = len(outbox(services))
     clock.advance(60)
     finder = Browser(client)  # whoever has the phone now cannot use its app
     login = await open_link(finder, token)
-    assert "A passcode has been sent" in login.html and len(outbox(node)) == sent + 1
+    assert "A passcode has been sent" in login.html and len(outbox(services)) == sent + 1
     refused = await app_login(finder, token, code_at(secret, clock))
     assert refused.status == 403 and "No authenticator app is set up" in await refused.text()
 
@@ -109,10 +109,10 @@ async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
 
 
 async def test_the_authenticator_page_says_whom_to_contact_after_losing_the_phone(
-        client: Any, node: Services, study: str) -> None:
+        client: Any, services: Services, study: str) -> None:
     _, token = share([study])
     browser = Browser(client)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     for enrolled in (False, True):
         if enrolled:
             enrol_directly()

@@ -30,9 +30,9 @@ async def audited_ip_of_a_login(aiohttp_client: Any, tmp_path: Path, trusted: li
     """Fail a staff login with ``headers``; return the source IP the audit event got."""
     settings = load_settings(overrides={"data_dir": tmp_path / "data",
                                         "trusted_proxies": trusted}, environ={})
-    node = build_services(settings)
-    node.admin.logins.failure_delay = 0.0
-    browser = Browser(await aiohttp_client(create_app(settings, node),
+    services = build_services(settings)
+    services.admin.logins.failure_delay = 0.0
+    browser = Browser(await aiohttp_client(create_app(settings, services),
                                            cookie_jar=aiohttp.DummyCookieJar()))
     form = await browser.page("/admin/login")
     response = await browser.post("/admin/login", headers=headers, data={

@@ -34,22 +34,22 @@ PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
+def services(tmp_path: Path) -> Services:
+    services = build_services(make_settings(tmp_path))
+    services.admin.logins.failure_delay = 0.0
+    return services
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, node: Services) -> Browser:
-    client = await aiohttp_client(create_app(node.settings, node),
+async def browser(aiohttp_client: Any, services: Services) -> Browser:
+    client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
     return Browser(client)
 
 
 @pytest.fixture
-def public_id(node: Services, tmp_path: Path) -> str:
-    study = store_files(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+def public_id(services: Services, tmp_path: Path) -> str:
+    study = store_files(services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([study], "me@example.org")
     return transaction.public_id
 
@@ -66,7 +66,7 @@ async def test_no_session_is_sent_to_signin(browser: Browser, public_id: str) ->
     await check_every_page_sends_to_signin(browser, public_id)
 
 
-async def test_a_staff_session_is_no_recipient_session(browser: Browser, node: Services,
+async def test_a_staff_session_is_no_recipient_session(browser: Browser, services: Services,
                                                        public_id: str) -> None:
     _, secret = make_user("alice")
     signed_in = await staff_log_in(browser, "alice", secret)

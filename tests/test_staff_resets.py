@@ -89,15 +89,15 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Services:
-    node = build_services(settings)
-    node.admin.logins.failure_delay = 0.0
-    return node
+def services(settings: Settings) -> Services:
+    services = build_services(settings)
+    services.admin.logins.failure_delay = 0.0
+    return services
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, settings: Settings, node: Services) -> Browser:
-    return Browser(await aiohttp_client(create_app(settings, node),
+async def browser(aiohttp_client: Any, settings: Settings, services: Services) -> Browser:
+    return Browser(await aiohttp_client(create_app(settings, services),
                                         cookie_jar=aiohttp.DummyCookieJar()))
 
 
@@ -109,9 +109,9 @@ async def admin(browser: Browser) -> Browser:
 
 
 @pytest.fixture
-async def public_id(node: Services, tmp_path: Path) -> str:
-    study = store_files(node, factory.make_ct_series(tmp_path / "ct", 1))
-    created = await node.sharing.share(NewTransfer((study,), "pat@example.org",
+async def public_id(services: Services, tmp_path: Path) -> str:
+    study = store_files(services, factory.make_ct_series(tmp_path / "ct", 1))
+    created = await services.sharing.share(NewTransfer((study,), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
     return created.public_id
@@ -166,11 +166,11 @@ async def test_password_reset_with_a_generated_password_shown_once(
 
 
 async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
-                                                                 node: Services) -> None:
+                                                                 services: Services) -> None:
     user, secret = make_user("kim")
     for _ in range(5):
         await log_in(Browser(admin.client), "kim", secret, password="guess guess guess")
-    assert node.admin.logins.throttle.locked_for("kim", time.time()) > 0
+    assert services.admin.logins.throttle.locked_for("kim", time.time()) > 0
     response = await admin.form(f"/admin/users/{user.id}/password-reset",
                                 {"password": "short"})
     assert response.status == 400 and "at least 12 characters" in await response.text()
@@ -178,7 +178,7 @@ async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
     response = await admin.form(f"/admin/users/{user.id}/password-reset",
                                 {"password": "tell-kim-this-1"})
     assert response.status == 200 and "shown only once" not in await response.text()
-    assert node.admin.logins.throttle.locked_for("kim", time.time()) == 0
+    assert services.admin.logins.throttle.locked_for("kim", time.time()) == 0
     assert changes() == ["password-reset kim (temporary password typed by the admin; "
                          "sessions ended)"]
     kims = Browser(admin.client)
@@ -260,7 +260,7 @@ async def test_both_reset_enrol_first_then_the_password(admin: Browser) -> None:
 
 
 async def test_resets_are_for_admins_only_and_not_for_oneself(admin: Browser,
-                                                              node: Services) -> None:
+                                                              services: Services) -> None:
     user, _ = make_user("kim")
     nurse, nurse_secret = make_user("nurse")
     nurses = Browser(admin.client)
@@ -278,9 +278,9 @@ async def test_resets_are_for_admins_only_and_not_for_oneself(admin: Browser,
     assert (kim().totp_secret, kim().must_change_password) == (user.totp_secret, False)
     assert changes() == []
     with pytest.raises(NotAuthorized):
-        node.admin.accounts.reset_totp(user.id, nurse)
+        services.admin.accounts.reset_totp(user.id, nurse)
     with pytest.raises(NotAuthorized):
-        node.admin.accounts.reset_password(user.id, "", nurse)
+        services.admin.accounts.reset_password(user.id, "", nurse)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
