@@ -1,17 +1,28 @@
-"""Shared fixtures: a served node (``iepnode serve``), real peers (SMTP, PostgreSQL)."""
+"""Shared fixtures: a served node (``iepnode serve``), real peers (SMTP, PostgreSQL), and
+the in-process web app (``client``, ``browser``) over a module's ``services`` fixture.
+
+A module that tests in-process defines ``services`` (a :class:`iepnode.services.Services`
+from :func:`iepnode.wiring.build_services`); ``served_node`` is the subprocess instead.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient
 
+from iepnode.services import Services
 from storage.db import close_database
+from tests.support.browser import Browser
 from tests.support.mail import Inbox, running_smtp
 from tests.support.node import RunningNode, running_node
 from tests.support.postgres import create_database, drop_database, running_postgres
+from web.app import create_app
 
 #: The calling AE the tests use for dcmtk/pynetdicom SCUs (allowed everything).
 SCU_AE = "TESTSCU"
@@ -57,3 +68,21 @@ def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
     url = create_database(postgres_url, f"t_{uuid.uuid4().hex[:16]}")
     yield url
     drop_database(url)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, services: Services) -> TestClient:
+    """The web app over the module's in-process ``services`` (aiohttp's test client).
+
+    It keeps no cookies itself (``DummyCookieJar``): the session cookies are ``Secure``,
+    which aiohttp never sends over plain HTTP, so :class:`Browser` keeps them instead.
+    A module that needs other settings overrides its ``settings`` or ``services`` fixture.
+    """
+    return await aiohttp_client(create_app(services.settings, services),
+                                cookie_jar=aiohttp.DummyCookieJar())
+
+
+@pytest.fixture
+def browser(client: TestClient) -> Browser:
+    """A cookie-keeping browser on ``client`` (recipient and staff pages alike)."""
+    return Browser(client)

@@ -34,9 +34,8 @@ from iepnode.wiring import build_services
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory
-from tests.support.browser import Browser as CookieBrowser
+from tests.support.browser import Browser, input_value
 from tests.support.ingest import store_files as store
-from web.app import create_app
 
 SESSION = "__Host-iepnode"
 PASSWORD = "correct horse battery"
@@ -44,22 +43,6 @@ REFUSED = html.escape(LOGIN_REFUSED)
 
 
 # -- fixtures and helpers ------------------------------------------------------------------
-
-
-class Browser(CookieBrowser):
-    """The shared cookie-keeping client plus the staff pages' CSRF form helpers."""
-
-    async def csrf(self, path: str = "/admin") -> str:
-        """The session's CSRF token, read from a page's forms."""
-        return field(await self.page(path), "csrf")
-
-    async def form(self, path: str, data: dict[str, Any] | list[tuple[str, str]],
-                   csrf: bool = True) -> aiohttp.ClientResponse:
-        """POST a form with the session's CSRF token."""
-        items = list(data.items()) if isinstance(data, dict) else list(data)
-        if csrf:
-            items.append(("csrf", await self.csrf()))
-        return await self.post(path, data=items)
 
 
 @pytest.fixture
@@ -100,24 +83,6 @@ def make_user(username: str, *, is_admin: bool = False, **kw: Any) -> tuple[Staf
 
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings, services: Services) -> Any:
-    return await aiohttp_client(create_app(settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
-
-
-def field(page: str, name: str) -> str:
-    tag = re.search(rf'<input[^>]*\sname="{name}"[^>]*>', page)
-    assert tag, f"no field {name}"
-    value = re.search(r'\svalue="([^"]*)"', tag.group(0))
-    return html.unescape(value.group(1)) if value else ""
-
-
 def shown_studies(page: str) -> set[str]:
     return set(re.findall(r'name="study" value="([^"]+)"', page))
 
@@ -127,7 +92,7 @@ async def log_in(browser: Browser, username: str, secret: str, *, password: str 
     """Open the login form (pre-login CSRF cookie) and submit it."""
     url = f"/admin/login?next={next_url}" if next_url else "/admin/login"
     form_page = await browser.page(url)
-    data = {"csrf": field(form_page, "csrf"), "next": field(form_page, "next"),
+    data = {"csrf": input_value(form_page, "csrf"), "next": input_value(form_page, "next"),
             "username": username, "password": password,
             "code": pyotp.TOTP(secret).now() if code is None else code}
     return await browser.post("/admin/login", data=data)
@@ -428,7 +393,7 @@ async def test_share_from_the_form_creates_a_transaction_and_emails_the_link(
 async def test_the_default_expiry_comes_from_the_settings(admin: Browser, services: Services,
                                                           studies: dict[str, str]) -> None:
     page = await admin.page("/admin/studies")
-    assert field(page, "expiry_days") == str(services.settings.transaction_expiry_days)
+    assert input_value(page, "expiry_days") == str(services.settings.transaction_expiry_days)
     response = await admin.form("/admin/transfers", {
         "study": studies["john"], "recipient_email": "pat@example.org", "channel": "email",
         "otp_email": "pat.second@example.org", "priority": "NORMAL", "expiry_days": ""})
@@ -632,7 +597,7 @@ async def test_a_new_user_gets_a_qr_code_once_and_can_log_in(admin: Browser) -> 
 async def test_re_enrol_own_totp(admin: Browser) -> None:
     page = await admin.page("/admin/account/totp")
     assert "<svg" in page
-    secret, signature = field(page, "secret"), field(page, "signature")
+    secret, signature = input_value(page, "secret"), input_value(page, "signature")
     old = StaffUser.get(StaffUser.username == "boss").totp_secret
     assert secret != old
 
@@ -640,7 +605,7 @@ async def test_re_enrol_own_totp(admin: Browser) -> None:
         "secret": secret, "signature": signature, "password": PASSWORD,
         "code": pyotp.TOTP(old).now()})
     assert wrong.status == 400 and "does not match the new secret" in await wrong.text()
-    assert field(await wrong.text(), "secret") == secret  # same secret: scan once
+    assert input_value(await wrong.text(), "secret") == secret  # same secret: scan once
     forged = await admin.form("/admin/account/totp", {
         "secret": "A" * 32, "signature": signature, "password": PASSWORD,
         "code": pyotp.TOTP("A" * 32).now()})

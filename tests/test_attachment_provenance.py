@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
@@ -53,7 +52,6 @@ from tests.test_forward_web import form as forward_form
 from tests.test_forwarding import make_services
 from tests.test_recipient_web import field, log_in, make_settings, share
 from tests.test_reports_web import upload_form
-from web.app import create_app
 
 TITLE = "Official Radiology Report - FINAL"
 SOLICITOR = "solicitor@law.example"
@@ -66,12 +64,6 @@ def services(tmp_path: Path) -> Services:
     services = build_services(make_settings(tmp_path))
     services.admin.logins.failure_delay = 0.0
     return services
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
 
 
 @pytest.fixture

@@ -78,17 +78,6 @@ def make_studies(services: Services, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
-
-
-@pytest.fixture
 def shared(studies: dict[str, str]) -> tuple[Transaction, str]:
     return share([studies["ct"], studies["rle"]])
 

@@ -38,12 +38,6 @@ def services(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     return build_services(make_settings(tmp_path, public_url=PUBLIC + "/", trusted_proxies=proxies))
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
 def urls(body: bytes) -> list[str]:
     return [m.decode() for m in _URL.findall(body)]
 

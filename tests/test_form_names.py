@@ -14,7 +14,6 @@ import gc
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from iepnode.services import Services
@@ -26,7 +25,6 @@ from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import field, log_in, make_settings, share
-from web.app import create_app
 
 BOUNDARY = "iepnodeTestBoundary7MA4YWxkTrZu0gW"
 PDF = factory.minimal_pdf("letter")
@@ -66,12 +64,6 @@ def services(tmp_path: Path) -> Services:
     services = build_services(make_settings(tmp_path))
     services.admin.logins.failure_delay = 0.0
     return services
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
 
 
 @pytest.fixture

@@ -23,12 +23,10 @@ from iepnode.sharing.transactions import Contact, NewTransfer
 from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, RemoteAE, RouteRule, SendJob, TransactionSendAE
+from tests.support.browser import Browser
 from tests.support.peers import free_port, received, storescp_on
 from tests.test_admin_web import (  # noqa: F401 - fixtures
-    Browser,
     admin,
-    browser,
-    client,
     events,
     log_in,
     make_user,

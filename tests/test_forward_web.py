@@ -38,17 +38,6 @@ def study(services: Services, tmp_path: Path) -> str:
         PatientSex="F", StudyDate="20240105", StudyDescription="CT HEAD"))
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
-
-
 def form(csrf: str, email: str = "solicitor@law.example", **kw: str) -> dict[str, str]:
     return {"csrf": csrf, "email": email, "email_confirm": email, "first_name": "Sol",
             "last_name": "Icitor", "address": "1 Law Lane\r\nLeeds", "phone": "020 7946 0000",

@@ -21,7 +21,6 @@ from iepnode.outbound import notifications
 from iepnode.wiring import build_services
 from storage.models import Transaction, TransactionMessage
 from tests import data_factory as factory
-from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import (
@@ -119,7 +118,7 @@ async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
     assert f"<dd>{created[0]}</dd>" in page and f"<time>{message[0]}</time>" in page
     assert f"<dd>{expires}</dd>" in page and " UTC" not in page  # (tokens may hold "UTC")
 
-    staff = StaffBrowser(client)
+    staff = Browser(client)
     _, secret = make_user("nurse")
     assert (await staff_log_in(staff, "nurse", secret)).status == 303
     page = await staff.page(f"/admin/transactions/{transaction.public_id}")

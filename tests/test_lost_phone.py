@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from iepnode.services import Services
@@ -17,7 +16,6 @@ from iepnode.sharing import logins
 from iepnode.wiring import build_services
 from storage.models import AuditEvent, Recipient, WebSession
 from tests import data_factory as factory
-from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_totp import EMAIL, app_login, code_at, enrol_directly, recipient
@@ -31,7 +29,6 @@ from tests.test_recipient_web import (
     share,
     store,
 )
-from web.app import create_app
 
 
 @pytest.fixture
@@ -50,12 +47,6 @@ def services(tmp_path: Path) -> Services:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
 def study(services: Services, tmp_path: Path) -> str:
     return store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
 
@@ -67,7 +58,7 @@ async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
     await log_in(phone, services, token)
     secret = enrol_directly()
 
-    staff = StaffBrowser(client)
+    staff = Browser(client)
     _, staff_secret = make_user("nurse")  # any staff member, not only admins
     assert (await staff_log_in(staff, "nurse", staff_secret)).status == 303
     url = f"/admin/transactions/{transaction.public_id}"

@@ -24,7 +24,6 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from config import Settings, load_settings
@@ -36,11 +35,11 @@ from iepnode.uploads.image_requests import NewRequest
 from iepnode.wiring import build_services
 from storage.models import AuditEvent, LoginAttempt, Recipient, Transaction, WebSession
 from tests import data_factory as factory
+from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.support.node import REPO, run_cli
-from tests.test_admin_web import Browser, log_in, make_user
+from tests.test_admin_web import log_in, make_user
 from tests.test_recipient_web import read_eml
-from web.app import create_app
 
 CAROL = "carol@example.org"
 CAROL_MOBILE = "+447700900123"
@@ -70,12 +69,6 @@ def services(settings: Settings) -> Iterator[Services]:
 def study(services: Services, tmp_path: Path) -> str:
     return store_files(services, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Carol",
                                                     PatientID="P7"))
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
 
 
 async def staff_browser(client: Any, username: str, *, is_admin: bool = False) -> Browser:

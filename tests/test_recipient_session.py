@@ -9,9 +9,7 @@ redirect to a sign-in page), and is checked here too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from iepnode.services import Services
@@ -22,7 +20,6 @@ from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import field, make_settings, share
-from web.app import create_app
 from web.common import recipient_session
 
 PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
@@ -38,13 +35,6 @@ def services(tmp_path: Path) -> Services:
     services = build_services(make_settings(tmp_path))
     services.admin.logins.failure_delay = 0.0
     return services
-
-
-@pytest.fixture
-async def browser(aiohttp_client: Any, services: Services) -> Browser:
-    client = await aiohttp_client(create_app(services.settings, services),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
 
 
 @pytest.fixture

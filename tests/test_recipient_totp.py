@@ -37,7 +37,6 @@ from tests.test_recipient_web import (
     share,
     store,
 )
-from web.app import create_app
 
 EMAIL = "pat@example.org"
 
@@ -60,17 +59,6 @@ def services(tmp_path: Path) -> Services:
 def study(services: Services, tmp_path: Path) -> str:
     return store(services, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
                                               PatientID="P1"))
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
 
 
 def recipient() -> Recipient:

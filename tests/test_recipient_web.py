@@ -94,17 +94,6 @@ def share(study_uids: list[str], email: str = "pat@example.org", *, now: float |
 
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
-
-
 def field(html: str, name: str) -> str:
     match = re.search(rf'name="{name}" value="([^"]*)"', html)
     assert match, f"no field {name!r} in the page"

@@ -23,7 +23,6 @@ from iepnode.wiring import build_services
 from storage.models import AuditEvent, Transaction, TransactionMessage
 from tests import data_factory as factory
 from tests.support.mail import Inbox
-from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import (
@@ -45,11 +44,11 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def staff_client(aiohttp_client: Any, services: Services) -> tuple[Any, StaffBrowser]:
+async def staff_client(aiohttp_client: Any, services: Services) -> tuple[Any, Browser]:
     services.admin.logins.failure_delay = 0.0
     client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
-    staff = StaffBrowser(client)
+    staff = Browser(client)
     _, secret = make_user("nurse", display_name="Nurse Kim")
     assert (await staff_log_in(staff, "nurse", secret)).status == 303
     return client, staff

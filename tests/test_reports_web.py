@@ -38,7 +38,6 @@ from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import field, log_in, make_settings, share
 from web import middlewares
-from web.app import create_app
 
 XSS = '<script>alert("sr")</script><img src=x onerror=alert(1)>'
 
@@ -48,17 +47,6 @@ def services(tmp_path: Path) -> Services:
     services = build_services(make_settings(tmp_path))
     services.admin.logins.failure_delay = 0.0
     return services
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, services: Services) -> Any:
-    return await aiohttp_client(create_app(services.settings, services),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
 
 
 @pytest.fixture

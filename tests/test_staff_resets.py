@@ -12,9 +12,7 @@ import html
 import re
 import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pyotp
 import pytest
 
@@ -27,17 +25,15 @@ from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import AuditEvent, StaffUser, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
+from tests.support.browser import Browser, input_value
 from tests.support.ingest import store_files
 from tests.test_admin_web import (
     PASSWORD,
-    Browser,
     events,
-    field,
     log_in,
     make_user,
     previous_code,
 )
-from web.app import create_app
 
 NEW_PASSWORD = "my very own password"
 #: What a user with a pending step might try: every staff page.
@@ -96,12 +92,6 @@ def services(settings: Settings) -> Services:
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, settings: Settings, services: Services) -> Browser:
-    return Browser(await aiohttp_client(create_app(settings, services),
-                                        cookie_jar=aiohttp.DummyCookieJar()))
-
-
-@pytest.fixture
 async def admin(browser: Browser) -> Browser:
     _, secret = make_user("boss", is_admin=True, display_name="Dr Boss")
     assert (await log_in(browser, "boss", secret)).status == 303
@@ -142,7 +132,7 @@ async def test_password_reset_with_a_generated_password_shown_once(
     assert (await kims.get("/admin")).headers["Location"] == "/admin/setup/password"
     page = await kims.page("/admin/setup/password")
     assert "temporary password" in page and 'href="/admin/studies"' not in page
-    csrf = field(page, "csrf")
+    csrf = input_value(page, "csrf")
     await assert_confined_to(kims, "/admin/setup/password", csrf, public_id)
 
     for new, repeat, message in [(temporary, temporary, "not the temporary one"),
@@ -208,7 +198,8 @@ async def test_totp_reset_lets_the_password_open_only_the_enrolment_page(
     assert (await kims.get("/admin")).headers["Location"] == "/admin/setup/totp"
     page = await kims.page("/admin/setup/totp")
     assert "<svg" in page and 'href="/admin/studies"' not in page
-    csrf, secret, signature = field(page, "csrf"), field(page, "secret"), field(page, "signature")
+    csrf, secret, signature = (input_value(page, "csrf"), input_value(page, "secret"),
+                               input_value(page, "signature"))
     await assert_confined_to(kims, "/admin/setup/totp", csrf, public_id)
     elsewhere = Browser(admin.client)  # a second password-only session, e.g. someone else's
     assert (await log_in(elsewhere, "kim", "", code="")).status == 303
@@ -248,13 +239,14 @@ async def test_both_reset_enrol_first_then_the_password(admin: Browser) -> None:
     assert (await log_in(kims, "kim", "", password="tell-kim-this-2", code="")).status == 303
     page = await kims.page("/admin/setup/totp")
     assert (await kims.get("/admin/setup/password")).headers["Location"] == "/admin/setup/totp"
-    secret = field(page, "secret")
+    secret = input_value(page, "secret")
     response = await kims.post("/admin/setup/totp", data={
-        "secret": secret, "signature": field(page, "signature"), "csrf": field(page, "csrf"),
+        "secret": secret, "signature": input_value(page, "signature"),
+        "csrf": input_value(page, "csrf"),
         "code": pyotp.TOTP(secret).now()})
     assert response.headers["Location"] == "/admin/setup/password"
     response = await kims.post("/admin/setup/password", data={
-        "new": NEW_PASSWORD, "repeat": NEW_PASSWORD, "csrf": field(page, "csrf")})
+        "new": NEW_PASSWORD, "repeat": NEW_PASSWORD, "csrf": input_value(page, "csrf")})
     assert response.headers["Location"] == "/admin?done=welcome"
     assert (await kims.get("/admin/studies")).status == 200
 

@@ -16,11 +16,9 @@ from iepnode.services import Services
 from storage import registry
 from storage.models import AuditEvent, Instance, Upload
 from tests.data_factory import make_ct_series
+from tests.support.browser import Browser
 from tests.test_admin_web import (  # noqa: F401 - fixtures
-    Browser,
     admin,
-    browser,
-    client,
     services,
     settings,
     without_own_scripts,

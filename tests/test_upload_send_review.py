@@ -13,7 +13,7 @@ from iepnode.uploads.review import Review
 from storage.models import AuditEvent, Instance, Upload
 from tests import data_factory as factory
 from tests.support.browser import Browser
-from tests.test_upload_web import announce, browser, patch, services, signed_in  # noqa: F401
+from tests.test_upload_web import announce, patch, services, signed_in  # noqa: F401
 
 
 async def test_send_checks_the_upload_for_staff(browser: Browser, services: Services,  # noqa: F811

@@ -35,13 +35,6 @@ def services(tmp_path: Path) -> Services:
     return build_services(make_settings(tmp_path, upload_max_file_mb=2, upload_max_total_mb=3))
 
 
-@pytest.fixture
-async def browser(aiohttp_client: Any, services: Services) -> Browser:
-    client = await aiohttp_client(create_app(services.settings, services),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
-
-
 def make_request(email: str = "pat@example.org", **kw: Any) -> tuple[Transaction, str]:
     values: dict[str, Any] = {"patient_family_name": "Test", "patient_given_name": "Patient",
                               "patient_birth_date": "01/01/2001", "patient_sex": "F",

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,7 +31,6 @@ from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import log_in, make_settings, page_csrf, share
-from web.app import create_app
 
 
 def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
@@ -47,41 +45,34 @@ def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
 
 
 @pytest.fixture
-def viewer_services(tmp_path: Path) -> Services:
+def services(tmp_path: Path) -> Services:
     services = build_services(make_settings(tmp_path))
     services.admin.logins.failure_delay = 0.0
     return services
 
 
 @pytest.fixture
-async def browser(aiohttp_client: Any, viewer_services: Services) -> Browser:
-    client = await aiohttp_client(create_app(viewer_services.settings, viewer_services),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
-
-
-@pytest.fixture
-def two_studies(viewer_services: Services, tmp_path: Path) -> tuple[str, str, list[Path]]:
+def two_studies(services: Services, tmp_path: Path) -> tuple[str, str, list[Path]]:
     """A newer CT (4 slices, stored in reverse order) and an older MR study of patient P1."""
     ct = distinct_ct(tmp_path / "ct", 4, PatientName="Doe^Jane", PatientID="P1",
                      PatientBirthDate="19700101", StudyDate="20240105",
                      StudyDescription="CT HEAD")
-    newer = store_files(viewer_services, list(reversed(ct)))
+    newer = store_files(services, list(reversed(ct)))
     mr = factory.copy_bundled("MR_small.dcm", tmp_path / "mr", PatientID="P1",
                               PatientName="Doe^Jane", StudyDate="20200101",
                               StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())
-    older = store_files(viewer_services, [mr])
+    older = store_files(services, [mr])
     return newer, older, ct
 
 
-async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer_services: Services,
+async def test_recipient_views_own_studies_oldest_first(browser: Browser, services: Services,
                                                          two_studies) -> None:
     newer, older, ct = two_studies
     mine, token = share([newer, older], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
     anonymous = await browser.get(base)
     assert anonymous.status == 303 and anonymous.headers["Location"] == "/signin"
-    await log_in(browser, viewer_services, token)
+    await log_in(browser, services, token)
 
     dashboard = await browser.page("/dashboard")
     assert f'href="{base}"' in dashboard  # the View button beside the studies
@@ -133,11 +124,11 @@ async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer
 
 
 async def test_the_window_is_checked_and_names_the_etag_by_value(
-        browser: Browser, viewer_services: Services, two_studies) -> None:
+        browser: Browser, services: Services, two_studies) -> None:
     newer, _, _ = two_studies
     mine, token = share([newer], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
-    await log_in(browser, viewer_services, token)
+    await log_in(browser, services, token)
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
     frame = f"{base}/instances/{uid}/frames/1.png"
@@ -161,14 +152,14 @@ async def test_the_window_is_checked_and_names_the_etag_by_value(
     assert cached.status == 304, (cached.headers.get("ETag"), plain.headers["ETag"])
 
 
-async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_services: Services,
+async def test_a_frame_reads_the_recipient_once(browser: Browser, services: Services,
                                                 two_studies, caplog) -> None:
     # Hundreds of frames per series: the audit actor (the recipient's email) is built
     # only by /opened, so a frame reads the recipient row once (to check access).
     newer, _, _ = two_studies
     mine, token = share([newer], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
-    await log_in(browser, viewer_services, token)
+    await log_in(browser, services, token)
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
 
@@ -189,17 +180,17 @@ async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_service
 
 
 async def test_others_ids_are_not_found_and_closed_transactions_gone(
-        browser: Browser, viewer_services: Services, two_studies, tmp_path: Path) -> None:
+        browser: Browser, services: Services, two_studies, tmp_path: Path) -> None:
     newer, older, _ = two_studies
     mine, token = share([newer], "me@example.org")
     theirs, _ = share([older], "them@example.org")
     declined, _ = share([newer], "me@example.org")
     expired, _ = share([newer], "me@example.org", now=time.time() - 20 * tx.DAY)
-    await log_in(browser, viewer_services, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{mine.public_id}/view"
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
-    older_uid = (await _instance_uids(viewer_services, older))[0]
+    older_uid = (await _instance_uids(services, older))[0]
     for url in (f"/transactions/{theirs.public_id}/view",
                 f"/transactions/{theirs.public_id}/view/manifest.json",
                 f"/transactions/{theirs.public_id}/view/instances/{older_uid}/frames/1.raw",
@@ -229,7 +220,7 @@ async def _instance_uids(services: Services, study_uid: str) -> list[str]:
             .where(Study.study_uid == study_uid)]
 
 
-async def test_staff_view_any_transaction(browser: Browser, viewer_services: Services,
+async def test_staff_view_any_transaction(browser: Browser, services: Services,
                                           two_studies) -> None:
     newer, older, _ = two_studies
     transaction, _ = share([newer, older], "me@example.org")
@@ -254,13 +245,13 @@ async def test_staff_view_any_transaction(browser: Browser, viewer_services: Ser
 
 
 async def test_multi_frame_colour_lists_frames_and_serves_rgb(browser: Browser,
-                                                              viewer_services: Services,
+                                                              services: Services,
                                                               tmp_path: Path) -> None:
     path = factory.copy_bundled("SC_rgb_rle_2frame.dcm", tmp_path / "mf", PatientID="P7",
                                 StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())
-    study = store_files(viewer_services, [path])
+    study = store_files(services, [path])
     transaction, token = share([study], "me@example.org")
-    await log_in(browser, viewer_services, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}/view"
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     (series,) = manifest["studies"][0]["series"]
