@@ -46,8 +46,10 @@ REFUSED = html.escape(LOGIN_REFUSED)
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The services' settings; a test may add some with ``indirect`` parametrization."""
+    extra = getattr(request, "param", {})
+    return load_settings(overrides={"data_dir": tmp_path / "data", **extra}, environ={})
 
 
 @pytest.fixture

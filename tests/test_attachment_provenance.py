@@ -373,7 +373,9 @@ def test_simultaneous_uploads_stop_at_max_attachments(any_db_services: Services,
     allowed, two stored; nothing of the refused six is left in the file store."""
     import dataclasses
 
-    any_db_services.settings = dataclasses.replace(any_db_services.settings, max_attachments=2)
+    # The limit as set before start-up (the services take their settings when built).
+    any_db_services = build_services(dataclasses.replace(any_db_services.settings,
+                                                         max_attachments=2))
     uid = store_files(any_db_services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([uid], now=1e10)
     admin, _ = make_user("root", is_admin=True)
