@@ -17,11 +17,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from iepnode.services import Services
+from iepnode.wiring import build_services
 from storage.db import close_database
 from tests.support.browser import Browser
 from tests.support.mail import Inbox, running_smtp
 from tests.support.node import RunningNode, running_node
 from tests.support.postgres import create_database, drop_database, running_postgres
+from tests.support.settings import make_settings
 from web.app import create_app
 
 #: The calling AE the tests use for dcmtk/pynetdicom SCUs (allowed everything).
@@ -68,6 +70,18 @@ def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
     url = create_database(postgres_url, f"t_{uuid.uuid4().hex[:16]}")
     yield url
     drop_database(url)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Services:
+    """In-process services of a portal in ``tmp_path`` (:func:`make_settings`).
+
+    Refused staff logins are answered at once (no ``failure_delay``). A module that
+    needs other settings, or a served node, defines its own ``services`` fixture.
+    """
+    services = build_services(make_settings(tmp_path))
+    services.admin.logins.failure_delay = 0.0
+    return services
 
 
 @pytest.fixture

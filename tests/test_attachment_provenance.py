@@ -60,13 +60,6 @@ CONTACT_EMAIL = "radiology@hospital.example"
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    services = build_services(make_settings(tmp_path))
-    services.admin.logins.failure_delay = 0.0
-    return services
-
-
-@pytest.fixture
 def study(services: Services, tmp_path: Path) -> dict[str, Any]:
     """A CT study of two slices with the hospital's own PDF report."""
     ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1",

@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 
 from iepnode.services import Services
-from iepnode.wiring import build_services
 from storage.models import Attachment, Instance, RemoteAE, TransactionMessage
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import field, log_in, make_settings, share
+from tests.test_recipient_web import field, log_in, share
 
 BOUNDARY = "iepnodeTestBoundary7MA4YWxkTrZu0gW"
 PDF = factory.minimal_pdf("letter")
@@ -57,13 +56,6 @@ def body(csrf: str, disposition: bytes, fields: dict[str, str] | None = None,
 
 
 HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    services = build_services(make_settings(tmp_path))
-    services.admin.logins.failure_delay = 0.0
-    return services
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import pytest
 
 from iepnode.services import Services
 from iepnode.sharing import logins
-from iepnode.wiring import build_services
 from storage.models import AuditEvent, Recipient, WebSession
 from tests import data_factory as factory
 from tests.test_admin_web import log_in as staff_log_in
@@ -23,7 +22,6 @@ from tests.test_recipient_web import (
     Browser,
     Clock,
     log_in,
-    make_settings,
     open_link,
     outbox,
     share,
@@ -37,13 +35,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake.now = (int(fake.now) // 30) * 30 + 15.0
     monkeypatch.setattr(logins, "time", fake)
     return fake
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    services = build_services(make_settings(tmp_path))
-    services.admin.logins.failure_delay = 0.0
-    return services
 
 
 @pytest.fixture

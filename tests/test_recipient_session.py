@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from iepnode.services import Services
-from iepnode.wiring import build_services
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import field, make_settings, share
+from tests.test_recipient_web import field, share
 from web.common import recipient_session
 
 PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
@@ -28,13 +27,6 @@ PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
          "/transactions/{id}/forward", "/transactions/{id}/forwards",
          "/transactions/{id}/view", "/transactions/{id}/view/manifest.json",
          "/downloads/0123456789abcdef")
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    services = build_services(make_settings(tmp_path))
-    services.admin.logins.failure_delay = 0.0
-    return services
 
 
 @pytest.fixture

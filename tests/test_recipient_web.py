@@ -24,7 +24,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from config import Settings, load_settings
 from iepnode.people.audit import events_for_transaction
 from iepnode.services import Services
 from iepnode.sharing import logins
@@ -35,6 +34,7 @@ from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files as store
 from tests.support.mail import Inbox
+from tests.support.settings import make_settings
 from web import recipient as pages
 from web.app import create_app
 
@@ -64,12 +64,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(logins, "time", fake)
     return fake
-
-
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values = {"data_dir": tmp_path / "data", "institution": "St Elsewhere", "fsync": False,
-              "public_url": "https://portal.example", **overrides}
-    return load_settings(overrides=values, environ={})
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 
 from iepnode.services import Services
 from iepnode.sharing import transactions as tx
-from iepnode.wiring import build_services
 from storage.models import (
     Attachment,
     AuditEvent,
@@ -36,17 +35,10 @@ from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import field, log_in, make_settings, share
+from tests.test_recipient_web import field, log_in, share
 from web import middlewares
 
 XSS = '<script>alert("sr")</script><img src=x onerror=alert(1)>'
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    services = build_services(make_settings(tmp_path))
-    services.admin.logins.failure_delay = 0.0
-    return services
 
 
 @pytest.fixture

@@ -23,14 +23,13 @@ from pydicom.uid import generate_uid
 from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.viewing import rendering
-from iepnode.wiring import build_services
 from storage.models import AuditEvent
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import log_in, make_settings, page_csrf, share
+from tests.test_recipient_web import log_in, page_csrf, share
 
 
 def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
@@ -42,13 +41,6 @@ def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
         ds.PixelData = values.astype("<u2").tobytes()
         ds.save_as(path)
     return paths
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    services = build_services(make_settings(tmp_path))
-    services.admin.logins.failure_delay = 0.0
-    return services
 
 
 @pytest.fixture
