@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -53,8 +52,7 @@ from tests.support.peers import ORTHANC, running_orthanc
 from tests.support.scu import storescu
 from tests.support.tools import dcmtk
 from tests.test_fileset import dcentvfy_errors, dciodvfy_errors
-from tests.test_recipient_web import log_in, make_settings, page_csrf, share
-from web.app import create_app
+from tests.test_recipient_web import log_in, page_csrf, share
 from web.download import parse_range
 
 INSTITUTION = "St Elsewhere NHS Trust"
@@ -344,32 +342,20 @@ def check_package(archive: Path, folder: Path, stored: dict[str, bytes],
 
 
 # -- rules, in-process ---------------------------------------------------------------------
-# The app runs on aiohttp's test server over a Node in tmp_path, as in
-# test_recipient_web.py (whose login helpers these tests use).
+# The app runs on aiohttp's test server (conftest.py: client, browser) over the default
+# services in tmp_path, as in test_recipient_web.py (whose login helpers these tests use).
 
 
 @pytest.fixture
-def portal_services(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
-async def portal(aiohttp_client: Any, portal_services: Services) -> Browser:
-    client = await aiohttp_client(create_app(portal_services.settings, portal_services),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
-
-
-@pytest.fixture
-def ct_study(portal_services: Services, tmp_path: Path) -> str:
-    return store_files(portal_services, factory.make_ct_series(
+def ct_study(services: Services, tmp_path: Path) -> str:
+    return store_files(services, factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", StudyDate="20240105",
         StudyDescription="CT HEAD", AccessionNumber="ACC1"))
 
 
-async def test_someone_elses_package_is_not_found(portal: Browser, portal_services: Services,
+async def test_someone_elses_package_is_not_found(browser: Browser, services: Services,
                                                   ct_study: str) -> None:
-    browser, services, study = portal, portal_services, ct_study
+    study = ct_study
     mine, token = share([study], "me@example.org")
     theirs, _ = share([study], "them@example.org")
     anonymous = await browser.get(f"/transactions/{mine.public_id}/download")
@@ -390,9 +376,9 @@ async def test_someone_elses_package_is_not_found(portal: Browser, portal_servic
 
 
 async def test_declined_expired_and_purged_packages_are_gone(
-    portal: Browser, portal_services: Services, ct_study: str, tmp_path: Path
+    browser: Browser, services: Services, ct_study: str, tmp_path: Path
 ) -> None:
-    browser, services, study = portal, portal_services, ct_study
+    study = ct_study
     live, token = share([study])
     declined, _ = share([study])
     expired, _ = share([study], now=time.time() - 20 * tx.DAY)
@@ -423,13 +409,13 @@ async def test_declined_expired_and_purged_packages_are_gone(
         services.downloads.transaction_package(purged.public_id)
 
 
-async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_services: Services,
+async def test_interrupted_download_is_audited_as_such(browser: Browser, services: Services,
                                                       tmp_path: Path) -> None:
-    uid = store_files(portal_services, factory.make_ct_series(tmp_path / "big", 48, rows=512,
+    uid = store_files(services, factory.make_ct_series(tmp_path / "big", 48, rows=512,
                                                           columns=512))  # ~25 MB
     transaction, token = share([uid])
-    await log_in(portal, portal_services, token)
-    response = await portal.get(f"/transactions/{transaction.public_id}/download")
+    await log_in(browser, services, token)
+    response = await browser.get(f"/transactions/{transaction.public_id}/download")
     assert response.status == 200 and int(response.headers["Content-Length"]) > 20_000_000
     await response.content.readexactly(1 << 20)
     response.close()  # the browser goes away mid-download
@@ -445,22 +431,22 @@ async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_s
 
 
 async def test_a_file_cut_short_while_streaming_breaks_the_download_not_the_bytes(
-    portal: Browser, portal_services: Services, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    browser: Browser, services: Services, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stored file truncated after the plan, mid-stream: the client sees a broken
     download (never a zip of wrong bytes), the audit says so, and the next request
     plans again without that instance."""
-    uid = store_files(portal_services, factory.make_ct_series(tmp_path / "big", 24, rows=512,
+    uid = store_files(services, factory.make_ct_series(tmp_path / "big", 24, rows=512,
                                                           columns=512))  # ~12.6 MB
     transaction, token = share([uid])
-    await log_in(portal, portal_services, token)
+    await log_in(browser, services, token)
     url = f"/transactions/{transaction.public_id}/download"
-    response = await portal.get(url)
+    response = await browser.get(url)
     assert response.status == 200
     size = int(response.headers["Content-Length"])
     await response.content.readexactly(1 << 20)
     last = Instance.get(Instance.instance_number == "24")  # the last member of the zip
-    os.truncate(portal_services.store.path(last.key), 1000)
+    os.truncate(services.store.path(last.key), 1000)
     with pytest.raises(aiohttp.ClientPayloadError):
         while await response.content.read(1 << 20):
             pass
@@ -475,7 +461,7 @@ async def test_a_file_cut_short_while_streaming_breaks_the_download_not_the_byte
     assert int(re.search(r"after (\d+) bytes", event.detail).group(1)) < size
     assert f"download of {transaction.public_id} aborted after" in caplog.text
 
-    again, body = await fetch(portal, url)
+    again, body = await fetch(browser, url)
     assert again.status == 200 and int(again.headers["Content-Length"]) == len(body) < size
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert zf.testzip() is None
@@ -503,9 +489,9 @@ def test_range_header_parsing() -> None:
 # -- password-protected copies --------------------------------------------------------------
 
 
-async def test_password_protected_download(portal: Browser, portal_services: Services,
+async def test_password_protected_download(browser: Browser, services: Services,
                                            ct_study: str) -> None:
-    browser, services, study = portal, portal_services, ct_study
+    study = ct_study
     transaction, token = share([study])
     await log_in(browser, services, token)
     url = f"/transactions/{transaction.public_id}/download-protected"
@@ -611,11 +597,10 @@ def one_frame(directory: Path, study_uid: str, number: int) -> Path:
 
 @pytest.mark.slow
 async def test_package_over_4_gib_downloads_and_resumes(
-    portal: Browser, portal_services: Services, tmp_path: Path
+    browser: Browser, services: Services, tmp_path: Path
 ) -> None:
     """ZIP64 offsets for real: two 2.2 GB instances (sparse files in the store) and a
     small one after them."""
-    browser, services = portal, portal_services
     started = time.monotonic()
     study_uid = generate_uid()
     small = [one_frame(tmp_path / "in", study_uid, number) for number in (1, 2, 3)]
