@@ -27,11 +27,6 @@ from web.app import create_app
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
 def study(services: Services, tmp_path: Path) -> str:
     return store(services, factory.make_ct_series(
         tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",

@@ -38,11 +38,6 @@ NAME = re.compile(r"DICOMDIR|README\.TXT|INDEX\.HTM|IHE_PDI/[A-Z0-9]{1,8}\.(HTM|
                   r"REPORTS/[A-Z0-9]{1,8}\.PDF|DICOM(/[A-Z0-9_]{1,8}){1,7}")
 
 
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
 def unpack(pkg: Package) -> dict[str, bytes]:
     with zipfile.ZipFile(io.BytesIO(b"".join(iter_bytes(pkg.layout)))) as zf:
         assert zf.testzip() is None

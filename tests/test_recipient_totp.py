@@ -19,7 +19,6 @@ from iepnode.errors import InvalidRequest, PasscodeRejected, RecipientLocked
 from iepnode.people.audit import events_for_transaction
 from iepnode.services import Services
 from iepnode.sharing import logins
-from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import AuditEvent, LoginAttempt, Recipient, WebSession
 from tests import data_factory as factory
@@ -31,7 +30,6 @@ from tests.test_recipient_web import (
     field,
     latest_code,
     log_in,
-    make_settings,
     open_link,
     outbox,
     share,
@@ -48,11 +46,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake.now = (int(fake.now) // 30) * 30 + 15.0
     monkeypatch.setattr(logins, "time", fake)
     return fake
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
 
 
 @pytest.fixture

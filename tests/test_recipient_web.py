@@ -67,11 +67,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
 def study(services: Services, tmp_path: Path) -> str:
     return store(services, factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",
