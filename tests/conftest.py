@@ -84,6 +84,16 @@ def services(tmp_path: Path) -> Services:
     return services
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
+    """The default services' settings on SQLite, then on a fresh PostgreSQL database."""
+    url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
+    services = build_services(make_settings(tmp_path, database_url=url))
+    yield services
+    services.group_commit.close()
+    services.close()
+
+
 @pytest.fixture
 async def client(aiohttp_client: Any, services: Services) -> TestClient:
     """The web app over the module's in-process ``services`` (aiohttp's test client).

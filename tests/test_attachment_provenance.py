@@ -21,7 +21,6 @@ import sqlite3
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,6 @@ from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_forward_web import copies_of, dialog_csrf, link_token
 from tests.test_forward_web import form as forward_form
-from tests.test_forwarding import make_services
 from tests.test_recipient_web import field, log_in, make_settings, share
 from tests.test_reports_web import upload_form
 
@@ -316,15 +314,6 @@ def test_old_databases_get_the_new_columns(tmp_path: Path) -> None:
         columns = {r[1] for r in db.execute('PRAGMA table_info("attachment")')}
         indexes = {r[1] for r in db.execute('PRAGMA index_list("attachment")')}
     assert {"key", "filed_at", "filed_by"} <= columns and "attachment_key" in indexes
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_db_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    services = make_services(tmp_path, url)
-    yield services
-    services.group_commit.close()
-    services.close()
 
 
 def test_filing_at_once_from_many_threads_files_once(any_db_services: Services,

@@ -51,15 +51,6 @@ def services(tmp_path: Path) -> Iterator[Services]:
     services.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_db_services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    services = make_services(tmp_path, url)
-    yield services
-    services.group_commit.close()
-    services.close()
-
-
 def stored_study(services: Services, folder: Path, count: int = 2, **tags: str) -> str:
     tags = {"PatientName": "Doe^Jane", "PatientID": "PAT4711", "StudyDate": "20240105", **tags}
     return store(services, factory.make_ct_series(folder, count, **tags))
