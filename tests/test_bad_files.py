@@ -254,6 +254,8 @@ def test_a_send_fails_each_damaged_instance_alone(tmp_path: Path) -> None:
     assert {items[uid]["state"] for uid in (uids[0], uids[-1])} == {"sent"}
 
 
+# Overrides conftest.py's any_db_services: plain settings (no portal), and the PostgreSQL
+# run carries the ``postgres`` mark.
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def any_db_services(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     values: dict[str, object] = {"data_dir": tmp_path / "data", "fsync": False}
