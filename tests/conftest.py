@@ -32,7 +32,7 @@ SCU_AE = "TESTSCU"
 
 @pytest.fixture(autouse=True)
 def _close_the_database() -> Iterator[None]:
-    """After each test, close what an in-process Node left open in the database.
+    """After each test, close what in-process services left open in the database.
 
     Otherwise pooled connections of finished tests pile up (three file descriptors
     each): past 1024 open descriptors pynetdicom's ``select()`` fails and an in-process

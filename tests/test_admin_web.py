@@ -1,6 +1,6 @@
 """Staff pages under /admin: password + TOTP login, studies, sharing, audit, AEs, users.
 
-The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``;
+The app runs in-process (aiohttp test client) over a :class:`Services` in ``tmp_path``;
 staff users are created with :func:`iepnode.people.staff.create_user` and log in with
 codes from ``pyotp``. The session cookie is ``Secure``, which aiohttp's cookie
 jar never sends over plain HTTP, so a small :class:`Browser` keeps cookies itself.

@@ -6,7 +6,7 @@ in the source's reports or download, not in staff DICOMweb of the study, not cou
 in the study; in the copy's own list and download (``ATTACHED/``). Staff (an admin or
 the hospital contact) may file it into the study, once; a recipient cannot.
 
-The app runs over a real :class:`Node` in ``tmp_path`` (aiohttp test server on
+The app runs over a real :class:`Services` in ``tmp_path`` (aiohttp test server on
 loopback) as in tests/test_reports_web.py; the forward goes through the forward
 dialog's POST, the forwarded person signs in from their mail, as in
 tests/test_forward_web.py. The end-to-end run against ``iepnode serve`` with dcmtk

@@ -1,6 +1,6 @@
 """DICOMweb (QIDO-RS / WADO-RS): what another viewer sees of a transaction, and nothing more.
 
-The app runs in-process over a real :class:`Node` on a loopback aiohttp test
+The app runs in-process over a real :class:`Services` on a loopback aiohttp test
 server. The peer is a real, independent DICOMweb client (``dicomweb-client``, run in
 a thread: it is synchronous), plus raw HTTP to check PS3.18 media types, multipart
 boundaries and part headers (parsed with the ``email`` package), metadata JSON

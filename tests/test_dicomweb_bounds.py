@@ -1,7 +1,7 @@
 """DICOMweb under hostile requests: links from the configured address, bounded frame lists,
 responses streamed part by part (issue 13, amplification).
 
-The app runs in-process over a real :class:`Node` on a loopback aiohttp test server
+The app runs in-process over a real :class:`Services` on a loopback aiohttp test server
 (as in ``tests/test_dicomweb.py``); bodies are parsed with the ``email`` package. The
 memory of the real ``iepnode serve`` is measured in ``tests/test_memory_bounds.py``.
 """

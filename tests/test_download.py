@@ -11,7 +11,7 @@ Orthanc; every instance must be byte-identical to the stored file; ranges must
 resume to the same bytes (from either HTTP process); the CLI export must give the
 same bytes as the web.
 
-The other tests run the app in-process over a real :class:`Node` (aiohttp test
+The other tests run the app in-process over a real :class:`Services` (aiohttp test
 server on loopback): someone else's package, gone packages, the password option,
 and a package over 4 GiB (sparse files, marked slow).
 """

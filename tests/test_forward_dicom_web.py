@@ -1,7 +1,7 @@
 # ruff: noqa: F811 - the staff page tests' fixtures are imported and used by name
 """Sending to DICOM nodes from the web pages: staff, recipients allowed by staff, routing.
 
-In-process app over a :class:`Node` in ``tmp_path`` (fixtures of the staff page
+In-process app over a :class:`Services` in ``tmp_path`` (fixtures of the staff page
 tests); sends queued from the pages are then run by a real job runner against
 dcmtk ``storescp``, and the JSON progress the page's script polls is checked.
 """

@@ -54,11 +54,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Set
 
 @pytest.fixture
 def make_services(backend: Callable[..., Settings]) -> Iterator[Callable[..., Services]]:
-    """One Node per test (the model proxy is module-global), closed afterwards."""
+    """One Services per test (the model proxy is module-global), closed afterwards."""
     built: list[Services] = []
 
     def make(**overrides: Any) -> Services:
-        assert not built, "one Node per test"
+        assert not built, "one Services per test"
         built.append(build_services(backend(**overrides)))
         return built[0]
 

@@ -1,6 +1,6 @@
 """The download package's content: names, pages, previews, reports, CRC cache, determinism.
 
-Built in-process over a real :class:`Node` and file store in ``tmp_path``; the zip is
+Built in-process over a real :class:`Services` and file store in ``tmp_path``; the zip is
 read back with Python's zipfile (the HTTP side is in ``test_download.py``).
 """
 

@@ -9,7 +9,7 @@ their account was made for, or of one they signed in through), audited with both
 channels masked, announced on the old channel, and it ends the
 recipient's sessions and unused passcodes.
 
-The web half runs the app in-process over a :class:`Node` (messages in the outbox);
+The web half runs the app in-process over a :class:`Services` (messages in the outbox);
 the CLI half runs ``iepnode`` commands on the same data folder. Each runs on SQLite and
 on PostgreSQL (the change locks the recipient row there).
 """

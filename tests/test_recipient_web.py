@@ -1,6 +1,6 @@
 """Recipient web pages: link -> passcode -> session -> dashboard, and every way to get it wrong.
 
-The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``.
+The app runs in-process (aiohttp test client) over a :class:`Services` in ``tmp_path``.
 Passcodes are read from the outbox (``DATA_DIR/outbox/*.eml``), or from a real
 SMTP server (aiosmtpd) in one test. The session cookie is ``Secure``, which
 aiohttp's cookie jar never sends over plain HTTP: a small :class:`Browser`

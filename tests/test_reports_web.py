@@ -1,6 +1,6 @@
 """Reports (PDF, SR) and attachments over HTTP, for recipients and staff (issue 4).
 
-The app runs in-process over a real :class:`Node` in ``tmp_path`` (aiohttp test server
+The app runs in-process over a real :class:`Services` in ``tmp_path`` (aiohttp test server
 on loopback), as in tests/test_recipient_web.py, whose login helpers these tests use;
 staff log in with password + TOTP as in tests/test_admin_web.py. Studies are stored
 through the node's ingest path.

@@ -1,4 +1,4 @@
-"""Intake, release, rejection and purge of uploads (iepnode.uploads.review via the Node).
+"""Intake, release, rejection and purge of uploads (iepnode.uploads.review via the services).
 
 The request, upload and staged files are made as the upload page makes them (rows
 and files under ``DATA_DIR/staging/<key>/``); release goes through the node's real

@@ -1,6 +1,6 @@
 """Requests and the upload protocol (issue 7), in-process: announce, chunks, resume, limits.
 
-The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``; the
+The app runs in-process (aiohttp test client) over a :class:`Services` in ``tmp_path``; the
 recipient signs in through the emailed link and a passcode read from the outbox.
 """
 

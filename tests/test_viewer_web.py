@@ -1,4 +1,4 @@
-"""The web viewer's pages and pixels over the real app (aiohttp test server, real Node).
+"""The web viewer's pages and pixels over the real app (aiohttp test server, real Services).
 
 Who may view what (recipient: own open transactions; others' IDs 404, gone ones
 410; staff: any transaction), the display order, the frames' bytes against
