@@ -1,6 +1,6 @@
 """Staff pages under /admin: password + TOTP login, studies, sharing, audit, AEs, users.
 
-The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``;
+The app runs in-process (aiohttp test client) over a :class:`Services` in ``tmp_path``;
 staff users are created with :func:`iepnode.people.staff.create_user` and log in with
 codes from ``pyotp``. The session cookie is ``Secure``, which aiohttp's cookie
 jar never sends over plain HTTP, so a small :class:`Browser` keeps cookies itself.
@@ -34,9 +34,8 @@ from iepnode.wiring import build_services
 from storage import registry
 from storage.models import AuditEvent, Recipient, StaffUser, Transaction, WebSession
 from tests import data_factory as factory
-from tests.support.browser import Browser as CookieBrowser
+from tests.support.browser import Browser, input_value
 from tests.support.ingest import store_files as store
-from web.app import create_app
 
 SESSION = "__Host-iepnode"
 PASSWORD = "correct horse battery"
@@ -46,47 +45,31 @@ REFUSED = html.escape(LOGIN_REFUSED)
 # -- fixtures and helpers ------------------------------------------------------------------
 
 
-class Browser(CookieBrowser):
-    """The shared cookie-keeping client plus the staff pages' CSRF form helpers."""
-
-    async def csrf(self, path: str = "/admin") -> str:
-        """The session's CSRF token, read from a page's forms."""
-        return field(await self.page(path), "csrf")
-
-    async def form(self, path: str, data: dict[str, Any] | list[tuple[str, str]],
-                   csrf: bool = True) -> aiohttp.ClientResponse:
-        """POST a form with the session's CSRF token."""
-        items = list(data.items()) if isinstance(data, dict) else list(data)
-        if csrf:
-            items.append(("csrf", await self.csrf()))
-        return await self.post(path, data=items)
-
-
 @pytest.fixture
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    """The node's settings; a test may add some with ``indirect`` parametrization."""
+    """The services' settings; a test may add some with ``indirect`` parametrization."""
     extra = getattr(request, "param", {})
     return load_settings(overrides={"data_dir": tmp_path / "data", **extra}, environ={})
 
 
 @pytest.fixture
-def node(settings: Settings) -> Services:
-    node = build_services(settings)
-    node.admin.logins.failure_delay = 0.0
-    return node
+def services(settings: Settings) -> Services:
+    services = build_services(settings)
+    services.admin.logins.failure_delay = 0.0
+    return services
 
 
 @pytest.fixture
-def studies(node: Services, tmp_path: Path) -> dict[str, str]:
+def studies(services: Services, tmp_path: Path) -> dict[str, str]:
     """Three patients' studies: Jane (Jan 2024), John (Feb 2024), a hostile name (2023)."""
     return {
-        "jane": store(node, factory.make_ct_series(
+        "jane": store(services, factory.make_ct_series(
             tmp_path / "jane", 3, PatientName="Doe^Jane", PatientID="P1", StudyDate="20240105",
             AccessionNumber="ACC1", StudyDescription="CT chest")),
-        "john": store(node, factory.make_ct_series(
+        "john": store(services, factory.make_ct_series(
             tmp_path / "john", 2, PatientName="DOE^JOHN", PatientID="P2", StudyDate="20240210",
             AccessionNumber="ACC2")),
-        "evil": store(node, factory.make_ct_series(
+        "evil": store(services, factory.make_ct_series(
             tmp_path / "evil", 1, PatientName="<script>alert(1)</script>^Eve", PatientID="P3",
             StudyDate="20230101", AccessionNumber="ACC3")),
     }
@@ -102,24 +85,6 @@ def make_user(username: str, *, is_admin: bool = False, **kw: Any) -> tuple[Staf
 
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings, node: Services) -> Any:
-    return await aiohttp_client(create_app(settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
-
-
-def field(page: str, name: str) -> str:
-    tag = re.search(rf'<input[^>]*\sname="{name}"[^>]*>', page)
-    assert tag, f"no field {name}"
-    value = re.search(r'\svalue="([^"]*)"', tag.group(0))
-    return html.unescape(value.group(1)) if value else ""
-
-
 def shown_studies(page: str) -> set[str]:
     return set(re.findall(r'name="study" value="([^"]+)"', page))
 
@@ -129,7 +94,7 @@ async def log_in(browser: Browser, username: str, secret: str, *, password: str 
     """Open the login form (pre-login CSRF cookie) and submit it."""
     url = f"/admin/login?next={next_url}" if next_url else "/admin/login"
     form_page = await browser.page(url)
-    data = {"csrf": field(form_page, "csrf"), "next": field(form_page, "next"),
+    data = {"csrf": input_value(form_page, "csrf"), "next": input_value(form_page, "next"),
             "username": username, "password": password,
             "code": pyotp.TOTP(secret).now() if code is None else code}
     return await browser.post("/admin/login", data=data)
@@ -196,7 +161,7 @@ async def test_login_returns_to_the_page_asked_for_and_nowhere_else(browser: Bro
     assert response.headers["Location"] == "/admin"
 
 
-async def test_every_failed_login_gets_one_message(browser: Browser, node: Services) -> None:
+async def test_every_failed_login_gets_one_message(browser: Browser, services: Services) -> None:
     _, secret = make_user("alice")
     disabled, disabled_secret = make_user("carol")
     disabled.disabled = True
@@ -231,11 +196,11 @@ async def test_a_totp_code_works_once(browser: Browser) -> None:
 
 
 async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
-                                                           node: Services) -> None:
+                                                           services: Services) -> None:
     _, secret = make_user("alice")
     _, bob_secret = make_user("bob")
     # 3 s: long enough that the next request lands inside it even on a loaded machine
-    node.admin.logins.throttle = LoginThrottle(max_failures=5, lockout=3.0)
+    services.admin.logins.throttle = LoginThrottle(max_failures=5, lockout=3.0)
     for _ in range(5):
         response = await log_in(browser, "alice", secret, password="guess guess guess")
         assert response.status == 403
@@ -261,24 +226,24 @@ async def test_failed_logins_lock_the_username_for_a_while(browser: Browser,
     assert later.status == 303
 
 
-def test_lockouts_and_used_codes_are_shared_by_all_web_processes(node: Services) -> None:
+def test_lockouts_and_used_codes_are_shared_by_all_web_processes(services: Services) -> None:
     """Each HTTP process has its own staff services: the counts and used codes are in the DB."""
     _, secret = make_user("alice")
-    other_process = build_staff_side(node.settings, lambda: node.secret, node.messenger)
+    other_process = build_staff_side(services.settings, lambda: services.secret, services.messenger)
     code = pyotp.TOTP(secret).now()
-    node.admin.logins.log_in("alice", PASSWORD, code)
+    services.admin.logins.log_in("alice", PASSWORD, code)
     with pytest.raises(LoginRefused):
         other_process.logins.log_in("alice", PASSWORD, code)
-    for service in [node.admin, other_process] * 2 + [node.admin]:
+    for service in [services.admin, other_process] * 2 + [services.admin]:
         with pytest.raises(LoginRefused):
             service.logins.log_in("carol", "wrong password", "000000")
     with pytest.raises(LoginThrottled):
         other_process.logins.log_in("carol", "wrong password", "000000")
 
 
-async def test_failed_logins_are_answered_slowly(browser: Browser, node: Services) -> None:
+async def test_failed_logins_are_answered_slowly(browser: Browser, services: Services) -> None:
     _, secret = make_user("alice")
-    node.admin.logins.failure_delay = 0.3
+    services.admin.logins.failure_delay = 0.3
     started = time.monotonic()
     response = await log_in(browser, "alice", secret, password="not the password")
     assert response.status == 403 and time.monotonic() - started >= 0.3
@@ -298,9 +263,9 @@ async def test_logout_ends_the_session(admin: Browser) -> None:
 # -- who may see what ----------------------------------------------------------------------
 
 
-async def test_a_recipient_session_opens_no_staff_page(browser: Browser, node: Services,
+async def test_a_recipient_session_opens_no_staff_page(browser: Browser, services: Services,
                                                        studies: dict[str, str]) -> None:
-    await node.sharing.share(NewTransfer((studies["jane"],), "pat@example.org",
+    await services.sharing.share(NewTransfer((studies["jane"],), "pat@example.org",
                                  otp_mobile="+447700900123"), actor=audit.Actor("cli", "t"))
     recipient = Recipient.get(Recipient.email == "pat@example.org")
     opened = logins.open_session(recipient)
@@ -336,7 +301,7 @@ async def test_staff_who_are_not_admins_get_403_on_admin_pages(browser: Browser)
     assert not StaffUser.select().where(StaffUser.username == "mallory").exists()
 
 
-async def test_posts_without_the_csrf_token_are_refused(admin: Browser, node: Services,
+async def test_posts_without_the_csrf_token_are_refused(admin: Browser, services: Services,
                                                         studies: dict[str, str]) -> None:
     for token in (None, "forged"):
         data = {"ae_title": "PACS", "host": "10.0.0.5", "port": "104", "allow": "store"}
@@ -395,7 +360,7 @@ async def test_study_search_matches_like_c_find(admin: Browser,
 
 
 async def test_share_from_the_form_creates_a_transaction_and_emails_the_link(
-        admin: Browser, node: Services, studies: dict[str, str]) -> None:
+        admin: Browser, services: Services, studies: dict[str, str]) -> None:
     response = await admin.form("/admin/transfers", {
         "study": studies["jane"], "recipient_email": "Pat@Example.org",
         "recipient_name": "Pat Doe", "channel": "sms", "otp_mobile": "+44 7700 900123",
@@ -411,7 +376,7 @@ async def test_share_from_the_form_creates_a_transaction_and_emails_the_link(
     recipient = transaction.recipient
     assert (recipient.email, recipient.otp_mobile, recipient.otp_email) == (
         "pat@example.org", "+447700900123", "")
-    (mail,) = sorted((node.settings.data_dir / "outbox").glob("*.eml"))
+    (mail,) = sorted((services.settings.data_dir / "outbox").glob("*.eml"))
     text = mail.read_text()
     assert "To: pat@example.org" in text and "/t/" in text
 
@@ -427,17 +392,17 @@ async def test_share_from_the_form_creates_a_transaction_and_emails_the_link(
     assert transaction.public_id not in await admin.page("/admin?q=nobody")
 
 
-async def test_the_default_expiry_comes_from_the_settings(admin: Browser, node: Services,
+async def test_the_default_expiry_comes_from_the_settings(admin: Browser, services: Services,
                                                           studies: dict[str, str]) -> None:
     page = await admin.page("/admin/studies")
-    assert field(page, "expiry_days") == str(node.settings.transaction_expiry_days)
+    assert input_value(page, "expiry_days") == str(services.settings.transaction_expiry_days)
     response = await admin.form("/admin/transfers", {
         "study": studies["john"], "recipient_email": "pat@example.org", "channel": "email",
         "otp_email": "pat.second@example.org", "priority": "NORMAL", "expiry_days": ""})
     assert response.status == 303
     transaction = Transaction.get()
     days = (transaction.expires_at - transaction.created_at) / 86400
-    assert round(days) == node.settings.transaction_expiry_days
+    assert round(days) == services.settings.transaction_expiry_days
     assert transaction.recipient.otp_email == "pat.second@example.org"
 
 
@@ -455,7 +420,7 @@ async def test_the_default_expiry_comes_from_the_settings(admin: Browser, node: 
     ({"study": ["1.2.3.4"]}, "unknown study"),
 ])
 async def test_bad_share_input_is_shown_on_the_form_and_creates_nothing(
-        admin: Browser, node: Services, studies: dict[str, str], change: dict[str, Any],
+        admin: Browser, services: Services, studies: dict[str, str], change: dict[str, Any],
         message: str) -> None:
     data: dict[str, Any] = {"study": ["jane"], "recipient_email": "pat@example.org",
                             "channel": "sms", "otp_mobile": "+447700900123",
@@ -470,16 +435,16 @@ async def test_bad_share_input_is_shown_on_the_form_and_creates_nothing(
     assert html.escape(message, quote=True) in page or message in page
     assert "Hello &lt;b&gt;there&lt;/b&gt;" in page  # the form keeps what was typed
     assert Transaction.select().count() == 0
-    assert not list((node.settings.data_dir / "outbox").glob("*.eml"))
+    assert not list((services.settings.data_dir / "outbox").glob("*.eml"))
     assert shown_studies(page) <= set(studies.values())
 
 
 # -- transaction page --------------------------------------------------------------------------
 
 
-async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, node: Services,
+async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, services: Services,
                                                          studies: dict[str, str]) -> None:
-    created = await node.sharing.share(NewTransfer((studies["jane"],), "pat@example.org",
+    created = await services.sharing.share(NewTransfer((studies["jane"],), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
     url = f"/admin/transactions/{created.public_id}"
@@ -511,9 +476,9 @@ async def test_staff_reply_and_unlock_a_locked_recipient(admin: Browser, node: S
     assert (await admin.get("/admin/transactions/../../etc")).status == 404
 
 
-async def test_pages_escape_hostile_names_and_messages(admin: Browser, node: Services,
+async def test_pages_escape_hostile_names_and_messages(admin: Browser, services: Services,
                                                        studies: dict[str, str]) -> None:
-    await node.sharing.share(NewTransfer((studies["evil"],), "pat@example.org",
+    await services.sharing.share(NewTransfer((studies["evil"],), "pat@example.org",
                                  otp_mobile="+447700900123", recipient_name="<i>Pat</i>",
                                  message="<script>alert('msg')</script>"),
                      actor=audit.Actor("cli", "t"))
@@ -634,7 +599,7 @@ async def test_a_new_user_gets_a_qr_code_once_and_can_log_in(admin: Browser) -> 
 async def test_re_enrol_own_totp(admin: Browser) -> None:
     page = await admin.page("/admin/account/totp")
     assert "<svg" in page
-    secret, signature = field(page, "secret"), field(page, "signature")
+    secret, signature = input_value(page, "secret"), input_value(page, "signature")
     old = StaffUser.get(StaffUser.username == "boss").totp_secret
     assert secret != old
 
@@ -642,7 +607,7 @@ async def test_re_enrol_own_totp(admin: Browser) -> None:
         "secret": secret, "signature": signature, "password": PASSWORD,
         "code": pyotp.TOTP(old).now()})
     assert wrong.status == 400 and "does not match the new secret" in await wrong.text()
-    assert field(await wrong.text(), "secret") == secret  # same secret: scan once
+    assert input_value(await wrong.text(), "secret") == secret  # same secret: scan once
     forged = await admin.form("/admin/account/totp", {
         "secret": "A" * 32, "signature": signature, "password": PASSWORD,
         "code": pyotp.TOTP("A" * 32).now()})

@@ -6,7 +6,7 @@ in the source's reports or download, not in staff DICOMweb of the study, not cou
 in the study; in the copy's own list and download (``ATTACHED/``). Staff (an admin or
 the hospital contact) may file it into the study, once; a recipient cannot.
 
-The app runs over a real :class:`Node` in ``tmp_path`` (aiohttp test server on
+The app runs over a real :class:`Services` in ``tmp_path`` (aiohttp test server on
 loopback) as in tests/test_reports_web.py; the forward goes through the forward
 dialog's POST, the forwarded person signs in from their mail, as in
 tests/test_forward_web.py. The end-to-end run against ``iepnode serve`` with dcmtk
@@ -21,11 +21,9 @@ import sqlite3
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
@@ -50,10 +48,8 @@ from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_forward_web import copies_of, dialog_csrf, link_token
 from tests.test_forward_web import form as forward_form
-from tests.test_forwarding import make_node
 from tests.test_recipient_web import field, log_in, make_settings, share
 from tests.test_reports_web import upload_form
-from web.app import create_app
 
 TITLE = "Official Radiology Report - FINAL"
 SOLICITOR = "solicitor@law.example"
@@ -62,27 +58,14 @@ CONTACT_EMAIL = "radiology@hospital.example"
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def study(node: Services, tmp_path: Path) -> dict[str, Any]:
+def study(services: Services, tmp_path: Path) -> dict[str, Any]:
     """A CT study of two slices with the hospital's own PDF report."""
     ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1",
                                 PatientBirthDate="19800214", PatientSex="F",
                                 StudyDate="20240105", StudyDescription="CT HEAD")
     report = factory.make_pdf(tmp_path / "ct", like=ct[0], DocumentTitle="CT head report",
                               pdf=factory.minimal_pdf("The hospital's report"))
-    uid = store_files(node, [*ct, report])
+    uid = store_files(services, [*ct, report])
     return {"uid": uid, "sop_uids": {str(dcmread(p).SOPInstanceUID) for p in [*ct, report]}}
 
 
@@ -94,19 +77,19 @@ def zip_of(body: bytes) -> zipfile.ZipFile:
     return zipfile.ZipFile(io.BytesIO(body))
 
 
-async def forwarded_copy(client: Any, node: Services, uid: str,
+async def forwarded_copy(client: Any, services: Services, uid: str,
                          ) -> tuple[Transaction, Transaction, Browser, Browser]:
     """Share ``uid`` with the patient, who forwards it to the solicitor; both signed in."""
     source, token = share([uid])
     patient = Browser(client)
-    await log_in(patient, node, token)
+    await log_in(patient, services, token)
     response = await patient.post(f"/transactions/{source.public_id}/forward",
                                   data=forward_form(await dialog_csrf(patient,
                                                                       source.public_id)))
     assert response.status == 303, await response.text()
     (copy,) = copies_of(source)
     solicitor = Browser(client)
-    await log_in(solicitor, node, link_token(node, SOLICITOR))
+    await log_in(solicitor, services, link_token(services, SOLICITOR))
     return source, copy, patient, solicitor
 
 
@@ -125,8 +108,8 @@ async def staff(client: Any, username: str, **kw: Any) -> Browser:
 
 
 async def test_a_forwarded_copy_cannot_write_into_the_source(
-        client: Any, node: Services, study: dict[str, Any]) -> None:
-    source, copy, patient, solicitor = await forwarded_copy(client, node, study["uid"])
+        client: Any, services: Services, study: dict[str, Any]) -> None:
+    source, copy, patient, solicitor = await forwarded_copy(client, services, study["uid"])
     expected = {r.transaction_id: r.images_expected for r in TransactionStudy.select()}
     before_zip = await (await patient.get(f"/transactions/{source.public_id}/download")).read()
     pdf = factory.minimal_pdf("Fake findings")
@@ -185,11 +168,11 @@ async def test_a_forwarded_copy_cannot_write_into_the_source(
 
 
 async def test_staff_file_it_into_the_study_once_and_a_recipient_cannot(
-        client: Any, node: Services, study: dict[str, Any]) -> None:
-    source, copy, patient, solicitor = await forwarded_copy(client, node, study["uid"])
+        client: Any, services: Services, study: dict[str, Any]) -> None:
+    source, copy, patient, solicitor = await forwarded_copy(client, services, study["uid"])
     await attach(solicitor, f"/transactions/{copy.public_id}", factory.minimal_pdf("x"))
     attachment = Attachment.get()
-    held_file = node.store.path(attachment.key)
+    held_file = services.store.path(attachment.key)
     url = f"/admin/transactions/{copy.public_id}/attachments/{attachment.id}/file"
 
     # The recipient has no staff page: their session is sent to the staff login.
@@ -248,14 +231,14 @@ async def test_staff_file_it_into_the_study_once_and_a_recipient_cannot(
     assert removed.status == 400 and Attachment.get_or_none(id=attachment.id) is not None
 
 
-async def test_an_admin_removes_an_unfiled_attachment(client: Any, node: Services,
+async def test_an_admin_removes_an_unfiled_attachment(client: Any, services: Services,
                                                       study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     patient = Browser(client)
-    await log_in(patient, node, token)
+    await log_in(patient, services, token)
     await attach(patient, f"/transactions/{transaction.public_id}", factory.minimal_pdf())
     attachment = Attachment.get()
-    held_file = node.store.path(attachment.key)
+    held_file = services.store.path(attachment.key)
     admin = await staff(client, "root", is_admin=True)
     page = await admin.page(f"/admin/transactions/{transaction.public_id}")
     url = f"/admin/transactions/{transaction.public_id}/attachments/{attachment.id}/remove"
@@ -274,11 +257,11 @@ async def test_an_admin_removes_an_unfiled_attachment(client: Any, node: Service
 
 
 async def test_attachments_from_before_are_listed_without_a_key(
-        client: Any, node: Services, study: dict[str, Any], tmp_path: Path) -> None:
+        client: Any, services: Services, study: dict[str, Any], tmp_path: Path) -> None:
     """Before issue 13 an attachment was ingested into the study and had no key."""
     old = factory.make_pdf(tmp_path / "old", like=next((tmp_path / "ct").iterdir()),
                            DocumentTitle="Old letter")
-    store_files(node, [old])
+    store_files(services, [old])
     transaction, token = share([study["uid"]])
     sop_uid = str(dcmread(old).SOPInstanceUID)
     row = Attachment.create(transaction=transaction.id, study_uid=study["uid"],
@@ -288,7 +271,7 @@ async def test_attachments_from_before_are_listed_without_a_key(
                             author_kind="recipient", author="pat@example.org",
                             created_at=time.time())
     patient = Browser(client)
-    await log_in(patient, node, token)
+    await log_in(patient, services, token)
     base = f"/transactions/{transaction.public_id}"
     listing = await patient.page(f"{base}/attachments")
     assert "old.pdf" in listing and "stored with the patient's study" in listing
@@ -303,23 +286,23 @@ async def test_attachments_from_before_are_listed_without_a_key(
     assert response.status == 400 and "already part of the patient" in await response.text()
 
 
-def test_purge_removes_held_attachments_with_their_transaction(node: Services,
+def test_purge_removes_held_attachments_with_their_transaction(services: Services,
                                                                study: dict[str, Any]) -> None:
     transaction, _ = share([study["uid"]])
     user, _ = make_user("root", is_admin=True)
-    node.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
+    services.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
                         original_name="a.pdf", staff=user)
-    held_file = node.store.path(Attachment.get().key)
+    held_file = services.store.path(Attachment.get().key)
     Transaction.update(expires_at=time.time() - 1).where(
         Transaction.id == transaction.id).execute()
-    node.sharing.purge_expired()
+    services.sharing.purge_expired()
     assert Attachment.select().count() == 0 and not held_file.exists()
 
 
 def test_old_databases_get_the_new_columns(tmp_path: Path) -> None:
-    node = build_services(make_settings(tmp_path))
-    path = node.settings.data_dir / "index.sqlite3"
-    node.close()
+    services = build_services(make_settings(tmp_path))
+    path = services.settings.data_dir / "index.sqlite3"
+    services.close()
     with sqlite3.connect(path) as db:
         db.execute('DROP INDEX "attachment_key"')
         for column in ("key", "filed_at", "filed_by"):
@@ -333,20 +316,12 @@ def test_old_databases_get_the_new_columns(tmp_path: Path) -> None:
     assert {"key", "filed_at", "filed_by"} <= columns and "attachment_key" in indexes
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    node = make_node(tmp_path, url)
-    yield node
-    node.group_commit.close()
-    node.close()
-
-
-def test_filing_at_once_from_many_threads_files_once(any_node: Services, tmp_path: Path) -> None:
-    uid = store_files(any_node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+def test_filing_at_once_from_many_threads_files_once(any_db_services: Services,
+                                                     tmp_path: Path) -> None:
+    uid = store_files(any_db_services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([uid], now=1e10)  # far in the future: never expired
     admin, _ = make_user("root", is_admin=True)
-    row = any_node.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
+    row = any_db_services.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(),
                                   original_name="a.pdf", staff=admin)
     start = threading.Barrier(6)
     outcomes: list[str] = [""] * 6
@@ -354,14 +329,14 @@ def test_filing_at_once_from_many_threads_files_once(any_node: Services, tmp_pat
     def one(n: int) -> None:
         start.wait()
         try:
-            any_node.reports.file_attachment(transaction.public_id, row.id, staff=admin)
+            any_db_services.reports.file_attachment(transaction.public_id, row.id, staff=admin)
             outcomes[n] = "filed"
         except InvalidRequest:
             outcomes[n] = "refused"
         except Exception as exc:  # any other outcome fails the test
             outcomes[n] = f"{type(exc).__name__}: {exc}"
         finally:
-            any_node.close()
+            any_db_services.close()
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
     for thread in threads:
@@ -374,24 +349,27 @@ def test_filing_at_once_from_many_threads_files_once(any_node: Services, tmp_pat
     assert attachments.state_of(Attachment.get_by_id(row.id)) == attachments.FILED
 
 
-def test_simultaneous_uploads_stop_at_max_attachments(any_node: Services, tmp_path: Path) -> None:
+def test_simultaneous_uploads_stop_at_max_attachments(any_db_services: Services,
+                                                      tmp_path: Path) -> None:
     """``[portal] max_attachments`` is decided in the database: eight uploads at once, two
     allowed, two stored; nothing of the refused six is left in the file store."""
     import dataclasses
 
     # The limit as set before start-up (the services take their settings when built).
-    any_node = build_services(dataclasses.replace(any_node.settings, max_attachments=2))
-    uid = store_files(any_node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+    any_db_services = build_services(dataclasses.replace(any_db_services.settings,
+                                                         max_attachments=2))
+    uid = store_files(any_db_services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([uid], now=1e10)
     admin, _ = make_user("root", is_admin=True)
-    stored_before = sorted(any_node.store.keys())
+    stored_before = sorted(any_db_services.store.keys())
     start = threading.Barrier(8)
     outcomes: list[str] = [""] * 8
 
     def one(n: int) -> None:
         start.wait()
         try:
-            any_node.reports.add_attachment(transaction.public_id, data=factory.minimal_pdf(str(n)),
+            any_db_services.reports.add_attachment(transaction.public_id,
+                                                   data=factory.minimal_pdf(str(n)),
                                     original_name=f"{n}.pdf", staff=admin)
             outcomes[n] = "added"
         except InvalidRequest as exc:
@@ -399,7 +377,7 @@ def test_simultaneous_uploads_stop_at_max_attachments(any_node: Services, tmp_pa
         except Exception as exc:  # any other outcome fails the test
             outcomes[n] = f"{type(exc).__name__}: {exc}"
         finally:
-            any_node.close()
+            any_db_services.close()
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -409,6 +387,6 @@ def test_simultaneous_uploads_stop_at_max_attachments(any_node: Services, tmp_pa
     assert sorted(outcomes) == ["added"] * 2 + ["refused"] * 6, outcomes
     held = Attachment.select().where(Attachment.transaction == transaction.id)
     assert held.count() == 2
-    assert sorted(any_node.store.keys()) == sorted([*stored_before, *(a.key for a in held)])
-    view = any_node.reports.attachments_view(transaction.public_id, staff=admin)
+    assert sorted(any_db_services.store.keys()) == sorted([*stored_before, *(a.key for a in held)])
+    view = any_db_services.reports.attachments_view(transaction.public_id, staff=admin)
     assert view.limit_reason.startswith("This transaction has 2 attachments already")

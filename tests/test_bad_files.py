@@ -254,18 +254,20 @@ def test_a_send_fails_each_damaged_instance_alone(tmp_path: Path) -> None:
     assert {items[uid]["state"] for uid in (uids[0], uids[-1])} == {"sent"}
 
 
+# Overrides conftest.py's any_db_services: plain settings (no portal), and the PostgreSQL
+# run carries the ``postgres`` mark.
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def index_node(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
+def any_db_services(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     values: dict[str, object] = {"data_dir": tmp_path / "data", "fsync": False}
     if request.param == "postgres":
         values["database_url"] = request.getfixturevalue("fresh_postgres_url")
     return build_services(load_settings(overrides=values, environ={}))
 
 
-def test_only_one_process_gets_a_build_attempt(index_node: Services, tmp_path: Path) -> None:
+def test_only_one_process_gets_a_build_attempt(any_db_services: Services, tmp_path: Path) -> None:
     """The claim is one conditional UPDATE: of two racing claimers one wins, and the
     study is not due again before its retry time (SQLite and PostgreSQL alike)."""
-    uid = store_files(index_node, factory.make_ct_series(tmp_path / "ct", 1))
+    uid = store_files(any_db_services, factory.make_ct_series(tmp_path / "ct", 1))
     now = time.time() + 1
     (seen,) = index.studies_due_for_fileset(0, now)
     barrier = threading.Barrier(2)
@@ -274,7 +276,7 @@ def test_only_one_process_gets_a_build_attempt(index_node: Services, tmp_path: P
     def claim() -> None:
         barrier.wait()
         won.append(index.claim_fileset_build(seen, now, 60.0))
-        index_node.close()
+        any_db_services.close()
 
     threads = [threading.Thread(target=claim) for _ in range(2)]
     for thread in threads:
@@ -286,7 +288,7 @@ def test_only_one_process_gets_a_build_attempt(index_node: Services, tmp_path: P
     (again,) = index.studies_due_for_fileset(0, now + 60)
     assert index.claim_fileset_build(again, now + 60, 120.0) == 2
     assert index.claim_fileset_build(again, now + 60, 120.0) is None  # a stale row loses
-    index_node.filesets.build_fileset(uid)  # a success clears the back-off
+    any_db_services.filesets.build_fileset(uid)  # a success clears the back-off
     row = Study.get(Study.study_uid == uid)
     assert (row.fileset_attempts, row.fileset_retry_at, row.fileset_error) == (0, None, "")
 

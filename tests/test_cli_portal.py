@@ -21,10 +21,10 @@ from tests.support.node import REPO, run_cli
 
 
 def _stored_study(data: Path, tmp_path: Path) -> str:
-    node = build_services(load_settings(overrides={"data_dir": data}, environ={}))
-    study_uid = store_files(node, factory.make_ct_series(tmp_path / "ct", 2,
+    services = build_services(load_settings(overrides={"data_dir": data}, environ={}))
+    study_uid = store_files(services, factory.make_ct_series(tmp_path / "ct", 2,
                                                          PatientName="Doe^Jane"))
-    node.close()
+    services.close()
     return study_uid
 
 

@@ -289,42 +289,42 @@ def test_bytes_after_the_deflate_stream() -> None:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     """One node for the module (its index is set up once), deflate capped at 1 MiB."""
     settings = load_settings(overrides={"data_dir": tmp_path_factory.mktemp("node"),
                                         "fsync": False, "max_inflated_mb": 1}, environ={})
-    node = build_services(settings)
-    yield node
-    node.close()
+    services = build_services(settings)
+    yield services
+    services.close()
 
 
-def stored(node: Services) -> tuple[list[Path], list[Path], dict[str, int]]:
+def stored(services: Services) -> tuple[list[Path], list[Path], dict[str, int]]:
     """Files in the store and in staging, and the index counts."""
-    files = sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
-    return files, sorted(node.settings.tmp_dir.iterdir()), node.archive.counts()
+    files = sorted(p for p in services.settings.store_dir.rglob("*") if p.is_file())
+    return files, sorted(services.settings.tmp_dir.iterdir()), services.archive.counts()
 
 
 @pytest.mark.parametrize("name", crafted.CORRUPTIONS)
-def test_ingest_refuses_the_corruption_and_stores_nothing(node: Services, name: str) -> None:
+def test_ingest_refuses_the_corruption_and_stores_nothing(services: Services, name: str) -> None:
     case = corruption(name)
-    before = stored(node)
+    before = stored(services)
     with pytest.raises(BadDataset) as info:
-        node.archive.store_received(case.stream, case.transfer_syntax, calling_ae="TESTSCU",
+        services.archive.store_received(case.stream, case.transfer_syntax, calling_ae="TESTSCU",
                             sop_class=crafted.CTImageStorage, sop_uid=case.sop_uid)
     assert type(info.value) is case.error
     assert re.search(case.message, str(info.value)), str(info.value)
-    assert stored(node) == before
+    assert stored(services) == before
 
 
-def test_ingest_refuses_a_deflate_bomb_beyond_max_inflated_mb(node: Services) -> None:
-    before = stored(node)
+def test_ingest_refuses_a_deflate_bomb_beyond_max_inflated_mb(services: Services) -> None:
+    before = stored(services)
     bomb = crafted.deflate_bomb("1.2.3", 4 << 20)
     with pytest.raises(BadDataset, match=r"inflates to more than 1048576 bytes"):
-        node.ingester.ingest(bomb, DeflatedExplicitVRLittleEndian)
-    assert stored(node) == before
+        services.ingester.ingest(bomb, DeflatedExplicitVRLittleEndian)
+    assert stored(services) == before
     small = deflate(native_ct("1.2.3", image=Image(rows=64, columns=64)))
-    assert node.ingester.ingest(small, DeflatedExplicitVRLittleEndian).sop_uid == "1.2.3"
-    assert stored(node)[2]["instances"] == before[2]["instances"] + 1
+    assert services.ingester.ingest(small, DeflatedExplicitVRLittleEndian).sop_uid == "1.2.3"
+    assert stored(services)[2]["instances"] == before[2]["instances"] + 1
 
 
 @pytest.mark.parametrize("name", ["undefined-sequence-left-open",

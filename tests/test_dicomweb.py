@@ -1,6 +1,6 @@
 """DICOMweb (QIDO-RS / WADO-RS): what another viewer sees of a transaction, and nothing more.
 
-The app runs in-process over a real :class:`Node` on a loopback aiohttp test
+The app runs in-process over a real :class:`Services` on a loopback aiohttp test
 server. The peer is a real, independent DICOMweb client (``dicomweb-client``, run in
 a thread: it is synchronous), plus raw HTTP to check PS3.18 media types, multipart
 boundaries and part headers (parsed with the ``email`` package), metadata JSON
@@ -54,38 +54,27 @@ PATIENT = {"PatientName": "Doe^Jane", "PatientID": "P1", "PatientBirthDate": "19
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
+def services(tmp_path: Path) -> Services:
     return build_services(make_settings(tmp_path, dicomweb_cors_origins=(VIEWER,)))
 
 
 @pytest.fixture
-def studies(node: Services, tmp_path: Path) -> dict[str, str]:
-    return make_studies(node, tmp_path)
+def studies(services: Services, tmp_path: Path) -> dict[str, str]:
+    return make_studies(services, tmp_path)
 
 
-def make_studies(node: Services, tmp_path: Path) -> dict[str, str]:
+def make_studies(services: Services, tmp_path: Path) -> dict[str, str]:
     """A CT study and a compressed (RLE, 2 frames) study of P1; a CT study of P2."""
-    ct = store_files(node, factory.make_ct_series(
+    ct = store_files(services, factory.make_ct_series(
         tmp_path / "ct", 3, StudyDate="20240105", StudyDescription="CT HEAD",
         AccessionNumber="ACC1", **PATIENT))
-    rle = store_files(node, [factory.copy_bundled(
+    rle = store_files(services, [factory.copy_bundled(
         "SC_rgb_rle_2frame.dcm", tmp_path / "rle", StudyDate="20240301",
         StudyDescription="SC RLE", **PATIENT)])
-    other = store_files(node, factory.make_ct_series(
+    other = store_files(services, factory.make_ct_series(
         tmp_path / "other", 2, PatientName="Roe^Richard", PatientID="P2",
         StudyDate="20240110"))
     return {"ct": ct, "rle": rle, "other": other}
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
 
 
 @pytest.fixture
@@ -124,8 +113,8 @@ def reached(uri: str, public_url: str, served: str) -> str:
     return served.rstrip("/") + uri[len(public_url):]
 
 
-def stored(sop_uid: str, node: Services) -> Path:
-    return node.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
+def stored(sop_uid: str, services: Services) -> Path:
+    return services.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
 
 
 def events(action: str) -> list[AuditEvent]:
@@ -136,7 +125,7 @@ def events(action: str) -> list[AuditEvent]:
 
 
 async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
-        client: Any, node: Services, studies: dict[str, str],
+        client: Any, services: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
     base = f"/dicomweb/t/{transaction.public_id}"
@@ -160,7 +149,7 @@ async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
     retrieved = await asyncio.to_thread(peer.retrieve_study, studies["ct"])
     assert len(retrieved) == 3
     for ds in retrieved:
-        original = dcmread(stored(ds.SOPInstanceUID, node))
+        original = dcmread(stored(ds.SOPInstanceUID, services))
         assert ds.PixelData == original.PixelData
 
     metadata = await asyncio.to_thread(peer.retrieve_study_metadata, studies["ct"])
@@ -169,15 +158,15 @@ async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
         assert item["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
         # Valid DICOM JSON (PS3.18 F.2); pixel data fetched from its BulkDataURI.
         ds = await asyncio.to_thread(Dataset.from_json, item, lambda uri: bytes(
-            peer.retrieve_bulkdata(reached(uri, node.settings.public_url,
+            peer.retrieve_bulkdata(reached(uri, services.settings.public_url,
                                            str(client.make_url("/"))))[0]))
         assert ds.StudyInstanceUID == studies["ct"]
-        assert ds.PixelData == dcmread(stored(ds.SOPInstanceUID, node)).PixelData
+        assert ds.PixelData == dcmread(stored(ds.SOPInstanceUID, services)).PixelData
 
     sop = instances[0]["00080018"]["Value"][0]
     frames = await asyncio.to_thread(peer.retrieve_instance_frames, studies["ct"], series_uid,
                                      sop, [1])
-    assert frames == [dcmread(stored(sop, node)).PixelData]
+    assert frames == [dcmread(stored(sop, services)).PixelData]
 
     # One audit event per request, never one per instance.
     assert len(events("qido")) == 3
@@ -189,7 +178,7 @@ async def test_a_dicomweb_client_searches_and_retrieves_one_transaction(
     assert [e.event_code for e in events("wado-metadata")] == ["110103"]
 
 
-async def test_compressed_frames_come_as_stored(client: Any, node: Services,
+async def test_compressed_frames_come_as_stored(client: Any, services: Services,
                                                studies: dict[str, str],
                                                shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -198,7 +187,7 @@ async def test_compressed_frames_come_as_stored(client: Any, node: Services,
     rle = next(i for i in Instance.select() if i.transfer_syntax == "1.2.840.10008.1.2.5")
     series_uid = rle.series.series_uid
     url = f"{base}/studies/{studies['rle']}/series/{series_uid}/instances/{rle.sop_uid}/frames/2,1"
-    stored_ds = dcmread(node.store.path(rle.key))
+    stored_ds = dcmread(services.store.path(rle.key))
 
     response = await client.get(url, headers={
         **bearer(token), "Accept": 'multipart/related; type="image/dicom-rle"'})
@@ -224,7 +213,7 @@ async def test_compressed_frames_come_as_stored(client: Any, node: Services,
 
 
 async def test_frame_requests_are_audited_through_the_group_committer(
-        client: Any, node: Services, studies: dict[str, str],
+        client: Any, services: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     # A viewer fetches frames many at a time: each request keeps its own audit event,
     # but the events share commits (storage/group_commit.py) instead of one each.
@@ -234,7 +223,7 @@ async def test_frame_requests_are_audited_through_the_group_committer(
     ct = [i for i in Instance.select() if i.series.study.study_uid == studies["ct"]]
     urls = [f"{base}/studies/{studies['ct']}/series/{i.series.series_uid}/instances/"
             f"{i.sop_uid}/frames/1" for i in ct] * 4
-    jobs_before = node.group_commit.jobs
+    jobs_before = services.group_commit.jobs
     accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
     async def fetch(url: str) -> int:
@@ -247,13 +236,13 @@ async def test_frame_requests_are_audited_through_the_group_committer(
     audited = events("wado-frames")
     assert len(audited) == len(urls)
     assert {e.transaction_public_id for e in audited} == {transaction.public_id}
-    assert node.group_commit.jobs - jobs_before == len(urls)
+    assert services.group_commit.jobs - jobs_before == len(urls)
 
 
 # -- media types and multipart, raw ----------------------------------------------------
 
 
-async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Services,
+async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, services: Services,
                                                         studies: dict[str, str],
                                                         shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -276,7 +265,7 @@ async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Servi
         assert part["Content-Type"].params["transfer-syntax"] == "1.2.840.10008.1.2.1"
         data = part.get_payload(decode=True)
         sop = dcmread(io.BytesIO(data)).SOPInstanceUID
-        assert data == stored(sop, node).read_bytes()  # the stored bytes, unchanged
+        assert data == stored(sop, services).read_bytes()  # the stored bytes, unchanged
         assert part["Content-Location"].endswith(f"/instances/{sop}")
 
     # A transfer syntax other than the stored one cannot be given: 406.
@@ -293,7 +282,7 @@ async def test_retrieve_is_multipart_related_per_ps3_18(client: Any, node: Servi
     assert search.headers["Cache-Control"] == "no-store"
 
 
-async def test_qido_matching_paging_and_warnings(client: Any, node: Services,
+async def test_qido_matching_paging_and_warnings(client: Any, services: Services,
                                                  studies: dict[str, str]) -> None:
     await check_qido(client, studies)
 
@@ -301,13 +290,13 @@ async def test_qido_matching_paging_and_warnings(client: Any, node: Services,
 @pytest.mark.postgres
 async def test_qido_matching_on_postgresql(aiohttp_client: Any, tmp_path: Path,
                                            fresh_postgres_url: str) -> None:
-    node = build_services(make_settings(tmp_path, database_url=fresh_postgres_url))
+    services = build_services(make_settings(tmp_path, database_url=fresh_postgres_url))
     try:
-        studies = make_studies(node, tmp_path)
-        client = await aiohttp_client(create_app(node.settings, node))
+        studies = make_studies(services, tmp_path)
+        client = await aiohttp_client(create_app(services.settings, services))
         await check_qido(client, studies)
     finally:
-        node.database.close_all()
+        services.database.close_all()
 
 
 async def check_qido(client: Any, studies: dict[str, str]) -> None:
@@ -357,7 +346,7 @@ async def check_qido(client: Any, studies: dict[str, str]) -> None:
 
 
 async def test_a_recipient_cannot_read_outside_their_transaction(
-        client: Any, browser: Browser, node: Services, studies: dict[str, str],
+        client: Any, browser: Browser, services: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     transaction, link = shared
     other_transaction, _ = share([studies["other"]], email="someone@example.org")
@@ -377,7 +366,7 @@ async def test_a_recipient_cannot_read_outside_their_transaction(
     assert rows == []
 
     # The recipient's own session works under the transaction's base only.
-    await log_in(browser, node, link)
+    await log_in(browser, services, link)
     mine = await browser.get(f"{base}/studies")
     assert mine.status == 200 and len(json.loads(await mine.text())) == 2
     assert (await browser.get("/dicomweb/studies")).status == 404
@@ -385,7 +374,7 @@ async def test_a_recipient_cannot_read_outside_their_transaction(
             ).status == 404
 
 
-async def test_tokens_expire_and_can_be_revoked(client: Any, node: Services,
+async def test_tokens_expire_and_can_be_revoked(client: Any, services: Services,
                                                 studies: dict[str, str],
                                                 shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -407,7 +396,7 @@ async def test_tokens_expire_and_can_be_revoked(client: Any, node: Services,
     assert access.purge_tokens(now=time.time() + 2 * 86400) == 2
 
 
-async def test_a_declined_transaction_is_gone(client: Any, node: Services,
+async def test_a_declined_transaction_is_gone(client: Any, services: Services,
                                               studies: dict[str, str],
                                               shared: tuple[Transaction, str]) -> None:
     transaction, _ = shared
@@ -418,7 +407,7 @@ async def test_a_declined_transaction_is_gone(client: Any, node: Services,
     assert response.status == 410
 
 
-async def test_staff_session_sees_every_study(client: Any, browser: Browser, node: Services,
+async def test_staff_session_sees_every_study(client: Any, browser: Browser, services: Services,
                                               studies: dict[str, str]) -> None:
     _, secret = make_user("radiographer")
     await staff_log_in(browser, "radiographer", secret)
@@ -467,10 +456,10 @@ def shown(html: str, element: str) -> str:
 
 
 async def test_open_in_another_viewer_gives_a_token_for_that_transaction(
-        client: Any, browser: Browser, node: Services, studies: dict[str, str],
+        client: Any, browser: Browser, services: Services, studies: dict[str, str],
         shared: tuple[Transaction, str]) -> None:
     transaction, link = shared
-    await log_in(browser, node, link)
+    await log_in(browser, services, link)
     page = await browser.page(f"/transactions/{transaction.public_id}")
     assert f'action="/transactions/{transaction.public_id}/dicomweb-token"' in page
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
@@ -507,7 +496,7 @@ async def test_open_in_another_viewer_gives_a_token_for_that_transaction(
     assert (await client.get(f"/dicomweb/ohif/{token}.json")).status == 404
 
 
-async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser, node: Services,
+async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser, services: Services,
                                                   studies: dict[str, str]) -> None:
     _, secret = make_user("radiographer")
     await staff_log_in(browser, "radiographer", secret)
@@ -528,7 +517,7 @@ async def test_staff_get_a_token_over_every_study(client: Any, browser: Browser,
 # -- rendered ------------------------------------------------------------------------------
 
 
-async def test_rendered_images(client: Any, node: Services, studies: dict[str, str],
+async def test_rendered_images(client: Any, services: Services, studies: dict[str, str],
                                shared: tuple[Transaction, str]) -> None:
     import numpy as np
     from PIL import Image
@@ -552,7 +541,7 @@ async def test_rendered_images(client: Any, node: Services, studies: dict[str, s
     assert image.size == (8, 8)  # the 16x16 slice fitted in the viewport
     full = await client.get(f"{url}/frames/1/rendered?window=40,400&accept=image/png",
                             headers=headers)
-    expected = rendering.decode_frame(node.store.path(ct.key), 0).windowed(40, 400)
+    expected = rendering.decode_frame(services.store.path(ct.key), 0).windowed(40, 400)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(await full.read()))), expected)
 
     rle = Instance.get(Instance.transfer_syntax == "1.2.840.10008.1.2.5")
@@ -630,10 +619,10 @@ async def test_a_viewer_opens_a_package_from_iepnode_serve(tmp_path: Path,
 
 
 async def test_an_encapsulated_pdf_report_through_its_bulkdata_uri(
-        client: Any, node: Services, tmp_path: Path, studies: dict[str, str]) -> None:
+        client: Any, services: Services, tmp_path: Path, studies: dict[str, str]) -> None:
     pdf = factory.minimal_pdf("report " + "x" * 3000)
-    like = stored(Instance.get(Instance.transfer_syntax == "1.2.840.10008.1.2.1").sop_uid, node)
-    store_files(node, [factory.make_pdf(tmp_path / "pdf", pdf=pdf, like=like)])
+    like = stored(Instance.get(Instance.transfer_syntax == "1.2.840.10008.1.2.1").sop_uid, services)
+    store_files(services, [factory.make_pdf(tmp_path / "pdf", pdf=pdf, like=like)])
     transaction, _ = share([studies["ct"]])
     headers = bearer(recipient_token(transaction))
     base = f"/dicomweb/t/{transaction.public_id}"

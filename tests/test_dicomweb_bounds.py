@@ -1,7 +1,7 @@
 """DICOMweb under hostile requests: links from the configured address, bounded frame lists,
 responses streamed part by part (issue 13, amplification).
 
-The app runs in-process over a real :class:`Node` on a loopback aiohttp test server
+The app runs in-process over a real :class:`Services` on a loopback aiohttp test server
 (as in ``tests/test_dicomweb.py``); bodies are parsed with the ``email`` package. The
 memory of the real ``iepnode serve`` is measured in ``tests/test_memory_bounds.py``.
 """
@@ -33,15 +33,9 @@ _URL = re.compile(rb"[a-z][a-z0-9+.-]*://[^\s\"<>]+", re.IGNORECASE)
 
 
 @pytest.fixture(params=["direct", "behind-a-trusted-proxy"])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
+def services(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     proxies = ("127.0.0.1",) if request.param == "behind-a-trusted-proxy" else ()
     return build_services(make_settings(tmp_path, public_url=PUBLIC + "/", trusted_proxies=proxies))
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
 
 
 def urls(body: bytes) -> list[str]:
@@ -49,8 +43,8 @@ def urls(body: bytes) -> list[str]:
 
 
 async def test_links_use_the_public_url_whatever_host_the_request_names(
-        client: Any, node: Services, tmp_path: Path) -> None:
-    studies = make_studies(node, tmp_path)
+        client: Any, services: Services, tmp_path: Path) -> None:
+    studies = make_studies(services, tmp_path)
     transaction, _ = share([studies["ct"], studies["rle"]])
     headers = {**bearer(recipient_token(transaction)), **FORGED}
     base = f"/dicomweb/t/{transaction.public_id}"
@@ -89,12 +83,12 @@ async def test_links_use_the_public_url_whatever_host_the_request_names(
         assert all(u.startswith(PUBLIC + "/") for u in urls(data)), urls(data)
 
 
-async def test_staff_links_use_the_public_url_too(client: Any, node: Services,
+async def test_staff_links_use_the_public_url_too(client: Any, services: Services,
                                                   tmp_path: Path) -> None:
     from iepnode.viewing import dicomweb_access as access
     from tests.test_admin_web import make_user
 
-    studies = make_studies(node, tmp_path)
+    studies = make_studies(services, tmp_path)
     user, _ = make_user("rad")
     token = access.issue_staff_token(user).token
     search = await client.get("/dicomweb/studies", headers={**bearer(token), **FORGED})
@@ -115,15 +109,15 @@ ANY_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-synta
 
 
 async def test_a_frame_list_beyond_the_cap_is_a_400_and_duplicates_count(
-        client: Any, node: Services, tmp_path: Path) -> None:
-    studies = make_studies(node, tmp_path)
+        client: Any, services: Services, tmp_path: Path) -> None:
+    studies = make_studies(services, tmp_path)
     transaction, _ = share([studies["ct"], studies["rle"]])
     headers = {**bearer(recipient_token(transaction)), "Accept": ANY_FRAMES}
     base = f"/dicomweb/t/{transaction.public_id}"
-    cap = node.settings.dicomweb_max_frames
+    cap = services.settings.dicomweb_max_frames
     assert cap == 100  # the documented default ([http] dicomweb_max_frames)
     ct = Instance.select().where(Instance.transfer_syntax == "1.2.840.10008.1.2.1").first()
-    stored_pixels = dcmread(stored(ct.sop_uid, node)).PixelData
+    stored_pixels = dcmread(stored(ct.sop_uid, services)).PixelData
 
     over = await client.get(frames_url(base, ct, ",".join(["1"] * 150)), headers=headers)
     assert over.status == 400
@@ -146,10 +140,10 @@ async def test_a_frame_list_beyond_the_cap_is_a_400_and_duplicates_count(
 
 
 async def test_the_frame_cap_is_a_setting(aiohttp_client: Any, tmp_path: Path) -> None:
-    node = build_services(make_settings(tmp_path, dicomweb_max_frames=3))
-    client = await aiohttp_client(create_app(node.settings, node),
+    services = build_services(make_settings(tmp_path, dicomweb_max_frames=3))
+    client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
-    studies = make_studies(node, tmp_path)
+    studies = make_studies(services, tmp_path)
     transaction, _ = share([studies["rle"]])
     headers = {**bearer(recipient_token(transaction)), "Accept": ANY_FRAMES}
     base = f"/dicomweb/t/{transaction.public_id}"
@@ -179,10 +173,10 @@ def test_frame_cap_settings_are_checked(tmp_path: Path) -> None:
 
 
 async def test_multipart_and_metadata_responses_are_streamed(
-        client: Any, node: Services, tmp_path: Path) -> None:
+        client: Any, services: Services, tmp_path: Path) -> None:
     """Every multipart body (and metadata) goes out chunked as it is read, never joined
     in memory first (the memory itself is measured in tests/test_memory_bounds.py)."""
-    studies = make_studies(node, tmp_path)
+    studies = make_studies(services, tmp_path)
     transaction, _ = share([studies["ct"], studies["rle"]])
     headers = bearer(recipient_token(transaction))
     base = f"/dicomweb/t/{transaction.public_id}"
@@ -213,7 +207,7 @@ async def test_multipart_and_metadata_responses_are_streamed(
             assert parts(response.headers["Content-Type"], body)
     # The bulk data of compressed pixel data: one part per frame, as stored.
     bulk = await client.get(f"{rle_instance}/bulkdata/7FE00010", headers=headers)
-    stored_rle = dcmread(stored(rle.sop_uid, node))
+    stored_rle = dcmread(stored(rle.sop_uid, services))
     assert [p.get_payload(decode=True) for p in parts(bulk.headers["Content-Type"],
                                                       await bulk.read())] == [
         get_frame(stored_rle.PixelData, i, number_of_frames=2) for i in (0, 1)]
@@ -223,13 +217,13 @@ async def test_multipart_and_metadata_responses_are_streamed(
 
 
 async def test_a_study_rendered_passes_over_instances_without_an_image(
-        client: Any, node: Services, tmp_path: Path) -> None:
+        client: Any, services: Services, tmp_path: Path) -> None:
     from tests import data_factory as factory
     from tests.support.ingest import store_files
 
-    studies = make_studies(node, tmp_path)
+    studies = make_studies(services, tmp_path)
     ct = Instance.select().where(Instance.transfer_syntax == "1.2.840.10008.1.2.1").first()
-    store_files(node, [factory.make_pdf(tmp_path / "pdf", like=stored(ct.sop_uid, node))])
+    store_files(services, [factory.make_pdf(tmp_path / "pdf", like=stored(ct.sop_uid, services))])
     transaction, _ = share([studies["ct"]])
     headers = bearer(recipient_token(transaction))
     response = await client.get(f"/dicomweb/t/{transaction.public_id}/studies/"
@@ -314,7 +308,7 @@ def test_pixel_data_that_cannot_be_cut_into_frames(name: str) -> None:
 
 
 async def test_a_client_leaving_mid_stream_is_audited_and_the_node_goes_on(
-        client: Any, node: Services, tmp_path: Path) -> None:
+        client: Any, services: Services, tmp_path: Path) -> None:
     """aiohttp cancels the handler of a client that went away: the audit event of the
     retrieve must still be written (a queued thread job would be dropped), each time."""
     import asyncio
@@ -324,7 +318,7 @@ async def test_a_client_leaving_mid_stream_is_audited_and_the_node_goes_on(
     from tests.support.ingest import store_files
 
     big = factory.make_ct_series(tmp_path / "big", 8, rows=512, columns=512)  # 4 MiB
-    study = store_files(node, big)
+    study = store_files(services, big)
     transaction, _ = share([study])
     token = recipient_token(transaction)
 

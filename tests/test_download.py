@@ -11,7 +11,7 @@ Orthanc; every instance must be byte-identical to the stored file; ranges must
 resume to the same bytes (from either HTTP process); the CLI export must give the
 same bytes as the web.
 
-The other tests run the app in-process over a real :class:`Node` (aiohttp test
+The other tests run the app in-process over a real :class:`Services` (aiohttp test
 server on loopback): someone else's package, gone packages, the password option,
 and a package over 4 GiB (sparse files, marked slow).
 """
@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -53,8 +52,7 @@ from tests.support.peers import ORTHANC, running_orthanc
 from tests.support.scu import storescu
 from tests.support.tools import dcmtk
 from tests.test_fileset import dcentvfy_errors, dciodvfy_errors
-from tests.test_recipient_web import log_in, make_settings, page_csrf, share
-from web.app import create_app
+from tests.test_recipient_web import log_in, page_csrf, share
 from web.download import parse_range
 
 INSTITUTION = "St Elsewhere NHS Trust"
@@ -229,7 +227,7 @@ async def test_recipient_downloads_a_pdi_zip_over_http(
         stored = stored_by_uid(data_dir)
     check_package(archive, tmp_path / "x", stored, a_files, b_files, pdf_bytes)
 
-    audit_node = build_services(load_settings(overrides={"data_dir": data_dir}, environ={}))
+    audit_services = build_services(load_settings(overrides={"data_dir": data_dir}, environ={}))
     events = list(AuditEvent.select().where(AuditEvent.event_code == "110106")
                   .order_by(AuditEvent.id))
     downloads_ = [e for e in events if e.action == "download"]
@@ -240,7 +238,7 @@ async def test_recipient_downloads_a_pdi_zip_over_http(
     assert sorted(studies) == sorted([study_a, study_b])
     assert "media=zip" in downloads_[0].detail and "complete" in downloads_[0].detail
     assert [e.actor_kind for e in events if e.action == "export"] == ["cli", "cli"]
-    audit_node.close()
+    audit_services.close()
 
     if not ORTHANC.is_file():
         pytest.fail(f"{ORTHANC} not found: run scripts/install-system-deps (Debian orthanc)")
@@ -344,37 +342,25 @@ def check_package(archive: Path, folder: Path, stored: dict[str, bytes],
 
 
 # -- rules, in-process ---------------------------------------------------------------------
-# The app runs on aiohttp's test server over a Node in tmp_path, as in
-# test_recipient_web.py (whose login helpers these tests use).
+# The app runs on aiohttp's test server (conftest.py: client, browser) over the default
+# services in tmp_path, as in test_recipient_web.py (whose login helpers these tests use).
 
 
 @pytest.fixture
-def portal_node(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
-async def portal(aiohttp_client: Any, portal_node: Services) -> Browser:
-    client = await aiohttp_client(create_app(portal_node.settings, portal_node),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
-
-
-@pytest.fixture
-def ct_study(portal_node: Services, tmp_path: Path) -> str:
-    return store_files(portal_node, factory.make_ct_series(
+def ct_study(services: Services, tmp_path: Path) -> str:
+    return store_files(services, factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", StudyDate="20240105",
         StudyDescription="CT HEAD", AccessionNumber="ACC1"))
 
 
-async def test_someone_elses_package_is_not_found(portal: Browser, portal_node: Services,
+async def test_someone_elses_package_is_not_found(browser: Browser, services: Services,
                                                   ct_study: str) -> None:
-    browser, node, study = portal, portal_node, ct_study
+    study = ct_study
     mine, token = share([study], "me@example.org")
     theirs, _ = share([study], "them@example.org")
     anonymous = await browser.get(f"/transactions/{mine.public_id}/download")
     assert anonymous.status == 303 and anonymous.headers["Location"] == "/signin"
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     ok = await browser.get(f"/transactions/{mine.public_id}/download")
     assert ok.status == 200
     await ok.read()
@@ -390,16 +376,16 @@ async def test_someone_elses_package_is_not_found(portal: Browser, portal_node: 
 
 
 async def test_declined_expired_and_purged_packages_are_gone(
-    portal: Browser, portal_node: Services, ct_study: str, tmp_path: Path
+    browser: Browser, services: Services, ct_study: str, tmp_path: Path
 ) -> None:
-    browser, node, study = portal, portal_node, ct_study
+    study = ct_study
     live, token = share([study])
     declined, _ = share([study])
     expired, _ = share([study], now=time.time() - 20 * tx.DAY)
     old_ct = factory.make_ct_series(tmp_path / "old", 2, PatientID="P1", PatientName="Doe^Jane")
-    only_in_expired = store_files(node, old_ct)
+    only_in_expired = store_files(services, old_ct)
     purged, _ = share([only_in_expired], now=time.time() - 20 * tx.DAY)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await page_csrf(browser)
     assert (await browser.post(f"/transactions/{declined.public_id}/decline",
                                data={"csrf": csrf, "reason": "not mine"})).status == 303
@@ -415,21 +401,21 @@ async def test_declined_expired_and_purged_packages_are_gone(
                                       data={"csrf": csrf})
         assert response.status == 410
 
-    assert node.sharing.purge_expired() == 2  # the old study's files go; the shared one stays
+    assert services.sharing.purge_expired() == 2  # the old study's files go; the shared one stays
     response = await browser.get(f"/transactions/{purged.public_id}/download")
     assert response.status == 410 and "removed" in await response.text()
     assert (await browser.get(f"/transactions/{live.public_id}/download")).status == 200
     with pytest.raises(Exception, match="purged"):
-        node.downloads.transaction_package(purged.public_id)
+        services.downloads.transaction_package(purged.public_id)
 
 
-async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_node: Services,
+async def test_interrupted_download_is_audited_as_such(browser: Browser, services: Services,
                                                       tmp_path: Path) -> None:
-    uid = store_files(portal_node, factory.make_ct_series(tmp_path / "big", 48, rows=512,
+    uid = store_files(services, factory.make_ct_series(tmp_path / "big", 48, rows=512,
                                                           columns=512))  # ~25 MB
     transaction, token = share([uid])
-    await log_in(portal, portal_node, token)
-    response = await portal.get(f"/transactions/{transaction.public_id}/download")
+    await log_in(browser, services, token)
+    response = await browser.get(f"/transactions/{transaction.public_id}/download")
     assert response.status == 200 and int(response.headers["Content-Length"]) > 20_000_000
     await response.content.readexactly(1 << 20)
     response.close()  # the browser goes away mid-download
@@ -445,22 +431,22 @@ async def test_interrupted_download_is_audited_as_such(portal: Browser, portal_n
 
 
 async def test_a_file_cut_short_while_streaming_breaks_the_download_not_the_bytes(
-    portal: Browser, portal_node: Services, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    browser: Browser, services: Services, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stored file truncated after the plan, mid-stream: the client sees a broken
     download (never a zip of wrong bytes), the audit says so, and the next request
     plans again without that instance."""
-    uid = store_files(portal_node, factory.make_ct_series(tmp_path / "big", 24, rows=512,
+    uid = store_files(services, factory.make_ct_series(tmp_path / "big", 24, rows=512,
                                                           columns=512))  # ~12.6 MB
     transaction, token = share([uid])
-    await log_in(portal, portal_node, token)
+    await log_in(browser, services, token)
     url = f"/transactions/{transaction.public_id}/download"
-    response = await portal.get(url)
+    response = await browser.get(url)
     assert response.status == 200
     size = int(response.headers["Content-Length"])
     await response.content.readexactly(1 << 20)
     last = Instance.get(Instance.instance_number == "24")  # the last member of the zip
-    os.truncate(portal_node.store.path(last.key), 1000)
+    os.truncate(services.store.path(last.key), 1000)
     with pytest.raises(aiohttp.ClientPayloadError):
         while await response.content.read(1 << 20):
             pass
@@ -475,7 +461,7 @@ async def test_a_file_cut_short_while_streaming_breaks_the_download_not_the_byte
     assert int(re.search(r"after (\d+) bytes", event.detail).group(1)) < size
     assert f"download of {transaction.public_id} aborted after" in caplog.text
 
-    again, body = await fetch(portal, url)
+    again, body = await fetch(browser, url)
     assert again.status == 200 and int(again.headers["Content-Length"]) == len(body) < size
     with zipfile.ZipFile(io.BytesIO(body)) as zf:
         assert zf.testzip() is None
@@ -503,11 +489,11 @@ def test_range_header_parsing() -> None:
 # -- password-protected copies --------------------------------------------------------------
 
 
-async def test_password_protected_download(portal: Browser, portal_node: Services,
+async def test_password_protected_download(browser: Browser, services: Services,
                                            ct_study: str) -> None:
-    browser, node, study = portal, portal_node, ct_study
+    study = ct_study
     transaction, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     url = f"/transactions/{transaction.public_id}/download-protected"
     assert (await browser.post(url, data={"csrf": "wrong"})).status == 403
     csrf = await page_csrf(browser)
@@ -526,7 +512,7 @@ async def test_password_protected_download(portal: Browser, portal_node: Service
     resumed = await browser.get(link, headers={"Range": "bytes=100-"})
     assert resumed.status == 206 and await resumed.read() == encrypted[100:]
 
-    plain = node.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
+    plain = services.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
     with zipfile.ZipFile(io.BytesIO(b"".join(iter_bytes(plain.layout)))) as zf:
         expected = {n: zf.read(n) for n in zf.namelist()}
     with pyzipper.AESZipFile(io.BytesIO(encrypted)) as zf:
@@ -536,11 +522,11 @@ async def test_password_protected_download(portal: Browser, portal_node: Service
         zf.setpassword(b"WRONG-WRONG-WRONG-WRONG")
         with pytest.raises(RuntimeError):
             zf.read("DICOMDIR")
-    seven = run("/usr/bin/7z", "t", f"-p{password}", write_tmp(node, encrypted))
+    seven = run("/usr/bin/7z", "t", f"-p{password}", write_tmp(services, encrypted))
     assert seven.returncode == 0 and "Everything is Ok" in seven.stdout, seven.stdout
 
     # The password was shown once and is kept nowhere.
-    data_dir = node.settings.data_dir
+    data_dir = services.settings.data_dir
     for path in data_dir.rglob("*"):
         if path.is_file() and path.suffix != ".zip":
             assert password.encode() not in path.read_bytes(), path
@@ -549,7 +535,7 @@ async def test_password_protected_download(portal: Browser, portal_node: Service
     # Someone else cannot use the link; asking again replaces the copy.
     _, other_token = share([study], "other@example.org")
     someone_else = Browser(browser.client)  # the same server, another cookie jar
-    await log_in(someone_else, node, other_token)
+    await log_in(someone_else, services, other_token)
     assert (await someone_else.get(link)).status == 404
     response = await browser.post(url, data={"csrf": csrf})
     assert (await browser.get(link)).status == 404
@@ -560,7 +546,7 @@ async def test_password_protected_download(portal: Browser, portal_node: Service
     Transaction.update(expires_at=time.time() - 1).where(
         Transaction.id == transaction.id).execute()
     assert (await browser.get(new_link)).status == 410
-    assert node.downloads.sweep_protected_downloads() == 1
+    assert services.downloads.sweep_protected_downloads() == 1
     assert list(folder.glob("*")) == []
 
 
@@ -611,21 +597,20 @@ def one_frame(directory: Path, study_uid: str, number: int) -> Path:
 
 @pytest.mark.slow
 async def test_package_over_4_gib_downloads_and_resumes(
-    portal: Browser, portal_node: Services, tmp_path: Path
+    browser: Browser, services: Services, tmp_path: Path
 ) -> None:
     """ZIP64 offsets for real: two 2.2 GB instances (sparse files in the store) and a
     small one after them."""
-    browser, node = portal, portal_node
     started = time.monotonic()
     study_uid = generate_uid()
     small = [one_frame(tmp_path / "in", study_uid, number) for number in (1, 2, 3)]
-    store_files(node, small)
+    store_files(services, small)
     for instance in Instance.select().where(Instance.instance_number != "3"):
-        path = node.store.path(instance.key)
+        path = services.store.path(instance.key)
         big_multiframe(path.with_name(path.name + ".big"), path, FRAMES)
         os.replace(path.with_name(path.name + ".big"), path)
     transaction, token = share([study_uid])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
 
     url = f"/transactions/{transaction.public_id}/download"
     response = await browser.get(url)

@@ -14,19 +14,16 @@ import gc
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from iepnode.services import Services
-from iepnode.wiring import build_services
 from storage.models import Attachment, Instance, RemoteAE, TransactionMessage
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import field, log_in, make_settings, share
-from web.app import create_app
+from tests.test_recipient_web import field, log_in, share
 
 BOUNDARY = "iepnodeTestBoundary7MA4YWxkTrZu0gW"
 PDF = factory.minimal_pdf("letter")
@@ -62,21 +59,8 @@ HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store_files(node, factory.make_ct_series(
+def study(services: Services, tmp_path: Path) -> str:
+    return store_files(services, factory.make_ct_series(
         tmp_path / "ct", 1, PatientName="Doe^Jane", PatientID="P1", StudyDate="20240105"))
 
 
@@ -89,10 +73,10 @@ async def refused(browser: Browser, url: str, data: bytes) -> str:
 
 
 async def test_attachment_upload_with_a_control_character_in_a_name_is_a_400(
-        client: Any, node: Services, study: str) -> None:
+        client: Any, services: Services, study: str) -> None:
     browser = Browser(client)
     transaction, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}"
     csrf = field(await browser.page(f"{base}/attachments"), "csrf")
     instances, messages = Instance.select().count(), TransactionMessage.select().count()
@@ -112,7 +96,7 @@ async def test_attachment_upload_with_a_control_character_in_a_name_is_a_400(
 
 
 async def test_staff_forms_with_a_control_character_in_a_name_are_a_400(
-        client: Any, node: Services, study: str) -> None:
+        client: Any, services: Services, study: str) -> None:
     # The login form, before any session (double-submit CSRF cookie).
     anonymous = Browser(client)
     page = await anonymous.page("/admin/login")
@@ -138,7 +122,7 @@ async def test_staff_forms_with_a_control_character_in_a_name_are_a_400(
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-async def test_a_body_that_is_no_form_is_a_400_not_a_500(client: Any, node: Services) -> None:
+async def test_a_body_that_is_no_form_is_a_400_not_a_500(client: Any, services: Services) -> None:
     # aiohttp drops the temporary file of a file part read before the error without
     # closing it (the garbage collector does, with a ResourceWarning): collected below.
     browser = Browser(client)

@@ -1,7 +1,7 @@
 # ruff: noqa: F811 - the staff page tests' fixtures are imported and used by name
 """Sending to DICOM nodes from the web pages: staff, recipients allowed by staff, routing.
 
-In-process app over a :class:`Node` in ``tmp_path`` (fixtures of the staff page
+In-process app over a :class:`Services` in ``tmp_path`` (fixtures of the staff page
 tests); sends queued from the pages are then run by a real job runner against
 dcmtk ``storescp``, and the JSON progress the page's script polls is checked.
 """
@@ -23,16 +23,14 @@ from iepnode.sharing.transactions import Contact, NewTransfer
 from scp.sender import make_transport
 from storage import registry
 from storage.models import AuditEvent, RemoteAE, RouteRule, SendJob, TransactionSendAE
+from tests.support.browser import Browser
 from tests.support.peers import free_port, received, storescp_on
 from tests.test_admin_web import (  # noqa: F401 - fixtures
-    Browser,
     admin,
-    browser,
-    client,
     events,
     log_in,
     make_user,
-    node,
+    services,
     settings,
     studies,
 )
@@ -54,7 +52,7 @@ def destinations() -> None:
 
 
 async def test_staff_send_from_the_transaction_page_with_live_progress(
-        admin: Browser, node: Services, studies: dict[str, str], destinations: None,
+        admin: Browser, services: Services, studies: dict[str, str], destinations: None,
         tmp_path: Path) -> None:
     public_id, _ = share(studies["jane"])
     page = await admin.page(f"/admin/transactions/{public_id}")
@@ -90,7 +88,7 @@ async def test_staff_send_from_the_transaction_page_with_live_progress(
     port = free_port()
     RemoteAE.update(port=port).where(RemoteAE.ae_title == "DEST").execute()
     with storescp_on(port, tmp_path / "got"):
-        ran = node.sends.job_runner(make_transport(node.settings)).run_one()
+        ran = services.sends.job_runner(make_transport(services.settings)).run_one()
     assert ran is not None and ran.state == "done"
     assert len(received(tmp_path / "got")) == 3
     (shown,) = (await (await admin.get(url)).json())["jobs"]
@@ -105,12 +103,12 @@ async def test_staff_send_from_the_transaction_page_with_live_progress(
 
 
 async def test_recipient_sends_only_where_staff_allowed(
-        admin: Browser, node: Services, studies: dict[str, str], destinations: None,
+        admin: Browser, services: Services, studies: dict[str, str], destinations: None,
         client: Any) -> None:
     public_id, token = share(studies["jane"])
     other_id, _ = share(studies["john"], "someone@example.org")
     patient = Browser(client)
-    await recipient_log_in(patient, node, token)
+    await recipient_log_in(patient, services, token)
     page = await patient.page("/dashboard?tab=all")
     assert "Send to PACS" not in page
 
@@ -181,7 +179,8 @@ async def test_admins_manage_routing_rules_and_destinations(
     assert (await clerk.get("/admin/sends")).status == 200
 
 
-def test_nothing_to_send_is_refused(node: Services, destinations: None, settings: Settings) -> None:
+def test_nothing_to_send_is_refused(services: Services, destinations: None,
+                                    settings: Settings) -> None:
     from iepnode.errors import InvalidRequest, UnknownDestination
     from iepnode.people.audit import Actor
 

@@ -32,10 +32,9 @@ from pydicom import dcmread
 
 from tests import data_factory as factory
 from tests.support.browser import Browser as CookieBrowser
-from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, portal_environment, require_chromium
 from tests.support.mail import Inbox, wait_for_mail
 from tests.support.node import add_staff_user, run_cli, running_node
-from tests.support.peers import free_port
 from tests.support.scu import storescu
 from tests.test_recipient_web import field, read_eml
 
@@ -81,14 +80,9 @@ def forward_copies(data_dir: Path, public_id: str) -> list[str]:
 def test_forward_dialog_limits_and_the_forwarded_recipient_in_chromium(
     tmp_path: Path, smtp: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
+    require_chromium()
     inbox, smtp_port = smtp, smtp.port
-    http_port = free_port()
-    for name, value in {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port),
-                        "SMTP_TLS": "none", "PUBLIC_URL": f"http://127.0.0.1:{http_port}",
-                        "INSTITUTION": INSTITUTION, "FSYNC": "false"}.items():
-        monkeypatch.setenv(f"IEPNODE_{name}", value)
+    http_port = portal_environment(monkeypatch, smtp_port, INSTITUTION)
     files = factory.make_ct_series(
         tmp_path / "ct", 2, PatientName="Connor^Flake", PatientID="SDH1088",
         PatientBirthDate="19710402", PatientSex="M", StudyDate="20240105",

@@ -27,26 +27,10 @@ from web.app import create_app
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store(node, factory.make_ct_series(
+def study(services: Services, tmp_path: Path) -> str:
+    return store(services, factory.make_ct_series(
         tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",
         PatientSex="F", StudyDate="20240105", StudyDescription="CT HEAD"))
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
 
 
 def form(csrf: str, email: str = "solicitor@law.example", **kw: str) -> dict[str, str]:
@@ -66,17 +50,17 @@ def copies_of(source: Transaction) -> list[Transaction]:
                 .order_by(Transaction.id))
 
 
-def link_token(node: Services, email: str) -> str:
-    mails = [m for m in map(read_eml, outbox(node)) if str(m["To"]) == email]
+def link_token(services: Services, email: str) -> str:
+    mails = [m for m in map(read_eml, outbox(services)) if str(m["To"]) == email]
     match = re.search(r"https://portal\.example/t/([A-Za-z0-9_-]+)", mails[-1].get_content())
     assert match, mails[-1].get_content()
     return match.group(1)
 
 
-async def test_the_dialog_has_four_steps_and_the_disclaimer(browser: Browser, node: Services,
+async def test_the_dialog_has_four_steps_and_the_disclaimer(browser: Browser, services: Services,
                                                             study: str) -> None:
     source, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     html = await browser.page(f"/transactions/{source.public_id}/forward")
     for text in ("1. Choose destination", "2. Additional info", "3. Message", "4. Retention",
                  source.public_id, "DOE, Jane", "Female", "14 Feb 1980",
@@ -97,9 +81,9 @@ async def test_the_dialog_has_four_steps_and_the_disclaimer(browser: Browser, no
 
 
 async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
-        client: Any, browser: Browser, node: Services, study: str) -> None:
+        client: Any, browser: Browser, services: Services, study: str) -> None:
     source, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, source.public_id)
     response = await browser.post(f"/transactions/{source.public_id}/forward", data=form(
         csrf, message="Look at <b>slice 3</b>."))
@@ -116,14 +100,14 @@ async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
     solicitor = Recipient.get(Recipient.email == "solicitor@law.example")
     assert (solicitor.phone, solicitor.otp_mobile, solicitor.address) == (
         "02079460000", "07700900555", "1 Law Lane\nLeeds")
-    notice = [m for m in map(read_eml, outbox(node))
+    notice = [m for m in map(read_eml, outbox(services))
               if str(m["To"]) == "radiology@hospital.example"]
     assert len(notice) == 1 and copy.public_id in notice[0].get_content()
 
     # The new person follows the link in their mail and gets their own passcode.
     other = Browser(client)
-    await log_in(other, node, link_token(node, "solicitor@law.example"))
-    sms = read_eml(outbox(node)[-1])
+    await log_in(other, services, link_token(services, "solicitor@law.example"))
+    sms = read_eml(outbox(services)[-1])
     assert str(sms["To"]).startswith("sms:") and "07700900555" in str(sms["To"])
     board = await other.page("/dashboard?tab=all")
     assert copy.public_id in board and source.public_id not in board
@@ -146,9 +130,10 @@ async def test_forward_then_the_new_person_logs_in_and_cannot_forward(
     assert (await other.get(f"/transactions/{source.public_id}/forwards")).status == 404
 
 
-async def test_the_fourth_forward_is_refused(browser: Browser, node: Services, study: str) -> None:
+async def test_the_fourth_forward_is_refused(browser: Browser, services: Services,
+                                             study: str) -> None:
     source, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     for n in range(3):
         csrf = await dialog_csrf(browser, source.public_id)
         response = await browser.post(f"/transactions/{source.public_id}/forward",
@@ -168,10 +153,10 @@ async def test_the_fourth_forward_is_refused(browser: Browser, node: Services, s
     assert all(f"p{n}@law.example" in listing for n in range(3))
 
 
-async def test_ten_concurrent_posts_create_exactly_three(browser: Browser, node: Services,
+async def test_ten_concurrent_posts_create_exactly_three(browser: Browser, services: Services,
                                                          study: str) -> None:
     source, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, source.public_id)
     responses = await asyncio.gather(*(
         browser.post(f"/transactions/{source.public_id}/forward",
@@ -180,10 +165,10 @@ async def test_ten_concurrent_posts_create_exactly_three(browser: Browser, node:
     assert len(copies_of(source)) == 3
 
 
-async def test_mistakes_come_back_with_the_values_and_the_step(browser: Browser, node: Services,
+async def test_mistakes_come_back_with_the_values_and_the_step(browser: Browser, services: Services,
                                                                study: str) -> None:
     source, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, source.public_id)
     cases = [
         ({"email_confirm": "solicitor@law.exampel"}, "1", "The two email addresses differ"),
@@ -206,11 +191,12 @@ async def test_mistakes_come_back_with_the_values_and_the_step(browser: Browser,
     assert copies_of(source) == []
 
 
-async def test_someone_forwarded_to_before_needs_only_the_email(browser: Browser, node: Services,
+async def test_someone_forwarded_to_before_needs_only_the_email(browser: Browser,
+                                                                services: Services,
                                                                 study: str) -> None:
     first, token = share([study])
     second, _ = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, first.public_id)
     assert (await browser.post(f"/transactions/{first.public_id}/forward",
                                data=form(csrf))).status == 303
@@ -230,11 +216,12 @@ async def test_someone_forwarded_to_before_needs_only_the_email(browser: Browser
     assert response.status == 400 and "Give the first name" in await response.text()
 
 
-async def test_declined_and_expired_packages_cannot_be_forwarded(browser: Browser, node: Services,
+async def test_declined_and_expired_packages_cannot_be_forwarded(browser: Browser,
+                                                                 services: Services,
                                                                  study: str) -> None:
     declined, token = share([study])
     expired, _ = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, declined.public_id)
     tx.decline(declined, "not mine")
     Transaction.update(expires_at=1.0).where(Transaction.id == expired.id).execute()
@@ -249,11 +236,11 @@ async def test_declined_and_expired_packages_cannot_be_forwarded(browser: Browse
 
 
 async def test_other_peoples_packages_are_404_and_every_post_needs_csrf(
-        browser: Browser, node: Services, study: str) -> None:
+        browser: Browser, services: Services, study: str) -> None:
     mine, token = share([study])
     theirs, _ = share([study], "someone@example.org", otp_mobile="+447700900999")
     assert (await browser.get(f"/transactions/{mine.public_id}/forward")).status == 303
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, mine.public_id)
     for public_id in (theirs.public_id, "IEP00000000"):
         assert (await browser.get(f"/transactions/{public_id}/forward")).status == 404
@@ -270,9 +257,9 @@ async def test_other_peoples_packages_are_404_and_every_post_needs_csrf(
 
 
 async def test_staff_see_the_forward_in_both_audit_trails(client: Any, browser: Browser,
-                                                          node: Services, study: str) -> None:
+                                                          services: Services, study: str) -> None:
     source, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await dialog_csrf(browser, source.public_id)
     assert (await browser.post(f"/transactions/{source.public_id}/forward",
                                data=form(csrf))).status == 303
@@ -289,12 +276,12 @@ async def test_staff_see_the_forward_in_both_audit_trails(client: Any, browser: 
 
 
 async def test_max_forwards_zero_turns_forwarding_off(aiohttp_client: Any, tmp_path: Path) -> None:
-    node = build_services(make_settings(tmp_path, max_forwards=0))
-    uid = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Roe^Rick"))
+    services = build_services(make_settings(tmp_path, max_forwards=0))
+    uid = store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Roe^Rick"))
     source, token = share([uid])
-    browser = Browser(await aiohttp_client(create_app(node.settings, node),
+    browser = Browser(await aiohttp_client(create_app(services.settings, services),
                                            cookie_jar=aiohttp.DummyCookieJar()))
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     board = await browser.page("/dashboard?tab=all")
     assert f"/transactions/{source.public_id}/forward\"" not in board
     assert "Forwarding is turned off." in board

@@ -36,7 +36,7 @@ CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+4412
 ACTOR = Actor("recipient", "pat@example.org", "127.0.0.1")
 
 
-def make_node(tmp_path: Path, url: str = "", **overrides: Any) -> Services:
+def make_services(tmp_path: Path, url: str = "", **overrides: Any) -> Services:
     return build_services(load_settings(overrides={
         "data_dir": tmp_path / "data", "database_url": url, "fsync": False,
         "institution": "St Elsewhere", "public_url": "https://portal.example", **overrides},
@@ -44,25 +44,16 @@ def make_node(tmp_path: Path, url: str = "", **overrides: Any) -> Services:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Services]:
-    node = make_node(tmp_path)
-    yield node
-    node.group_commit.close()
-    node.close()
+def services(tmp_path: Path) -> Iterator[Services]:
+    services = make_services(tmp_path)
+    yield services
+    services.group_commit.close()
+    services.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
-    url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    node = make_node(tmp_path, url)
-    yield node
-    node.group_commit.close()
-    node.close()
-
-
-def stored_study(node: Services, folder: Path, count: int = 2, **tags: str) -> str:
+def stored_study(services: Services, folder: Path, count: int = 2, **tags: str) -> str:
     tags = {"PatientName": "Doe^Jane", "PatientID": "PAT4711", "StudyDate": "20240105", **tags}
-    return store(node, factory.make_ct_series(folder, count, **tags))
+    return store(services, factory.make_ct_series(folder, count, **tags))
 
 
 def share(study_uids: list[str], email: str = "pat@example.org", *, now: float = T0,
@@ -167,10 +158,11 @@ def test_check_request_normalises_and_says_which_step_to_fix() -> None:
 # -- the copy ------------------------------------------------------------------------------
 
 
-def test_forwarded_copy_shares_the_studies_and_is_audited(node: Services, tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+def test_forwarded_copy_shares_the_studies_and_is_audited(services: Services,
+                                                          tmp_path: Path) -> None:
+    uid = stored_study(services, tmp_path / "ct")
     source = share([uid])
-    files_before = sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
+    files_before = sorted(p for p in services.settings.store_dir.rglob("*") if p.is_file())
     done = forward(source, now=T0 + 60)
     copy = Transaction.get_by_id(done.copy.id)
     assert copy.forwarded_from_id == source.id and copy.public_id != source.public_id
@@ -181,7 +173,7 @@ def test_forwarded_copy_shares_the_studies_and_is_audited(node: Services, tmp_pa
     assert copy.created_by == "pat@example.org"
     rows = [(s.study_uid, s.images_expected) for s in copy.studies]
     assert rows == [(uid, 2)] == [(s.study_uid, s.images_expected) for s in source.studies]
-    assert sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file()) == files_before
+    assert sorted(p for p in services.settings.store_dir.rglob("*") if p.is_file()) == files_before
     recipient = Recipient.get(Recipient.email == "solicitor@law.example")
     assert done.recipient_created and recipient.id == copy.recipient_id
     assert (recipient.name, recipient.address, recipient.phone, recipient.otp_mobile) == (
@@ -201,9 +193,9 @@ def test_forwarded_copy_shares_the_studies_and_is_audited(node: Services, tmp_pa
     assert fw.known_recipients(recipient.id) == []
 
 
-def test_an_existing_recipient_is_never_changed_by_a_forward(node: Services,
+def test_an_existing_recipient_is_never_changed_by_a_forward(services: Services,
                                                              tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+    uid = stored_study(services, tmp_path / "ct")
     source = share([uid])
     share([uid], "gp@example.org")  # staff know gp@ with passcodes to +447700900123
     done = forward(source, person("gp@example.org", first_name="Mallory",
@@ -213,8 +205,8 @@ def test_an_existing_recipient_is_never_changed_by_a_forward(node: Services,
     assert (gp.name, gp.otp_mobile, gp.address) == ("", "+447700900123", "")
 
 
-def test_limit_copies_declined_and_expired(node: Services, tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+def test_limit_copies_declined_and_expired(services: Services, tmp_path: Path) -> None:
+    uid = stored_study(services, tmp_path / "ct")
     source = share([uid])
     copies = [forward(source, person(f"p{n}@law.example")).copy for n in range(3)]
     with pytest.raises(ForwardRefused, match="forwarded 3 times already"):
@@ -236,8 +228,8 @@ def test_limit_copies_declined_and_expired(node: Services, tmp_path: Path) -> No
     assert fw.forward_counts([source.id, short.id]) == {source.id: 4}
 
 
-def test_states_for_the_dashboard(node: Services, tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+def test_states_for_the_dashboard(services: Services, tmp_path: Path) -> None:
+    uid = stored_study(services, tmp_path / "ct")
     source = share([uid])
     copy = forward(source).copy
     states = fw.states([Transaction.get_by_id(source.id), Transaction.get_by_id(copy.id)],
@@ -248,23 +240,23 @@ def test_states_for_the_dashboard(node: Services, tmp_path: Path) -> None:
     assert "again" in states[copy.public_id].reason
 
 
-def test_purge_keeps_shared_files_until_every_holder_expired(node: Services,
+def test_purge_keeps_shared_files_until_every_holder_expired(services: Services,
                                                              tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+    uid = stored_study(services, tmp_path / "ct")
     now = time.time()
     source = share([uid], now=now - 5 * tx.DAY, expiry_days=10)
     copy = forward(source, person(days=2), now=now - 4 * tx.DAY).copy
     assert copy.expires_at == now - 2 * tx.DAY
-    files = sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
+    files = sorted(p for p in services.settings.store_dir.rglob("*") if p.is_file())
     assert len(files) == 2
     # The copy has expired, its source has not: the shared files stay.
-    assert node.sharing.purge_expired() == 0
+    assert services.sharing.purge_expired() == 0
     assert all(p.exists() for p in files)
     assert Transaction.get_by_id(copy.id).purged_at is not None
     assert Transaction.get_by_id(source.id).purged_at is None
     # Once the source has expired too, the files go.
     Transaction.update(expires_at=now - 1).where(Transaction.id == source.id).execute()
-    assert node.sharing.purge_expired() == 2
+    assert services.sharing.purge_expired() == 2
     assert not any(p.exists() for p in files)
     assert Transaction.get_by_id(source.id).purged_at is not None
 
@@ -272,7 +264,7 @@ def test_purge_keeps_shared_files_until_every_holder_expired(node: Services,
 # -- concurrency --------------------------------------------------------------------------
 
 
-def _race(node: Services, sources: list[Transaction], emails: list[str]) -> list[str]:
+def _race(services: Services, sources: list[Transaction], emails: list[str]) -> list[str]:
     """Forward ``sources[i]`` to ``emails[i]`` from one thread each, all at once."""
     start = threading.Barrier(len(emails))
     outcomes: list[str] = [""] * len(emails)
@@ -291,7 +283,7 @@ def _race(node: Services, sources: list[Transaction], emails: list[str]) -> list
         except Exception as exc:  # any other outcome fails the test
             outcomes[n] = f"{type(exc).__name__}: {exc}"
         finally:
-            node.close()
+            services.close()
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(len(emails))]
     for thread in threads:
@@ -301,12 +293,12 @@ def _race(node: Services, sources: list[Transaction], emails: list[str]) -> list
     return outcomes
 
 
-def test_ten_simultaneous_forwards_create_exactly_the_limit(any_node: Services,
+def test_ten_simultaneous_forwards_create_exactly_the_limit(any_db_services: Services,
                                                             tmp_path: Path) -> None:
-    uid = stored_study(any_node, tmp_path / "ct")
+    uid = stored_study(any_db_services, tmp_path / "ct")
     source = share([uid], now=1e10)  # far in the future: not expired whatever the clock
     emails = [f"p{n}@law.example" for n in range(10)]
-    outcomes = _race(any_node, [source] * 10, emails)
+    outcomes = _race(any_db_services, [source] * 10, emails)
     assert sorted(outcomes) == ["created"] * 3 + ["refused"] * 7, outcomes
     copies = Transaction.select().where(Transaction.forwarded_from == source.id)
     assert copies.count() == 3
@@ -316,11 +308,11 @@ def test_ten_simultaneous_forwards_create_exactly_the_limit(any_node: Services,
     assert len(forwards) == 3
 
 
-def test_simultaneous_forwards_of_two_packages_to_one_new_person(any_node: Services,
+def test_simultaneous_forwards_of_two_packages_to_one_new_person(any_db_services: Services,
                                                                  tmp_path: Path) -> None:
-    uid = stored_study(any_node, tmp_path / "ct")
+    uid = stored_study(any_db_services, tmp_path / "ct")
     sources = [share([uid], f"pat{n}@example.org", now=1e10) for n in range(6)]
-    outcomes = _race(any_node, sources, ["same@law.example"] * 6)
+    outcomes = _race(any_db_services, sources, ["same@law.example"] * 6)
     assert outcomes == ["created"] * 6
     assert Recipient.select().where(Recipient.email == "same@law.example").count() == 1
     same = Recipient.get(Recipient.email == "same@law.example")
@@ -363,14 +355,14 @@ def test_open_database_adds_the_forward_columns_to_old_tables(tmp_path: Path,
 # -- the node: mail to the new recipient and the hospital ----------------------------------
 
 
-async def test_node_forward_mails_the_recipient_and_tells_the_hospital(node: Services,
+async def test_node_forward_mails_the_recipient_and_tells_the_hospital(services: Services,
                                                                        tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+    uid = stored_study(services, tmp_path / "ct")
     source = share([uid], now=1e10)
     forwarder = Recipient.get_by_id(source.recipient_id)
-    done = await node.forwards.forward_to_person(forwarder.id, source.public_id, person(),
+    done = await services.forwards.forward_to_person(forwarder.id, source.public_id, person(),
                                                  "10.0.0.9")
-    mails = {str(m["To"]): m for m in map(read_eml, outbox(node))}
+    mails = {str(m["To"]): m for m in map(read_eml, outbox(services))}
     link_mail = mails["solicitor@law.example"]
     assert link_mail["X-Iepnode-Kind"] == "forward-link"
     assert f"https://portal.example/t/{done.token}" in link_mail.get_content()
@@ -394,31 +386,33 @@ async def test_link_mail_failure_undoes_the_forward(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    node = make_node(tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_tls="none",
+    services = make_services(tmp_path, smtp_host="127.0.0.1", smtp_port=port, smtp_tls="none",
                      smtp_timeout=5)
     try:
-        uid = stored_study(node, tmp_path / "ct")
+        uid = stored_study(services, tmp_path / "ct")
         source = share([uid], now=1e10)
         with pytest.raises(DeliveryError):
-            await node.forwards.forward_to_person(source.recipient_id, source.public_id, person())
+            await services.forwards.forward_to_person(source.recipient_id, source.public_id,
+                                                      person())
         assert Transaction.select().where(Transaction.forwarded_from == source.id).count() == 0
         assert Recipient.get_or_none(Recipient.email == "solicitor@law.example") is None
         events = {e.action: e for e in events_for_transaction(source.public_id)}
         assert events["forward-not-sent"].outcome == 8
         assert "solicitor@law.example" in events["forward-not-sent"].detail
     finally:
-        node.group_commit.close()
-        node.close()
+        services.group_commit.close()
+        services.close()
 
 
 async def test_a_package_without_hospital_email_is_forwarded_and_that_is_audited(
-        node: Services, tmp_path: Path) -> None:
-    uid = stored_study(node, tmp_path / "ct")
+        services: Services, tmp_path: Path) -> None:
+    uid = stored_study(services, tmp_path / "ct")
     request = tx.NewTransfer((uid,), "pat@example.org", otp_mobile="+447700900123")
     source, _ = tx.create_transfer(request, contact=tx.Contact(), institution="St Elsewhere",
                                    created_by="cli", now=1e10)
-    done = await node.forwards.forward_to_person(source.recipient_id, source.public_id, person())
-    assert [str(read_eml(p)["To"]) for p in outbox(node)] == ["solicitor@law.example"]
+    done = await services.forwards.forward_to_person(source.recipient_id, source.public_id,
+                                                     person())
+    assert [str(read_eml(p)["To"]) for p in outbox(services)] == ["solicitor@law.example"]
     (notice,) = [e for e in events_for_transaction(source.public_id)
                  if e.action == "forward-notice"]
     assert notice.outcome == 4 and notice.detail == "no hospital contact email: not told"

@@ -589,12 +589,12 @@ def test_import_path_reports_progress(tmp_path: Path) -> None:
     make_ct_series(src / "a", 3)
     make_ct_series(src / "b" / "c", 2)
     (src / "README.TXT").write_text("readme")
-    node = build_services(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
+    services = build_services(load_settings(None, {"data_dir": tmp_path / "data"}, environ={}))
     calls: list[tuple[int, int]] = []
     try:
-        report = import_path(node.ingester, src, progress=lambda d, t: calls.append((d, t)))
+        report = import_path(services.ingester, src, progress=lambda d, t: calls.append((d, t)))
     finally:
-        node.close()
+        services.close()
 
     assert calls == [(done, 6) for done in range(7)]
     assert (report.stored, report.duplicates, report.rejected) == (5, 0, [])

@@ -53,23 +53,23 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Set
 
 
 @pytest.fixture
-def make_node(backend: Callable[..., Settings]) -> Iterator[Callable[..., Services]]:
-    """One Node per test (the model proxy is module-global), closed afterwards."""
-    nodes: list[Services] = []
+def make_services(backend: Callable[..., Settings]) -> Iterator[Callable[..., Services]]:
+    """One Services per test (the model proxy is module-global), closed afterwards."""
+    built: list[Services] = []
 
     def make(**overrides: Any) -> Services:
-        assert not nodes, "one Node per test"
-        nodes.append(build_services(backend(**overrides)))
-        return nodes[0]
+        assert not built, "one Services per test"
+        built.append(build_services(backend(**overrides)))
+        return built[0]
 
     yield make
-    for n in nodes:
+    for n in built:
         n.close()
 
 
 @pytest.fixture
-def node(make_node: Callable[..., Services]) -> Services:
-    return make_node()
+def services(make_services: Callable[..., Services]) -> Services:
+    return make_services()
 
 
 def split(path: Path) -> tuple[bytes, str, str, str]:
@@ -79,22 +79,22 @@ def split(path: Path) -> tuple[bytes, str, str, str]:
     return data[offset:], meta.transfer_syntax, meta.sop_class, meta.sop_uid
 
 
-def store(node: Services, path: Path) -> StoreResult:
+def store(services: Services, path: Path) -> StoreResult:
     stream, ts, sop_class, sop_uid = split(path)
-    return node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+    return services.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
                                sop_uid=sop_uid)
 
 
-def object_files(node: Services) -> list[Path]:
-    return sorted(p for p in node.settings.store_dir.rglob("*") if p.is_file())
+def object_files(services: Services) -> list[Path]:
+    return sorted(p for p in services.settings.store_dir.rglob("*") if p.is_file())
 
 
-def staging_files(node: Services) -> list[Path]:
-    return sorted(node.settings.tmp_dir.iterdir())
+def staging_files(services: Services) -> list[Path]:
+    return sorted(services.settings.tmp_dir.iterdir())
 
 
-def stored_file(node: Services, sop_uid: str) -> Path:
-    return node.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
+def stored_file(services: Services, sop_uid: str) -> Path:
+    return services.store.path(Instance.get(Instance.sop_uid == sop_uid).key)
 
 
 def encode(ds: Dataset) -> bytes:
@@ -105,60 +105,60 @@ def encode(ds: Dataset) -> bytes:
     return fp.getvalue()
 
 
-def assert_nothing_stored(node: Services) -> None:
-    assert object_files(node) == []
-    assert staging_files(node) == []
-    assert node.archive.counts() == {"patients": 0, "studies": 0, "instances": 0}
+def assert_nothing_stored(services: Services) -> None:
+    assert object_files(services) == []
+    assert staging_files(services) == []
+    assert services.archive.counts() == {"patients": 0, "studies": 0, "instances": 0}
 
 
 # -- duplicate policies ------------------------------------------------------------------
 
 
-def test_keep_policy_keeps_the_first_copy(make_node: Callable[..., Services],
+def test_keep_policy_keeps_the_first_copy(make_services: Callable[..., Services],
                                           tmp_path: Path) -> None:
-    node = make_node(duplicate_policy="keep")
+    services = make_services(duplicate_policy="keep")
     first = make_ct_series(tmp_path / "in", 1)[0]
     second = rewrite(first, tmp_path / "again", SeriesDescription="Changed", InstanceNumber=7)
-    assert store(node, first).outcome is Outcome.STORED
+    assert store(services, first).outcome is Outcome.STORED
     sop_uid = split(first)[3]
-    kept = stored_file(node, sop_uid)
+    kept = stored_file(services, sop_uid)
     before = kept.read_bytes()
 
-    result = store(node, second)
+    result = store(services, second)
 
     assert result.outcome is Outcome.DUPLICATE_KEPT
     assert result.sop_uid == sop_uid
-    assert object_files(node) == [kept]
+    assert object_files(services) == [kept]
     assert kept.read_bytes() == before
     assert dcmread(kept).SeriesDescription == "Axial"
-    assert staging_files(node) == []
+    assert staging_files(services) == []
     series = Series.get()
     assert (series.num_instances, series.size_bytes) == (1, len(before))
     assert Study.get().num_instances == 1
 
 
-def test_replace_policy_replaces_the_file(make_node: Callable[..., Services],
+def test_replace_policy_replaces_the_file(make_services: Callable[..., Services],
                                           tmp_path: Path) -> None:
-    node = make_node(duplicate_policy="replace")
+    services = make_services(duplicate_policy="replace")
     paths = make_ct_series(tmp_path / "in", 2)
     for path in paths:
-        store(node, path)
+        store(services, path)
     sop_uid = split(paths[0])[3]
-    old = stored_file(node, sop_uid)
+    old = stored_file(services, sop_uid)
     study_key = Study.get().key
     second = rewrite(paths[0], tmp_path / "again", SeriesDescription="Changed, longer text")
 
-    result = store(node, second)
+    result = store(services, second)
 
     assert result.outcome is Outcome.REPLACED
-    new = stored_file(node, sop_uid)
+    new = stored_file(services, sop_uid)
     assert new != old
     assert not old.exists()
-    assert len(object_files(node)) == 2
+    assert len(object_files(services)) == 2
     assert dcmread(new).SeriesDescription == "Changed, longer text"
     assert new.read_bytes()[-len(split(second)[0]):] == split(second)[0]
-    assert staging_files(node) == []
-    sizes = sum(p.stat().st_size for p in object_files(node))
+    assert staging_files(services) == []
+    sizes = sum(p.stat().st_size for p in object_files(services))
     series, study = Series.get(), Study.get()
     assert (series.num_instances, series.size_bytes) == (2, sizes)
     assert (study.num_series, study.num_instances, study.size_bytes) == (1, 2, sizes)
@@ -167,34 +167,34 @@ def test_replace_policy_replaces_the_file(make_node: Callable[..., Services],
     assert Instance.select().count() == 2
 
 
-def test_replace_the_only_instance(make_node: Callable[..., Services], tmp_path: Path) -> None:
-    node = make_node(duplicate_policy="replace")
+def test_replace_the_only_instance(make_services: Callable[..., Services], tmp_path: Path) -> None:
+    services = make_services(duplicate_policy="replace")
     path = make_ct_series(tmp_path / "in", 1)[0]
-    store(node, path)
-    result = store(node, rewrite(path, tmp_path / "again", StudyDescription="Again"))
+    store(services, path)
+    result = store(services, rewrite(path, tmp_path / "again", StudyDescription="Again"))
     assert result.outcome is Outcome.REPLACED
-    assert len(object_files(node)) == 1
+    assert len(object_files(services)) == 1
     study, series, patient = Study.get(), Series.get(), Patient.get()
     assert (study.num_series, study.num_instances) == (1, 1)
     assert series.num_instances == 1
     assert patient.num_studies == 1
-    assert series.size_bytes == study.size_bytes == object_files(node)[0].stat().st_size
+    assert series.size_bytes == study.size_bytes == object_files(services)[0].stat().st_size
 
 
 # -- counters ----------------------------------------------------------------------------
 
 
-def test_counters_after_several_series(node: Services, tmp_path: Path) -> None:
+def test_counters_after_several_series(services: Services, tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", 3)
     mr = make_ct_series(tmp_path / "mr", 2, like=ct[0], Modality="MR", SeriesNumber=2)
     other = make_ct_series(tmp_path / "other", 1, PatientID=dcmread(ct[0]).PatientID)
     for path in [ct[0], mr[0], ct[1], mr[1], ct[2], other[0]]:
-        assert store(node, path).outcome is Outcome.STORED
+        assert store(services, path).outcome is Outcome.STORED
 
     study = Study.get(Study.study_uid == dcmread(ct[0]).StudyInstanceUID)
     assert (study.num_series, study.num_instances) == (2, 5)
     assert study.modalities == "CT\\MR"
-    files = {p.name: p.stat().st_size for p in object_files(node)}
+    files = {p.name: p.stat().st_size for p in object_files(services)}
     for paths in (ct, mr):
         uid = dcmread(paths[0]).SeriesInstanceUID
         series = Series.get(Series.series_uid == uid)
@@ -203,24 +203,24 @@ def test_counters_after_several_series(node: Services, tmp_path: Path) -> None:
         assert series.size_bytes == sum(files[k] for k in keys)
     assert study.size_bytes == sum(s.size_bytes for s in study.series)
     assert Patient.get().num_studies == 2
-    assert node.archive.counts() == {"patients": 1, "studies": 2, "instances": 6}
+    assert services.archive.counts() == {"patients": 1, "studies": 2, "instances": 6}
 
 
 def test_replace_moves_an_instance_to_another_series(
-    make_node: Callable[..., Services], tmp_path: Path
+    make_services: Callable[..., Services], tmp_path: Path
 ) -> None:
-    node = make_node(duplicate_policy="replace")
+    services = make_services(duplicate_policy="replace")
     a = make_ct_series(tmp_path / "a", 3)
     b = make_ct_series(tmp_path / "b", 2, like=a[0], Modality="MR", SeriesNumber=2)
     c = make_ct_series(tmp_path / "c", 1, like=a[0], SeriesNumber=3)
     for path in a + b + c:
-        store(node, path)
+        store(services, path)
     uid_a, uid_b, uid_c = (dcmread(x[0]).SeriesInstanceUID for x in (a, b, c))
     assert Study.get().num_series == 3
 
     # a[0] arrives again, now claiming to belong to series b.
     moved = rewrite(a[0], tmp_path / "moved", SeriesInstanceUID=uid_b)
-    assert store(node, moved).outcome is Outcome.REPLACED
+    assert store(services, moved).outcome is Outcome.REPLACED
 
     def counts() -> dict[str, int]:
         return {s.series_uid: s.num_instances for s in Series.select()}
@@ -232,39 +232,39 @@ def test_replace_moves_an_instance_to_another_series(
     assert (study.num_series, study.num_instances) == (3, 6)
 
     # The only instance of series c moves to a: series c disappears.
-    assert store(node, rewrite(c[0], tmp_path / "moved2", SeriesInstanceUID=uid_a)).outcome \
+    assert store(services, rewrite(c[0], tmp_path / "moved2", SeriesInstanceUID=uid_a)).outcome \
         is Outcome.REPLACED
     assert counts() == {uid_a: 3, uid_b: 3}
     study = Study.get()
     assert (study.num_series, study.num_instances) == (2, 6)
-    sizes = sum(p.stat().st_size for p in object_files(node))
+    sizes = sum(p.stat().st_size for p in object_files(services))
     assert study.size_bytes == sizes == sum(s.size_bytes for s in Series.select())
-    assert len(object_files(node)) == 6
+    assert len(object_files(services)) == 6
     assert Patient.get().num_studies == 1
 
 
 def test_replace_recomputes_modalities_when_a_series_goes(
-    make_node: Callable[..., Services], tmp_path: Path
+    make_services: Callable[..., Services], tmp_path: Path
 ) -> None:
-    node = make_node(duplicate_policy="replace")
+    services = make_services(duplicate_policy="replace")
     ct = make_ct_series(tmp_path / "ct", 2)
     mr = make_ct_series(tmp_path / "mr", 1, like=ct[0], Modality="MR", SeriesNumber=2)
     for path in ct + mr:
-        store(node, path)
+        store(services, path)
     assert Study.get().modalities == "CT\\MR"
     moved = rewrite(mr[0], tmp_path / "moved", SeriesInstanceUID=dcmread(ct[0]).SeriesInstanceUID,
                     Modality="CT")
-    assert store(node, moved).outcome is Outcome.REPLACED
+    assert store(services, moved).outcome is Outcome.REPLACED
     study = Study.get()
     assert (study.num_series, study.num_instances, study.modalities) == (1, 3, "CT")
 
 
-def test_delete_instance_removes_empty_parents(node: Services, tmp_path: Path) -> None:
+def test_delete_instance_removes_empty_parents(services: Services, tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", 2)
     mr = make_ct_series(tmp_path / "mr", 1, like=ct[0], Modality="MR", SeriesNumber=2)
     other = make_ct_series(tmp_path / "other", 1, PatientID="OTHER")
     for path in ct + mr + other:
-        store(node, path)
+        store(services, path)
     ct_uids, mr_uid = [split(p)[3] for p in ct], split(mr[0])[3]
     mr_key = Instance.get(Instance.sop_uid == mr_uid).key
 
@@ -282,7 +282,7 @@ def test_delete_instance_removes_empty_parents(node: Services, tmp_path: Path) -
     # The patient without studies is gone; the other patient stays.
     assert [p.patient_id for p in Patient.select()] == ["OTHER"]
     assert Patient.get().num_studies == 1
-    assert node.archive.counts() == {"patients": 1, "studies": 1, "instances": 1}
+    assert services.archive.counts() == {"patients": 1, "studies": 1, "instances": 1}
 
 
 # -- concurrency -------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def hundred_slices(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[bytes
 
 
 def test_concurrent_stores_into_one_new_series(
-    node: Services, hundred_slices: list[tuple[bytes, str, str, str]]
+    services: Services, hundred_slices: list[tuple[bytes, str, str, str]]
 ) -> None:
     threads_n, per_thread = 4, 25
     barrier = threading.Barrier(threads_n)
@@ -308,7 +308,7 @@ def test_concurrent_stores_into_one_new_series(
         try:
             barrier.wait(timeout=30)
             for stream, ts, sop_class, sop_uid in chunk:
-                result = node.archive.store_received(stream, ts, calling_ae="TESTSCU",
+                result = services.archive.store_received(stream, ts, calling_ae="TESTSCU",
                                              sop_class=sop_class, sop_uid=sop_uid)
                 with lock:
                     results.append(result)
@@ -316,7 +316,7 @@ def test_concurrent_stores_into_one_new_series(
             with lock:
                 errors.append(exc)
         finally:
-            node.close()  # this thread's connection
+            services.close()  # this thread's connection
 
     # Interleave the slices so every thread starts with a brand-new series.
     chunks = [hundred_slices[i::threads_n] for i in range(threads_n)]
@@ -337,14 +337,14 @@ def test_concurrent_stores_into_one_new_series(
     study, series = Study.get(), Series.get()
     assert (series.num_instances, study.num_instances, study.num_series) == (100, 100, 1)
     assert Patient.get().num_studies == 1
-    files = object_files(node)
+    files = object_files(services)
     assert len(files) == 100
     assert series.size_bytes == study.size_bytes == sum(p.stat().st_size for p in files)
-    assert staging_files(node) == []
+    assert staging_files(services) == []
 
 
 def test_concurrent_duplicates_are_kept_once(
-    node: Services, hundred_slices: list[tuple[bytes, str, str, str]]
+    services: Services, hundred_slices: list[tuple[bytes, str, str, str]]
 ) -> None:
     """Four threads send the same 10 instances: each is stored exactly once."""
     barrier = threading.Barrier(4)
@@ -356,7 +356,7 @@ def test_concurrent_duplicates_are_kept_once(
         try:
             barrier.wait(timeout=30)
             for stream, ts, sop_class, sop_uid in hundred_slices[:10]:
-                result = node.archive.store_received(stream, ts, calling_ae="TESTSCU",
+                result = services.archive.store_received(stream, ts, calling_ae="TESTSCU",
                                              sop_class=sop_class, sop_uid=sop_uid)
                 with lock:
                     outcomes.append(result.outcome)
@@ -364,7 +364,7 @@ def test_concurrent_duplicates_are_kept_once(
             with lock:
                 errors.append(exc)
         finally:
-            node.close()
+            services.close()
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
@@ -376,8 +376,8 @@ def test_concurrent_duplicates_are_kept_once(
     assert outcomes.count(Outcome.DUPLICATE_KEPT) == 30
     assert Instance.select().count() == 10
     assert Series.get().num_instances == Study.get().num_instances == 10
-    assert len(object_files(node)) == 10
-    assert staging_files(node) == []
+    assert len(object_files(services)) == 10
+    assert staging_files(services) == []
 
 
 # -- a failing index ---------------------------------------------------------------------
@@ -386,31 +386,32 @@ def test_concurrent_duplicates_are_kept_once(
 @pytest.mark.parametrize("policy", ["keep", "replace"])
 @pytest.mark.parametrize("table", ["instance", "series"])
 def test_failing_index_is_out_of_resources_and_leaves_no_file(
-    make_node: Callable[..., Services], tmp_path: Path, policy: str, table: str
+    make_services: Callable[..., Services], tmp_path: Path, policy: str, table: str
 ) -> None:
-    node = make_node(duplicate_policy=policy)
+    services = make_services(duplicate_policy=policy)
     first, second = make_ct_series(tmp_path / "in", 2)
-    store(node, first)
-    before = object_files(node)
-    cascade = "" if is_sqlite(node.database) else " CASCADE"
-    node.database.execute_sql(f"DROP TABLE {table}{cascade}")
+    store(services, first)
+    before = object_files(services)
+    cascade = "" if is_sqlite(services.database) else " CASCADE"
+    services.database.execute_sql(f"DROP TABLE {table}{cascade}")
 
     with pytest.raises(OutOfResources, match="index failed"):
-        store(node, second)
+        store(services, second)
 
-    assert object_files(node) == before
-    assert staging_files(node) == []
+    assert object_files(services) == before
+    assert staging_files(services) == []
 
 
-def test_failing_index_on_a_new_study(make_node: Callable[..., Services], tmp_path: Path) -> None:
-    node = make_node()
+def test_failing_index_on_a_new_study(make_services: Callable[..., Services],
+                                      tmp_path: Path) -> None:
+    services = make_services()
     path = make_ct_series(tmp_path / "in", 1)[0]
-    node.database.execute_sql("DROP TABLE patient" + (
-        "" if is_sqlite(node.database) else " CASCADE"))
+    services.database.execute_sql("DROP TABLE patient" + (
+        "" if is_sqlite(services.database) else " CASCADE"))
     with pytest.raises(OutOfResources):
-        store(node, path)
-    assert object_files(node) == []
-    assert staging_files(node) == []
+        store(services, path)
+    assert object_files(services) == []
+    assert staging_files(services) == []
 
 
 # -- malformed input ---------------------------------------------------------------------
@@ -499,50 +500,50 @@ MALFORMED = {
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
 @pytest.mark.parametrize("case", MALFORMED)
-def test_malformed_input_is_a_bad_dataset(node: Services, tmp_path: Path, case: str) -> None:
+def test_malformed_input_is_a_bad_dataset(services: Services, tmp_path: Path, case: str) -> None:
     stream, ts, sop_uid = MALFORMED[case](tmp_path)
     with pytest.raises(BadDataset) as info:
-        node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=CTImageStorage,
+        services.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=CTImageStorage,
                             sop_uid=sop_uid)
     assert type(info.value) is BadDataset
-    assert_nothing_stored(node)
+    assert_nothing_stored(services)
 
 
 @pytest.mark.filterwarnings("ignore:The value length:UserWarning")
-def test_over_long_uid_is_rejected_not_truncated(node: Services, tmp_path: Path) -> None:
+def test_over_long_uid_is_rejected_not_truncated(services: Services, tmp_path: Path) -> None:
     long_uid = "1.2.345" + ".6" * 40  # 87 characters; UIDs have at most 64
     stream = set_sop_uid(encode(_ct(tmp_path)), long_uid)
     # Without an expected UID (bulk import): the UID itself must be refused.
     with pytest.raises(BadDataset, match="malformed SOPInstanceUID"):
-        node.ingester.ingest(stream, ExplicitVRLittleEndian)
+        services.ingester.ingest(stream, ExplicitVRLittleEndian)
     with pytest.raises(BadDataset):
-        node.archive.store_received(stream, ExplicitVRLittleEndian, calling_ae="TESTSCU",
+        services.archive.store_received(stream, ExplicitVRLittleEndian, calling_ae="TESTSCU",
                             sop_class=CTImageStorage, sop_uid=long_uid)
-    assert_nothing_stored(node)
+    assert_nothing_stored(services)
 
 
 # -- request / dataset mismatch ----------------------------------------------------------
 
 
-def test_sop_instance_uid_mismatch(node: Services, tmp_path: Path) -> None:
+def test_sop_instance_uid_mismatch(services: Services, tmp_path: Path) -> None:
     stream, ts, sop_class, sop_uid = split(make_ct_series(tmp_path / "in", 1)[0])
     with pytest.raises(DatasetMismatch, match=re.escape(sop_uid)):
-        node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+        services.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
                             sop_uid=sop_uid + ".1")
-    assert_nothing_stored(node)
+    assert_nothing_stored(services)
 
 
-def test_sop_class_uid_mismatch(node: Services, tmp_path: Path) -> None:
+def test_sop_class_uid_mismatch(services: Services, tmp_path: Path) -> None:
     stream, ts, _, sop_uid = split(make_ct_series(tmp_path / "in", 1)[0])
     with pytest.raises(DatasetMismatch, match="SOP Class"):
-        node.archive.store_received(stream, ts, calling_ae="TESTSCU",
+        services.archive.store_received(stream, ts, calling_ae="TESTSCU",
                             sop_class="1.2.840.10008.5.1.4.1.1.4", sop_uid=sop_uid)
-    assert_nothing_stored(node)
+    assert_nothing_stored(services)
 
 
-def test_request_uids_with_padding_match(node: Services, tmp_path: Path) -> None:
+def test_request_uids_with_padding_match(services: Services, tmp_path: Path) -> None:
     stream, ts, sop_class, sop_uid = split(make_ct_series(tmp_path / "in", 1)[0])
-    result = node.archive.store_received(stream, ts, calling_ae="TESTSCU",
+    result = services.archive.store_received(stream, ts, calling_ae="TESTSCU",
                                          sop_class=sop_class + "\x00",
                                  sop_uid=sop_uid + "\x00")
     assert result.outcome is Outcome.STORED
@@ -551,7 +552,7 @@ def test_request_uids_with_padding_match(node: Services, tmp_path: Path) -> None
 # -- the file store ----------------------------------------------------------------------
 
 
-def test_store_names_never_contain_dicom_values(node: Services, tmp_path: Path) -> None:
+def test_store_names_never_contain_dicom_values(services: Services, tmp_path: Path) -> None:
     paths = [
         *make_ct_series(tmp_path / "a", 2, PatientID="../../etc/passwd",
                         PatientName="Müller^Jürgen", SpecificCharacterSet="ISO_IR 100"),
@@ -560,29 +561,29 @@ def test_store_names_never_contain_dicom_values(node: Services, tmp_path: Path) 
         copy_bundled("MR_small.dcm", tmp_path / "c"),
     ]
     for path in paths:
-        assert store(node, path).outcome is Outcome.STORED
-    files = object_files(node)
+        assert store(services, path).outcome is Outcome.STORED
+    files = object_files(services)
     assert len(files) == len(paths)
     uids = {split(p)[3] for p in paths}
     for f in files:
         assert STORE_NAME.match(f.name), f.name
         assert f.parent.name == f.name[:2]
-        assert f.parent.parent == node.settings.store_dir
+        assert f.parent.parent == services.settings.store_dir
         assert not any(uid in str(f) for uid in uids)
     # Everything under data_dir (index, WAL...) stays inside it.
-    for entry in node.settings.data_dir.rglob("*"):
-        assert entry.resolve().is_relative_to(node.settings.data_dir)
-    assert staging_files(node) == []
+    for entry in services.settings.data_dir.rglob("*"):
+        assert entry.resolve().is_relative_to(services.settings.data_dir)
+    assert staging_files(services) == []
 
 
 def test_stored_file_is_the_received_stream_behind_new_file_meta(
-    node: Services, tmp_path: Path
+    services: Services, tmp_path: Path
 ) -> None:
     path = copy_bundled("CT_small.dcm", tmp_path / "in")
     stream, ts, sop_class, sop_uid = split(path)
-    node.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
+    services.archive.store_received(stream, ts, calling_ae="TESTSCU", sop_class=sop_class,
                                 sop_uid=sop_uid)
-    stored = stored_file(node, sop_uid)
+    stored = stored_file(services, sop_uid)
     data = stored.read_bytes()
     meta, offset = parse_file_meta(data)
     assert data[offset:] == stream

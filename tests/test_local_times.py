@@ -21,7 +21,6 @@ from iepnode.outbound import notifications
 from iepnode.wiring import build_services
 from storage.models import Transaction, TransactionMessage
 from tests import data_factory as factory
-from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import (
@@ -102,14 +101,14 @@ def test_the_transfer_email_gives_the_expiry_day_in_the_hospitals_zone() -> None
 async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
         aiohttp_client: Any, tmp_path: Path, zone: str, created: tuple[str, str],
         message: tuple[str, str], expires: str) -> None:
-    node = build_services(make_settings(tmp_path, timezone=zone))
-    node.admin.logins.failure_delay = 0.0
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane"))
+    services = build_services(make_settings(tmp_path, timezone=zone))
+    services.admin.logins.failure_delay = 0.0
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane"))
     transaction, token = share([study])
-    client = await aiohttp_client(create_app(node.settings, node),
+    client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
     recipient = Browser(client)
-    await log_in(recipient, node, token)
+    await log_in(recipient, services, token)
     Transaction.update(created_at=WINTER_EVENING, expires_at=WINTER_EVENING + 14 * 86400).where(
         Transaction.id == transaction.id).execute()
     TransactionMessage.create(transaction=transaction, author_kind="staff", author="Dr Who",
@@ -119,7 +118,7 @@ async def test_recipient_and_staff_pages_show_times_in_the_hospitals_zone(
     assert f"<dd>{created[0]}</dd>" in page and f"<time>{message[0]}</time>" in page
     assert f"<dd>{expires}</dd>" in page and " UTC" not in page  # (tokens may hold "UTC")
 
-    staff = StaffBrowser(client)
+    staff = Browser(client)
     _, secret = make_user("nurse")
     assert (await staff_log_in(staff, "nurse", secret)).status == 303
     page = await staff.page(f"/admin/transactions/{transaction.public_id}")
@@ -134,9 +133,9 @@ async def test_the_transfer_email_of_a_share_uses_the_configured_zone(tmp_path: 
     from iepnode.people.audit import Actor
     from iepnode.sharing.transactions import NewTransfer
 
-    node = build_services(make_settings(tmp_path, timezone="Pacific/Auckland"))
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
-    shared = await node.sharing.share(NewTransfer((study,), "pat@example.org",
+    services = build_services(make_settings(tmp_path, timezone="Pacific/Auckland"))
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1))
+    shared = await services.sharing.share(NewTransfer((study,), "pat@example.org",
                                           otp_mobile="+447700900123"), actor=Actor("cli", "t"))
-    text = read_eml(outbox(node)[-1]).get_content()
+    text = read_eml(outbox(services)[-1]).get_content()
     assert timefmt.long_day(shared.expires_at, ZoneInfo("Pacific/Auckland")) in text

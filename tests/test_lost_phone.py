@@ -9,15 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from iepnode.services import Services
 from iepnode.sharing import logins
-from iepnode.wiring import build_services
 from storage.models import AuditEvent, Recipient, WebSession
 from tests import data_factory as factory
-from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_totp import EMAIL, app_login, code_at, enrol_directly, recipient
@@ -25,13 +22,11 @@ from tests.test_recipient_web import (
     Browser,
     Clock,
     log_in,
-    make_settings,
     open_link,
     outbox,
     share,
     store,
 )
-from web.app import create_app
 
 
 @pytest.fixture
@@ -43,31 +38,18 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+def study(services: Services, tmp_path: Path) -> str:
+    return store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
 
 
 async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
-        client: Any, node: Services, study: str, clock: Clock) -> None:
+        client: Any, services: Services, study: str, clock: Clock) -> None:
     transaction, token = share([study])
     phone = Browser(client)  # the recipient's browser on the lost phone
-    await log_in(phone, node, token)
+    await log_in(phone, services, token)
     secret = enrol_directly()
 
-    staff = StaffBrowser(client)
+    staff = Browser(client)
     _, staff_secret = make_user("nurse")  # any staff member, not only admins
     assert (await staff_log_in(staff, "nurse", staff_secret)).status == 303
     url = f"/admin/transactions/{transaction.public_id}"
@@ -94,11 +76,11 @@ async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
     assert response.status == 303 and response.headers["Location"] == "/signin"
     assert not WebSession.select().where((WebSession.recipient.is_null(False))
                                          & (WebSession.ended == False)).exists()  # noqa: E712
-    sent = len(outbox(node))
+    sent = len(outbox(services))
     clock.advance(60)
     finder = Browser(client)  # whoever has the phone now cannot use its app
     login = await open_link(finder, token)
-    assert "A passcode has been sent" in login.html and len(outbox(node)) == sent + 1
+    assert "A passcode has been sent" in login.html and len(outbox(services)) == sent + 1
     refused = await app_login(finder, token, code_at(secret, clock))
     assert refused.status == 403 and "No authenticator app is set up" in await refused.text()
 
@@ -109,10 +91,10 @@ async def test_staff_remove_a_lost_authenticator_and_passcodes_are_sent_again(
 
 
 async def test_the_authenticator_page_says_whom_to_contact_after_losing_the_phone(
-        client: Any, node: Services, study: str) -> None:
+        client: Any, services: Services, study: str) -> None:
     _, token = share([study])
     browser = Browser(client)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     for enrolled in (False, True):
         if enrolled:
             enrol_directly()

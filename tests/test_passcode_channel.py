@@ -9,7 +9,7 @@ their account was made for, or of one they signed in through), audited with both
 channels masked, announced on the old channel, and it ends the
 recipient's sessions and unused passcodes.
 
-The web half runs the app in-process over a :class:`Node` (messages in the outbox);
+The web half runs the app in-process over a :class:`Services` (messages in the outbox);
 the CLI half runs ``iepnode`` commands on the same data folder. Each runs on SQLite and
 on PostgreSQL (the change locks the recipient row there).
 """
@@ -24,7 +24,6 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from config import Settings, load_settings
@@ -36,11 +35,11 @@ from iepnode.uploads.image_requests import NewRequest
 from iepnode.wiring import build_services
 from storage.models import AuditEvent, LoginAttempt, Recipient, Transaction, WebSession
 from tests import data_factory as factory
+from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.support.node import REPO, run_cli
-from tests.test_admin_web import Browser, log_in, make_user
+from tests.test_admin_web import log_in, make_user
 from tests.test_recipient_web import read_eml
-from web.app import create_app
 
 CAROL = "carol@example.org"
 CAROL_MOBILE = "+447700900123"
@@ -58,24 +57,18 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Iterator[Services]:
-    node = build_services(settings)
-    node.admin.logins.failure_delay = 0.0
-    yield node
-    node.group_commit.close()
-    node.close()
+def services(settings: Settings) -> Iterator[Services]:
+    services = build_services(settings)
+    services.admin.logins.failure_delay = 0.0
+    yield services
+    services.group_commit.close()
+    services.close()
 
 
 @pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store_files(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Carol",
+def study(services: Services, tmp_path: Path) -> str:
+    return store_files(services, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Carol",
                                                     PatientID="P7"))
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
 
 
 async def staff_browser(client: Any, username: str, *, is_admin: bool = False) -> Browser:
@@ -95,13 +88,13 @@ def carol() -> Recipient:
     return Recipient.get(Recipient.email == CAROL)
 
 
-def messages(node: Services) -> list[EmailMessage]:
-    folder = node.settings.outbox_dir
+def messages(services: Services) -> list[EmailMessage]:
+    folder = services.settings.outbox_dir
     return [read_eml(p) for p in sorted(folder.glob("*.eml"))] if folder.exists() else []
 
 
-def sent_to(node: Services, address: str) -> list[str]:
-    return [m.get_content() for m in messages(node) if address in str(m["To"])]
+def sent_to(services: Services, address: str) -> list[str]:
+    return [m.get_content() for m in messages(services) if address in str(m["To"])]
 
 
 def details(action: str) -> list[str]:
@@ -113,7 +106,7 @@ def details(action: str) -> list[str]:
 
 
 async def test_a_staff_share_cannot_take_over_an_existing_recipients_passcodes(
-        client: Any, node: Services, study: str) -> None:
+        client: Any, services: Services, study: str) -> None:
     first, _ = carols_transfer(study)
     mallory = await staff_browser(client, "mallory")
     response = await mallory.form("/admin/transfers", {
@@ -130,24 +123,24 @@ async def test_a_staff_share_cannot_take_over_an_existing_recipients_passcodes(
 
     # The new transaction's link sends its passcode to Carol's phone, not to the attacker.
     public_id = location.split("/")[-1].split("?")[0]
-    sent = await node.logins.send_passcode(_token_of(node, public_id))
+    sent = await services.logins.send_passcode(_token_of(services, public_id))
     assert (sent.channel, sent.destination) == ("sms", CAROL_MOBILE)
-    assert sent_to(node, ATTACKER) == []
+    assert sent_to(services, ATTACKER) == []
     assert Transaction.get_by_id(first.id).recipient_id == carol().id
 
 
-def _token_of(node: Services, public_id: str) -> str:
+def _token_of(services: Services, public_id: str) -> str:
     """The link token of a transaction, from the email the share sent."""
-    for message in reversed(messages(node)):
+    for message in reversed(messages(services)):
         if public_id in str(message["Subject"]):
             return re.search(r"/t/([A-Za-z0-9_-]+)", message.get_content()).group(1)  # type: ignore[union-attr]
     raise AssertionError(f"no link email for {public_id}")
 
 
-async def test_a_request_keeps_the_channel_too(node: Services, study: str) -> None:
+async def test_a_request_keeps_the_channel_too(services: Services, study: str) -> None:
     carols_transfer(study)
     request = NewRequest(CAROL, "Doe", otp_email=ATTACKER, patient_id="P7")
-    created = await node.requests.create_request(request, actor=Actor("staff", "mallory"))
+    created = await services.requests.create_request(request, actor=Actor("staff", "mallory"))
     assert created.recipient_id == carol().id
     assert (carol().otp_mobile, carol().otp_email) == (CAROL_MOBILE, "")
     assert any("kept (the one given was not used)" in d for d in details("request-create"))
@@ -157,7 +150,7 @@ async def test_a_request_keeps_the_channel_too(node: Services, study: str) -> No
 
 
 async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
-        client: Any, node: Services, study: str) -> None:
+        client: Any, services: Services, study: str) -> None:
     transaction, token = carols_transfer(study, created_by="drwho")  # her account's first
     url = f"/admin/transactions/{transaction.public_id}/passcode-channel"
     change = {"channel": "email", "otp_email": NEW_ADDRESS}
@@ -177,7 +170,7 @@ async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
 
     # Carol is signed in and has a passcode waiting: both end with the change.
     session = logins.open_session(carol())
-    waiting = logins.start_attempt(transaction, node.secret, 600)
+    waiting = logins.start_attempt(transaction, services.secret, 600)
     boss = await staff_browser(client, "boss", is_admin=True)
     page = await boss.page(f"/admin/transactions/{transaction.public_id}")
     assert 'action="' + url + '"' in page
@@ -193,26 +186,26 @@ async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
     (audited,) = details("recipient-channel-change")
     assert "mobile •••23 -> email c•••@example.net" in audited
     assert NEW_ADDRESS not in audited and CAROL_MOBILE not in audited
-    (notice,) = sent_to(node, CAROL_MOBILE)[-1:]
+    (notice,) = sent_to(services, CAROL_MOBILE)[-1:]
     assert "changed where your image exchange passcodes are sent" in notice
     assert "email c•••@example.net" in notice and NEW_ADDRESS not in notice
     assert "+441234000000" in notice  # whom to call: the admin who changed it
     assert details("recipient-channel-notice") == [f"{CAROL}: told on the old mobile •••23"]
 
     # The next passcode goes to the new address, at once (the resend limit starts again).
-    sent = await node.logins.send_passcode(token)
+    sent = await services.logins.send_passcode(token)
     assert (sent.channel, sent.destination) == ("email", NEW_ADDRESS)
-    assert sent.code in sent_to(node, NEW_ADDRESS)[-1]
+    assert sent.code in sent_to(services, NEW_ADDRESS)[-1]
 
     # The contact of the transaction Carol's account was made for may change it too.
     drwho = await staff_browser(client, "drwho")
     back = await drwho.form(url, {"channel": "sms", "otp_mobile": "+44 7700 900999"})
     assert back.status == 303 and carol().otp_mobile == "+447700900999"
-    assert sent_to(node, NEW_ADDRESS)[-1].startswith("St Elsewhere: on ")
+    assert sent_to(services, NEW_ADDRESS)[-1].startswith("St Elsewhere: on ")
 
     # And so may Mallory once Carol has signed in through Mallory's transaction.
-    sent = await node.logins.send_passcode(her_token)
-    node.logins.log_in(her_token, sent.attempt_id, sent.code)
+    sent = await services.logins.send_passcode(her_token)
+    services.logins.log_in(her_token, sent.attempt_id, sent.code)
     again = await mallory.form(hers_url, {"channel": "sms", "otp_mobile": "+447700900888"})
     assert again.status == 303 and carol().otp_mobile == "+447700900888"
 
@@ -220,31 +213,31 @@ async def test_only_admins_and_carols_contacts_change_it_and_carol_is_told(
 # -- the command line ------------------------------------------------------------------------
 
 
-def add_staff(node: Services, username: str, *flags: str) -> None:
+def add_staff(services: Services, username: str, *flags: str) -> None:
     """``iepnode user add`` with the password on standard input."""
     proc = subprocess.run(
         [sys.executable, "-m", "iepnode.cli", "user", "add", username, *flags,
-         "--password-stdin", "--data-dir", str(node.settings.data_dir), *database(node)],
+         "--password-stdin", "--data-dir", str(services.settings.data_dir), *database(services)],
         input="correct horse battery staple\n", capture_output=True, text=True, cwd=REPO,
         timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
-def database(node: Services) -> list[str]:
+def database(services: Services) -> list[str]:
     """The ``--database-url`` flag the CLI needs to use the node's index."""
-    url = node.settings.database_url
+    url = services.settings.database_url
     return ["--database-url", url] if url else []
 
 
 def test_the_cli_keeps_the_channel_and_changes_it_only_for_admins(
-        node: Services, study: str) -> None:
-    data = node.settings.data_dir
+        services: Services, study: str) -> None:
+    data = services.settings.data_dir
     carols_transfer(study, created_by="drwho")
-    add_staff(node, "mallory")
-    add_staff(node, "boss", "--admin", "--email", "boss@hospital.example")
+    add_staff(services, "mallory")
+    add_staff(services, "boss", "--admin", "--email", "boss@hospital.example")
 
     shared = run_cli(data, "transfer", "create", "--study", study, "--to", CAROL,
-                     "--otp-email", ATTACKER, "--as-user", "mallory", extra=database(node))
+                     "--otp-email", ATTACKER, "--as-user", "mallory", extra=database(services))
     assert re.fullmatch(r"IEP\d{8}\n", shared.stdout)
     assert f"{CAROL} already has an account" in shared.stderr
     assert "mobile •••23" in shared.stderr and "iepnode recipient channel" in shared.stderr
@@ -252,15 +245,15 @@ def test_the_cli_keeps_the_channel_and_changes_it_only_for_admins(
 
     # Mallory is the contact of the share she just made: that does not let her move them.
     refused = run_cli(data, "recipient", "channel", CAROL, "--otp-email", ATTACKER,
-                      "--as-user", "mallory", check=False, extra=database(node))
+                      "--as-user", "mallory", check=False, extra=database(services))
     assert refused.returncode == 1 and "hospital contact" in refused.stderr
     assert carol().otp_mobile == CAROL_MOBILE
 
     changed = run_cli(data, "recipient", "channel", CAROL, "--otp-email", NEW_ADDRESS,
-                      "--as-user", "boss", extra=database(node))
+                      "--as-user", "boss", extra=database(services))
     assert "now go to their email c•••@example.net" in changed.stdout
     assert (carol().otp_mobile, carol().otp_email) == ("", NEW_ADDRESS)
-    notice = sent_to(node, CAROL_MOBILE)[-1]
+    notice = sent_to(services, CAROL_MOBILE)[-1]
     assert "changed where your image exchange passcodes are sent" in notice
     assert "boss@hospital.example" in notice
     (audited,) = [e for e in AuditEvent.select().where(

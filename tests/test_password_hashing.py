@@ -191,15 +191,15 @@ async def test_password_work_runs_one_at_a_time_and_refuses_beyond_its_queue() -
 
 async def test_a_login_beyond_the_queue_gets_503_and_costs_no_check(
         aiohttp_client: Any, tmp_path: Path) -> None:
-    node = build_services(load_settings(overrides={"data_dir": tmp_path / "data"}, environ={}))
-    node.admin.logins.failure_delay = 0.0
-    node.admin.logins.password_work = passwords.PasswordWork(concurrency=1, queue=0)
+    services = build_services(load_settings(overrides={"data_dir": tmp_path / "data"}, environ={}))
+    services.admin.logins.failure_delay = 0.0
+    services.admin.logins.password_work = passwords.PasswordWork(concurrency=1, queue=0)
     staff.create_user("drwho", "correct horse battery staple")
-    client = await aiohttp_client(create_app(node.settings, node),
+    client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
     release = threading.Event()
-    holding = asyncio.ensure_future(node.admin.logins.password_work.run(release.wait, 30))
-    while node.admin.logins.password_work.admitted < 1:
+    holding = asyncio.ensure_future(services.admin.logins.password_work.run(release.wait, 30))
+    while services.admin.logins.password_work.admitted < 1:
         await asyncio.sleep(0)
     response = await client.post("/admin/login", data={
         "csrf": CSRF, "username": "drwho", "password": "a wrong password", "code": "000000"},
@@ -211,5 +211,5 @@ async def test_a_login_beyond_the_queue_gets_503_and_costs_no_check(
     assert "Many passwords are being checked just now" in page
     assert not AuditEvent.select().where(AuditEvent.action == "login-failed").exists()
     assert StaffLoginFailures.get(StaffLoginFailures.username == "drwho").failures == 0
-    node.group_commit.close()
-    node.close()
+    services.group_commit.close()
+    services.close()

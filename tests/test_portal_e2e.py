@@ -17,10 +17,15 @@ from playwright.sync_api import Page, expect, sync_playwright
 from pydicom import dcmread
 
 from tests import data_factory as factory
-from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem
+from tests.support.chromium import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    console_problem,
+    portal_environment,
+    require_chromium,
+)
 from tests.support.mail import Inbox, wait_for_mail
 from tests.support.node import add_staff_user, run_cli, running_node
-from tests.support.peers import free_port
 from tests.support.scu import storescu
 
 INSTITUTION = "St Elsewhere NHS Trust"
@@ -29,14 +34,9 @@ INSTITUTION = "St Elsewhere NHS Trust"
 def test_study_sent_by_storescu_reaches_the_recipient_in_chromium(
     tmp_path: Path, smtp: Inbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
+    require_chromium()
     inbox, smtp_port = smtp, smtp.port
-    http_port = free_port()
-    for name, value in {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port),
-                        "SMTP_TLS": "none", "PUBLIC_URL": f"http://127.0.0.1:{http_port}",
-                        "INSTITUTION": INSTITUTION, "FSYNC": "false"}.items():
-        monkeypatch.setenv(f"IEPNODE_{name}", value)
+    http_port = portal_environment(monkeypatch, smtp_port, INSTITUTION)
     files = factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",
         PatientSex="F", StudyDate="20240105", StudyDescription="CT HEAD")

@@ -18,7 +18,7 @@ from aiohttp import web
 from config import ConfigError, load_settings
 from iepnode.wiring import build_services
 from storage.models import AuditEvent
-from tests.test_admin_web import Browser, field
+from tests.support.browser import Browser, input_value
 from web import middlewares, proxies
 from web.app import create_app
 
@@ -30,13 +30,13 @@ async def audited_ip_of_a_login(aiohttp_client: Any, tmp_path: Path, trusted: li
     """Fail a staff login with ``headers``; return the source IP the audit event got."""
     settings = load_settings(overrides={"data_dir": tmp_path / "data",
                                         "trusted_proxies": trusted}, environ={})
-    node = build_services(settings)
-    node.admin.logins.failure_delay = 0.0
-    browser = Browser(await aiohttp_client(create_app(settings, node),
+    services = build_services(settings)
+    services.admin.logins.failure_delay = 0.0
+    browser = Browser(await aiohttp_client(create_app(settings, services),
                                            cookie_jar=aiohttp.DummyCookieJar()))
     form = await browser.page("/admin/login")
     response = await browser.post("/admin/login", headers=headers, data={
-        "csrf": field(form, "csrf"), "username": "alice", "password": "x", "code": "1"})
+        "csrf": input_value(form, "csrf"), "username": "alice", "password": "x", "code": "1"})
     assert response.status == 403
     (event,) = AuditEvent.select().where(AuditEvent.action == "login-failed")
     return event.source_ip

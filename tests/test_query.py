@@ -162,7 +162,7 @@ def populated(backend: Settings, corpus: Corpus) -> Iterator[Services]:
 
 
 @pytest.fixture
-def node(populated: Services) -> Services:
+def services(populated: Services) -> Services:
     """The populated node, its database bound to the (module-global) model proxy."""
     database_proxy.initialize(populated.database)
     return populated
@@ -179,24 +179,24 @@ def ident(level: str, **keys: Any) -> Dataset:
     return ds
 
 
-def find(node: Services, level: str, root: Root = Root.PATIENT, **keys: Any) -> list[Dataset]:
-    return list(node.archive.find(ident(level, **keys), root))
+def find(services: Services, level: str, root: Root = Root.PATIENT, **keys: Any) -> list[Dataset]:
+    return list(services.archive.find(ident(level, **keys), root))
 
 
 def values(results: list[Dataset], keyword: str) -> set[Any]:
     return {str(r[keyword].value) if keyword in r else None for r in results}
 
 
-def studies(node: Services, corpus: Corpus, **keys: Any) -> set[str]:
+def studies(services: Services, corpus: Corpus, **keys: Any) -> set[str]:
     """Names (S1..S6) of the studies a Study Root STUDY query matches."""
     by_uid = {uid: name for name, uid in corpus.study.items()}
-    results = find(node, "STUDY", Root.STUDY, **{"StudyInstanceUID": "", **keys})
+    results = find(services, "STUDY", Root.STUDY, **{"StudyInstanceUID": "", **keys})
     return {by_uid[str(r.StudyInstanceUID)] for r in results}
 
 
-def patients(node: Services, **keys: Any) -> set[str]:
+def patients(services: Services, **keys: Any) -> set[str]:
     """PatientIDs a Patient Root PATIENT query matches."""
-    return values(find(node, "PATIENT", **{"PatientID": "", **keys}), "PatientID")
+    return values(find(services, "PATIENT", **{"PatientID": "", **keys}), "PatientID")
 
 
 def round_trip(ds: Dataset) -> tuple[bytes, Dataset]:
@@ -211,8 +211,8 @@ def round_trip(ds: Dataset) -> tuple[bytes, Dataset]:
 # -- levels and roots --------------------------------------------------------------------
 
 
-def test_patient_root_patient_level(node: Services, corpus: Corpus) -> None:
-    results = find(node, "PATIENT", PatientID="", PatientName="",
+def test_patient_root_patient_level(services: Services, corpus: Corpus) -> None:
+    results = find(services, "PATIENT", PatientID="", PatientName="",
                    NumberOfPatientRelatedStudies="")
     assert len(results) == 5
     by_id = {r.PatientID: r for r in results}
@@ -224,8 +224,8 @@ def test_patient_root_patient_level(node: Services, corpus: Corpus) -> None:
         assert r.QueryRetrieveLevel == "PATIENT"
 
 
-def test_patient_root_study_level(node: Services, corpus: Corpus) -> None:
-    results = find(node, "STUDY", PatientID="PID-001", StudyInstanceUID="", StudyDate="",
+def test_patient_root_study_level(services: Services, corpus: Corpus) -> None:
+    results = find(services, "STUDY", PatientID="PID-001", StudyInstanceUID="", StudyDate="",
                    NumberOfStudyRelatedSeries="", NumberOfStudyRelatedInstances="")
     by_uid = {r.StudyInstanceUID: r for r in results}
     assert set(by_uid) == {corpus.study["S1"], corpus.study["S2"]}
@@ -238,8 +238,8 @@ def test_patient_root_study_level(node: Services, corpus: Corpus) -> None:
 
 
 @pytest.mark.parametrize("root", [Root.PATIENT, Root.STUDY])
-def test_series_level(node: Services, corpus: Corpus, root: Root) -> None:
-    results = find(node, "SERIES", root, StudyInstanceUID=corpus.study["S1"],
+def test_series_level(services: Services, corpus: Corpus, root: Root) -> None:
+    results = find(services, "SERIES", root, StudyInstanceUID=corpus.study["S1"],
                    SeriesInstanceUID="", Modality="", SeriesNumber="",
                    NumberOfSeriesRelatedInstances="")
     by_uid = {r.SeriesInstanceUID: r for r in results}
@@ -251,8 +251,8 @@ def test_series_level(node: Services, corpus: Corpus, root: Root) -> None:
 
 
 @pytest.mark.parametrize("root", [Root.PATIENT, Root.STUDY])
-def test_image_level(node: Services, corpus: Corpus, root: Root) -> None:
-    results = find(node, "IMAGE", root, StudyInstanceUID=corpus.study["S1"],
+def test_image_level(services: Services, corpus: Corpus, root: Root) -> None:
+    results = find(services, "IMAGE", root, StudyInstanceUID=corpus.study["S1"],
                    SeriesInstanceUID=corpus.series["S1-CT"], SOPInstanceUID="",
                    SOPClassUID="", InstanceNumber="")
     assert [r.QueryRetrieveLevel for r in results] == ["IMAGE"] * 3
@@ -261,8 +261,8 @@ def test_image_level(node: Services, corpus: Corpus, root: Root) -> None:
     assert {r.SOPClassUID for r in results} == {"1.2.840.10008.5.1.4.1.1.2"}
 
 
-def test_study_root_study_level_with_patient_keys(node: Services, corpus: Corpus) -> None:
-    results = find(node, "STUDY", Root.STUDY, StudyInstanceUID="", PatientName="",
+def test_study_root_study_level_with_patient_keys(services: Services, corpus: Corpus) -> None:
+    results = find(services, "STUDY", Root.STUDY, StudyInstanceUID="", PatientName="",
                    PatientID="", ModalitiesInStudy="")
     assert len(results) == 6
     by_uid = {r.StudyInstanceUID: r for r in results}
@@ -272,31 +272,31 @@ def test_study_root_study_level_with_patient_keys(node: Services, corpus: Corpus
     assert by_uid[corpus.study["S4"]].ModalitiesInStudy == "DX"
 
 
-def test_study_root_has_no_patient_level(node: Services) -> None:
+def test_study_root_has_no_patient_level(services: Services) -> None:
     with pytest.raises(BadQuery, match="PATIENT"):
-        find(node, "PATIENT", Root.STUDY, PatientID="")
+        find(services, "PATIENT", Root.STUDY, PatientID="")
     with pytest.raises(BadQuery):
-        node.archive.retrieve(ident("PATIENT", PatientID="PID-001"), Root.STUDY)
+        services.archive.retrieve(ident("PATIENT", PatientID="PID-001"), Root.STUDY)
 
 
 @pytest.mark.parametrize("level", ["", "SERIESX", "INSTANCE"])
-def test_invalid_level(node: Services, level: str) -> None:
+def test_invalid_level(services: Services, level: str) -> None:
     with pytest.raises(BadQuery):
-        find(node, level, PatientID="")
+        find(services, level, PatientID="")
 
 
-def test_missing_level(node: Services) -> None:
+def test_missing_level(services: Services) -> None:
     identifier = Dataset()
     identifier.PatientID = ""
     with pytest.raises(BadQuery):
-        list(node.archive.find(identifier, Root.PATIENT))
+        list(services.archive.find(identifier, Root.PATIENT))
 
 
 # -- matching ----------------------------------------------------------------------------
 
 
-def test_universal_matching_returns_all_with_values(node: Services, corpus: Corpus) -> None:
-    results = find(node, "STUDY", Root.STUDY, StudyInstanceUID="", StudyDate="",
+def test_universal_matching_returns_all_with_values(services: Services, corpus: Corpus) -> None:
+    results = find(services, "STUDY", Root.STUDY, StudyInstanceUID="", StudyDate="",
                    StudyDescription="", AccessionNumber="")
     assert len(results) == 6
     assert all("StudyDate" in r and "StudyDescription" in r for r in results)
@@ -307,34 +307,34 @@ def test_universal_matching_returns_all_with_values(node: Services, corpus: Corp
     assert "ACC-1" in values(results, "AccessionNumber")
 
 
-def test_lone_asterisk_is_universal(node: Services) -> None:
-    assert len(patients(node, PatientName="*")) == 5
+def test_lone_asterisk_is_universal(services: Services) -> None:
+    assert len(patients(services, PatientName="*")) == 5
     # ...even for a key with an empty value (P5 has no birth date).
-    assert len(patients(node, PatientName="*", PatientBirthDate="")) == 5
+    assert len(patients(services, PatientName="*", PatientBirthDate="")) == 5
 
 
-def test_single_value_matching(node: Services, corpus: Corpus) -> None:
-    assert patients(node, PatientID="PID-002") == {"PID-002"}
-    assert patients(node, PatientSex="F") == {"PID-002", "A%1"}
-    assert studies(node, corpus, AccessionNumber="ACC-2") == {"S2"}
-    assert studies(node, corpus, StudyDate="20240110") == {"S1"}
-    assert studies(node, corpus, StudyInstanceUID=corpus.study["S3"]) == {"S3"}
+def test_single_value_matching(services: Services, corpus: Corpus) -> None:
+    assert patients(services, PatientID="PID-002") == {"PID-002"}
+    assert patients(services, PatientSex="F") == {"PID-002", "A%1"}
+    assert studies(services, corpus, AccessionNumber="ACC-2") == {"S2"}
+    assert studies(services, corpus, StudyDate="20240110") == {"S1"}
+    assert studies(services, corpus, StudyInstanceUID=corpus.study["S3"]) == {"S3"}
 
 
-def test_single_value_text_matching_is_case_sensitive(node: Services, corpus: Corpus) -> None:
-    assert studies(node, corpus, StudyDescription="Head") == {"S1"}
-    assert studies(node, corpus, StudyDescription="HEAD") == {"S5"}
-    assert studies(node, corpus, StudyDescription="head") == set()
+def test_single_value_text_matching_is_case_sensitive(services: Services, corpus: Corpus) -> None:
+    assert studies(services, corpus, StudyDescription="Head") == {"S1"}
+    assert studies(services, corpus, StudyDescription="HEAD") == {"S5"}
+    assert studies(services, corpus, StudyDescription="head") == set()
 
 
-def test_wildcard_text_matching_is_case_sensitive(node: Services, corpus: Corpus) -> None:
-    assert studies(node, corpus, StudyDescription="H*") == {"S1", "S4", "S5"}
-    assert studies(node, corpus, StudyDescription="*ead") == {"S1"}
-    assert studies(node, corpus, StudyDescription="*EAD") == {"S5"}
-    assert studies(node, corpus, StudyDescription="h*") == set()
-    assert studies(node, corpus, StudyDescription="?ead") == {"S1"}
-    assert studies(node, corpus, StudyDescription="K?ee") == {"S3"}
-    assert studies(node, corpus, StudyDescription="*e*") == {"S1", "S2", "S3"}
+def test_wildcard_text_matching_is_case_sensitive(services: Services, corpus: Corpus) -> None:
+    assert studies(services, corpus, StudyDescription="H*") == {"S1", "S4", "S5"}
+    assert studies(services, corpus, StudyDescription="*ead") == {"S1"}
+    assert studies(services, corpus, StudyDescription="*EAD") == {"S5"}
+    assert studies(services, corpus, StudyDescription="h*") == set()
+    assert studies(services, corpus, StudyDescription="?ead") == {"S1"}
+    assert studies(services, corpus, StudyDescription="K?ee") == {"S3"}
+    assert studies(services, corpus, StudyDescription="*e*") == {"S1", "S2", "S3"}
 
 
 @pytest.mark.parametrize(("pattern", "expected"), [
@@ -353,18 +353,18 @@ def test_wildcard_text_matching_is_case_sensitive(node: Services, corpus: Corpus
     ("Mueller*", set()),
 ])
 def test_person_name_matching_is_case_insensitive(
-    node: Services, pattern: str, expected: set[str]
+    services: Services, pattern: str, expected: set[str]
 ) -> None:
-    assert patients(node, SpecificCharacterSet="ISO_IR 192", PatientName=pattern) == expected
+    assert patients(services, SpecificCharacterSet="ISO_IR 192", PatientName=pattern) == expected
 
 
-def test_name_query_encoded_in_latin1_matches(node: Services) -> None:
+def test_name_query_encoded_in_latin1_matches(services: Services) -> None:
     """An identifier received in ISO_IR 100 is decoded before matching."""
     query = ident("PATIENT", SpecificCharacterSet="ISO_IR 100", PatientName="müll*",
                   PatientID="")
     raw, decoded = round_trip(query)
     assert "müll*".encode("latin-1") in raw
-    results = list(node.archive.find(decoded, Root.PATIENT))
+    results = list(services.archive.find(decoded, Root.PATIENT))
     assert [r.PatientID for r in results] == ["PID-001"]
     assert str(results[0].PatientName) == MULLER
 
@@ -377,63 +377,64 @@ def test_name_query_encoded_in_latin1_matches(node: Services) -> None:
     ("19000101-", {"S1", "S2", "S3", "S4", "S6"}),
     ("20250101-", set()),
 ])
-def test_study_date_ranges(node: Services, corpus: Corpus, value: str, expected: set[str]) -> None:
-    assert studies(node, corpus, StudyDate=value) == expected
+def test_study_date_ranges(services: Services, corpus: Corpus, value: str,
+                           expected: set[str]) -> None:
+    assert studies(services, corpus, StudyDate=value) == expected
 
 
-def test_other_ranges(node: Services, corpus: Corpus) -> None:
-    assert patients(node, PatientBirthDate="19700101-19891231") == {"PID-002", "A_1"}
-    assert patients(node, PatientBirthDate="-19700101") == {"PID-001"}
-    assert studies(node, corpus, StudyTime="1000-1100") == {"S1"}
-    assert studies(node, corpus, StudyTime="-0959") == {"S2", "S3", "S4", "S5", "S6"}
+def test_other_ranges(services: Services, corpus: Corpus) -> None:
+    assert patients(services, PatientBirthDate="19700101-19891231") == {"PID-002", "A_1"}
+    assert patients(services, PatientBirthDate="-19700101") == {"PID-001"}
+    assert studies(services, corpus, StudyTime="1000-1100") == {"S1"}
+    assert studies(services, corpus, StudyTime="-0959") == {"S2", "S3", "S4", "S5", "S6"}
 
 
-def test_empty_range_is_a_bad_query(node: Services) -> None:
+def test_empty_range_is_a_bad_query(services: Services) -> None:
     identifier = ident("STUDY", StudyInstanceUID="")
     # "-" is no valid DA value: pydicom would warn if it were set the usual way.
     identifier[Tag("StudyDate")] = DataElement(Tag("StudyDate"), "DA", "-",
                                                validation_mode=config.IGNORE)
     with pytest.raises(BadQuery):
-        list(node.archive.find(identifier, Root.STUDY))
+        list(services.archive.find(identifier, Root.STUDY))
 
 
-def test_uid_list_matching(node: Services, corpus: Corpus) -> None:
+def test_uid_list_matching(services: Services, corpus: Corpus) -> None:
     uids = [corpus.study["S1"], corpus.study["S3"]]
-    assert studies(node, corpus, StudyInstanceUID=uids) == {"S1", "S3"}
+    assert studies(services, corpus, StudyInstanceUID=uids) == {"S1", "S3"}
     # A list given as one backslash-joined string is the same query.
-    assert studies(node, corpus, StudyInstanceUID="\\".join(uids)) == {"S1", "S3"}
+    assert studies(services, corpus, StudyInstanceUID="\\".join(uids)) == {"S1", "S3"}
     wanted = [corpus.sops["S1-CT"][0], corpus.sops["S2-CT"][1], "1.2.3.999"]
-    results = find(node, "IMAGE", Root.STUDY, SOPInstanceUID=wanted)
+    results = find(services, "IMAGE", Root.STUDY, SOPInstanceUID=wanted)
     assert {r.SOPInstanceUID for r in results} == set(wanted[:2])
     series = [corpus.series["S1-MR"], corpus.series["S4-DX"]]
-    results = find(node, "SERIES", Root.STUDY, SeriesInstanceUID=series, Modality="")
+    results = find(services, "SERIES", Root.STUDY, SeriesInstanceUID=series, Modality="")
     assert values(results, "Modality") == {"MR", "DX"}
 
 
-def test_modalities_in_study(node: Services, corpus: Corpus) -> None:
-    assert studies(node, corpus, ModalitiesInStudy=["CT", "MR"]) == {"S1", "S2", "S3", "S5",
+def test_modalities_in_study(services: Services, corpus: Corpus) -> None:
+    assert studies(services, corpus, ModalitiesInStudy=["CT", "MR"]) == {"S1", "S2", "S3", "S5",
                                                                      "S6"}
-    assert studies(node, corpus, ModalitiesInStudy="CT\\MR") == {"S1", "S2", "S3", "S5", "S6"}
-    assert studies(node, corpus, ModalitiesInStudy="MR") == {"S1", "S3"}
-    assert studies(node, corpus, ModalitiesInStudy="DX") == {"S4"}
-    assert studies(node, corpus, ModalitiesInStudy="US") == set()
+    assert studies(services, corpus, ModalitiesInStudy="CT\\MR") == {"S1", "S2", "S3", "S5", "S6"}
+    assert studies(services, corpus, ModalitiesInStudy="MR") == {"S1", "S3"}
+    assert studies(services, corpus, ModalitiesInStudy="DX") == {"S4"}
+    assert studies(services, corpus, ModalitiesInStudy="US") == set()
     # The matched study returns all its modalities, not only the requested one.
-    results = find(node, "STUDY", Root.STUDY, StudyInstanceUID=corpus.study["S1"],
+    results = find(services, "STUDY", Root.STUDY, StudyInstanceUID=corpus.study["S1"],
                    ModalitiesInStudy="MR")
     assert list(results[0].ModalitiesInStudy) == ["CT", "MR"]
 
 
-def test_modalities_in_study_at_series_level(node: Services, corpus: Corpus) -> None:
-    results = find(node, "SERIES", Root.STUDY, ModalitiesInStudy="MR", SeriesInstanceUID="",
+def test_modalities_in_study_at_series_level(services: Services, corpus: Corpus) -> None:
+    results = find(services, "SERIES", Root.STUDY, ModalitiesInStudy="MR", SeriesInstanceUID="",
                    Modality="")
     assert {r.SeriesInstanceUID for r in results} == {
         corpus.series["S1-CT"], corpus.series["S1-MR"], corpus.series["S3-MR"]}
 
 
-def test_combined_keys_are_anded(node: Services, corpus: Corpus) -> None:
-    assert studies(node, corpus, PatientID="PID-001", StudyDate="20240201-") == {"S2"}
-    assert studies(node, corpus, PatientName="müll*", ModalitiesInStudy="MR") == {"S1"}
-    assert studies(node, corpus, PatientID="PID-002", StudyDescription="Head") == set()
+def test_combined_keys_are_anded(services: Services, corpus: Corpus) -> None:
+    assert studies(services, corpus, PatientID="PID-001", StudyDate="20240201-") == {"S2"}
+    assert studies(services, corpus, PatientName="müll*", ModalitiesInStudy="MR") == {"S1"}
+    assert studies(services, corpus, PatientID="PID-002", StudyDescription="Head") == set()
 
 
 @pytest.mark.parametrize(("pattern", "expected"), [
@@ -449,29 +450,30 @@ def test_combined_keys_are_anded(node: Services, corpus: Corpus) -> None:
     ("%", set()),
     ("_*", set()),
 ])
-def test_like_metacharacters_are_literal(node: Services, pattern: str, expected: set[str]) -> None:
-    assert patients(node, PatientID=pattern) == expected
+def test_like_metacharacters_are_literal(services: Services, pattern: str,
+                                         expected: set[str]) -> None:
+    assert patients(services, PatientID=pattern) == expected
 
 
 @pytest.mark.parametrize("pattern", ["Scan [1]", "*[1]", "Scan [?]", "Scan ?1]", "*[*"])
-def test_brackets_are_literal(node: Services, corpus: Corpus, pattern: str) -> None:
-    assert studies(node, corpus, StudyDescription=pattern) == {"S6"}
+def test_brackets_are_literal(services: Services, corpus: Corpus, pattern: str) -> None:
+    assert studies(services, corpus, StudyDescription=pattern) == {"S6"}
 
 
 # -- return keys -------------------------------------------------------------------------
 
 
-def test_only_requested_keys_are_returned(node: Services, corpus: Corpus) -> None:
-    results = find(node, "STUDY", StudyInstanceUID=corpus.study["S1"], PatientID="")
+def test_only_requested_keys_are_returned(services: Services, corpus: Corpus) -> None:
+    results = find(services, "STUDY", StudyInstanceUID=corpus.study["S1"], PatientID="")
     assert len(results) == 1
     assert {e.keyword for e in results[0]} == {"QueryRetrieveLevel", "RetrieveAETitle",
                                                "StudyInstanceUID", "PatientID"}
-    assert results[0].RetrieveAETitle == node.settings.ae_title
+    assert results[0].RetrieveAETitle == services.settings.ae_title
     assert results[0].PatientID == "PID-001"
 
 
-def test_unsupported_keys_come_back_empty(node: Services, corpus: Corpus) -> None:
-    results = find(node, "STUDY", StudyInstanceUID=corpus.study["S1"], PatientWeight="70",
+def test_unsupported_keys_come_back_empty(services: Services, corpus: Corpus) -> None:
+    results = find(services, "STUDY", StudyInstanceUID=corpus.study["S1"], PatientWeight="70",
                    OtherPatientIDs="", SOPInstanceUID="", SeriesDescription="T1")
     # Unsupported keys and keys below the level do not restrict the match...
     assert len(results) == 1
@@ -483,8 +485,8 @@ def test_unsupported_keys_come_back_empty(node: Services, corpus: Corpus) -> Non
     assert r.StudyInstanceUID == corpus.study["S1"]
 
 
-def test_counters_are_returned_never_matched(node: Services, corpus: Corpus) -> None:
-    results = find(node, "STUDY", Root.STUDY, StudyInstanceUID="",
+def test_counters_are_returned_never_matched(services: Services, corpus: Corpus) -> None:
+    results = find(services, "STUDY", Root.STUDY, StudyInstanceUID="",
                    NumberOfStudyRelatedInstances="99")
     assert len(results) == 6
     by_uid = {r.StudyInstanceUID: r.NumberOfStudyRelatedInstances for r in results}
@@ -495,8 +497,8 @@ def test_counters_are_returned_never_matched(node: Services, corpus: Corpus) -> 
 
 
 @pytest.mark.parametrize("name", [MULLER, NUNEZ, WANG])
-def test_non_ascii_names_round_trip(node: Services, name: str) -> None:
-    results = find(node, "PATIENT", PatientName=name, PatientID="")
+def test_non_ascii_names_round_trip(services: Services, name: str) -> None:
+    results = find(services, "PATIENT", PatientName=name, PatientID="")
     assert len(results) == 1
     response = results[0]
     assert response.SpecificCharacterSet == "ISO_IR 192"
@@ -507,14 +509,14 @@ def test_non_ascii_names_round_trip(node: Services, name: str) -> None:
     assert str(decoded.PatientName) == name
 
 
-def test_ascii_response_needs_no_character_set(node: Services) -> None:
-    results = find(node, "PATIENT", PatientID="AB1", PatientName="")
+def test_ascii_response_needs_no_character_set(services: Services) -> None:
+    results = find(services, "PATIENT", PatientID="AB1", PatientName="")
     assert str(results[0].PatientName) == "Smith^John"
     assert results[0].get("SpecificCharacterSet") in (None, "", "ISO_IR 6", "ISO_IR 192")
 
 
-def test_names_are_stored_decoded(node: Services) -> None:
-    results = find(node, "PATIENT", PatientID="", PatientName="")
+def test_names_are_stored_decoded(services: Services) -> None:
+    results = find(services, "PATIENT", PatientID="", PatientName="")
     assert {str(r.PatientName) for r in results} == {MULLER, NUNEZ, WANG, "Smith^John",
                                                      "O'Brien^Pat"}
 
@@ -522,11 +524,11 @@ def test_names_are_stored_decoded(node: Services) -> None:
 # -- retrieve ----------------------------------------------------------------------------
 
 
-def _retrieved(node: Services, root: Root, level: str, **keys: Any) -> list[str]:
-    items = node.archive.retrieve(ident(level, **keys), root)
+def _retrieved(services: Services, root: Root, level: str, **keys: Any) -> list[str]:
+    items = services.archive.retrieve(ident(level, **keys), root)
     for item in items:
-        assert node.store.exists(item.key)
-        with node.store.open(item.key) as fh:
+        assert services.store.exists(item.key)
+        with services.store.open(item.key) as fh:
             header = dcmread(fh, stop_before_pixels=True)
         assert header.SOPInstanceUID == item.sop_uid
         assert header.SOPClassUID == item.sop_class
@@ -535,34 +537,34 @@ def _retrieved(node: Services, root: Root, level: str, **keys: Any) -> list[str]
 
 
 @pytest.mark.parametrize("root", [Root.PATIENT, Root.STUDY])
-def test_retrieve_study(node: Services, corpus: Corpus, root: Root) -> None:
-    sops = _retrieved(node, root, "STUDY", StudyInstanceUID=corpus.study["S1"])
+def test_retrieve_study(services: Services, corpus: Corpus, root: Root) -> None:
+    sops = _retrieved(services, root, "STUDY", StudyInstanceUID=corpus.study["S1"])
     assert len(sops) == 5
     assert set(sops) == corpus.study_sops["S1"]
     two = [corpus.study["S3"], corpus.study["S4"]]
-    sops = _retrieved(node, root, "STUDY", StudyInstanceUID=two)
+    sops = _retrieved(services, root, "STUDY", StudyInstanceUID=two)
     assert sorted(sops) == sorted(corpus.study_sops["S3"] | corpus.study_sops["S4"])
 
 
-def test_retrieve_series(node: Services, corpus: Corpus) -> None:
-    sops = _retrieved(node, Root.STUDY, "SERIES", StudyInstanceUID=corpus.study["S1"],
+def test_retrieve_series(services: Services, corpus: Corpus) -> None:
+    sops = _retrieved(services, Root.STUDY, "SERIES", StudyInstanceUID=corpus.study["S1"],
                       SeriesInstanceUID=corpus.series["S1-MR"])
     assert sorted(sops) == sorted(corpus.sops["S1-MR"])
 
 
-def test_retrieve_images(node: Services, corpus: Corpus) -> None:
+def test_retrieve_images(services: Services, corpus: Corpus) -> None:
     wanted = [corpus.sops["S1-CT"][1], corpus.sops["S2-CT"][0]]
-    sops = _retrieved(node, Root.STUDY, "IMAGE", SOPInstanceUID=wanted)
+    sops = _retrieved(services, Root.STUDY, "IMAGE", SOPInstanceUID=wanted)
     assert sorted(sops) == sorted(wanted)
-    assert _retrieved(node, Root.STUDY, "IMAGE", SOPInstanceUID="1.2.3.999") == []
+    assert _retrieved(services, Root.STUDY, "IMAGE", SOPInstanceUID="1.2.3.999") == []
 
 
-def test_retrieve_patient(node: Services, corpus: Corpus) -> None:
-    sops = _retrieved(node, Root.PATIENT, "PATIENT", PatientID="PID-001")
+def test_retrieve_patient(services: Services, corpus: Corpus) -> None:
+    sops = _retrieved(services, Root.PATIENT, "PATIENT", PatientID="PID-001")
     assert len(sops) == 7
     assert set(sops) == corpus.patient_sops["P1"]
 
 
-def test_retrieve_is_in_series_then_instance_order(node: Services, corpus: Corpus) -> None:
-    sops = _retrieved(node, Root.STUDY, "STUDY", StudyInstanceUID=corpus.study["S1"])
+def test_retrieve_is_in_series_then_instance_order(services: Services, corpus: Corpus) -> None:
+    sops = _retrieved(services, Root.STUDY, "STUDY", StudyInstanceUID=corpus.study["S1"])
     assert sops == corpus.sops["S1-CT"] + corpus.sops["S1-MR"]

@@ -26,10 +26,10 @@ async def test_undeliverable_passcode_is_explained_and_not_rate_limited(
         aiohttp_client: Any, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=_closed_port(),
                              smtp_tls="none", smtp_timeout=2.0)
-    node = build_services(settings)
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
+    services = build_services(settings)
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1))
     _, token = share([study], otp_email="second@example.org", otp_mobile="")
-    client = await aiohttp_client(create_app(settings, node),
+    client = await aiohttp_client(create_app(settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
     for _ in range(2):  # the second try is not refused as "sent moments ago"
         response = await client.get(f"/t/{token}")

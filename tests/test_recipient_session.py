@@ -9,20 +9,16 @@ redirect to a sign-in page), and is checked here too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from iepnode.services import Services
-from iepnode.wiring import build_services
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import field, make_settings, share
-from web.app import create_app
+from tests.test_recipient_web import field, share
 from web.common import recipient_session
 
 PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
@@ -34,22 +30,8 @@ PAGES = ("/dashboard", "/account/authenticator", "/transactions/{id}",
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def browser(aiohttp_client: Any, node: Services) -> Browser:
-    client = await aiohttp_client(create_app(node.settings, node),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
-
-
-@pytest.fixture
-def public_id(node: Services, tmp_path: Path) -> str:
-    study = store_files(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+def public_id(services: Services, tmp_path: Path) -> str:
+    study = store_files(services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     transaction, _ = share([study], "me@example.org")
     return transaction.public_id
 
@@ -66,7 +48,7 @@ async def test_no_session_is_sent_to_signin(browser: Browser, public_id: str) ->
     await check_every_page_sends_to_signin(browser, public_id)
 
 
-async def test_a_staff_session_is_no_recipient_session(browser: Browser, node: Services,
+async def test_a_staff_session_is_no_recipient_session(browser: Browser, services: Services,
                                                        public_id: str) -> None:
     _, secret = make_user("alice")
     signed_in = await staff_log_in(browser, "alice", secret)

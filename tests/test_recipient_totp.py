@@ -19,7 +19,6 @@ from iepnode.errors import InvalidRequest, PasscodeRejected, RecipientLocked
 from iepnode.people.audit import events_for_transaction
 from iepnode.services import Services
 from iepnode.sharing import logins
-from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import AuditEvent, LoginAttempt, Recipient, WebSession
 from tests import data_factory as factory
@@ -31,13 +30,11 @@ from tests.test_recipient_web import (
     field,
     latest_code,
     log_in,
-    make_settings,
     open_link,
     outbox,
     share,
     store,
 )
-from web.app import create_app
 
 EMAIL = "pat@example.org"
 
@@ -52,25 +49,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
+def study(services: Services, tmp_path: Path) -> str:
+    return store(services, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
                                               PatientID="P1"))
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
 
 
 def recipient() -> Recipient:
@@ -115,11 +96,11 @@ async def account_page(browser: Browser) -> str:
 
 
 async def test_enrol_then_log_in_with_the_app_and_no_passcode_is_sent(
-    client: Any, node: Services, study: str, clock: Clock
+    client: Any, services: Services, study: str, clock: Clock
 ) -> None:
     transaction, token = share([study])
     browser = Browser(client)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     dashboard = await (await browser.get("/dashboard")).text()
     assert 'href="/account/authenticator"' in dashboard
 
@@ -154,7 +135,7 @@ async def test_enrol_then_log_in_with_the_app_and_no_passcode_is_sent(
 
     # A new visit from the emailed link: the app is the default, nothing is sent.
     clock.advance(30)
-    sent_before, attempts_before = len(outbox(node)), LoginAttempt.select().count()
+    sent_before, attempts_before = len(outbox(services)), LoginAttempt.select().count()
     fresh = Browser(client)
     response = await fresh.get(f"/t/{token}")
     html = await response.text()
@@ -162,23 +143,23 @@ async def test_enrol_then_log_in_with_the_app_and_no_passcode_is_sent(
     assert "Use my authenticator app" in html and 'action="/t/' + token + '/login-app"' in html
     assert "A passcode has been sent" not in html and "Send me a passcode instead" in html
     assert 'name="attempt"' not in html
-    assert len(outbox(node)) == sent_before and LoginAttempt.select().count() == attempts_before
+    assert len(outbox(services)) == sent_before and LoginAttempt.select().count() == attempts_before
 
     response = await app_login(fresh, token, code_at(secret, clock))
     assert response.status == 303 and response.headers["Location"] == "/dashboard"
     assert SESSION in fresh.cookies and PRELOGIN not in fresh.cookies
     assert (await fresh.get("/dashboard")).status == 200
-    assert len(outbox(node)) == sent_before
+    assert len(outbox(services)) == sent_before
     login = [e for e in events_for_transaction(transaction.public_id) if e.action == "login"][-1]
     assert (login.event_code, login.detail, login.outcome) == ("110114", "totp", 0)
     assert recipient().totp_last_step == int(clock.now // 30)
 
 
-async def test_each_app_code_is_accepted_once(client: Any, node: Services, study: str,
+async def test_each_app_code_is_accepted_once(client: Any, services: Services, study: str,
                                               clock: Clock) -> None:
     _, token = share([study])
     browser = Browser(client)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     html = await account_page(browser)
     secret = field(html, "secret")
     enrol_code = code_at(secret, clock)
@@ -208,7 +189,7 @@ async def test_each_app_code_is_accepted_once(client: Any, node: Services, study
     assert [e.detail for e in failed] == ["totp PasscodeRejected"] * 3
 
 
-async def test_wrong_app_codes_count_towards_the_lockout(browser: Browser, node: Services,
+async def test_wrong_app_codes_count_towards_the_lockout(browser: Browser, services: Services,
                                                          study: str, clock: Clock) -> None:
     _, token = share([study])
     secret = enrol_directly()
@@ -226,26 +207,26 @@ async def test_wrong_app_codes_count_towards_the_lockout(browser: Browser, node:
     assert response.status == 403 and "Your access is locked" in await response.text()
     response = await browser.get(f"/t/{token}")
     assert response.status == 403 and "Your access is locked" in await response.text()
-    assert outbox(node) == [] and SESSION not in browser.cookies
+    assert outbox(services) == [] and SESSION not in browser.cookies
 
     logins.unlock(recipient())
     assert (await app_login(browser, token, code_at(secret, clock))).status == 303
     assert recipient().consecutive_failures == 0
 
 
-async def test_passcode_instead_still_works(browser: Browser, node: Services, study: str,
+async def test_passcode_instead_still_works(browser: Browser, services: Services, study: str,
                                             clock: Clock) -> None:
     _, token = share([study])
     enrol_directly()
     await browser.get(f"/t/{token}")
-    assert outbox(node) == []
+    assert outbox(services) == []
     response = await browser.post(f"/t/{token}/resend",
                                   data={"csrf": browser.cookies[PRELOGIN]})
     html = await response.text()
-    assert "A passcode has been sent" in html and len(outbox(node)) == 1
+    assert "A passcode has been sent" in html and len(outbox(services)) == 1
     assert "Use my authenticator app" in html  # still offered
     response = await browser.post(f"/t/{token}/login", data={
-        "attempt": field(html, "attempt"), "code": latest_code(node),
+        "attempt": field(html, "attempt"), "code": latest_code(services),
         "csrf": browser.cookies[PRELOGIN]})
     assert response.status == 303 and SESSION in browser.cookies
 
@@ -253,10 +234,10 @@ async def test_passcode_instead_still_works(browser: Browser, node: Services, st
 # -- removal --------------------------------------------------------------------------------
 
 
-async def test_removal_needs_a_current_code(browser: Browser, node: Services, study: str,
+async def test_removal_needs_a_current_code(browser: Browser, services: Services, study: str,
                                             clock: Clock) -> None:
     _, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     secret = enrol_directly()
     html = await account_page(browser)
     csrf = field(html, "csrf")
@@ -281,16 +262,16 @@ async def test_removal_needs_a_current_code(browser: Browser, node: Services, st
 
     # Back to passcodes: opening the link sends one again.
     clock.advance(31)
-    sent = len(outbox(node))
+    sent = len(outbox(services))
     page = await open_link(Browser(browser.client), token)
     assert "A passcode has been sent" in page.html and "Use my authenticator app" not in page.html
-    assert len(outbox(node)) == sent + 1
+    assert len(outbox(services)) == sent + 1
 
 
 # -- refusals -------------------------------------------------------------------------------
 
 
-async def test_missing_csrf_is_refused(client: Any, node: Services, study: str,
+async def test_missing_csrf_is_refused(client: Any, services: Services, study: str,
                                        clock: Clock) -> None:
     _, token = share([study])
     secret = enrol_directly()
@@ -303,7 +284,7 @@ async def test_missing_csrf_is_refused(client: Any, node: Services, study: str,
 
     Recipient.update(totp_secret=None).where(Recipient.email == EMAIL).execute()
     browser = Browser(client)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     html = await account_page(browser)
     form = {"secret": field(html, "secret"), "signature": field(html, "signature"),
             "code": code_at(field(html, "secret"), clock)}
@@ -313,13 +294,13 @@ async def test_missing_csrf_is_refused(client: Any, node: Services, study: str,
     assert recipient().totp_secret is None
 
 
-async def test_enrolment_form_is_bound_to_the_session(client: Any, node: Services, study: str,
+async def test_enrolment_form_is_bound_to_the_session(client: Any, services: Services, study: str,
                                                       clock: Clock) -> None:
     _, token = share([study])
     one, two = Browser(client), Browser(client)
-    await log_in(one, node, token)
+    await log_in(one, services, token)
     clock.advance(31)
-    await log_in(two, node, token)
+    await log_in(two, services, token)
     html = await account_page(one)
     secret, signature = field(html, "secret"), field(html, "signature")
     csrf_two = field(await account_page(two), "csrf")
@@ -335,22 +316,22 @@ async def test_enrolment_form_is_bound_to_the_session(client: Any, node: Service
     assert recipient().totp_secret is None
 
 
-async def test_without_an_app_the_passcode_flow_is_unchanged(browser: Browser, node: Services,
+async def test_without_an_app_the_passcode_flow_is_unchanged(browser: Browser, services: Services,
                                                              study: str) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
-    assert "A passcode has been sent" in page.html and len(outbox(node)) == 1
+    assert "A passcode has been sent" in page.html and len(outbox(services)) == 1
     assert "login-app" not in page.html and "Use my authenticator app" not in page.html
     assert "Send me a new passcode" in page.html
     response = await app_login(browser, token, "123456")
     assert response.status == 403 and "No authenticator app is set up" in await response.text()
     assert recipient().consecutive_failures == 0
     response = await browser.post(f"/t/{token}/login", data={
-        "attempt": page.attempt, "code": latest_code(node), "csrf": page.csrf})
+        "attempt": page.attempt, "code": latest_code(services), "csrf": page.csrf})
     assert response.status == 303 and SESSION in browser.cookies
 
 
-async def test_account_page_needs_a_recipient_session(browser: Browser, node: Services,
+async def test_account_page_needs_a_recipient_session(browser: Browser, services: Services,
                                                       study: str) -> None:
     response = await browser.get("/account/authenticator")
     assert response.status == 303 and response.headers["Location"] == "/signin"
@@ -367,7 +348,7 @@ async def test_account_page_needs_a_recipient_session(browser: Browser, node: Se
 # -- domain rules ---------------------------------------------------------------------------
 
 
-def test_codes_are_checked_within_one_step_either_side(node: Services, study: str) -> None:
+def test_codes_are_checked_within_one_step_either_side(services: Services, study: str) -> None:
     transaction, _ = share([study])
     secret = pyotp.random_base32()
     totp = pyotp.TOTP(secret)

@@ -1,6 +1,6 @@
 """Recipient web pages: link -> passcode -> session -> dashboard, and every way to get it wrong.
 
-The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``.
+The app runs in-process (aiohttp test client) over a :class:`Services` in ``tmp_path``.
 Passcodes are read from the outbox (``DATA_DIR/outbox/*.eml``), or from a real
 SMTP server (aiosmtpd) in one test. The session cookie is ``Secure``, which
 aiohttp's cookie jar never sends over plain HTTP: a small :class:`Browser`
@@ -24,7 +24,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from config import Settings, load_settings
 from iepnode.people.audit import events_for_transaction
 from iepnode.services import Services
 from iepnode.sharing import logins
@@ -35,6 +34,7 @@ from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files as store
 from tests.support.mail import Inbox
+from tests.support.settings import make_settings
 from web import recipient as pages
 from web.app import create_app
 
@@ -66,20 +66,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return fake
 
 
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values = {"data_dir": tmp_path / "data", "institution": "St Elsewhere", "fsync": False,
-              "public_url": "https://portal.example", **overrides}
-    return load_settings(overrides=values, environ={})
-
-
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
-    return build_services(make_settings(tmp_path))
-
-
-@pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store(node, factory.make_ct_series(
+def study(services: Services, tmp_path: Path) -> str:
+    return store(services, factory.make_ct_series(
         tmp_path / "ct", 3, PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800214",
         PatientSex="F", StudyDate="20240105", StudyDescription="CT HEAD", AccessionNumber="ACC1"))
 
@@ -94,25 +83,14 @@ def share(study_uids: list[str], email: str = "pat@example.org", *, now: float |
 
 
 
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
-
-
 def field(html: str, name: str) -> str:
     match = re.search(rf'name="{name}" value="([^"]*)"', html)
     assert match, f"no field {name!r} in the page"
     return match.group(1)
 
 
-def outbox(node: Services) -> list[Path]:
-    folder = node.settings.outbox_dir
+def outbox(services: Services) -> list[Path]:
+    folder = services.settings.outbox_dir
     return sorted(folder.glob("*.eml")) if folder.exists() else []
 
 
@@ -121,9 +99,9 @@ def read_eml(path: Path) -> EmailMessage:
         return BytesParser(policy=policy.default).parse(handle)  # type: ignore[return-value]
 
 
-def latest_code(node: Services) -> str:
+def latest_code(services: Services) -> str:
     """The passcode of the newest message in the outbox."""
-    message = read_eml(outbox(node)[-1])
+    message = read_eml(outbox(services)[-1])
     match = re.search(r"\b(\d{6})\b", message.get_content())
     assert match, "no passcode in the newest outbox message"
     return match.group(1)
@@ -153,10 +131,10 @@ async def submit(browser: Browser, token: str, page: LoginPage, code: str,
     return await browser.post(f"/t/{token}/login", data=data)
 
 
-async def log_in(browser: Browser, node: Services, token: str) -> str:
+async def log_in(browser: Browser, services: Services, token: str) -> str:
     """Follow the link, type the passcode; return the session cookie value."""
     page = await open_link(browser, token)
-    response = await submit(browser, token, page, latest_code(node))
+    response = await submit(browser, token, page, latest_code(services))
     assert response.status == 303, await response.text()
     assert response.headers["Location"] == "/dashboard"
     return browser.cookies[SESSION]
@@ -178,18 +156,18 @@ def cells(html: str) -> list[str]:
 # -- the happy path -----------------------------------------------------------------------
 
 
-async def test_link_passcode_session_dashboard(browser: Browser, node: Services,
+async def test_link_passcode_session_dashboard(browser: Browser, services: Services,
                                                study: str) -> None:
     transaction, token = share([study], message="Your CT from Monday.", nhs_number="9434765919")
     page = await open_link(browser, token)
     assert "A passcode has been sent to your" in page.html
     assert "mobile ending <strong>•••23</strong>" in page.html
     assert "+447700900123" not in page.html
-    sms = read_eml(outbox(node)[-1])
+    sms = read_eml(outbox(services)[-1])
     assert "+447700900123" in str(sms["To"]) and str(sms["To"]).startswith("sms:")
     assert PRELOGIN in browser.cookies and SESSION not in browser.cookies
 
-    response = await submit(browser, token, page, latest_code(node))
+    response = await submit(browser, token, page, latest_code(services))
     assert response.status == 303 and response.headers["Location"] == "/dashboard"
     assert SESSION in browser.cookies and PRELOGIN not in browser.cookies
 
@@ -200,13 +178,13 @@ async def test_link_passcode_session_dashboard(browser: Browser, node: Services,
                            "Status", "Actions"]
     assert 'aria-current="page">Action Required' in html
     assert f'id="tx-{transaction.public_id}"' in html
-    created = pages.format_epoch(transaction.created_at, node.settings.zone)
+    created = pages.format_epoch(transaction.created_at, services.settings.zone)
     for text in ("Transfer", "In", created, "DOE, Jane", "St Elsewhere", "New",
                  transaction.public_id, "14 Feb 1980", "Female", "P1", "9434765919",
                  "5 Jan 2024", "CT HEAD", "ACC1", "3 / 3", "Dr Who", "Radiology",
                  'href="mailto:radiology@hospital.example"', "Your CT from Monday.",
                  "1 new", "Decline this transaction",
-                 pages.format_epoch(transaction.expires_at, node.settings.zone)):
+                 pages.format_epoch(transaction.expires_at, services.settings.zone)):
         assert text in html, text
     assert f'href="/transactions/{transaction.public_id}/view">View<' in html  # issue 4
     assert f'href="/transactions/{transaction.public_id}/download"' in html  # issue 5
@@ -224,9 +202,9 @@ async def test_link_passcode_session_dashboard(browser: Browser, node: Services,
     assert actions.count(("110110", "view-transaction", 0)) == 2
 
 
-async def test_transaction_page(browser: Browser, node: Services, study: str) -> None:
+async def test_transaction_page(browser: Browser, services: Services, study: str) -> None:
     transaction, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     response = await browser.get(f"/transactions/{transaction.public_id}")
     html = await response.text()
     assert response.status == 200
@@ -239,15 +217,15 @@ async def test_passcode_by_email_through_a_real_smtp_server(
 ) -> None:
     settings = make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
                              smtp_tls="none")
-    node = build_services(settings)
-    uid = store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Roe^Rick"))
+    services = build_services(settings)
+    uid = store(services, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Roe^Rick"))
     transaction, token = share([uid], otp_email="code@example.org")
-    browser = Browser(await aiohttp_client(create_app(settings, node),
+    browser = Browser(await aiohttp_client(create_app(settings, services),
                                            cookie_jar=aiohttp.DummyCookieJar()))
     page = await open_link(browser, token)
     assert "email <strong>c•••@example.org</strong>" in page.html
     (mail,) = smtp.messages
-    assert mail["To"] == "code@example.org" and outbox(node) == []
+    assert mail["To"] == "code@example.org" and outbox(services) == []
     code = re.search(r"\b(\d{6})\b", mail.get_content()).group(1)  # type: ignore[union-attr]
     response = await submit(browser, token, page, code)
     assert response.status == 303
@@ -258,22 +236,22 @@ async def test_passcode_by_email_through_a_real_smtp_server(
 # -- login refused --------------------------------------------------------------------------
 
 
-async def test_unknown_link_is_404(browser: Browser, node: Services, study: str) -> None:
+async def test_unknown_link_is_404(browser: Browser, services: Services, study: str) -> None:
     response = await browser.get("/t/" + "x" * 32)
     assert response.status == 404
     assert "This link is not valid" in await response.text()
     assert response.headers["Referrer-Policy"] == "no-referrer"
-    assert outbox(node) == []
+    assert outbox(services) == []
 
 
-async def test_head_on_a_link_sends_no_passcode(browser: Browser, node: Services,
+async def test_head_on_a_link_sends_no_passcode(browser: Browser, services: Services,
                                                 study: str) -> None:
     _, token = share([study])
     response = await browser.request("HEAD", f"/t/{token}")
-    assert response.status == 405 and outbox(node) == []
+    assert response.status == 405 and outbox(services) == []
 
 
-async def test_link_token_alone_gives_no_access(browser: Browser, node: Services,
+async def test_link_token_alone_gives_no_access(browser: Browser, services: Services,
                                                 study: str) -> None:
     _, token = share([study])
     await open_link(browser, token)
@@ -288,11 +266,11 @@ async def test_link_token_alone_gives_no_access(browser: Browser, node: Services
     assert response.status == 403 and SESSION not in browser.cookies
 
 
-async def test_reused_passcode_is_refused(client: Any, node: Services, study: str) -> None:
+async def test_reused_passcode_is_refused(client: Any, services: Services, study: str) -> None:
     _, token = share([study])
     first = Browser(client)
     page = await open_link(first, token)
-    code = latest_code(node)
+    code = latest_code(services)
     assert (await submit(first, token, page, code)).status == 303
     second = Browser(client)
     second.cookies[PRELOGIN] = page.csrf
@@ -302,21 +280,21 @@ async def test_reused_passcode_is_refused(client: Any, node: Services, study: st
     assert SESSION not in second.cookies
 
 
-async def test_expired_passcode_is_refused(browser: Browser, node: Services, study: str,
+async def test_expired_passcode_is_refused(browser: Browser, services: Services, study: str,
                                            clock: Clock) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
     clock.advance(10 * 60 + 1)
-    response = await submit(browser, token, page, latest_code(node))
+    response = await submit(browser, token, page, latest_code(services))
     assert response.status == 403 and "expired" in await response.text()
     assert SESSION not in browser.cookies
 
 
-async def test_sixth_try_is_refused_even_with_the_right_code(browser: Browser, node: Services,
+async def test_sixth_try_is_refused_even_with_the_right_code(browser: Browser, services: Services,
                                                              study: str) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
-    code = latest_code(node)
+    code = latest_code(services)
     for left in (4, 3, 2, 1):
         response = await submit(browser, token, page, wrong(code))
         assert response.status == 403
@@ -329,24 +307,24 @@ async def test_sixth_try_is_refused_even_with_the_right_code(browser: Browser, n
     assert LoginAttempt.get_by_id(int(page.attempt)).dead
 
 
-async def test_resend_is_rate_limited(browser: Browser, node: Services, study: str,
+async def test_resend_is_rate_limited(browser: Browser, services: Services, study: str,
                                       clock: Clock) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
     again = await browser.post(f"/t/{token}/resend", data={"csrf": page.csrf})
     html = await again.text()
     assert again.status == 200 and "less than 30 seconds ago" in html
-    assert field(html, "attempt") == page.attempt and len(outbox(node)) == 1
+    assert field(html, "attempt") == page.attempt and len(outbox(services)) == 1
     clock.advance(31)
     again = await browser.post(f"/t/{token}/resend", data={"csrf": page.csrf})
     html = await again.text()
-    assert "A passcode has been sent" in html and len(outbox(node)) == 2
+    assert "A passcode has been sent" in html and len(outbox(services)) == 2
     newer = LoginPage(html, field(html, "attempt"), page.csrf)
     assert newer.attempt != page.attempt
-    assert (await submit(browser, token, newer, latest_code(node))).status == 303
+    assert (await submit(browser, token, newer, latest_code(services))).status == 303
 
 
-async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, node: Services,
+async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, services: Services,
                                                              study: str, clock: Clock) -> None:
     _, token = share([study])
     page = await open_link(browser, token)
@@ -355,7 +333,7 @@ async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, n
             clock.advance(31)
             response = await browser.post(f"/t/{token}/resend", data={"csrf": page.csrf})
             page = LoginPage("", field(await response.text(), "attempt"), page.csrf)
-        code = latest_code(node)
+        code = latest_code(services)
         for _ in range(5):
             response = await submit(browser, token, page, wrong(code))
             assert response.status == 403
@@ -364,22 +342,22 @@ async def test_lockout_after_100_failures_until_staff_unlock(browser: Browser, n
     recipient = Recipient.get(Recipient.email == "pat@example.org")
     assert recipient.locked_at is not None and recipient.consecutive_failures == 100
     clock.advance(31)
-    sent = len(outbox(node))
+    sent = len(outbox(services))
     response = await browser.get(f"/t/{token}")
     assert response.status == 403 and "Your access is locked" in await response.text()
-    assert len(outbox(node)) == sent
+    assert len(outbox(services)) == sent
     logins.unlock(recipient)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     assert (await browser.get("/dashboard")).status == 200
 
 
 # -- sessions and cookies -------------------------------------------------------------------
 
 
-async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node: Services,
+async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, services: Services,
                                                           study: str, clock: Clock) -> None:
     _, token = share([study])
-    first = await log_in(browser, node, token)
+    first = await log_in(browser, services, token)
     (header,) = [h for h in browser.set_cookies if h.startswith(f"{SESSION}=")]
     attributes = {part.strip().split("=")[0].lower() for part in header.split(";")[1:]}
     assert attributes == {"httponly", "path", "samesite", "secure"}
@@ -387,7 +365,7 @@ async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node
     assert len(base64.urlsafe_b64decode(first + "=" * (-len(first) % 4))) >= 16
     assert first != token
     clock.advance(31)
-    second = await log_in(browser, node, token)
+    second = await log_in(browser, services, token)
     assert second != first
     with pytest.raises(Exception, match="no session"):
         logins.resume_session(first)
@@ -395,11 +373,11 @@ async def test_cookie_flags_and_a_new_value_at_each_login(browser: Browser, node
     assert response.status == 303
 
 
-async def test_session_idle_and_absolute_expiry(client: Any, node: Services, study: str,
+async def test_session_idle_and_absolute_expiry(client: Any, services: Services, study: str,
                                                 clock: Clock) -> None:
     _, token = share([study])
     idle = Browser(client)
-    await log_in(idle, node, token)
+    await log_in(idle, services, token)
     clock.advance(29 * 60)
     assert (await idle.get("/dashboard")).status == 200
     clock.advance(30 * 60 + 1)
@@ -408,7 +386,7 @@ async def test_session_idle_and_absolute_expiry(client: Any, node: Services, stu
 
     clock.advance(31)
     busy = Browser(client)
-    await log_in(busy, node, token)
+    await log_in(busy, services, token)
     for _ in range(35):
         clock.advance(20 * 60)
         assert (await busy.get("/dashboard")).status == 200
@@ -417,9 +395,9 @@ async def test_session_idle_and_absolute_expiry(client: Any, node: Services, stu
     assert response.status == 303 and response.headers["Location"] == "/signin"
 
 
-async def test_logout_kills_the_cookie(browser: Browser, node: Services, study: str) -> None:
+async def test_logout_kills_the_cookie(browser: Browser, services: Services, study: str) -> None:
     _, token = share([study])
-    value = await log_in(browser, node, token)
+    value = await log_in(browser, services, token)
     csrf = await page_csrf(browser)
     response = await browser.post("/logout", data={"csrf": csrf})
     assert response.status == 200 and "You are logged out" in await response.text()
@@ -431,11 +409,12 @@ async def test_logout_kills_the_cookie(browser: Browser, node: Services, study: 
     assert WebSession.get(WebSession.csrf_token == csrf).ended
 
 
-async def test_security_headers_on_every_page(browser: Browser, node: Services, study: str) -> None:
+async def test_security_headers_on_every_page(browser: Browser, services: Services,
+                                              study: str) -> None:
     _, token = share([study])
     pages_seen = [await browser.get(f"/t/{token}"), await browser.get("/signin"),
                   await browser.get("/t/unknown-token-0000000000000")]
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     for path in ("/dashboard", "/dashboard?tab=home", "/transactions/IEP00000000",
                  "/dashboard?tab=all"):
         pages_seen.append(await browser.get(path))
@@ -451,11 +430,11 @@ async def test_security_headers_on_every_page(browser: Browser, node: Services, 
 # -- authorisation and CSRF -----------------------------------------------------------------
 
 
-async def test_another_recipients_transaction_is_404(browser: Browser, node: Services,
+async def test_another_recipients_transaction_is_404(browser: Browser, services: Services,
                                                      study: str) -> None:
     mine, token = share([study])
     theirs, _ = share([study], "someone@example.org", otp_mobile="+447700900999")
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await page_csrf(browser)
     before = TransactionMessage.select().where(TransactionMessage.transaction == theirs.id).count()
     for path, data in ((f"/transactions/{theirs.public_id}/messages", {"body": "hi"}),
@@ -472,15 +451,15 @@ async def test_another_recipients_transaction_is_404(browser: Browser, node: Ser
     assert after == before
 
 
-async def test_missing_or_wrong_csrf_token_is_refused(browser: Browser, node: Services,
+async def test_missing_or_wrong_csrf_token_is_refused(browser: Browser, services: Services,
                                                       study: str) -> None:
     transaction, token = share([study])
     page = await open_link(browser, token)
     for csrf in ("", "forged"):
-        response = await submit(browser, token, page, latest_code(node), csrf=csrf)
+        response = await submit(browser, token, page, latest_code(services), csrf=csrf)
         assert response.status == 403 and SESSION not in browser.cookies
     assert LoginAttempt.get_by_id(int(page.attempt)).tries == 0
-    await log_in_with(browser, token, page, node)
+    await log_in_with(browser, token, page, services)
     good = await page_csrf(browser)
     for data in ({}, {"csrf": ""}, {"csrf": page.csrf}, {"csrf": good[:-1]}):
         for path, body in ((f"/transactions/{transaction.public_id}/messages", {"body": "hi"}),
@@ -493,20 +472,20 @@ async def test_missing_or_wrong_csrf_token_is_refused(browser: Browser, node: Se
     assert (await browser.get("/dashboard")).status == 200
 
 
-async def log_in_with(browser: Browser, token: str, page: LoginPage, node: Services) -> None:
-    response = await submit(browser, token, page, latest_code(node))
+async def log_in_with(browser: Browser, token: str, page: LoginPage, services: Services) -> None:
+    response = await submit(browser, token, page, latest_code(services))
     assert response.status == 303
 
 
 # -- what a recipient can do ----------------------------------------------------------------
 
 
-async def test_messages_are_escaped_and_threaded(browser: Browser, node: Services,
+async def test_messages_are_escaped_and_threaded(browser: Browser, services: Services,
                                                  study: str) -> None:
     transaction, token = share([study], message="Hello from radiology")
     Transaction.update(patient_name="<script>alert(1)</script>^Jane").where(
         Transaction.id == transaction.id).execute()
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await page_csrf(browser)
     response = await browser.post(f"/transactions/{transaction.public_id}/messages",
                                   data={"body": "<script>alert('x')</script> thanks\nline 2",
@@ -530,9 +509,9 @@ async def test_messages_are_escaped_and_threaded(browser: Browser, node: Service
     assert [e.action for e in events_for_transaction(transaction.public_id)].count("message") == 1
 
 
-async def test_decline_with_a_reason(browser: Browser, node: Services, study: str) -> None:
+async def test_decline_with_a_reason(browser: Browser, services: Services, study: str) -> None:
     transaction, token = share([study])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     csrf = await page_csrf(browser)
     path = f"/transactions/{transaction.public_id}/decline"
     response = await browser.post(path, data={"reason": "  ", "csrf": csrf})
@@ -554,21 +533,22 @@ async def test_decline_with_a_reason(browser: Browser, node: Services, study: st
 
 
 async def test_purge_after_expiry_keeps_studies_shared_elsewhere(
-    browser: Browser, node: Services, study: str, tmp_path: Path
+    browser: Browser, services: Services, study: str, tmp_path: Path
 ) -> None:
-    only_here = store(node, factory.make_ct_series(tmp_path / "b", 2, PatientID="P1",
+    only_here = store(services, factory.make_ct_series(tmp_path / "b", 2, PatientID="P1",
                                                    PatientName="Doe^Jane"))
-    objects = node.settings.store_dir
+    objects = services.settings.store_dir
     assert len([p for p in objects.rglob("*") if p.is_file()]) == 5
     expired, old_token = share([study, only_here], now=time.time() - 2 * tx.DAY, expiry_days=1)
     _, token = share([study], "gp@example.org", otp_mobile="+447700900999")
-    assert node.sharing.purge_expired() == 2
+    assert services.sharing.purge_expired() == 2
     files = [p for p in objects.rglob("*") if p.is_file()]
     assert len(files) == 3
-    assert node.archive.study(only_here) is None and node.archive.study(study).num_instances == 3
+    assert (services.archive.study(only_here) is None
+            and services.archive.study(study).num_instances == 3)
     assert Transaction.get_by_id(expired.id).status == tx.EXPIRED
     assert (await browser.get(f"/t/{old_token}")).status == 404
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     html = await (await browser.get("/dashboard?tab=all")).text()
     assert "3 / 3" in html
 

@@ -23,7 +23,6 @@ from iepnode.wiring import build_services
 from storage.models import AuditEvent, Transaction, TransactionMessage
 from tests import data_factory as factory
 from tests.support.mail import Inbox
-from tests.test_admin_web import Browser as StaffBrowser
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
 from tests.test_recipient_web import (
@@ -45,11 +44,11 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def staff_client(aiohttp_client: Any, node: Services) -> tuple[Any, StaffBrowser]:
-    node.admin.logins.failure_delay = 0.0
-    client = await aiohttp_client(create_app(node.settings, node),
+async def staff_client(aiohttp_client: Any, services: Services) -> tuple[Any, Browser]:
+    services.admin.logins.failure_delay = 0.0
+    client = await aiohttp_client(create_app(services.settings, services),
                                   cookie_jar=aiohttp.DummyCookieJar())
-    staff = StaffBrowser(client)
+    staff = Browser(client)
     _, secret = make_user("nurse", display_name="Nurse Kim")
     assert (await staff_log_in(staff, "nurse", secret)).status == 303
     return client, staff
@@ -62,14 +61,14 @@ def notify_events() -> list[AuditEvent]:
 
 async def test_a_staff_reply_emails_the_recipient_to_sign_in_and_not_the_message(
         aiohttp_client: Any, tmp_path: Path, smtp: Inbox) -> None:
-    node = build_services(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
+    services = build_services(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=smtp.port,
                               smtp_tls="none"))
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane",
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientName="Doe^Jane",
                                                PatientID="MRN4711"))
-    created = await node.sharing.share(NewTransfer((study,), "pat@example.org",
+    created = await services.sharing.share(NewTransfer((study,), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
-    client, staff = await staff_client(aiohttp_client, node)
+    client, staff = await staff_client(aiohttp_client, services)
     url = f"/admin/transactions/{created.public_id}"
 
     response = await staff.form(f"{url}/messages", {"body": SECRET_NEWS})
@@ -99,17 +98,18 @@ async def test_a_staff_reply_emails_the_recipient_to_sign_in_and_not_the_message
     assert response.status == 303 and response.headers["Location"] == "/signin"
     assert "open the link in your email again" in await recipient.page("/signin")
     token = re.search(r"/t/([A-Za-z0-9_-]+)", transfer_mail.get_content()).group(1)  # type: ignore[union-attr]
-    await log_in(recipient, node, token)
+    await log_in(recipient, services, token)
     assert SECRET_NEWS in await recipient.page(f"/transactions/{created.public_id}")
 
 
 async def test_a_reply_whose_email_fails_is_kept_and_staff_are_told(
         aiohttp_client: Any, tmp_path: Path) -> None:
-    node = build_services(make_settings(tmp_path, smtp_host="127.0.0.1", smtp_port=closed_port(),
-                              smtp_tls="none", smtp_timeout=2.0))
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
+    services = build_services(make_settings(tmp_path, smtp_host="127.0.0.1",
+                                            smtp_port=closed_port(),
+                                            smtp_tls="none", smtp_timeout=2.0))
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1))
     transaction, _ = share([study])
-    _, staff = await staff_client(aiohttp_client, node)
+    _, staff = await staff_client(aiohttp_client, services)
     url = f"/admin/transactions/{transaction.public_id}"
 
     response = await staff.form(f"{url}/messages", {"body": SECRET_NEWS})
@@ -131,18 +131,18 @@ async def test_a_reply_whose_email_fails_is_kept_and_staff_are_told(
 
 async def test_no_email_for_a_reply_on_an_expired_transaction(aiohttp_client: Any,
                                                               tmp_path: Path) -> None:
-    node = build_services(make_settings(tmp_path))
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1))
+    services = build_services(make_settings(tmp_path))
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1))
     transaction, _ = share([study])
-    before = outbox(node)
+    before = outbox(services)
     Transaction.update(expires_at=time.time() - 1).where(
         Transaction.id == transaction.id).execute()
-    _, staff = await staff_client(aiohttp_client, node)
+    _, staff = await staff_client(aiohttp_client, services)
     url = f"/admin/transactions/{transaction.public_id}"
 
     response = await staff.form(f"{url}/messages", {"body": "Ask us for a new link."})
     assert response.headers["Location"] == f"{url}?done=replied-expired#messages"
-    assert outbox(node) == before
+    assert outbox(services) == before
     assert TransactionMessage.select().count() == 1
     assert "the transaction has expired" in await staff.page(response.headers["Location"])
     (event,) = notify_events()

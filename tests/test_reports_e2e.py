@@ -21,7 +21,7 @@ from playwright.sync_api import Frame, Page, expect, sync_playwright
 from pydicom import dcmread
 
 from tests import data_factory as factory
-from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.support.node import running_node
 from tests.support.scu import storescu
 from tests.test_download import outbox_text
@@ -33,8 +33,7 @@ PDF_VIEWER = "chrome-extension://mhjfbmdgcfjbbpaeojofohoefgiehjai/"
 def test_view_report_opens_the_pdf_and_an_attachment_is_added(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
+    require_chromium()
     monkeypatch.setenv("IEPNODE_FSYNC", "false")
     ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1",
                                 StudyDate="20240105", StudyDescription="CT HEAD")

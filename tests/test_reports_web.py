@@ -1,6 +1,6 @@
 """Reports (PDF, SR) and attachments over HTTP, for recipients and staff (issue 4).
 
-The app runs in-process over a real :class:`Node` in ``tmp_path`` (aiohttp test server
+The app runs in-process over a real :class:`Services` in ``tmp_path`` (aiohttp test server
 on loopback), as in tests/test_recipient_web.py, whose login helpers these tests use;
 staff log in with password + TOTP as in tests/test_admin_web.py. Studies are stored
 through the node's ingest path.
@@ -22,7 +22,6 @@ from pydicom.uid import EncapsulatedPDFStorage, SecondaryCaptureImageStorage
 
 from iepnode.services import Services
 from iepnode.sharing import transactions as tx
-from iepnode.wiring import build_services
 from storage.models import (
     Attachment,
     AuditEvent,
@@ -36,29 +35,10 @@ from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import field, log_in, make_settings, share
+from tests.test_recipient_web import field, log_in, share
 from web import middlewares
-from web.app import create_app
 
 XSS = '<script>alert("sr")</script><img src=x onerror=alert(1)>'
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def client(aiohttp_client: Any, node: Services) -> Any:
-    return await aiohttp_client(create_app(node.settings, node),
-                                cookie_jar=aiohttp.DummyCookieJar())
-
-
-@pytest.fixture
-def browser(client: Any) -> Browser:
-    return Browser(client)
 
 
 @pytest.fixture
@@ -71,7 +51,7 @@ async def staff_browser(client: Any) -> Browser:
 
 
 @pytest.fixture
-def study(node: Services, tmp_path: Path) -> dict[str, Any]:
+def study(services: Services, tmp_path: Path) -> dict[str, Any]:
     """A CT study with an Encapsulated PDF report and a Basic Text SR (XSS in its text)."""
     ct = factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane", PatientID="P1",
                                 PatientBirthDate="19800214", PatientSex="F",
@@ -81,7 +61,7 @@ def study(node: Services, tmp_path: Path) -> dict[str, Any]:
     pdf_path = factory.make_pdf(tmp_path / "reports", pdf=pdf, like=ct[0],
                                 DocumentTitle="Radiology report (final)")
     sr_path = factory.make_sr(tmp_path / "reports", text=f"Small nodule. {XSS}", like=ct[0])
-    uid = store_files(node, [*ct, pdf_path, sr_path])
+    uid = store_files(services, [*ct, pdf_path, sr_path])
     return {"uid": uid, "pdf": pdf, "pdf_uid": str(dcmread(pdf_path).SOPInstanceUID),
             "sr_uid": str(dcmread(sr_path).SOPInstanceUID)}
 
@@ -115,9 +95,9 @@ async def attachments_csrf(browser: Browser, base: str) -> str:
 
 
 async def test_recipient_lists_reports_opens_pdf_and_readable_sr(
-        browser: Browser, node: Services, study: dict[str, Any]) -> None:
+        browser: Browser, services: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}"
     details = await browser.page(base)
     assert f'href="{base}/reports">View Report</a>' in details
@@ -154,18 +134,18 @@ async def test_recipient_lists_reports_opens_pdf_and_readable_sr(
 
 
 async def test_reports_of_others_are_404_and_closed_ones_410(
-        browser: Browser, node: Services, study: dict[str, Any], tmp_path: Path) -> None:
+        browser: Browser, services: Services, study: dict[str, Any], tmp_path: Path) -> None:
     mine, token = share([study["uid"]], "me@example.org")
     theirs, _ = share([study["uid"]], "them@example.org")
     expired, _ = share([study["uid"]], "me@example.org", now=time.time() - 20 * tx.DAY)
     declined, _ = share([study["uid"]], "me@example.org")
     tx.decline(Transaction.get_by_id(declined.id), "not mine")
     other_path = factory.make_pdf(tmp_path / "other", PatientID="P9")
-    store_files(node, [other_path])
+    store_files(services, [other_path])
     other_pdf = str(dcmread(other_path).SOPInstanceUID)
     anonymous = await browser.get(f"/transactions/{mine.public_id}/reports")
     assert anonymous.status == 303 and anonymous.headers["Location"] == "/signin"
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     for url in (f"/transactions/{theirs.public_id}/reports",
                 f"/transactions/{theirs.public_id}/reports/{study['pdf_uid']}",
                 f"/transactions/{theirs.public_id}/attachments",
@@ -186,7 +166,7 @@ async def test_reports_of_others_are_404_and_closed_ones_410(
 
 
 async def test_tid_1500_measurements_are_read_with_highdicom(
-        staff_browser: Browser, node: Services, tmp_path: Path) -> None:
+        staff_browser: Browser, services: Services, tmp_path: Path) -> None:
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -215,7 +195,7 @@ async def test_tid_1500_measurements_are_read_with_highdicom(
                                  manufacturer="test")
     path = tmp_path / "sr1500.dcm"
     sr.save_as(path, enforce_file_format=True)
-    uid = store_files(node, [*ct, path])
+    uid = store_files(services, [*ct, path])
     transaction, _ = share([uid])
     html = await staff_browser.page(
         f"/admin/transactions/{transaction.public_id}/reports/{sr.SOPInstanceUID}")
@@ -229,11 +209,11 @@ async def test_tid_1500_measurements_are_read_with_highdicom(
 
 
 async def test_recipient_attaches_a_pdf_held_by_the_transaction(
-        browser: Browser, node: Services, study: dict[str, Any]) -> None:
+        browser: Browser, services: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}"
-    before = node.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
+    before = services.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
     instances = Instance.select().count()
     pdf = factory.minimal_pdf("GP letter")
     response = await browser.post(f"{base}/attachments", data=upload_form(
@@ -251,7 +231,7 @@ async def test_recipient_attaches_a_pdf_held_by_the_transaction(
     assert attachment.key and attachment.filed_at is None
     assert Instance.select().count() == instances
     assert not Instance.select().where(Instance.sop_uid == attachment.sop_uid).exists()
-    stored = dcmread(node.store.path(attachment.key))
+    stored = dcmread(services.store.path(attachment.key))
     assert stored.SOPClassUID == EncapsulatedPDFStorage
     assert stored.StudyInstanceUID == study["uid"]
     assert stored.PatientID == "P1" and str(stored.PatientName) == "Doe^Jane"
@@ -269,7 +249,7 @@ async def test_recipient_attaches_a_pdf_held_by_the_transaction(
     opened = await browser.get(f"{base}/reports/{attachment.sop_uid}")
     assert opened.content_type == "application/pdf" and await opened.read() == pdf
     assert opened.headers["Content-Disposition"] == 'inline; filename="Attached_GP_letter.pdf"'
-    after = node.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
+    after = services.downloads.recipient_package(transaction.recipient_id, transaction.public_id)
     assert after.instances == before.instances  # no DICOM file more in the package
     assert after.etag != before.etag  # but ATTACHED/ is new
     row = TransactionStudy.get(TransactionStudy.transaction == transaction.id)
@@ -283,7 +263,8 @@ async def test_recipient_attaches_a_pdf_held_by_the_transaction(
 
 
 async def test_staff_attach_an_image_and_the_recipient_is_told(
-        browser: Browser, staff_browser: Browser, node: Services, study: dict[str, Any]) -> None:
+        browser: Browser, staff_browser: Browser, services: Services,
+        study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
     base = f"/admin/transactions/{transaction.public_id}"
     assert f'href="{base}/attachments">View/Add Attachments</a>' in await staff_browser.page(base)
@@ -295,11 +276,11 @@ async def test_staff_attach_an_image_and_the_recipient_is_told(
     assert (attachment.author_kind, attachment.author, attachment.title) == (
         "staff", "alice", "wound")
     assert not Instance.select().where(Instance.sop_uid == attachment.sop_uid).exists()
-    stored = dcmread(node.store.path(attachment.key))
+    stored = dcmread(services.store.path(attachment.key))
     assert stored.SOPClassUID == SecondaryCaptureImageStorage
     assert np.array_equal(stored.pixel_array, arr)
 
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     details = await browser.page(f"/transactions/{transaction.public_id}")
     assert "Dr Alice" in details and "Attached an image: \u201cwound\u201d (PNG" in details
     listing = await browser.page(f"/transactions/{transaction.public_id}/attachments")
@@ -312,15 +293,15 @@ async def test_staff_attach_an_image_and_the_recipient_is_told(
 
 
 async def test_bad_files_are_refused_and_nothing_is_stored(
-        browser: Browser, node: Services, study: dict[str, Any],
+        browser: Browser, services: Services, study: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
     transaction, token = share([study["uid"]])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}"
     csrf = await attachments_csrf(browser, base)
     instances = Instance.select().count()
     messages = TransactionMessage.select().count()
-    stored = sorted(node.store.keys())
+    stored = sorted(services.store.keys())
     for data, name, kind, words in (
             (b"MZ\x90\x00 not a document", "report.pdf", "application/pdf",
              "Only PDF documents and JPEG or PNG images can be attached"),
@@ -342,18 +323,18 @@ async def test_bad_files_are_refused_and_nothing_is_stored(
     assert too_big.status == 413 and "largest file" in await too_big.text()
 
     assert Instance.select().count() == instances
-    assert sorted(node.store.keys()) == stored
+    assert sorted(services.store.keys()) == stored
     assert Attachment.select().count() == 0
     assert TransactionMessage.select().count() == messages
     assert events("attachment-add") == []
 
 
 async def test_several_studies_the_study_must_be_chosen(
-        browser: Browser, node: Services, study: dict[str, Any], tmp_path: Path) -> None:
-    second = store_files(node, factory.make_ct_series(
+        browser: Browser, services: Services, study: dict[str, Any], tmp_path: Path) -> None:
+    second = store_files(services, factory.make_ct_series(
         tmp_path / "mr", 1, PatientName="Doe^Jane", PatientID="P1", StudyDescription="MR KNEE"))
     transaction, token = share([study["uid"], second])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}"
     page = await browser.page(f"{base}/attachments")
     assert "Choose the study it belongs to" in page and "MR KNEE" in page
@@ -369,13 +350,13 @@ async def test_several_studies_the_study_must_be_chosen(
         csrf, pdf, "a.pdf", "application/pdf", study=second))
     assert chosen.status == 303
     assert Attachment.get().study_uid == second
-    assert dcmread(node.store.path(Attachment.get().key)).StudyInstanceUID == second
+    assert dcmread(services.store.path(Attachment.get().key)).StudyInstanceUID == second
 
 
 async def test_nothing_can_be_attached_to_a_declined_transaction(
-        browser: Browser, node: Services, study: dict[str, Any]) -> None:
+        browser: Browser, services: Services, study: dict[str, Any]) -> None:
     transaction, token = share([study["uid"]])
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}"
     csrf = await attachments_csrf(browser, base)
     tx.decline(Transaction.get_by_id(transaction.id), "wrong patient")
@@ -388,7 +369,7 @@ async def test_nothing_can_be_attached_to_a_declined_transaction(
 
 
 async def test_staff_reach_any_transaction_but_not_unknown_or_purged_ones(
-        browser: Browser, staff_browser: Browser, node: Services, study: dict[str, Any],
+        browser: Browser, staff_browser: Browser, services: Services, study: dict[str, Any],
         tmp_path: Path) -> None:
     declined, token = share([study["uid"]])
     tx.decline(Transaction.get_by_id(declined.id), "not mine")
@@ -397,12 +378,12 @@ async def test_staff_reach_any_transaction_but_not_unknown_or_purged_ones(
     pdf = await staff_browser.get(f"{base}/reports/{study['pdf_uid']}")
     assert pdf.status == 200 and await pdf.read() == study["pdf"]
     assert (await staff_browser.get("/admin/transactions/IEP00000000/reports")).status == 404
-    old = store_files(node, factory.make_ct_series(tmp_path / "old", 1, PatientID="P1"))
+    old = store_files(services, factory.make_ct_series(tmp_path / "old", 1, PatientID="P1"))
     purged, _ = share([old], now=time.time() - 20 * tx.DAY)
-    node.sharing.purge_expired()
+    services.sharing.purge_expired()
     gone = await staff_browser.get(f"/admin/transactions/{purged.public_id}/attachments")
     assert gone.status == 410
     # A recipient session opens no staff page: it is sent to the staff login.
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     response = await browser.get(f"{base}/reports")
     assert response.status == 303 and response.headers["Location"].startswith("/admin/login")

@@ -38,7 +38,7 @@ from tests.support.ingest import store_files
 ACTOR = audit.Actor("cli", "tester")
 
 
-def make_node(tmp_path: Path, database_url: str = "") -> Services:
+def make_services(tmp_path: Path, database_url: str = "") -> Services:
     values = {"data_dir": tmp_path / "data", "fsync": False}
     if database_url:
         values["database_url"] = database_url
@@ -46,15 +46,15 @@ def make_node(tmp_path: Path, database_url: str = "") -> Services:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
+def services(request: pytest.FixtureRequest, tmp_path: Path) -> Services:
     url = request.getfixturevalue("fresh_postgres_url") if request.param == "postgres" else ""
-    return make_node(tmp_path, url)
+    return make_services(tmp_path, url)
 
 
 @pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
+def study(services: Services, tmp_path: Path) -> str:
     registry.add_remote_ae("DEST", "127.0.0.1", 104, set(), send_to=True)
-    return store_files(node, factory.make_ct_series(tmp_path / "ct", 3))
+    return store_files(services, factory.make_ct_series(tmp_path / "ct", 3))
 
 
 Script = Callable[[Outgoing], ItemResult]
@@ -72,12 +72,12 @@ def scripted(answers: Script) -> sending.Transport:
     return transport
 
 
-def runner(node: Services, transport: sending.Transport,
+def runner(services: Services, transport: sending.Transport,
            attempts: int = 5) -> send_runner.JobRunner:
-    return send_runner.JobRunner(node.store, transport, RetryPolicy(5.0, 60.0, attempts))
+    return send_runner.JobRunner(services.store, transport, RetryPolicy(5.0, 60.0, attempts))
 
 
-def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> None:
+def test_only_one_of_two_runners_claims_a_job(services: Services, study: str) -> None:
     job = sending.queue_job([study], "DEST", ACTOR)
     barrier = threading.Barrier(2)
     claims: list[object] = []
@@ -85,7 +85,7 @@ def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> Non
     def claim(owner: str) -> None:
         barrier.wait()
         claims.append(send_runner.claim_job(owner))
-        node.close()
+        services.close()
 
     threads = [threading.Thread(target=claim, args=(f"h/{n}/x",)) for n in range(2)]
     for thread in threads:
@@ -102,19 +102,19 @@ def test_only_one_of_two_runners_claims_a_job(node: Services, study: str) -> Non
     assert send_runner.claim_job("h/3/x").lease_owner == "h/3/x"
 
 
-def test_transient_failures_retry_refusals_do_not(node: Services, study: str) -> None:
+def test_transient_failures_retry_refusals_do_not(services: Services, study: str) -> None:
     job = sending.queue_job([study], "DEST", ACTOR)
     items = [i.id for i in SendItem.select().order_by(SendItem.id)]
     first = {items[0]: ItemResult(items[0], True, 0), items[1]: sending.failure_result(
         items[1], 0xA700, "disk full"), items[2]: sending.failure_result(items[2], 0xC000)}
-    ran = runner(node, scripted(lambda item: first[item.item_id])).run_one()
+    ran = runner(services, scripted(lambda item: first[item.item_id])).run_one()
     assert ran is not None
     row = SendJob.get_by_id(job.id)
     assert (row.state, row.sent, row.failed, row.attempts) == ("queued", 1, 1, 1)
     assert row.next_try_at > time.time() + 3 and "retrying in 5 s" in row.error
     states = [i.state for i in SendItem.select().order_by(SendItem.id)]
     assert states == ["sent", "pending", "failed"]
-    assert runner(node, scripted(lambda item: first[item.item_id])).run_one() is None  # not due
+    assert runner(services, scripted(lambda item: first[item.item_id])).run_one() is None  # not due
 
     SendJob.update(next_try_at=0).execute()
     sent_now: list[str] = []
@@ -123,7 +123,7 @@ def test_transient_failures_retry_refusals_do_not(node: Services, study: str) ->
         sent_now.append(item.sop_uid)
         return ItemResult(item.item_id, True, 0xB000)
 
-    runner(node, scripted(second)).run_one()
+    runner(services, scripted(second)).run_one()
     assert len(sent_now) == 1  # only the pending one: nothing is sent twice
     row = SendJob.get_by_id(job.id)
     assert (row.state, row.sent, row.failed) == ("failed", 2, 1)
@@ -133,7 +133,7 @@ def test_transient_failures_retry_refusals_do_not(node: Services, study: str) ->
         "110104", audit.MINOR_FAILURE, study)
 
 
-def test_unreachable_peer_gives_up_after_the_last_attempt(node: Services, study: str) -> None:
+def test_unreachable_peer_gives_up_after_the_last_attempt(services: Services, study: str) -> None:
     job = sending.queue_job([study], "DEST", ACTOR)
 
     def down(destination: Destination, items: Sequence[Outgoing],
@@ -141,7 +141,7 @@ def test_unreachable_peer_gives_up_after_the_last_attempt(node: Services, study:
         raise PeerUnavailable(f"{destination} cannot be reached")
 
     for _ in range(2):
-        runner(node, down, attempts=2).run_one()
+        runner(services, down, attempts=2).run_one()
         SendJob.update(next_try_at=0).execute()
     row = SendJob.get_by_id(job.id)
     assert row.state == "failed" and row.sent == 0 and row.finished_at
@@ -150,7 +150,7 @@ def test_unreachable_peer_gives_up_after_the_last_attempt(node: Services, study:
     assert event.outcome == audit.SERIOUS_FAILURE
 
 
-def test_a_peer_that_drops_the_association_on_one_instance(node: Services, study: str) -> None:
+def test_a_peer_that_drops_the_association_on_one_instance(services: Services, study: str) -> None:
     job = sending.queue_job([study], "DEST", ACTOR)
     poison = SendItem.select().order_by(SendItem.id).first().id
 
@@ -163,17 +163,17 @@ def test_a_peer_that_drops_the_association_on_one_instance(node: Services, study
             report(ItemResult(item.item_id, True, 0))
 
     for _ in range(sending.MAX_DROPS):
-        runner(node, transport, attempts=10).run_one()
+        runner(services, transport, attempts=10).run_one()
         SendJob.update(next_try_at=0).execute()
     # The instance has failed for good; the next attempt sends the rest.
     assert SendJob.get_by_id(job.id).failed == 1
-    runner(node, transport, attempts=10).run_one()
+    runner(services, transport, attempts=10).run_one()
     row = SendJob.get_by_id(job.id)
     assert (row.state, row.sent, row.failed) == ("failed", 2, 1)
     assert "dropped the association 3 times" in row.error
 
 
-def test_stopping_hands_the_job_back(node: Services, study: str) -> None:
+def test_stopping_hands_the_job_back(services: Services, study: str) -> None:
     job = sending.queue_job([study], "DEST", ACTOR)
     stop = threading.Event()
 
@@ -181,7 +181,7 @@ def test_stopping_hands_the_job_back(node: Services, study: str) -> None:
         stop.set()
         return ItemResult(item.item_id, True, 0)
 
-    runner(node, scripted(first_then_stop)).run_one(stop)
+    runner(services, scripted(first_then_stop)).run_one(stop)
     row = SendJob.get_by_id(job.id)
     assert (row.state, row.sent, row.attempts, row.lease_owner) == ("queued", 1, 0, "")
 

@@ -12,9 +12,7 @@ import html
 import re
 import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pyotp
 import pytest
 
@@ -27,17 +25,15 @@ from iepnode.wiring import build_services
 from storage.db import open_database
 from storage.models import AuditEvent, StaffUser, Transaction, TransactionMessage, WebSession
 from tests import data_factory as factory
+from tests.support.browser import Browser, input_value
 from tests.support.ingest import store_files
 from tests.test_admin_web import (
     PASSWORD,
-    Browser,
     events,
-    field,
     log_in,
     make_user,
     previous_code,
 )
-from web.app import create_app
 
 NEW_PASSWORD = "my very own password"
 #: What a user with a pending step might try: every staff page.
@@ -89,16 +85,10 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def node(settings: Settings) -> Services:
-    node = build_services(settings)
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def browser(aiohttp_client: Any, settings: Settings, node: Services) -> Browser:
-    return Browser(await aiohttp_client(create_app(settings, node),
-                                        cookie_jar=aiohttp.DummyCookieJar()))
+def services(settings: Settings) -> Services:
+    services = build_services(settings)
+    services.admin.logins.failure_delay = 0.0
+    return services
 
 
 @pytest.fixture
@@ -109,9 +99,9 @@ async def admin(browser: Browser) -> Browser:
 
 
 @pytest.fixture
-async def public_id(node: Services, tmp_path: Path) -> str:
-    study = store_files(node, factory.make_ct_series(tmp_path / "ct", 1))
-    created = await node.sharing.share(NewTransfer((study,), "pat@example.org",
+async def public_id(services: Services, tmp_path: Path) -> str:
+    study = store_files(services, factory.make_ct_series(tmp_path / "ct", 1))
+    created = await services.sharing.share(NewTransfer((study,), "pat@example.org",
                                            otp_mobile="+447700900123"),
                                actor=audit.Actor("cli", "t"))
     return created.public_id
@@ -142,7 +132,7 @@ async def test_password_reset_with_a_generated_password_shown_once(
     assert (await kims.get("/admin")).headers["Location"] == "/admin/setup/password"
     page = await kims.page("/admin/setup/password")
     assert "temporary password" in page and 'href="/admin/studies"' not in page
-    csrf = field(page, "csrf")
+    csrf = input_value(page, "csrf")
     await assert_confined_to(kims, "/admin/setup/password", csrf, public_id)
 
     for new, repeat, message in [(temporary, temporary, "not the temporary one"),
@@ -166,11 +156,11 @@ async def test_password_reset_with_a_generated_password_shown_once(
 
 
 async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
-                                                                 node: Services) -> None:
+                                                                 services: Services) -> None:
     user, secret = make_user("kim")
     for _ in range(5):
         await log_in(Browser(admin.client), "kim", secret, password="guess guess guess")
-    assert node.admin.logins.throttle.locked_for("kim", time.time()) > 0
+    assert services.admin.logins.throttle.locked_for("kim", time.time()) > 0
     response = await admin.form(f"/admin/users/{user.id}/password-reset",
                                 {"password": "short"})
     assert response.status == 400 and "at least 12 characters" in await response.text()
@@ -178,7 +168,7 @@ async def test_a_typed_temporary_password_and_a_cleared_lockout(admin: Browser,
     response = await admin.form(f"/admin/users/{user.id}/password-reset",
                                 {"password": "tell-kim-this-1"})
     assert response.status == 200 and "shown only once" not in await response.text()
-    assert node.admin.logins.throttle.locked_for("kim", time.time()) == 0
+    assert services.admin.logins.throttle.locked_for("kim", time.time()) == 0
     assert changes() == ["password-reset kim (temporary password typed by the admin; "
                          "sessions ended)"]
     kims = Browser(admin.client)
@@ -208,7 +198,8 @@ async def test_totp_reset_lets_the_password_open_only_the_enrolment_page(
     assert (await kims.get("/admin")).headers["Location"] == "/admin/setup/totp"
     page = await kims.page("/admin/setup/totp")
     assert "<svg" in page and 'href="/admin/studies"' not in page
-    csrf, secret, signature = field(page, "csrf"), field(page, "secret"), field(page, "signature")
+    csrf, secret, signature = (input_value(page, "csrf"), input_value(page, "secret"),
+                               input_value(page, "signature"))
     await assert_confined_to(kims, "/admin/setup/totp", csrf, public_id)
     elsewhere = Browser(admin.client)  # a second password-only session, e.g. someone else's
     assert (await log_in(elsewhere, "kim", "", code="")).status == 303
@@ -248,19 +239,20 @@ async def test_both_reset_enrol_first_then_the_password(admin: Browser) -> None:
     assert (await log_in(kims, "kim", "", password="tell-kim-this-2", code="")).status == 303
     page = await kims.page("/admin/setup/totp")
     assert (await kims.get("/admin/setup/password")).headers["Location"] == "/admin/setup/totp"
-    secret = field(page, "secret")
+    secret = input_value(page, "secret")
     response = await kims.post("/admin/setup/totp", data={
-        "secret": secret, "signature": field(page, "signature"), "csrf": field(page, "csrf"),
+        "secret": secret, "signature": input_value(page, "signature"),
+        "csrf": input_value(page, "csrf"),
         "code": pyotp.TOTP(secret).now()})
     assert response.headers["Location"] == "/admin/setup/password"
     response = await kims.post("/admin/setup/password", data={
-        "new": NEW_PASSWORD, "repeat": NEW_PASSWORD, "csrf": field(page, "csrf")})
+        "new": NEW_PASSWORD, "repeat": NEW_PASSWORD, "csrf": input_value(page, "csrf")})
     assert response.headers["Location"] == "/admin?done=welcome"
     assert (await kims.get("/admin/studies")).status == 200
 
 
 async def test_resets_are_for_admins_only_and_not_for_oneself(admin: Browser,
-                                                              node: Services) -> None:
+                                                              services: Services) -> None:
     user, _ = make_user("kim")
     nurse, nurse_secret = make_user("nurse")
     nurses = Browser(admin.client)
@@ -278,9 +270,9 @@ async def test_resets_are_for_admins_only_and_not_for_oneself(admin: Browser,
     assert (kim().totp_secret, kim().must_change_password) == (user.totp_secret, False)
     assert changes() == []
     with pytest.raises(NotAuthorized):
-        node.admin.accounts.reset_totp(user.id, nurse)
+        services.admin.accounts.reset_totp(user.id, nurse)
     with pytest.raises(NotAuthorized):
-        node.admin.accounts.reset_password(user.id, "", nurse)
+        services.admin.accounts.reset_password(user.id, "", nurse)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -32,7 +32,7 @@ CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+4412
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
+def services(tmp_path: Path) -> Services:
     return build_services(load_settings(overrides={"data_dir": tmp_path / "data"}, environ={}))
 
 
@@ -45,12 +45,12 @@ def share(study_uids: list[str], email: str = "pat@example.org", *, now: float =
 
 
 @pytest.fixture
-def study(node: Services, tmp_path: Path) -> str:
-    return store(node, factory.make_ct_series(tmp_path / "ct", 3, PatientName="Doe^Jane",
+def study(services: Services, tmp_path: Path) -> str:
+    return store(services, factory.make_ct_series(tmp_path / "ct", 3, PatientName="Doe^Jane",
                                               PatientID="P1", StudyDate="20240105"))
 
 
-def test_transfer_has_readable_id_details_and_thread(node: Services, study: str) -> None:
+def test_transfer_has_readable_id_details_and_thread(services: Services, study: str) -> None:
     transaction, token = share([study], message="Your CT from Monday.", priority="URGENT")
     assert transaction.public_id.startswith("IEP") and len(transaction.public_id) == 11
     assert len(token) >= 32 and transaction.link_token_hash != token
@@ -64,8 +64,8 @@ def test_transfer_has_readable_id_details_and_thread(node: Services, study: str)
     assert tx.by_link_token(token).id == transaction.id
 
 
-def test_transfer_rules(node: Services, study: str, tmp_path: Path) -> None:
-    other = store(node, factory.make_ct_series(tmp_path / "o", 1, PatientID="P2"))
+def test_transfer_rules(services: Services, study: str, tmp_path: Path) -> None:
+    other = store(services, factory.make_ct_series(tmp_path / "o", 1, PatientID="P2"))
     with pytest.raises(InvalidRequest, match="one patient"):
         share([study, other])
     with pytest.raises(InvalidRequest, match="unknown study"):
@@ -84,7 +84,7 @@ def test_transfer_rules(node: Services, study: str, tmp_path: Path) -> None:
         share([study], mobile="", otp_email="PAT@example.org")
 
 
-def test_recipient_sees_only_own_transactions(node: Services, study: str) -> None:
+def test_recipient_sees_only_own_transactions(services: Services, study: str) -> None:
     mine, _ = share([study], "pat@example.org")
     theirs, _ = share([study], "someone@example.org", now=T0 + 60)
     me = Recipient.get(Recipient.email == "pat@example.org")
@@ -96,7 +96,7 @@ def test_recipient_sees_only_own_transactions(node: Services, study: str) -> Non
     assert [t.id for t in tx.for_recipient(me, action_required=True, days=28, now=T0)] == [mine.id]
 
 
-def test_action_required_and_28_days(node: Services, study: str) -> None:
+def test_action_required_and_28_days(services: Services, study: str) -> None:
     old, _ = share([study], now=T0 - 30 * tx.DAY, expiry_days=60)
     new, _ = share([study], now=T0)
     me = Recipient.get(Recipient.email == "pat@example.org")
@@ -111,7 +111,7 @@ def test_action_required_and_28_days(node: Services, study: str) -> None:
         tx.decline(old, "  ", now=T0)
 
 
-def test_messages(node: Services, study: str) -> None:
+def test_messages(services: Services, study: str) -> None:
     transaction, _ = share([study])
     tx.add_message(transaction, "recipient", "pat@example.org", "Thanks!", now=T0 + 5)
     assert [m.body for m in transaction.messages] == ["Thanks!"]
@@ -125,11 +125,11 @@ def test_messages(node: Services, study: str) -> None:
 
 
 @pytest.fixture
-def secret(node: Services) -> bytes:
-    return load_or_create_secret(node.settings.data_dir)
+def secret(services: Services) -> bytes:
+    return load_or_create_secret(services.settings.data_dir)
 
 
-def test_link_then_passcode_then_session(node: Services, study: str, secret: bytes) -> None:
+def test_link_then_passcode_then_session(services: Services, study: str, secret: bytes) -> None:
     _, token = share([study])
     sent = logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0)
     assert sent.channel == "sms" and sent.destination == "+447700900123"
@@ -143,14 +143,14 @@ def test_link_then_passcode_then_session(node: Services, study: str, secret: byt
         logins.verify_passcode(sent.attempt_id, sent.code, secret, now=T0 + 11)
 
 
-def test_passcode_expires(node: Services, study: str, secret: bytes) -> None:
+def test_passcode_expires(services: Services, study: str, secret: bytes) -> None:
     _, token = share([study])
     sent = logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0)
     with pytest.raises(PasscodeRejected, match="expired"):
         logins.verify_passcode(sent.attempt_id, sent.code, secret, now=T0 + 601)
 
 
-def test_sixth_try_is_refused_even_with_the_right_code(node: Services, study: str,
+def test_sixth_try_is_refused_even_with_the_right_code(services: Services, study: str,
                                                        secret: bytes) -> None:
     _, token = share([study])
     sent = logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0)
@@ -162,7 +162,7 @@ def test_sixth_try_is_refused_even_with_the_right_code(node: Services, study: st
         logins.verify_passcode(sent.attempt_id, sent.code, secret, now=T0 + 6)
 
 
-def test_passcode_is_bound_to_its_attempt(node: Services, study: str, secret: bytes) -> None:
+def test_passcode_is_bound_to_its_attempt(services: Services, study: str, secret: bytes) -> None:
     _, token = share([study])
     first = logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0)
     second = logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0 + 31)
@@ -172,7 +172,7 @@ def test_passcode_is_bound_to_its_attempt(node: Services, study: str, secret: by
     assert logins.verify_passcode(second.attempt_id, second.code, secret, now=T0 + 33)
 
 
-def test_resend_is_rate_limited(node: Services, study: str, secret: bytes) -> None:
+def test_resend_is_rate_limited(services: Services, study: str, secret: bytes) -> None:
     _, token = share([study])
     logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0)
     with pytest.raises(RateLimited):
@@ -180,7 +180,7 @@ def test_resend_is_rate_limited(node: Services, study: str, secret: bytes) -> No
     assert logins.start_attempt(tx.by_link_token(token), secret, 600, now=T0 + 31)
 
 
-def test_lockout_after_100_failures_until_unlocked(node: Services, study: str,
+def test_lockout_after_100_failures_until_unlocked(services: Services, study: str,
                                                    secret: bytes) -> None:
     _, token = share([study])
     now = T0
@@ -201,7 +201,7 @@ def test_lockout_after_100_failures_until_unlocked(node: Services, study: str,
     assert logins.verify_passcode(sent.attempt_id, sent.code, secret, now=now + 63)
 
 
-def test_link_token_alone_is_no_session(node: Services, study: str) -> None:
+def test_link_token_alone_is_no_session(services: Services, study: str) -> None:
     _, token = share([study])
     with pytest.raises(NotFound):
         logins.resume_session(token, now=T0)
@@ -209,7 +209,7 @@ def test_link_token_alone_is_no_session(node: Services, study: str) -> None:
         tx.by_link_token("x" + token)
 
 
-def test_session_idle_and_absolute_expiry(node: Services, study: str) -> None:
+def test_session_idle_and_absolute_expiry(services: Services, study: str) -> None:
     recipient = Recipient.create(email="a@b.example", created_at=T0)
     opened = logins.open_session(recipient, now=T0)
     with pytest.raises(NotFound):
@@ -225,7 +225,7 @@ def test_session_idle_and_absolute_expiry(node: Services, study: str) -> None:
         logins.resume_session(ended.token, now=T0 + 1)
 
 
-def test_expired_link_is_gone(node: Services, study: str) -> None:
+def test_expired_link_is_gone(services: Services, study: str) -> None:
     _, token = share([study], expiry_days=1)
     assert tx.by_link_token(token, now=T0 + tx.DAY - 1)
     with pytest.raises(NotFound):  # past its expiry before housekeeping has marked it
@@ -235,9 +235,9 @@ def test_expired_link_is_gone(node: Services, study: str) -> None:
         tx.by_link_token(token)
 
 
-def test_purge_keeps_studies_shared_by_live_transactions(node: Services, study: str,
+def test_purge_keeps_studies_shared_by_live_transactions(services: Services, study: str,
                                                          tmp_path: Path) -> None:
-    only_here = store(node, factory.make_ct_series(tmp_path / "b", 2, PatientID="P1"))
+    only_here = store(services, factory.make_ct_series(tmp_path / "b", 2, PatientID="P1"))
     share([study, only_here], expiry_days=1)
     share([study], "gp@example.org", expiry_days=30)
     uids, expired = tx.studies_to_purge(now=T0 + 2 * tx.DAY)
@@ -249,7 +249,7 @@ def test_purge_keeps_studies_shared_by_live_transactions(node: Services, study: 
 # -- staff and audit -----------------------------------------------------------------------
 
 
-def test_staff_password_and_totp(node: Services) -> None:
+def test_staff_password_and_totp(services: Services) -> None:
     user, uri = staff.create_user("radadmin", "correct horse battery", is_admin=True)
     assert uri.startswith("otpauth://totp/") and "$argon2id$" in user.password_hash
     code = pyotp.TOTP(user.totp_secret).now()
@@ -264,7 +264,7 @@ def test_staff_password_and_totp(node: Services) -> None:
         staff.create_user("radadmin", "another long password")
 
 
-def test_audit_trail(node: Services, study: str) -> None:
+def test_audit_trail(services: Services, study: str) -> None:
     transaction, _ = share([study])
     record(USER_AUTHENTICATION, "login", Actor("recipient", "pat@example.org", "10.1.2.3"),
            patient_id="P1", transaction=transaction.public_id, now=T0 + 1)

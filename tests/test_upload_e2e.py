@@ -27,10 +27,9 @@ import pytest
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from tests import data_factory as factory
-from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, portal_environment, require_chromium
 from tests.support.mail import Inbox, wait_for_mail
 from tests.support.node import RunningNode, add_staff_user, run_cli, running_node, wait_for
-from tests.support.peers import free_port
 from tests.test_forward_e2e import _base, _watch, link_in, sign_in
 
 INSTITUTION = "North Tees Hospital"
@@ -117,14 +116,9 @@ def wait_all_done(page: Page, count: int) -> None:
 
 def test_request_upload_in_chromium(tmp_path: Path, smtp: Inbox,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
+    require_chromium()
     inbox, smtp_port = smtp, smtp.port
-    http_port = free_port()
-    for name, value in {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp_port),
-                        "SMTP_TLS": "none", "PUBLIC_URL": f"http://127.0.0.1:{http_port}",
-                        "INSTITUTION": INSTITUTION, "FSYNC": "false"}.items():
-        monkeypatch.setenv(f"IEPNODE_{name}", value)
+    http_port = portal_environment(monkeypatch, smtp_port, INSTITUTION)
     data_dir = tmp_path / "node"
     slices = [p.read_bytes() for p in factory.make_ct_series(
         tmp_path / "ct", 6, PatientName="Test^Patient", PatientID="CD123",

@@ -19,13 +19,13 @@ from iepnode.uploads import staging as uploads
 from iepnode.uploads.intake import FileVerdict
 from storage.models import AuditEvent, Transaction, TransactionMessage, Upload, UploadFile
 from tests import data_factory as factory
-from tests.test_upload_web import make_request, node  # noqa: F401
+from tests.test_upload_web import make_request, services  # noqa: F401
 
 
-def upload_bytes(node: Services, request: Transaction, name: str,  # noqa: F811
+def upload_bytes(services: Services, request: Transaction, name: str,  # noqa: F811
                  data: bytes) -> UploadFile:
     """Announce a file and send all of it as one chunk, as the page does."""
-    service = node.uploads
+    service = services.uploads
     file = service.add_file(request.recipient_id, request.public_id, name, "", len(data))
     chunk = service.open_chunk(request.recipient_id, request.public_id, file.id, 0)
     chunk.write(data)
@@ -38,26 +38,26 @@ def ct_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def test_finish_keeps_the_inspection_verdict(node: Services, tmp_path: Path) -> None:  # noqa: F811
+def test_finish_keeps_the_inspection_verdict(services: Services, tmp_path: Path) -> None:  # noqa: F811
     request, _ = make_request()
-    file = upload_bytes(node, request, "scan.dcm", ct_bytes(tmp_path))
+    file = upload_bytes(services, request, "scan.dcm", ct_bytes(tmp_path))
     assert file.completed_at is not None and file.received == file.size
     assert (file.verdict, file.objects) == ("dicom", 1)
     verdict = FileVerdict.from_dict(json.loads(file.detail))
     assert verdict.kind == "dicom" and [p.patient_id for p in verdict.patients] == ["CD-1"]
-    skipped = upload_bytes(node, request, "notes.txt", b"just some text")
+    skipped = upload_bytes(services, request, "notes.txt", b"just some text")
     assert skipped.verdict == "skipped" and skipped.reason
     # One set of upload statuses, shared by both sides.
     for name in ("STAGING", "SENT", "RELEASING", "RELEASED", "REJECTED", "CANCELLED"):
         assert getattr(upload_review, name) is getattr(uploads, name) == name
 
 
-def test_concurrent_finishes_inspect_once(node: Services, tmp_path: Path,  # noqa: F811
+def test_concurrent_finishes_inspect_once(services: Services, tmp_path: Path,  # noqa: F811
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A retried empty last PATCH while the first is being inspected starts no second scan."""
     request, _ = make_request()
     data = ct_bytes(tmp_path)
-    service = node.uploads
+    service = services.uploads
     file = service.add_file(request.recipient_id, request.public_id, "scan.dcm", "", len(data))
     chunk = service.open_chunk(request.recipient_id, request.public_id, file.id, 0)
     chunk.write(data)
@@ -88,11 +88,11 @@ def test_concurrent_finishes_inspect_once(node: Services, tmp_path: Path,  # noq
     assert service.finish(file.id).verdict == "dicom" and scans == ["scan.dcm"]
 
 
-def test_failed_inspection_can_be_retried(node: Services, tmp_path: Path,  # noqa: F811
+def test_failed_inspection_can_be_retried(services: Services, tmp_path: Path,  # noqa: F811
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     request, _ = make_request()
     data = ct_bytes(tmp_path)
-    service = node.uploads
+    service = services.uploads
     file = service.add_file(request.recipient_id, request.public_id, "scan.dcm", "", len(data))
     chunk = service.open_chunk(request.recipient_id, request.public_id, file.id, 0)
     chunk.write(data)
@@ -109,13 +109,13 @@ def test_failed_inspection_can_be_retried(node: Services, tmp_path: Path,  # noq
     assert service.finish(file.id).verdict == "dicom"
 
 
-async def test_double_send_sends_once(node: Services, tmp_path: Path,  # noqa: F811
+async def test_double_send_sends_once(services: Services, tmp_path: Path,  # noqa: F811
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two Sends that both pass the checks (a double click): one audit, message, mail
     and intake; the other is refused."""
     request, _ = make_request()
-    upload_bytes(node, request, "scan.dcm", ct_bytes(tmp_path))
-    outbox = node.settings.data_dir / "outbox"
+    upload_bytes(services, request, "scan.dcm", ct_bytes(tmp_path))
+    outbox = services.settings.data_dir / "outbox"
     mails = len(list(outbox.glob("*.eml"))) if outbox.exists() else 0
     # Hold both Sends at the write until both have passed every check.
     both_checked = threading.Barrier(2, timeout=30)
@@ -130,7 +130,8 @@ async def test_double_send_sends_once(node: Services, tmp_path: Path,  # noqa: F
     monkeypatch.setattr(uploads, "write_transaction", together)
     patient = uploads.ConfirmedPatient("Test", "Patient", "01/01/2001", "F")
     results = await asyncio.gather(*(
-        node.requests.send_upload(request.recipient_id, request.public_id, patient, "From my CD")
+        services.requests.send_upload(request.recipient_id, request.public_id, patient,
+                                      "From my CD")
         for _ in range(2)), return_exceptions=True)
     sent = [r for r in results if isinstance(r, Upload)]
     refused = [r for r in results if isinstance(r, Gone)]

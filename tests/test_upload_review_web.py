@@ -16,12 +16,10 @@ from iepnode.services import Services
 from storage import registry
 from storage.models import AuditEvent, Instance, Upload
 from tests.data_factory import make_ct_series
+from tests.support.browser import Browser
 from tests.test_admin_web import (  # noqa: F401 - fixtures
-    Browser,
     admin,
-    browser,
-    client,
-    node,
+    services,
     settings,
     without_own_scripts,
 )
@@ -31,22 +29,22 @@ OWN_SCRIPT = '<script src="/static/upload_review.js" defer></script>'
 XSS = '<script>alert("pwn")</script>^<img src=x onerror=alert(1)>'
 
 
-def sent_upload(node: Services, tmp_path: Path) -> Upload:  # noqa: F811
+def sent_upload(services: Services, tmp_path: Path) -> Upload:  # noqa: F811
     request = make_request()
     mine = make_ct_series(tmp_path / "a", 2, PatientID="CD-1", PatientName="Doe^Jane",
                           PatientBirthDate="19800101")
     evil = make_ct_series(tmp_path / "b", 1, PatientID="CD-<b>2</b>", PatientName=XSS,
                           StudyDescription="<iframe src=//evil>")
-    upload = stage(node, request, {"cd.zip": zipped(mine, tmp_path),
+    upload = stage(services, request, {"cd.zip": zipped(mine, tmp_path),
                                    "<svg onload=alert(2)>.dcm": evil[0].read_bytes()})
     Upload.update(message="Hi <script>alert(3)</script>").where(Upload.id == upload.id).execute()
-    node.requests.intake_upload(upload.id)
+    services.requests.intake_upload(upload.id)
     return upload
 
 
-async def test_review_page_escapes_values_from_files(admin: Browser, node: Services,  # noqa: F811
+async def test_review_page_escapes_values_from_files(admin: Browser, services: Services,  # noqa: F811
                                                      tmp_path: Path) -> None:
-    upload = sent_upload(node, tmp_path)
+    upload = sent_upload(services, tmp_path)
     listing = await admin.page("/admin/uploads")
     assert f'href="/admin/uploads/{upload.id}"' in listing and "2 flags" in listing
     page = await admin.page(f"/admin/uploads/{upload.id}")
@@ -61,8 +59,8 @@ async def test_review_page_escapes_values_from_files(admin: Browser, node: Servi
 
 
 async def test_release_from_the_page_leaves_out_the_flagged_patient(
-        admin: Browser, node: Services, tmp_path: Path) -> None:  # noqa: F811
-    upload = sent_upload(node, tmp_path)
+        admin: Browser, services: Services, tmp_path: Path) -> None:  # noqa: F811
+    upload = sent_upload(services, tmp_path)
     page = await admin.page(f"/admin/uploads/{upload.id}")
     checked = re.findall(r'name="exclude" value="([^"]+)" checked', page)
     assert len(checked) == 1  # the mismatching patient is pre-selected for exclusion
@@ -77,9 +75,9 @@ async def test_release_from_the_page_leaves_out_the_flagged_patient(
     assert release.actor == "boss" and release.event_code == "110104"
 
 
-async def test_reject_needs_csrf_and_unknown_ids_are_404(admin: Browser, node: Services,  # noqa: F811
+async def test_reject_needs_csrf_and_unknown_ids_are_404(admin: Browser, services: Services,  # noqa: F811
                                                          tmp_path: Path) -> None:
-    upload = sent_upload(node, tmp_path)
+    upload = sent_upload(services, tmp_path)
     refused = await admin.post(f"/admin/uploads/{upload.id}/reject", data={"reason": "x"})
     assert refused.status == 403
     assert Upload.get_by_id(upload.id).status == "SENT"
@@ -93,17 +91,17 @@ async def test_reject_needs_csrf_and_unknown_ids_are_404(admin: Browser, node: S
     assert (await admin.form(f"/admin/uploads/{upload.id + 100}/release", {})).status == 404
 
 
-async def test_staff_login_required(browser: Browser, node: Services,  # noqa: F811
+async def test_staff_login_required(browser: Browser, services: Services,  # noqa: F811
                                     tmp_path: Path) -> None:
-    upload = sent_upload(node, tmp_path)
+    upload = sent_upload(services, tmp_path)
     response = await browser.get(f"/admin/uploads/{upload.id}")
     assert response.status == 303 and "/admin/login" in response.headers["Location"]
 
 
 @pytest.mark.parametrize("settings", [{"upload_pacs_ae": "PACS"}], indirect=True)
-async def test_unknown_pacs_destination_is_pointed_out(admin: Browser, node: Services,  # noqa: F811
+async def test_unknown_pacs_destination_is_pointed_out(admin: Browser, services: Services,  # noqa: F811
                                                        tmp_path: Path) -> None:
-    upload = sent_upload(node, tmp_path)
+    upload = sent_upload(services, tmp_path)
     page = await admin.page(f"/admin/uploads/{upload.id}")
     assert "not a registered send destination" in page
     registry.add_remote_ae("PACS", "127.0.0.1", 104, set(), send_to=True)

@@ -13,12 +13,12 @@ from iepnode.uploads.review import Review
 from storage.models import AuditEvent, Instance, Upload
 from tests import data_factory as factory
 from tests.support.browser import Browser
-from tests.test_upload_web import announce, browser, node, patch, signed_in  # noqa: F401
+from tests.test_upload_web import announce, patch, services, signed_in  # noqa: F401
 
 
-async def test_send_checks_the_upload_for_staff(browser: Browser, node: Services,  # noqa: F811
+async def test_send_checks_the_upload_for_staff(browser: Browser, services: Services,  # noqa: F811
                                                 tmp_path: Path) -> None:
-    request, csrf = await signed_in(browser, node)
+    request, csrf = await signed_in(browser, services)
     mine = factory.make_ct_series(tmp_path / "a", 1, PatientName="TEST^PATIENT",
                                   PatientBirthDate="20010101")[0].read_bytes()
     other = factory.make_ct_series(tmp_path / "b", 1, PatientName="Other^Person",

@@ -1,6 +1,6 @@
 """Requests and the upload protocol (issue 7), in-process: announce, chunks, resume, limits.
 
-The app runs in-process (aiohttp test client) over a :class:`Node` in ``tmp_path``; the
+The app runs in-process (aiohttp test client) over a :class:`Services` in ``tmp_path``; the
 recipient signs in through the emailed link and a passcode read from the outbox.
 """
 
@@ -31,15 +31,8 @@ CONTACT = tx.Contact("Ms Nicky Humphries", "Medical Records", "records@hospital.
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Services:
+def services(tmp_path: Path) -> Services:
     return build_services(make_settings(tmp_path, upload_max_file_mb=2, upload_max_total_mb=3))
-
-
-@pytest.fixture
-async def browser(aiohttp_client: Any, node: Services) -> Browser:
-    client = await aiohttp_client(create_app(node.settings, node),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
 
 
 def make_request(email: str = "pat@example.org", **kw: Any) -> tuple[Transaction, str]:
@@ -51,10 +44,10 @@ def make_request(email: str = "pat@example.org", **kw: Any) -> tuple[Transaction
                              institution="North Tees Hospital", created_by="staff1")
 
 
-async def signed_in(browser: Browser, node: Services, **kw: Any) -> tuple[Transaction, str]:
+async def signed_in(browser: Browser, services: Services, **kw: Any) -> tuple[Transaction, str]:
     """Create a request, sign in through its link; return it and the page's CSRF token."""
     request, token = make_request(**kw)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     html = await browser.page(f"/transactions/{request.public_id}/upload")
     return request, field(html, "csrf")
 
@@ -79,15 +72,15 @@ async def patch(browser: Browser, url: str, csrf: str, offset: int, data: bytes,
     return body
 
 
-def staged(node: Services) -> list[Path]:
-    root = node.settings.staging_dir
+def staged(services: Services) -> list[Path]:
+    root = services.settings.staging_dir
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
 # -- requests -------------------------------------------------------------------------------
 
 
-def test_request_rules(node: Services) -> None:
+def test_request_rules(services: Services) -> None:
     request, _ = make_request()
     assert (request.kind, request.direction, request.status) == ("REQUEST", "OUT", "NEW")
     assert request.patient_name == "Test^Patient" and request.patient_birth_date == "20010101"
@@ -99,7 +92,7 @@ def test_request_rules(node: Services) -> None:
             make_request(**bad)
 
 
-def test_request_needs_a_patient_id(node: Services) -> None:
+def test_request_needs_a_patient_id(services: Services) -> None:
     """Release reconciles to the request's Patient ID, so a request cannot go without one."""
     for missing in ("", "   "):
         with pytest.raises(InvalidRequest, match="Patient ID"):
@@ -107,17 +100,17 @@ def test_request_needs_a_patient_id(node: Services) -> None:
     assert not Transaction.select().where(Transaction.kind == "REQUEST").exists()
 
 
-async def test_request_email_dashboard_row_and_page(browser: Browser, node: Services) -> None:
-    request = await node.requests.create_request(
+async def test_request_email_dashboard_row_and_page(browser: Browser, services: Services) -> None:
+    request = await services.requests.create_request(
         rq.NewRequest("pat@example.org", "Aston", "Stephen", "16/10/1970", "M",
                       otp_email="second@example.org", reason="CD from the private clinic",
                       patient_id="NTEES000181"),
         actor=Actor("staff", "nicky"))
-    mail = read_eml(outbox(node)[-1])
+    mail = read_eml(outbox(services)[-1])
     assert "please upload images" in str(mail["Subject"])
     assert "Aston" not in mail.get_content()  # no patient details in email
     token = re.search(r"/t/(\S+)", mail.get_content()).group(1)
-    await log_in(browser, node, token)
+    await log_in(browser, services, token)
     html = await browser.page("/dashboard?tab=action")
     row = re.search(r'<summary class="tx-cols">(.*?)</summary>', html, re.S).group(1)
     texts = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(
@@ -136,9 +129,9 @@ async def test_request_email_dashboard_row_and_page(browser: Browser, node: Serv
 # -- the protocol ---------------------------------------------------------------------------
 
 
-async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Services,
+async def test_chunks_resume_send_and_confirmation(browser: Browser, services: Services,
                                                    tmp_path: Path) -> None:
-    request, csrf = await signed_in(browser, node)
+    request, csrf = await signed_in(browser, services)
     base = f"/transactions/{request.public_id}/upload"
     data = factory.make_ct_series(tmp_path / "ct", 1, rows=512, columns=512,
                                   PatientName="Test^Patient")[0].read_bytes()  # 0.5 MB
@@ -170,11 +163,11 @@ async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Servi
     text = await announce(browser, request.public_id, csrf, "notes.dcm", 5)
     skipped = await patch(browser, text["url"], csrf, 0, b"hello")
     assert skipped["verdict"] == "skipped" and skipped["reason"]
-    path = next(p for p in staged(node) if p.stat().st_size == len(data))
+    path = next(p for p in staged(services) if p.stat().st_size == len(data))
     assert path.read_bytes() == data
     # The staged name is the server's, not the user's.
     assert "IM0001" not in str(path) and "CD" not in path.relative_to(
-        node.settings.staging_dir).parts
+        services.settings.staging_dir).parts
     response = await browser.post(f"{base}/send", data={
         "csrf": csrf, "family_name": "Test", "given_name": "Patient",
         "birth_date": "01/01/2001", "sex": "F", "message": "One set has my maiden name."})
@@ -183,7 +176,7 @@ async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Servi
     assert upload.status == "SENT" and upload.confirmed_name == "Test^Patient"
     assert upload.confirmed_birth_date == "20010101" and upload.message.startswith("One set")
     assert Transaction.get_by_id(request.id).status == "COMPLETE"
-    mails = [read_eml(p) for p in outbox(node)]
+    mails = [read_eml(p) for p in outbox(services)]
     confirmation = [m for m in mails if "your upload was received" in str(m["Subject"])]
     assert confirmation and str(confirmation[0]["To"]) == "pat@example.org"
     assert any(str(m["To"]) == CONTACT.email for m in mails)
@@ -195,8 +188,9 @@ async def test_chunks_resume_send_and_confirmation(browser: Browser, node: Servi
     assert "Images sent" in await browser.page(base)
 
 
-async def test_zero_byte_names_limits_remove_and_cancel(browser: Browser, node: Services) -> None:
-    request, csrf = await signed_in(browser, node)
+async def test_zero_byte_names_limits_remove_and_cancel(browser: Browser,
+                                                        services: Services) -> None:
+    request, csrf = await signed_in(browser, services)
     base = f"/transactions/{request.public_id}/upload"
     empty = await announce(browser, request.public_id, csrf, "empty.dcm", 0)
     assert empty["complete"]
@@ -220,19 +214,19 @@ async def test_zero_byte_names_limits_remove_and_cancel(browser: Browser, node: 
     assert bad.status == 403
     removed = await browser.request("DELETE", odd["url"], headers={"X-CSRF-Token": csrf})
     assert removed.status == 204 and UploadFile.get_or_none(UploadFile.id == odd["id"]) is None
-    assert len(staged(node)) == 2
+    assert len(staged(services)) == 2
     cancelled = await browser.post(f"{base}/cancel", data={"csrf": csrf})
     assert cancelled.status == 303
-    assert staged(node) == [] and not any(node.settings.staging_dir.iterdir())
+    assert staged(services) == [] and not any(services.settings.staging_dir.iterdir())
     assert Upload.get().status == "CANCELLED" and UploadFile.select().count() == 0
-    assert node.archive.counts()["instances"] == 0
+    assert services.archive.counts()["instances"] == 0
     # The request is still open: a new upload starts.
     fresh = await announce(browser, request.public_id, csrf, "again.dcm", 5)
     assert fresh["id"] != odd["id"]
 
 
-async def test_other_recipients_and_closed_requests(browser: Browser, node: Services) -> None:
-    mine, csrf = await signed_in(browser, node)
+async def test_other_recipients_and_closed_requests(browser: Browser, services: Services) -> None:
+    mine, csrf = await signed_in(browser, services)
     file = await announce(browser, mine.public_id, csrf, "a.dcm", 4)
     theirs, _ = make_request("other@example.org")
     transfer = Transaction.create(**{**Transaction.get_by_id(mine.id).__data__,
@@ -264,12 +258,12 @@ async def test_other_recipients_and_closed_requests(browser: Browser, node: Serv
 # -- staff: the request form and the CLI ------------------------------------------------------
 
 
-async def test_admin_request_form(aiohttp_client: Any, node: Services) -> None:
+async def test_admin_request_form(aiohttp_client: Any, services: Services) -> None:
     from tests import test_admin_web as adm
 
-    staff = adm.Browser(await aiohttp_client(create_app(node.settings, node),
+    staff = adm.Browser(await aiohttp_client(create_app(services.settings, services),
                                              cookie_jar=aiohttp.DummyCookieJar()))
-    node.admin.logins.failure_delay = 0.0
+    services.admin.logins.failure_delay = 0.0
     _, secret = adm.make_user("nicky", display_name="Ms Nicky Humphries",
                               email="ni-hum@hospital.example", phone="+441473350314")
     assert (await adm.log_in(staff, "nicky", secret)).status == 303
@@ -297,7 +291,7 @@ async def test_admin_request_form(aiohttp_client: Any, node: Services) -> None:
                                                                             "NTH")
     assert request.contact_name == "Ms Nicky Humphries" and request.request_reason
     assert "<b>Aston</b>" not in await staff.page(f"/admin/transactions/{public_id}")
-    mail = read_eml(outbox(node)[-1])
+    mail = read_eml(outbox(services)[-1])
     assert str(mail["To"]) == "pat@example.org" and "/t/" in mail.get_content()
 
 
@@ -324,19 +318,19 @@ def test_cli_request_create(tmp_path: Path) -> None:
     assert len(list((data / "outbox").glob("*.eml"))) == 1
 
 
-def test_file_removed_while_its_chunk_arrives(node: Services) -> None:
+def test_file_removed_while_its_chunk_arrives(services: Services) -> None:
     from iepnode.errors import NotFound
     from iepnode.uploads.chunks import FileBusy
 
     request, _ = make_request()
     recipient = request.recipient_id
-    file = node.uploads.add_file(recipient, request.public_id, "a.dcm", "", 10)
-    chunk = node.uploads.open_chunk(recipient, request.public_id, file.id, 0)
+    file = services.uploads.add_file(recipient, request.public_id, "a.dcm", "", 10)
+    chunk = services.uploads.open_chunk(recipient, request.public_id, file.id, 0)
     with pytest.raises(FileBusy):  # one writer per file, whatever the process
-        node.uploads.open_chunk(recipient, request.public_id, file.id, 0)
+        services.uploads.open_chunk(recipient, request.public_id, file.id, 0)
     chunk.write(b"01234")
-    node.uploads.remove_file(recipient, request.public_id, file.id)
+    services.uploads.remove_file(recipient, request.public_id, file.id)
     chunk.write(b"56789")
     with pytest.raises(NotFound):
-        node.uploads.close_chunk(chunk)
-    assert staged(node) == [] and UploadFile.select().count() == 0
+        services.uploads.close_chunk(chunk)
+    assert staged(services) == [] and UploadFile.select().count() == 0

@@ -21,7 +21,7 @@ from pydicom import dcmread
 
 from iepnode.viewing.pixel_values import window_linear
 from iepnode.viewing.rendering import decode_frame
-from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem
+from tests.support.chromium import CHROMIUM, CHROMIUM_ARGS, console_problem, require_chromium
 from tests.support.node import running_node
 from tests.support.scu import storescu
 from tests.test_download import outbox_text
@@ -53,8 +53,7 @@ def wait_index(page: Page, index: int) -> None:
 
 def test_recipient_views_a_ct_in_chromium(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: run scripts/install-system-deps (Debian chromium)")
+    require_chromium()
     for name, value in {"INSTITUTION": "St Elsewhere", "FSYNC": "false"}.items():
         monkeypatch.setenv(f"IEPNODE_{name}", value)
     files = distinct_ct(tmp_path / "ct", 5, PatientName="Doe^Jane", PatientID="P1",

@@ -1,4 +1,4 @@
-"""The web viewer's pages and pixels over the real app (aiohttp test server, real Node).
+"""The web viewer's pages and pixels over the real app (aiohttp test server, real Services).
 
 Who may view what (recipient: own open transactions; others' IDs 404, gone ones
 410; staff: any transaction), the display order, the frames' bytes against
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,15 +24,13 @@ from iepnode.services import Services
 from iepnode.sharing import transactions as tx
 from iepnode.viewing import rendering
 from iepnode.viewing.pixel_values import window_linear
-from iepnode.wiring import build_services
 from storage.models import AuditEvent
 from tests import data_factory as factory
 from tests.support.browser import Browser
 from tests.support.ingest import store_files
 from tests.test_admin_web import log_in as staff_log_in
 from tests.test_admin_web import make_user
-from tests.test_recipient_web import log_in, make_settings, page_csrf, share
-from web.app import create_app
+from tests.test_recipient_web import log_in, page_csrf, share
 
 
 def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
@@ -48,41 +45,27 @@ def distinct_ct(directory: Path, n: int, **overrides: Any) -> list[Path]:
 
 
 @pytest.fixture
-def viewer_node(tmp_path: Path) -> Services:
-    node = build_services(make_settings(tmp_path))
-    node.admin.logins.failure_delay = 0.0
-    return node
-
-
-@pytest.fixture
-async def browser(aiohttp_client: Any, viewer_node: Services) -> Browser:
-    client = await aiohttp_client(create_app(viewer_node.settings, viewer_node),
-                                  cookie_jar=aiohttp.DummyCookieJar())
-    return Browser(client)
-
-
-@pytest.fixture
-def two_studies(viewer_node: Services, tmp_path: Path) -> tuple[str, str, list[Path]]:
+def two_studies(services: Services, tmp_path: Path) -> tuple[str, str, list[Path]]:
     """A newer CT (4 slices, stored in reverse order) and an older MR study of patient P1."""
     ct = distinct_ct(tmp_path / "ct", 4, PatientName="Doe^Jane", PatientID="P1",
                      PatientBirthDate="19700101", StudyDate="20240105",
                      StudyDescription="CT HEAD")
-    newer = store_files(viewer_node, list(reversed(ct)))
+    newer = store_files(services, list(reversed(ct)))
     mr = factory.copy_bundled("MR_small.dcm", tmp_path / "mr", PatientID="P1",
                               PatientName="Doe^Jane", StudyDate="20200101",
                               StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())
-    older = store_files(viewer_node, [mr])
+    older = store_files(services, [mr])
     return newer, older, ct
 
 
-async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer_node: Services,
+async def test_recipient_views_own_studies_oldest_first(browser: Browser, services: Services,
                                                          two_studies) -> None:
     newer, older, ct = two_studies
     mine, token = share([newer, older], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
     anonymous = await browser.get(base)
     assert anonymous.status == 303 and anonymous.headers["Location"] == "/signin"
-    await log_in(browser, viewer_node, token)
+    await log_in(browser, services, token)
 
     dashboard = await browser.page("/dashboard")
     assert f'href="{base}"' in dashboard  # the View button beside the studies
@@ -134,11 +117,11 @@ async def test_recipient_views_own_studies_oldest_first(browser: Browser, viewer
 
 
 async def test_the_window_is_checked_and_names_the_etag_by_value(
-        browser: Browser, viewer_node: Services, two_studies) -> None:
+        browser: Browser, services: Services, two_studies) -> None:
     newer, _, _ = two_studies
     mine, token = share([newer], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
-    await log_in(browser, viewer_node, token)
+    await log_in(browser, services, token)
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
     frame = f"{base}/instances/{uid}/frames/1.png"
@@ -162,14 +145,14 @@ async def test_the_window_is_checked_and_names_the_etag_by_value(
     assert cached.status == 304, (cached.headers.get("ETag"), plain.headers["ETag"])
 
 
-async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: Services,
+async def test_a_frame_reads_the_recipient_once(browser: Browser, services: Services,
                                                 two_studies, caplog) -> None:
     # Hundreds of frames per series: the audit actor (the recipient's email) is built
     # only by /opened, so a frame reads the recipient row once (to check access).
     newer, _, _ = two_studies
     mine, token = share([newer], "me@example.org")
     base = f"/transactions/{mine.public_id}/view"
-    await log_in(browser, viewer_node, token)
+    await log_in(browser, services, token)
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
 
@@ -190,17 +173,17 @@ async def test_a_frame_reads_the_recipient_once(browser: Browser, viewer_node: S
 
 
 async def test_others_ids_are_not_found_and_closed_transactions_gone(
-        browser: Browser, viewer_node: Services, two_studies, tmp_path: Path) -> None:
+        browser: Browser, services: Services, two_studies, tmp_path: Path) -> None:
     newer, older, _ = two_studies
     mine, token = share([newer], "me@example.org")
     theirs, _ = share([older], "them@example.org")
     declined, _ = share([newer], "me@example.org")
     expired, _ = share([newer], "me@example.org", now=time.time() - 20 * tx.DAY)
-    await log_in(browser, viewer_node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{mine.public_id}/view"
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     uid = manifest["studies"][0]["series"][0]["instances"][0]["uid"]
-    older_uid = (await _instance_uids(viewer_node, older))[0]
+    older_uid = (await _instance_uids(services, older))[0]
     for url in (f"/transactions/{theirs.public_id}/view",
                 f"/transactions/{theirs.public_id}/view/manifest.json",
                 f"/transactions/{theirs.public_id}/view/instances/{older_uid}/frames/1.raw",
@@ -224,13 +207,13 @@ async def test_others_ids_are_not_found_and_closed_transactions_gone(
     assert dashboard.count("/view\"") == 1  # only the open transaction offers View
 
 
-async def _instance_uids(node: Services, study_uid: str) -> list[str]:
+async def _instance_uids(services: Services, study_uid: str) -> list[str]:
     from storage.models import Instance, Series, Study
     return [i.sop_uid for i in Instance.select().join(Series).join(Study)
             .where(Study.study_uid == study_uid)]
 
 
-async def test_staff_view_any_transaction(browser: Browser, viewer_node: Services,
+async def test_staff_view_any_transaction(browser: Browser, services: Services,
                                           two_studies) -> None:
     newer, older, _ = two_studies
     transaction, _ = share([newer, older], "me@example.org")
@@ -255,13 +238,13 @@ async def test_staff_view_any_transaction(browser: Browser, viewer_node: Service
 
 
 async def test_multi_frame_colour_lists_frames_and_serves_rgb(browser: Browser,
-                                                              viewer_node: Services,
+                                                              services: Services,
                                                               tmp_path: Path) -> None:
     path = factory.copy_bundled("SC_rgb_rle_2frame.dcm", tmp_path / "mf", PatientID="P7",
                                 StudyInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())
-    study = store_files(viewer_node, [path])
+    study = store_files(services, [path])
     transaction, token = share([study], "me@example.org")
-    await log_in(browser, viewer_node, token)
+    await log_in(browser, services, token)
     base = f"/transactions/{transaction.public_id}/view"
     manifest = await (await browser.get(f"{base}/manifest.json")).json()
     (series,) = manifest["studies"][0]["series"]

@@ -17,9 +17,9 @@ from web.connections import GuardedAppRunner, HttpLimits
 
 async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
-    node = build_services(settings)
-    store_files(node, factory.make_ct_series(tmp_path / "in", 2))
-    client = await aiohttp_client(create_app(settings, node))
+    services = build_services(settings)
+    store_files(services, factory.make_ct_series(tmp_path / "in", 2))
+    client = await aiohttp_client(create_app(settings, services))
     response = await client.get("/healthz")
     assert response.status == 200
     body = await response.json()
@@ -35,14 +35,14 @@ async def test_healthz_reports_counts_and_security_headers(aiohttp_client, tmp_p
 
 def test_orphan_fileset_folders_are_removed(tmp_path: Path) -> None:
     settings = load_settings(overrides={"data_dir": tmp_path / "data"}, environ={})
-    node = build_services(settings)
-    study_uid = store_files(node, factory.make_ct_series(tmp_path / "in", 1))
-    kept = node.filesets.build_fileset(study_uid)
+    services = build_services(settings)
+    study_uid = store_files(services, factory.make_ct_series(tmp_path / "in", 1))
+    kept = services.filesets.build_fileset(study_uid)
     orphan = settings.fileset_dir / "ZZZZZZZZ"
     (orphan / "PT000000").mkdir(parents=True)
     staging = settings.fileset_dir / ".ABC.1234.staging"
     staging.mkdir()
-    assert node.filesets.remove_orphan_filesets() == 1
+    assert services.filesets.remove_orphan_filesets() == 1
     assert not orphan.exists() and kept.is_dir() and staging.is_dir()
 
 

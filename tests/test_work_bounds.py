@@ -101,9 +101,9 @@ def test_default_render_concurrency_is_two(tmp_path: Path, turns: Any) -> None:
 @pytest.mark.parametrize("allowed", [1, 2])
 def test_upload_files_are_inspected_a_few_at_a_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allowed: int) -> None:
-    node = build_services(make_settings(tmp_path, upload_inspections=allowed))
+    services = build_services(make_settings(tmp_path, upload_inspections=allowed))
     request, _ = make_request()
-    service = node.uploads
+    service = services.uploads
     data = factory.make_ct_series(tmp_path / "ct", 1, PatientID="CD-1")[0].read_bytes()
     chunks = []
     for number in range(4):

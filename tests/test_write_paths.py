@@ -27,14 +27,14 @@ CONTACT = tx.Contact("Dr Who", "Radiology", "radiology@hospital.example", "+4412
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
+def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
     url = "" if request.param == "sqlite" else request.getfixturevalue("fresh_postgres_url")
-    node = build_services(load_settings(overrides={"data_dir": tmp_path / "data",
+    services = build_services(load_settings(overrides={"data_dir": tmp_path / "data",
                                                    "database_url": url},
                               environ={}))
-    yield node
-    node.group_commit.close()
-    node.close()
+    yield services
+    services.group_commit.close()
+    services.close()
 
 
 def _event(n: int) -> AuditEvent:
@@ -45,8 +45,8 @@ def _event(n: int) -> AuditEvent:
 # -- group commit -------------------------------------------------------------------------
 
 
-def test_group_commit_runs_every_job_once_and_commits_before_returning(node: Services) -> None:
-    committer = node.group_commit
+def test_group_commit_runs_every_job_once_and_commits_before_returning(services: Services) -> None:
+    committer = services.group_commit
     results: dict[int, int] = {}
     start = threading.Barrier(24)
 
@@ -54,7 +54,7 @@ def test_group_commit_runs_every_job_once_and_commits_before_returning(node: Ser
         start.wait()
         results[n] = committer.run(lambda: _event(n).id)
         # Visible to a new connection of this thread as soon as run() returned.
-        with node.database.connection_context():
+        with services.database.connection_context():
             assert AuditEvent.get_by_id(results[n]).action == f"job-{n}"
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(24)]
@@ -68,8 +68,8 @@ def test_group_commit_runs_every_job_once_and_commits_before_returning(node: Ser
     assert 1 <= committer.batches <= 24
 
 
-def test_a_failing_job_gets_its_error_and_leaves_the_others_committed(node: Services) -> None:
-    committer = node.group_commit
+def test_a_failing_job_gets_its_error_and_leaves_the_others_committed(services: Services) -> None:
+    committer = services.group_commit
     gate = threading.Event()
     errors: list[BaseException] = []
 
@@ -100,16 +100,16 @@ def test_a_failing_job_gets_its_error_and_leaves_the_others_committed(node: Serv
     assert actions == {"job-1", "job-2"}  # job-100 was rolled back with its savepoint
 
 
-def test_committer_restarts_after_close(node: Services) -> None:
-    node.group_commit.close()
-    assert node.group_commit.run(lambda: 42) == 42
+def test_committer_restarts_after_close(services: Services) -> None:
+    services.group_commit.close()
+    assert services.group_commit.run(lambda: 42) == 42
 
 
 # -- the dashboard's fixed SQL ----------------------------------------------------------
 
 
-def test_dashboard_statements_match_the_models(node: Services, tmp_path: Path) -> None:
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
+def test_dashboard_statements_match_the_models(services: Services, tmp_path: Path) -> None:
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 2, PatientName="Doe^Jane",
                                                PatientID="P1"))
     request = tx.NewTransfer((study,), "pat@example.org", otp_mobile="+447700900123")
     made = [tx.create_transfer(request, contact=CONTACT, institution="St Elsewhere",
@@ -140,31 +140,31 @@ def test_dashboard_statements_match_the_models(node: Services, tmp_path: Path) -
     assert hot_queries.recipient(10_000) is None
 
 
-def test_dashboard_audits_and_marks_read_through_group_commit(node: Services,
+def test_dashboard_audits_and_marks_read_through_group_commit(services: Services,
                                                               tmp_path: Path) -> None:
-    study = store(node, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
+    study = store(services, factory.make_ct_series(tmp_path / "ct", 1, PatientID="P1"))
     request = tx.NewTransfer((study,), "pat@example.org", otp_mobile="+447700900123")
     transaction, _ = tx.create_transfer(request, contact=CONTACT, institution="St Elsewhere",
                                         created_by="cli")
     tx.add_message(transaction, "staff", "radiology@hospital.example", "Hello")
     me = Recipient.get(Recipient.email == "pat@example.org")
-    board = node.sharing.recipient_dashboard(me.id, "all", "192.0.2.7")
+    board = services.sharing.recipient_dashboard(me.id, "all", "192.0.2.7")
     assert [v.transaction.public_id for v in board.transactions] == [transaction.public_id]
     assert board.transactions[0].unread == 1 and board.unread == 1
     event = AuditEvent.get(AuditEvent.transaction_public_id == transaction.public_id,
                            AuditEvent.action == "view-transaction")
     assert (event.source_ip, event.actor, event.patient_id) == ("192.0.2.7", me.email, "P1")
-    assert node.sharing.recipient_dashboard(me.id, "all").unread == 0
-    assert node.group_commit.jobs == 2
+    assert services.sharing.recipient_dashboard(me.id, "all").unread == 0
+    assert services.group_commit.jobs == 2
 
 
-def test_session_activity_is_written_once_a_minute(node: Services) -> None:
+def test_session_activity_is_written_once_a_minute(services: Services) -> None:
     from iepnode.sharing import logins
     me = Recipient.create(email="a@example.org", created_at=T0)
     opened = logins.open_session(me, now=T0)
-    logins.resume_session(opened.token, now=T0 + 30, run_write=node.group_commit.run)
+    logins.resume_session(opened.token, now=T0 + 30, run_write=services.group_commit.run)
     assert WebSession.get_by_id(opened.session.id).last_seen == T0
-    logins.resume_session(opened.token, now=T0 + 61, run_write=node.group_commit.run)
+    logins.resume_session(opened.token, now=T0 + 61, run_write=services.group_commit.run)
     assert WebSession.get_by_id(opened.session.id).last_seen == T0 + 61
 
 

@@ -6,14 +6,40 @@ tests read ``Set-Cookie`` themselves and send ``Cookie`` headers.
 
 from __future__ import annotations
 
+import html
+import re
 from http.cookies import SimpleCookie
 from typing import Any
 
 import aiohttp
 
 
+def input_value(page: str, name: str) -> str:
+    """The value of the ``<input name=NAME>`` in ``page`` (unescaped), attributes in any order.
+
+    Parameters
+    ----------
+    page : str
+        An HTML page.
+    name : str
+        The input's ``name``.
+
+    Returns
+    -------
+    str
+        Its ``value``, or ``""`` when it has none.
+    """
+    tag = re.search(rf'<input[^>]*\sname="{name}"[^>]*>', page)
+    assert tag, f"no field {name}"
+    value = re.search(r'\svalue="([^"]*)"', tag.group(0))
+    return html.unescape(value.group(1)) if value else ""
+
+
 class Browser:
-    """The test client plus a cookie store that sends Secure cookies, as a browser would."""
+    """The test client plus a cookie store that sends Secure cookies, as a browser would.
+
+    It also fills the staff pages' forms: :meth:`csrf` and :meth:`form`.
+    """
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -52,3 +78,15 @@ class Browser:
         response = await self.get(path)
         assert response.status == status, (path, response.status)
         return await response.text()
+
+    async def csrf(self, path: str = "/admin") -> str:
+        """The session's CSRF token, read from a page's forms (a staff page by default)."""
+        return input_value(await self.page(path), "csrf")
+
+    async def form(self, path: str, data: dict[str, Any] | list[tuple[str, str]],
+                   csrf: bool = True) -> aiohttp.ClientResponse:
+        """POST a form with the session's CSRF token (read by :meth:`csrf`)."""
+        items = list(data.items()) if isinstance(data, dict) else list(data)
+        if csrf:
+            items.append(("csrf", await self.csrf()))
+        return await self.post(path, data=items)

@@ -15,10 +15,10 @@ def dataset_part(path: Path) -> tuple[bytes, str, str, str]:
     return data[offset:], meta.transfer_syntax, meta.sop_class, meta.sop_uid
 
 
-def store_files(node: Services, paths: list[Path], calling_ae: str = "T") -> str:
+def store_files(services: Services, paths: list[Path], calling_ae: str = "T") -> str:
     """Store ``paths`` as if received by C-STORE; return the last one's Study UID."""
     for path in paths:
         stream, ts, sop_class, sop_uid = dataset_part(path)
-        result = node.archive.store_received(stream, ts, calling_ae=calling_ae, sop_class=sop_class,
-                                     sop_uid=sop_uid)
+        result = services.archive.store_received(stream, ts, calling_ae=calling_ae,
+                                                 sop_class=sop_class, sop_uid=sop_uid)
     return result.study_uid
